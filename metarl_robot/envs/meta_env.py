@@ -1,0 +1,204 @@
+"""The gymnasium env behind every task family: one MuJoCo robot, one task at a time."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+from metarl_robot.envs.dynamics import DynamicsApplier
+from metarl_robot.envs.robot_model import (
+    ObservationMap,
+    joint_qpos_slice,
+    joint_quaternion_slices,
+    load_model,
+)
+from metarl_robot.spec.family import SPLITS, Task, TaskFamily, load_family
+from metarl_robot.spec.rewards import check_reward_inputs, get_reward
+from metarl_robot.spec.robot import RobotSpec, load_robot
+from metarl_robot.spec.schema import SpecError
+
+
+class MetaMujocoEnv(gym.Env):
+    """A MuJoCo robot from ``robot.yaml`` whose dynamics and reward follow a task of a family.
+
+    - ``set_task(params)`` changes the physics (from the nominal model) or the reward at once;
+      parameters left out take their nominal value. ``get_task()`` returns the full task.
+    - ``reset(options={"task": params | "train" | "test"})`` sets a task, or draws one from the
+      split with the env's own seeded RNG, before resetting the state.
+    - Observations hold only measured fields (``robot.measured_fields``); privileged fields are in
+      ``info["privileged"]``. ``info`` also carries the task and the reward components.
+    - Episodes end by truncation after ``family.episode_steps`` control steps, or by termination if
+      the physics diverges (MuJoCo's bad-acceleration reset), with ``info["physics_diverged"]``.
+    - Actions outside the action box are clipped and reported in ``info["action_clipped"]``;
+      NaN/Inf actions raise.
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012  (gymnasium's class-level convention)
+
+    def __init__(self, family: str | TaskFamily = "cartpole_swingup", task: Mapping[str, Any] | None = None) -> None:
+        self.family: TaskFamily = family if isinstance(family, TaskFamily) else load_family(family)
+        """The task family (parameter box and reward)."""
+        self.robot: RobotSpec = load_robot(self.family.spec.robot)
+        """The robot's sim/real interface."""
+        check_reward_inputs(self.family.spec.reward, self.robot, self.family.reward_names, self.family.where)
+        self.reward_fn = get_reward(self.family.spec.reward)
+        """Numpy reward shared with the runtime planner."""
+        self.model = load_model(self.robot)
+        self.data = mujoco.MjData(self.model)
+        self._obs_map = ObservationMap(self.robot, self.model)
+        self._dynamics = DynamicsApplier(self.model, self.family)
+        self._ctrl_ids = np.array([self.model.actuator(a).id for a in self.robot.actuators])
+        self._qpos_init = self._initial_qpos()
+        self._quaternions = joint_quaternion_slices(self.model)
+        # RK4 cannot be split into mj_step1/mj_step2 (see _physics_step).
+        self._split_step = self.model.opt.integrator != mujoco.mjtIntegrator.mjINT_RK4
+
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.robot.obs_dim,), np.float64)
+        self.action_space = gym.spaces.Box(
+            self.robot.action_low.astype(np.float32), self.robot.action_high.astype(np.float32), dtype=np.float32
+        )
+        self._task: Task = self.family.nominal()
+        self._delay = 0
+        self._queue: deque[np.ndarray] = deque()
+        self._steps = 0
+        self._last_obs = np.zeros(self.robot.obs_dim)
+        self.set_task(self.family.nominal() if task is None else task)
+        mujoco.mj_forward(self.model, self.data)
+
+    # ---- tasks ---------------------------------------------------------------------------------
+    def set_task(self, task: Mapping[str, Any]) -> None:
+        """Validate ``task`` and apply it now (mid-episode too). Raises SpecError on a bad parameter."""
+        task = self.family.validate(task)
+        self._dynamics.apply(task)
+        self._task = task
+        if self._dynamics.delay_param is not None:
+            self._set_delay(int(task[self._dynamics.delay_param]))
+        # Refresh positions/velocities-derived quantities under the new model for the next step.
+        mujoco.mj_forward(self.model, self.data)
+
+    def get_task(self) -> Task:
+        return dict(self._task)
+
+    @property
+    def task(self) -> Task:
+        """The current task; assignable (``vector_env.set_attr("task", [...])`` sets one per sub-env)."""
+        return self.get_task()
+
+    @task.setter
+    def task(self, value: Mapping[str, Any]) -> None:
+        self.set_task(value)
+
+    def sample_task(self, split: str = "train") -> Task:
+        """A task drawn from ``split`` with the env's own RNG (seeded by ``reset(seed=...)``)."""
+        return self.family.sample(self.np_random, split, 1)[0]
+
+    @property
+    def reward_params(self) -> dict[str, float]:
+        return {name: self._task[name] for name in self.family.reward_names}
+
+    # ---- gymnasium API -------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - {"task"}
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; allowed: 'task'")
+        if "task" in options:
+            choice = options["task"]
+            if isinstance(choice, str):
+                if choice not in SPLITS:
+                    raise SpecError(self.family.name, "reset options.task", f"got {choice!r}; give a task "
+                                    f"mapping or a split name: {', '.join(SPLITS)}")
+                choice = self.sample_task(choice)
+            self.set_task(choice)
+        m, d = self.model, self.data
+        mujoco.mj_resetData(m, d)
+        init = self.family.spec.initial_state
+        d.qpos[:] = self._qpos_init + self.np_random.uniform(-init.qpos_noise, init.qpos_noise, m.nq)
+        d.qvel[:] = init.qvel_noise * self.np_random.standard_normal(m.nv)
+        for quat in self._quaternions:  # noise must not leave a quaternion unnormalised
+            d.qpos[quat] /= np.linalg.norm(d.qpos[quat])
+        mujoco.mj_forward(m, d)
+        self._set_delay(self._delay, refill=True)
+        self._steps = 0
+        obs, privileged = self._obs_map.gather(d)
+        self._last_obs = obs
+        return obs, {"task": self.get_task(), "privileged": privileged}
+
+    def step(self, action):
+        command = np.asarray(action, dtype=np.float64)
+        if command.shape != (self.robot.action_dim,):
+            raise ValueError(f"action must have shape ({self.robot.action_dim},) for fields "
+                             f"{[a.name for a in self.robot.action]}, got {command.shape}")
+        if not np.all(np.isfinite(command)):
+            raise ValueError(f"action contains NaN or Inf: {command}")
+        clipped = np.clip(command, self.robot.action_low, self.robot.action_high)
+        self._queue.append(clipped)
+        applied = self._queue.popleft()
+        self.data.ctrl[self._ctrl_ids] = applied
+
+        diverged_before = self.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number
+        self._physics_step()
+        diverged = self.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number > diverged_before
+        obs, privileged = self._obs_map.gather(self.data)
+        diverged = diverged or not np.all(np.isfinite(obs))
+        reward, components = self.reward_fn(self.robot, self._last_obs, clipped, obs, self.reward_params)
+        self._last_obs = obs
+        self._steps += 1
+        info = {
+            "task": self.get_task(),
+            "reward_components": {k: float(v) for k, v in components.items()},
+            "privileged": privileged,
+            "action_clipped": bool(np.any(clipped != command)),
+            "applied_action": applied,
+            "physics_diverged": bool(diverged),
+        }
+        truncated = self._steps >= self.family.spec.episode_steps
+        return obs, float(reward), bool(diverged), truncated, info
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _physics_step(self) -> None:
+        m, d, n = self.model, self.data, self.robot.control.substeps
+        if self._split_step:
+            # dm_control's scheme: finish the pending step (step2), take n-1 full steps, then run
+            # step1 so position/velocity sensors describe the state we return, at no extra cost.
+            mujoco.mj_step2(m, d)
+            if n > 1:
+                mujoco.mj_step(m, d, nstep=n - 1)
+            mujoco.mj_step1(m, d)
+        else:
+            mujoco.mj_step(m, d, nstep=n)
+            mujoco.mj_forward(m, d)
+
+    def _set_delay(self, delay: int, refill: bool = False) -> None:
+        # Commands reach the motors `delay` control steps late; the queue starts full of safe commands.
+        safe = self.robot.safe_action
+        if refill:
+            self._queue = deque(safe.copy() for _ in range(delay))
+        else:
+            while len(self._queue) < delay:
+                self._queue.appendleft(self._queue[0].copy() if self._queue else safe.copy())
+            while len(self._queue) > delay:
+                self._queue.popleft()
+        self._delay = delay
+
+    def _initial_qpos(self) -> np.ndarray:
+        qpos = self.model.qpos0.copy()
+        for name, value in self.family.spec.initial_state.qpos.items():
+            jid = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_JOINT, name)
+            at = f"initial_state.qpos.{name}"
+            if jid < 0:
+                raise SpecError(self.family.where, at, f"joint {name!r} is not in robot {self.robot.name!r}; "
+                                f"joints: {self.robot.joints}")
+            values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+            sl = joint_qpos_slice(self.model, jid)
+            if len(values) != sl.stop - sl.start:
+                raise SpecError(self.family.where, at, f"joint {name!r} has {sl.stop - sl.start} qpos values, "
+                                f"got {len(values)}")
+            qpos[sl] = values
+        return qpos
