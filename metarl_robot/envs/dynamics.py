@@ -71,8 +71,8 @@ class _Binder:
         for name in targets:
             i = mujoco.mj_name2id(self.model, objtype, str(name))
             if i < 0:
-                known = [mujoco.mj_id2name(self.model, objtype, j) for j in range(count)]
-                raise self.fail(f"{kind} {name!r} is not in the robot's MJCF; its {kind}s: {[k for k in known if k]}")
+                known = [k for j in range(count) if (k := mujoco.mj_id2name(self.model, objtype, j))]
+                raise self.fail(f"{kind} {name!r} is not in the robot's MJCF; {kind} names there: {known}")
             ids.append(i)
         return np.array(ids)
 

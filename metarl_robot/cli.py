@@ -1,0 +1,198 @@
+"""The ``metarl`` command. Subcommands import what they need lazily so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+The three jobs of metarl-robot, and where they stand:
+  1. train in sim          (families, robot, tasks, rollout, demo exist; train/export/eval come next)
+  2. ros2 launch on robot  (not yet: ROS 2 node and telemetry are a later milestone)
+  3. replay logged runs    (not yet)
+Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
+See docs/robot_spec.md and docs/task_families.md.
+"""
+
+
+def _cmd_families(args: argparse.Namespace) -> int:
+    from metarl_robot.paths import family_names
+    from metarl_robot.spec.family import load_family
+
+    names = [args.name] if args.name else family_names()
+    for i, name in enumerate(names):
+        if i:
+            print()
+        print(load_family(name).describe())
+    return 0
+
+
+def _cmd_robot(args: argparse.Namespace) -> int:
+    from metarl_robot.envs.robot_model import load_model
+    from metarl_robot.spec.robot import load_robot
+
+    spec = load_robot(args.name)
+    model = load_model(spec)  # raises with the offending field if robot.yaml and MJCF disagree
+    print(f"{spec.name}: {spec.description}")
+    print(f"  robot.yaml  {spec.source_path}")
+    print(f"  MJCF        {spec.mjcf_path}  (nq={model.nq}, nv={model.nv}, nu={model.nu})")
+    print(f"  control     ctrl_dt={spec.ctrl_dt} s ({1 / spec.ctrl_dt:g} Hz), substeps={spec.control.substeps}, "
+          f"sim_dt={spec.sim_dt:g} s")
+    print(f"  interface   sha256 {spec.interface_hash}")
+    print(f"  observation ({spec.obs_dim} measured, {spec.privileged_dim} privileged):")
+    for f in spec.observation:
+        where = "privileged" if f.privileged else f"obs[{spec.obs_slices[f.name].start}:{spec.obs_slices[f.name].stop}]"
+        print(f"    {f.name:<16} {where:<12} size={f.size:<2} units={f.units:<6} scale={f.scale:g}")
+    print(f"  action ({spec.action_dim}):")
+    for a in spec.action:
+        print(f"    {a.name:<16} [{a.low:g}, {a.high:g}] {a.units}  max_rate={a.max_rate:g}/s  "
+              f"safe={spec.safe_command[a.name]:g}")
+    print("  OK: robot.yaml matches the MJCF")
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from metarl_robot.spec.family import load_family
+
+    family = load_family(args.family)
+    if args.grid is not None:
+        names = args.params.split(",") if args.params else None
+        tasks = family.grid(args.grid, args.split, names)
+    else:
+        tasks = family.sample(np.random.default_rng(args.seed), args.split, args.sample)
+    rows = [{"task": t, "ood": family.is_ood(t)} for t in tasks]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("  ".join(f"{n:>14}" for n in family.names) + "    ood")
+    for row in rows:
+        print("  ".join(f"{row['task'][n]:>14.4g}" for n in family.names) + f"    {'yes' if row['ood'] else 'no'}")
+    print(f"{len(rows)} task(s) from the {args.split} split of {family.name}")
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from metarl_robot.envs.rollout import collect, make_vector_env, random_policy
+    from metarl_robot.spec.family import load_family
+    from metarl_robot.spec.robot import load_robot
+
+    family = load_family(args.family)
+    robot = load_robot(family.spec.robot)
+    tasks = family.sample(np.random.default_rng(args.seed), args.split, args.tasks)
+    num_envs = min(args.num_envs, len(tasks))
+    returns = []
+    envs = make_vector_env(family, num_envs, args.vector)
+    try:
+        for start in range(0, len(tasks), num_envs):
+            chunk = tasks[start:start + num_envs]
+            if len(chunk) < num_envs:  # the last chunk: pad with copies, drop their results
+                chunk = chunk + [chunk[-1]] * (num_envs - len(chunk))
+            policy = random_policy(robot.action_low, robot.action_high, args.seed + start)
+            result = collect(envs, family, policy, chunk, args.episodes, seed=args.seed + start, progress=True)
+            returns.extend(result.episode_returns()[: len(tasks) - start])
+            if args.out:
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                path = out.with_name(f"{out.stem}_{start // num_envs:03d}.npz") if len(tasks) > num_envs else out
+                result.save(str(path))
+                print(f"wrote {path}")
+    finally:
+        envs.close()
+    print(f"random-policy returns on {len(tasks)} {args.split} task(s) of {family.name} "
+          f"({args.episodes} episode(s) each, {args.vector} vector env x{num_envs}):")
+    for task, ret in zip(tasks, returns, strict=True):
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in task.items())
+        print(f"  return {np.mean(ret):9.2f}   {shown}{'  (OOD)' if family.is_ood(task) else ''}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from metarl_robot.demo import run_demo
+
+    return run_demo(out_dir=Path(args.out), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metarl",
+        description="metarl-robot: meta-RL from MuJoCo simulation to ROS 2 hardware.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("families", help="list the task families and their parameter boxes",
+                       description="Print each task family: robot, gymnasium id, episode length, and every "
+                       "parameter with its kind, nominal value, allowed range, train/test ranges and sampling.")
+    p.add_argument("name", nargs="?", help="one family (default: all in sim/tasks)")
+    p.set_defaults(func=_cmd_families)
+
+    p = sub.add_parser("robot", help="check a robot.yaml against its MJCF and print its interface",
+                       description="Load sim/robots/<name>/robot.yaml (or a path), check it against the MJCF "
+                       "(names, sizes, limits, timestep) and print the observation/action layout and the "
+                       "interface hash. Exits non-zero with the offending field on any mismatch.")
+    p.add_argument("name", help="robot name (cartpole, half_cheetah, ant) or path to a robot.yaml")
+    p.set_defaults(func=_cmd_robot)
+
+    p = sub.add_parser("tasks", help="sample tasks or build an evaluation grid from a family",
+                       description="Draw tasks from a split with the family's sampling rules, or build a "
+                       "k-points-per-axis grid; each task is marked OOD when outside the training box.")
+    p.add_argument("family", help="family name or path to a family YAML")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="which ranges (default: train)")
+    p.add_argument("--sample", type=int, default=5, metavar="N", help="number of tasks to draw (default: 5)")
+    p.add_argument("--grid", type=int, metavar="K", help="instead of sampling, K points per axis")
+    p.add_argument("--params", help="with --grid: comma-separated parameters to vary (others stay nominal)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_tasks)
+
+    p = sub.add_parser("rollout", help="collect random-policy episodes on sampled tasks (vectorised)",
+                       description="Sample tasks from a family, run full episodes with uniform random actions "
+                       "on a gymnasium vector env (one task per sub-env) and print the return per task. "
+                       "The same --seed gives the same trajectories in sync and async mode.")
+    p.add_argument("family", help="family name or path to a family YAML")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="task split (default: train)")
+    p.add_argument("--tasks", type=int, default=4, help="number of tasks (default: 4)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per task (default: 1)")
+    p.add_argument("--num-envs", type=int, default=2, help="parallel sub-envs (default: 2)")
+    p.add_argument("--vector", choices=["sync", "async"], default="async",
+                   help="sync: one process; async: one process per sub-env (default: async)")
+    p.add_argument("--seed", type=int, default=0, help="seed for tasks, resets and actions (default: 0)")
+    p.add_argument("--out", help="write transitions to this .npz (one file per batch of num-envs tasks)")
+    p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("demo", help="run the largest pipeline that exists today on the cart-pole family",
+                       description="Check the cart-pole robot, sample in- and out-of-distribution test tasks, "
+                       "drive every task with the same command sequence on a vector env, and plot how the "
+                       "shifted dynamics change the motion (the reason to adapt). Writes a PNG and a JSON "
+                       "summary.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from metarl_robot.spec.schema import SpecError
+
+    try:
+        return args.func(args)
+    except (SpecError, FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"metarl {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Vectorised episode collection: one task per sub-env, sync or async across cores, reproducible.
+
+Same ``seed`` → same trajectories, whichever vector mode runs them: sub-env ``i`` is reset with
+``seed + i`` and actions come from the policy, whose own randomness is seeded from ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from metarl_robot.spec.family import Task, TaskFamily, load_family
+
+Policy = Callable[[np.ndarray], np.ndarray]
+"""Batch of observations ``(num_envs, obs_dim)`` → batch of actions ``(num_envs, action_dim)``."""
+
+VectorMode = Literal["sync", "async"]
+
+
+def make_vector_env(family: str | TaskFamily, num_envs: int, mode: VectorMode = "sync",
+                    tasks: Sequence[Task] | None = None) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of the family's env; ``async`` runs each in its own process.
+
+    Autoreset is disabled: :func:`collect` resets all sub-envs together at episode boundaries,
+    which keeps every episode aligned in time across tasks.
+    """
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    if mode not in ("sync", "async"):
+        raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    fam = family if isinstance(family, TaskFamily) else load_family(family)
+    name = fam if isinstance(family, TaskFamily) else str(family)
+    if tasks is not None and len(tasks) != num_envs:
+        raise ValueError(f"got {len(tasks)} tasks for {num_envs} envs; give one task per env")
+    fns = [_EnvFactory(name, None if tasks is None else dict(tasks[i])) for i in range(num_envs)]
+    cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
+    return cls(fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+@dataclass
+class _EnvFactory:
+    """Picklable env constructor for async workers."""
+
+    family: str | TaskFamily
+    task: Task | None
+
+    def __call__(self) -> gym.Env:
+        from metarl_robot.envs.registry import make_env
+
+        return make_env(self.family, task=self.task)
+
+
+def set_tasks(vec_env: gym.vector.VectorEnv, tasks: Sequence[Task]) -> None:
+    """Give sub-env ``i`` task ``tasks[i]`` (validated inside each env)."""
+    if len(tasks) != vec_env.num_envs:
+        raise ValueError(f"got {len(tasks)} tasks for {vec_env.num_envs} envs; give one task per env")
+    vec_env.set_attr("task", [dict(t) for t in tasks])
+
+
+def random_policy(action_low: np.ndarray, action_high: np.ndarray, seed: int) -> Policy:
+    """Uniform random actions in the action box, from a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return rng.uniform(action_low, action_high, size=(len(obs), len(action_low)))
+    return act
+
+
+@dataclass
+class Rollout:
+    """Transitions of ``E`` sub-envs over ``T`` steps (several episodes are concatenated along T)."""
+
+    obs: np.ndarray
+    """``(E, T, obs_dim)`` observation before each action."""
+    actions: np.ndarray
+    """``(E, T, action_dim)`` commanded actions."""
+    next_obs: np.ndarray
+    """``(E, T, obs_dim)`` observation after each action."""
+    rewards: np.ndarray
+    """``(E, T)``."""
+    valid: np.ndarray
+    """``(E, T)`` bool: False after a sub-env's episode terminated early (physics diverged)."""
+    episode_start: np.ndarray
+    """``(T,)`` bool: True at the first step of each episode."""
+    tasks: list[Task]
+    """Task of each sub-env."""
+
+    def episode_returns(self) -> np.ndarray:
+        """``(E, episodes)`` sum of valid rewards per episode."""
+        starts = np.flatnonzero(self.episode_start)
+        masked = np.where(self.valid, self.rewards, 0.0)
+        return np.stack([masked[:, s:e].sum(axis=1) for s, e in zip(starts, [*starts[1:], masked.shape[1]],
+                                                                        strict=True)], axis=1)
+
+    def save(self, path: str) -> None:
+        """Write to ``.npz`` (task parameters as a ``(E, dim)`` array with their names)."""
+        names = list(self.tasks[0]) if self.tasks else []
+        np.savez_compressed(path, obs=self.obs, actions=self.actions, next_obs=self.next_obs, rewards=self.rewards,
+                            valid=self.valid, episode_start=self.episode_start, task_names=np.array(names),
+                            tasks=np.array([[t[n] for n in names] for t in self.tasks]))
+
+
+def collect(vec_env: gym.vector.VectorEnv, family: TaskFamily, policy: Policy, tasks: Sequence[Task],
+            episodes: int = 1, seed: int = 0, progress: bool = False) -> Rollout:
+    """Run ``episodes`` full episodes on every sub-env, sub-env ``i`` on ``tasks[i]``."""
+    set_tasks(vec_env, tasks)
+    steps = family.spec.episode_steps
+    num = vec_env.num_envs
+    total = episodes * steps
+    obs_dim = vec_env.single_observation_space.shape[0]
+    act_dim = vec_env.single_action_space.shape[0]
+    out = Rollout(
+        obs=np.zeros((num, total, obs_dim)), actions=np.zeros((num, total, act_dim)),
+        next_obs=np.zeros((num, total, obs_dim)), rewards=np.zeros((num, total)),
+        valid=np.ones((num, total), dtype=bool), episode_start=np.zeros(total, dtype=bool),
+        tasks=[dict(t) for t in tasks],
+    )
+    bar = tqdm(total=total * num, unit="step", desc=f"{family.name} x{num}", disable=not progress)
+    t = 0
+    for episode in range(episodes):
+        obs, _ = vec_env.reset(seed=seed if episode == 0 else None)
+        alive = np.ones(num, dtype=bool)
+        out.episode_start[t] = True
+        for _ in range(steps):
+            action = np.asarray(policy(obs), dtype=np.float64)
+            next_obs, reward, terminated, _, _ = vec_env.step(action)
+            out.obs[:, t], out.actions[:, t], out.next_obs[:, t], out.rewards[:, t] = obs, action, next_obs, reward
+            out.valid[:, t] = alive
+            alive &= ~terminated
+            obs = next_obs
+            t += 1
+            bar.update(num)
+    bar.close()
+    return out
