@@ -1,0 +1,93 @@
+"""Subprocess smoke runs of the ``metarl`` command with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["families", "robot", "tasks", "rollout", "demo"]
+
+
+def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metarl_robot.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_help_lists_every_command_with_its_help():
+    result = metarl("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert "sim/robots/<robot>/" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_real_help(command):
+    result = metarl(command, "--help")
+    assert result.returncode == 0
+    assert len(result.stdout.splitlines()) > 4
+    assert "usage: metarl " + command in result.stdout
+
+
+def test_families_describes_every_family():
+    result = metarl("families")
+    assert result.returncode == 0
+    for name in ("cartpole_swingup", "half_cheetah_vel", "ant_dir", "ant_goal"):
+        assert name in result.stdout
+    assert "log_uniform" in result.stdout and "train [0.2963, 3.375]" in result.stdout
+
+
+def test_robot_check_prints_the_interface():
+    result = metarl("robot", "cartpole")
+    assert result.returncode == 0, result.stderr
+    assert "OK: robot.yaml matches the MJCF" in result.stdout
+    assert "pole_angle" in result.stdout and "obs[1:2]" in result.stdout
+
+
+def test_tasks_grid_as_json():
+    result = metarl("tasks", "cartpole_swingup", "--split", "test", "--grid", "3", "--params", "pole_length", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["task"]["pole_length"] for r in rows] == [0.5, 1.05, 1.6]
+    assert [r["ood"] for r in rows] == [True, False, True]
+
+
+def test_rollout_writes_transitions(tmp_path):
+    out = tmp_path / "r.npz"
+    result = metarl("rollout", "cartpole_swingup", "--tasks", "2", "--num-envs", "2", "--vector", "sync",
+                    "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
+    assert result.stdout.count("return ") == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_its_outputs(tmp_path):
+    result = metarl("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert "[4/4]" in result.stdout
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert len(summary["tasks"]) == 6 and summary["tasks"][0]["ood"] is False
+    returns = [t["return"] for t in summary["tasks"]]
+    assert len(set(returns)) == 6  # the same commands give six different outcomes
+    png = (tmp_path / "demo" / "demo_tasks.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["robot", "rover"], "metarl robot: error: unknown robot 'rover'"),
+        (["families", "walker"], "unknown task family 'walker'"),
+        (["tasks", "cartpole_swingup", "--grid", "2", "--params", "pole_lenght"], "pole_lenght: unknown parameter"),
+        (["tasks", "cartpole_swingup", "--split", "val"], "invalid choice: 'val'"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, fragment):
+    result = metarl(*args)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
