@@ -22,6 +22,10 @@ from metarl_robot.spec.rewards import check_reward_inputs, get_reward
 from metarl_robot.spec.robot import RobotSpec, load_robot
 from metarl_robot.spec.schema import SpecError
 
+_RESET_WARNINGS = [int(w) for w in (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
+                                    mujoco.mjtWarning.mjWARN_BADQACC)]
+"""MuJoCo warnings after which it has reset the state to qpos0 on its own."""
+
 
 class MetaMujocoEnv(gym.Env):
     """A MuJoCo robot from ``robot.yaml`` whose dynamics and reward follow a task of a family.
@@ -33,7 +37,8 @@ class MetaMujocoEnv(gym.Env):
     - Observations hold only measured fields (``robot.measured_fields``); privileged fields are in
       ``info["privileged"]``. ``info`` also carries the task and the reward components.
     - Episodes end by truncation after ``family.episode_steps`` control steps, or by termination if
-      the physics diverges (MuJoCo's bad-acceleration reset), with ``info["physics_diverged"]``.
+      the physics diverges (MuJoCo's automatic reset on a bad qpos, qvel or qacc, or a non-finite
+      observation), with ``info["physics_diverged"]``.
     - Actions outside the action box are clipped and reported in ``info["action_clipped"]``;
       NaN/Inf actions raise.
     """
@@ -48,11 +53,14 @@ class MetaMujocoEnv(gym.Env):
         check_reward_inputs(self.family.spec.reward, self.robot, self.family.reward_names, self.family.where)
         self.reward_fn = get_reward(self.family.spec.reward)
         """Numpy reward shared with the runtime planner."""
+        self._reward_names = tuple(self.family.reward_names)
         self.model = load_model(self.robot)
         self.data = mujoco.MjData(self.model)
         self._obs_map = ObservationMap(self.robot, self.model)
         self._dynamics = DynamicsApplier(self.model, self.family)
         self._ctrl_ids = np.array([self.model.actuator(a).id for a in self.robot.actuators])
+        self._action_low, self._action_high = self.robot.action_low, self.robot.action_high
+        self._warnings = self.data.warning  # a live view of MuJoCo's warning counters
         self._qpos_init = self._initial_qpos()
         self._quaternions = joint_quaternion_slices(self.model)
         # RK4 cannot be split into mj_step1/mj_step2 (see _physics_step).
@@ -99,7 +107,7 @@ class MetaMujocoEnv(gym.Env):
 
     @property
     def reward_params(self) -> dict[str, float]:
-        return {name: self._task[name] for name in self.family.reward_names}
+        return {name: self._task[name] for name in self._reward_names}
 
     # ---- gymnasium API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -135,18 +143,19 @@ class MetaMujocoEnv(gym.Env):
         if command.shape != (self.robot.action_dim,):
             raise ValueError(f"action must have shape ({self.robot.action_dim},) for fields "
                              f"{[a.name for a in self.robot.action]}, got {command.shape}")
-        if not np.all(np.isfinite(command)):
+        if not np.isfinite(command).all():
             raise ValueError(f"action contains NaN or Inf: {command}")
-        clipped = np.clip(command, self.robot.action_low, self.robot.action_high)
+        clipped = np.minimum(np.maximum(command, self._action_low), self._action_high)
         self._queue.append(clipped)
         applied = self._queue.popleft()
         self.data.ctrl[self._ctrl_ids] = applied
 
-        diverged_before = self.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number
+        # MuJoCo resets the state by itself on a bad position, velocity or acceleration; count those
+        # warnings so such a teleport ends the episode instead of passing as physics.
+        resets_before = self._warnings.number[_RESET_WARNINGS].sum()
         self._physics_step()
-        diverged = self.data.warning[mujoco.mjtWarning.mjWARN_BADQACC].number > diverged_before
         obs, privileged = self._obs_map.gather(self.data)
-        diverged = diverged or not np.all(np.isfinite(obs))
+        diverged = bool(self._warnings.number[_RESET_WARNINGS].sum() > resets_before) or not np.isfinite(obs).all()
         reward, components = self.reward_fn(self.robot, self._last_obs, clipped, obs, self.reward_params)
         self._last_obs = obs
         self._steps += 1
@@ -154,12 +163,12 @@ class MetaMujocoEnv(gym.Env):
             "task": self.get_task(),
             "reward_components": {k: float(v) for k, v in components.items()},
             "privileged": privileged,
-            "action_clipped": bool(np.any(clipped != command)),
+            "action_clipped": bool((clipped != command).any()),
             "applied_action": applied,
-            "physics_diverged": bool(diverged),
+            "physics_diverged": diverged,
         }
         truncated = self._steps >= self.family.spec.episode_steps
-        return obs, float(reward), bool(diverged), truncated, info
+        return obs, float(reward), diverged, truncated, info
 
     # ---- internals -----------------------------------------------------------------------------
     def _physics_step(self) -> None:

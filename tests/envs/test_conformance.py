@@ -144,3 +144,18 @@ def test_tasks_drawn_from_the_env_rng_are_seeded(name):
     assert env.get_task() == first
     env.reset(seed=6, options={"task": "test"})
     assert env.get_task() != first
+
+
+@pytest.mark.parametrize("blowup", ["qvel", "qacc"])
+def test_diverged_physics_terminates_instead_of_teleporting(blowup):
+    env = _make("cartpole_swingup")
+    env.reset(seed=0)
+    env.step(env.robot.safe_action)
+    if blowup == "qvel":
+        env.data.qvel[:] = 1e11  # MuJoCo resets the state on a huge velocity (mjWARN_BADQVEL)
+    else:
+        env.data.qfrc_applied[:] = np.nan  # and on a non-finite acceleration (mjWARN_BADQACC)
+    _, _, terminated, _, info = env.step(env.robot.safe_action)
+    assert terminated and info["physics_diverged"]
+    _, _, terminated, _, info = env.step(env.robot.safe_action)
+    assert not info["physics_diverged"]  # counted once, not for every later step
