@@ -23,13 +23,21 @@ def sim_dir() -> Path:
     return path
 
 
+def _is_path(name_or_path: str | Path) -> bool:
+    """A bare name (``cartpole``) is looked up in sim/; anything with a separator or suffix is a path.
+
+    So a folder that happens to be called ``cartpole`` in the working directory never shadows the
+    robot of that name.
+    """
+    text = str(name_or_path)
+    return isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml"))
+
+
 def robot_yaml_path(name_or_path: str | Path) -> Path:
     """A robot name (``cartpole``) or a path to a robot.yaml or to its folder → the robot.yaml path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        return path
-    if path.is_dir():
-        return path / "robot.yaml"
+    if _is_path(name_or_path):
+        return path / "robot.yaml" if path.is_dir() else path
     candidate = sim_dir() / "robots" / str(name_or_path) / "robot.yaml"
     if not candidate.is_file():
         known = sorted(p.name for p in (sim_dir() / "robots").iterdir() if (p / "robot.yaml").is_file())
@@ -39,9 +47,8 @@ def robot_yaml_path(name_or_path: str | Path) -> Path:
 
 def family_yaml_path(name_or_path: str | Path) -> Path:
     """A family name (``cartpole_swingup``) or a path to its YAML → the YAML path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        return path
+    if _is_path(name_or_path):
+        return Path(name_or_path)
     candidate = sim_dir() / "tasks" / f"{name_or_path}.yaml"
     if not candidate.is_file():
         raise FileNotFoundError(f"unknown task family {name_or_path!r}; families: {family_names()}")

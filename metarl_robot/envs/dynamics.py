@@ -1,8 +1,10 @@
 """Dynamics effects: how a task family's dynamics parameters change a compiled MuJoCo model.
 
 Every application starts again from the nominal model, so a task's physics never depends on the
-tasks applied before it. Scale effects multiply and absolute effects set; each (field, element)
-may be set by at most one absolute effect, so the result does not depend on parameter order.
+tasks applied before it. Scale effects multiply and absolute effects set; an element that an
+absolute effect (or a rod length) changes may be changed by no other parameter, so the result does
+not depend on parameter order. An absolute effect's nominal must equal the MJCF's value, so the
+nominal task is exactly the MJCF robot.
 The effect vocabulary (documented for users in docs/task_families.md):
 
 =====================  =====================================  =============================================
@@ -11,8 +13,8 @@ effect                 targets                                changes
 body_mass_scale        body names or ``all``                  mass and inertia × value (density scaling)
 geom_friction_scale    geom names or ``all``                  sliding, torsional, rolling friction × value
 joint_damping_scale    joint names or ``all``                 viscous damping of the joints' dofs × value
-joint_damping          joint names                            viscous damping := value
-joint_frictionloss     joint names                            dry friction := value
+joint_damping          joint names or ``all``                 viscous damping := value
+joint_frictionloss     joint names or ``all``                 dry friction := value
 actuator_gain_scale    actuator names or ``all``              force per unit command × value
 rod_length             ``{body: B, geom: G}``                 length of a uniform rod := value (metres)
 action_delay           ``true``                               commands reach the motors value steps late
@@ -159,6 +161,32 @@ EFFECTS: dict[str, Callable[[_Binder, Any], Effect | None]] = {
 """Effect name → binder. A binder validates targets against the model and returns the effect."""
 
 _ABSOLUTE = {"joint_damping": "dof_damping", "joint_frictionloss": "dof_frictionloss"}
+"""Effects that set a field rather than scale it: their nominal must be the MJCF's own value."""
+_DOF_FIELD = {**_ABSOLUTE, "joint_damping_scale": "dof_damping"}
+
+
+def _touched(binder: _Binder, effect_name: str, targets: Any) -> list[tuple[str, int]]:
+    """The (field, element) pairs an effect changes, for the effects that may conflict."""
+    if effect_name in _DOF_FIELD:
+        return [(_DOF_FIELD[effect_name], int(d)) for d in binder.dofs(targets)]
+    if effect_name == "rod_length" and isinstance(targets, dict) and "body" in targets:
+        return [("rod_length", int(i)) for i in binder.ids("body", [targets["body"]])]
+    return []
+
+
+def _check_nominal(binder: _Binder, effect_name: str, targets: Any) -> None:
+    """An absolute effect's nominal must equal the MJCF, or the 'nominal' task would not be the MJCF robot."""
+    model, nominal = binder.model, binder.param.nominal
+    if effect_name in _ABSOLUTE:
+        values = getattr(model, _ABSOLUTE[effect_name])[binder.dofs(targets)]
+        if not np.allclose(values, nominal, rtol=1e-12, atol=0):
+            raise SpecError(binder.where, f"params.{binder.param.name}.nominal", f"{nominal} differs from the "
+                            f"MJCF value(s) {values.tolist()}; make them equal so the nominal task is the MJCF robot")
+    elif effect_name == "rod_length":
+        length = 2 * float(model.geom_size[binder.ids("geom", [targets["geom"]])[0], 1])
+        if not np.isclose(length, nominal, rtol=1e-9):
+            raise SpecError(binder.where, f"params.{binder.param.name}.nominal", f"{nominal} differs from the "
+                            f"rod's MJCF length {length:.6g} m; make them equal so the nominal task is the MJCF robot")
 
 
 class DynamicsApplier:
@@ -173,7 +201,9 @@ class DynamicsApplier:
         """``(param name, effect)`` for every parameter that changes the model."""
         self.delay_param: str | None = None
         """Name of the action-delay parameter, if the family has one."""
-        absolute_owner: dict[tuple[str, int], str] = {}
+        # (field, element) -> (param, exclusive): an element set by an absolute effect (or a rod length)
+        # may be touched by no other parameter, so the result never depends on parameter order.
+        owners: dict[tuple[str, int], tuple[str, bool]] = {}
         for param in family.params:
             if param.kind != "dynamics":
                 continue
@@ -182,20 +212,25 @@ class DynamicsApplier:
             if effect_name not in EFFECTS:
                 raise binder.fail(f"unknown effect {effect_name!r}; effects: {sorted(EFFECTS)}")
             if effect_name == "action_delay":
+                if targets is not True:
+                    raise binder.fail(f"write action_delay: true, got {targets!r}")
                 if param.sampling != "integer" or param.bounds[0] < 0:
                     raise binder.fail("action_delay needs sampling: integer and a range >= 0 (control steps)")
                 if self.delay_param is not None:
                     raise binder.fail(f"only one action_delay parameter allowed; {self.delay_param!r} is one")
                 self.delay_param = param.name
                 continue
-            if effect_name in _ABSOLUTE:
-                for dof in binder.dofs(targets):
-                    key = (_ABSOLUTE[effect_name], int(dof))
-                    if key in absolute_owner:
-                        raise binder.fail(f"{effect_name} of dof {dof} is already set by {absolute_owner[key]!r}")
-                    absolute_owner[key] = param.name
             effect = EFFECTS[effect_name](binder, targets)
             assert effect is not None
+            exclusive = effect_name in _ABSOLUTE or effect_name == "rod_length"
+            for key in _touched(binder, effect_name, targets):
+                if key in owners and (exclusive or owners[key][1]):
+                    field, index = key
+                    raise binder.fail(f"{effect_name} changes {field}[{index}], which {owners[key][0]!r} also "
+                                      "changes; an absolute effect or a rod length must be the only one on its "
+                                      "element (the result would depend on parameter order)")
+                owners[key] = (param.name, exclusive)
+            _check_nominal(binder, effect_name, targets)
             self.effects.append((param.name, effect))
 
     def apply(self, task: Task) -> None:

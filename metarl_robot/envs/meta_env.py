@@ -39,8 +39,11 @@ class MetaMujocoEnv(gym.Env):
     - Episodes end by truncation after ``family.episode_steps`` control steps, or by termination if
       the physics diverges (MuJoCo's automatic reset on a bad qpos, qvel or qacc, or a non-finite
       observation), with ``info["physics_diverged"]``.
-    - Actions outside the action box are clipped and reported in ``info["action_clipped"]``;
-      NaN/Inf actions raise.
+    - Commands are limited as the robot's safety layer will limit them: clipped to the action box
+      (``info["action_clipped"]``), then each change per control period is capped at
+      ``max_rate * ctrl_dt`` from the last sent command (``info["action_rate_limited"]``; the last
+      sent command is the safe command after a reset). The reward's control cost and the delay
+      queue see the sent command. NaN/Inf actions raise.
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012  (gymnasium's class-level convention)
@@ -60,6 +63,8 @@ class MetaMujocoEnv(gym.Env):
         self._dynamics = DynamicsApplier(self.model, self.family)
         self._ctrl_ids = np.array([self.model.actuator(a).id for a in self.robot.actuators])
         self._action_low, self._action_high = self.robot.action_low, self.robot.action_high
+        self._max_step = self.robot.action_max_rate * self.robot.ctrl_dt  # largest change per control period
+        self._last_sent = self.robot.safe_action.copy()
         self._warnings = self.data.warning  # a live view of MuJoCo's warning counters
         self._qpos_init = self._initial_qpos()
         self._quaternions = joint_quaternion_slices(self.model)
@@ -133,6 +138,7 @@ class MetaMujocoEnv(gym.Env):
             d.qpos[quat] /= np.linalg.norm(d.qpos[quat])
         mujoco.mj_forward(m, d)
         self._set_delay(self._delay, refill=True)
+        self._last_sent = self.robot.safe_action.copy()
         self._steps = 0
         obs, privileged = self._obs_map.gather(d)
         self._last_obs = obs
@@ -146,7 +152,9 @@ class MetaMujocoEnv(gym.Env):
         if not np.isfinite(command).all():
             raise ValueError(f"action contains NaN or Inf: {command}")
         clipped = np.minimum(np.maximum(command, self._action_low), self._action_high)
-        self._queue.append(clipped)
+        sent = np.minimum(np.maximum(clipped, self._last_sent - self._max_step), self._last_sent + self._max_step)
+        self._last_sent = sent
+        self._queue.append(sent)
         applied = self._queue.popleft()
         self.data.ctrl[self._ctrl_ids] = applied
 
@@ -156,7 +164,7 @@ class MetaMujocoEnv(gym.Env):
         self._physics_step()
         obs, privileged = self._obs_map.gather(self.data)
         diverged = bool(self._warnings.number[_RESET_WARNINGS].sum() > resets_before) or not np.isfinite(obs).all()
-        reward, components = self.reward_fn(self.robot, self._last_obs, clipped, obs, self.reward_params)
+        reward, components = self.reward_fn(self.robot, self._last_obs, sent, obs, self.reward_params)
         self._last_obs = obs
         self._steps += 1
         info = {
@@ -164,6 +172,8 @@ class MetaMujocoEnv(gym.Env):
             "reward_components": {k: float(v) for k, v in components.items()},
             "privileged": privileged,
             "action_clipped": bool((clipped != command).any()),
+            "action_rate_limited": bool((sent != clipped).any()),
+            "sent_action": sent,
             "applied_action": applied,
             "physics_diverged": diverged,
         }
@@ -202,8 +212,9 @@ class MetaMujocoEnv(gym.Env):
             jid = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_JOINT, name)
             at = f"initial_state.qpos.{name}"
             if jid < 0:
-                raise SpecError(self.family.where, at, f"joint {name!r} is not in robot {self.robot.name!r}; "
-                                f"joints: {self.robot.joints}")
+                joints = [mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_JOINT, j) for j in range(self.model.njnt)]
+                raise SpecError(self.family.where, at, f"joint {name!r} is not in robot {self.robot.name!r}'s MJCF; "
+                                f"joints: {joints}")
             values = np.atleast_1d(np.asarray(value, dtype=np.float64))
             sl = joint_qpos_slice(self.model, jid)
             if len(values) != sl.stop - sl.start:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from metarl_robot.spec.schema import SpecError, build, check_schema_version, loa
 
 FAMILY_SCHEMA_VERSION = 1
 """The task-family schema this code reads; bump on any incompatible change."""
+
+ENV_ID_PATTERN = r"[A-Za-z0-9_]+/[A-Za-z0-9_]+-v\d+"
+"""Gymnasium ids are namespaced and versioned: ``metarl/CartpoleSwingup-v0``."""
 
 Task = dict[str, float]
 """A task: every parameter of a family by name (integer parameters hold integral floats)."""
@@ -166,6 +170,12 @@ class TaskFamily:
             raise SpecError(where, "params", "a family needs at least one parameter")
         if spec.episode_steps < 1:
             raise SpecError(where, "episode_steps", f"must be >= 1, got {spec.episode_steps}")
+        if not re.fullmatch(ENV_ID_PATTERN, spec.env_id):
+            raise SpecError(where, "env_id", f"{spec.env_id!r} must look like 'metarl/<Name>-v<N>' "
+                            "(namespace/name-version)")
+        for key in ("qpos_noise", "qvel_noise"):
+            if getattr(spec.initial_state, key) < 0:
+                raise SpecError(where, f"initial_state.{key}", f"must be >= 0, got {getattr(spec.initial_state, key)}")
 
     # ---- identity ------------------------------------------------------------------------------
     @property

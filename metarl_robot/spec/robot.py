@@ -287,6 +287,8 @@ def load_robot(name_or_path: str | Path) -> RobotSpec:
     spec = build(RobotSpec, data, where)
     spec = _with_path(spec, path)
     validate_robot_spec(spec, where)
+    if path.name == "robot.yaml" and spec.name != path.parent.name:
+        raise SpecError(where, "name", f"{spec.name!r} must equal the robot's folder name {path.parent.name!r}")
     return spec
 
 

@@ -83,12 +83,13 @@ def test_info_carries_task_and_reward_components_and_reward_is_reproducible_from
     assert info["task"] == task
     assert set(info["reward_components"]) and not terminated and not truncated
     # The reward is a function of (obs, action, next_obs, reward params) alone: the runtime can compute it.
-    again, components = env.reward_fn(env.robot, obs, action.astype(np.float64), next_obs, env.reward_params)
+    again, components = env.reward_fn(env.robot, obs, info["sent_action"], next_obs, env.reward_params)
     assert float(again) == reward
     assert {k: float(v) for k, v in components.items()} == info["reward_components"]
     # Batched evaluation over a leading axis gives the same numbers.
-    batch, _ = env.reward_fn(env.robot, np.stack([obs, obs]), np.stack([action, action]).astype(np.float64),
-                             np.stack([next_obs, next_obs]), env.reward_params)
+    sent = info["sent_action"]
+    batch, _ = env.reward_fn(env.robot, np.stack([obs, obs]), np.stack([sent, sent]), np.stack([next_obs, next_obs]),
+                             env.reward_params)
     assert batch.shape == (2,) and np.all(batch == reward)
 
 
@@ -129,10 +130,26 @@ def test_bad_actions(name):
         env.step(np.zeros(env.robot.action_dim + 1))
     with pytest.raises(ValueError, match="NaN or Inf"):
         env.step(np.full(env.robot.action_dim, np.nan))
-    _, _, _, _, info = env.step(np.full(env.robot.action_dim, 5.0))
+    for _ in range(3):  # the rate limit may need a few periods to reach the top of the box
+        _, _, _, _, info = env.step(np.full(env.robot.action_dim, 5.0))
     assert info["action_clipped"] and np.all(info["applied_action"] == env.robot.action_high)
-    _, _, _, _, info = env.step(env.robot.safe_action)
+    for _ in range(3):
+        _, _, _, _, info = env.step(env.robot.safe_action)
     assert not info["action_clipped"]
+
+
+def test_commands_are_rate_limited_as_the_robot_will_limit_them():
+    env = _make("cartpole_swingup")  # max_rate 50/s at 50 Hz: at most 1.0 per control period
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([1.0]))
+    assert not info["action_rate_limited"] and info["sent_action"][0] == 1.0
+    _, _, _, _, info = env.step(np.array([-1.0]))
+    assert info["action_rate_limited"] and info["sent_action"][0] == pytest.approx(0.0)
+    _, _, _, _, info = env.step(np.array([-1.0]))
+    assert not info["action_rate_limited"] and info["sent_action"][0] == pytest.approx(-1.0)
+    env.reset(seed=0)  # after a reset the last sent command is the safe command again
+    _, _, _, _, info = env.step(np.array([-1.0]))
+    assert info["sent_action"][0] == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -159,3 +176,17 @@ def test_diverged_physics_terminates_instead_of_teleporting(blowup):
     assert terminated and info["physics_diverged"]
     _, _, terminated, _, info = env.step(env.robot.safe_action)
     assert not info["physics_diverged"]  # counted once, not for every later step
+
+
+def test_registration_skips_a_broken_family_with_a_warning_and_refuses_duplicate_ids(sim_copy):
+    from metarl_robot.envs.registry import register_families
+
+    (sim_copy / "tasks" / "broken.yaml").write_text("schema_version: 1\nname: broken\n")
+    with pytest.warns(UserWarning, match="task family 'broken' not registered: .*missing required key"):
+        ids = register_families()
+    assert "broken" not in ids and "cartpole_swingup" in ids
+    (sim_copy / "tasks" / "broken.yaml").unlink()
+    dup = (sim_copy / "tasks" / "cartpole_swingup.yaml").read_text().replace("name: cartpole_swingup", "name: twin")
+    (sim_copy / "tasks" / "twin.yaml").write_text(dup)
+    with pytest.raises(SpecError, match="'metarl/CartpoleSwingup-v0' is already the id of family 'cartpole_swingup'"):
+        register_families()

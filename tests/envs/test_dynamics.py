@@ -173,10 +173,8 @@ def test_action_delay_holds_commands_back_by_whole_control_steps(sim_copy):
         ({"rod_length": {"body": "cart", "geom": "pole"}}, "pole_length", "geom 'pole' does not belong to body 'cart'"),
         ({"rod_length": {"body": "cart", "geom": "cart"}}, "pole_length", "must be a capsule or cylinder"),
         ({"rod_length": "pole"}, "pole_length", "rod_length needs {body: <name>, geom: <name>}"),
-        # The overlap is reported on the later parameter, naming the earlier one.
-        ({"joint_frictionloss": ["slider"]}, "cart_friction",
-         "joint_frictionloss of dof 0 is already set by 'pole_length'"),
         ({"action_delay": True}, "pole_length", "action_delay needs sampling: integer"),
+        ({"action_delay": "yes"}, "pole_length", "write action_delay: true"),
     ],
 )
 def test_bad_effects_name_the_parameter(sim_copy, effect, param, fragment):
@@ -185,3 +183,37 @@ def test_bad_effects_name_the_parameter(sim_copy, effect, param, fragment):
         MetaMujocoEnv("cartpole_swingup")
     assert err.value.field == f"params.{param}.effect"
     assert fragment in str(err.value)
+
+
+def test_two_absolute_effects_on_one_element_are_refused(sim_copy):
+    edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", lambda d: d["params"].update(rail_friction={
+        "kind": "dynamics", "effect": {"joint_frictionloss": ["slider"]}, "nominal": 0.1, "train": [0, 1],
+        "test": [0, 1]}))
+    with pytest.raises(SpecError) as err:  # reported on the later parameter, naming the earlier one
+        MetaMujocoEnv("cartpole_swingup")
+    assert err.value.field == "params.rail_friction.effect"
+    assert "joint_frictionloss changes dof_frictionloss[0], which 'cart_friction' also changes" in str(err.value)
+
+
+def test_an_absolute_and_a_scale_effect_on_one_element_are_refused(sim_copy):
+    # joint_damping := 1 then x2 gives 2, the other order 1: refused instead of order-dependent.
+    def change(d):
+        d["params"]["hinge_damping"] = {"kind": "dynamics", "effect": {"joint_damping": ["hinge"]},
+                                        "nominal": 0.001, "train": [0.0, 0.01], "test": [0.0, 0.02]}
+        d["params"]["all_damping"] = {"kind": "dynamics", "effect": {"joint_damping_scale": "all"},
+                                      "nominal": 1.0, "train": [0.5, 2.0], "test": [0.5, 2.0]}
+    edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", change)
+    with pytest.raises(SpecError, match=r"joint_damping_scale changes dof_damping\[1\], which 'hinge_damping'"):
+        MetaMujocoEnv("cartpole_swingup")
+
+
+@pytest.mark.parametrize(
+    ("param", "nominal", "fragment"),
+    [("cart_friction", 0.2, "0.2 differs from the MJCF value(s) [0.1]"),
+     ("pole_length", 0.9, "0.9 differs from the rod's MJCF length 1 m")],
+)
+def test_absolute_nominals_must_equal_the_mjcf(sim_copy, param, nominal, fragment):
+    edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", lambda d: d["params"][param].update(nominal=nominal))
+    with pytest.raises(SpecError) as err:
+        MetaMujocoEnv("cartpole_swingup")
+    assert err.value.field == f"params.{param}.nominal" and fragment in str(err.value)

@@ -156,3 +156,27 @@ def test_bad_family_yaml_names_the_field(sim_copy, change, field, fragment):
 def test_unknown_family_lists_the_known_ones():
     with pytest.raises(FileNotFoundError, match="unknown task family 'walker'; families: "):
         load_family("walker")
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "fragment"),
+    [
+        (lambda d: d.update(env_id="CartpoleSwingup"), "env_id", "must look like 'metarl/<Name>-v<N>'"),
+        (lambda d: d["initial_state"].update(qpos_noise=-0.1), "initial_state.qpos_noise", "must be >= 0"),
+    ],
+)
+def test_bad_env_id_and_noise(sim_copy, change, field, fragment):
+    edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", change)
+    with pytest.raises(SpecError) as err:
+        load_family("cartpole_swingup")
+    assert err.value.field == field and fragment in str(err.value)
+
+
+def test_a_local_folder_does_not_shadow_a_family_or_robot_name(tmp_path, monkeypatch):
+    from metarl_robot.spec.robot import load_robot
+
+    (tmp_path / "cartpole").mkdir()
+    (tmp_path / "cartpole" / "robot.yaml").write_text("not: a robot\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_robot("cartpole").name == "cartpole"
+    assert load_family("cartpole_swingup").name == "cartpole_swingup"

@@ -95,3 +95,9 @@ def test_bad_robot_yaml_names_the_field(sim_copy, change, field_fragment, messag
 def test_unknown_robot_lists_the_known_ones():
     with pytest.raises(FileNotFoundError, match=r"unknown robot 'rover'.*\['ant', 'cartpole', 'half_cheetah'\]"):
         load_robot("rover")
+
+
+def test_robot_name_must_equal_its_folder(sim_copy):
+    edit_yaml(sim_copy / "robots" / "cartpole" / "robot.yaml", lambda d: d.update(name="cart"))
+    with pytest.raises(SpecError, match="'cart' must equal the robot's folder name 'cartpole'"):
+        load_robot("cartpole")
