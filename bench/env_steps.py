@@ -95,10 +95,14 @@ def draw_actions(space: gym.spaces.Box, rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(space.low, space.high, size=(ACTION_BANK, *space.shape)).astype(space.dtype)
 
 
-class EnvLoop:
-    """Steps a single gymnasium env with pre-drawn actions, resetting it when an episode ends."""
+class StepLoop:
+    """Steps an env with pre-drawn actions, resetting it when an episode ends.
 
-    def __init__(self, env: gym.Env, actions: np.ndarray, seed: int) -> None:
+    Works for a single env and for a vector env with autoreset disabled, whose sub-envs are all
+    reset together when any episode ends (``np.any`` covers a bool and an array of them).
+    """
+
+    def __init__(self, env: gym.Env | gym.vector.VectorEnv, actions: np.ndarray, seed: int) -> None:
         self.env, self.actions, self.i = env, actions, 0
         env.reset(seed=seed)
 
@@ -107,24 +111,7 @@ class EnvLoop:
         for _ in range(n):
             _, _, terminated, truncated, _ = env.step(actions[i % ACTION_BANK])
             i += 1
-            if terminated or truncated:
-                env.reset()
-        self.i = i
-
-
-class VectorLoop:
-    """Steps a vector env (autoreset disabled) and resets all sub-envs when any episode ends."""
-
-    def __init__(self, env: gym.vector.VectorEnv, actions: np.ndarray, seed: int) -> None:
-        self.env, self.actions, self.i = env, actions, 0
-        env.reset(seed=seed)
-
-    def __call__(self, n: int) -> None:
-        env, actions, i = self.env, self.actions, self.i
-        for _ in range(n):
-            _, _, terminated, truncated, _ = env.step(actions[i % ACTION_BANK])
-            i += 1
-            if terminated.any() or truncated.any():
+            if np.any(terminated) or np.any(truncated):
                 env.reset()
         self.i = i
 
@@ -191,7 +178,7 @@ class Bench:
     def single(self, gym_env: gym.Env, **fields: Any) -> dict[str, Any]:
         """Time one env; ``fields`` go into the record."""
         try:
-            run = EnvLoop(gym_env, draw_actions(gym_env.action_space, self.rng()), self.seed)
+            run = StepLoop(gym_env, draw_actions(gym_env.action_space, self.rng()), self.seed)
             rates = measure(run, self.steps, 1, max(1, self.steps // 10), self.repeats)
         finally:
             gym_env.close()
@@ -202,7 +189,7 @@ class Bench:
         n = vec_env.num_envs
         calls = max(1, self.steps // n)
         try:
-            run = VectorLoop(vec_env, draw_actions(vec_env.action_space, self.rng()), self.seed)
+            run = StepLoop(vec_env, draw_actions(vec_env.action_space, self.rng()), self.seed)
             rates = measure(run, calls, n, max(1, calls // 10), self.repeats)
         finally:
             vec_env.close()

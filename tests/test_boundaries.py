@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ROBOT_SIDE_MODULES = ["metarl_robot.spec.schema", "metarl_robot.spec.robot", "metarl_robot.spec.family",
-                      "metarl_robot.spec.rewards", "metarl_robot.paths"]
+                      "metarl_robot.spec.rewards", "metarl_robot.paths", "metarl_robot.runtime.planner",
+                      "metarl_robot.runtime.ensemble_rollout"]
 FORBIDDEN = ["torch", "mujoco", "gymnasium"]
 
 

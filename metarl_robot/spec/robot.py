@@ -62,6 +62,8 @@ class ObsField:
     """How the simulator computes it."""
     privileged: bool = False
     """True for sim-only quantities a real robot cannot measure: usable in training, never by the runtime."""
+    periodic: bool = False
+    """True for an unwrapped angle (rad): learned models see its sine and cosine, not the raw value."""
     doc: str = ""
     """Free text: sensor, frame, sign convention."""
 
@@ -166,6 +168,11 @@ class RobotSpec:
     def obs_scale(self) -> np.ndarray:
         """Per-component scale of the measured observation vector."""
         return np.concatenate([np.full(f.size, f.scale) for f in self.measured_fields])
+
+    @cached_property
+    def obs_periodic(self) -> np.ndarray:
+        """Per-component bool mask of the measured observation: True where the component is a periodic angle."""
+        return np.concatenate([np.full(f.size, f.periodic) for f in self.measured_fields])
 
     @cached_property
     def action_low(self) -> np.ndarray:

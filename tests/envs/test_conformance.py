@@ -139,7 +139,7 @@ def test_bad_actions(name):
 
 
 def test_commands_are_rate_limited_as_the_robot_will_limit_them():
-    env = _make("cartpole_swingup")  # max_rate 50/s at 50 Hz: at most 1.0 per control period
+    env = _make("cartpole_swingup")  # max_rate 25/s at 25 Hz: at most 1.0 per control period
     env.reset(seed=0)
     _, _, _, _, info = env.step(np.array([1.0]))
     assert not info["action_rate_limited"] and info["sent_action"][0] == 1.0

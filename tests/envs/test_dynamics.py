@@ -91,7 +91,7 @@ def test_actuator_gain_scale_gives_the_same_motion_as_a_stronger_gear():
     for u in np.linspace(-1, 1, 30):
         env.step(np.array([u]))
         data.ctrl[:] = u
-        mujoco.mj_step(model, data, nstep=4)
+        mujoco.mj_step(model, data, nstep=env.robot.control.substeps)
     np.testing.assert_allclose(env.data.qpos, data.qpos, rtol=0, atol=1e-12)
 
 

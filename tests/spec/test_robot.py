@@ -26,7 +26,7 @@ def test_shipped_robots_load(name):
 def test_layout_of_cartpole():
     spec = load_robot("cartpole")
     assert list(spec.obs_slices) == ["cart_pos", "pole_angle", "cart_vel", "pole_angvel"]
-    assert spec.ctrl_dt == 0.02 and spec.sim_dt == 0.005
+    assert spec.ctrl_dt == 0.04 and spec.sim_dt == 0.005
     assert spec.obs_scale.tolist() == [1.0, 3.14, 2.0, 10.0]
 
 

@@ -1,0 +1,49 @@
+"""Trajectory sampling through a learned ensemble (TS-inf): each particle stays on one member.
+
+The ensemble is reached through a step function ``(E, M, o), (E, M, a), (E, M, d) → (E, M, o)``:
+an onnxruntime session on the robot, the torch model in training. Particle ``r`` of the flattened
+``(B, N, P)`` batch rides member ``r mod E`` for the whole horizon, so the particles of one action
+sequence see different members when ``P > 1`` and, with ``P = 1``, consecutive samples do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+class EnsembleRollout:
+    """A :class:`~metarl_robot.runtime.planner.RolloutModel` over an ensemble step function.
+
+    ``start`` is ``(obs (B, o), z (B, d))``: the current observation and each env's context.
+    """
+
+    def __init__(self, step: StepFn, ensemble_size: int) -> None:
+        self.step = step
+        """The ensemble's one-step mean prediction."""
+        self.ensemble_size = ensemble_size
+
+    def rollout(self, start: tuple[np.ndarray, np.ndarray], actions: np.ndarray, particles: int) -> np.ndarray:
+        obs, z = start
+        b, n, h, a = actions.shape
+        e = self.ensemble_size
+        rows = b * n * particles
+        if rows % e:
+            raise ValueError(f"batch x samples x particles = {rows} must be a multiple of the ensemble size {e}")
+        m = rows // e
+
+        def to_members(x: np.ndarray) -> np.ndarray:  # (rows, ·) → (E, M, ·) with row r on member r mod E
+            return np.ascontiguousarray(x.reshape(m, e, -1).transpose(1, 0, 2), dtype=np.float32)
+
+        state = to_members(np.repeat(obs, n * particles, axis=0))
+        ctx = to_members(np.repeat(z, n * particles, axis=0))
+        act = np.repeat(actions, particles, axis=1).reshape(rows, h, a)  # (B*N*P, H, a), particles adjacent
+        out = np.empty((e, m, h, obs.shape[-1]), dtype=np.float32)
+        for t in range(h):
+            state = self.step(state, to_members(act[:, t]), ctx)
+            out[:, :, t] = state
+        # (E, M, H, o) → rows in the original (B, N, P) order.
+        return out.transpose(1, 0, 2, 3).reshape(b, n, particles, h, -1).astype(np.float64)
