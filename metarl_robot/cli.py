@@ -9,7 +9,7 @@ from pathlib import Path
 
 EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
-  1. train in sim          (families, robot, tasks, rollout, demo exist; train/export/eval come next)
+  1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
   2. ros2 launch on robot  (not yet: ROS 2 node and telemetry are a later milestone)
   3. replay logged runs    (not yet)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
@@ -112,6 +112,68 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(items: list[str]) -> dict:
+    """``key.sub=value`` strings → {"key.sub": value}, values parsed as YAML (numbers, lists, true/false)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value (e.g. loop.iterations=3), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metarl_robot.train.runner import train
+
+    if bool(args.config) == bool(args.resume):
+        raise ValueError("give a config file, or --resume <run folder>, not both")
+    overrides = _parse_overrides(args.set)
+    if args.name:
+        overrides["name"] = args.name
+    summary = train(args.resume or args.config, args.out, resume=bool(args.resume), overrides=overrides)
+    final = summary["final"]
+    print(f"run folder: {summary['run_dir']}")
+    if final:
+        print(f"last iteration {final['iteration']}: mean episode return {final['episode_return']:.2f}, "
+              f"{int(final['episodes'])} episodes / {int(final['transitions'])} transitions in the buffer")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from metarl_robot.train.evaluate import evaluate
+
+    report = evaluate(args.source, args.out, family=args.family, split=args.split, tasks=args.tasks, grid=args.grid,
+                      grid_params=args.params.split(",") if args.params else None, seed=args.seed,
+                      oracle=not args.no_oracle, planner_overrides=_parse_overrides(args.set))
+    summ = report["summary"]
+    print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
+    header = f"{'task':<5}{'ood':<5}" + "".join(f"{m:>12}" for m in ("adapted", "unadapted", "oracle", "gap"))
+    print(header)
+    for i, row in enumerate(report["tasks"]):
+        cells = [row.get(f"return_{m}", float("nan")) for m in ("adapted", "unadapted", "oracle")]
+        cells.append(row.get("gap", float("nan")))
+        print(f"{i:<5}{'yes' if row['ood'] else 'no':<5}" + "".join(f"{c:>12.2f}" for c in cells))
+    for key, value in summ.items():
+        print(f"  {key}: {value}")
+    print(f"wrote {Path(args.out) / 'eval.json'}, eval_returns.png, eval_prediction_error.png "
+          f"({report['seconds']} s)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from metarl_robot.export.bundle_writer import export_run
+    from metarl_robot.runtime.bundle import load_bundle
+
+    out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, name=args.name, overwrite=args.overwrite,
+                     exporter=args.exporter)
+    bundle = load_bundle(out)
+    print(f"wrote {out}: robot {bundle.robot.name}, family {bundle.family.name}; the runtime loads and validates it")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from metarl_robot.demo import run_demo
 
@@ -166,6 +228,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, resets and actions (default: 0)")
     p.add_argument("--out", help="write transitions to this .npz (one file per batch of num-envs tasks)")
     p.set_defaults(func=_cmd_rollout)
+
+    p = sub.add_parser("train", help="meta-train an adaptive controller from a run config",
+                       description="Meta-train over a task family as the config says (configs/*.yaml): random "
+                       "data, then iterations of MPC data collection on new tasks and model refits. Writes the "
+                       "run folder: resolved config, metrics.csv, TensorBoard events, versioned checkpoints, "
+                       "the data buffer. Resume an interrupted run with --resume <run folder>.")
+    p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml")
+    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", help="run folder name (default: <algo>_<family>_s<seed>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder from its latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set loop.iterations=3 --set planner.samples=64")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="grade a bundle or run on test tasks against an oracle",
+                       description="Run the adaptive controller in MuJoCo on held-out and out-of-distribution "
+                       "tasks, with adaptation on and off, and the same planner through the true physics "
+                       "(oracle). Reports returns, the gap to the oracle, success, and one-step prediction error "
+                       "against time since reset; writes eval.json and PNG plots.")
+    p.add_argument("source", help="bundle folder (bundle.yaml) or run folder (checkpoints/latest.pt)")
+    p.add_argument("--family", help="family to evaluate on (default: the controller's own)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="task split (default: test)")
+    p.add_argument("--tasks", type=int, default=8, help="tasks drawn from the split (default: 8)")
+    p.add_argument("--grid", type=int, metavar="K", help="instead of drawing, K points per axis of the split")
+    p.add_argument("--params", help="with --grid: comma-separated parameters to vary (others nominal)")
+    p.add_argument("--seed", type=int, default=0, help="seed for tasks, resets and planner noise (default: 0)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle (much faster; no gap)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a planner setting, e.g. --set samples=64 --set horizon=30")
+    p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="export a training run as a robot bundle (bundle.yaml + ONNX graphs)",
+                       description="Export the encoder and the dynamics ensemble of a run to ONNX (normalisers "
+                       "baked in), check them (onnx full check; torch vs onnxruntime parity on random and real "
+                       "inputs) and write bundle.yaml with the robot spec, layouts, planner defaults, provenance "
+                       "and the sha256 of every file. See docs/bundle_format.md.")
+    p.add_argument("run_dir", help="run folder (with checkpoints/)")
+    p.add_argument("--out", required=True, help="bundle folder to create, e.g. policies/cartpole_mb")
+    p.add_argument("--checkpoint", default="latest", help="'latest' or an iteration number (default: latest)")
+    p.add_argument("--name", help="bundle name (default: the output folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="torch ONNX exporter (default: auto = TorchScript, dynamo if that fails)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="run the largest pipeline that exists today on the cart-pole family",
                        description="Check the cart-pole robot, sample in- and out-of-distribution test tasks, "

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["families", "robot", "tasks", "rollout", "demo"]
+COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:

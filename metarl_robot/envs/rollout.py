@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +18,29 @@ from metarl_robot.spec.family import Task, TaskFamily, load_family
 
 Policy = Callable[[np.ndarray], np.ndarray]
 """Batch of observations ``(num_envs, obs_dim)`` → batch of actions ``(num_envs, action_dim)``."""
+
+
+class Controller(Protocol):
+    """A stateful policy: told when episodes start and what each step did (adapters need this)."""
+
+    def reset(self) -> None: ...
+
+    def act(self, obs: np.ndarray) -> np.ndarray: ...
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None: ...
+
+
+class _Stateless:
+    """A plain policy function as a :class:`Controller`."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.act = policy
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
+        pass
 
 VectorMode = Literal["sync", "async"]
 
@@ -78,7 +101,7 @@ class Rollout:
     obs: np.ndarray
     """``(E, T, obs_dim)`` observation before each action."""
     actions: np.ndarray
-    """``(E, T, action_dim)`` commanded actions."""
+    """``(E, T, action_dim)`` the commands the envs sent (clipped and rate-limited): what drove the motion."""
     next_obs: np.ndarray
     """``(E, T, obs_dim)`` observation after each action."""
     rewards: np.ndarray
@@ -105,9 +128,14 @@ class Rollout:
                             tasks=np.array([[t[n] for n in names] for t in self.tasks]))
 
 
-def collect(vec_env: gym.vector.VectorEnv, family: TaskFamily, policy: Policy, tasks: Sequence[Task],
+def collect(vec_env: gym.vector.VectorEnv, family: TaskFamily, policy: Policy | Controller, tasks: Sequence[Task],
             episodes: int = 1, seed: int = 0, progress: bool = False) -> Rollout:
-    """Run ``episodes`` full episodes on every sub-env, sub-env ``i`` on ``tasks[i]``."""
+    """Run ``episodes`` full episodes on every sub-env, sub-env ``i`` on ``tasks[i]``.
+
+    ``policy`` is a function of the observations, or a :class:`Controller` that is reset at every
+    episode start and shown every transition (with the command the env actually sent).
+    """
+    controller = policy if hasattr(policy, "observe") else _Stateless(policy)
     set_tasks(vec_env, tasks)
     steps = family.spec.episode_steps
     num = vec_env.num_envs
@@ -124,12 +152,15 @@ def collect(vec_env: gym.vector.VectorEnv, family: TaskFamily, policy: Policy, t
     t = 0
     for episode in range(episodes):
         obs, _ = vec_env.reset(seed=seed if episode == 0 else None)
+        controller.reset()
         alive = np.ones(num, dtype=bool)
         out.episode_start[t] = True
         for _ in range(steps):
-            action = np.asarray(policy(obs), dtype=np.float64)
-            next_obs, reward, terminated, _, _ = vec_env.step(action)
-            out.obs[:, t], out.actions[:, t], out.next_obs[:, t], out.rewards[:, t] = obs, action, next_obs, reward
+            action = np.asarray(controller.act(obs), dtype=np.float64)
+            next_obs, reward, terminated, _, info = vec_env.step(action)
+            sent = info["sent_action"]
+            controller.observe(obs, sent, next_obs)
+            out.obs[:, t], out.actions[:, t], out.next_obs[:, t], out.rewards[:, t] = obs, sent, next_obs, reward
             out.valid[:, t] = alive
             alive &= ~terminated
             obs = next_obs

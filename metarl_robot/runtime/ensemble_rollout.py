@@ -31,11 +31,12 @@ class EnsembleRollout:
         b, n, h, a = actions.shape
         e = self.ensemble_size
         rows = b * n * particles
-        if rows % e:
-            raise ValueError(f"batch x samples x particles = {rows} must be a multiple of the ensemble size {e}")
-        m = rows // e
+        m = -(-rows // e)  # rows per member; the last few rows are padding when E does not divide them
+        pad = m * e - rows
 
         def to_members(x: np.ndarray) -> np.ndarray:  # (rows, ·) → (E, M, ·) with row r on member r mod E
+            if pad:
+                x = np.concatenate([x, x[:pad]])
             return np.ascontiguousarray(x.reshape(m, e, -1).transpose(1, 0, 2), dtype=np.float32)
 
         state = to_members(np.repeat(obs, n * particles, axis=0))
@@ -45,5 +46,6 @@ class EnsembleRollout:
         for t in range(h):
             state = self.step(state, to_members(act[:, t]), ctx)
             out[:, :, t] = state
-        # (E, M, H, o) → rows in the original (B, N, P) order.
-        return out.transpose(1, 0, 2, 3).reshape(b, n, particles, h, -1).astype(np.float64)
+        # (E, M, H, o) → rows in the original (B, N, P) order, padding dropped.
+        flat = out.transpose(1, 0, 2, 3).reshape(m * e, h, -1)[:rows]
+        return flat.reshape(b, n, particles, h, -1).astype(np.float64)

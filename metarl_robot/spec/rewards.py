@@ -32,6 +32,9 @@ class RewardFunction:
     """Reward parameters of the family it reads."""
     max_per_step: float | None = None
     """Upper bound of the per-step reward if one exists (for normalised returns)."""
+    success: tuple[str, float] | None = None
+    """``(component, threshold)``: an episode succeeds if that reward component averages at least the
+    threshold over its last fifth (e.g. the pole stayed upright at the end)."""
 
     def __call__(self, robot: RobotSpec, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
                  params: Params) -> RewardOut:
@@ -111,7 +114,8 @@ def _ant_goal(robot: RobotSpec, obs, action, next_obs, params) -> RewardOut:
 
 REWARDS: dict[str, RewardFunction] = {
     "cartpole_swingup": RewardFunction(
-        _cartpole_swingup, ("cart_pos", "pole_angle", "pole_angvel"), ("target_x",), max_per_step=1.0
+        _cartpole_swingup, ("cart_pos", "pole_angle", "pole_angvel"), ("target_x",), max_per_step=1.0,
+        success=("upright", 0.975),  # cos(angle) >= 0.95 on average over the last 2 s: swung up and balanced
     ),
     "half_cheetah_velocity": RewardFunction(_half_cheetah_velocity, ("root_vel",), ("target_velocity",)),
     "ant_direction": RewardFunction(_ant_direction, ("torso_linvel", "torso_height"), ("direction",)),

@@ -1,0 +1,221 @@
+"""Turn a training run folder into a policy bundle: two ONNX graphs and a ``bundle.yaml`` manifest.
+
+:func:`export_run` rebuilds the model from a checkpoint, exports it, measures torch-vs-onnxruntime
+parity on random and on real (buffer) inputs, writes the manifest and finally loads the result
+with the robot-side loader (:func:`metarl_robot.runtime.bundle.load_bundle`), so a bundle that
+the runtime would refuse is never written. The folder is assembled next to its destination and
+moved into place only when every check has passed. Format: ``docs/bundle_format.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import yaml
+
+from metarl_robot.algos.buffer import EpisodeBuffer
+from metarl_robot.export.onnx_graphs import (
+    PARITY_CRITERION,
+    PARITY_TOLERANCE,
+    Exporter,
+    ExportError,
+    check_parity,
+    export_graphs,
+    measure_parity,
+    random_inputs,
+    real_inputs,
+)
+from metarl_robot.models.context_dynamics import ContextDynamics
+from metarl_robot.runtime.bundle import (
+    BUNDLE_SCHEMA_VERSION,
+    MANIFEST_FILE,
+    BundleError,
+    action_layout,
+    load_bundle,
+    observation_layout,
+    sha256_file,
+)
+from metarl_robot.spec.family import load_family
+from metarl_robot.spec.robot import robot_from_dict
+from metarl_robot.spec.schema import SpecError, build, to_plain
+from metarl_robot.train.config import TrainConfig, load_config
+from metarl_robot.train.runner import load_checkpoint
+
+
+def software_version() -> str:
+    """The installed metarl-robot version, or ``unknown``."""
+    try:
+        return importlib.metadata.version("metarl-robot")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def checkpoint_path(run_dir: Path, checkpoint: str | int | Path = "latest") -> Path:
+    """``latest`` → checkpoints/latest.pt; an iteration (``3`` or ``"3"``) → checkpoints/ckpt_0003.pt; else a path."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if checkpoint == "latest":
+        return ckpt_dir / "latest.pt"
+    if isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.isdigit()):
+        return ckpt_dir / f"ckpt_{int(checkpoint):04d}.pt"
+    path = Path(checkpoint)
+    return path if path.is_absolute() or path.exists() else ckpt_dir / path
+
+
+def _yaml_safe(obj: Any) -> Any:
+    """Plain YAML types only: numpy/torch scalars → Python numbers, str subclasses (torch's version) → str."""
+    if isinstance(obj, dict):
+        return {str(k): _yaml_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_yaml_safe(v) for v in obj]
+    if isinstance(obj, np.generic | torch.Tensor):
+        return obj.item()
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, str | Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} {obj!r} to bundle.yaml")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"bundle destination {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"bundle folder {out_dir} is not empty; choose another folder or pass "
+                                  "overwrite=True (--overwrite) to replace the bundle in it")
+        if not (out_dir / MANIFEST_FILE).is_file():
+            raise FileExistsError(f"refusing to overwrite {out_dir}: it is not empty and holds no {MANIFEST_FILE}, so "
+                                  "it does not look like a bundle")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
+               name: str | None = None, overwrite: bool = False, exporter: Exporter = "auto",
+               parity_samples: int = 512, seed: int = 0) -> Path:
+    """Export a training run's checkpoint as a bundle folder ``out_dir``; returns its path.
+
+    ``checkpoint``: ``latest``, an iteration number or a checkpoint path. ``name`` defaults to the
+    folder name of ``out_dir``. A non-empty ``out_dir`` is refused unless ``overwrite`` (and even
+    then only if it holds a bundle.yaml). Raises :class:`ExportError` if the graphs do not match
+    torch within 1e-5, and :class:`BundleError` if the result fails the runtime's own checks.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
+    _prepare_out_dir(out_dir, overwrite)
+    cfg = load_config(config_path)
+    ckpt_file = checkpoint_path(run_dir, checkpoint)
+    state = load_checkpoint(ckpt_file)
+
+    # The checkpoint's own config and robot are what the weights were trained with.
+    if isinstance(state.get("config"), str):
+        ckpt_cfg = build(TrainConfig, yaml.safe_load(state["config"]), f"{ckpt_file}: config")
+        if to_plain(ckpt_cfg) != to_plain(cfg):
+            warnings.warn(f"{config_path} differs from the config stored in {ckpt_file.name} (a resumed run with "
+                          "overrides?); exporting with the checkpoint's", stacklevel=2)
+            cfg = ckpt_cfg
+    robot = robot_from_dict(state["robot"], f"{ckpt_file}: robot")
+    family = load_family(cfg.family)
+    if state.get("family") not in (None, family.name):
+        raise SpecError(str(ckpt_file), "family", f"checkpoint was trained on {state['family']!r}, the config names "
+                        f"{family.name!r}")
+    if family.spec.robot != robot.name:
+        raise SpecError(str(ckpt_file), "robot", f"family {family.name!r} is for robot {family.spec.robot!r}, the "
+                        f"checkpoint's robot is {robot.name!r}")
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    if run_info.get("robot_interface_sha256") not in (None, robot.interface_hash):
+        raise SpecError(str(ckpt_file), "robot", f"robot interface hash {robot.interface_hash} differs from the "
+                        f"run's {run_info['robot_interface_sha256']} (run.json)")
+    family_file = Path(family.where)
+    if family_file.is_file() and run_info.get("family_sha256") not in (None, sha256_file(family_file)):
+        warnings.warn(f"task family file {family_file} changed since the run started; the bundle copies the current "
+                      "one", stacklevel=2)
+
+    model = ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, cfg.model)
+    model.load_state_dict(state["algo"]["model"])
+    model.eval()
+
+    buffer_path = run_dir / "buffer.npz"
+    if not buffer_path.is_file():
+        raise FileNotFoundError(f"{buffer_path} not found: the real-input parity check needs the run's buffer")
+    buffer = EpisodeBuffer.load(buffer_path)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        bundle_name = name or out_dir.name
+        graphs = export_graphs(model, staging, exporter, metadata={
+            "bundle": bundle_name, "robot": robot.name, "robot_interface_sha256": robot.interface_hash})
+        rng = np.random.default_rng(seed)
+        parity = {"random": measure_parity(model, graphs.encoder, graphs.dynamics,
+                                           *random_inputs(model, robot.obs_scale, rng)),
+                  "real": measure_parity(model, graphs.encoder, graphs.dynamics,
+                                         *real_inputs(model, buffer, rng, parity_samples))}
+        check_parity(parity)
+        files = {p.name: sha256_file(p) for p in (graphs.encoder, graphs.dynamics)}
+        last = dict((state.get("history") or [{}])[-1])
+        manifest = {
+            "schema_version": BUNDLE_SCHEMA_VERSION,
+            "name": bundle_name,
+            "kind": "model_based",
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "software_version": software_version(),
+            "robot": robot.to_dict(),
+            "robot_interface_sha256": robot.interface_hash,
+            "family": to_plain(family.spec),
+            "observation": observation_layout(robot),
+            "action": action_layout(robot),
+            "control_period": float(robot.ctrl_dt),
+            "adaptation": {"context_window": cfg.model.context_window, "context_dim": cfg.model.context_dim,
+                           "ensemble_size": cfg.model.ensemble_size},
+            "planner": to_plain(cfg.planner),
+            "graphs": {gname: {"file": path.name, "opset": graphs.opset, **graphs.interfaces[gname]}
+                       for gname, path in (("encoder", graphs.encoder), ("dynamics", graphs.dynamics))},
+            "provenance": {
+                "run_dir": str(run_dir.resolve()),
+                "checkpoint": {"file": ckpt_file.name, "iteration": int(state["iteration"]),
+                               "sha256": sha256_file(ckpt_file)},
+                "git_commit": run_info.get("git_commit"),
+                "seed": cfg.seed,
+                "family_sha256": run_info.get("family_sha256"),
+                "metrics": last,
+                "parity": {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity,
+                           "real_samples": parity_samples},
+                "exporter": {"name": graphs.exporter, "opset": graphs.opset, "torch": torch.__version__,
+                             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+                "config": to_plain(cfg),
+            },
+            "files": files,
+        }
+        (staging / MANIFEST_FILE).write_text(
+            "# metarl-robot policy bundle; format: docs/bundle_format.md\n"
+            + yaml.safe_dump(_yaml_safe(manifest), sort_keys=False, width=120))
+        load_bundle(staging)  # the robot-side loader must accept what we wrote
+        if out_dir.exists():
+            if overwrite and any(out_dir.iterdir()):
+                shutil.rmtree(out_dir)
+            else:
+                out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+__all__ = ["BundleError", "ExportError", "checkpoint_path", "export_run", "software_version"]

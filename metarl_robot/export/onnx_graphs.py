@@ -1,0 +1,280 @@
+"""Torch → ONNX for a :class:`ContextDynamics`: the encoder and the ensemble as two float32 graphs.
+
+The graphs take and return raw robot units: the normalisers are buffers of the model and are
+baked in as constants. Input/output names and shapes are the runtime's
+(:func:`metarl_robot.runtime.bundle.graph_interfaces`); parity against torch is measured through
+onnxruntime sessions built exactly as the runtime builds them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from metarl_robot.algos.buffer import EpisodeBuffer
+from metarl_robot.models.context_dynamics import ContextDynamics
+from metarl_robot.runtime.bundle import (
+    DYNAMICS_INPUTS,
+    DYNAMICS_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    graph_interfaces,
+    make_session,
+)
+
+ENCODER_FILE = "encoder.onnx"
+DYNAMICS_FILE = "dynamics.onnx"
+OPSET = 17
+"""Opset of the TorchScript exporter (onnxruntime >= 1.14 runs it)."""
+DYNAMO_OPSET = 18
+"""Opset of the torch.export-based exporter (its lowest supported)."""
+PARITY_TOLERANCE = 1e-5
+"""Largest allowed difference between torch and onnxruntime outputs beyond one float32 ULP of the value."""
+PARITY_CRITERION = "max |torch - onnxruntime| - ulp32(|torch|) <= tolerance, per output"
+
+Exporter = Literal["auto", "torchscript", "dynamo"]
+
+
+class ExportError(RuntimeError):
+    """Export failed: a graph did not convert, did not check, or does not match torch."""
+
+
+class EncoderGraph(nn.Module):
+    """``model.encode`` with the runtime's input names."""
+
+    def __init__(self, model: ContextDynamics) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, context_obs: torch.Tensor, context_action: torch.Tensor, context_next_obs: torch.Tensor,
+                context_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(context_obs, context_action, context_next_obs, context_mask)
+
+
+class DynamicsGraph(nn.Module):
+    """``model.forward`` (ensemble next-observation mean and log-variance, raw units)."""
+
+    def __init__(self, model: ContextDynamics) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(obs, action, context)
+
+
+@dataclass
+class ExportedGraphs:
+    """What :func:`export_graphs` wrote."""
+
+    encoder: Path
+    dynamics: Path
+    exporter: str
+    """``torchscript`` or ``dynamo``."""
+    opset: int
+    interfaces: dict
+    """:func:`graph_interfaces` for this model: the manifest's ``graphs`` inputs/outputs."""
+
+
+def interfaces_of(model: ContextDynamics) -> dict:
+    """The runtime interface (names and shapes) of a model's two graphs."""
+    c = model.cfg
+    return graph_interfaces(model.obs_dim, model.act_dim, c.context_window, c.context_dim, c.ensemble_size)
+
+
+def _example_inputs(model: ContextDynamics) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    c = model.cfg
+    b, k, o, a, e, m = 2, c.context_window, model.obs_dim, model.act_dim, c.ensemble_size, 3
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(b, k)
+    mask[0, : k // 2] = 0.0
+    enc = (torch.randn(b, k, o, generator=g), torch.randn(b, k, a, generator=g), torch.randn(b, k, o, generator=g),
+           mask)
+    dyn = (torch.randn(e, m, o, generator=g), torch.randn(e, m, a, generator=g),
+           torch.randn(e, m, c.context_dim, generator=g))
+    return enc, dyn
+
+
+def _dynamic_axes(interface: dict) -> dict[str, tuple[int, str]]:
+    """Input/output name → (index, name) of its one dynamic axis, from a runtime interface."""
+    out = {}
+    for side in ("inputs", "outputs"):
+        for name, shape in interface[side].items():
+            (axis,) = [i for i, s in enumerate(shape) if isinstance(s, str)]
+            out[name] = (axis, shape[axis])
+    return out
+
+
+def _export_one(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, interface: dict,
+                exporter: str) -> None:
+    inputs, outputs = list(interface["inputs"]), list(interface["outputs"])
+    dynamic = _dynamic_axes(interface)
+    if exporter == "torchscript":
+        axes = {name: {axis: label} for name, (axis, label) in dynamic.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, not gone
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python branches on constant index sizes
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+    else:
+        dims = {label: torch.export.Dim(label, min=1) for _, label in dynamic.values()}
+        shapes = {name: {dynamic[name][0]: dims[dynamic[name][1]]} for name in inputs}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # axis renaming notes; shapes are pinned afterwards
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=DYNAMO_OPSET, input_names=inputs,
+                                        output_names=outputs, dynamic_shapes=shapes, optimize=True, verbose=False)
+        program.save(str(path), external_data=False)
+
+
+def _pin_io_shapes(proto: onnx.ModelProto, interface: dict) -> None:
+    """Write the interface's exact shapes on the graph's inputs and outputs.
+
+    The exporters name some fixed output sizes symbolically (a ``chunk`` becomes a Slice whose size
+    they do not resolve); the runtime checks fixed sizes, so they are written down here. The
+    full-check shape inference that follows verifies they agree with the graph.
+    """
+    shapes = {**interface["inputs"], **interface["outputs"]}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        want = shapes[value.name]
+        if len(dims) != len(want):
+            raise ExportError(f"exported {value.name!r} has rank {len(dims)}, the runtime needs shape {want}")
+        for dim, size in zip(dims, want, strict=True):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+
+
+def export_graphs(model: ContextDynamics, out_dir: Path, exporter: Exporter = "auto",
+                  metadata: dict[str, str] | None = None) -> ExportedGraphs:
+    """Write ``encoder.onnx`` and ``dynamics.onnx`` for ``model`` into ``out_dir``; check both with onnx.
+
+    ``exporter="auto"`` uses the TorchScript exporter (``dynamo=False``) and falls back to the
+    torch.export-based one if this torch no longer has it. ``metadata`` goes into each model's
+    ``metadata_props``.
+    """
+    model = model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    enc_args, dyn_args = _example_inputs(model)
+    interfaces = interfaces_of(model)
+    paths = {"encoder": out_dir / ENCODER_FILE, "dynamics": out_dir / DYNAMICS_FILE}
+    jobs = {"encoder": (EncoderGraph(model).eval(), enc_args), "dynamics": (DynamicsGraph(model).eval(), dyn_args)}
+    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    errors = []
+    for which in order:
+        try:
+            with torch.no_grad():
+                for name, (module, args) in jobs.items():
+                    _export_one(module, args, paths[name], interfaces[name], which)
+            break
+        except Exception as exc:  # the exporters raise many types; report them all if every one fails
+            errors.append(f"{which}: {type(exc).__name__}: {exc}")
+    else:
+        raise ExportError("ONNX export failed with every exporter tried:\n" + "\n".join(errors))
+    opset = OPSET if which == "torchscript" else DYNAMO_OPSET
+    for name, path in paths.items():
+        proto = onnx.load(str(path))
+        _pin_io_shapes(proto, interfaces[name])
+        proto.doc_string = f"metarl_robot context dynamics: {name} graph"
+        for key, value in {"graph": name, **(metadata or {})}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as exc:  # ValidationError, InferenceError
+            raise ExportError(f"{path}: onnx.checker rejected the exported {name} graph: {exc}") from exc
+        onnx.save(proto, str(path))
+    return ExportedGraphs(paths["encoder"], paths["dynamics"], which, opset, interfaces)
+
+
+# ---- parity -------------------------------------------------------------------------------------------------
+def random_inputs(model: ContextDynamics, obs_scale: np.ndarray, rng: np.random.Generator, batch: int = 64,
+                  rows: int = 97) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Random encoder and dynamics inputs at the robot's scale; masks of every fill level including empty."""
+    c = model.cfg
+    k, o, a, e, d = c.context_window, model.obs_dim, model.act_dim, c.ensemble_size, c.context_dim
+    scale = np.asarray(obs_scale, dtype=np.float64)
+
+    def f32(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    ctx_obs = rng.standard_normal((batch, k, o)) * scale
+    ctx_next = ctx_obs + 0.1 * rng.standard_normal((batch, k, o)) * scale
+    sizes = np.arange(batch) % (k + 1)
+    mask = (np.arange(k)[None] >= (k - sizes)[:, None]).astype(np.float32)
+    enc = (f32(ctx_obs), f32(rng.uniform(-1, 1, (batch, k, a))), f32(ctx_next), mask)
+    dyn = (f32(rng.standard_normal((e, rows, o)) * scale), f32(rng.uniform(-1, 1, (e, rows, a))),
+           f32(rng.standard_normal((e, rows, d))))
+    return enc, dyn
+
+
+def real_inputs(model: ContextDynamics, buffer: EpisodeBuffer, rng: np.random.Generator, n: int = 256
+                ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Context windows and targets sampled from a run's buffer; the dynamics context is the model's own encoding."""
+    c = model.cfg
+    e = c.ensemble_size
+    n = max(e, n - n % e)
+    batch = buffer.sample(rng, n, c.context_window)
+
+    def f32(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    enc = (f32(batch.ctx_obs), f32(batch.ctx_act), f32(batch.ctx_next_obs), f32(batch.ctx_mask))
+    with torch.no_grad():
+        z = model.encode(*(torch.as_tensor(x) for x in enc)).numpy()
+    m = n // e
+    dyn = (f32(batch.obs.reshape(e, m, -1)), f32(batch.act.reshape(e, m, -1)), f32(z.reshape(e, m, -1)))
+    return enc, dyn
+
+
+def measure_parity(model: ContextDynamics, encoder_path: Path, dynamics_path: Path,
+                   enc_inputs: tuple[np.ndarray, ...], dyn_inputs: tuple[np.ndarray, ...]
+                   ) -> dict[str, dict[str, float]]:
+    """Torch vs onnxruntime on the same inputs, per output (``context``, ``next_obs_mean``, ``next_obs_logvar``).
+
+    Returns ``max_abs_diff`` (the raw maximum of ``|torch - ort|``), ``max_abs_value`` (largest
+    ``|torch|``) and ``max_excess_over_ulp``: the maximum of ``|torch - ort| - ulp(torch)``, where
+    ``ulp`` is the float32 spacing at the value. The outputs are float32 in raw robot units, so a
+    large value (an unwrapped angle of 150 rad has a spacing of 1.5e-5) cannot agree better than
+    its last bit; the parity criterion allows that one ULP and nothing more. The sessions are
+    built with the runtime's settings (one thread, full graph optimisation).
+    """
+    model = model.eval()
+    enc_sess, dyn_sess = make_session(encoder_path), make_session(dynamics_path)
+    with torch.no_grad():
+        z_t = model.encode(*(torch.as_tensor(x) for x in enc_inputs)).numpy()
+        mean_t, logvar_t = (t.numpy() for t in model(*(torch.as_tensor(x) for x in dyn_inputs)))
+    (z_o,) = enc_sess.run(list(ENCODER_OUTPUTS), dict(zip(ENCODER_INPUTS, enc_inputs, strict=True)))
+    mean_o, logvar_o = dyn_sess.run(list(DYNAMICS_OUTPUTS), dict(zip(DYNAMICS_INPUTS, dyn_inputs, strict=True)))
+    out: dict[str, dict[str, float]] = {"max_abs_diff": {}, "max_excess_over_ulp": {}, "max_abs_value": {}}
+    for name, ref, got in (("context", z_t, z_o), ("next_obs_mean", mean_t, mean_o),
+                           ("next_obs_logvar", logvar_t, logvar_o)):
+        if ref.shape != got.shape:
+            raise ExportError(f"parity: {name} has shape {got.shape} in onnxruntime, {ref.shape} in torch")
+        diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+        out["max_abs_diff"][name] = float(diff.max())
+        out["max_excess_over_ulp"][name] = float(max(0.0, (diff - ulp).max()))
+        out["max_abs_value"][name] = float(np.abs(ref).max())
+    return out
+
+
+def check_parity(parity: dict[str, dict[str, dict[str, float]]], tolerance: float = PARITY_TOLERANCE) -> None:
+    """Raise :class:`ExportError` naming each input set and output beyond ``tolerance`` (+ one float32 ULP).
+
+    ``parity``: input-set name (``random``, ``real``) → :func:`measure_parity` result.
+    """
+    bad = [f"{kind}/{name}: max abs diff {p['max_abs_diff'][name]:.3g} ({v:.3g} beyond one float32 ULP)"
+           for kind, p in parity.items() for name, v in p["max_excess_over_ulp"].items() if not v <= tolerance]
+    if bad:
+        raise ExportError(f"torch vs onnxruntime differ by more than {tolerance:g}: {', '.join(bad)}")

@@ -1,0 +1,94 @@
+"""Adapters: what the robot runs every control period. numpy + the model callables, no torch/MuJoCo.
+
+Every adapter has the same interface (``reset``, ``observe``, ``act``), batched over ``B`` robots
+or envs (the ROS node uses ``B = 1``), and reports what it believes in its diagnostics so the node
+can publish it and the replay can grade it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from metarl_robot.runtime.context import ContextWindow
+from metarl_robot.runtime.ensemble_rollout import EnsembleRollout, StepFn
+from metarl_robot.runtime.planner import Planner, PlannerConfig
+from metarl_robot.spec.rewards import RewardFunction
+from metarl_robot.spec.robot import RobotSpec
+
+EncodeFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``(B, K, o), (B, K, a), (B, K, o), (B, K) mask → (B, d)`` context."""
+
+
+class Adapter(Protocol):
+    """The online-adaptation interface shared by model-based and context-inference controllers."""
+
+    def reset(self, which: np.ndarray | None = None) -> None:
+        """Forget the task (of the envs in the bool mask ``which``, default all): a new episode starts."""
+
+    def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
+        """Record the transition that just happened (``action`` = the command actually sent)."""
+
+    def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(B, o)`` observations → ``(B, a)`` commands and diagnostics (each ``(B, ·)``)."""
+
+
+class ModelBasedAdapter:
+    """Infer the context from the last K transitions, plan through the context-conditioned ensemble.
+
+    Diagnostics: ``context`` (B, d); ``context_size`` (B,); ``predicted_next_obs`` (B, o) for the
+    returned action; ``prediction_error`` (B,): RMS error, in robot.yaml scale units, of the previous
+    step's prediction against what was then observed (NaN before the first); ``plan_return`` (B,).
+    """
+
+    def __init__(self, robot: RobotSpec, reward: RewardFunction, encode: EncodeFn, step: StepFn,
+                 ensemble_size: int, window: int, planner: PlannerConfig, batch: int = 1, adapt: bool = True) -> None:
+        self.robot, self.reward, self.encode_fn, self.step_fn = robot, reward, encode, step
+        self.ensemble_size, self.batch = ensemble_size, batch
+        self.adapt = adapt
+        """False: always plan with the empty-context (unadapted) model, for comparisons."""
+        self.window = ContextWindow(batch, window, robot.obs_dim, robot.action_dim)
+        self.planner = Planner(planner, robot, reward, EnsembleRollout(step, ensemble_size), batch)
+        self.last_action = np.tile(robot.safe_action, (batch, 1))
+        self._prediction = np.full((batch, robot.obs_dim), np.nan)
+        self._error = np.full(batch, np.nan)
+
+    def reset(self, which: np.ndarray | None = None) -> None:
+        which = np.ones(self.batch, dtype=bool) if which is None else np.asarray(which, dtype=bool)
+        self.window.reset(which)
+        self.planner.reset(which)
+        self.last_action[which] = self.robot.safe_action
+        self._prediction[which] = np.nan
+        self._error[which] = np.nan
+
+    def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
+        err = (self._prediction - next_obs) / self.robot.obs_scale
+        self._error = np.sqrt(np.mean(err**2, axis=-1))
+        self.window.add(obs, action, next_obs)
+        self.last_action = np.asarray(action, dtype=np.float64).copy()
+
+    def context(self) -> np.ndarray:
+        w = self.window
+        mask = w.mask() if self.adapt else np.zeros_like(w.mask())
+        return self.encode_fn(w.obs, w.act, w.next_obs, mask)
+
+    def predict(self, obs: np.ndarray, action: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Ensemble-mean next observation ``(B, o)`` for one action per env."""
+        e = self.ensemble_size
+        tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (e, *x.shape)), dtype=np.float32)  # noqa: E731
+        return self.step_fn(tile(obs), tile(action), tile(z)).mean(axis=0).astype(np.float64)
+
+    def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        obs = np.asarray(obs, dtype=np.float64)
+        z = self.context()
+        params = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (self.batch,)) for k, v in task_params.items()}
+        result = self.planner.plan(obs, (obs, z), params, self.last_action)
+        self._prediction = self.predict(obs, result.action, z)
+        diagnostics = {
+            "context": z, "context_size": self.window.size.copy() if self.adapt else np.zeros(self.batch, int),
+            "predicted_next_obs": self._prediction.copy(), "prediction_error": self._error.copy(),
+            "plan_return": result.expected_return,
+        }
+        return result.action, diagnostics

@@ -1,0 +1,247 @@
+"""The meta-training loop: collect on new tasks, refit, log, checkpoint. Resumable.
+
+Run folder layout (``<out>/<run name>/``)::
+
+    config.yaml        resolved config (every default filled in)
+    run.json           provenance: git commit, versions, start time, family file hash
+    metrics.csv        one row per iteration
+    tasks.jsonl        the tasks drawn at each iteration
+    tb/                TensorBoard events
+    checkpoints/       ckpt_<iteration>.pt and latest.pt (versioned, see CHECKPOINT_SCHEMA_VERSION)
+    buffer.npz         all collected episodes (needed to resume)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metarl_robot.algos.buffer import EpisodeBuffer
+from metarl_robot.algos.context_mbrl import ContextMBRL
+from metarl_robot.envs.rollout import collect, make_vector_env, random_policy
+from metarl_robot.runtime.adapter import ModelBasedAdapter
+from metarl_robot.spec.family import Task, load_family
+from metarl_robot.spec.rewards import get_reward
+from metarl_robot.spec.robot import load_robot
+from metarl_robot.spec.schema import SpecError
+from metarl_robot.train.config import TrainConfig, load_config
+from metarl_robot.train.task_sampler import make_sampler
+
+CHECKPOINT_SCHEMA_VERSION = 1
+"""Layout of the checkpoint dict; a mismatch on load is refused with a clear error."""
+
+
+class MPCController:
+    """Collection controller: the model-based adapter planning with each env's own reward parameters."""
+
+    def __init__(self, adapter: ModelBasedAdapter, reward_params: dict[str, np.ndarray]) -> None:
+        self.adapter, self.params = adapter, reward_params
+        self.errors: list[np.ndarray] = []
+        """Per step: each env's prediction error of the previous step (online adaptation, in scale units)."""
+
+    def reset(self) -> None:
+        self.adapter.reset()
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action, diag = self.adapter.act(obs, self.params)
+        self.errors.append(diag["prediction_error"])
+        return action
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
+        self.adapter.observe(obs, sent_action, next_obs)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint, refusing an unknown schema version."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    version = state.get("schema_version")
+    if version != CHECKPOINT_SCHEMA_VERSION:
+        raise SpecError(str(path), "schema_version", f"checkpoint schema {version!r} is not supported; this version "
+                        f"of metarl-robot reads {CHECKPOINT_SCHEMA_VERSION}")
+    return state
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    metrics: dict[str, float]
+
+
+class Runner:
+    """Owns the loop, the data, logging and checkpoints; the algorithm owns the math."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.run_dir = Path(run_dir)
+        self.family = load_family(cfg.family)
+        self.robot = load_robot(self.family.spec.robot)
+        self.reward = get_reward(self.family.spec.reward)
+        self.algo = ContextMBRL(self.robot, cfg.model, cfg.training, cfg.seed)
+        self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed)
+        self.buffer = EpisodeBuffer(self.robot.obs_dim, self.robot.action_dim, holdout_every=5)
+        self.history: list[dict[str, float]] = []
+        self.start_iteration = 0
+        if resume:
+            self._resume()
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise FileExistsError(f"run folder {self.run_dir} exists; resume it with --resume or choose --name")
+        else:
+            self._start()
+
+    # ---- run folder ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        family_file = Path(self.family.where)
+        run = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+            "family_sha256": hashlib.sha256(family_file.read_bytes()).hexdigest() if family_file.is_file() else None,
+            "robot_interface_sha256": self.robot.interface_hash, "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__,
+        }
+        (self.run_dir / "run.json").write_text(json.dumps(run, indent=1))
+
+    def _resume(self) -> None:
+        latest = self.run_dir / "checkpoints" / "latest.pt"
+        state = load_checkpoint(latest)
+        self.algo.load_state_dict(state["algo"])
+        self.sampler.load_state(state["sampler"])
+        self.history = state["history"]
+        self.buffer = EpisodeBuffer.load(self.run_dir / "buffer.npz")
+        self.start_iteration = state["iteration"] + 1
+
+    def _checkpoint(self, iteration: int) -> None:
+        state = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "iteration": iteration, "algo": self.algo.state_dict(),
+                 "sampler": self.sampler.state(), "history": self.history, "config": self.cfg.to_yaml(),
+                 "robot": self.robot.to_dict(), "family": self.family.name}
+        ckpt_dir = self.run_dir / "checkpoints"
+        torch.save(state, ckpt_dir / f"ckpt_{iteration:04d}.pt")
+        torch.save(state, ckpt_dir / "latest.pt")
+        self.buffer.save(self.run_dir / "buffer.npz")
+
+    def _log(self, iteration: int, metrics: dict[str, float], tasks: list[Task], writer: Any) -> None:
+        row = {"iteration": iteration, **metrics}
+        self.history.append(row)
+        path = self.run_dir / "metrics.csv"
+        fields = list(row)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        with (self.run_dir / "tasks.jsonl").open("a") as f:
+            f.write(json.dumps({"iteration": iteration, "sampler": self.cfg.loop.task_sampler, "tasks": tasks}) + "\n")
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, iteration)
+        writer.flush()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _collect(self, iteration: int, tasks: list[Task]) -> tuple[float, dict[str, float]]:
+        """One episode per task; random actions at iteration 0, MPC through the current model after."""
+        num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
+        envs = make_vector_env(self.family, num, self.cfg.loop.vector)
+        returns, extra = [], {}
+        errors: list[np.ndarray] = []
+        try:
+            for start in range(0, len(tasks), num):
+                chunk = tasks[start:start + num]
+                chunk = chunk + [chunk[-1]] * (num - len(chunk))  # pad the last chunk; duplicates dropped below
+                seed = self.cfg.seed * 100_003 + iteration * 101 + start
+                if iteration == 0:
+                    controller = random_policy(self.robot.action_low, self.robot.action_high, seed)
+                else:
+                    planner_cfg = type(self.cfg.planner)(**{**self.cfg.planner.__dict__, "seed": seed})
+                    adapter = ModelBasedAdapter(self.robot, self.reward, self.algo.encode, self.algo.step,
+                                                self.cfg.model.ensemble_size, self.cfg.model.context_window,
+                                                planner_cfg, batch=num)
+                    params = {n: np.array([t[n] for t in chunk]) for n in self.family.reward_names}
+                    controller = MPCController(adapter, params)
+                rollout = collect(envs, self.family, controller, chunk, 1, seed=seed)
+                keep = len(tasks[start:start + num])
+                rollout.obs, rollout.actions, rollout.next_obs = (rollout.obs[:keep], rollout.actions[:keep],
+                                                                  rollout.next_obs[:keep])
+                rollout.rewards, rollout.valid = rollout.rewards[:keep], rollout.valid[:keep]
+                self.buffer.add(rollout, np.stack([self.family.to_vector(t) for t in chunk[:keep]]))
+                returns.extend(rollout.episode_returns()[:, 0])
+                if isinstance(controller, MPCController):
+                    errors.append(np.stack(controller.errors)[:, :keep])
+        finally:
+            envs.close()
+        if errors:
+            err = np.concatenate(errors, axis=1)  # (T, tasks): online prediction error by step since reset
+            k = self.cfg.model.context_window
+            extra = {"online_pred_err_first_k": float(np.nanmean(err[1:k + 1])),
+                     "online_pred_err_after_k": float(np.nanmean(err[k + 1:]))}
+        return float(np.mean(returns)), extra
+
+    def run(self) -> dict[str, Any]:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.cfg
+        torch.set_num_threads(cfg.loop.torch_threads)
+        writer = SummaryWriter(str(self.run_dir / "tb"))
+        bar = tqdm(range(self.start_iteration, cfg.loop.iterations), desc=f"train {cfg.run_name}", unit="it",
+                   disable=not self.progress, initial=self.start_iteration, total=cfg.loop.iterations)
+        try:
+            for iteration in bar:
+                started = time.perf_counter()
+                n = cfg.loop.random_episodes if iteration == 0 else cfg.loop.tasks_per_iteration
+                tasks = self.sampler.sample(n)
+                mean_return, online = self._collect(iteration, tasks)
+                fit = self.algo.update(self.buffer)
+                pred = self.algo.prediction_error(self.buffer, tuple(cfg.loop.eval_context_sizes)) \
+                    if len(self.buffer.split(True)) else {}
+                metrics = {
+                    "episode_return": mean_return, "policy": 0.0 if iteration == 0 else 1.0,
+                    "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
+                    **{f"fit_{k}": v for k, v in fit.items()}, **online,
+                    **{f"pred_err_ctx{c}": v for c, v in pred.items()},
+                    "seconds": time.perf_counter() - started,
+                }
+                self._log(iteration, metrics, tasks, writer)
+                self._checkpoint(iteration)
+                bar.set_postfix(ret=f"{mean_return:.1f}", err0=f"{pred.get(0, np.nan):.3f}",
+                                errK=f"{pred.get(max(pred, default=0), np.nan):.3f}")
+        finally:
+            bar.close()
+            writer.close()
+        summary = {"run_dir": str(self.run_dir), "iterations": cfg.loop.iterations,
+                   "final": self.history[-1] if self.history else {}}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def train(config_path: str | Path, out_dir: str | Path = "runs", resume: bool = False,
+          overrides: dict | None = None, progress: bool = True) -> dict[str, Any]:
+    """``metarl train``: build the runner from a config file (or resume its run folder) and run it."""
+    if resume:
+        run_dir = Path(config_path)
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        return Runner(cfg, run_dir, resume=True, progress=progress).run()
+    cfg = load_config(config_path, overrides)
+    return Runner(cfg, Path(out_dir) / cfg.run_name, progress=progress).run()
