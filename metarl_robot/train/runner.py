@@ -147,11 +147,14 @@ class Runner:
         row = {"iteration": iteration, **metrics}
         self.history.append(row)
         path = self.run_dir / "metrics.csv"
-        fields = list(row)
-        new = not path.exists()
+        if path.exists():
+            with path.open() as f:
+                header = next(csv.reader(f))
+            if header != list(row):
+                raise RuntimeError(f"metrics columns changed: {header} vs {list(row)}")  # a bug, never input
         with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            if new:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if f.tell() == 0:
                 w.writeheader()
             w.writerow(row)
         with (self.run_dir / "tasks.jsonl").open("a") as f:
@@ -165,7 +168,9 @@ class Runner:
         """One episode per task; random actions at iteration 0, MPC through the current model after."""
         num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
         envs = make_vector_env(self.family, num, self.cfg.loop.vector)
-        returns, extra = [], {}
+        returns: list[float] = []
+        # Every iteration logs the same columns; the online errors exist only for MPC iterations.
+        extra = {"online_pred_err_first_k": float("nan"), "online_pred_err_after_k": float("nan")}
         errors: list[np.ndarray] = []
         try:
             for start in range(0, len(tasks), num):
@@ -214,8 +219,9 @@ class Runner:
                 tasks = self.sampler.sample(n)
                 mean_return, online = self._collect(iteration, tasks)
                 fit = self.algo.update(self.buffer)
-                pred = self.algo.prediction_error(self.buffer, tuple(cfg.loop.eval_context_sizes)) \
-                    if len(self.buffer.split(True)) else {}
+                sizes = tuple(cfg.loop.eval_context_sizes)
+                pred = self.algo.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
+                    else dict.fromkeys(sizes, float("nan"))  # no held-out episode yet
                 metrics = {
                     "episode_return": mean_return, "policy": 0.0 if iteration == 0 else 1.0,
                     "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),

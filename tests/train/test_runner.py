@@ -90,3 +90,30 @@ def test_cli_train_export_eval(tmp_path):
     for png in ("eval_returns.png", "eval_prediction_error.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert "adapted" in out and "gap" in out
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
+def test_every_shipped_config_loads_and_names_a_shipped_family(path):
+    from metarl_robot.paths import family_names
+
+    cfg = load_config(path)
+    assert cfg.family in family_names()
+
+
+def test_there_is_a_config_for_every_family():
+    from pathlib import Path
+
+    from metarl_robot.paths import family_names
+
+    configured = {load_config(p).family for p in Path("configs").glob("*.yaml")}
+    assert configured == set(family_names())
+
+
+@pytest.mark.slow
+def test_metrics_csv_rows_align_with_the_header(tmp_path):
+    train(CONFIG, tmp_path, overrides={**TINY, "name": "m", "loop.iterations": 3}, progress=False)
+    lines = (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    assert len({len(line.split(",")) for line in lines}) == 1
+    rows = list(csv.DictReader((tmp_path / "m" / "metrics.csv").open()))
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    assert rows[0]["online_pred_err_after_k"] == "nan" and rows[2]["online_pred_err_after_k"] != "nan"
