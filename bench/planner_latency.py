@@ -73,8 +73,21 @@ def trajectories(bundle, steps: int, seed: int) -> tuple[list, list[np.ndarray],
     return times, visited, params
 
 
-def torch_model(bundle):
-    """The bundle's own run in torch (same weights as the ONNX graphs)."""
+def find_checkpoint(run_dir: Path, prov: dict) -> Path | None:
+    """The checkpoint the bundle was exported from, identified by its sha256 (file names can move)."""
+    import hashlib
+
+    want = prov["checkpoint"]["sha256"]
+    named = run_dir / "checkpoints" / prov["checkpoint"]["file"]
+    candidates = [named, *sorted((run_dir / "checkpoints").glob("*.pt"))] if (run_dir / "checkpoints").is_dir() else []
+    for path in candidates:
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == want:
+            return path
+    return None
+
+
+def torch_model(bundle, checkpoint: Path):
+    """The bundle's own run in torch: the checkpoint whose sha256 the bundle records."""
     from metarl_robot.algos.context_mbrl import ContextMBRL
     from metarl_robot.spec.schema import build
     from metarl_robot.train.config import TrainConfig
@@ -83,7 +96,7 @@ def torch_model(bundle):
     cfg = build(TrainConfig, prov["config"], "bundle provenance")
     from metarl_robot.train.runner import load_checkpoint
 
-    state = load_checkpoint(Path(prov["run_dir"]) / "checkpoints" / prov["checkpoint"]["file"])
+    state = load_checkpoint(checkpoint)
     algo = ContextMBRL(bundle.robot, cfg.model, cfg.training, cfg.seed)
     algo.load_state_dict(state["algo"])
     return algo
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="timed control steps per row (default: 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-peer", action="store_true", help="skip pytorch-mppi (needs the bundle's run folder)")
+    parser.add_argument("--run", help="the bundle's training run folder, if it moved (default: from its provenance)")
     args = parser.parse_args(argv)
 
     core = pin_one_core()
@@ -160,15 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     results["ort_floor"] = percentiles(t[10:])
 
     notes = []
-    run_dir = Path(bundle.manifest["provenance"]["run_dir"])
-    if not args.skip_peer and not (run_dir / "checkpoints").is_dir():
-        notes.append(f"pytorch_mppi skipped: the bundle's training run {run_dir} is not on this machine "
+    prov = bundle.manifest["provenance"]
+    run_dir = Path(args.run or prov["run_dir"])
+    checkpoint = None if args.skip_peer else find_checkpoint(run_dir, prov)
+    if not args.skip_peer and checkpoint is None:
+        notes.append(f"pytorch_mppi skipped: no checkpoint with the bundle's sha256 in {run_dir}/checkpoints "
                      "(its torch weights are needed for the same-model comparison)")
         args.skip_peer = True
     if not args.skip_peer:
         from pytorch_mppi import MPPI
 
-        algo = torch_model(bundle)
+        algo = torch_model(bundle, checkpoint)
+        notes.append(f"pytorch_mppi weights: {checkpoint} (sha256 matches the bundle's provenance)")
         zt = torch.as_tensor(z, dtype=torch.float32)
         half = torch.as_tensor((bundle.robot.action_high - bundle.robot.action_low) / 2, dtype=torch.float32)
 

@@ -276,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the largest pipeline that exists today on the cart-pole family",
                        description="Check the cart-pole robot, sample in- and out-of-distribution test tasks, "
-                       "drive every task with the same command sequence on a vector env, and plot how the "
-                       "shifted dynamics change the motion (the reason to adapt). Writes a PNG and a JSON "
-                       "summary.")
+                       "drive every task with the same command sequence and plot how the shifted dynamics change "
+                       "the motion (the reason to adapt); then let the shipped bundle policies/cartpole_mb, "
+                       "loaded by the torch-free runtime, control the same tasks with adaptation on and off. "
+                       "Writes PNGs and a JSON summary.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.set_defaults(func=_cmd_demo)

@@ -68,9 +68,11 @@ def test_rollout_writes_transitions(tmp_path):
 def test_demo_runs_and_writes_its_outputs(tmp_path):
     result = metarl("demo", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
-    assert "[4/4]" in result.stdout
+    assert "[5/5]" in result.stdout
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert len(summary["tasks"]) == 6 and summary["tasks"][0]["ood"] is False
+    assert summary["bundle"]["path"] == "policies/cartpole_mb"
+    assert (tmp_path / "demo" / "bundle" / "eval_prediction_error.png").is_file()
     returns = [t["return"] for t in summary["tasks"]]
     assert len(set(returns)) == 6  # the same commands give six different outcomes
     png = (tmp_path / "demo" / "demo_tasks.png").read_bytes()

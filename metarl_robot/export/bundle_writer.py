@@ -103,6 +103,14 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
                                   "it does not look like a bundle")
 
 
+def _stable_name(ckpt_file: Path, iteration: int) -> str:
+    """``latest.pt`` moves when a run is resumed: name its numbered twin when the bytes are the same."""
+    twin = ckpt_file.parent / f"ckpt_{iteration:04d}.pt"
+    if ckpt_file.name != twin.name and twin.is_file() and sha256_file(twin) == sha256_file(ckpt_file):
+        return twin.name
+    return ckpt_file.name
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
                name: str | None = None, overwrite: bool = False, exporter: Exporter = "auto",
                parity_samples: int = 512, seed: int = 0) -> Path:
@@ -188,8 +196,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
                        for gname, path in (("encoder", graphs.encoder), ("dynamics", graphs.dynamics))},
             "provenance": {
                 "run_dir": str(run_dir.resolve()),
-                "checkpoint": {"file": ckpt_file.name, "iteration": int(state["iteration"]),
-                               "sha256": sha256_file(ckpt_file)},
+                "checkpoint": {"file": _stable_name(ckpt_file, int(state["iteration"])),
+                               "iteration": int(state["iteration"]), "sha256": sha256_file(ckpt_file)},
                 "git_commit": run_info.get("git_commit"),
                 "seed": cfg.seed,
                 "family_sha256": run_info.get("family_sha256"),

@@ -111,16 +111,21 @@ def _success(family: TaskFamily, result: dict[str, np.ndarray]) -> np.ndarray | 
 
 
 def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = None, split: str = "test",
-             tasks: int = 8, grid: int | None = None, grid_params: list[str] | None = None, seed: int = 0,
+             tasks: int | list[Task] = 8, grid: int | None = None, grid_params: list[str] | None = None, seed: int = 0,
              oracle: bool = True, oracle_threads: int = 2, planner_overrides: dict[str, Any] | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate a bundle or a run; returns (and writes) the report."""
+    """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves)."""
     started = time.perf_counter()
     src = _Source(Path(source_path))
     fam = load_family(family) if family else src.family
     if fam.spec.robot != src.robot.name:
         raise ValueError(f"family {fam.name!r} is for robot {fam.spec.robot!r}, the controller for {src.robot.name!r}")
-    task_list = fam.grid(grid, split, grid_params) if grid else fam.sample(np.random.default_rng(seed), split, tasks)
+    if isinstance(tasks, list):
+        task_list = [fam.validate(t) for t in tasks]
+    elif grid:
+        task_list = fam.grid(grid, split, grid_params)
+    else:
+        task_list = fam.sample(np.random.default_rng(seed), split, tasks)
     planner_cfg = replace(src.planner, **(planner_overrides or {}), seed=seed)
     robot: RobotSpec = src.robot
     n = len(task_list)
@@ -203,6 +208,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
         "tasks": rows, "summary": summary, "context_window": k, "planner": planner_cfg.__dict__,
         "prediction_error_by_step": {"adapted": err_on.mean(axis=0).tolist(),
                                      "unadapted": err_off.mean(axis=0).tolist()},
+        "prediction_error_by_task": {"adapted": err_on.tolist(), "unadapted": err_off.tolist()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(out_dir)
@@ -229,7 +235,7 @@ def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off
     ax.set_xlabel("task (* = out of distribution)")
     ax.set_ylabel("episode return")
     ax.set_title(f"{report['family']} ({report['split']} split): return per task")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(ret), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "eval_returns.png", dpi=110)
     plt.close(fig)
@@ -238,12 +244,13 @@ def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off
     t = np.arange(err_on.shape[1]) * dt
     for label, err, color in (("adapted (context of the last K steps)", err_on, "tab:blue"),
                               ("unadapted (empty context)", err_off, "tab:gray")):
-        mean, sd = err.mean(axis=0), err.std(axis=0)
-        ax.plot(t, mean, label=label, color=color)
-        ax.fill_between(t, mean - sd, mean + sd, color=color, alpha=0.15)
+        # Median and interquartile band over tasks: a ±std band is meaningless on a log axis.
+        low, mid, high = np.percentile(err, [25, 50, 75], axis=0)
+        ax.plot(t, mid, label=label, color=color)
+        ax.fill_between(t, low, high, color=color, alpha=0.15)
     ax.axvline(report["context_window"] * dt, color="k", linestyle=":", label="K steps since reset")
     ax.set_xlabel("time since reset (s)")
-    ax.set_ylabel("one-step prediction error\n(RMS, robot.yaml scale units)")
+    ax.set_ylabel("one-step prediction error, median\nand quartiles over tasks (scale units)")
     ax.set_yscale("log")
     ax.set_title("same transitions, with and without the inferred context")
     ax.legend(fontsize=8)

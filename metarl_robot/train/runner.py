@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ class Runner:
                  "robot": self.robot.to_dict(), "family": self.family.name}
         ckpt_dir = self.run_dir / "checkpoints"
         torch.save(state, ckpt_dir / f"ckpt_{iteration:04d}.pt")
-        torch.save(state, ckpt_dir / "latest.pt")
+        # A byte copy, not a second torch.save (whose bytes differ): latest.pt and its numbered twin share a sha256.
+        shutil.copyfile(ckpt_dir / f"ckpt_{iteration:04d}.pt", ckpt_dir / "latest.pt")
         self.buffer.save(self.run_dir / "buffer.npz")
 
     def _log(self, iteration: int, metrics: dict[str, float], tasks: list[Task], writer: Any) -> None:

@@ -1,0 +1,47 @@
+"""Every bundle shipped in policies/ loads on the robot side and still matches the robot it was made for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarl_robot.envs.meta_env import MetaMujocoEnv
+from metarl_robot.paths import REPO_ROOT, family_names
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.spec.robot import load_robot
+
+BUNDLES = sorted(p.parent.name for p in (REPO_ROOT / "policies").glob("*/bundle.yaml"))
+
+
+def test_at_least_one_bundle_ships():
+    assert BUNDLES, "policies/ holds no bundle"
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_shipped_bundle_matches_the_current_robot_and_family(name):
+    bundle = load_bundle(REPO_ROOT / "policies" / name)
+    current = load_robot(bundle.robot.name)
+    assert bundle.robot.interface_hash == current.interface_hash, (
+        f"policies/{name} was exported for another version of sim/robots/{bundle.robot.name}/robot.yaml; "
+        "re-export it or restore the robot.yaml")
+    assert bundle.family.name in family_names()
+    report = REPO_ROOT / "policies" / name / "eval" / "eval.json"
+    assert report.is_file(), f"policies/{name} ships without its eval report (policies/{name}/eval/eval.json)"
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_shipped_bundle_controls_its_robot_within_limits(name):
+    bundle = load_bundle(REPO_ROOT / "policies" / name)
+    env = MetaMujocoEnv(bundle.family.name)
+    obs, _ = env.reset(seed=0, options={"task": "test"})
+    adapter = bundle.make_adapter(batch=1, planner_overrides={"samples": 16, "horizon": 5}, seed=0)
+    params = {k: np.array([v]) for k, v in env.reward_params.items()}
+    for _ in range(10):
+        action, diag = adapter.act(obs[None], params)
+        assert np.all(action >= bundle.robot.action_low) and np.all(action <= bundle.robot.action_high)
+        next_obs, _, _, _, info = env.step(action[0])
+        assert not info["action_clipped"] and not info["action_rate_limited"]  # the planner already obeyed them
+        adapter.observe(obs[None], info["sent_action"][None], next_obs[None])
+        obs = next_obs
+    assert diag["context_size"][0] == min(9, bundle.manifest["adaptation"]["context_window"])
+    assert np.isfinite(diag["prediction_error"]).all()
