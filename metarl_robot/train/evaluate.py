@@ -18,25 +18,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
-from tqdm.auto import tqdm
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.envs.oracle import MujocoOracle
-from metarl_robot.envs.rollout import make_vector_env
+from metarl_robot.envs.rollout import collect, make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.planner import Planner, PlannerConfig
 from metarl_robot.spec.family import Task, TaskFamily, load_family
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
-
-AdapterFactory = Callable[[int, bool, PlannerConfig], ModelBasedAdapter]
-"""``(batch, adapt, planner config) → adapter``."""
+from metarl_robot.train.runner import MPCController
 
 
 class _Source:
@@ -76,36 +73,67 @@ class _Source:
                                  planner, batch=batch, adapt=adapt)
 
 
-def _run_episodes(family: TaskFamily, tasks: list[Task], seed: int, act: Callable, observe: Callable | None,
-                  desc: str, progress: bool) -> dict[str, np.ndarray]:
-    """Run one episode per task in a sync vector env; ``act(obs, envs) -> action`` each step."""
-    envs = make_vector_env(family, len(tasks), "sync", tasks=tasks)
-    inner: list[MetaMujocoEnv] = [e.unwrapped for e in envs.envs]
-    steps = family.spec.episode_steps
-    rewards = np.zeros((len(tasks), steps))
-    components: dict[str, np.ndarray] = {}
+class _PredictionErrorRecorder(MPCController):
+    """The adapted controller, also scoring each step's prediction with the inferred and the empty context."""
+
+    def __init__(self, adapter: ModelBasedAdapter, reward_params: dict[str, np.ndarray]) -> None:
+        super().__init__(adapter, reward_params)
+        w = adapter.window
+        self.z_empty = adapter.encode_fn(w.obs, w.act, w.next_obs, np.zeros_like(w.mask()))
+        self.with_context: list[np.ndarray] = []
+        self.without_context: list[np.ndarray] = []
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
+        a, scale = self.adapter, self.adapter.robot.obs_scale
+        for z, store in ((a.context(), self.with_context), (self.z_empty, self.without_context)):
+            pred = a.predict(obs, sent_action, z)
+            store.append(np.sqrt(np.mean(((pred - next_obs) / scale) ** 2, axis=-1)))
+        super().observe(obs, sent_action, next_obs)
+
+
+class _OracleController:
+    """The same planner through MuJoCo with each sub-env's true physics."""
+
+    def __init__(self, planner: Planner, envs: list[MetaMujocoEnv], reward_params: dict[str, np.ndarray]) -> None:
+        self.planner, self.envs, self.params = planner, envs, reward_params
+        self.last = np.tile(planner.robot.safe_action, (planner.batch, 1))
+
+    def reset(self) -> None:
+        self.planner.reset()
+        self.last[:] = self.planner.robot.safe_action
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.planner.plan(obs, self.envs, self.params, self.last).action
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
+        self.last = np.asarray(sent_action, dtype=np.float64)
+
+
+def _episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], seed: int, controller: Any, progress: bool,
+              envs: gym.vector.VectorEnv | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One episode per task through :func:`collect`; returns per-step rewards and reward components.
+
+    The components are recomputed from the recorded transitions with the family's reward function,
+    which is exactly what the env computed (rewards are functions of the transition alone).
+    """
+    own = envs is None
+    envs = envs or make_vector_env(family, len(tasks), "sync", tasks=tasks)
     try:
-        obs, _ = envs.reset(seed=seed)
-        for t in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-            action = act(obs, inner)
-            next_obs, reward, _, _, info = envs.step(action)
-            if observe is not None:
-                observe(obs, info["sent_action"], next_obs)
-            rewards[:, t] = reward
-            for k, v in info["reward_components"].items():
-                components.setdefault(k, np.zeros((len(tasks), steps)))[:, t] = v
-            obs = next_obs
+        rollout = collect(envs, family, controller, tasks, 1, seed=seed, progress=progress)
     finally:
-        envs.close()
-    return {"rewards": rewards, **{f"component/{k}": v for k, v in components.items()}}
+        if own:
+            envs.close()
+    params = {k: np.array([t[k] for t in tasks])[:, None] for k in family.reward_names}
+    _, components = get_reward(family.spec.reward)(robot, rollout.obs, rollout.actions, rollout.next_obs, params)
+    return np.where(rollout.valid, rollout.rewards, 0.0), components
 
 
-def _success(family: TaskFamily, result: dict[str, np.ndarray]) -> np.ndarray | None:
+def _success(family: TaskFamily, components: dict[str, np.ndarray]) -> np.ndarray | None:
     crit = get_reward(family.spec.reward).success
     if crit is None:
         return None
     name, threshold = crit
-    comp = result[f"component/{name}"]
+    comp = components[name]
     tail = comp[:, -max(1, comp.shape[1] // 5):]
     return tail.mean(axis=1) >= threshold
 
@@ -131,48 +159,21 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
 
-    # Adapted, recording prediction errors with and without the inferred context on the same transitions.
-    adapted = src.adapter(n, True, planner_cfg)
-    errors_on, errors_off = [], []
-    z_empty = adapted.encode_fn(adapted.window.obs, adapted.window.act, adapted.window.next_obs,
-                                np.zeros_like(adapted.window.mask()))
-    pending: dict[str, np.ndarray] = {}
-
-    def act_adapted(obs, envs):
-        action, diag = adapted.act(obs, params)
-        pending["off"] = adapted.predict(obs, action, z_empty)
-        pending["on"] = diag["predicted_next_obs"]
-        return action
-
-    def observe_adapted(obs, sent, next_obs):
-        # The planner's first action can differ from the sent one only if the env limited it.
-        for key, store in (("on", errors_on), ("off", errors_off)):
-            pred = adapted.predict(obs, sent, adapted.context() if key == "on" else z_empty)
-            store.append(np.sqrt(np.mean(((pred - next_obs) / robot.obs_scale) ** 2, axis=-1)))
-        adapted.observe(obs, sent, next_obs)
-
-    res_adapted = _run_episodes(fam, task_list, seed, act_adapted, observe_adapted, "adapted", progress)
-    unadapted = src.adapter(n, False, planner_cfg)
-
-    def act_unadapted(obs, envs):
-        return unadapted.act(obs, params)[0]
-
-    res_unadapted = _run_episodes(fam, task_list, seed, act_unadapted, unadapted.observe, "unadapted", progress)
-    res_oracle = None
+    recorder = _PredictionErrorRecorder(src.adapter(n, True, planner_cfg), params)
+    unadapted = MPCController(src.adapter(n, False, planner_cfg), params)
+    results = {"adapted": _episodes(fam, robot, task_list, seed, recorder, progress),
+               "unadapted": _episodes(fam, robot, task_list, seed, unadapted, progress)}
     if oracle:
-        planner = Planner(planner_cfg, robot, get_reward(fam.spec.reward), MujocoOracle(oracle_threads), n)
-        last = {"a": np.tile(robot.safe_action, (n, 1))}
+        envs = make_vector_env(fam, n, "sync", tasks=task_list)
+        try:
+            planner = Planner(planner_cfg, robot, get_reward(fam.spec.reward), MujocoOracle(oracle_threads), n)
+            controller = _OracleController(planner, [e.unwrapped for e in envs.envs], params)
+            results["oracle"] = _episodes(fam, robot, task_list, seed, controller, progress, envs)
+        finally:
+            envs.close()
+    errors_on, errors_off = recorder.with_context, recorder.without_context
 
-        def act_oracle(obs, envs):
-            return planner.plan(obs, envs, params, last["a"]).action
-
-        def observe_oracle(obs, sent, next_obs):
-            last["a"] = np.asarray(sent, dtype=np.float64)
-
-        res_oracle = _run_episodes(fam, task_list, seed, act_oracle, observe_oracle, "oracle", progress)
-
-    ret = {k: r["rewards"].sum(axis=1) for k, r in (("adapted", res_adapted), ("unadapted", res_unadapted),
-                                                      ("oracle", res_oracle)) if r is not None}
+    ret = {mode: rewards.sum(axis=1) for mode, (rewards, _) in results.items()}
     err_on, err_off = np.stack(errors_on, axis=1), np.stack(errors_off, axis=1)  # (tasks, steps)
     k = src.window
     rows = []
@@ -182,8 +183,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
                "pred_err_unadapted_after_k": float(err_off[i, k:].mean())}
         if "oracle" in ret:
             row["gap"] = float(ret["oracle"][i] - ret["adapted"][i])
-        for mode, res in (("adapted", res_adapted), ("unadapted", res_unadapted), ("oracle", res_oracle)):
-            succ = _success(fam, res) if res is not None else None
+        for mode, (_, components) in results.items():
+            succ = _success(fam, components)
             if succ is not None:
                 row[f"success_{mode}"] = bool(succ[i])
         rows.append(row)
