@@ -197,7 +197,9 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     summary: dict[str, Any] = {f"return_{m}": stats(f"return_{m}") for m in ret}
     if "oracle" in ret:
         summary["gap"] = stats("gap")
-        summary["adapted_over_oracle"] = float(ret["adapted"].mean() / ret["oracle"].mean())
+        # A ratio of returns means something only when they are positive (not for a -|v - v*| reward).
+        oracle_mean = float(ret["oracle"].mean())
+        summary["adapted_over_oracle"] = float(ret["adapted"].mean()) / oracle_mean if oracle_mean > 0 else None
     summary["pred_err_adapted_after_k"] = float(err_on[:, k:].mean())
     summary["pred_err_unadapted_after_k"] = float(err_off[:, k:].mean())
     summary["pred_err_ratio_after_k"] = summary["pred_err_adapted_after_k"] / summary["pred_err_unadapted_after_k"]
