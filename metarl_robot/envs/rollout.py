@@ -148,7 +148,8 @@ def collect(vec_env: gym.vector.VectorEnv, family: TaskFamily, policy: Policy | 
         valid=np.ones((num, total), dtype=bool), episode_start=np.zeros(total, dtype=bool),
         tasks=[dict(t) for t in tasks],
     )
-    bar = tqdm(total=total * num, unit="step", desc=f"{family.name} x{num}", disable=not progress)
+    # disable=None: bars on a terminal only, so logs and CI output stay readable.
+    bar = tqdm(total=total * num, unit="step", desc=f"{family.name} x{num}", disable=None if progress else True)
     t = 0
     for episode in range(episodes):
         obs, _ = vec_env.reset(seed=seed if episode == 0 else None)

@@ -213,7 +213,7 @@ class Runner:
         torch.set_num_threads(cfg.loop.torch_threads)
         writer = SummaryWriter(str(self.run_dir / "tb"))
         bar = tqdm(range(self.start_iteration, cfg.loop.iterations), desc=f"train {cfg.run_name}", unit="it",
-                   disable=not self.progress, initial=self.start_iteration, total=cfg.loop.iterations)
+                   disable=None if self.progress else True, initial=self.start_iteration, total=cfg.loop.iterations)
         try:
             for iteration in bar:
                 started = time.perf_counter()
