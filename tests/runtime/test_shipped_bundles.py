@@ -45,3 +45,14 @@ def test_shipped_bundle_controls_its_robot_within_limits(name):
         obs = next_obs
     assert diag["context_size"][0] == min(9, bundle.manifest["adaptation"]["context_window"])
     assert np.isfinite(diag["prediction_error"]).all()
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_shipped_bundle_is_reproducible_from_a_shipped_config(name):
+    from metarl_robot.spec.schema import to_plain
+    from metarl_robot.train.config import load_config
+
+    trained = dict(load_bundle(REPO_ROOT / "policies" / name).manifest["provenance"]["config"], name=None)
+    shipped = [p.name for p in sorted((REPO_ROOT / "configs").glob("*.yaml"))
+               if dict(to_plain(load_config(p)), name=None) == trained]
+    assert shipped, f"no file in configs/ resolves to the config policies/{name} was trained with"
