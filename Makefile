@@ -11,7 +11,7 @@ EXTRAS := train,ros,bench,dev
 help:
 	@echo "make demo   - set up .venv (first run only) and run the end-to-end pipeline on the cart-pole family"
 	@echo "make test   - set up .venv (first run only), lint with ruff, run every test tier"
-	@echo "make bench  - run the benchmarks in bench/ (prints JSON)"
+	@echo "make bench  - run the benchmarks in bench/ (JSON into runs/bench/)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "metarl-robot needs Python >= 3.11; set PYTHON=python3.11")'
@@ -30,7 +30,10 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python bench/env_steps.py
+	@mkdir -p runs/bench
+	$(BIN)/python bench/env_steps.py > runs/bench/env_steps.json
+	$(BIN)/python bench/planner_latency.py --bundle policies/cartpole_mb > runs/bench/planner_latency.json
+	@echo "wrote runs/bench/env_steps.json and runs/bench/planner_latency.json (see docs/BENCHMARKS.md)"
 
 clean-venv:
 	rm -rf $(VENV)
