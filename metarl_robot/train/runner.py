@@ -19,6 +19,7 @@ import json
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,12 @@ class Runner:
                 }
                 self._log(iteration, metrics, tasks, writer)
                 self._checkpoint(iteration)
-                bar.set_postfix(ret=f"{mean_return:.1f}", err0=f"{pred.get(0, np.nan):.3f}",
-                                errK=f"{pred.get(max(pred, default=0), np.nan):.3f}")
+                err0, err_k = pred.get(0, np.nan), pred.get(max(pred, default=0), np.nan)
+                bar.set_postfix(ret=f"{mean_return:.1f}", err0=f"{err0:.3f}", errK=f"{err_k:.3f}")
+                if self.progress and not sys.stderr.isatty():  # no bar in a log file: one line per iteration
+                    print(f"iteration {iteration}/{cfg.loop.iterations - 1}: return {mean_return:.1f}, held-out "
+                          f"error {err0:.4f} without context, {err_k:.4f} with, {metrics['seconds']:.0f} s",
+                          file=sys.stderr, flush=True)
         finally:
             bar.close()
             writer.close()
