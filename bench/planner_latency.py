@@ -86,22 +86,6 @@ def find_checkpoint(run_dir: Path, prov: dict) -> Path | None:
     return None
 
 
-def torch_model(bundle, checkpoint: Path):
-    """The bundle's own run in torch: the checkpoint whose sha256 the bundle records."""
-    from metarl_robot.algos.context_mbrl import ContextMBRL
-    from metarl_robot.spec.schema import build
-    from metarl_robot.train.config import TrainConfig
-
-    prov = bundle.manifest["provenance"]
-    cfg = build(TrainConfig, prov["config"], "bundle provenance")
-    from metarl_robot.train.runner import load_checkpoint
-
-    state = load_checkpoint(checkpoint)
-    algo = ContextMBRL(bundle.robot, cfg.model, cfg.training, cfg.seed)
-    algo.load_state_dict(state["algo"])
-    return algo
-
-
 def torch_cartpole_cost(robot, target_x: float):
     import torch
 
@@ -184,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peer:
         from pytorch_mppi import MPPI
 
-        algo = torch_model(bundle, checkpoint)
+        from metarl_robot.train.runner import load_trained
+
+        algo = load_trained(checkpoint)[2]  # the checkpoint whose sha256 the bundle records
         notes.append(f"pytorch_mppi weights: {checkpoint} (sha256 matches the bundle's provenance)")
         zt = torch.as_tensor(z, dtype=torch.float32)
         half = torch.as_tensor((bundle.robot.action_high - bundle.robot.action_low) / 2, dtype=torch.float32)

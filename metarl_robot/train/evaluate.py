@@ -50,17 +50,10 @@ class _Source:
             adaptation = bundle.manifest["adaptation"]
             self.ensemble_size, self.window = adaptation["ensemble_size"], adaptation["context_window"]
         elif (path / "checkpoints" / "latest.pt").is_file():
-            from metarl_robot.algos.context_mbrl import ContextMBRL
-            from metarl_robot.spec.robot import robot_from_dict
-            from metarl_robot.train.config import load_config
-            from metarl_robot.train.runner import load_checkpoint
+            from metarl_robot.train.runner import load_trained
 
-            cfg = load_config(path / "config.yaml")
-            state = load_checkpoint(path / "checkpoints" / "latest.pt")
-            self.robot = robot_from_dict(state["robot"])
+            cfg, self.robot, algo = load_trained(path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
-            algo = ContextMBRL(self.robot, cfg.model, cfg.training, cfg.seed)
-            algo.load_state_dict(state["algo"])
             self.kind, self.planner = "run", cfg.planner
             self.encode, self.step = algo.encode, algo.step
             self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
@@ -85,7 +78,9 @@ class _PredictionErrorRecorder(MPCController):
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
         a, scale = self.adapter, self.adapter.robot.obs_scale
-        for z, store in ((a.context(), self.with_context), (self.z_empty, self.without_context)):
+        # The context this step was planned with: the window has not taken the new transition yet.
+        planned_with = self.last_diagnostics["context"]
+        for z, store in ((planned_with, self.with_context), (self.z_empty, self.without_context)):
             pred = a.predict(obs, sent_action, z)
             store.append(np.sqrt(np.mean(((pred - next_obs) / scale) ** 2, axis=-1)))
         super().observe(obs, sent_action, next_obs)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from metarl_robot.algos.buffer import EpisodeBuffer
@@ -35,8 +36,8 @@ from metarl_robot.envs.rollout import collect, make_vector_env, random_policy
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.spec.family import Task, load_family
 from metarl_robot.spec.rewards import get_reward
-from metarl_robot.spec.robot import load_robot
-from metarl_robot.spec.schema import SpecError
+from metarl_robot.spec.robot import RobotSpec, load_robot, robot_from_dict
+from metarl_robot.spec.schema import SpecError, build
 from metarl_robot.train.config import TrainConfig, load_config
 from metarl_robot.train.task_sampler import make_sampler
 
@@ -51,13 +52,15 @@ class MPCController:
         self.adapter, self.params = adapter, reward_params
         self.errors: list[np.ndarray] = []
         """Per step: each env's prediction error of the previous step (online adaptation, in scale units)."""
+        self.last_diagnostics: dict[str, np.ndarray] = {}
+        """The adapter's diagnostics of the latest step (its context, prediction, ...)."""
 
     def reset(self) -> None:
         self.adapter.reset()
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        action, diag = self.adapter.act(obs, self.params)
-        self.errors.append(diag["prediction_error"])
+        action, self.last_diagnostics = self.adapter.act(obs, self.params)
+        self.errors.append(self.last_diagnostics["prediction_error"])
         return action
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
@@ -74,6 +77,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise SpecError(str(path), "schema_version", f"checkpoint schema {version!r} is not supported; this version "
                         f"of metarl-robot reads {CHECKPOINT_SCHEMA_VERSION}")
     return state
+
+
+def load_trained(checkpoint: Path) -> tuple[TrainConfig, RobotSpec, ContextMBRL]:
+    """The config, robot and trained algorithm a checkpoint holds (its own config, not the run folder's)."""
+    state = load_checkpoint(checkpoint)
+    cfg = build(TrainConfig, yaml.safe_load(state["config"]), f"{checkpoint}: config")
+    robot = robot_from_dict(state["robot"], f"{checkpoint}: robot")
+    algo = ContextMBRL(robot, cfg.model, cfg.training, cfg.seed)
+    algo.load_state_dict(state["algo"])
+    return cfg, robot, algo
 
 
 def git_commit() -> str | None:
