@@ -10,7 +10,8 @@ import pytest
 ROBOT_SIDE_MODULES = ["metarl_robot.spec.schema", "metarl_robot.spec.robot", "metarl_robot.spec.family",
                       "metarl_robot.spec.rewards", "metarl_robot.paths", "metarl_robot.runtime.planner",
                       "metarl_robot.runtime.ensemble_rollout", "metarl_robot.runtime.bundle",
-                      "metarl_robot.runtime.adapter", "metarl_robot.runtime.context"]
+                      "metarl_robot.runtime.adapter", "metarl_robot.runtime.context",
+                      "metarl_robot.runtime.safety"]
 FORBIDDEN = ["torch", "mujoco", "gymnasium"]
 
 
