@@ -9,12 +9,17 @@ driven by the adapter itself (the env step is not timed):
 
 - ``ours_adapter``: one full control step of the runtime adapter (context encoding, planning with
   the bundle's defaults, next-state prediction): what the robot pays every period.
-- ``ours_planner_1iter``: our planner alone with one MPPI iteration, to compare like for like with
+- ``ours_planner_1iter``: our planner alone with one MPPI iteration through the fused rollout graph
+  (one onnxruntime call per iteration, what the adapter uses), to compare like for like with
 - ``pytorch_mppi``: pytorch-mppi's MPPI.command on the *same* model (the bundle's run, in torch,
   members assigned round-robin like ours), same samples and horizon, one iteration per command, and
   the same reward written in torch.
-- ``ort_floor``: the horizon's sequential onnxruntime calls of the dynamics graph on the same
-  batch, nothing else: no sampling, no reward, no weighting. A sampling planner cannot beat it.
+- ``ours_planner_1iter_stepped``: the same planner through H calls of the one-step dynamics graph
+  (what any horizon other than the bundle's ``rollout_horizon`` uses).
+- ``ort_floor``: one call of the rollout graph on the same batch, nothing else: no sampling, no
+  reward, no weighting. A sampling planner over this model cannot beat it.
+- ``ort_floor_stepped``: the horizon's sequential calls of the dynamics graph, the floor of the
+  stepped path.
 """
 
 from __future__ import annotations
@@ -135,27 +140,33 @@ def main(argv: list[str] | None = None) -> int:
     adapter_times, visited, params = trajectories(bundle, args.steps, args.seed)
     results["ours_adapter"] = percentiles(adapter_times[10:])
 
-    # Our planner alone, one iteration, on the visited observations with a fixed context.
+    # Our planner alone, one iteration, on the visited observations with a fixed context: through the
+    # fused rollout graph (what the adapter uses) and through H dynamics calls (any other horizon).
     one = replace(cfg, iterations=1)
     adapter = bundle.make_adapter(batch=1, seed=args.seed)
     z = adapter.context()
-    planner = Planner(one, bundle.robot, get_reward(bundle.family.spec.reward), EnsembleRollout(bundle.step, e), 1)
     last = bundle.robot.safe_action[None]
-    t = [timed(planner.plan, o[None], (o[None], z), params, last)[1] for o in visited]
-    results["ours_planner_1iter"] = percentiles(t[10:])
+    fused = (bundle.rollout, bundle.rollout_horizon)
+    for row, model in (("ours_planner_1iter", EnsembleRollout(bundle.step, e, fused)),
+                       ("ours_planner_1iter_stepped", EnsembleRollout(bundle.step, e))):
+        planner = Planner(one, bundle.robot, get_reward(bundle.family.spec.reward), model, 1)
+        t = [timed(planner.plan, o[None], (o[None], z), params, last)[1] for o in visited]
+        results[row] = percentiles(t[10:])
 
-    # The floor: H sequential dynamics calls on the planner's batch.
+    # The floors: the model calls alone on the planner's batch, one fused call or H sequential ones.
     rows = -(-cfg.samples * cfg.particles // e)
     obs_b = np.zeros((e, rows, bundle.robot.obs_dim), np.float32)
     act_b = np.zeros((e, rows, bundle.robot.action_dim), np.float32)
+    acts_b = np.zeros((e, rows, bundle.rollout_horizon, bundle.robot.action_dim), np.float32)
     z_b = np.zeros((e, rows, z.shape[-1]), np.float32)
 
-    def floor():
+    def floor_stepped():
         s = obs_b
         for _ in range(cfg.horizon):
             s = bundle.step(s, act_b, z_b)
-    t = [timed(floor)[1] for _ in range(args.steps)]
-    results["ort_floor"] = percentiles(t[10:])
+    for row, call in (("ort_floor", lambda: bundle.rollout(obs_b, acts_b, z_b)), ("ort_floor_stepped", floor_stepped)):
+        t = [timed(call)[1] for _ in range(args.steps)]
+        results[row] = percentiles(t[10:])
 
     notes = []
     prov = bundle.manifest["provenance"]
@@ -192,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         results["pytorch_mppi"] = percentiles(t[10:])
 
     ratios = {"ours_planner_1iter_over_pytorch_mppi_p50": None, "ours_planner_1iter_over_ort_floor_p50":
-              results["ours_planner_1iter"]["p50_ms"] / results["ort_floor"]["p50_ms"]}
+              results["ours_planner_1iter"]["p50_ms"] / results["ort_floor"]["p50_ms"],
+              "fused_over_stepped_planner_p50": (results["ours_planner_1iter"]["p50_ms"]
+                                                 / results["ours_planner_1iter_stepped"]["p50_ms"])}
     if "pytorch_mppi" in results:
         ratios["ours_planner_1iter_over_pytorch_mppi_p50"] = (results["ours_planner_1iter"]["p50_ms"]
                                                               / results["pytorch_mppi"]["p50_ms"])

@@ -167,15 +167,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         bundle_name = name or out_dir.name
-        graphs = export_graphs(model, staging, exporter, metadata={
+        graphs = export_graphs(model, staging, cfg.planner.horizon, exporter, metadata={
             "bundle": bundle_name, "robot": robot.name, "robot_interface_sha256": robot.interface_hash})
         rng = np.random.default_rng(seed)
-        parity = {"random": measure_parity(model, graphs.encoder, graphs.dynamics,
-                                           *random_inputs(model, robot.obs_scale, rng)),
-                  "real": measure_parity(model, graphs.encoder, graphs.dynamics,
-                                         *real_inputs(model, buffer, rng, parity_samples))}
+        horizon = cfg.planner.horizon
+        parity = {"random": measure_parity(model, graphs, random_inputs(model, robot.obs_scale, rng, horizon)),
+                  "real": measure_parity(model, graphs, real_inputs(model, buffer, rng, horizon, parity_samples))}
         check_parity(parity)
-        files = {p.name: sha256_file(p) for p in (graphs.encoder, graphs.dynamics)}
+        graph_files = {"encoder": graphs.encoder, "dynamics": graphs.dynamics, "rollout": graphs.rollout}
+        files = {p.name: sha256_file(p) for p in graph_files.values()}
         last = dict((state.get("history") or [{}])[-1])
         manifest = {
             "schema_version": BUNDLE_SCHEMA_VERSION,
@@ -190,10 +190,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
             "action": action_layout(robot),
             "control_period": float(robot.ctrl_dt),
             "adaptation": {"context_window": cfg.model.context_window, "context_dim": cfg.model.context_dim,
-                           "ensemble_size": cfg.model.ensemble_size},
+                           "ensemble_size": cfg.model.ensemble_size, "rollout_horizon": horizon},
             "planner": to_plain(cfg.planner),
             "graphs": {gname: {"file": path.name, "opset": graphs.opset, **graphs.interfaces[gname]}
-                       for gname, path in (("encoder", graphs.encoder), ("dynamics", graphs.dynamics))},
+                       for gname, path in graph_files.items()},
             "provenance": {
                 "run_dir": str(run_dir.resolve()),
                 "checkpoint": {"file": _stable_name(ckpt_file, int(state["iteration"])),

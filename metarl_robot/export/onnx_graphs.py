@@ -1,4 +1,5 @@
-"""Torch → ONNX for a :class:`ContextDynamics`: the encoder and the ensemble as two float32 graphs.
+"""Torch → ONNX for a :class:`ContextDynamics`: the encoder, the ensemble, and the ensemble chained over
+the planner's horizon (one call per planning iteration on the robot), as float32 graphs.
 
 The graphs take and return raw robot units: the normalisers are buffers of the model and are
 baked in as constants. Input/output names and shapes are the runtime's
@@ -25,12 +26,15 @@ from metarl_robot.runtime.bundle import (
     DYNAMICS_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    ROLLOUT_INPUTS,
+    ROLLOUT_OUTPUTS,
     graph_interfaces,
     make_session,
 )
 
 ENCODER_FILE = "encoder.onnx"
 DYNAMICS_FILE = "dynamics.onnx"
+ROLLOUT_FILE = "rollout.onnx"
 OPSET = 17
 """Opset of the TorchScript exporter (onnxruntime >= 1.14 runs it)."""
 DYNAMO_OPSET = 18
@@ -70,12 +74,31 @@ class DynamicsGraph(nn.Module):
         return self.model(obs, action, context)
 
 
+class RolloutGraph(nn.Module):
+    """``model.forward``'s mean chained over the horizon of ``actions (E, M, H, a)``: the planner's rollout.
+
+    Traced, so the loop is unrolled into H copies of the step that share one set of weights.
+    """
+
+    def __init__(self, model: ContextDynamics) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        states = []
+        for t in range(actions.shape[2]):
+            obs = self.model(obs, actions[:, :, t], context)[0]
+            states.append(obs)
+        return torch.stack(states, dim=2)
+
+
 @dataclass
 class ExportedGraphs:
     """What :func:`export_graphs` wrote."""
 
     encoder: Path
     dynamics: Path
+    rollout: Path
     exporter: str
     """``torchscript`` or ``dynamo``."""
     opset: int
@@ -83,13 +106,14 @@ class ExportedGraphs:
     """:func:`graph_interfaces` for this model: the manifest's ``graphs`` inputs/outputs."""
 
 
-def interfaces_of(model: ContextDynamics) -> dict:
-    """The runtime interface (names and shapes) of a model's two graphs."""
+def interfaces_of(model: ContextDynamics, horizon: int) -> dict:
+    """The runtime interface (names and shapes) of a model's graphs, the rollout over ``horizon`` steps."""
     c = model.cfg
-    return graph_interfaces(model.obs_dim, model.act_dim, c.context_window, c.context_dim, c.ensemble_size)
+    return graph_interfaces(model.obs_dim, model.act_dim, c.context_window, c.context_dim, c.ensemble_size, horizon)
 
 
-def _example_inputs(model: ContextDynamics) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def _example_inputs(model: ContextDynamics, horizon: int
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     c = model.cfg
     b, k, o, a, e, m = 2, c.context_window, model.obs_dim, model.act_dim, c.ensemble_size, 3
     g = torch.Generator().manual_seed(0)
@@ -99,7 +123,8 @@ def _example_inputs(model: ContextDynamics) -> tuple[tuple[torch.Tensor, ...], t
            mask)
     dyn = (torch.randn(e, m, o, generator=g), torch.randn(e, m, a, generator=g),
            torch.randn(e, m, c.context_dim, generator=g))
-    return enc, dyn
+    roll = (dyn[0], torch.randn(e, m, horizon, a, generator=g), dyn[2])
+    return enc, dyn, roll
 
 
 def _dynamic_axes(interface: dict) -> dict[str, tuple[int, str]]:
@@ -154,9 +179,9 @@ def _pin_io_shapes(proto: onnx.ModelProto, interface: dict) -> None:
                 dim.dim_value = size
 
 
-def export_graphs(model: ContextDynamics, out_dir: Path, exporter: Exporter = "auto",
+def export_graphs(model: ContextDynamics, out_dir: Path, horizon: int, exporter: Exporter = "auto",
                   metadata: dict[str, str] | None = None) -> ExportedGraphs:
-    """Write ``encoder.onnx`` and ``dynamics.onnx`` for ``model`` into ``out_dir``; check both with onnx.
+    """Write ``encoder.onnx``, ``dynamics.onnx`` and ``rollout.onnx`` (``horizon`` steps) into ``out_dir``; check them.
 
     ``exporter="auto"`` uses the TorchScript exporter (``dynamo=False``) and falls back to the
     torch.export-based one if this torch no longer has it. ``metadata`` goes into each model's
@@ -165,10 +190,11 @@ def export_graphs(model: ContextDynamics, out_dir: Path, exporter: Exporter = "a
     model = model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    enc_args, dyn_args = _example_inputs(model)
-    interfaces = interfaces_of(model)
-    paths = {"encoder": out_dir / ENCODER_FILE, "dynamics": out_dir / DYNAMICS_FILE}
-    jobs = {"encoder": (EncoderGraph(model).eval(), enc_args), "dynamics": (DynamicsGraph(model).eval(), dyn_args)}
+    enc_args, dyn_args, roll_args = _example_inputs(model, horizon)
+    interfaces = interfaces_of(model, horizon)
+    paths = {"encoder": out_dir / ENCODER_FILE, "dynamics": out_dir / DYNAMICS_FILE, "rollout": out_dir / ROLLOUT_FILE}
+    jobs = {"encoder": (EncoderGraph(model).eval(), enc_args), "dynamics": (DynamicsGraph(model).eval(), dyn_args),
+            "rollout": (RolloutGraph(model).eval(), roll_args)}
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors = []
     for which in order:
@@ -194,13 +220,25 @@ def export_graphs(model: ContextDynamics, out_dir: Path, exporter: Exporter = "a
         except Exception as exc:  # ValidationError, InferenceError
             raise ExportError(f"{path}: onnx.checker rejected the exported {name} graph: {exc}") from exc
         onnx.save(proto, str(path))
-    return ExportedGraphs(paths["encoder"], paths["dynamics"], which, opset, interfaces)
+    return ExportedGraphs(paths["encoder"], paths["dynamics"], paths["rollout"], which, opset, interfaces)
 
 
 # ---- parity -------------------------------------------------------------------------------------------------
-def random_inputs(model: ContextDynamics, obs_scale: np.ndarray, rng: np.random.Generator, batch: int = 64,
-                  rows: int = 97) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """Random encoder and dynamics inputs at the robot's scale; masks of every fill level including empty."""
+Inputs = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
+"""Encoder, dynamics and rollout inputs, in the runtime's order."""
+
+
+def _rollout_inputs(dyn: tuple[np.ndarray, ...], horizon: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The dynamics inputs' start states and contexts with action sequences drawn as the planner draws them."""
+    obs, action, ctx = dyn
+    e, m, a = action.shape
+    actions = np.clip(action[:, :, None] + np.cumsum(rng.normal(0, 0.3, (e, m, horizon, a)), axis=2), -1, 1)
+    return obs, np.ascontiguousarray(actions, dtype=np.float32), ctx
+
+
+def random_inputs(model: ContextDynamics, obs_scale: np.ndarray, rng: np.random.Generator, horizon: int,
+                  batch: int = 64, rows: int = 97) -> Inputs:
+    """Random encoder, dynamics and rollout inputs at the robot's scale; masks of every fill level incl. empty."""
     c = model.cfg
     k, o, a, e, d = c.context_window, model.obs_dim, model.act_dim, c.ensemble_size, c.context_dim
     scale = np.asarray(obs_scale, dtype=np.float64)
@@ -215,12 +253,15 @@ def random_inputs(model: ContextDynamics, obs_scale: np.ndarray, rng: np.random.
     enc = (f32(ctx_obs), f32(rng.uniform(-1, 1, (batch, k, a))), f32(ctx_next), mask)
     dyn = (f32(rng.standard_normal((e, rows, o)) * scale), f32(rng.uniform(-1, 1, (e, rows, a))),
            f32(rng.standard_normal((e, rows, d))))
-    return enc, dyn
+    return enc, dyn, _rollout_inputs(dyn, horizon, rng)
 
 
-def real_inputs(model: ContextDynamics, buffer: EpisodeBuffer, rng: np.random.Generator, n: int = 256
-                ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """Context windows and targets sampled from a run's buffer; the dynamics context is the model's own encoding."""
+def real_inputs(model: ContextDynamics, buffer: EpisodeBuffer, rng: np.random.Generator, horizon: int,
+                n: int = 256) -> Inputs:
+    """Context windows and states sampled from a run's buffer; the dynamics context is the model's own encoding.
+
+    Rollouts start from the sampled states with the sampled action continued as a random walk.
+    """
     c = model.cfg
     e = c.ensemble_size
     n = max(e, n - n % e)
@@ -234,13 +275,12 @@ def real_inputs(model: ContextDynamics, buffer: EpisodeBuffer, rng: np.random.Ge
         z = model.encode(*(torch.as_tensor(x) for x in enc)).numpy()
     m = n // e
     dyn = (f32(batch.obs.reshape(e, m, -1)), f32(batch.act.reshape(e, m, -1)), f32(z.reshape(e, m, -1)))
-    return enc, dyn
+    return enc, dyn, _rollout_inputs(dyn, horizon, rng)
 
 
-def measure_parity(model: ContextDynamics, encoder_path: Path, dynamics_path: Path,
-                   enc_inputs: tuple[np.ndarray, ...], dyn_inputs: tuple[np.ndarray, ...]
-                   ) -> dict[str, dict[str, float]]:
-    """Torch vs onnxruntime on the same inputs, per output (``context``, ``next_obs_mean``, ``next_obs_logvar``).
+def measure_parity(model: ContextDynamics, graphs: ExportedGraphs, inputs: Inputs) -> dict[str, dict[str, float]]:
+    """Torch vs onnxruntime on the same inputs, per output (``context``, ``next_obs_mean``, ``next_obs_logvar``,
+    ``rollout_next_obs``).
 
     Returns ``max_abs_diff`` (the raw maximum of ``|torch - ort|``), ``max_abs_value`` (largest
     ``|torch|``) and ``max_excess_over_ulp``: the maximum of ``|torch - ort| - ulp(torch)``, where
@@ -248,17 +288,28 @@ def measure_parity(model: ContextDynamics, encoder_path: Path, dynamics_path: Pa
     large value (an unwrapped angle of 150 rad has a spacing of 1.5e-5) cannot agree better than
     its last bit; the parity criterion allows that one ULP and nothing more. The sessions are
     built with the runtime's settings (one thread, full graph optimisation).
+
+    The rollout is compared step by step, teacher-forced: torch's step ``t`` starts from the
+    rollout graph's own state ``t - 1``, so the figure is the per-step error (float32 differences
+    compound over a free-running horizon in any two implementations, which says nothing about the
+    export).
     """
     model = model.eval()
-    enc_sess, dyn_sess = make_session(encoder_path), make_session(dynamics_path)
+    enc_inputs, dyn_inputs, roll_inputs = inputs
+    enc_sess, dyn_sess, roll_sess = (make_session(p) for p in (graphs.encoder, graphs.dynamics, graphs.rollout))
+    (z_o,) = enc_sess.run(list(ENCODER_OUTPUTS), dict(zip(ENCODER_INPUTS, enc_inputs, strict=True)))
+    mean_o, logvar_o = dyn_sess.run(list(DYNAMICS_OUTPUTS), dict(zip(DYNAMICS_INPUTS, dyn_inputs, strict=True)))
+    (roll_o,) = roll_sess.run(list(ROLLOUT_OUTPUTS), dict(zip(ROLLOUT_INPUTS, roll_inputs, strict=True)))
+    obs0, actions, ctx = (torch.as_tensor(x) for x in roll_inputs)
     with torch.no_grad():
         z_t = model.encode(*(torch.as_tensor(x) for x in enc_inputs)).numpy()
         mean_t, logvar_t = (t.numpy() for t in model(*(torch.as_tensor(x) for x in dyn_inputs)))
-    (z_o,) = enc_sess.run(list(ENCODER_OUTPUTS), dict(zip(ENCODER_INPUTS, enc_inputs, strict=True)))
-    mean_o, logvar_o = dyn_sess.run(list(DYNAMICS_OUTPUTS), dict(zip(DYNAMICS_INPUTS, dyn_inputs, strict=True)))
+        starts = torch.cat([obs0[:, :, None], torch.as_tensor(roll_o[:, :, :-1])], dim=2)
+        roll_t = torch.stack([model(starts[:, :, t], actions[:, :, t], ctx)[0] for t in range(actions.shape[2])],
+                             dim=2).numpy()
     out: dict[str, dict[str, float]] = {"max_abs_diff": {}, "max_excess_over_ulp": {}, "max_abs_value": {}}
     for name, ref, got in (("context", z_t, z_o), ("next_obs_mean", mean_t, mean_o),
-                           ("next_obs_logvar", logvar_t, logvar_o)):
+                           ("next_obs_logvar", logvar_t, logvar_o), ("rollout_next_obs", roll_t, roll_o)):
         if ref.shape != got.shape:
             raise ExportError(f"parity: {name} has shape {got.shape} in onnxruntime, {ref.shape} in torch")
         diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))

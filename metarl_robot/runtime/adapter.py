@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from metarl_robot.runtime.context import ContextWindow
-from metarl_robot.runtime.ensemble_rollout import EnsembleRollout, StepFn
+from metarl_robot.runtime.ensemble_rollout import EnsembleRollout, FusedFn, StepFn
 from metarl_robot.runtime.planner import Planner, PlannerConfig
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
@@ -44,13 +44,14 @@ class ModelBasedAdapter:
     """
 
     def __init__(self, robot: RobotSpec, reward: RewardFunction, encode: EncodeFn, step: StepFn,
-                 ensemble_size: int, window: int, planner: PlannerConfig, batch: int = 1, adapt: bool = True) -> None:
+                 ensemble_size: int, window: int, planner: PlannerConfig, batch: int = 1, adapt: bool = True,
+                 fused: tuple[FusedFn, int] | None = None) -> None:
         self.robot, self.reward, self.encode_fn, self.step_fn = robot, reward, encode, step
         self.ensemble_size, self.batch = ensemble_size, batch
         self.adapt = adapt
         """False: always plan with the empty-context (unadapted) model, for comparisons."""
         self.window = ContextWindow(batch, window, robot.obs_dim, robot.action_dim)
-        self.planner = Planner(planner, robot, reward, EnsembleRollout(step, ensemble_size), batch)
+        self.planner = Planner(planner, robot, reward, EnsembleRollout(step, ensemble_size, fused), batch)
         self.last_action = np.tile(robot.safe_action, (batch, 1))
         self._prediction = np.full((batch, robot.obs_dim), np.nan)
         self._error = np.full(batch, np.nan)

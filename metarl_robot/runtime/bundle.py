@@ -5,6 +5,8 @@ A bundle is a folder::
     bundle.yaml     the manifest (schema: docs/bundle_format.md)
     encoder.onnx    context transitions (B, K, ·) → context (B, d)
     dynamics.onnx   (E, M, ·) observation, action, context → next-observation mean and log-variance
+    rollout.onnx    (E, M, ·) start observation, H actions, context → the H chained mean predictions:
+                    the planner's whole horizon in one onnxruntime call instead of H
 
 :func:`load_bundle` refuses, with a :class:`BundleError` naming the bundle, the field or file and
 what was expected, anything it cannot fully validate: missing, unlisted or altered files, an
@@ -34,8 +36,8 @@ from metarl_robot.spec.rewards import check_reward_inputs, get_reward
 from metarl_robot.spec.robot import RobotSpec, robot_from_dict
 from metarl_robot.spec.schema import SpecError, build, check_schema_version, to_plain
 
-BUNDLE_SCHEMA_VERSION = 1
-"""The bundle.yaml schema this runtime reads; bump on any incompatible change."""
+BUNDLE_SCHEMA_VERSION = 2
+"""The bundle.yaml schema this runtime reads; bump on any incompatible change (2: the fused rollout graph)."""
 MANIFEST_FILE = "bundle.yaml"
 KINDS = ("model_based",)
 """Bundle kinds this runtime can run."""
@@ -44,6 +46,8 @@ ENCODER_INPUTS = ("context_obs", "context_action", "context_next_obs", "context_
 ENCODER_OUTPUTS = ("context",)
 DYNAMICS_INPUTS = ("obs", "action", "context")
 DYNAMICS_OUTPUTS = ("next_obs_mean", "next_obs_logvar")
+ROLLOUT_INPUTS = ("obs", "actions", "context")
+ROLLOUT_OUTPUTS = ("next_obs",)
 ONNX_FLOAT = "tensor(float)"
 """Every graph input and output is float32."""
 
@@ -114,6 +118,8 @@ class AdaptationSpec:
     """d: size of the context vector."""
     ensemble_size: int
     """E: ensemble members in the dynamics graph."""
+    rollout_horizon: int
+    """H of the fused rollout graph (the planner's horizon at export; other horizons step the dynamics graph)."""
 
 
 @dataclass(frozen=True)
@@ -155,13 +161,13 @@ def action_layout(robot: RobotSpec) -> dict[str, Any]:
             "safe_command": [float(robot.safe_command[a.name]) for a in robot.action]}
 
 
-def graph_interfaces(obs_dim: int, act_dim: int, context_window: int, context_dim: int, ensemble_size: int
-                     ) -> dict[str, dict[str, dict[str, list[Dim]]]]:
+def graph_interfaces(obs_dim: int, act_dim: int, context_window: int, context_dim: int, ensemble_size: int,
+                     rollout_horizon: int) -> dict[str, dict[str, dict[str, list[Dim]]]]:
     """Inputs and outputs the runtime feeds and reads, by graph: ``{graph: {inputs: ..., outputs: ...}}``.
 
-    ``batch`` (encoder) and ``rows`` (dynamics) are dynamic; everything else is fixed.
+    ``batch`` (encoder) and ``rows`` (dynamics, rollout) are dynamic; everything else is fixed.
     """
-    o, a, k, d, e = obs_dim, act_dim, context_window, context_dim, ensemble_size
+    o, a, k, d, e, h = obs_dim, act_dim, context_window, context_dim, ensemble_size, rollout_horizon
     return {
         "encoder": {
             "inputs": {"context_obs": ["batch", k, o], "context_action": ["batch", k, a],
@@ -171,6 +177,10 @@ def graph_interfaces(obs_dim: int, act_dim: int, context_window: int, context_di
         "dynamics": {
             "inputs": {"obs": [e, "rows", o], "action": [e, "rows", a], "context": [e, "rows", d]},
             "outputs": {"next_obs_mean": [e, "rows", o], "next_obs_logvar": [e, "rows", o]},
+        },
+        "rollout": {
+            "inputs": {"obs": [e, "rows", o], "actions": [e, "rows", h, a], "context": [e, "rows", d]},
+            "outputs": {"next_obs": [e, "rows", h, o]},
         },
     }
 
@@ -234,7 +244,7 @@ class Bundle:
     """A loaded, validated bundle: the robot it is for, its family, planner defaults and the two graphs."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily,
-                 planner: PlannerConfig, encoder: OnnxGraph, dynamics: OnnxGraph) -> None:
+                 planner: PlannerConfig, encoder: OnnxGraph, dynamics: OnnxGraph, rollout: OnnxGraph) -> None:
         self.path = path
         """The bundle folder."""
         self.manifest = manifest
@@ -245,11 +255,12 @@ class Bundle:
         """The task family it was trained on (reward name, parameter ranges)."""
         self.planner = planner
         """Planner defaults (the training run's MPC settings)."""
-        self._encoder, self._dynamics = encoder, dynamics
+        self._encoder, self._dynamics, self._rollout = encoder, dynamics, rollout
         adaptation = manifest["adaptation"]
         self.context_window: int = adaptation["context_window"]
         self.context_dim: int = adaptation["context_dim"]
         self.ensemble_size: int = adaptation["ensemble_size"]
+        self.rollout_horizon: int = adaptation["rollout_horizon"]
         self.sha256 = sha256_file(path / MANIFEST_FILE)
         """sha256 of bundle.yaml: identifies the whole bundle (the manifest pins every other file's hash)."""
 
@@ -266,6 +277,10 @@ class Bundle:
         """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
         return self._dynamics(obs, act, context)[0]
 
+    def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """``(E, M, o), (E, M, H, a), (E, M, d)`` → ``(E, M, H, o)``: :meth:`step` chained over the fused horizon."""
+        return self._rollout(obs, actions, context)[0]
+
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ModelBasedAdapter:
         """A model-based adapter over this bundle's graphs, deterministic given ``seed``.
@@ -281,7 +296,7 @@ class Bundle:
             raise SpecError("planner_overrides", "", str(exc)) from exc
         reward = get_reward(self.family.spec.reward)
         return ModelBasedAdapter(self.robot, reward, self.encode, self.step, self.ensemble_size, self.context_window,
-                                 cfg, batch=batch, adapt=adapt)
+                                 cfg, batch=batch, adapt=adapt, fused=(self.rollout, self.rollout_horizon))
 
     def __repr__(self) -> str:
         return f"Bundle({self.name!r}, robot={self.robot.name!r}, family={self.family.name!r}, path={str(self.path)!r})"
@@ -374,7 +389,7 @@ def load_bundle(path: str | Path, threads: int = 1) -> Bundle:
 
     # 6. adaptation sizes and planner defaults
     ad = m.adaptation
-    for key in ("context_window", "context_dim", "ensemble_size"):
+    for key in ("context_window", "context_dim", "ensemble_size", "rollout_horizon"):
         if getattr(ad, key) < 1:
             raise fail(f"adaptation.{key}", f"must be >= 1, got {getattr(ad, key)}")
     try:
@@ -386,7 +401,8 @@ def load_bundle(path: str | Path, threads: int = 1) -> Bundle:
         raise fail("planner", str(exc)) from None
 
     # 7. declared graph interfaces must be what the runtime feeds
-    needed = graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim, ad.ensemble_size)
+    needed = graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim, ad.ensemble_size,
+                              ad.rollout_horizon)
     if sorted(m.graphs) != sorted(needed):
         raise fail("graphs", f"expected exactly the graphs {sorted(needed)}, got {sorted(m.graphs)}")
     for gname, entry in m.graphs.items():
@@ -418,10 +434,12 @@ def load_bundle(path: str | Path, threads: int = 1) -> Bundle:
                         f"{where}: encoder")
     dynamics = OnnxGraph(sessions["dynamics"], DYNAMICS_INPUTS, DYNAMICS_OUTPUTS, needed["dynamics"]["inputs"],
                          f"{where}: dynamics")
+    rollout = OnnxGraph(sessions["rollout"], ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, needed["rollout"]["inputs"],
+                        f"{where}: rollout")
 
-    # 10. a smoke run on neutral inputs: the right shapes come back, finite
-    _smoke_test(encoder, dynamics, robot, ad, where)
-    return Bundle(path, data, robot, family, planner, encoder, dynamics)
+    # 10. a smoke run on neutral inputs: the right shapes come back, finite, and the fused rollout is the chain
+    _smoke_test(encoder, dynamics, rollout, robot, ad, where)
+    return Bundle(path, data, robot, family, planner, encoder, dynamics, rollout)
 
 
 def _fmt_shape(shape: list[Dim] | tuple) -> str:
@@ -513,23 +531,44 @@ def _check_session_io(session: ort.InferenceSession, entry: GraphEntry, where: s
                                       f"shape {arg.shape}, expected {_fmt_shape(shape)}")
 
 
-def _smoke_test(encoder: OnnxGraph, dynamics: OnnxGraph, robot: RobotSpec, ad: AdaptationSpec, where: str) -> None:
+ROLLOUT_CHAIN_TOLERANCE = 1e-4
+"""Largest allowed |fused rollout - chained dynamics steps|, relative to the observation scale, at load time.
+Both are onnxruntime float32; only kernel fusion order differs, so a real mismatch (a rollout graph from
+another model) is orders of magnitude larger."""
+
+
+def _smoke_test(encoder: OnnxGraph, dynamics: OnnxGraph, rollout: OnnxGraph, robot: RobotSpec, ad: AdaptationSpec,
+                where: str) -> None:
     b, k, o, a = 2, ad.context_window, robot.obs_dim, robot.action_dim
-    e, m, d = ad.ensemble_size, 3, ad.context_dim
+    e, m, d, h = ad.ensemble_size, 3, ad.context_dim, ad.rollout_horizon
     mask = np.zeros((b, k), np.float32)
     mask[1, -1] = 1.0
+    # A short ramp from the safe command: every step of the rollout sees a different action.
+    actions = np.broadcast_to(robot.safe_action + 0.1 * np.linspace(-1, 1, h)[:, None] * (robot.action_high
+                              - robot.action_low) / 2, (e, m, h, a))
     try:
         (z,) = encoder(np.zeros((b, k, o)), np.zeros((b, k, a)), np.zeros((b, k, o)), mask)
-        mean, logvar = dynamics(np.zeros((e, m, o)), np.broadcast_to(robot.safe_action, (e, m, a)),
-                                np.broadcast_to(z[:1], (e, m, d)))
+        ctx = np.broadcast_to(z[:1], (e, m, d))
+        mean, logvar = dynamics(np.zeros((e, m, o)), actions[:, :, 0], ctx)
+        (fused,) = rollout(np.zeros((e, m, o)), actions, ctx)
+        chained, state = [], np.zeros((e, m, o), np.float32)
+        for t in range(h):
+            state = dynamics(state, actions[:, :, t], ctx)[0]
+            chained.append(state)
     except Exception as exc:  # onnxruntime runtime failures
         raise BundleError(where, "graphs", f"a test run of the graphs failed: {exc}") from None
     for label, arr, shape in (("encoder output context", z, (b, d)), ("dynamics output next_obs_mean", mean, (e, m, o)),
-                              ("dynamics output next_obs_logvar", logvar, (e, m, o))):
+                              ("dynamics output next_obs_logvar", logvar, (e, m, o)),
+                              ("rollout output next_obs", fused, (e, m, h, o))):
         if arr.shape != shape:
             raise BundleError(where, "graphs", f"{label}: a test run returned shape {arr.shape}, expected {shape}")
         if not np.all(np.isfinite(arr)):
             raise BundleError(where, "graphs", f"{label}: a test run on zero inputs returned non-finite values")
+    gap = float(np.max(np.abs(fused - np.stack(chained, axis=2)) / robot.obs_scale))
+    if not gap <= ROLLOUT_CHAIN_TOLERANCE:
+        raise BundleError(where, "graphs.rollout", f"the fused rollout differs from the chained dynamics graph by "
+                          f"{gap:.3g} (in observation-scale units, allowed {ROLLOUT_CHAIN_TOLERANCE:g}): the two "
+                          "graphs are not the same model")
 
 
 __all__ = ["BUNDLE_SCHEMA_VERSION", "Bundle", "BundleError", "action_layout", "family_from_dict", "graph_interfaces",

@@ -1,7 +1,10 @@
 """Trajectory sampling through a learned ensemble (TS-inf): each particle stays on one member.
 
 The ensemble is reached through a step function ``(E, M, o), (E, M, a), (E, M, d) → (E, M, o)``:
-an onnxruntime session on the robot, the torch model in training. Particle ``r`` of the flattened
+an onnxruntime session on the robot, the torch model in training. A bundle also carries the same
+step chained over the planner's horizon as one graph (``fused``: ``(E, M, o), (E, M, H, a),
+(E, M, d) → (E, M, H, o)``); one call instead of H removes the per-call overhead that dominates
+small models, so it is used whenever the horizon matches. Particle ``r`` of the flattened
 ``(B, N, P)`` batch rides member ``r mod E`` for the whole horizon, so the particles of one action
 sequence see different members when ``P > 1`` and, with ``P = 1``, consecutive samples do.
 """
@@ -13,6 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+FusedFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``(E, M, o), (E, M, H, a), (E, M, d) → (E, M, H, o)``: H chained steps in one call."""
 
 
 class EnsembleRollout:
@@ -21,10 +26,12 @@ class EnsembleRollout:
     ``start`` is ``(obs (B, o), z (B, d))``: the current observation and each env's context.
     """
 
-    def __init__(self, step: StepFn, ensemble_size: int) -> None:
+    def __init__(self, step: StepFn, ensemble_size: int, fused: tuple[FusedFn, int] | None = None) -> None:
         self.step = step
         """The ensemble's one-step mean prediction."""
         self.ensemble_size = ensemble_size
+        self.fused = fused
+        """``(rollout function, its horizon)``, used for action sequences of exactly that horizon."""
 
     def rollout(self, start: tuple[np.ndarray, np.ndarray], actions: np.ndarray, particles: int) -> np.ndarray:
         obs, z = start
@@ -42,10 +49,13 @@ class EnsembleRollout:
         state = to_members(np.repeat(obs, n * particles, axis=0))
         ctx = to_members(np.repeat(z, n * particles, axis=0))
         act = np.repeat(actions, particles, axis=1).reshape(rows, h, a)  # (B*N*P, H, a), particles adjacent
-        out = np.empty((e, m, h, obs.shape[-1]), dtype=np.float32)
-        for t in range(h):
-            state = self.step(state, to_members(act[:, t]), ctx)
-            out[:, :, t] = state
+        if self.fused is not None and self.fused[1] == h:
+            out = self.fused[0](state, to_members(act.reshape(rows, h * a)).reshape(e, m, h, a), ctx)
+        else:
+            out = np.empty((e, m, h, obs.shape[-1]), dtype=np.float32)
+            for t in range(h):
+                state = self.step(state, to_members(act[:, t]), ctx)
+                out[:, :, t] = state
         # (E, M, H, o) → rows in the original (B, N, P) order, padding dropped.
         flat = out.transpose(1, 0, 2, 3).reshape(m * e, h, -1)[:rows]
         return flat.reshape(b, n, particles, h, -1).astype(np.float64)

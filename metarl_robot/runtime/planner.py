@@ -92,14 +92,20 @@ def limit_sequences(actions: np.ndarray, last: np.ndarray, low: np.ndarray, high
                     max_step: np.ndarray) -> np.ndarray:
     """Clip ``(..., H, a)`` sequences to the box and to ``|a_t - a_{t-1}| <= max_step`` from ``last (..., a)``.
 
-    Both constraints are convex, so any average of limited sequences is limited too.
+    Both constraints are convex, so any average of limited sequences is limited too. The recursion
+    runs over H; each step is in-place ufuncs in ``np.clip``'s order (its dispatch cost was most of
+    the planner's own time, docs/BENCHMARKS.md).
     """
-    out = np.empty_like(actions)
-    prev = last
-    for t in range(actions.shape[-2]):
-        step = np.clip(actions[..., t, :], prev - max_step, prev + max_step)
-        out[..., t, :] = prev = np.clip(step, low, high)
-    return out
+    out = np.array(np.moveaxis(actions, -2, 0), dtype=np.float64)  # H-major: each step one contiguous block
+    prev = np.broadcast_to(np.asarray(last, dtype=np.float64), out.shape[1:])
+    bound = np.empty(out.shape[1:])
+    for cur in out:
+        np.maximum(cur, np.subtract(prev, max_step, out=bound), out=cur)
+        np.minimum(cur, np.add(prev, max_step, out=bound), out=cur)
+        np.maximum(cur, low, out=cur)
+        np.minimum(cur, high, out=cur)
+        prev = cur
+    return np.moveaxis(out, 0, -2)
 
 
 class Planner:
@@ -113,6 +119,11 @@ class Planner:
         self.max_step = robot.action_max_rate * robot.ctrl_dt
         self.half_range = (self.high - self.low) / 2
         self.rng = np.random.default_rng(cfg.seed)
+        # AR(1) along the horizon as one matrix: x_t = beta x_{t-1} + sqrt(1 - beta^2) w_t, x_0 = w_0.
+        t = np.arange(cfg.horizon)
+        beta = cfg.noise_correlation
+        self._ar = np.where(t[:, None] >= t[None], beta ** np.maximum(t[:, None] - t[None], 0), 0.0)
+        self._ar[:, 1:] *= np.sqrt(1.0 - beta**2)
         self.mean = np.zeros((batch, cfg.horizon, robot.action_dim))
         self.std = np.zeros_like(self.mean)
         self.reset()
@@ -126,13 +137,9 @@ class Planner:
     def _noise(self, b: int, h: int, a: int) -> np.ndarray:
         """Unit-variance Gaussian noise ``(B, N, H, a)``, AR(1)-correlated along H."""
         white = self.rng.standard_normal((b, self.cfg.samples, h, a))
-        beta = self.cfg.noise_correlation
-        if beta == 0.0:
+        if self.cfg.noise_correlation == 0.0:
             return white
-        scale = np.sqrt(1.0 - beta**2)
-        for t in range(1, h):
-            white[:, :, t] = beta * white[:, :, t - 1] + scale * white[:, :, t]
-        return white
+        return np.einsum("ts,bnsa->bnta", self._ar, white, optimize=True)
 
     def returns(self, obs: np.ndarray, start: Any, actions: np.ndarray, reward_params: Mapping[str, Any]
                 ) -> np.ndarray:

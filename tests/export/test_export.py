@@ -16,6 +16,7 @@ from metarl_robot.export import bundle_writer
 from metarl_robot.export.bundle_writer import export_run
 from metarl_robot.export.onnx_graphs import (
     PARITY_TOLERANCE,
+    ExportedGraphs,
     ExportError,
     export_graphs,
     measure_parity,
@@ -62,6 +63,10 @@ def load_model(run_dir: Path, checkpoint: str = "latest.pt") -> ContextDynamics:
     return model.eval()
 
 
+def bundle_graphs(bundle_dir: Path) -> ExportedGraphs:
+    return ExportedGraphs(*(bundle_dir / f"{g}.onnx" for g in GRAPHS), exporter="torchscript", opset=17, interfaces={})
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("runs"))
@@ -77,12 +82,17 @@ def manifest(bundle_dir: Path) -> dict:
     return yaml.safe_load((bundle_dir / "bundle.yaml").read_text())
 
 
-def test_bundle_folder_holds_the_manifest_and_two_graphs(bundle_dir: Path):
-    assert sorted(p.name for p in bundle_dir.iterdir()) == ["bundle.yaml", "dynamics.onnx", "encoder.onnx"]
+GRAPHS = ("encoder", "dynamics", "rollout")
+HORIZON = TINY["planner.horizon"]
+
+
+def test_bundle_folder_holds_the_manifest_and_three_graphs(bundle_dir: Path):
+    assert sorted(p.name for p in bundle_dir.iterdir()) == ["bundle.yaml", "dynamics.onnx", "encoder.onnx",
+                                                             "rollout.onnx"]
     assert not list(bundle_dir.parent.glob(".tiny_bundle.*")), "staging folder left behind"
 
 
-@pytest.mark.parametrize("graph", ["encoder", "dynamics"])
+@pytest.mark.parametrize("graph", GRAPHS)
 def test_graphs_pass_the_full_onnx_checker(bundle_dir: Path, manifest: dict, graph: str):
     model = onnx.load(str(bundle_dir / f"{graph}.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -101,8 +111,9 @@ def test_parity_on_random_inputs_of_several_sizes(run_dir: Path, bundle_dir: Pat
     robot = robot_from_dict(load_checkpoint(run_dir / "checkpoints" / "latest.pt")["robot"])
     rng = np.random.default_rng(7)
     for batch, rows in [(1, 1), (3, 5), (64, 97), (257, 1000)]:  # the traced sizes were 2 and 3
-        enc, dyn = random_inputs(model, robot.obs_scale, rng, batch=batch, rows=rows)
-        parity = measure_parity(model, bundle_dir / "encoder.onnx", bundle_dir / "dynamics.onnx", enc, dyn)
+        inputs = random_inputs(model, robot.obs_scale, rng, HORIZON, batch=batch, rows=rows)
+        parity = measure_parity(model, bundle_graphs(bundle_dir), inputs)
+        assert sorted(parity["max_abs_diff"]) == ["context", "next_obs_logvar", "next_obs_mean", "rollout_next_obs"]
         for name, diff in parity["max_abs_diff"].items():
             assert diff <= PARITY_TOLERANCE, (batch, rows, name, diff)
 
@@ -110,9 +121,10 @@ def test_parity_on_random_inputs_of_several_sizes(run_dir: Path, bundle_dir: Pat
 def test_parity_on_real_buffer_inputs(run_dir: Path, bundle_dir: Path):
     model = load_model(run_dir)
     buffer = EpisodeBuffer.load(run_dir / "buffer.npz")
-    enc, dyn = real_inputs(model, buffer, np.random.default_rng(3), n=2048)
+    inputs = real_inputs(model, buffer, np.random.default_rng(3), HORIZON, n=2048)
+    enc = inputs[0]
     assert enc[3].min() == 0 and enc[3].max() == 1  # windows of every fill level, as the adapter sees them
-    parity = measure_parity(model, bundle_dir / "encoder.onnx", bundle_dir / "dynamics.onnx", enc, dyn)
+    parity = measure_parity(model, bundle_graphs(bundle_dir), inputs)
     for name, diff in parity["max_abs_diff"].items():
         # Outputs are float32 in raw units: an unwrapped angle of 100+ rad cannot agree beyond its last bit.
         ulp = float(np.spacing(np.float32(parity["max_abs_value"][name])))
@@ -123,19 +135,26 @@ def test_parity_on_real_buffer_inputs(run_dir: Path, bundle_dir: Path):
 def test_runtime_graphs_match_torch_through_the_bundle_api(run_dir: Path, bundle_dir: Path):
     model, bundle = load_model(run_dir), load_bundle(bundle_dir)
     buffer = EpisodeBuffer.load(run_dir / "buffer.npz")
-    enc, dyn = real_inputs(model, buffer, np.random.default_rng(4), n=256)
+    enc, dyn, roll = real_inputs(model, buffer, np.random.default_rng(4), HORIZON, n=256)
     with torch.no_grad():
         z = model.encode(*map(torch.as_tensor, enc)).numpy()
         mean = model(*map(torch.as_tensor, dyn))[0].numpy()
     assert np.allclose(bundle.encode(*enc), z, rtol=0, atol=PARITY_TOLERANCE)
     assert np.allclose(bundle.step(*dyn), mean, rtol=1e-6, atol=PARITY_TOLERANCE)
+    # The fused rollout is the chain of steps: free-running, float32 differences may compound, but slowly.
+    fused, state, chained = bundle.rollout(*roll), roll[0], []
+    for t in range(HORIZON):
+        state = bundle.step(state, roll[1][:, :, t], roll[2])
+        chained.append(state)
+    assert fused.shape == (*roll[0].shape[:2], HORIZON, roll[0].shape[-1])
+    assert np.allclose(fused, np.stack(chained, axis=2), rtol=1e-5, atol=1e-4)
 
 
 def test_manifest_has_every_field_and_the_right_hashes(run_dir: Path, bundle_dir: Path, manifest: dict):
     assert list(manifest) == MANIFEST_KEYS
-    assert manifest["schema_version"] == 1 and manifest["kind"] == "model_based"
+    assert manifest["schema_version"] == 2 and manifest["kind"] == "model_based"
     assert manifest["name"] == "tiny_bundle"
-    assert manifest["files"] == {f: sha256_file(bundle_dir / f) for f in ("encoder.onnx", "dynamics.onnx")}
+    assert manifest["files"] == {f"{g}.onnx": sha256_file(bundle_dir / f"{g}.onnx") for g in GRAPHS}
     robot = load_robot("cartpole")
     assert manifest["robot"] == robot.to_dict()
     assert manifest["robot_interface_sha256"] == robot.interface_hash
@@ -146,11 +165,12 @@ def test_manifest_has_every_field_and_the_right_hashes(run_dir: Path, bundle_dir
     assert [f["name"] for f in manifest["observation"]["fields"]] == [f.name for f in robot.measured_fields]
     assert manifest["action"]["names"] == ["motor"] and manifest["action"]["low"] == [-1.0]
     assert manifest["control_period"] == robot.ctrl_dt
-    assert manifest["adaptation"] == {"context_window": 16, "context_dim": 8, "ensemble_size": 4}
+    assert manifest["adaptation"] == {"context_window": 16, "context_dim": 8, "ensemble_size": 4,
+                                      "rollout_horizon": HORIZON}
     cfg = load_config(run_dir / "config.yaml")
     assert manifest["planner"] == to_plain(cfg.planner)
-    expected = graph_interfaces(robot.obs_dim, robot.action_dim, 16, 8, 4)
-    for graph in ("encoder", "dynamics"):
+    expected = graph_interfaces(robot.obs_dim, robot.action_dim, 16, 8, 4, HORIZON)
+    for graph in GRAPHS:
         entry = manifest["graphs"][graph]
         assert entry["file"] == f"{graph}.onnx" and entry["opset"] >= 17
         assert {"inputs": entry["inputs"], "outputs": entry["outputs"]} == expected[graph]
@@ -163,7 +183,8 @@ def test_manifest_has_every_field_and_the_right_hashes(run_dir: Path, bundle_dir
     assert prov["metrics"] == pytest.approx(state["history"][-1], nan_ok=True)
     assert prov["exporter"]["name"] in ("torchscript", "dynamo")
     for kind in ("random", "real"):
-        assert set(prov["parity"][kind]["max_abs_diff"]) == {"context", "next_obs_mean", "next_obs_logvar"}
+        assert set(prov["parity"][kind]["max_abs_diff"]) == {"context", "next_obs_mean", "next_obs_logvar",
+                                                                  "rollout_next_obs"}
         assert max(prov["parity"][kind]["max_excess_over_ulp"].values()) <= PARITY_TOLERANCE
 
 
@@ -211,11 +232,11 @@ def test_missing_run_folder_or_checkpoint_is_named(run_dir: Path, tmp_path: Path
 
 def test_dynamo_exporter_fallback_also_matches_torch(run_dir: Path, tmp_path: Path):
     model = load_model(run_dir)
-    graphs = export_graphs(model, tmp_path, exporter="dynamo")
+    graphs = export_graphs(model, tmp_path, HORIZON, exporter="dynamo")
     assert graphs.exporter == "dynamo" and graphs.opset >= 18
     robot = load_robot("cartpole")
-    for path in (graphs.encoder, graphs.dynamics):
+    for path in (graphs.encoder, graphs.dynamics, graphs.rollout):
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    enc, dyn = random_inputs(model, robot.obs_scale, np.random.default_rng(0), batch=5, rows=11)
-    parity = measure_parity(model, graphs.encoder, graphs.dynamics, enc, dyn)
+    inputs = random_inputs(model, robot.obs_scale, np.random.default_rng(0), HORIZON, batch=5, rows=11)
+    parity = measure_parity(model, graphs, inputs)
     assert max(parity["max_abs_diff"].values()) <= PARITY_TOLERANCE

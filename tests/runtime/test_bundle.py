@@ -181,7 +181,7 @@ def test_refuses_a_folder_without_bundle_yaml(copy: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["encoder.onnx", "dynamics.onnx"])
+@pytest.mark.parametrize("name", ["encoder.onnx", "dynamics.onnx", "rollout.onnx"])
 def test_refuses_a_missing_listed_file(copy: Path, name: str):
     (copy / name).unlink()
     refused(copy, f"files.{name}", "missing")
@@ -203,10 +203,10 @@ def test_refuses_a_flipped_byte(copy: Path):
 
 # ---- refusals: manifest -----------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("version", [2, 0, "1"])
+@pytest.mark.parametrize("version", [1, 3, 0, "2"])
 def test_refuses_an_unknown_schema_version(copy: Path, version):
     edit_yaml(copy / "bundle.yaml", lambda d: d.__setitem__("schema_version", version))
-    refused(copy, "schema_version", "not supported", "reads 1")
+    refused(copy, "schema_version", "not supported", "reads 2")
 
 
 @pytest.mark.slow
@@ -333,6 +333,34 @@ def test_refuses_a_nan_weight_that_the_hashes_do_not_catch(copy: Path):
     resave_onnx(copy, "dynamics.onnx", poison)
     err = refused(copy, "graphs.dynamics.file", "hidden_layers.1.weight", "non-finite")
     assert "1 non-finite" in str(err)
+
+
+@pytest.mark.slow
+def test_refuses_a_rollout_graph_that_is_not_the_chained_dynamics(copy: Path):
+    def perturb(model: onnx.ModelProto) -> None:  # finite, valid, but another model
+        init = next(i for i in model.graph.initializer if i.name.endswith("hidden_layers.1.weight"))
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+
+    resave_onnx(copy, "rollout.onnx", perturb)
+    refused(copy, "graphs.rollout", "not the same model")
+
+
+@pytest.mark.slow
+def test_fused_rollout_plans_what_the_stepped_dynamics_plan(bundle_dir: Path):
+    bundle = load_bundle(bundle_dir)
+    overrides = {"samples": 24, "horizon": bundle.rollout_horizon}
+    fused, stepped = (bundle.make_adapter(batch=2, seed=3, planner_overrides=overrides) for _ in range(2))
+    assert fused.planner.model.fused is not None
+    stepped.planner.model.fused = None
+    obs = obs_batch(np.random.default_rng(0), 2)
+    for _ in range(4):
+        a_fused, d_fused = fused.act(obs, {"target_x": 0.0})
+        a_stepped, d_stepped = stepped.act(obs, {"target_x": 0.0})
+        np.testing.assert_allclose(a_fused, a_stepped, atol=1e-3)
+        np.testing.assert_allclose(d_fused["plan_return"], d_stepped["plan_return"], rtol=1e-4)
+        for adapter, action in ((fused, a_fused), (stepped, a_stepped)):
+            adapter.observe(obs, action, obs + 0.01)
+        obs = obs + 0.01
 
 
 @pytest.mark.slow

@@ -36,6 +36,17 @@ def test_limit_sequences_respects_box_and_rate():
     assert np.abs(steps).max() <= 0.3 + 1e-12
 
 
+def test_limit_sequences_is_the_clip_recursion_even_from_outside_the_box():
+    rng = np.random.default_rng(1)
+    low, high, step = np.array([-1.0, 0.0]), np.array([1.0, 2.0]), np.array([0.3, 0.5])
+    seq = rng.uniform(-4, 4, (2, 5, 12, 2))
+    last = rng.uniform(-3, 3, (2, 1, 2))  # a last command beyond the box (e.g. limits changed) must come back in
+    expected, prev = np.empty_like(seq), np.broadcast_to(last, (2, 5, 2))
+    for t in range(seq.shape[2]):
+        expected[:, :, t] = prev = np.clip(np.clip(seq[:, :, t], prev - step, prev + step), low, high)
+    np.testing.assert_array_equal(limit_sequences(seq, last, low, high, step), expected)
+
+
 @pytest.mark.parametrize("method", ["mppi", "cem"])
 def test_planner_drives_toward_the_reward(method):
     cfg = PlannerConfig(method=method, horizon=15, samples=64, iterations=3, noise_correlation=0.5)
@@ -98,3 +109,30 @@ def test_ensemble_rollout_keeps_each_particle_on_one_member():
     # 1 x 2 rows do not fill 3 members: padded internally, the two real rows come back in order.
     short = roll.rollout((np.zeros((1, 4)), np.zeros((1, 5))), np.ones((1, 2, 4, 1)), particles=1)
     np.testing.assert_array_equal(short[0, :, 0, -1, 0], [4, 8])
+
+
+def test_fused_rollout_returns_what_the_stepped_rollout_returns_and_only_at_its_horizon():
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=(3, 4 + 1 + 5, 4)) * 0.3  # a different linear map per member
+
+    def step(obs, act, z):
+        return np.tanh(np.einsum("emi,eio->emo", np.concatenate([obs, act, z], -1), weights)).astype(np.float32)
+
+    calls = []
+
+    def fused(obs, actions, z):  # the chain of steps, as the rollout graph computes it
+        calls.append(actions.shape)
+        out = []
+        for t in range(actions.shape[2]):
+            obs = step(obs, actions[:, :, t], z)
+            out.append(obs)
+        return np.stack(out, axis=2)
+
+    start = (rng.normal(size=(2, 4)), rng.normal(size=(2, 5)))
+    actions = rng.uniform(-1, 1, (2, 5, 6, 1))
+    stepped = EnsembleRollout(step, 3).rollout(start, actions, particles=2)
+    with_fused = EnsembleRollout(step, 3, fused=(fused, 6))
+    np.testing.assert_allclose(with_fused.rollout(start, actions, particles=2), stepped, rtol=1e-6)
+    assert calls == [(3, 7, 6, 1)]  # 2 x 5 x 2 = 20 rows on 3 members: 7 each (one padded)
+    with_fused.rollout(start, actions[:, :, :4], particles=2)  # another horizon: stepped, not fused
+    assert len(calls) == 1
