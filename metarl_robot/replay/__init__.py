@@ -12,9 +12,9 @@ from metarl_robot.replay.episode_log import (
     EpisodeLogError,
     EpisodeLogWarning,
     EpisodeLogWriter,
-    SafetyEvent,
+    SafetyEventRecord,
     read_episode,
 )
 
 __all__ = ["EPISODE_LOG_SCHEMA_VERSION", "DiagnosticEntry", "Episode", "EpisodeLogError", "EpisodeLogWarning",
-           "EpisodeLogWriter", "SafetyEvent", "read_episode"]
+           "EpisodeLogWriter", "SafetyEventRecord", "read_episode"]

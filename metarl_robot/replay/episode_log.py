@@ -88,10 +88,14 @@ STEP_TOPICS = (TOPIC_STEP, TOPIC_OBSERVATION, TOPIC_JOINT_STATES, TOPIC_TASK, TO
 """Topics written by :meth:`EpisodeLogWriter.write_step`: MCAP ``sequence`` = step index, same log_time."""
 
 STEP_FIELDS = ("step", "time_ns", "state_seq", "robot_stamp_ns", "receive_time_ns", "command_seq",
-               "command_state_seq", "command_expiry_ns", "command_source")
+               "command_state_seq", "command_expiry_ns", "command_source", "safety_state")
 """Labels (in order) of the ``/metarl/step`` Int64MultiArray."""
-COMMAND_SOURCES = ("adapter", "safe", "fallback")
-"""What produced a command; its index is the ``command_source`` code in ``/metarl/step``."""
+COMMAND_SOURCES = ("adapter", "safe_command", "fallback_controller", "none")
+"""What produced the command (``runtime.safety.CommandSource``); the index is its code in ``/metarl/step``.
+``none``: nothing was sent this period (no ``/metarl/command`` message)."""
+SAFETY_STATES = ("", "OK", "WARN", "FALLBACK", "SAFE_STOP", "DISARMED")
+"""The safety layer's state (``runtime.safety.SafetyState``); the index is its code in ``/metarl/step``, 0 = not given.
+Codes are part of the log layout: append, never reorder."""
 ADAPTER_ACTION_LABEL = "action"
 """First block of ``/metarl/adaptation``: the adapter's raw action before the safety layer."""
 
@@ -233,7 +237,7 @@ class DiagnosticsRecord:
 
 
 @dataclass(frozen=True)
-class SafetyEvent:
+class SafetyEventRecord:
     """Something the safety layer detected or did."""
 
     time_ns: int
@@ -241,7 +245,7 @@ class SafetyEvent:
     step: int
     """Index of the control step it belongs to (the step being decided when it happened)."""
     kind: str
-    """What happened, a snake_case identifier, e.g. ``stale_telemetry``, ``nonfinite_obs``, ``prediction_error``."""
+    """What happened: an identifier, normally a ``runtime.safety.EventCode`` such as ``TELEMETRY_STALE``."""
     level: str
     """``OK``, ``WARN``, ``ERROR`` or ``STALE`` (``OK`` marks a recovery)."""
     message: str
@@ -309,7 +313,9 @@ class Episode:
     command_expiry_ns: np.ndarray
     """(N,) int64 the command's expiry as sent (0: none)."""
     command_source: np.ndarray
-    """(N,) str: ``adapter``, ``safe`` or ``fallback``."""
+    """(N,) str: one of :data:`COMMAND_SOURCES` (``none``: nothing sent; ``command`` is NaN there)."""
+    safety_state: np.ndarray
+    """(N,) str: the safety layer's state that period, one of :data:`SAFETY_STATES` (``""``: not logged)."""
     task_params: dict[str, np.ndarray]
     """Task/reward parameter name → (N,) float64 values given to ``act()`` (empty if none were given)."""
     adapted: np.ndarray
@@ -318,7 +324,7 @@ class Episode:
     """(N, action_dim) float64 the adapter's raw action before the safety layer."""
     adaptation: dict[str, np.ndarray]
     """Adapter diagnostic name → (N, size) float64, e.g. ``context``, ``prediction_error``, ``plan_return``."""
-    safety_events: list[SafetyEvent]
+    safety_events: list[SafetyEventRecord]
     """Safety events in log order."""
     diagnostics: list[DiagnosticsRecord]
     """``/diagnostics`` messages in log order."""
@@ -438,8 +444,8 @@ class EpisodeLogWriter:
         return self.wall_anchor_ns + int(time_ns) - self.monotonic_anchor_ns
 
     def write_step(self, *, obs: Any, state_seq: int, robot_stamp_ns: int, receive_time_ns: int, command: Any,
-                   command_seq: int, command_source: str = "adapter", command_state_seq: int | None = None,
-                   command_expiry_ns: int = 0, task_params: Mapping[str, Any] | None = None,
+                   command_seq: int | None, command_source: str = "adapter", command_state_seq: int | None = None,
+                   command_expiry_ns: int = 0, safety_state: str = "", task_params: Mapping[str, Any] | None = None,
                    adapter_action: Any = None, adaptation: Mapping[str, Any] | None = None,
                    time_ns: int | None = None) -> int:
         """Log one control step; returns its index. Everything is checked before anything is written.
@@ -449,7 +455,9 @@ class EpisodeLogWriter:
         telemetry frame it came from; ``receive_time_ns``: when that frame arrived (controller
         monotonic clock). ``command``: what was sent, (action_dim,) or (1, action_dim);
         ``command_seq``, ``command_state_seq`` (default ``state_seq``) and ``command_expiry_ns`` as put
-        on the wire; ``command_source``: one of :data:`COMMAND_SOURCES`. ``task_params``: the
+        on the wire; ``command_source``: one of :data:`COMMAND_SOURCES` (the safety decision's
+        ``source``; for ``none``, nothing was sent: ``command`` and ``command_seq`` are None);
+        ``safety_state``: the safety layer's state, one of :data:`SAFETY_STATES`. ``task_params``: the
         parameters passed to ``act()`` (same names every step). ``adapter_action``/``adaptation``: the
         adapter's raw action and diagnostics (arrays of shape (1, ·), (·) or scalars; same names and
         sizes every step) — both or neither (a step on which the adapter did not run).
@@ -466,15 +474,27 @@ class EpisodeLogWriter:
         if step > _MAX_SEQUENCE:
             raise EpisodeLogError(where, "step", f"more than {_MAX_SEQUENCE + 1} steps in one episode")
         obs_vec = _vector(obs, self.robot.obs_dim, where, "obs")
-        command_vec = _vector(command, self.robot.action_dim, where, "command")
+        command_source, safety_state = str(command_source), str(safety_state)
         if command_source not in COMMAND_SOURCES:
             raise EpisodeLogError(where, "command_source", f"must be one of {list(COMMAND_SOURCES)}, "
                                   f"got {command_source!r}")
+        if safety_state not in SAFETY_STATES:
+            raise EpisodeLogError(where, "safety_state", f"must be one of {list(SAFETY_STATES)}, got {safety_state!r}")
+        sent = command_source != "none"
+        if sent and (command is None or command_seq is None):
+            raise EpisodeLogError(where, "command", f"command and command_seq are required when a command was sent "
+                                  f"(command_source={command_source!r})")
+        if not sent and (command is not None or command_seq is not None):
+            raise EpisodeLogError(where, "command", "must be None with command_source='none' (nothing was sent)")
+        command_vec = _vector(command, self.robot.action_dim, where, "command") if sent else None
         state_seq = _as_int(state_seq, where, "state_seq")
         ints = [step, time_ns, state_seq, _as_int(robot_stamp_ns, where, "robot_stamp_ns"),
-                _as_int(receive_time_ns, where, "receive_time_ns"), _as_int(command_seq, where, "command_seq"),
-                state_seq if command_state_seq is None else _as_int(command_state_seq, where, "command_state_seq"),
-                _as_int(command_expiry_ns, where, "command_expiry_ns"), COMMAND_SOURCES.index(command_source)]
+                _as_int(receive_time_ns, where, "receive_time_ns"),
+                _as_int(command_seq, where, "command_seq") if sent else -1,
+                (state_seq if command_state_seq is None else _as_int(command_state_seq, where, "command_state_seq"))
+                if sent else -1,
+                _as_int(command_expiry_ns, where, "command_expiry_ns") if sent else 0,
+                COMMAND_SOURCES.index(command_source), SAFETY_STATES.index(safety_state)]
         task_msg, task_layout = self._task_message(task_params)
         adaptation_msg, adaptation_layout = self._adaptation_message(adapter_action, adaptation)
 
@@ -490,7 +510,8 @@ class EpisodeLogWriter:
             messages.append((TOPIC_TASK, task_msg))
         if adaptation_msg is not None:
             messages.append((TOPIC_ADAPTATION, adaptation_msg))
-        messages.append((TOPIC_COMMAND, self._command_layout.message(command_vec.tolist())))
+        if command_vec is not None:
+            messages.append((TOPIC_COMMAND, self._command_layout.message(command_vec.tolist())))
 
         for topic, msg in messages:
             self._mcap.write_message(topic, self._schemas[TOPIC_TYPES[topic]], msg, log_time=log_time,
@@ -506,20 +527,22 @@ class EpisodeLogWriter:
             self._sync()
         return step
 
-    def write_safety_event(self, kind: str, message: str, *, level: str = "ERROR", action: str = "",
+    def write_safety_event(self, kind: str, message: str, *, level: str | int = "ERROR", action: str = "",
                            state_seq: int | None = None, step: int | None = None,
                            values: Mapping[str, Any] | None = None, time_ns: int | None = None) -> None:
-        """Log a safety event on ``/metarl/safety`` and write it to the OS at once (with the open chunk).
+        """Log a safety event on ``/metarl/safety``; an ERROR or STALE one goes to the OS at once (with the open chunk).
 
-        ``kind``: snake_case identifier of what happened; ``level``: ``OK`` (recovered), ``WARN``,
-        ``ERROR`` or ``STALE``; ``action``: what the safety layer did (e.g. ``safe_command``);
+        ``kind``: identifier of what happened (letters, digits, ``_``), e.g. a ``runtime.safety.EventCode``;
+        ``level``: ``OK`` (recovered), ``WARN``, ``ERROR`` or ``STALE``, or its code 0-3 (a
+        ``DiagnosticLevel``); ``action``: what the safety layer did (e.g. ``safe_command``);
         ``step``: the control step it belongs to (default: the next one to be written);
         ``values``: details, stored as strings (floats with ``repr``, exact).
         """
         self._check_open()
         where = str(self.path)
         if not isinstance(kind, str) or not _NAME.match(kind):
-            raise EpisodeLogError(where, "kind", f"must be a snake_case identifier, got {kind!r}")
+            raise EpisodeLogError(where, "kind", f"must be an identifier (letters, digits, _), got {kind!r}")
+        kind = str(kind)  # a StrEnum member → its value
         level_code = _level_code(level, where, "level")
         time_ns = time.monotonic_ns() if time_ns is None else _as_int(time_ns, where, "time_ns")
         step = self._steps if step is None else _as_int(step, where, "step")
@@ -533,7 +556,12 @@ class EpisodeLogWriter:
                   "hardware_id": self.robot.name, "values": [{"key": k, "value": v} for k, v in pairs]}
         self._write_diagnostic_array(TOPIC_SAFETY, [status], time_ns, sequence=self._safety_events)
         self._safety_events += 1
-        self.flush()
+        # Errors often precede a crash, so they reach the disk now; warnings (clamps, rate limits) can
+        # come every period and would otherwise make one tiny chunk per step.
+        if level_code >= DIAGNOSTIC_LEVELS["ERROR"]:
+            self.flush()
+        else:
+            self._sync()
 
     def write_diagnostics(self, statuses: Sequence[Any], *, time_ns: int | None = None) -> None:
         """Log one ``/diagnostics`` message.
@@ -920,7 +948,7 @@ def read_episode(path: str | Path) -> Episode:
     to_controller = anchors["monotonic_anchor_ns"] - anchors["wall_anchor_ns"]
 
     by_topic: dict[str, dict[int, tuple[int, Any]]] = {t: {} for t in STEP_TOPICS}
-    safety: list[SafetyEvent] = []
+    safety: list[SafetyEventRecord] = []
     diagnostics: list[DiagnosticsRecord] = []
     unknown: dict[str, int] = {}
     for topic, record, msg in _decoded(records, where):
@@ -978,7 +1006,7 @@ def _level_name(level: Any) -> str:
     return next((name for name, c in DIAGNOSTIC_LEVELS.items() if c == code), str(code))
 
 
-def _safety_events(msg: Any, time_ns: int, where: str) -> list[SafetyEvent]:
+def _safety_events(msg: Any, time_ns: int, where: str) -> list[SafetyEventRecord]:
     events = []
     for status in msg.status:
         values = {kv.key: kv.value for kv in status.values}
@@ -991,9 +1019,10 @@ def _safety_events(msg: Any, time_ns: int, where: str) -> list[SafetyEvent]:
         except ValueError:
             raise EpisodeLogError(where, TOPIC_SAFETY, f"status {status.name!r}: step/state_seq are not integers "
                                   f"({values['step']!r}, {values['state_seq']!r})") from None
-        events.append(SafetyEvent(time_ns=time_ns, step=step, kind=values["kind"], level=_level_name(status.level),
-                                  message=status.message, action=values["action"], state_seq=state_seq,
-                                  values={k: v for k, v in values.items() if k not in SAFETY_KEYS}))
+        events.append(SafetyEventRecord(
+            time_ns=time_ns, step=step, kind=values["kind"], level=_level_name(status.level), message=status.message,
+            action=values["action"], state_seq=state_seq,
+            values={k: v for k, v in values.items() if k not in SAFETY_KEYS}))
     return events
 
 
@@ -1005,13 +1034,31 @@ def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: Robo
     if indices != list(range(len(indices))):
         gaps = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
         raise EpisodeLogError(where, TOPIC_STEP, f"steps are not consecutive from 0: missing {gaps[:10]}")
+    all_ints = np.zeros((len(indices), len(STEP_FIELDS)), dtype=np.int64)
+    for k in indices:
+        _expect_layout(steps[k][1], [(f, 1) for f in STEP_FIELDS], where, TOPIC_STEP, k)
+        all_ints[k] = steps[k][1].data
+        if all_ints[k, 0] != k:
+            raise EpisodeLogError(where, TOPIC_STEP, f"message with MCAP sequence {k} says step {all_ints[k, 0]}")
+    codes = {}
+    for name, table in (("command_source", COMMAND_SOURCES), ("safety_state", SAFETY_STATES)):
+        codes[name] = all_ints[:, STEP_FIELDS.index(name)]
+        if np.any((codes[name] < 0) | (codes[name] >= len(table))):
+            raise EpisodeLogError(where, f"{TOPIC_STEP}.{name}", f"codes must be 0..{len(table) - 1}")
+    nothing_sent = COMMAND_SOURCES.index("none")
+
+    def whole(k: int) -> bool:
+        sent = all_ints[k, STEP_FIELDS.index("command_source")] != nothing_sent
+        return k in by_topic[TOPIC_OBSERVATION] and (k in by_topic[TOPIC_COMMAND]) == sent
+
     complete = len(indices)
+
     # A crash can split the last step's messages across the lost chunk: drop a tail step missing a part.
-    while complete and any(complete - 1 not in by_topic[t] for t in (TOPIC_OBSERVATION, TOPIC_COMMAND)):
+    while complete and not whole(complete - 1):
         complete -= 1
     if complete < len(indices):
         if not truncated:
-            raise EpisodeLogError(where, TOPIC_OBSERVATION, f"step {complete} has no observation or command")
+            raise EpisodeLogError(where, TOPIC_OBSERVATION, f"step {complete}: no observation or no command")
         notes.append(f"dropped the last {len(indices) - complete} step(s) (from step {complete}): cut in half by the "
                      "end of the file")
     for topic in STEP_TOPICS:
@@ -1025,27 +1072,28 @@ def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: Robo
 
     obs_layout = [(f.name, f.size) for f in robot.measured_fields]
     action_layout = [(a.name, 1) for a in robot.action]
-    ints = np.zeros((n, len(STEP_FIELDS)), dtype=np.int64)
+    ints = all_ints[:n]
     log_time = np.zeros(n, dtype=np.int64)
     obs = np.zeros((n, robot.obs_dim))
     command = np.zeros((n, robot.action_dim))
     for k in range(n):
-        t, msg = steps[k]
-        _expect_layout(msg, [(f, 1) for f in STEP_FIELDS], where, TOPIC_STEP, k)
-        ints[k] = msg.data
-        if ints[k, 0] != k:
-            raise EpisodeLogError(where, TOPIC_STEP, f"message with MCAP sequence {k} says step {ints[k, 0]}")
+        t = steps[k][0]
         log_time[k] = t
+        if not whole(k):
+            source = COMMAND_SOURCES[ints[k, STEP_FIELDS.index("command_source")]]
+            raise EpisodeLogError(where, TOPIC_STEP, f"step {k}: no observation, or a command message that "
+                                  f"disagrees with its command_source {source!r}")
         for topic, out, layout in ((TOPIC_OBSERVATION, obs, obs_layout), (TOPIC_COMMAND, command, action_layout)):
+            if k not in by_topic[topic]:
+                out[k] = np.nan  # a step on which nothing was sent
+                continue
             t_other, other = by_topic[topic][k]
             _expect_same_time(t_other, t, where, topic, k)
             _expect_layout(other, layout, where, topic, k)
             out[k] = other.data
     if n > 1 and np.any(np.diff(ints[:, 1]) <= 0):
         raise EpisodeLogError(where, TOPIC_STEP, "time_ns does not strictly increase")
-    source_codes = ints[:, STEP_FIELDS.index("command_source")]
-    if np.any((source_codes < 0) | (source_codes >= len(COMMAND_SOURCES))):
-        raise EpisodeLogError(where, f"{TOPIC_STEP}.command_source", f"codes must be 0..{len(COMMAND_SOURCES) - 1}")
+    codes = {name: values[:n] for name, values in codes.items()}
 
     task_params = _optional_blocks(by_topic[TOPIC_TASK], log_time, n, where, TOPIC_TASK, every_step=True)
     adaptation = _optional_blocks(by_topic[TOPIC_ADAPTATION], log_time, n, where, TOPIC_ADAPTATION, every_step=False)
@@ -1061,7 +1109,8 @@ def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: Robo
         "receive_time_ns": column["receive_time_ns"], "obs": obs, "command": command,
         "command_seq": column["command_seq"], "command_state_seq": column["command_state_seq"],
         "command_expiry_ns": column["command_expiry_ns"],
-        "command_source": np.array([COMMAND_SOURCES[c] for c in source_codes], dtype=str).reshape(n),
+        "command_source": np.array([COMMAND_SOURCES[c] for c in codes["command_source"]], dtype=str).reshape(n),
+        "safety_state": np.array([SAFETY_STATES[c] for c in codes["safety_state"]], dtype=str).reshape(n),
         "task_params": {name: values[:, 0] for name, values in task_params.items()},
         "adapted": adapted, "adapter_action": adapter_action, "adaptation": adaptation,
     }
@@ -1107,9 +1156,10 @@ def _expect_same_time(t: int, step_time: int, where: str, topic: str, step: int)
 
 
 __all__ = [
-    "COMMAND_SOURCES", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_AGE_S", "EPISODE_LOG_SCHEMA_VERSION", "STEP_FIELDS",
+    "COMMAND_SOURCES", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_AGE_S", "EPISODE_LOG_SCHEMA_VERSION", "SAFETY_STATES",
+    "STEP_FIELDS",
     "TOPIC_ADAPTATION", "TOPIC_COMMAND", "TOPIC_DIAGNOSTICS", "TOPIC_JOINT_STATES", "TOPIC_OBSERVATION",
     "TOPIC_SAFETY", "TOPIC_STEP", "TOPIC_TASK", "TOPIC_TYPES", "DiagnosticEntry", "DiagnosticsRecord", "Episode",
-    "EpisodeLogError", "EpisodeLogWarning", "EpisodeLogWriter", "SafetyEvent", "concatenated_definition",
+    "EpisodeLogError", "EpisodeLogWarning", "EpisodeLogWriter", "SafetyEventRecord", "concatenated_definition",
     "read_episode",
 ]

@@ -31,6 +31,7 @@ from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay import episode_log as el
 from metarl_robot.replay.episode_log import (
     COMMAND_SOURCES,
+    SAFETY_STATES,
     STEP_FIELDS,
     DiagnosticEntry,
     EpisodeLogError,
@@ -39,6 +40,7 @@ from metarl_robot.replay.episode_log import (
     read_episode,
 )
 from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.safety import CommandSource, SafetyConfig, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import load_robot
 
 ENV_ID = "metarl/CartpoleSwingup-v0"
@@ -104,11 +106,13 @@ def record_cartpole_episode(path: Path) -> Recorded:
             action = raw if adapted else robot.safe_action[None]
             next_obs, _, terminated, truncated, step_info = env.step(action[0])
             command = step_info["sent_action"]
+            source, state = ("adapter", "OK") if adapted else ("safe_command", "SAFE_STOP")
             ints = [k, time_ns, 1000 + k, ROBOT_EPOCH_NS + k * PERIOD_NS + 17, time_ns - 3_000_000, 5000 + k,
-                    1000 + k, ROBOT_EPOCH_NS + (k + 3) * PERIOD_NS, 0 if adapted else 1]
+                    1000 + k, ROBOT_EPOCH_NS + (k + 3) * PERIOD_NS, COMMAND_SOURCES.index(source),
+                    SAFETY_STATES.index(state)]
             log.write_step(
                 obs=obs[None], state_seq=ints[2], robot_stamp_ns=ints[3], receive_time_ns=ints[4], command=command,
-                command_seq=ints[5], command_expiry_ns=ints[7], command_source="adapter" if adapted else "safe",
+                command_seq=ints[5], command_expiry_ns=ints[7], command_source=source, safety_state=state,
                 task_params=env.unwrapped.reward_params,
                 adapter_action=raw if adapted else None,
                 adaptation={"context": context, "context_size": np.array([min(k, 16)]), "prediction_error": error,
@@ -125,7 +129,7 @@ def record_cartpole_episode(path: Path) -> Recorded:
             rows["prediction_error"].append(error[0] if adapted else np.nan)
             rows["target_x"].append(env.unwrapped.reward_params["target_x"])
             rows["ints"].append(ints)
-            rows["source"].append("adapter" if adapted else "safe")
+            rows["source"].append(source)
             obs = next_obs
             assert not (terminated or truncated)
     env.close()
@@ -151,10 +155,11 @@ def test_our_reader_returns_exactly_what_was_written(recorded: Recorded) -> None
     assert list(ep.adaptation) == ["context", "context_size", "prediction_error", "predicted_next_obs", "plan_return"]
     assert same_bits(ep.task_params["target_x"], recorded.target_x)
     ints = recorded.ints
-    for i, name in enumerate(STEP_FIELDS[:-1]):
+    for i, name in enumerate(STEP_FIELDS[:-2]):
         assert getattr(ep, name).dtype == np.int64 and np.array_equal(getattr(ep, name), ints[:, i]), name
     assert int(ep.robot_stamp_ns[-1]) == ROBOT_EPOCH_NS + (STEPS - 1) * PERIOD_NS + 17  # > 2**53, exact
     assert ep.command_source.tolist() == recorded.source
+    assert ep.safety_state.tolist() == ["SAFE_STOP" if k in SAFE_STEPS else "OK" for k in range(STEPS)]
     assert ep.adapted.tolist() == [k not in SAFE_STEPS for k in range(STEPS)]
     assert np.array_equal(ep.log_time_ns, 1_700_000_000_000_000_000 + ep.time_ns - recorded.t0)
 
@@ -427,7 +432,10 @@ def test_bad_writer_input_names_the_field_and_writes_nothing(tmp_path: Path) -> 
             ({"obs": np.zeros(5)}, r"obs: must have shape \(4,\) or \(1, 4\), got \(5,\)"),
             ({"command": np.zeros((2, 1))}, r"command: must have shape \(1,\)"),
             ({"time_ns": 10**9}, "time_ns: 1000000000 is not after the previous step's"),
-            ({"command_source": "planner"}, r"command_source: must be one of \['adapter', 'safe', 'fallback'\]"),
+            ({"command_source": "planner"}, r"command_source: must be one of \['adapter', 'safe_command', "),
+            ({"command_source": "none"}, "command: must be None with command_source='none'"),
+            ({"command": None}, "command and command_seq are required when a command was sent"),
+            ({"safety_state": "PANIC"}, "safety_state: must be one of"),
             ({"task_params": {"target_y": 1.0}}, r"task_params: names \['target_y'\] differ"),
             ({"state_seq": 1.5}, "state_seq: must be an integer"),
             ({"state_seq": 2**64}, "state_seq: .* does not fit in int64"),
@@ -439,8 +447,10 @@ def test_bad_writer_input_names_the_field_and_writes_nothing(tmp_path: Path) -> 
                 log.write_step(**{**good, "time_ns": 2 * 10**9, **change})
         with pytest.raises(EpisodeLogError, match="level: must be one of"):
             log.write_safety_event("stale_telemetry", "x", level="FATAL")
-        with pytest.raises(EpisodeLogError, match="kind: must be a snake_case identifier"):
+        with pytest.raises(EpisodeLogError, match=r"kind: must be an identifier \(letters, digits, _\)"):
             log.write_safety_event("stale telemetry!", "x")
+        with pytest.raises(EpisodeLogError, match=r"values: keys \['step'\] are reserved"):
+            log.write_safety_event("stale_telemetry", "x", values={"step": 3})
         log.write_step(**{**good, "time_ns": 2 * 10**9})
         assert log.step_count == 2
     with pytest.raises(EpisodeLogError, match="already exists; every episode needs a new file"):
@@ -491,7 +501,48 @@ def test_a_shadow_replay_of_the_log_reproduces_the_adapters_commands(tmp_path: P
         action, diagnostics = replay.act(ep.obs[k][None], params_k)
         np.testing.assert_allclose(action[0], ep.adapter_action[k], rtol=0, atol=1e-6)
         np.testing.assert_allclose(diagnostics["context"][0], ep.adaptation["context"][k], rtol=0, atol=1e-6)
-    assert COMMAND_SOURCES[0] == "adapter" and set(ep.command_source) == {"adapter"}
+    assert set(ep.command_source) == {"adapter"}
+
+
+def test_a_safety_layers_decisions_and_events_log_as_they_come(tmp_path: Path) -> None:
+    """The node's natural inputs (SafetyDecision, SafetyEvent) map onto the log one to one."""
+    assert {s.value for s in CommandSource} <= set(COMMAND_SOURCES)
+    assert {s.value for s in SafetyState} <= set(SAFETY_STATES)
+    robot = load_robot("cartpole")
+    layer = SafetyLayer(robot, SafetyConfig(stale_after_periods=2.5, recovery_fresh_frames=2))
+    dt = robot.ctrl_dt
+    layer.on_handshake(True, now=0.0)
+    path = tmp_path / "safety.mcap"
+    decisions = []
+    with EpisodeLogWriter(path, robot) as log:
+        seq = 0
+        for k in range(20):
+            now = (k + 1) * dt
+            frame_lost = 6 <= k < 10  # the link drops 4 frames: stale after 2.5 periods
+            usable = False
+            if not frame_lost:
+                seq += 1
+                usable = layer.on_frame(seq, seq * 40_000_000, now, np.array([0.1, 3.0, 0.0, 0.0]))
+            decision = layer.filter(np.array([0.3]), 0.01, now) if usable else layer.tick(now)
+            for event in decision.events:
+                log.write_safety_event(event.code, event.message, level=event.level, action=decision.source,
+                                       state_seq=seq, time_ns=round(event.at * 1e9))
+            sent = decision.command is not None
+            log.write_step(obs=np.array([0.1, 3.0, 0.0, 0.0]), state_seq=seq, robot_stamp_ns=seq * 40_000_000,
+                           receive_time_ns=round(now * 1e9), command=decision.command,
+                           command_seq=k if sent else None, command_source=decision.source,
+                           safety_state=decision.state, time_ns=round(now * 1e9) + 1)
+            decisions.append(decision)
+    ep = read_episode(path)
+    assert ep.command_source.tolist() == [d.source.value for d in decisions]
+    assert ep.safety_state.tolist() == [d.state.value for d in decisions]
+    assert "SAFE_STOP" in ep.safety_state and "safe_command" in ep.command_source
+    events = [e for d in decisions for e in d.events]
+    assert [(e.kind, e.level, e.message) for e in ep.safety_events] == [
+        (e.code.value, e.level.name, e.message) for e in events]
+    assert "TELEMETRY_STALE" in [e.kind for e in ep.safety_events]
+    nothing_sent = [d.command is None for d in decisions]
+    assert np.isnan(ep.command[nothing_sent]).all() and not np.isnan(ep.command[~np.array(nothing_sent)]).any()
 
 
 def test_episode_log_is_robot_side_code() -> None:
