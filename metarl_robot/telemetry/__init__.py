@@ -1,0 +1,35 @@
+"""ZeroMQ telemetry between a robot (or its digital twin) and the controller; see docs/telemetry.md.
+
+- :mod:`~metarl_robot.telemetry.protocol`: the binary frames (numpy only).
+- :mod:`~metarl_robot.telemetry.transport`: endpoints, socket options, CURVE keys.
+- :mod:`~metarl_robot.telemetry.robot_client`: :class:`RobotClient`, the robot side with its command watchdog.
+- :mod:`~metarl_robot.telemetry.controller`: :class:`ControllerLink`, the controller side.
+- :mod:`~metarl_robot.telemetry.keys`: CURVE key generation (``python -m metarl_robot.telemetry.keys DIR``).
+- :mod:`~metarl_robot.telemetry.twin`: the MuJoCo digital twin (``metarl sim-robot``); imports MuJoCo, so it
+  is not imported here: everything this package exports runs on a robot computer (numpy + pyzmq).
+"""
+
+from __future__ import annotations
+
+from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
+from metarl_robot.telemetry.protocol import (
+    PROTOCOL_VERSION,
+    CommandFrame,
+    DecodeStats,
+    FrameDecoder,
+    FrameError,
+    Hello,
+    MsgType,
+    StateFrame,
+    Welcome,
+    decode,
+    encode,
+)
+from metarl_robot.telemetry.robot_client import CommandDecision, RobotClient, RobotCounters
+from metarl_robot.telemetry.transport import CurveClientKeys, CurveServerKeys, Endpoints
+
+__all__ = [
+    "PROTOCOL_VERSION", "CommandDecision", "CommandFrame", "ControllerLink", "CurveClientKeys", "CurveServerKeys",
+    "DecodeStats", "Endpoints", "FrameDecoder", "FrameError", "HandshakeError", "Hello", "MsgType", "RobotClient",
+    "RobotCounters", "StateFrame", "Welcome", "decode", "encode",
+]
