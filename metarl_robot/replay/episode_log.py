@@ -87,8 +87,8 @@ TOPIC_TYPES: dict[str, str] = {
 STEP_TOPICS = (TOPIC_STEP, TOPIC_OBSERVATION, TOPIC_JOINT_STATES, TOPIC_TASK, TOPIC_ADAPTATION, TOPIC_COMMAND)
 """Topics written by :meth:`EpisodeLogWriter.write_step`: MCAP ``sequence`` = step index, same log_time."""
 
-STEP_FIELDS = ("step", "time_ns", "state_seq", "robot_stamp_ns", "receive_time_ns", "command_seq",
-               "command_state_seq", "command_expiry_ns", "command_source", "safety_state")
+STEP_FIELDS = ("step", "time_ns", "state_seq", "robot_stamp_ns", "receive_time_ns", "applied_command_seq",
+               "command_seq", "command_answers_seq", "command_expires_ns", "command_source", "safety_state")
 """Labels (in order) of the ``/metarl/step`` Int64MultiArray."""
 COMMAND_SOURCES = ("adapter", "safe_command", "fallback_controller", "none")
 """What produced the command (``runtime.safety.CommandSource``); the index is its code in ``/metarl/step``.
@@ -302,16 +302,19 @@ class Episode:
     """(N,) int64 that frame's robot timestamp (robot clock)."""
     receive_time_ns: np.ndarray
     """(N,) int64 when the controller received that frame (controller clock)."""
+    applied_command_seq: np.ndarray
+    """(N,) int64 that frame's ``applied_command_seq``: the command the motors applied (0: the safe command; -1: not
+    logged)."""
     obs: np.ndarray
     """(N, obs_dim) float64 the observation the adapter saw."""
     command: np.ndarray
     """(N, action_dim) float64 the command sent."""
     command_seq: np.ndarray
-    """(N,) int64 the command's sequence number."""
-    command_state_seq: np.ndarray
-    """(N,) int64 the state sequence number the command answers."""
-    command_expiry_ns: np.ndarray
-    """(N,) int64 the command's expiry as sent (0: none)."""
+    """(N,) int64 the command's sequence number (-1: nothing sent)."""
+    command_answers_seq: np.ndarray
+    """(N,) int64 the state sequence number the command answers (-1: nothing sent)."""
+    command_expires_ns: np.ndarray
+    """(N,) int64 the command's expiry stamp as sent, robot clock (0: nothing sent)."""
     command_source: np.ndarray
     """(N,) str: one of :data:`COMMAND_SOURCES` (``none``: nothing sent; ``command`` is NaN there)."""
     safety_state: np.ndarray
@@ -444,20 +447,21 @@ class EpisodeLogWriter:
         return self.wall_anchor_ns + int(time_ns) - self.monotonic_anchor_ns
 
     def write_step(self, *, obs: Any, state_seq: int, robot_stamp_ns: int, receive_time_ns: int, command: Any,
-                   command_seq: int | None, command_source: str = "adapter", command_state_seq: int | None = None,
-                   command_expiry_ns: int = 0, safety_state: str = "", task_params: Mapping[str, Any] | None = None,
-                   adapter_action: Any = None, adaptation: Mapping[str, Any] | None = None,
-                   time_ns: int | None = None) -> int:
+                   command_seq: int | None, command_source: str = "adapter", command_answers_seq: int | None = None,
+                   command_expires_ns: int = 0, applied_command_seq: int = -1, safety_state: str = "",
+                   task_params: Mapping[str, Any] | None = None, adapter_action: Any = None,
+                   adaptation: Mapping[str, Any] | None = None, time_ns: int | None = None) -> int:
         """Log one control step; returns its index. Everything is checked before anything is written.
 
         ``obs``: the observation vector given to the adapter, shape (obs_dim,) or (1, obs_dim), NaN/Inf
-        kept as is. ``state_seq``/``robot_stamp_ns``: sequence number and robot timestamp of the
-        telemetry frame it came from; ``receive_time_ns``: when that frame arrived (controller
-        monotonic clock). ``command``: what was sent, (action_dim,) or (1, action_dim);
-        ``command_seq``, ``command_state_seq`` (default ``state_seq``) and ``command_expiry_ns`` as put
-        on the wire; ``command_source``: one of :data:`COMMAND_SOURCES` (the safety decision's
-        ``source``; for ``none``, nothing was sent: ``command`` and ``command_seq`` are None);
-        ``safety_state``: the safety layer's state, one of :data:`SAFETY_STATES`. ``task_params``: the
+        kept as is. ``state_seq``/``robot_stamp_ns``/``applied_command_seq``: ``seq``, ``stamp_ns`` and
+        ``applied_command_seq`` of the STATE frame it came from (docs/telemetry.md); ``receive_time_ns``:
+        when that frame arrived (controller monotonic clock). ``command``: what was sent, (action_dim,)
+        or (1, action_dim); ``command_seq``, ``command_answers_seq`` (default ``state_seq``) and
+        ``command_expires_ns`` (robot clock) as put in the COMMAND frame; ``command_source``: one of
+        :data:`COMMAND_SOURCES` (the safety decision's ``source``; for ``none``, nothing was sent:
+        ``command`` and ``command_seq`` are None); ``safety_state``: the safety layer's state, one of
+        :data:`SAFETY_STATES`. ``task_params``: the
         parameters passed to ``act()`` (same names every step). ``adapter_action``/``adaptation``: the
         adapter's raw action and diagnostics (arrays of shape (1, ·), (·) or scalars; same names and
         sizes every step) — both or neither (a step on which the adapter did not run).
@@ -488,12 +492,13 @@ class EpisodeLogWriter:
             raise EpisodeLogError(where, "command", "must be None with command_source='none' (nothing was sent)")
         command_vec = _vector(command, self.robot.action_dim, where, "command") if sent else None
         state_seq = _as_int(state_seq, where, "state_seq")
+        answers = state_seq if command_answers_seq is None else _as_int(command_answers_seq, where,
+                                                                         "command_answers_seq")
         ints = [step, time_ns, state_seq, _as_int(robot_stamp_ns, where, "robot_stamp_ns"),
                 _as_int(receive_time_ns, where, "receive_time_ns"),
-                _as_int(command_seq, where, "command_seq") if sent else -1,
-                (state_seq if command_state_seq is None else _as_int(command_state_seq, where, "command_state_seq"))
-                if sent else -1,
-                _as_int(command_expiry_ns, where, "command_expiry_ns") if sent else 0,
+                _as_int(applied_command_seq, where, "applied_command_seq"),
+                _as_int(command_seq, where, "command_seq") if sent else -1, answers if sent else -1,
+                _as_int(command_expires_ns, where, "command_expires_ns") if sent else 0,
                 COMMAND_SOURCES.index(command_source), SAFETY_STATES.index(safety_state)]
         task_msg, task_layout = self._task_message(task_params)
         adaptation_msg, adaptation_layout = self._adaptation_message(adapter_action, adaptation)
@@ -1106,9 +1111,10 @@ def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: Robo
     return {
         "step": column["step"], "time_ns": column["time_ns"], "log_time_ns": log_time,
         "state_seq": column["state_seq"], "robot_stamp_ns": column["robot_stamp_ns"],
-        "receive_time_ns": column["receive_time_ns"], "obs": obs, "command": command,
-        "command_seq": column["command_seq"], "command_state_seq": column["command_state_seq"],
-        "command_expiry_ns": column["command_expiry_ns"],
+        "receive_time_ns": column["receive_time_ns"], "applied_command_seq": column["applied_command_seq"],
+        "obs": obs, "command": command,
+        "command_seq": column["command_seq"], "command_answers_seq": column["command_answers_seq"],
+        "command_expires_ns": column["command_expires_ns"],
         "command_source": np.array([COMMAND_SOURCES[c] for c in codes["command_source"]], dtype=str).reshape(n),
         "safety_state": np.array([SAFETY_STATES[c] for c in codes["safety_state"]], dtype=str).reshape(n),
         "task_params": {name: values[:, 0] for name, values in task_params.items()},

@@ -107,12 +107,13 @@ def record_cartpole_episode(path: Path) -> Recorded:
             next_obs, _, terminated, truncated, step_info = env.step(action[0])
             command = step_info["sent_action"]
             source, state = ("adapter", "OK") if adapted else ("safe_command", "SAFE_STOP")
-            ints = [k, time_ns, 1000 + k, ROBOT_EPOCH_NS + k * PERIOD_NS + 17, time_ns - 3_000_000, 5000 + k,
-                    1000 + k, ROBOT_EPOCH_NS + (k + 3) * PERIOD_NS, COMMAND_SOURCES.index(source),
-                    SAFETY_STATES.index(state)]
+            ints = [k, time_ns, 1000 + k, ROBOT_EPOCH_NS + k * PERIOD_NS + 17, time_ns - 3_000_000,
+                    0 if k == 0 or k - 1 in SAFE_STEPS else 5000 + k - 1, 5000 + k, 1000 + k,
+                    ROBOT_EPOCH_NS + (k + 3) * PERIOD_NS, COMMAND_SOURCES.index(source), SAFETY_STATES.index(state)]
             log.write_step(
-                obs=obs[None], state_seq=ints[2], robot_stamp_ns=ints[3], receive_time_ns=ints[4], command=command,
-                command_seq=ints[5], command_expiry_ns=ints[7], command_source=source, safety_state=state,
+                obs=obs[None], state_seq=ints[2], robot_stamp_ns=ints[3], receive_time_ns=ints[4],
+                applied_command_seq=ints[5], command=command, command_seq=ints[6], command_expires_ns=ints[8],
+                command_source=source, safety_state=state,
                 task_params=env.unwrapped.reward_params,
                 adapter_action=raw if adapted else None,
                 adaptation={"context": context, "context_size": np.array([min(k, 16)]), "prediction_error": error,
