@@ -180,6 +180,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=Path(args.out), seed=args.seed)
 
 
+def _cmd_sim_robot(args: argparse.Namespace) -> int:
+    from metarl_robot.telemetry.twin import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarl",
@@ -283,6 +289,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sim-robot", help="run a MuJoCo digital twin of a robot behind the ZeroMQ telemetry protocol",
+                       description="Simulate one task of a family in real time (or --speed times real time) and "
+                       "talk to a controller exactly as the hardware would (docs/telemetry.md): handshake, state "
+                       "frames each control period, commands in, and a robot-side watchdog that applies the safe "
+                       "command of robot.yaml when no fresh valid command arrives. The task stays hidden from the "
+                       "controller. Faults can be injected for tests. Prints a JSON 'ready' line with the bound "
+                       "endpoints, and on exit (--duration, Ctrl-C, SIGTERM) a 'done' line and the --summary file.")
+    p.add_argument("--robot", default="cartpole", help="robot name (default: cartpole)")
+    p.add_argument("--task", default="nominal",
+                   help="params YAML/JSON file, inline JSON, 'nominal', a split 'train'/'test', or 'family:split' "
+                   "(drawn with --seed) (default: nominal)")
+    p.add_argument("--family", help="task family (default: the robot's only family)")
+    p.add_argument("--speed", type=float, default=1.0, help="robot seconds per wall second (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the task draw, initial state, faults (default: 0)")
+    p.add_argument("--watchdog-ms", type=float,
+                   help="no fresh valid command for this long (robot clock) -> safe command (default: 5 periods)")
+    p.add_argument("--fault", action="append", default=[], metavar="KIND=VALUE",
+                   help="inject telemetry faults (repeatable): drop=P, burst=START:DUR, freeze=START:DUR, "
+                   "delay=MS, corrupt=P, nan=P, oversize=P, stop=S (times in robot seconds)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind with --port-base (default: 127.0.0.1; "
+                   "0.0.0.0 for all interfaces, then use --curve-keys)")
+    p.add_argument("--port-base", type=int, help="state=N, command=N+1, handshake=N+2; 0 = free ports "
+                   "(default: 47100)")
+    p.add_argument("--endpoints", help="explicit 'state=URL,command=URL,handshake=URL' (tcp:// or ipc://)")
+    p.add_argument("--duration", type=float, help="stop after this many robot seconds (default: run until stopped)")
+    p.add_argument("--apply-at-boundary", action="store_true",
+                   help="apply the newest command at each period boundary (one period of delay) instead of as "
+                   "soon as it answers the newest state")
+    p.add_argument("--curve-keys", metavar="DIR", help="enable CURVE: DIR/robot.key_secret and "
+                   "DIR/authorized_clients/ (python -m metarl_robot.telemetry.keys DIR)")
+    p.add_argument("--summary", help="write the run summary JSON here on exit")
+    p.add_argument("--trace", help="write the per-period trace (.npz) here on exit")
+    p.set_defaults(func=_cmd_sim_robot)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -100,8 +101,6 @@ def test_controller_reports_a_robot_of_another_version(cartpole):
     port = rep.bind_to_random_port("tcp://127.0.0.1")
     welcome = bytearray(encode(Welcome(True, 5, 200, 1, "cartpole", cartpole.interface_hash, 4, 1, 0.04)))
     welcome[4] = 3
-    import threading
-
     def answer():
         if rep.poll(10_000):
             rep.recv()
@@ -109,16 +108,16 @@ def test_controller_reports_a_robot_of_another_version(cartpole):
 
     thread = threading.Thread(target=answer)
     thread.start()
-    with ControllerLink(Endpoints("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", f"tcp://127.0.0.1:{port}")) as link:
-        with pytest.raises(HandshakeError, match="protocol v3, this controller v1"):
-            link.handshake(cartpole, timeout_s=10)
+    endpoints = Endpoints("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", f"tcp://127.0.0.1:{port}")
+    with ControllerLink(endpoints) as link, pytest.raises(HandshakeError, match="protocol v3, this controller v1"):
+        link.handshake(cartpole, timeout_s=10)
     thread.join()
     rep.close()
 
 
 def test_handshake_times_out_with_what_to_check(cartpole):
     with ControllerLink(Endpoints.from_port_base("127.0.0.1", 9)) as link, \
-            pytest.raises(HandshakeError, match="no WELCOME .* is the robot"):
+            pytest.raises(HandshakeError, match=r"no WELCOME .* is the robot"):
         link.handshake(cartpole, timeout_s=0.2)
 
 
