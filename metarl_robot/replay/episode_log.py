@@ -518,18 +518,14 @@ class EpisodeLogWriter:
         if command_vec is not None:
             messages.append((TOPIC_COMMAND, self._command_layout.message(command_vec.tolist())))
 
+        written_before = self._file.tell()
         for topic, msg in messages:
             self._mcap.write_message(topic, self._schemas[TOPIC_TYPES[topic]], msg, log_time=log_time,
                                      sequence=step)
         self._task_layout, self._adaptation_layout = task_layout, adaptation_layout
         self._steps += 1
         self._last_time_ns = time_ns
-        if self._chunk_opened_ns is None:
-            self._chunk_opened_ns = time_ns
-        if time_ns - self._chunk_opened_ns >= self.max_chunk_age_ns:
-            self.flush()
-        else:
-            self._sync()
+        self._after_write(time_ns, written_before)
         return step
 
     def write_safety_event(self, kind: str, message: str, *, level: str | int = "ERROR", action: str = "",
@@ -559,14 +555,12 @@ class EpisodeLogWriter:
                  ("action", str(action)), *details.items()]
         status = {"level": level_code, "name": SAFETY_NAME_PREFIX + kind, "message": str(message),
                   "hardware_id": self.robot.name, "values": [{"key": k, "value": v} for k, v in pairs]}
+        written_before = self._file.tell()
         self._write_diagnostic_array(TOPIC_SAFETY, [status], time_ns, sequence=self._safety_events)
         self._safety_events += 1
         # Errors often precede a crash, so they reach the disk now; warnings (clamps, rate limits) can
         # come every period and would otherwise make one tiny chunk per step.
-        if level_code >= DIAGNOSTIC_LEVELS["ERROR"]:
-            self.flush()
-        else:
-            self._sync()
+        self._after_write(time_ns, written_before, flush=level_code >= DIAGNOSTIC_LEVELS["ERROR"])
 
     def write_diagnostics(self, statuses: Sequence[Any], *, time_ns: int | None = None) -> None:
         """Log one ``/diagnostics`` message.
@@ -589,9 +583,10 @@ class EpisodeLogWriter:
                             "hardware_id": str(getattr(status, "hardware_id", "")),
                             "values": [{"key": k, "value": v}
                                        for k, v in _string_values(raw_values, where, f"{at}.values").items()]})
+        written_before = self._file.tell()
         self._write_diagnostic_array(TOPIC_DIAGNOSTICS, encoded, time_ns, sequence=self._diagnostics)
         self._diagnostics += 1
-        self._sync()
+        self._after_write(time_ns, written_before)
 
     def flush(self) -> None:
         """Compress the open chunk and hand everything to the OS (and fsync if asked): a crash now loses nothing."""
@@ -717,6 +712,16 @@ class EpisodeLogWriter:
                                   "UNIX epoch range; times are controller monotonic ns (time.monotonic_ns()), the "
                                   f"clock anchored at {self.monotonic_anchor_ns}")
         return log_time
+
+    def _after_write(self, time_ns: int, written_before: int, flush: bool = False) -> None:
+        """Close the open chunk if asked or if it spans ``max_chunk_age_s``; hand finished chunks to the OS."""
+        if self._file.tell() != written_before or self._chunk_opened_ns is None:
+            # The mcap writer closed a full chunk during this write (or none was open): the open one starts now.
+            self._chunk_opened_ns = time_ns
+        if flush or time_ns - self._chunk_opened_ns >= self.max_chunk_age_ns:
+            self.flush()
+        else:
+            self._sync()
 
     def _sync(self, force_fsync: bool = False) -> None:
         # Chunks the mcap writer finished sit in Python's file buffer until flushed: push them to the OS.
@@ -926,6 +931,9 @@ def read_episode(path: str | Path) -> Episode:
     """
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        mcaps = sorted(str(p.name) for p in path.glob("*.mcap"))
+        raise EpisodeLogError(where, "", f"is a directory; give the episode's .mcap file (found here: {mcaps})")
     if not path.is_file():
         raise EpisodeLogError(where, "", "file not found")
     notes: list[str] = []

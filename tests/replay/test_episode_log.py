@@ -398,6 +398,8 @@ def test_files_that_are_not_episode_logs_are_refused(tmp_path: Path) -> None:
         read_episode(not_mcap)
     with pytest.raises(EpisodeLogError, match="file not found"):
         read_episode(tmp_path / "missing.mcap")
+    with pytest.raises(EpisodeLogError, match=r"is a directory; give the episode's .mcap file \(found here: \['notes"):
+        read_episode(tmp_path)
 
     foreign = tmp_path / "rosbag.mcap"  # a plain ROS 2 recording, e.g. from `ros2 bag record`
     with foreign.open("wb") as f:
