@@ -990,10 +990,11 @@ def read_episode(path: str | Path) -> Episode:
         warnings.warn(f"{where}: {note}", EpisodeLogWarning, stacklevel=2)
 
     task_json = metadata.get(META_TASK, {}).get("params_json")
+    task = None if task_json is None else _json_value(task_json, where, f"{META_TASK}.params_json")
+    extra = {k: _json_value(v, where, f"{META_EXTRA}.{k}") for k, v in metadata.get(META_EXTRA, {}).items()}
     return Episode(
         path=path, schema_version=EPISODE_LOG_SCHEMA_VERSION, robot=robot, robot_interface_sha256=robot_hash,
-        bundle=metadata.get(META_BUNDLE), task=None if task_json is None else json.loads(task_json),
-        extra={k: json.loads(v) for k, v in metadata.get(META_EXTRA, {}).items()}, metadata=metadata,
+        bundle=metadata.get(META_BUNDLE), task=task, extra=extra, metadata=metadata,
         software={k: episode_meta.get(k, "unknown") for k in ("software_version", "git_commit", "created")},
         complete=finished and end is not None, end_reason="" if end is None else end.get("end_reason", ""),
         safety_events=safety, diagnostics=diagnostics, warnings=notes, **arrays)
@@ -1004,14 +1005,23 @@ def _robot_from_metadata(record: dict[str, str] | None, where: str) -> tuple[Rob
     if record is None or "spec_json" not in record:
         raise EpisodeLogError(where, field_name, "missing: the log does not say which robot it is for")
     try:
-        robot = robot_from_dict(json.loads(record["spec_json"]), f"{where}: {field_name}")
-    except json.JSONDecodeError as exc:
-        raise EpisodeLogError(where, field_name, f"not valid JSON: {exc}") from None
+        robot = robot_from_dict(_json_value(record["spec_json"], where, field_name), f"{where}: {field_name}")
+    except EpisodeLogError:
+        raise
+    except SpecError as exc:
+        raise EpisodeLogError(where, f"{field_name}: {exc.field}", exc.problem) from None
     recorded = record.get("interface_sha256", "")
     if robot.interface_hash != recorded:
         raise EpisodeLogError(where, f"{META_ROBOT}.interface_sha256", f"the recorded spec hashes to "
                               f"{robot.interface_hash}, the record says {recorded!r}: the metadata was altered")
     return robot, recorded
+
+
+def _json_value(text: str, where: str, field_name: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EpisodeLogError(where, field_name, f"not valid JSON: {exc}") from None
 
 
 def _level_name(level: Any) -> str:

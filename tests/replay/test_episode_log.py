@@ -464,6 +464,18 @@ def test_bad_writer_input_names_the_field_and_writes_nothing(tmp_path: Path) -> 
     assert ep.num_steps == 2 and ep.warnings == [] and ep.safety_events == []
 
 
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_every_compression_reads_back(tmp_path: Path, compression: str) -> None:
+    path = tmp_path / f"{compression}.mcap"
+    with EpisodeLogWriter(path, load_robot("cartpole"), compression=compression, chunk_size=1024) as log:
+        for k in range(30):
+            log.write_step(obs=[k, -k, 0.5 * k, np.pi], state_seq=k, robot_stamp_ns=k, receive_time_ns=k,
+                           command=[k / 30], command_seq=k, time_ns=k + 1)
+    ep = read_episode(path)
+    assert ep.metadata[el.META_EPISODE]["compression"] == compression
+    assert same_bits(ep.command[:, 0], np.arange(30) / 30) and ep.obs[29, 1] == -29
+
+
 def test_adaptation_diagnostics_must_keep_their_layout(tmp_path: Path) -> None:
     with EpisodeLogWriter(tmp_path / "ep.mcap", load_robot("cartpole")) as log:
         step = {"obs": np.zeros(4), "state_seq": 0, "robot_stamp_ns": 0, "receive_time_ns": 0, "command": [0.0],
