@@ -267,10 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export a training run as a robot bundle (bundle.yaml + ONNX graphs)",
-                       description="Export the encoder and the dynamics ensemble of a run to ONNX (normalisers "
-                       "baked in), check them (onnx full check; torch vs onnxruntime parity on random and real "
-                       "inputs) and write bundle.yaml with the robot spec, layouts, planner defaults, provenance "
-                       "and the sha256 of every file. See docs/bundle_format.md.")
+                       description="Export the encoder, the dynamics ensemble and the ensemble chained over the "
+                       "planner's horizon to ONNX (normalisers baked in), check them (onnx full check; torch vs "
+                       "onnxruntime parity on random and real inputs) and write bundle.yaml with the robot spec, "
+                       "layouts, planner defaults, provenance and the sha256 of every file. See docs/bundle_format.md.")
     p.add_argument("run_dir", help="run folder (with checkpoints/)")
     p.add_argument("--out", required=True, help="bundle folder to create, e.g. policies/cartpole_mb")
     p.add_argument("--checkpoint", default="latest", help="'latest' or an iteration number (default: latest)")

@@ -13,7 +13,8 @@ ROBOT_SIDE_MODULES = ["metarl_robot.spec.schema", "metarl_robot.spec.robot", "me
                       "metarl_robot.runtime.adapter", "metarl_robot.runtime.context",
                       "metarl_robot.runtime.safety", "metarl_robot.telemetry", "metarl_robot.telemetry.protocol",
                       "metarl_robot.telemetry.transport", "metarl_robot.telemetry.keys",
-                      "metarl_robot.telemetry.robot_client", "metarl_robot.telemetry.controller"]
+                      "metarl_robot.telemetry.robot_client", "metarl_robot.telemetry.controller",
+                      "metarl_robot.replay.episode_log"]
 FORBIDDEN = ["torch", "mujoco", "gymnasium"]
 
 
