@@ -7,12 +7,14 @@ call per control period) and the shadow replay (logged times) do.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.safety import (
     EVENT_LEVELS,
     CommandSource,
@@ -574,13 +576,37 @@ def test_a_steady_stream_never_trips_and_silence_always_does(frame_gaps, periods
     assert decision.source is CommandSource.SAFE_COMMAND
 
 
+# ---- the operator's guide names what the code does ---------------------------------------------------------
+def _doc_table(name: str) -> list[list[str]]:
+    text = (REPO_ROOT / "docs" / "safety.md").read_text()
+    body = text.split(f"<!-- {name}:begin -->")[1].split(f"<!-- {name}:end -->")[0]
+    rows = [line for line in body.strip().splitlines()[2:] if line.startswith("|")]
+    return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_the_guide_lists_every_config_key_with_its_default():
+    documented = {row[0]: row[1] for row in _doc_table("config-table")}
+    defaults = SafetyConfig().to_dict()
+    assert set(documented) == set(defaults)
+    for key, value in defaults.items():
+        assert documented[key] == ("null" if value is None else str(value)), key
+    named = [pair for row in _doc_table("fault-table") for pair in re.findall(r"([a-z_]+)`? \(([^ )=:]+)", row[3])]
+    assert {key for key, _ in named} == set(defaults) - {"recovery_fresh_frames"}  # the recovery table has that one
+    for key, default in named:  # the fault table's "config key (default)" column agrees with the code
+        assert documented[key] == default, (key, default)
+
+
+def test_the_guide_lists_every_event_code_with_its_level():
+    documented = {row[0]: row[1] for row in _doc_table("event-table")}
+    assert documented == {code.value: level.name for code, level in EVENT_LEVELS.items()}
+
+
 # ---- the real adapter on the real cart-pole ------------------------------------------------------------------
 @pytest.mark.slow
 def test_calibrated_threshold_passes_nominal_episodes_and_catches_a_reversed_motor():
     """Calibrate on nominal episodes of the shipped bundle in MuJoCo; a held-out nominal episode never falls back,
     a cart-pole whose motor is wired backwards does, within a few steps, and then only the safe command goes out."""
     from metarl_robot.envs.meta_env import MetaMujocoEnv
-    from metarl_robot.paths import REPO_ROOT
     from metarl_robot.runtime.bundle import load_bundle
 
     bundle = load_bundle(REPO_ROOT / "policies" / "cartpole_mb")
