@@ -179,7 +179,7 @@ class SafetyCounters:
     prediction_error_exceedances: int = 0
     """Graded prediction errors above the threshold."""
     prediction_error_trips: int = 0
-    """Falls back to the fallback after ``prediction_error_steps`` exceedances in a row."""
+    """Switches to FALLBACK after ``prediction_error_steps`` exceedances in a row."""
     fallback_failures: int = 0
     """Fallback controller calls that raised or returned NaN/Inf."""
     commands_adapter: int = 0
@@ -433,7 +433,7 @@ class SafetyLayer:
 
     @property
     def state(self) -> SafetyState:
-        """The state of the latest decision."""
+        """The state as of the latest decision (or handshake, enable/disable, reset, shutdown)."""
         return self._state
 
     @property
@@ -697,9 +697,9 @@ class SafetyLayer:
         if self._link_fault is None:
             code = EventCode.TELEMETRY_FROZEN if self._not_advancing_since_good else EventCode.TELEMETRY_STALE
             what = "only non-advancing frames" if self._not_advancing_since_good else "no frame"
-            self._raise_link_fault(code, f"{what} for {age:.3f} s since the last fresh frame (seq {self._last_seq}); "
-                                   f"deadline {self.stale_after_s:.3f} s = {self.config.stale_after_periods} periods",
-                                   now)
+            self._raise_link_fault(code, f"{what} for {age:.3f} s since the last good frame (last seq seen "
+                                   f"{self._last_seq}); deadline {self.stale_after_s:.3f} s = "
+                                   f"{self.config.stale_after_periods} periods", now)
         else:
             self._recovery_count = 0
 
