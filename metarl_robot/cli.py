@@ -10,8 +10,8 @@ from pathlib import Path
 EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
-  2. ros2 launch on robot  (not yet: ROS 2 node and telemetry are a later milestone)
-  3. replay logged runs    (not yet)
+  2. ros2 launch on robot  (export, sim-robot, keys; the ROS 2 node is ros2_ws/src/metarl_robot_ros)
+  3. replay logged runs    (not yet: episodes are logged as MCAP, docs/episode_log.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
 """
@@ -186,6 +186,12 @@ def _cmd_sim_robot(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from metarl_robot.telemetry.keys import main as keys_main
+
+    return keys_main([args.dir, *(["--force"] if args.force else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarl",
@@ -323,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", help="write the run summary JSON here on exit")
     p.add_argument("--trace", help="write the per-period trace (.npz) here on exit")
     p.set_defaults(func=_cmd_sim_robot)
+
+    p = sub.add_parser("keys", help="generate CURVE keys for an encrypted, authenticated telemetry link",
+                       description="Generate CURVE key pairs for the robot and the controller of a telemetry link "
+                       "and authorise the controller: the robot keeps robot.key_secret and authorized_clients/, the "
+                       "controller keeps controller.key_secret and robot.key. Use it for any link that leaves the "
+                       "machine. See docs/telemetry.md (CURVE).")
+    p.add_argument("dir", help="folder to write the keys into (created if missing)")
+    p.add_argument("--force", action="store_true", help="replace existing keys (every peer then needs the new ones)")
+    p.set_defaults(func=_cmd_keys)
     return parser
 
 

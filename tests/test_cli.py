@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo"]
+COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:
