@@ -1,0 +1,60 @@
+"""Robot launch: the metarl-robot adaptation node against a robot (or a twin) speaking the telemetry protocol.
+
+    ros2 launch metarl_robot_ros adapt.launch.py bundle:=/path/to/policies/cartpole_mb host:=192.168.1.20
+
+Parameters come from the installed ``config/adapt.yaml`` (or ``params_file:=``), then the launch
+arguments below override them. Task/reward parameters (``task.<name>``) and the safety limits go in
+a copy of adapt.yaml given as ``params_file:=``. Every name used here is checked against the colcon
+install and the node's parameters by tests/ros/test_launch_files.py. See docs/ros2_node.md.
+"""
+
+# ruff: noqa: I001 -- the repository's launch/ folder makes ruff file the ROS `launch` package as first-party
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.descriptions import ParameterValue
+from launch_ros.substitutions import FindPackageShare
+
+PACKAGE = "metarl_robot_ros"
+EXECUTABLE = "adapt_node"
+
+
+def generate_launch_description():
+    return LaunchDescription([
+        DeclareLaunchArgument("bundle", description="policy bundle folder (required), e.g. policies/cartpole_mb"),
+        DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution(
+            [FindPackageShare(PACKAGE), "config", "adapt.yaml"]), description="node parameters (YAML)"),
+        DeclareLaunchArgument("host", default_value="127.0.0.1", description="the robot's address"),
+        DeclareLaunchArgument("port_base", default_value="47100",
+                              description="state port; command = +1, handshake = +2"),
+        DeclareLaunchArgument("endpoints", default_value="",
+                              description="explicit 'state=URL,command=URL,handshake=URL' (overrides host/port_base)"),
+        DeclareLaunchArgument("curve_keys", default_value="",
+                              description="folder with controller.key_secret and robot.key ('' = plain link)"),
+        DeclareLaunchArgument("adapt", default_value="true", description="online adaptation on (true) or off"),
+        DeclareLaunchArgument("seed", default_value="0", description="planner seed"),
+        DeclareLaunchArgument("log_dir", default_value="~/.ros/metarl/episodes",
+                              description="folder for the MCAP episode logs ('' = none)"),
+        DeclareLaunchArgument("node_name", default_value="metarl_adapt", description="ROS node name"),
+        Node(
+            package=PACKAGE,
+            executable=EXECUTABLE,
+            name=LaunchConfiguration("node_name"),
+            output="screen",
+            emulate_tty=True,
+            parameters=[
+                LaunchConfiguration("params_file"),
+                {
+                    "bundle": ParameterValue(LaunchConfiguration("bundle"), value_type=str),
+                    "host": ParameterValue(LaunchConfiguration("host"), value_type=str),
+                    "port_base": ParameterValue(LaunchConfiguration("port_base"), value_type=int),
+                    "endpoints": ParameterValue(LaunchConfiguration("endpoints"), value_type=str),
+                    "curve_keys": ParameterValue(LaunchConfiguration("curve_keys"), value_type=str),
+                    "adapt": ParameterValue(LaunchConfiguration("adapt"), value_type=bool),
+                    "seed": ParameterValue(LaunchConfiguration("seed"), value_type=int),
+                    "log_dir": ParameterValue(LaunchConfiguration("log_dir"), value_type=str),
+                },
+            ],
+        ),
+    ])

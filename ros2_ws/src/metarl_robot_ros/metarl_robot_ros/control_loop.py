@@ -1,0 +1,530 @@
+"""The control loop of the node, in its own thread, and the worker that records and publishes its steps.
+
+Why a thread of its own: the loop's timing must not depend on the ROS executor. It blocks on the
+ZeroMQ state socket (latest-state semantics) with the safety deadline as its timeout, so it wakes
+when a frame arrives or when the safety layer must act (stale telemetry, or the next safe command
+of a SAFE_STOP), never on a timer callback. Per decision it does only what the command needs
+(safety bookkeeping, the adapter, the command frame) and hands a :class:`StepRecord` to a
+:class:`RecordWorker` thread, which writes the MCAP episode log and publishes the ROS messages, so
+neither disk I/O nor ROS publishing can delay a command.
+
+One lock (owned by the node) guards the safety layer, the adapter and the loop statistics: the
+loop holds it while deciding, the services (enable, reset) and the diagnostics timer take it for
+microseconds. Nothing here imports rclpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl_robot.replay.episode_log import EpisodeLogWriter
+from metarl_robot.runtime.safety import CommandSource, SafetyDecision, SafetyLayer, SafetyState
+from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, ControllerLink, HandshakeError
+from metarl_robot.telemetry.protocol import CommandFrame, StateFrame
+
+POLL_S = 0.05
+"""Longest the loop blocks on the state socket before it looks at its stop flag (a frame wakes it at once)."""
+DEADLINE_MARGIN_S = 0.001
+"""The loop wakes this long after the safety deadline, so the deadline has passed when the layer checks it."""
+REHANDSHAKE_BACKOFF_S = 0.5
+"""Pause between handshake attempts after the robot's session was lost and a new handshake failed."""
+STATS_WINDOW = 500
+"""Control steps kept for the loop statistics (20 s at 25 Hz)."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One control-period decision, handed from the loop thread to the recorder/publisher."""
+
+    time_ns: int
+    """Controller monotonic clock when the command was sent (or the decision taken, if nothing was sent)."""
+    frame: StateFrame
+    """The state frame the decision was about (the newest received; repeated when no new one came)."""
+    receive_time_ns: int
+    """When that frame was received (controller monotonic clock)."""
+    decision: SafetyDecision
+    """The safety layer's decision (state, source, events, counters)."""
+    command: CommandFrame | None
+    """The COMMAND frame sent, or None when nothing was sent."""
+    task_params: Mapping[str, float]
+    """Task/reward parameters given to the adapter."""
+    adapter_action: np.ndarray | None = None
+    """The adapter's raw action ``(a,)`` when it ran this period."""
+    adaptation: Mapping[str, np.ndarray] | None = None
+    """The adapter's diagnostics when it ran this period."""
+    latency_ns: int | None = None
+    """Frame received → command sent, for periods on which the adapter ran and a command went out."""
+    compute_ns: int | None = None
+    """Time spent in ``adapter.observe`` + ``adapter.act``."""
+    ending: bool = False
+    """True for the safe commands of the end-of-episode sequence."""
+
+
+class LoopStats:
+    """Loop period, jitter, latency and compute time over the last :data:`STATS_WINDOW` control steps."""
+
+    def __init__(self, window: int = STATS_WINDOW) -> None:
+        self.periods_s: deque[float] = deque(maxlen=window)
+        """Time between consecutive commands that answered a new frame."""
+        self.latency_s: deque[float] = deque(maxlen=window)
+        """Frame received → command sent."""
+        self.compute_s: deque[float] = deque(maxlen=window)
+        """Adapter observe + act."""
+        self.control_steps = 0
+        """Decisions on a fresh, good frame (the adapter ran)."""
+        self.decisions = 0
+        """All decisions (including ticks without a frame)."""
+        self.commands_sent = 0
+        """COMMAND frames sent (adapter, fallback and safe commands)."""
+        self.last_frame_received_ns: int | None = None
+        """When the newest frame (any, good or not) arrived."""
+        self._last_command_ns: int | None = None
+
+    def record(self, *, sent_ns: int | None, latency_ns: int | None, compute_ns: int | None, control: bool) -> None:
+        self.decisions += 1
+        if sent_ns is not None:
+            self.commands_sent += 1
+        if not control:
+            return
+        self.control_steps += 1
+        if compute_ns is not None:
+            self.compute_s.append(compute_ns / 1e9)
+        if sent_ns is None:
+            return
+        if latency_ns is not None:
+            self.latency_s.append(latency_ns / 1e9)
+        if self._last_command_ns is not None:
+            self.periods_s.append((sent_ns - self._last_command_ns) / 1e9)
+        self._last_command_ns = sent_ns
+
+    def break_period(self) -> None:
+        """The next period is not comparable to the previous one (a new episode or link session)."""
+        self._last_command_ns = None
+
+    def snapshot(self, now_ns: int) -> dict[str, float]:
+        """Rates and percentiles (NaN where there is no data yet); times in milliseconds."""
+        periods = np.asarray(self.periods_s)
+        out: dict[str, float] = {"control_steps": float(self.control_steps), "decisions": float(self.decisions),
+                                 "commands_sent": float(self.commands_sent)}
+        if periods.size:
+            median = float(np.median(periods))
+            deviation = np.abs(periods - median)
+            out.update(loop_rate_hz=1.0 / float(periods.mean()), period_ms_median=median * 1e3,
+                       period_ms_max=float(periods.max()) * 1e3, jitter_ms_std=float(periods.std()) * 1e3,
+                       jitter_ms_p99=float(np.percentile(deviation, 99)) * 1e3)
+        else:
+            out.update(loop_rate_hz=math.nan, period_ms_median=math.nan, period_ms_max=math.nan,
+                       jitter_ms_std=math.nan, jitter_ms_p99=math.nan)
+        for name, values in (("latency", self.latency_s), ("compute", self.compute_s)):
+            arr = np.asarray(values)
+            if arr.size:
+                out[f"{name}_ms_p50"] = float(np.percentile(arr, 50)) * 1e3
+                out[f"{name}_ms_p99"] = float(np.percentile(arr, 99)) * 1e3
+                out[f"{name}_ms_max"] = float(arr.max()) * 1e3
+            else:
+                out[f"{name}_ms_p50"] = out[f"{name}_ms_p99"] = out[f"{name}_ms_max"] = math.nan
+        age = math.nan if self.last_frame_received_ns is None else (now_ns - self.last_frame_received_ns) / 1e9
+        out["last_frame_age_s"] = age
+        return out
+
+
+class RecordWorker:
+    """A thread that writes the episode log and publishes the loop's step records, off the control thread.
+
+    ``publish_step`` (optional) is called for every record, ``on_error`` with a message when logging fails
+    (the episode then continues without a log: losing the log must not stop a robot that is balancing).
+    """
+
+    def __init__(self, robot: RobotSpec, publish_step: Callable[[StepRecord], None] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.robot = robot
+        self.publish_step = publish_step
+        self.on_error = on_error
+        self.log_path: Path | None = None
+        """The open (or last) episode log."""
+        self.log_error = ""
+        """Why logging stopped, if it did."""
+        self.episodes_closed = 0
+        """Episode logs closed so far."""
+        self.publish_errors = 0
+        """Records whose ROS publishing raised."""
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: EpisodeLogWriter | None = None
+        self._last_step_ns: int | None = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metarl-recorder", daemon=True)
+        self._thread.start()
+
+    # ---- called from other threads --------------------------------------------------------------
+    def open_episode(self, path: Path | None, **writer_kwargs: Any) -> None:
+        """Start a new episode log at ``path`` (None: no log for this episode)."""
+        self._queue.put(("open", path, writer_kwargs))
+
+    def step(self, record: StepRecord) -> None:
+        self._queue.put(("step", record))
+
+    def diagnostics(self, statuses: list[Any], time_ns: int) -> None:
+        self._queue.put(("diagnostics", statuses, time_ns))
+
+    def close_episode(self, reason: str) -> threading.Event:
+        """Close the log after everything queued before; the returned event is set once it is closed."""
+        done = threading.Event()
+        self._queue.put(("close", reason, done))
+        return done
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Drain the queue, close any open log and end the thread."""
+        self._queue.put(("stop",))
+        self._thread.join(timeout_s)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    # ---- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            kind = item[0]
+            try:
+                if kind == "open":
+                    self._open(item[1], item[2])
+                elif kind == "step":
+                    self._step(item[1])
+                elif kind == "diagnostics":
+                    if self._writer is not None:
+                        self._log(lambda w, it=item: w.write_diagnostics(it[1], time_ns=it[2]))
+                elif kind == "close":
+                    self._close(item[1])
+                    item[2].set()
+                elif kind == "stop":
+                    self._close("node stopped")
+                    return
+            except Exception:  # never let one bad record end the recorder
+                self._fail(f"recorder: {traceback.format_exc(limit=3)}")
+
+    def _open(self, path: Path | None, kwargs: dict[str, Any]) -> None:
+        self._close("superseded by a new episode")
+        self.log_path, self.log_error, self._last_step_ns = path, "", None
+        if path is None:
+            return
+        try:
+            self._writer = EpisodeLogWriter(path, self.robot, **kwargs)
+        except Exception as exc:
+            self._fail(f"cannot open episode log {path}: {exc}")
+
+    def _step(self, record: StepRecord) -> None:
+        if self._writer is not None:
+            self._log(lambda w: self._write_step(w, record))
+        if self.publish_step is not None:
+            try:
+                self.publish_step(record)
+            except Exception as exc:  # a publishing problem must not stop the log
+                self.publish_errors += 1
+                if self.publish_errors == 1 and self.on_error is not None:
+                    self.on_error(f"publishing a step failed: {exc!r}")
+
+    def _write_step(self, writer: EpisodeLogWriter, r: StepRecord) -> None:
+        decision = r.decision
+        step_index = writer.step_count
+        for event in decision.events:
+            writer.write_safety_event(event.code.value, event.message, level=int(event.level),
+                                      action=decision.source.value, state_seq=r.frame.seq, step=step_index,
+                                      time_ns=round(event.at * 1e9))
+        time_ns = r.time_ns
+        if self._last_step_ns is not None and time_ns <= self._last_step_ns:
+            time_ns = self._last_step_ns + 1  # two decisions within one clock tick: keep step times strictly ordered
+        self._last_step_ns = time_ns
+        sent = r.command is not None
+        adapted = r.adapter_action is not None and r.adaptation is not None
+        writer.write_step(
+            obs=r.frame.obs, state_seq=r.frame.seq, robot_stamp_ns=r.frame.stamp_ns,
+            receive_time_ns=r.receive_time_ns, applied_command_seq=r.frame.applied_command_seq,
+            command=r.command.action if sent else None, command_seq=r.command.seq if sent else None,
+            command_source=decision.source.value if sent else CommandSource.NONE.value,
+            command_answers_seq=r.command.answers_seq if sent else None,
+            command_expires_ns=r.command.expires_ns if sent else 0, safety_state=decision.state.value,
+            task_params=dict(r.task_params) or None,
+            adapter_action=r.adapter_action if adapted else None, adaptation=dict(r.adaptation) if adapted else None,
+            time_ns=time_ns)
+
+    def _log(self, write: Callable[[EpisodeLogWriter], None]) -> None:
+        try:
+            write(self._writer)
+        except Exception as exc:
+            self._fail(f"episode log {self.log_path}: {exc}; logging stopped for this episode")
+            with contextlib.suppress(Exception):
+                self._writer.close(f"exception: {exc}")
+            self._writer = None
+
+    def _close(self, reason: str) -> None:
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        try:
+            writer.close(reason)
+            self.episodes_closed += 1
+        except Exception as exc:
+            self._fail(f"closing episode log {self.log_path}: {exc}")
+
+    def _fail(self, message: str) -> None:
+        self.log_error = message
+        if self.on_error is not None:
+            self.on_error(message)
+
+
+@dataclass
+class LoopOutcome:
+    """How an episode of the loop ended."""
+
+    reason: str = ""
+    """Why: ``deactivated``, ``SIGINT``, ``episode_steps reached``, ``exception: ...``."""
+    final: bool = False
+    """True when the safety layer was shut down (the process is ending)."""
+    error: BaseException | None = None
+    """The exception that ended it, if any."""
+    safe_commands_sent: int = 0
+    """Safe commands sent by the end-of-episode sequence."""
+    traceback: str = ""
+    """Formatted traceback of ``error``."""
+
+
+@dataclass
+class _Pending:
+    """What the loop knows about the link between decisions (loop thread only)."""
+
+    last_frame: StateFrame | None = None
+    last_frame_received_ns: int = 0
+    prev_good: StateFrame | None = None
+    last_good_s: float = -math.inf
+    next_tick_s: float = 0.0
+
+
+class ControlLoop:
+    """One episode of control: a thread that runs from :meth:`start` until :meth:`request_stop` (or an error).
+
+    Per wake-up: the newest state frame (or none by the deadline) → ``safety.on_frame`` → the adapter
+    (observe the transition that frame completes, then act) → ``safety.filter``/``tick`` → the command
+    over ZeroMQ → a :class:`StepRecord` to the recorder. At the end, the safe command for
+    ``shutdown_periods`` control periods (deactivate: operator-disabled SAFE_STOP; process exit:
+    ``safety.shutdown``), then the episode log is closed.
+    """
+
+    def __init__(self, *, robot: RobotSpec, link: ControllerLink, safety: SafetyLayer, adapter: Any,
+                 task_params: Mapping[str, float], recorder: RecordWorker, lock: threading.Lock,
+                 stats: LoopStats, episode_steps: int = 0, handshake_timeout_s: float = 1.0,
+                 on_finished: Callable[[LoopOutcome], None] | None = None,
+                 clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self.robot, self.link, self.safety, self.adapter = robot, link, safety, adapter
+        self.task_params = dict(task_params)
+        self.recorder, self.lock, self.stats = recorder, lock, stats
+        self.episode_steps = episode_steps
+        self.handshake_timeout_s = handshake_timeout_s
+        self.on_finished = on_finished
+        self.clock_ns = clock_ns
+        self.ctrl_dt = robot.ctrl_dt
+        self.outcome: LoopOutcome | None = None
+        """Set when the episode has ended (after the final safe commands and the log close)."""
+        self.steps = 0
+        """Control steps (decisions on a fresh, good frame) in this episode."""
+        self._stop = threading.Event()
+        self._stop_reason = ("stopped", False)
+        self._finished = threading.Event()
+        self._p = _Pending()
+        self._thread = threading.Thread(target=self._run, name="metarl-control", daemon=True)
+
+    # ---- control from other threads ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self, reason: str, final: bool) -> None:
+        """End the episode: ``final`` = the process is exiting (``safety.shutdown``), else a deactivation."""
+        if not self._stop.is_set():
+            self._stop_reason = (reason, final)
+            self._stop.set()
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait for the end sequence and the log close; True once finished."""
+        if not self._thread.is_alive() and not self._thread.ident:
+            return True
+        return self._finished.wait(timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._finished.is_set()
+
+    # ---- the thread ------------------------------------------------------------------------------
+    def _now_s(self) -> float:
+        return self.clock_ns() / 1e9
+
+    def _run(self) -> None:
+        outcome = LoopOutcome()
+        try:
+            self._control()
+            outcome.reason, outcome.final = self._stop_reason
+        except BaseException as exc:  # any failure ends in the safe command, never in a silent stop
+            outcome.reason, outcome.final, outcome.error = f"exception: {type(exc).__name__}: {exc}", True, exc
+            outcome.traceback = traceback.format_exc()
+        try:
+            outcome.safe_commands_sent = self._end_sequence(outcome.reason, outcome.final)
+        except BaseException as exc:
+            if outcome.error is None:
+                outcome.error, outcome.traceback = exc, traceback.format_exc()
+        finally:
+            self.recorder.close_episode(outcome.reason).wait(10.0)
+            self.outcome = outcome
+            self._finished.set()
+            if self.on_finished is not None:
+                self.on_finished(outcome)
+
+    def _control(self) -> None:
+        p = self._p
+        p.next_tick_s = self._now_s() + self.ctrl_dt
+        while not self._stop.is_set():
+            if self.episode_steps and self.steps >= self.episode_steps:
+                self._stop_reason = (f"episode_steps reached ({self.episode_steps})", False)
+                return
+            if self.link.session_lost:
+                self._rehandshake()
+                continue
+            wait = min(p.next_tick_s - self._now_s(), POLL_S)
+            frame = self.link.receive_state(max(0.0, wait))
+            received_ns = self.clock_ns()
+            if frame is None and received_ns / 1e9 < p.next_tick_s:
+                continue  # woke only to look at the stop flag
+            self._decide(frame, received_ns)
+
+    def _decide(self, frame: StateFrame | None, received_ns: int) -> None:
+        p, safety = self._p, self.safety
+        action = adaptation = None
+        compute_ns = None
+        with self.lock:
+            now = received_ns / 1e9
+            usable = False
+            if frame is not None:
+                p.last_frame, p.last_frame_received_ns = frame, received_ns
+                self.stats.last_frame_received_ns = received_ns
+                usable = safety.on_frame(frame.seq, frame.stamp_ns, now, frame.obs)
+            if usable:
+                p.last_good_s = now
+                t0 = time.perf_counter_ns()
+                prev = p.prev_good
+                if prev is not None and frame.seq == prev.seq + 1:
+                    applied = frame.applied_action if frame.applied_action is not None else safety.last_command
+                    self.adapter.observe(prev.obs[None], np.asarray(applied, dtype=np.float64)[None],
+                                         frame.obs[None])
+                p.prev_good = frame
+                raw, adaptation = self.adapter.act(frame.obs[None], self.task_params)
+                compute_ns = time.perf_counter_ns() - t0
+                action = np.asarray(raw, dtype=np.float64)[0]
+                error = adaptation.get("prediction_error")
+                error = None if error is None else float(np.asarray(error, dtype=np.float64).ravel()[0])
+                decision = safety.filter(action, error, self._now_s())
+                self.steps += 1
+            else:
+                decision = safety.tick(self._now_s())
+            command = self._send(decision)
+            sent_ns = self.clock_ns()
+            latency = sent_ns - received_ns if (usable and command is not None) else None
+            self.stats.record(sent_ns=sent_ns if command is not None else None, latency_ns=latency,
+                              compute_ns=compute_ns, control=usable)
+            self._schedule(sent_ns / 1e9)
+        if p.last_frame is not None:
+            self.recorder.step(StepRecord(
+                time_ns=sent_ns, frame=p.last_frame, receive_time_ns=p.last_frame_received_ns, decision=decision,
+                command=command, task_params=self.task_params, adapter_action=action if usable else None,
+                adaptation={k: np.asarray(v).copy() for k, v in adaptation.items()} if usable else None,
+                latency_ns=latency, compute_ns=compute_ns))
+
+    def _schedule(self, now: float) -> None:
+        """When to decide next if no frame comes: at the next period while a safe or fallback command must be
+        repeated, else just past the stale deadline (the safety layer then trips within one period)."""
+        p, safety = self._p, self.safety
+        if safety.state in (SafetyState.SAFE_STOP, SafetyState.FALLBACK) or not safety.armed:
+            p.next_tick_s = now + self.ctrl_dt
+        else:
+            p.next_tick_s = max(p.last_good_s + safety.stale_after_s + DEADLINE_MARGIN_S, now + 1e-4)
+
+    def _send(self, decision: SafetyDecision) -> CommandFrame | None:
+        """Send the decision's command answering the newest frame; None when nothing is (or can be) sent."""
+        p = self._p
+        if decision.command is None or p.last_frame is None or not self.link.armed:
+            return None
+        valid_for = None
+        if decision.source is CommandSource.SAFE_COMMAND:
+            # A safe command may answer an old frame (telemetry stale): keep it valid for a few periods from now,
+            # not from that frame's stamp, so the robot applies it instead of rejecting it as expired.
+            age = (self.clock_ns() - p.last_frame_received_ns) / 1e9
+            valid_for = age + DEFAULT_VALIDITY_PERIODS * self.ctrl_dt
+        try:
+            return self.link.send_command(decision.command, answers=p.last_frame, valid_for_s=valid_for)
+        except HandshakeError:
+            return None  # the robot's session changed under us; the next wake-up handshakes again
+
+    def _rehandshake(self) -> None:
+        """The robot restarted (or another controller armed it): handshake again, outside the lock."""
+        try:
+            self.link.handshake(self.robot, timeout_s=self.handshake_timeout_s)
+            ok, reason = True, ""
+        except HandshakeError as exc:
+            ok, reason = False, str(exc)
+        with self.lock:
+            self.safety.on_handshake(ok, self._now_s(), reason)
+            self._p.prev_good = self._p.last_frame = None
+            self.stats.break_period()
+        if not ok:
+            self._stop.wait(REHANDSHAKE_BACKOFF_S)
+
+    def _end_sequence(self, reason: str, final: bool) -> int:
+        """The safe command for ``shutdown_periods`` periods (only if armed), each answering the newest frame."""
+        p, safety = self._p, self.safety
+        with self.lock:
+            now = self._now_s()
+            if final:
+                planned: list[SafetyDecision] | None = safety.shutdown(now, reason)
+                periods = len(planned)
+            else:
+                planned = None
+                safety.set_enabled(False, now)
+                periods = safety.config.shutdown_periods if safety.armed else 0
+        sent = 0
+        start = self._now_s()
+        for k in range(periods):
+            if k:
+                until = start + k * self.ctrl_dt
+                while (remaining := until - self._now_s()) > 0:
+                    frame = self.link.receive_state(remaining) if self.link.armed else None
+                    if frame is None:
+                        if not self.link.armed:
+                            time.sleep(max(0.0, remaining))
+                        continue
+                    received_ns = self.clock_ns()
+                    p.last_frame, p.last_frame_received_ns = frame, received_ns
+                    if planned is None:
+                        with self.lock:
+                            safety.on_frame(frame.seq, frame.stamp_ns, received_ns / 1e9, frame.obs)
+            with self.lock:
+                decision = planned[k] if planned is not None else safety.tick(self._now_s())
+                command = self._send(decision)
+                sent_ns = self.clock_ns()
+                self.stats.record(sent_ns=sent_ns if command is not None else None, latency_ns=None,
+                                  compute_ns=None, control=False)
+            sent += command is not None
+            if p.last_frame is not None:
+                self.recorder.step(StepRecord(time_ns=sent_ns, frame=p.last_frame,
+                                              receive_time_ns=p.last_frame_received_ns, decision=decision,
+                                              command=command, task_params=self.task_params, ending=True))
+        return sent
