@@ -1,0 +1,292 @@
+"""The installed adapt_node against the MuJoCo digital twin, both real subprocesses on loopback ZeroMQ,
+observed through a real rclpy client and judged at the twin (its summary and trace) and in the MCAP log.
+
+The twin runs at half speed (``--speed 0.5``): one adapter step takes ~20 ms on an idle core and more on
+this busy 2-core machine, and the control period (40 ms of robot time) must be met in robot time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import (
+    BUNDLE,
+    DEADLINE_S,
+    ColconInstall,
+    Proc,
+    RosClient,
+    Twin,
+    diagnostic_values,
+    find_status,
+    level_of,
+    node_args,
+    params_file,
+    ros_env,
+)
+
+from metarl_robot.paths import REPO_ROOT
+from metarl_robot.replay import read_episode
+from metarl_robot.runtime.bundle import load_bundle
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EVAL = BUNDLE / "eval" / "eval.json"
+SPEED = 0.5
+NODE = "metarl_adapt"
+
+
+def ood_task_the_bundle_swings_up() -> dict:
+    """From the bundle's own evaluation: an out-of-distribution test task it swings up with adaptation,
+    preferring one the unadapted model fails (so adaptation is what makes it work)."""
+    rows = [r for r in json.loads(EVAL.read_text())["tasks"] if r["ood"] and r["success_adapted"]]
+    assert rows, f"{EVAL} lists no out-of-distribution task the bundle swings up"
+    rows.sort(key=lambda r: (not r["success_unadapted"], r["return_adapted"]), reverse=True)
+    return rows[0]["task"]
+
+
+def start_node(install: ColconInstall, tmp: Path, domain: int, twin: Twin, **params) -> Proc:
+    values = {"bundle": str(BUNDLE), "endpoints": twin.endpoints, "log_dir": str(tmp / "logs"),
+              "diagnostics_rate_hz": 4.0, **params}
+    return Proc(install.command(*node_args([params_file(tmp / "node_params.yaml", values)])), tmp / "node.log",
+                ros_env(domain))
+
+
+@pytest.fixture
+def cleanup():
+    procs: list[Proc] = []
+    clients: list[RosClient] = []
+    yield procs, clients
+    for client in clients:
+        client.close()
+    for proc in procs:
+        proc.kill()
+
+
+def the_log(tmp: Path, index: int = 1):
+    files = sorted((tmp / "logs").glob(f"*_ep{index:04d}.mcap"))
+    assert len(files) == 1, f"expected one log for episode {index}, found {files}"
+    return read_episode(files[0])
+
+
+def test_ood_twin_is_swung_up_and_balanced_through_the_whole_stack(colcon_install, tmp_path, domain_id, cleanup):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    procs, clients = cleanup
+    task = ood_task_the_bundle_swings_up()
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(task))
+    duration = 16.0
+    twin = Twin(tmp_path, "--task", str(task_file), "--speed", str(SPEED), "--duration", str(duration),
+                env=ros_env(domain_id))
+    procs.append(twin)
+    client = RosClient(domain_id)
+    clients.append(client)
+    client.subscribe(DiagnosticArray, "/diagnostics")
+    node = start_node(colcon_install, tmp_path, domain_id, twin, **{"task.target_x": task["target_x"]})
+    procs.append(node)
+    node.wait_for(lambda t: "episode 1 started" in t, "node active")
+
+    # ---- at the twin: swung up from hanging, balanced at the end, commanded without a gap -------------
+    summary = twin.summary(timeout_s=duration / SPEED + DEADLINE_S)
+    assert summary["task_ood"] is True and summary["task"] == pytest.approx(task)
+    assert summary["handshakes"]["accepted"] == 1
+    assert summary["commands"]["accepted"] > 200 and summary["commands"]["total_rejected"] == 0
+    assert summary["watchdog"]["engagements"] == 0, summary["watchdog"]  # no gap of 5 periods once commanding
+    assert summary["physics_resets"] == 0
+    assert summary["final"]["upright"] is True, summary["final"]
+    trace = np.load(twin.trace_path)
+    cos = np.cos(trace["obs"][:, 1])
+    commanded = ~trace["safe"]
+    first = int(np.argmax(commanded))
+    assert cos[first] < -0.9, "the pole must hang when the node takes over (a swing-up, not a balance from upright)"
+    last_2s = cos[-round(2.0 / 0.04):]
+    # The family's success criterion (reward component 'upright' >= 0.975 over the end, i.e. mean cos >= 0.95),
+    # and it never fell in that window.
+    assert last_2s.mean() >= 0.95 and last_2s.min() > 0.5, (last_2s.mean(), last_2s.min())
+    assert commanded[first:].all(), "every period after the first command was commanded"
+
+    # ---- the node saw the twin stop: stale telemetry, safe command, ERROR in /diagnostics --------------
+    def stale_reported() -> bool:
+        for array in client.messages("/diagnostics"):
+            telemetry = find_status(array, ": telemetry")
+            if telemetry is not None and level_of(telemetry) == 2 and "TELEMETRY_STALE" in telemetry.message:
+                return True
+        return False
+
+    client.wait_for(stale_reported, "TELEMETRY_STALE reported in /diagnostics")
+    loops = [find_status(a, ": control loop") for a in client.messages("/diagnostics")]
+    rates = [float(diagnostic_values(s)["loop_rate_hz"]) for s in loops if s is not None and level_of(s) == 0]
+    assert rates and 0.8 * 25 * SPEED < rates[-1] < 1.2 * 25 * SPEED  # the robot's rate, in wall time
+    assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+
+    # ---- the episode log: complete, read back, telling the same story ---------------------------------
+    episode = the_log(tmp_path)
+    assert episode.complete and episode.end_reason == "SIGINT"
+    bundle = load_bundle(BUNDLE)
+    assert episode.bundle["sha256"] == bundle.sha256 and episode.robot.interface_hash == bundle.robot.interface_hash
+    assert episode.task_params["target_x"] == pytest.approx(np.full(episode.num_steps, task["target_x"]))
+    adapted = episode.adapted
+    # Every adapter step's command reached the twin, but the last one or two (sent as the twin stopped).
+    assert 0 <= adapted.sum() - summary["commands"]["accepted"] <= 2
+    assert (episode.command_source[adapted] == "adapter").mean() > 0.95
+    kinds = [e.kind for e in episode.safety_events]
+    assert kinds[:2] == ["HANDSHAKE_OK", "ARMED"] and "TELEMETRY_STALE" in kinds and kinds[-1] == "SHUTDOWN"
+    assert (episode.command_source[-5:] == "safe_command").all() and (episode.command[-5:] == 0.0).all()
+    assert np.isfinite(episode.adaptation["prediction_error"][adapted][1:]).all()
+    assert episode.adaptation["context_size"][adapted][-1, 0] == bundle.context_window
+    assert episode.diagnostics, "the /diagnostics messages are logged too"
+
+
+def test_wrong_robot_yaml_hash_refuses_to_arm_and_nothing_is_commanded(colcon_install, tmp_path, domain_id,
+                                                                      cleanup):
+    procs, _ = cleanup
+    sim = tmp_path / "sim"
+    shutil.copytree(REPO_ROOT / "sim", sim)
+    robot_yaml = sim / "robots" / "cartpole" / "robot.yaml"
+    data = yaml.safe_load(robot_yaml.read_text())
+    data["action"][0]["max_rate"] = 20.0  # a different rate limit on the robot: another interface
+    robot_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    twin = Twin(tmp_path, "--duration", "6", env=ros_env(domain_id, METARL_SIM_DIR=str(sim)))
+    procs.append(twin)
+    bundle_hash = load_bundle(BUNDLE).robot.interface_hash
+    assert twin.ready["interface_sha256"] != bundle_hash
+
+    node = start_node(colcon_install, tmp_path, domain_id, twin)
+    procs.append(node)
+    assert node.wait(DEADLINE_S) == 2
+    out = node.output()
+    assert "configure failed" in out and "refused to arm" in out and "interface mismatch" in out
+    assert bundle_hash in out and twin.ready["interface_sha256"] in out
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+    summary = twin.summary()
+    assert summary["handshakes"] == {"accepted": 0, "refused": 1, "last_refusal": summary["handshakes"]["last_refusal"]}
+    assert "interface mismatch" in summary["handshakes"]["last_refusal"]
+    assert summary["commands"]["accepted"] == 0 and summary["commands"]["total_rejected"] == 0
+    assert summary["periods_commanded"] == 0 and summary["first_command_s"] is None
+
+
+def test_twin_killed_mid_run_node_sends_safe_command_and_reports_stale(colcon_install, tmp_path, domain_id, cleanup):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from std_msgs.msg import Float64MultiArray
+
+    procs, clients = cleanup
+    twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
+    procs.append(twin)
+    client = RosClient(domain_id)
+    clients.append(client)
+    client.subscribe(DiagnosticArray, "/diagnostics")
+    client.subscribe(Float64MultiArray, f"/{NODE}/command")
+    node = start_node(colcon_install, tmp_path, domain_id, twin)
+    procs.append(node)
+    client.wait_for(lambda: len(client.messages(f"/{NODE}/command")) > 20, "commands flowing")
+
+    twin.kill()  # SIGKILL: no goodbye, the frames just stop
+    killed_at = time.monotonic()
+
+    def safety_state() -> tuple[int, dict]:
+        arrays = client.messages("/diagnostics", since=killed_at)
+        if not arrays:
+            return -1, {}
+        safety = find_status(arrays[-1], ": safety")
+        telemetry = find_status(arrays[-1], ": telemetry")
+        return level_of(telemetry), {**diagnostic_values(safety), "telemetry": telemetry.message}
+
+    client.wait_for(lambda: safety_state()[0] == 2 and safety_state()[1].get("state") == "SAFE_STOP",
+                    "stale telemetry reported as ERROR with SAFE_STOP")
+    _, values = safety_state()
+    assert "TELEMETRY_STALE" in values["faults"] and "TELEMETRY_STALE" in values["telemetry"]
+    time.sleep(0.5)
+    assert node.stop(signal.SIGTERM) == 0, node.output()[-3000:]
+
+    episode = the_log(tmp_path)
+    assert episode.complete and episode.end_reason == "SIGTERM"
+    last_received = episode.receive_time_ns.max()
+    on_last_frame = np.flatnonzero(episode.receive_time_ns == last_received)
+    assert episode.adapted[on_last_frame[0]]  # the adapter answered the last frame; every later step is a tick
+    after = on_last_frame[1:]
+    sent_after = after[episode.command_source[after] != "none"]
+    assert sent_after.size > 5
+    assert (episode.command_source[sent_after] == "safe_command").all() and (episode.command[sent_after] == 0).all()
+    first_safe = (episode.time_ns[sent_after[0]] - last_received) / 1e9
+    deadline = 3.5 * 0.04  # stale_after_periods x ctrl_dt
+    assert deadline < first_safe <= deadline + 0.04 + 0.25  # within one control period of the deadline (+ margin)
+    # A safe command every period while the robot is gone, until the process exits.
+    gaps = np.diff(episode.time_ns[sent_after]) / 1e9
+    assert gaps.max() < 0.04 + 0.25
+    stale = [e for e in episode.safety_events if e.kind == "TELEMETRY_STALE"]
+    assert len(stale) == 1 and stale[0].level == "ERROR"
+
+
+def test_services_and_lifecycle_with_a_real_rclpy_client(colcon_install, tmp_path, domain_id, cleanup):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from std_msgs.msg import Float64MultiArray
+    from std_srvs.srv import SetBool, Trigger
+
+    procs, clients = cleanup
+    twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
+    procs.append(twin)
+    client = RosClient(domain_id)
+    clients.append(client)
+    command_topic = f"/{NODE}/command"
+    client.subscribe(Float64MultiArray, command_topic)
+    node = start_node(colcon_install, tmp_path, domain_id, twin)
+    procs.append(node)
+    client.wait_for(lambda: len(client.messages(command_topic)) > 10, "commands flowing")
+
+    reply = client.call(SetBool, f"/{NODE}/set_enabled", SetBool.Request(data=False))
+    assert reply.success and "disabled" in reply.message and "SAFE_STOP" in reply.message
+    since = time.monotonic() + 0.3  # a command already on its way when the service ran may still arrive
+    client.wait_for(lambda: len(client.messages(command_topic, since)) > 10, "commands while disabled")
+    assert all(m.data[0] == 0.0 for m in client.messages(command_topic, since))
+
+    reply = client.call(SetBool, f"/{NODE}/set_enabled", SetBool.Request(data=True))
+    assert reply.success and "enabled" in reply.message
+    since = time.monotonic() + 0.3
+    client.wait_for(lambda: any(m.data[0] != 0.0 for m in client.messages(command_topic, since)),
+                    "the adapter commanding again")
+
+    reply = client.call(Trigger, f"/{NODE}/reset_adaptation", Trigger.Request())
+    assert reply.success and "adapter reset" in reply.message
+    time.sleep(1.0)
+
+    change = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE))
+    assert client.call(ChangeState, f"/{NODE}/change_state", change).success
+    first = the_log(tmp_path, 1)  # closed by the deactivation
+    assert first.complete and first.end_reason == "deactivated"
+    change = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE))
+    assert client.call(ChangeState, f"/{NODE}/change_state", change).success
+    node.wait_for(lambda t: "episode 2 started" in t, "second episode")
+    time.sleep(1.0)
+    assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+    twin.send_signal(signal.SIGINT)
+    assert twin.summary()["handshakes"]["accepted"] == 2  # a new session for the second episode
+
+    # Episode 1: disabled → safe commands only; enabled → the adapter again; reset → context emptied;
+    # deactivated → the safe command for shutdown_periods.
+    events: dict = {}
+    for event in first.safety_events:  # the first of each kind (the deactivation disables the layer again)
+        events.setdefault(event.kind, event)
+    step_of = {kind: events[kind].step for kind in ("OPERATOR_DISABLED", "OPERATOR_ENABLED", "LATCHES_RESET")}
+    disabled = slice(step_of["OPERATOR_DISABLED"], step_of["OPERATOR_ENABLED"])
+    sent = first.command_source[disabled] != "none"
+    assert sent.sum() > 5 and (first.command_source[disabled][sent] == "safe_command").all()
+    assert (first.safety_state[disabled] == "SAFE_STOP").all()
+    enabled = slice(step_of["OPERATOR_ENABLED"], step_of["LATCHES_RESET"])
+    assert (first.command_source[enabled] == "adapter").any()
+    size = first.adaptation["context_size"][:, 0]
+    reset_step = step_of["LATCHES_RESET"]
+    before = size[:reset_step][first.adapted[:reset_step]]
+    after = size[reset_step:][first.adapted[reset_step:]]
+    assert before[-1] > 5 and after[0] <= 1, (before[-5:], after[:5])
+    assert (first.command_source[-5:] == "safe_command").all() and (first.safety_state[-5:] == "SAFE_STOP").all()
+    second = the_log(tmp_path, 2)
+    assert second.complete and second.end_reason == "SIGINT" and second.adapted.sum() > 5
