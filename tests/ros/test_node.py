@@ -290,3 +290,30 @@ def test_services_and_lifecycle_with_a_real_rclpy_client(colcon_install, tmp_pat
     assert (first.command_source[-5:] == "safe_command").all() and (first.safety_state[-5:] == "SAFE_STOP").all()
     second = the_log(tmp_path, 2)
     assert second.complete and second.end_reason == "SIGINT" and second.adapted.sum() > 5
+
+
+def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, tmp_path, domain_id, cleanup):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    procs, clients = cleanup
+    twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
+    procs.append(twin)
+    client = RosClient(domain_id)
+    clients.append(client)
+    client.subscribe(DiagnosticArray, "/diagnostics")
+    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=30)
+    procs.append(node)
+    node.wait_for(lambda t: "finished: episode_steps reached (30); deactivating" in t, "episode end")
+
+    def inactive() -> bool:
+        arrays = client.messages("/diagnostics")
+        loop = find_status(arrays[-1], ": control loop") if arrays else None
+        return loop is not None and diagnostic_values(loop)["lifecycle_state"] == "inactive"
+
+    client.wait_for(inactive, "the node reports itself inactive")
+    episode = the_log(tmp_path)  # closed at the episode's end, before the deactivation
+    assert episode.complete and episode.end_reason == "episode_steps reached (30)"
+    assert episode.adapted.sum() == 30
+    assert (episode.command_source[-5:] == "safe_command").all()
+    assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [episode.path.name]
