@@ -75,8 +75,11 @@ def test_docs_table_lists_every_parameter_with_type_and_default():
         assert p.name in rows, f"docs/ros2_node.md has no row for {p.name}"
         kind, default = rows[p.name]
         assert kind == p.type, p.name
-        shown = {True: "true", False: "false"}.get(p.default, p.default) if isinstance(p.default, bool) else p.default
-        assert default == (f'"{shown}"' if isinstance(shown, str) else str(shown)), p.name
+        if isinstance(p.default, bool):
+            shown = "true" if p.default else "false"
+        else:
+            shown = f'"{p.default}"' if isinstance(p.default, str) else str(p.default)
+        assert default == shown, p.name
 
 
 @pytest.mark.parametrize(("values", "name", "fragment"), [
