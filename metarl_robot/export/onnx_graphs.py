@@ -9,6 +9,7 @@ onnxruntime sessions built exactly as the runtime builds them.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ DYNAMO_OPSET = 18
 """Opset of the torch.export-based exporter (its lowest supported)."""
 PARITY_TOLERANCE = 1e-5
 """Largest allowed difference between torch and onnxruntime outputs beyond one float32 ULP of the value."""
-PARITY_CRITERION = "max |torch - onnxruntime| - ulp32(|torch|) <= tolerance, per output"
+PARITY_CRITERION = ("per output: max |torch - onnxruntime| - ulp32(|torch|) <= tolerance, or, where float32 itself "
+                    "cannot reach that, max |onnxruntime - torch64| <= 2 max |torch - torch64| + tolerance")
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 
@@ -286,8 +288,11 @@ def measure_parity(model: ContextDynamics, graphs: ExportedGraphs, inputs: Input
     ``|torch|``) and ``max_excess_over_ulp``: the maximum of ``|torch - ort| - ulp(torch)``, where
     ``ulp`` is the float32 spacing at the value. The outputs are float32 in raw robot units, so a
     large value (an unwrapped angle of 150 rad has a spacing of 1.5e-5) cannot agree better than
-    its last bit; the parity criterion allows that one ULP and nothing more. The sessions are
-    built with the runtime's settings (one thread, full graph optimisation).
+    its last bit; the parity criterion allows that one ULP. ``torch_float32_error`` and
+    ``onnxruntime_float32_error`` are each implementation's largest distance from torch in float64
+    on the same inputs: where torch's own float32 rounding exceeds the tolerance, the export passes
+    if onnxruntime's is at most twice torch's (+ tolerance), see :func:`check_parity`. The sessions are built
+    with the runtime's settings (one thread, full graph optimisation).
 
     The rollout is compared step by step, teacher-forced: torch's step ``t`` starts from the
     rollout graph's own state ``t - 1``, so the figure is the per-step error (float32 differences
@@ -300,16 +305,13 @@ def measure_parity(model: ContextDynamics, graphs: ExportedGraphs, inputs: Input
     (z_o,) = enc_sess.run(list(ENCODER_OUTPUTS), dict(zip(ENCODER_INPUTS, enc_inputs, strict=True)))
     mean_o, logvar_o = dyn_sess.run(list(DYNAMICS_OUTPUTS), dict(zip(DYNAMICS_INPUTS, dyn_inputs, strict=True)))
     (roll_o,) = roll_sess.run(list(ROLLOUT_OUTPUTS), dict(zip(ROLLOUT_INPUTS, roll_inputs, strict=True)))
-    obs0, actions, ctx = (torch.as_tensor(x) for x in roll_inputs)
-    with torch.no_grad():
-        z_t = model.encode(*(torch.as_tensor(x) for x in enc_inputs)).numpy()
-        mean_t, logvar_t = (t.numpy() for t in model(*(torch.as_tensor(x) for x in dyn_inputs)))
-        starts = torch.cat([obs0[:, :, None], torch.as_tensor(roll_o[:, :, :-1])], dim=2)
-        roll_t = torch.stack([model(starts[:, :, t], actions[:, :, t], ctx)[0] for t in range(actions.shape[2])],
-                             dim=2).numpy()
-    out: dict[str, dict[str, float]] = {"max_abs_diff": {}, "max_excess_over_ulp": {}, "max_abs_value": {}}
-    for name, ref, got in (("context", z_t, z_o), ("next_obs_mean", mean_t, mean_o),
-                           ("next_obs_logvar", logvar_t, logvar_o), ("rollout_next_obs", roll_t, roll_o)):
+    ort = {"context": z_o, "next_obs_mean": mean_o, "next_obs_logvar": logvar_o, "rollout_next_obs": roll_o}
+    ref32 = _torch_outputs(model, inputs, roll_o, torch.float32)
+    ref64 = _torch_outputs(copy.deepcopy(model).double(), inputs, roll_o, torch.float64)
+    out: dict[str, dict[str, float]] = {key: {} for key in ("max_abs_diff", "max_excess_over_ulp", "max_abs_value",
+                                                            "torch_float32_error", "onnxruntime_float32_error")}
+    for name, got in ort.items():
+        ref, exact = ref32[name], ref64[name]
         if ref.shape != got.shape:
             raise ExportError(f"parity: {name} has shape {got.shape} in onnxruntime, {ref.shape} in torch")
         diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
@@ -317,15 +319,45 @@ def measure_parity(model: ContextDynamics, graphs: ExportedGraphs, inputs: Input
         out["max_abs_diff"][name] = float(diff.max())
         out["max_excess_over_ulp"][name] = float(max(0.0, (diff - ulp).max()))
         out["max_abs_value"][name] = float(np.abs(ref).max())
+        out["torch_float32_error"][name] = float(np.abs(ref - exact).max())
+        out["onnxruntime_float32_error"][name] = float(np.abs(got - exact).max())
     return out
 
 
-def check_parity(parity: dict[str, dict[str, dict[str, float]]], tolerance: float = PARITY_TOLERANCE) -> None:
-    """Raise :class:`ExportError` naming each input set and output beyond ``tolerance`` (+ one float32 ULP).
+def _torch_outputs(model: ContextDynamics, inputs: Inputs, roll_o: np.ndarray, dtype: torch.dtype
+                   ) -> dict[str, np.ndarray]:
+    """The four parity outputs computed by torch at ``dtype`` (float64: the reference for float32 rounding)."""
+    enc_inputs, dyn_inputs, (obs0, actions, ctx) = inputs
 
-    ``parity``: input-set name (``random``, ``real``) → :func:`measure_parity` result.
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x).to(dtype)
+
+    with torch.no_grad():
+        mean, logvar = model(*map(t, dyn_inputs))
+        starts = torch.cat([t(obs0)[:, :, None], t(roll_o[:, :, :-1])], dim=2)
+        roll = torch.stack([model(starts[:, :, i], t(actions)[:, :, i], t(ctx))[0] for i in range(actions.shape[2])],
+                           dim=2)
+        return {"context": model.encode(*map(t, enc_inputs)).numpy(), "next_obs_mean": mean.numpy(),
+                "next_obs_logvar": logvar.numpy(), "rollout_next_obs": roll.numpy()}
+
+
+def check_parity(parity: dict[str, dict[str, dict[str, float]]], tolerance: float = PARITY_TOLERANCE) -> None:
+    """Raise :class:`ExportError` naming each input set and output that fails :data:`PARITY_CRITERION`.
+
+    ``parity``: input-set name (``random``, ``real``) → :func:`measure_parity` result. The second
+    clause exists because two float32 implementations of a wide layer on large outputs (HalfCheetah's
+    joint velocities reach 40 rad/s, where one ULP is 4e-6) cannot agree to 1e-5 when torch itself is
+    further than that from the float64 result. onnxruntime's rounding must then be of the same size as
+    torch's: at most twice it (two GEMM kernels summing in different orders; the maximum over thousands
+    of values fluctuates), while a real export fault (a wrong normaliser or weight) is orders larger.
     """
-    bad = [f"{kind}/{name}: max abs diff {p['max_abs_diff'][name]:.3g} ({v:.3g} beyond one float32 ULP)"
-           for kind, p in parity.items() for name, v in p["max_excess_over_ulp"].items() if not v <= tolerance]
+    def passes(p: dict, name: str) -> bool:
+        return (p["max_excess_over_ulp"][name] <= tolerance
+                or p["onnxruntime_float32_error"][name] <= 2 * p["torch_float32_error"][name] + tolerance)
+
+    bad = [f"{kind}/{name}: max abs diff {p['max_abs_diff'][name]:.3g} ({p['max_excess_over_ulp'][name]:.3g} "
+           f"beyond one float32 ULP; from float64: onnxruntime {p['onnxruntime_float32_error'][name]:.3g}, torch "
+           f"{p['torch_float32_error'][name]:.3g})"
+           for kind, p in parity.items() for name in p["max_excess_over_ulp"] if not passes(p, name)]
     if bad:
         raise ExportError(f"torch vs onnxruntime differ by more than {tolerance:g}: {', '.join(bad)}")
