@@ -310,10 +310,10 @@ class AdaptNode(LifecycleNode):
             error = r.adaptation.get("prediction_error")
             if error is not None:
                 self._error_pub.publish(Float64(data=float(np.asarray(error, dtype=np.float64).ravel()[0])))
-        if r.decision.events:
+        if r.events:
             array = DiagnosticArray()
             array.header.stamp = stamp
-            for event in r.decision.events:
+            for event in r.events:
                 array.status.append(DiagnosticStatus(
                     level=_LEVEL_BYTES[int(event.level)], name=f"{self.get_name()}: safety/{event.code.value}",
                     message=event.message, hardware_id=self.robot.name,

@@ -16,6 +16,7 @@ microseconds. Nothing here imports rclpy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import queue
 import threading
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from metarl_robot.replay.episode_log import EpisodeLogWriter
-from metarl_robot.runtime.safety import CommandSource, SafetyDecision, SafetyLayer, SafetyState
+from metarl_robot.runtime.safety import CommandSource, SafetyDecision, SafetyEvent, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, ControllerLink, HandshakeError
 from metarl_robot.telemetry.protocol import CommandFrame, StateFrame
@@ -51,8 +52,9 @@ class StepRecord:
 
     time_ns: int
     """Controller monotonic clock when the command was sent (or the decision taken, if nothing was sent)."""
-    frame: StateFrame
-    """The state frame the decision was about (the newest received; repeated when no new one came)."""
+    frame: StateFrame | None
+    """The state frame the decision was about (the newest received; repeated when no new one came); None
+    before the first frame (such a step is not recorded)."""
     receive_time_ns: int
     """When that frame was received (controller monotonic clock)."""
     decision: SafetyDecision
@@ -61,6 +63,9 @@ class StepRecord:
     """The COMMAND frame sent, or None when nothing was sent."""
     task_params: Mapping[str, float]
     """Task/reward parameters given to the adapter."""
+    events: tuple[SafetyEvent, ...] = ()
+    """Safety events to record with this step: the decision's, after those of earlier decisions that had no
+    frame to record yet (the handshake's, before the first frame), so no event is lost."""
     adapter_action: np.ndarray | None = None
     """The adapter's raw action ``(a,)`` when it ran this period."""
     adaptation: Mapping[str, np.ndarray] | None = None
@@ -240,7 +245,7 @@ class RecordWorker:
     def _write_step(self, writer: EpisodeLogWriter, r: StepRecord) -> None:
         decision = r.decision
         step_index = writer.step_count
-        for event in decision.events:
+        for event in r.events:
             writer.write_safety_event(event.code.value, event.message, level=int(event.level),
                                       action=decision.source.value, state_seq=r.frame.seq, step=step_index,
                                       time_ns=round(event.at * 1e9))
@@ -311,6 +316,7 @@ class _Pending:
     prev_good: StateFrame | None = None
     last_good_s: float = -math.inf
     next_tick_s: float = 0.0
+    unrecorded_events: tuple = ()
 
 
 class ControlLoop:
@@ -442,12 +448,21 @@ class ControlLoop:
             self.stats.record(sent_ns=sent_ns if command is not None else None, latency_ns=latency,
                               compute_ns=compute_ns, control=usable)
             self._schedule(sent_ns / 1e9)
-        if p.last_frame is not None:
-            self.recorder.step(StepRecord(
-                time_ns=sent_ns, frame=p.last_frame, receive_time_ns=p.last_frame_received_ns, decision=decision,
-                command=command, task_params=self.task_params, adapter_action=action if usable else None,
-                adaptation={k: np.asarray(v).copy() for k, v in adaptation.items()} if usable else None,
-                latency_ns=latency, compute_ns=compute_ns))
+        self._record(StepRecord(
+            time_ns=sent_ns, frame=p.last_frame, receive_time_ns=p.last_frame_received_ns, decision=decision,
+            command=command, task_params=self.task_params, adapter_action=action if usable else None,
+            adaptation={k: np.asarray(v).copy() for k, v in adaptation.items()} if usable else None,
+            latency_ns=latency, compute_ns=compute_ns))
+
+    def _record(self, record: StepRecord) -> None:
+        """Hand a step to the recorder; before the first frame there is no step to log, so its events wait."""
+        p = self._p
+        events = (*p.unrecorded_events, *record.decision.events)
+        if record.frame is None:
+            p.unrecorded_events = events
+            return
+        p.unrecorded_events = ()
+        self.recorder.step(dataclasses.replace(record, events=events))
 
     def _schedule(self, now: float) -> None:
         """When to decide next if no frame comes: at the next period while a safe or fallback command must be
@@ -523,8 +538,6 @@ class ControlLoop:
                 self.stats.record(sent_ns=sent_ns if command is not None else None, latency_ns=None,
                                   compute_ns=None, control=False)
             sent += command is not None
-            if p.last_frame is not None:
-                self.recorder.step(StepRecord(time_ns=sent_ns, frame=p.last_frame,
-                                              receive_time_ns=p.last_frame_received_ns, decision=decision,
-                                              command=command, task_params=self.task_params, ending=True))
+            self._record(StepRecord(time_ns=sent_ns, frame=p.last_frame, receive_time_ns=p.last_frame_received_ns,
+                                    decision=decision, command=command, task_params=self.task_params, ending=True))
         return sent
