@@ -144,7 +144,8 @@ class Twin(Proc):
     def __init__(self, tmp: Path, *args: str, env: Mapping[str, str] | None = None, name: str = "twin") -> None:
         self.summary_path = tmp / f"{name}_summary.json"
         self.trace_path = tmp / f"{name}_trace.npz"
-        cmd = [sys.executable, "-m", "metarl_robot.cli", "sim-robot", "--port-base", "0",
+        port = [] if "--endpoints" in args else ["--port-base", "0"]
+        cmd = [sys.executable, "-m", "metarl_robot.cli", "sim-robot", *port,
                "--summary", str(self.summary_path), "--trace", str(self.trace_path), *args]
         super().__init__(cmd, tmp / f"{name}.log", env or os.environ)
         text = self.wait_for(lambda t: '"event": "ready"' in t, "twin ready line")

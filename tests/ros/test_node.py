@@ -322,3 +322,41 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
     assert (episode.command_source[-5:] == "safe_command").all()
     assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [episode.path.name]
+
+
+def test_twin_restarted_node_handshakes_again_and_resumes(colcon_install, tmp_path, domain_id, cleanup):
+    from std_msgs.msg import Float64MultiArray
+
+    procs, clients = cleanup
+    first = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id), name="twin_a")
+    procs.append(first)
+    client = RosClient(domain_id)
+    clients.append(client)
+    command_topic = f"/{NODE}/command"
+    client.subscribe(Float64MultiArray, command_topic)
+    node = start_node(colcon_install, tmp_path, domain_id, first)
+    procs.append(node)
+    client.wait_for(lambda: len(client.messages(command_topic)) > 10, "commands to the first twin")
+    first.kill()
+    time.sleep(0.5)
+    # The same addresses, a new robot process: a new session the node has not armed.
+    endpoints = first.ready["endpoints"]
+    second = Twin(tmp_path, "--speed", str(SPEED), "--endpoints",
+                  f"state={endpoints['state']},command={endpoints['command']},handshake={endpoints['handshake']}",
+                  env=ros_env(domain_id), name="twin_b")
+    procs.append(second)
+    resumed = time.monotonic() + 0.5
+    client.wait_for(lambda: sum(m.data[0] != 0.0 for m in client.messages(command_topic, resumed)) > 10,
+                    "the adapter commanding the restarted twin")
+    assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+    second.send_signal(signal.SIGINT)
+    summary = second.summary()
+    assert summary["handshakes"]["accepted"] == 1 and summary["commands"]["accepted"] > 10
+    # Safe commands the node still sent in the old session, before it saw the new robot's frames, are refused by
+    # the new robot (that is the protocol working); nothing else is.
+    assert set(summary["commands"]["rejected"]) <= {"foreign_session"}
+
+    episode = the_log(tmp_path)
+    kinds = [e.kind for e in episode.safety_events]
+    assert kinds.count("HANDSHAKE_OK") == 2 and kinds.count("ARMED") == 2
+    assert kinds.index("TELEMETRY_STALE") < len(kinds) - 1 - kinds[::-1].index("HANDSHAKE_OK")

@@ -129,9 +129,10 @@ class AdaptNode(LifecycleNode):
         self._lifecycle_label = "configuring"
         try:
             self._configure()
-        except (ParameterError, SpecError, HandshakeError, OSError, ValueError) as exc:
-            self.configure_error = str(exc)
-            self.get_logger().error(f"configure failed: {exc}")
+        except Exception as exc:  # every refusal ends here with its message; the node stays unconfigured
+            known = isinstance(exc, ParameterError | SpecError | HandshakeError | OSError | ValueError)
+            self.configure_error = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"configure failed: {self.configure_error}")
             self._teardown()
             self.config = None
             self._lifecycle_label = "unconfigured"
@@ -456,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             if node.config is None or node.link is None:
                 print(f"adapt_node: configure failed: {node.configure_error}", file=sys.stderr, flush=True)
                 return EXIT_CONFIGURE_FAILED
-            node.trigger_activate()
+            if not stop.is_set():
+                node.trigger_activate()
         while not stop.is_set() and not node.exit_requested.is_set():
             executor.spin_once(timeout_sec=0.05)
         exit_code = node.exit_code or 0
