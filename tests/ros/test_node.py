@@ -360,3 +360,15 @@ def test_twin_restarted_node_handshakes_again_and_resumes(colcon_install, tmp_pa
     kinds = [e.kind for e in episode.safety_events]
     assert kinds.count("HANDSHAKE_OK") == 2 and kinds.count("ARMED") == 2
     assert kinds.index("TELEMETRY_STALE") < len(kinds) - 1 - kinds[::-1].index("HANDSHAKE_OK")
+
+
+def test_bad_parameter_stops_the_installed_node_naming_it(colcon_install, tmp_path, domain_id):
+    values = {"bundle": str(BUNDLE), "safety.stale_after_periods": 1.0}
+    node = Proc(colcon_install.command(*node_args([params_file(tmp_path / "bad.yaml", values)])),
+                tmp_path / "node.log", ros_env(domain_id))
+    try:
+        assert node.wait(DEADLINE_S) == 2
+    finally:
+        node.kill()
+    assert ("configure failed: parameters: safety.stale_after_periods: must be a number of control periods in "
+            "[1.5, 50], got 1.0") in node.output()
