@@ -110,6 +110,23 @@ def torch_cartpole_cost(robot, target_x: float):
     return cost
 
 
+def torch_half_cheetah_velocity_cost(robot, target_velocity: float):
+    import torch
+
+    from metarl_robot.spec.rewards import CHEETAH_CTRL_COST
+
+    v = robot.obs_slices["root_vel"].start
+
+    def cost(state, action):  # negative of spec.rewards.half_cheetah_velocity on (next) state
+        return (state[:, v] - target_velocity).abs() + CHEETAH_CTRL_COST * (action**2).sum(dim=-1)
+    return cost
+
+
+TORCH_COSTS = {"cartpole_swingup": (torch_cartpole_cost, "target_x"),
+               "half_cheetah_velocity": (torch_half_cheetah_velocity_cost, "target_velocity")}
+"""The peer's cost per reward function (pytorch-mppi needs it in torch), and the reward parameter it takes."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     prov = bundle.manifest["provenance"]
     run_dir = Path(args.run or prov["run_dir"])
+    reward_name = bundle.family.spec.reward
+    if not args.skip_peer and reward_name not in TORCH_COSTS:
+        notes.append(f"pytorch_mppi skipped: no torch cost for reward {reward_name!r} in this benchmark "
+                     f"(has: {', '.join(TORCH_COSTS)})")
+        args.skip_peer = True
     checkpoint = None if args.skip_peer else find_checkpoint(run_dir, prov)
     if not args.skip_peer and checkpoint is None:
         notes.append(f"pytorch_mppi skipped: no checkpoint with the bundle's sha256 in {run_dir}/checkpoints "
@@ -195,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 nxt, _ = algo.model(s.float(), a.float(), zt.expand(e, m, -1))
             return nxt.transpose(0, 1).reshape(m * e, -1)
 
-        mppi = MPPI(dynamics, torch_cartpole_cost(bundle.robot, float(params["target_x"][0])), bundle.robot.obs_dim,
+        make_cost, param = TORCH_COSTS[reward_name]
+        mppi = MPPI(dynamics, make_cost(bundle.robot, float(params[param][0])), bundle.robot.obs_dim,
                     torch.diag((cfg.noise_std * half) ** 2), num_samples=cfg.samples, horizon=cfg.horizon,
                     lambda_=cfg.temperature, u_min=torch.as_tensor(bundle.robot.action_low, dtype=torch.float32),
                     u_max=torch.as_tensor(bundle.robot.action_high, dtype=torch.float32))
