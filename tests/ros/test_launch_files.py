@@ -21,13 +21,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUNDLE, PKG, PKG_SRC, ColconInstall, Proc, Twin, colcon_build, node_args, params_file, ros_env
-from launch_ast import LaunchFile, ResolvedLaunch
 from metarl_robot_ros.params import parse_parameters
 
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay import read_episode
 from metarl_robot.runtime.bundle import load_bundle
+from tests.ros.conftest import (
+    BUNDLE,
+    PKG,
+    PKG_SRC,
+    ColconInstall,
+    Proc,
+    Twin,
+    colcon_build,
+    node_args,
+    params_file,
+    ros_env,
+)
+from tests.ros.launch_ast import LaunchFile, ResolvedLaunch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,7 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import (
+
+from metarl_robot.paths import REPO_ROOT
+from metarl_robot.replay import read_episode
+from metarl_robot.runtime.bundle import load_bundle
+from tests.ros.conftest import (
     BUNDLE,
     DEADLINE_S,
     ColconInstall,
@@ -30,10 +34,6 @@ from conftest import (
     params_file,
     ros_env,
 )
-
-from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import read_episode
-from metarl_robot.runtime.bundle import load_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -87,7 +87,7 @@ def test_ood_twin_is_swung_up_and_balanced_through_the_whole_stack(colcon_instal
     task = ood_task_the_bundle_swings_up()
     task_file = tmp_path / "task.json"
     task_file.write_text(json.dumps(task))
-    duration = 16.0
+    duration = 12.0
     twin = Twin(tmp_path, "--task", str(task_file), "--speed", str(SPEED), "--duration", str(duration),
                 env=ros_env(domain_id))
     procs.append(twin)

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-from conftest import BUNDLE, PKG_SRC
 from metarl_robot_ros.params import (
     DEFAULT_LOG_DIR,
     PARAMETERS,
@@ -22,6 +21,7 @@ from metarl_robot_ros.params import (
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.safety import SafetyConfig
+from tests.ros.conftest import BUNDLE, PKG_SRC
 
 ADAPT_YAML = PKG_SRC / "config" / "adapt.yaml"
 DOC = REPO_ROOT / "docs" / "ros2_node.md"
