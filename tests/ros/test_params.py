@@ -133,6 +133,7 @@ def test_bundle_dependent_parameters_are_checked_against_the_bundle(bundle):
     assert config.task == {"target_x": -0.5} and config.control_period_s == pytest.approx(0.04)
 
 
+@pytest.mark.integration
 def test_node_modules_stay_free_of_torch_and_mujoco():
     """The node runs on the robot computer: its modules may not pull in torch, MuJoCo or gymnasium."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import metarl_robot_ros.params, "
