@@ -111,7 +111,6 @@ def torch_cartpole_cost(robot, target_x: float):
 
 
 def torch_half_cheetah_velocity_cost(robot, target_velocity: float):
-    import torch
 
     from metarl_robot.spec.rewards import CHEETAH_CTRL_COST
 

@@ -8,7 +8,6 @@ a copy of adapt.yaml given as ``params_file:=``. Every name used here is checked
 install and the node's parameters by tests/ros/test_launch_files.py. See docs/ros2_node.md.
 """
 
-# ruff: noqa: I001 -- the repository's launch/ folder makes ruff file the ROS `launch` package as first-party
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution

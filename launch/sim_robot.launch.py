@@ -10,7 +10,6 @@ Every name used here is checked against the colcon install and the node's parame
 tests/ros/test_launch_files.py. See docs/ros2_node.md.
 """
 
-# ruff: noqa: I001 -- the repository's launch/ folder makes ruff file the ROS `launch` package as first-party
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, ExecuteProcess
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution

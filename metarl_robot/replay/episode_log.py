@@ -420,7 +420,7 @@ class EpisodeLogWriter:
         self._obs_layout = _MultiArray([(f.name, f.size) for f in robot.measured_fields])
         self._command_layout = _MultiArray([(a.name, 1) for a in robot.action])
         self._step_layout = _MultiArray([(label, 1) for label in STEP_FIELDS])
-        self._joint_names, self._joint_pos_index, self._joint_vel_index = _joint_state_map(robot)
+        self._joint_names, self._joint_pos_index, self._joint_vel_index = joint_state_map(robot)
         self._task_layout: _MultiArray | None = None
         self._adaptation_layout: _MultiArray | None = None
         self._steps = 0
@@ -734,7 +734,7 @@ class EpisodeLogWriter:
             raise EpisodeLogError(str(self.path), "", "the log is closed")
 
 
-def _joint_state_map(robot: RobotSpec) -> tuple[list[str], list[int], list[int]]:
+def joint_state_map(robot: RobotSpec) -> tuple[list[str], list[int], list[int]]:
     """Joints whose position or velocity is an observation component: names, and obs indices (-1: not observed).
 
     Only single-value joints (hinge, slide) named whole by a field map; free/ball joints and indexed
@@ -1185,5 +1185,5 @@ __all__ = [
     "TOPIC_ADAPTATION", "TOPIC_COMMAND", "TOPIC_DIAGNOSTICS", "TOPIC_JOINT_STATES", "TOPIC_OBSERVATION",
     "TOPIC_SAFETY", "TOPIC_STEP", "TOPIC_TASK", "TOPIC_TYPES", "DiagnosticEntry", "DiagnosticsRecord", "Episode",
     "EpisodeLogError", "EpisodeLogWarning", "EpisodeLogWriter", "SafetyEventRecord", "concatenated_definition",
-    "read_episode",
+    "joint_state_map", "read_episode",
 ]

@@ -40,7 +40,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension
 from std_srvs.srv import SetBool, Trigger
 
-from metarl_robot.replay.episode_log import _joint_state_map
+from metarl_robot.replay.episode_log import joint_state_map
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.safety import SafetyLayer
 from metarl_robot.spec.schema import SpecError
@@ -279,7 +279,7 @@ class AdaptNode(LifecycleNode):
 
     # ---- ROS entities ---------------------------------------------------------------------------------
     def _create_ros_entities(self) -> None:
-        self._joint_names, self._joint_pos_index, self._joint_vel_index = _joint_state_map(self.robot)
+        self._joint_names, self._joint_pos_index, self._joint_vel_index = joint_state_map(self.robot)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._joint_pub = self.create_publisher(JointState, "joint_states", 10)
         self._command_pub = self.create_publisher(Float64MultiArray, "~/command", 10)
