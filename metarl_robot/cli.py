@@ -10,7 +10,7 @@ from pathlib import Path
 EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
-  2. ros2 launch on robot  (export, sim-robot, keys; the ROS 2 node is ros2_ws/src/metarl_robot_ros)
+  2. ros2 launch on robot  (export, calibrate-safety, sim-robot, keys; the node: ros2_ws/src/metarl_robot_ros)
   3. replay logged runs    (not yet: episodes are logged as MCAP, docs/episode_log.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
@@ -186,6 +186,23 @@ def _cmd_sim_robot(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_calibrate_safety(args: argparse.Namespace) -> int:
+    from metarl_robot.train.safety_calibration import PARAMS_FILE, REPORT_FILE, calibrate_safety
+
+    report = calibrate_safety(args.bundle, args.out, episodes=args.episodes, split=args.split,
+                              check_split=args.check_split, check_episodes=args.check_episodes, steps=args.steps,
+                              quantile=args.quantile, margin=args.margin, seed=args.seed,
+                              progress=sys.stderr.isatty())
+    cal, check = report["calibration"], report["check"]
+    print(f"prediction_error_threshold = {report['threshold']:.4g} (quantile {args.quantile} x margin {args.margin} "
+          f"of the level held for {report['prediction_error_steps']} steps, {cal['episodes']} {cal['split']} "
+          f"episodes; their highest: {cal['max_persistent_level']:.4g})")
+    print(f"held-out check: {check['trips']} trip(s) on {check['episodes']} {check['split']} episodes "
+          f"(highest level {check['max_persistent_level']:.4g})")
+    print(f"wrote {Path(args.out) / PARAMS_FILE} (node parameters) and {Path(args.out) / REPORT_FILE}")
+    return 0
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from metarl_robot.telemetry.keys import main as keys_main
 
@@ -338,6 +355,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder to write the keys into (created if missing)")
     p.add_argument("--force", action="store_true", help="replace existing keys (every peer then needs the new ones)")
     p.set_defaults(func=_cmd_keys)
+
+    p = sub.add_parser("calibrate-safety", help="calibrate a bundle's prediction-error threshold for the safety layer",
+                       description="Run the bundle's adapter in MuJoCo on tasks of its training range, record every "
+                       "step's prediction error, and set the safety layer's prediction_error_threshold to MARGIN x "
+                       "the QUANTILE of the level the error holds for STEPS periods in a row; then count how often "
+                       "it would trip on held-out (by default out-of-distribution) episodes. Writes "
+                       "safety_params.yaml for the ROS 2 node and safety_calibration.json. See docs/safety.md.")
+    p.add_argument("bundle", help="bundle folder, e.g. policies/cartpole_mb")
+    p.add_argument("--out", default="runs/safety", help="output folder (default: runs/safety)")
+    p.add_argument("--episodes", type=int, default=8, help="calibration episodes (default: 8)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="calibration tasks (default: train)")
+    p.add_argument("--check-episodes", type=int, default=8, help="held-out check episodes (default: 8)")
+    p.add_argument("--check-split", default="test", choices=["train", "test"],
+                   help="held-out check tasks (default: test)")
+    p.add_argument("--steps", type=int, help="periods in a row above the threshold that trip the fallback "
+                   "(default: the safety layer's prediction_error_steps)")
+    p.add_argument("--quantile", type=float, default=0.99, help="quantile in [0.5, 1) (default: 0.99)")
+    p.add_argument("--margin", type=float, default=2.0, help="multiplier in [1, 100] (default: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_calibrate_safety)
     return parser
 
 

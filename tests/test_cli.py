@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys"]
+COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys",
+            "calibrate-safety"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -1,0 +1,98 @@
+"""``metarl calibrate-safety``: the prediction-error threshold of a bundle's safety layer, from sim episodes.
+
+The safety layer falls back when the adapter's one-step prediction error stays above a threshold
+for ``prediction_error_steps`` periods in a row (docs/safety.md). The threshold must sit above
+what a healthy robot produces, so it is calibrated on nominal episodes: the bundle's own adapter
+drives the MuJoCo env on tasks of its family's training range (the robots it was built for),
+every step's ``prediction_error`` diagnostic is recorded, and
+:func:`~metarl_robot.runtime.safety.calibrate_prediction_threshold` turns them into a threshold.
+It is then checked on held-out episodes (the test split by default, out of distribution: the
+threshold must not trip there either) — the number of trips is reported, not hidden.
+
+On a real robot, recalibrate from its own logged nominal episodes: sim errors are a lower bound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from metarl_robot.envs.rollout import collect, make_vector_env
+from metarl_robot.runtime.bundle import Bundle, load_bundle
+from metarl_robot.runtime.safety import (
+    SafetyConfig,
+    calibrate_prediction_threshold,
+    count_prediction_trips,
+    persistent_error_levels,
+)
+from metarl_robot.train.runner import MPCController
+
+PARAMS_FILE = "safety_params.yaml"
+REPORT_FILE = "safety_calibration.json"
+
+
+def record_prediction_errors(bundle: Bundle, split: str, episodes: int, seed: int, progress: bool = False
+                             ) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """``(episodes, T)`` prediction errors of the bundle's adapter on ``episodes`` tasks drawn from ``split``.
+
+    The first step of each episode is NaN (nothing was predicted yet), as on the robot.
+    """
+    family = bundle.family
+    tasks = family.sample(np.random.default_rng(seed), split, episodes)
+    adapter = bundle.make_adapter(batch=episodes, seed=seed)
+    params = {k: np.array([t[k] for t in tasks]) for k in family.reward_names}
+    controller = MPCController(adapter, params)
+    envs = make_vector_env(family, episodes, "sync", tasks=tasks)
+    try:
+        collect(envs, family, controller, tasks, 1, seed=seed, progress=progress)
+    finally:
+        envs.close()
+    return np.stack(controller.errors, axis=1), [dict(t) for t in tasks]
+
+
+def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int = 8, split: str = "train",
+                     check_split: str = "test", check_episodes: int = 8, steps: int | None = None,
+                     quantile: float = 0.99, margin: float = 2.0, seed: int = 0, progress: bool = True
+                     ) -> dict[str, Any]:
+    """Calibrate on ``episodes`` tasks of ``split``, check on ``check_episodes`` of ``check_split``; write the
+    node parameters (``safety_params.yaml``) and the report (``safety_calibration.json``) into ``out_dir``."""
+    steps = SafetyConfig().prediction_error_steps if steps is None else steps
+    SafetyConfig(prediction_error_steps=steps).validate("--steps")
+    for name, value in (("episodes", episodes), ("check_episodes", check_episodes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    bundle = load_bundle(bundle_path)
+    errors, tasks = record_prediction_errors(bundle, split, episodes, seed, progress)
+    threshold = calibrate_prediction_threshold(list(errors), steps=steps, quantile=quantile, margin=margin)
+    check, check_tasks = record_prediction_errors(bundle, check_split, check_episodes, seed + 1, progress)
+    check_levels = persistent_error_levels(list(check), steps)
+    report = {
+        "bundle": str(bundle_path), "bundle_sha256": bundle.sha256, "threshold": threshold,
+        "prediction_error_steps": steps, "quantile": quantile, "margin": margin, "seed": seed,
+        "calibration": {"split": split, "episodes": episodes, "steps_per_episode": int(errors.shape[1]),
+                        "trips": count_prediction_trips(list(errors), threshold, steps),
+                        "max_persistent_level": float(persistent_error_levels(list(errors), steps).max()),
+                        "tasks": tasks},
+        "check": {"split": check_split, "episodes": check_episodes,
+                  "trips": count_prediction_trips(list(check), threshold, steps),
+                  "max_persistent_level": float(check_levels.max()) if check_levels.size else None,
+                  "tasks": check_tasks},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    params = {"/**": {"ros__parameters": {"safety": {"prediction_error_threshold": threshold,
+                                                     "prediction_error_steps": steps}}}}
+    (out / PARAMS_FILE).write_text(
+        f"# metarl calibrate-safety {bundle_path}: {episodes} {split} episodes, quantile {quantile}, margin {margin};\n"
+        f"# {report['check']['trips']} trip(s) on {check_episodes} held-out {check_split} episodes. Pass it to the\n"
+        "# node after its own parameters file (a later --params-file wins): docs/safety.md.\n"
+        + yaml.safe_dump(params, sort_keys=False))
+    return report
+
+
+__all__ = ["PARAMS_FILE", "REPORT_FILE", "calibrate_safety", "record_prediction_errors"]
