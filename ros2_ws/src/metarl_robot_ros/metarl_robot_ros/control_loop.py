@@ -313,10 +313,18 @@ class _Pending:
 
     last_frame: StateFrame | None = None
     last_frame_received_ns: int = 0
+    stamp_received_ns: int = 0
+    """When the robot stamp of ``last_frame`` was first received: a frozen robot repeats old stamps, and a
+    command's expiry counts from the stamp it answers."""
     prev_good: StateFrame | None = None
     last_good_s: float = -math.inf
     next_tick_s: float = 0.0
     unrecorded_events: tuple = ()
+
+    def note_frame(self, frame: StateFrame, received_ns: int) -> None:
+        if self.last_frame is None or frame.stamp_ns != self.last_frame.stamp_ns:
+            self.stamp_received_ns = received_ns
+        self.last_frame, self.last_frame_received_ns = frame, received_ns
 
 
 class ControlLoop:
@@ -421,7 +429,7 @@ class ControlLoop:
             now = received_ns / 1e9
             usable = False
             if frame is not None:
-                p.last_frame, p.last_frame_received_ns = frame, received_ns
+                p.note_frame(frame, received_ns)
                 self.stats.last_frame_received_ns = received_ns
                 usable = safety.on_frame(frame.seq, frame.stamp_ns, now, frame.obs)
             if usable:
@@ -480,9 +488,10 @@ class ControlLoop:
             return None
         valid_for = None
         if decision.source is CommandSource.SAFE_COMMAND:
-            # A safe command may answer an old frame (telemetry stale): keep it valid for a few periods from now,
-            # not from that frame's stamp, so the robot applies it instead of rejecting it as expired.
-            age = (self.clock_ns() - p.last_frame_received_ns) / 1e9
+            # A safe command may answer an old frame (telemetry stale, or frozen: duplicates of an old stamp keep
+            # arriving): keep it valid for a few periods from now, counted from when that stamp first arrived, so
+            # the robot applies it instead of rejecting it as expired.
+            age = (self.clock_ns() - p.stamp_received_ns) / 1e9
             valid_for = age + DEFAULT_VALIDITY_PERIODS * self.ctrl_dt
         try:
             return self.link.send_command(decision.command, answers=p.last_frame, valid_for_s=valid_for)
@@ -527,7 +536,7 @@ class ControlLoop:
                             time.sleep(max(0.0, remaining))
                         continue
                     received_ns = self.clock_ns()
-                    p.last_frame, p.last_frame_received_ns = frame, received_ns
+                    p.note_frame(frame, received_ns)
                     if planned is None:
                         with self.lock:
                             safety.on_frame(frame.seq, frame.stamp_ns, received_ns / 1e9, frame.obs)
