@@ -209,6 +209,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return keys_main([args.dir, *(["--force"] if args.force else [])])
 
 
+def _cmd_import_log(args: argparse.Namespace) -> int:
+    from metarl_robot.replay.importers import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarl",
@@ -375,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=2.0, help="multiplier in [1, 100] (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate_safety)
+
+    p = sub.add_parser("import-log", help="convert a hardware log (CSV, NPZ, rosbag2 MCAP) into an episode log",
+                       description="Read a log not recorded by the metarl node -- CSV or NPZ columns, or a rosbag2 "
+                       "MCAP file with sensor_msgs/JointState -- map it onto the robot.yaml observation and action "
+                       "fields and write an episode log (MCAP) that metarl replay and metarl identify read. "
+                       "Malformed input is an error naming the field; recoverable problems (NaN rows, duplicate "
+                       "timestamps) are dropped with a warning and listed in OUT.import.json. See docs/log_import.md.")
+    p.add_argument("file", help="the log to import (.csv, .npz, or a rosbag2 .mcap file or bag folder)")
+    p.add_argument("--robot", required=True, help="robot name (sim/robots/<robot>/robot.yaml) or a robot.yaml path")
+    p.add_argument("--mapping", help="column/topic mapping YAML (required for csv and npz; optional for rosbag2)")
+    p.add_argument("--format", choices=["csv", "npz", "rosbag2"], help="input format (default: from the extension)")
+    p.add_argument("--out", required=True, help="episode log to write (.mcap; must not exist)")
+    p.set_defaults(func=_cmd_import_log)
     return parser
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys",
-            "calibrate-safety"]
+            "calibrate-safety", "import-log"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:
