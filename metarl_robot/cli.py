@@ -11,7 +11,7 @@ EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
   2. ros2 launch on robot  (export, calibrate-safety, sim-robot, keys; the node: ros2_ws/src/metarl_robot_ros)
-  3. replay logged runs    (not yet: episodes are logged as MCAP, docs/episode_log.md)
+  3. replay logged runs    (replay: episodes are logged as MCAP, docs/episode_log.md, docs/replay.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
 """
@@ -215,6 +215,12 @@ def _cmd_import_log(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from metarl_robot.replay.report import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarl",
@@ -381,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=2.0, help="multiplier in [1, 100] (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate_safety)
+
+    p = sub.add_parser("replay", help="shadow-replay logged episodes through a bundle and report what happened",
+                       description="Feed each logged episode (MCAP, docs/episode_log.md) through the bundle's "
+                       "adapter step by step exactly as the ROS 2 node did, and report: one-step and N-step "
+                       "prediction error with adaptation on vs off against steps since reset, the inferred context "
+                       "over time and when it settles, the bundle's actions vs the logged commands (the same bundle "
+                       "must reproduce them; --candidate compares another bundle), and link health (loop period, "
+                       "jitter, dropped frames, stale/safe periods, safety events). Writes report.md, PNG plots and "
+                       "metrics.json to --out and prints a summary. See docs/replay.md.")
+    p.add_argument("episodes", nargs="+", help="episode log(s) (.mcap) written by the node")
+    p.add_argument("--bundle", required=True, help="bundle folder the episodes ran with, e.g. policies/cartpole_mb")
+    p.add_argument("--candidate", help="another bundle folder: its actions on the same states vs the logged commands")
+    p.add_argument("--out", default="runs/replay", help="report folder (default: runs/replay)")
+    p.add_argument("--horizon", type=int, default=10, help="open-loop steps of the multi-step error (default: 10)")
+    p.add_argument("--settle", type=float, default=10.0, metavar="PCT",
+                   help="the context has settled once it stays within PCT%% of its final value (default: 10)")
+    p.add_argument("--seed", type=int, help="planner seed (default: the one the log records, else 0)")
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("import-log", help="convert a hardware log (CSV, NPZ, rosbag2 MCAP) into an episode log",
                        description="Read a log not recorded by the metarl node -- CSV or NPZ columns, or a rosbag2 "

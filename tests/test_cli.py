@@ -9,7 +9,7 @@ import sys
 import pytest
 
 COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys",
-            "calibrate-safety", "import-log"]
+            "calibrate-safety", "import-log", "replay"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:
