@@ -221,6 +221,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_identify(args: argparse.Namespace) -> int:
+    from metarl_robot.replay.identify import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarl",
@@ -418,6 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "npz", "rosbag2"], help="input format (default: from the extension)")
     p.add_argument("--out", required=True, help="episode log to write (.mcap; must not exist)")
     p.set_defaults(func=_cmd_import_log)
+
+    p = sub.add_parser("identify", help="identify a family's dynamics parameters from a logged episode (real-to-sim)",
+                       description="Replay the logged commands in MuJoCo from the logged states (multiple shooting: "
+                       "reset to the log every WINDOW steps) and search the family's dynamics-parameter box with CEM "
+                       "(several restarts) for the physics that matches the log best. Prints the parameters with "
+                       "their spread, the residual error and the parameters the data does not identify; writes "
+                       "OUT/task.yaml (for metarl sim-robot --task) and OUT/identify.json. See docs/identify.md.")
+    p.add_argument("episode", help="episode log (.mcap) written by the node, metarl import-log or record_sim_episode")
+    p.add_argument("--family", required=True, help="task family whose parameters to identify, e.g. cartpole_swingup")
+    p.add_argument("--out", default="runs/identify", help="output folder (default: runs/identify)")
+    p.add_argument("--restarts", type=int, default=3, help="independent CEM runs (default: 3)")
+    p.add_argument("--iterations", type=int, default=12, help="CEM iterations per restart (default: 12)")
+    p.add_argument("--population", type=int, default=48, help="candidates per iteration (default: 48)")
+    p.add_argument("--window", type=int, default=10, help="control steps per shooting segment (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
+    p.set_defaults(func=_cmd_identify)
     return parser
 
 

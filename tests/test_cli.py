@@ -9,7 +9,7 @@ import sys
 import pytest
 
 COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys",
-            "calibrate-safety", "import-log", "replay"]
+            "calibrate-safety", "import-log", "replay", "identify"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:
