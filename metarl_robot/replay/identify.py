@@ -1,0 +1,521 @@
+"""Real-to-sim identification: the task parameters of a family that best explain a logged episode.
+
+``metarl identify episode.mcap --family F`` replays the logged commands in MuJoCo from the logged
+states and searches the family's dynamics-parameter box for the physics whose trajectories match
+the log best. Method (docs/identify.md):
+
+- **Multiple shooting.** The log is cut into segments of ``window`` consecutive valid transitions.
+  Each segment starts from the logged state (qpos/qvel set from the observation through robot.yaml's
+  observation map) and is simulated with the logged commands held for whole control periods, as the
+  digital twin and the env apply them. Short segments keep a chaotic system (a swinging pole) from
+  turning a small parameter error into a large, non-smooth trajectory error.
+- **Cost.** Mean squared difference between simulated and logged observations, each field divided by
+  its robot.yaml ``scale`` (so errors are in scale units and fields weigh alike).
+- **Search.** CEM (a diagonal Gaussian, refit to the best ``elite_frac`` of each population) in the
+  unit cube over the family's full parameter box (train and test ranges); log-uniform parameters are
+  searched in log space. Several restarts from random means; the best restart wins.
+- **Uncertainty.** The spread (standard deviation) of the best restart's final elites and of the
+  restarts' answers; a parameter is flagged *unidentified* when moving it by 10 % of its box width
+  from the answer barely changes the cost (a flat direction: the data does not constrain it).
+
+Only ``kind: dynamics`` parameters can be identified: reward parameters (e.g. a target position) do
+not change the physics. They are written from the log's ``task_params`` when the node logged them,
+else as the family's nominal, and reported as not identified. An ``action_delay`` parameter is not
+searched either (it needs whole-episode shooting); it is kept at its nominal value and reported.
+
+Transitions are used only where the log shows that the next telemetry frame (``state_seq`` + 1)
+followed the step's command, and that the command was the one applied (``applied_command_seq``):
+dropped, frozen or stale frames and periods where the robot ran its safe command for an unknown
+reason are skipped, with the safe command used where the frame says it was applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mujoco
+import numpy as np
+import yaml
+from mujoco import rollout as mj_rollout
+
+from metarl_robot.envs.dynamics import DynamicsApplier
+from metarl_robot.envs.robot_model import ObservationMap, load_model
+from metarl_robot.replay.episode_log import Episode, read_episode
+from metarl_robot.spec.family import TaskFamily, load_family
+from metarl_robot.spec.robot import load_robot
+
+STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
+FLAT_STEP = 0.1
+"""Probe step for the flatness check, as a fraction of a parameter's box width (in search coordinates)."""
+FLAT_RATIO = 0.05
+"""A parameter is unidentified when the probe raises the cost by less than this fraction of the best cost
+(plus :data:`FLAT_FLOOR`)."""
+FLAT_FLOOR = 1e-7
+"""Absolute floor of the flatness threshold (scale units squared): the float32 telemetry noise level."""
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    """Budget and shape of the search."""
+
+    window: int = 10
+    """Control steps per shooting segment (0.4 s on the cart-pole)."""
+    max_segments: int = 64
+    """At most this many segments, spread evenly over the episode (bounds the cost of one evaluation)."""
+    population: int = 48
+    """Candidates per CEM iteration."""
+    elite_frac: float = 0.15
+    """Fraction of each population the Gaussian is refit to."""
+    iterations: int = 12
+    """CEM iterations per restart."""
+    restarts: int = 3
+    """Independent CEM runs from random means; the best one is the answer."""
+    init_std: float = 0.3
+    """Initial standard deviation in unit-cube coordinates."""
+    min_std: float = 0.002
+    """Standard-deviation floor (unit cube) so the search never collapses before the last iteration."""
+    threads: int = 2
+    """Threads of mujoco.rollout."""
+    seed: int = 0
+    """Seeds the restarts' starting points and the samples."""
+
+    def check(self) -> None:
+        for name in ("window", "max_segments", "population", "iterations", "restarts", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"identify: {name} must be an integer >= 1, got {value!r}")
+        if not 0 < self.elite_frac <= 1:
+            raise ValueError(f"identify: elite_frac must be in (0, 1], got {self.elite_frac!r}")
+        if round(self.population * self.elite_frac) < 2:
+            raise ValueError(f"identify: population x elite_frac must leave at least 2 elites "
+                             f"(population={self.population}, elite_frac={self.elite_frac})")
+
+
+@dataclass
+class ParamEstimate:
+    """One parameter's answer."""
+
+    name: str
+    """Family parameter name."""
+    kind: str
+    """``dynamics`` or ``reward``."""
+    value: float
+    """Identified value (for a parameter that is not searched: the value written to the task file)."""
+    elite_std: float | None
+    """Standard deviation of the best restart's final elites (None: not searched)."""
+    restart_std: float | None
+    """Standard deviation of the restarts' answers (None: not searched or one restart)."""
+    bounds: tuple[float, float]
+    """The searched box (the family's train and test ranges together)."""
+    identified: bool
+    """False when the data does not constrain it (flat cost) or it was not searched."""
+    cost_increase: float | None
+    """Cost increase when moving it by FLAT_STEP of its box width (the smaller of the two directions)."""
+    note: str = ""
+    """Why it is not identified, or where its value came from."""
+    true_value: float | None = None
+    """The true value when the log recorded the task (e.g. a digital twin's hidden task)."""
+
+    @property
+    def uncertainty(self) -> float | None:
+        """The larger of the two spreads: the number to quote beside the value."""
+        spreads = [s for s in (self.elite_std, self.restart_std) if s is not None]
+        return max(spreads) if spreads else None
+
+
+@dataclass
+class IdentifyResult:
+    """What :func:`identify` found."""
+
+    family: str
+    """Family name."""
+    episode: str
+    """Path of the episode log."""
+    task: dict[str, float]
+    """The full task (every family parameter): the answer, ready for ``sim-robot --task``."""
+    params: list[ParamEstimate]
+    """Per-parameter answers, in family order."""
+    cost: float
+    """Residual: mean squared trajectory error of the answer, in robot.yaml scale units squared."""
+    nominal_cost: float
+    """Same for the family's nominal task (how much identification explained)."""
+    rms_per_field: dict[str, float]
+    """Residual RMS error per observation field, in the field's units."""
+    restart_costs: list[float]
+    """Best cost of each restart."""
+    segments: int
+    """Shooting segments used."""
+    transitions: int
+    """Valid transitions in the log (of ``steps`` - 1)."""
+    steps: int
+    """Steps in the log."""
+    evaluations: int
+    """Candidate parameter vectors simulated."""
+    seconds: float
+    """Wall time of the search."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The :class:`IdentifyConfig` used."""
+    true_task: dict[str, float] | None = None
+    """The task recorded in the log, if any."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "params"}
+        out["params"] = [dict(p.__dict__, bounds=list(p.bounds), uncertainty=p.uncertainty) for p in self.params]
+        return out
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        lines = [f"{self.family}: {self.transitions} of {self.steps - 1} transitions usable, {self.segments} "
+                 f"segments; {self.evaluations} candidates in {self.seconds:.1f} s",
+                 f"residual {self.cost:.3g} (nominal task {self.nominal_cost:.3g}) scale units^2; RMS per field: "
+                 + ", ".join(f"{k} {v:.3g}" for k, v in self.rms_per_field.items())]
+        header = f"  {'parameter':<20}{'value':>10}{'+-':>10}{'true':>10}  status"
+        lines.append(header)
+        for p in self.params:
+            unc = "" if p.uncertainty is None else f"{p.uncertainty:.3g}"
+            true = "" if p.true_value is None else f"{p.true_value:.4g}"
+            status = "identified" if p.identified else f"NOT identified: {p.note}"
+            lines.append(f"  {p.name:<20}{p.value:>10.4g}{unc:>10}{true:>10}  {status}")
+        return "\n".join(lines)
+
+
+# ---- the problem: segments of the log and their simulation ----------------------------------------------
+class _ShootingProblem:
+    """The log's segments, and a batched simulator of them under many candidate tasks."""
+
+    def __init__(self, episode: Episode, family: TaskFamily, config: IdentifyConfig, pool: int) -> None:
+        robot = episode.robot
+        if family.spec.robot != robot.name:
+            raise ValueError(f"--family {family.name!r} is for robot {family.spec.robot!r}, but the episode was "
+                             f"logged on robot {robot.name!r}")
+        # The log holds the spec without its MJCF; the installed robot must have the same interface.
+        sim_robot = load_robot(robot.name)
+        if sim_robot.interface_hash != robot.interface_hash:
+            raise ValueError(f"{episode.path}: the logged robot {robot.name!r} has interface hash "
+                             f"{robot.interface_hash[:12]}, the installed sim/robots/{robot.name} has "
+                             f"{sim_robot.interface_hash[:12]}: the sim would not match the log's robot")
+        robot = sim_robot
+        self.family, self.robot, self.config = family, robot, config
+        base = load_model(robot)
+        self.substeps = robot.control.substeps
+        obs_map = ObservationMap(robot, base)
+        _check_full_state(obs_map.measured, base, robot.name)
+        self._obs_of_state = _obs_of_state(obs_map.measured, base.nq + base.nv)
+        self._ctrl_ids = np.array([base.actuator(a).id for a in robot.actuators])
+        self.nq, self.nv, self.nu = base.nq, base.nv, base.nu
+        self.scale = np.concatenate([np.full(f.size, f.scale) for f in robot.measured_fields])
+        self.field_names = [f.name for f in robot.measured_fields]
+        self.field_sizes = [f.size for f in robot.measured_fields]
+
+        controls, valid = _transitions(episode)
+        self.transitions = int(valid.sum())
+        starts = _segment_starts(valid, config.window, config.max_segments)
+        if len(starts) == 0:
+            raise ValueError(f"{episode.path}: no run of {config.window} consecutive usable transitions "
+                             f"({self.transitions} usable of {episode.num_steps - 1}); use a smaller --window")
+        w = config.window
+        self.starts = starts
+        self.target = np.stack([episode.obs[s + 1:s + 1 + w] for s in starts])  # (S, W, obs)
+        scratch = mujoco.MjData(base)
+        states = []
+        for s in starts:
+            mujoco.mj_resetData(base, scratch)
+            full = episode.obs[s][self._obs_of_state]
+            scratch.qpos[:], scratch.qvel[:] = full[:self.nq], full[self.nq:]
+            state = np.empty(mujoco.mj_stateSize(base, STATE))
+            mujoco.mj_getState(base, scratch, state, STATE)
+            states.append(state)
+        self.initial = np.stack(states)  # (S, nstate)
+        ctrl = np.zeros((len(starts), w, self.nu))
+        ctrl[..., self._ctrl_ids] = np.stack([controls[s:s + w] for s in starts])
+        self.ctrl = np.repeat(ctrl, self.substeps, axis=1)  # zero-order hold over the substeps
+        self.measured = obs_map.measured
+
+        # One model per candidate of a population, each with its own applier (the applier changes its model).
+        self.models = [load_model(robot) for _ in range(pool)]
+        self.appliers = [DynamicsApplier(m, family) for m in self.models]
+        self.datas = [mujoco.MjData(self.models[0]) for _ in range(config.threads)]
+        self.evaluations = 0
+
+    def simulate(self, tasks: list[dict[str, float]]) -> np.ndarray:
+        """(len(tasks), S, W, obs_dim) simulated observations of every segment under each task."""
+        if len(tasks) > len(self.models):
+            raise ValueError(f"at most {len(self.models)} tasks per call, got {len(tasks)}")
+        n_seg = len(self.starts)
+        for applier, task in zip(self.appliers, tasks, strict=False):
+            applier.apply(task)
+        models = [self.models[i] for i in range(len(tasks)) for _ in range(n_seg)]
+        initial = np.tile(self.initial, (len(tasks), 1))
+        ctrl = np.tile(self.ctrl, (len(tasks), 1, 1))
+        states, sensors = mj_rollout.rollout(models, self.datas, initial, ctrl)
+        at_control = slice(self.substeps - 1, None, self.substeps)
+        qpos = states[:, at_control, 1:1 + self.nq]
+        qvel = states[:, at_control, 1 + self.nq:1 + self.nq + self.nv]
+        full = np.concatenate([qpos, qvel, sensors[:, at_control]], axis=-1)[..., self.measured]
+        self.evaluations += len(tasks)
+        return full.reshape(len(tasks), n_seg, self.config.window, -1)
+
+    def costs(self, tasks: list[dict[str, float]]) -> np.ndarray:
+        """Mean squared error in scale units per task (NaN-free: a diverged simulation costs +inf)."""
+        out = np.empty(len(tasks))
+        pool = len(self.models)
+        for lo in range(0, len(tasks), pool):
+            sim = self.simulate(tasks[lo:lo + pool])
+            err = ((sim - self.target[None]) / self.scale) ** 2
+            c = err.mean(axis=(1, 2, 3))
+            out[lo:lo + pool] = np.where(np.isfinite(c), c, np.inf)
+        return out
+
+    def rms_per_field(self, task: dict[str, float]) -> dict[str, float]:
+        err = (self.simulate([task])[0] - self.target) ** 2
+        out, at = {}, 0
+        for name, size in zip(self.field_names, self.field_sizes, strict=True):
+            out[name] = float(np.sqrt(err[..., at:at + size].mean()))
+            at += size
+        return out
+
+
+
+def _check_full_state(measured: np.ndarray, model: mujoco.MjModel, robot: str) -> None:
+    """Fails unless the observation measures every qpos and qvel entry (the sim is reset to logged states)."""
+    need = model.nq + model.nv
+    covered = set(int(i) for i in measured if i < need)
+    missing = sorted(set(range(need)) - covered)
+    if missing:
+        raise ValueError(f"robot {robot!r}: the observation does not measure the full state (qpos/qvel entries "
+                         f"{missing} of {need} are not observed), so the sim cannot be reset to a logged state; "
+                         "identification needs every joint position and velocity in robot.yaml's observation")
+
+
+def _transitions(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
+    """Per step k: the control applied during period k (N, action_dim) and whether k -> k+1 is usable (N,)."""
+    n = episode.num_steps
+    robot = episode.robot
+    controls = np.array(episode.command, dtype=np.float64, copy=True)
+    valid = np.zeros(n, dtype=bool)
+    if n < 2:
+        return controls, valid
+    consecutive = np.diff(episode.state_seq) == 1
+    applied_next = episode.applied_command_seq[1:]
+    sent = episode.command_source[:-1] != "none"
+    ran_command = sent & (applied_next == episode.command_seq[:-1])
+    ran_safe = applied_next == 0
+    unknown = applied_next == -1  # a log without applied_command_seq: trust that the command was applied
+    controls[:-1][ran_safe] = robot.safe_action
+    valid[:-1] = consecutive & (ran_command | ran_safe | (unknown & sent))
+    finite = np.isfinite(controls).all(axis=1) & np.isfinite(episode.obs).all(axis=1)
+    valid[:-1] &= finite[:-1] & finite[1:]
+    valid[-1] = False
+    # What reached the motors: clipped to the action box, then rate limited from the previous period's
+    # command (the safety layer and the env/twin do both; on commands that already obey them, a no-op).
+    max_step = robot.action_max_rate * robot.ctrl_dt
+    last = robot.safe_action.astype(np.float64)
+    for k in range(n):
+        wanted = controls[k] if np.isfinite(controls[k]).all() else robot.safe_action
+        wanted = np.clip(wanted, robot.action_low, robot.action_high)
+        last = np.clip(wanted, last - max_step, last + max_step)
+        controls[k] = last
+    return controls, valid
+
+
+def _segment_starts(valid: np.ndarray, window: int, max_segments: int) -> np.ndarray:
+    """Starts of non-overlapping runs of ``window`` usable transitions, thinned evenly to ``max_segments``."""
+    starts, k, n = [], 0, len(valid)
+    while k + window <= n:
+        run = valid[k:k + window]
+        if run.all():
+            starts.append(k)
+            k += window
+        else:
+            k += int(np.nonzero(~run)[0][-1]) + 1
+    starts_arr = np.array(starts, dtype=np.int64)
+    if len(starts_arr) > max_segments:
+        starts_arr = starts_arr[np.linspace(0, len(starts_arr) - 1, max_segments).round().astype(int)]
+    return starts_arr
+
+
+# ---- the search ---------------------------------------------------------------------------------------------
+class _Box:
+    """Unit-cube coordinates of the searched parameters (log space for log-uniform ones)."""
+
+    def __init__(self, family: TaskFamily, names: list[str]) -> None:
+        self.names = names
+        params = [family.param(n) for n in names]
+        self.log = np.array([p.sampling == "log_uniform" for p in params])
+        lo = np.array([p.bounds[0] for p in params], dtype=np.float64)
+        hi = np.array([p.bounds[1] for p in params], dtype=np.float64)
+        self.lo = np.where(self.log, np.log(np.maximum(lo, 1e-300)), lo)
+        self.hi = np.where(self.log, np.log(hi), hi)
+
+    def to_values(self, u: np.ndarray) -> np.ndarray:
+        x = self.lo + np.clip(u, 0.0, 1.0) * (self.hi - self.lo)
+        return np.where(self.log, np.exp(x), x)
+
+    def to_unit(self, values: np.ndarray) -> np.ndarray:
+        x = np.where(self.log, np.log(np.maximum(values, 1e-300)), values)
+        return (x - self.lo) / (self.hi - self.lo)
+
+
+def identify(episode: str | Path | Episode, family: str | TaskFamily, config: IdentifyConfig | None = None,
+             progress: bool = False) -> IdentifyResult:
+    """Identify ``family``'s dynamics parameters from a logged ``episode`` (a path or a read Episode)."""
+    config = config or IdentifyConfig()
+    config.check()
+    t0 = time.monotonic()
+    ep = episode if isinstance(episode, Episode) else read_episode(episode)
+    fam = family if isinstance(family, TaskFamily) else load_family(family)
+    problem = _ShootingProblem(ep, fam, config, pool=config.population)
+
+    delay = getattr(problem.appliers[0], "delay_param", None)
+    searched = [n for n in fam.dynamics_names if n != delay]
+    base_task = fam.nominal()
+    notes: dict[str, str] = {}
+    for name in fam.reward_names:
+        logged = ep.task_params.get(name)
+        if logged is not None and len(logged) and np.isfinite(logged).all() and np.ptp(logged) == 0:
+            base_task[name] = float(logged[0])
+            notes[name] = "reward parameter (no effect on dynamics): the value the node logged"
+        else:
+            notes[name] = "reward parameter (no effect on dynamics): family nominal"
+    if delay is not None:
+        notes[delay] = "action delay is not searched: family nominal"
+
+    box = _Box(fam, searched)
+    d = len(searched)
+    rng = np.random.default_rng(config.seed)
+    n_elite = max(2, round(config.population * config.elite_frac))
+
+    def tasks_of(units: np.ndarray) -> list[dict[str, float]]:
+        values = box.to_values(units)
+        out = []
+        for row in values:
+            task = dict(base_task)
+            task.update({n: float(v) for n, v in zip(searched, row, strict=True)})
+            out.append(task)
+        return out
+
+    restart_best: list[tuple[float, np.ndarray, np.ndarray]] = []
+    for r in range(config.restarts):
+        mean = rng.uniform(0.15, 0.85, d)
+        std = np.full(d, config.init_std)
+        best_cost, best_u = np.inf, mean.copy()
+        elites = mean[None]
+        for it in range(config.iterations):
+            u = np.clip(mean + std * rng.standard_normal((config.population, d)), 0.0, 1.0)
+            u[0] = best_u if np.isfinite(best_cost) else mean  # keep the incumbent (elitism)
+            c = problem.costs(tasks_of(u))
+            order = np.argsort(c)
+            elites = u[order[:n_elite]]
+            if c[order[0]] < best_cost:
+                best_cost, best_u = float(c[order[0]]), u[order[0]].copy()
+            mean, std = elites.mean(axis=0), np.maximum(elites.std(axis=0), config.min_std)
+            if progress:
+                print(f"  restart {r + 1}/{config.restarts} iteration {it + 1}/{config.iterations}: "
+                      f"best {best_cost:.4g}", flush=True)
+        restart_best.append((best_cost, best_u, elites))
+
+    best_cost, best_u, best_elites = min(restart_best, key=lambda t: t[0])
+    best_values = box.to_values(best_u)
+    elite_values = box.to_values(best_elites)
+    restart_values = np.stack([box.to_values(b[1]) for b in restart_best])
+
+    # Flatness: the cost increase when each parameter moves FLAT_STEP of its width, in both directions.
+    probes = []
+    for i in range(d):
+        for sign in (-1.0, 1.0):
+            u = best_u.copy()
+            u[i] = np.clip(u[i] + sign * FLAT_STEP, 0.0, 1.0)
+            probes.append(u)
+    probe_costs = problem.costs(tasks_of(np.array(probes))).reshape(d, 2) if d else np.zeros((0, 2))
+    answer = tasks_of(best_u[None])[0]
+    nominal_cost = float(problem.costs([base_task])[0])
+    true_task = {k: float(v) for k, v in ep.task.items()} if ep.task else None
+
+    estimates = []
+    for p in fam.params:
+        true_value = None if true_task is None else true_task.get(p.name)
+        if p.name in searched:
+            i = searched.index(p.name)
+            increase = float(np.min(probe_costs[i] - best_cost))
+            flat = increase < FLAT_RATIO * best_cost + FLAT_FLOOR
+            estimates.append(ParamEstimate(
+                name=p.name, kind=p.kind, value=float(best_values[i]), elite_std=float(elite_values[:, i].std()),
+                restart_std=float(restart_values[:, i].std()) if config.restarts > 1 else None, bounds=p.bounds,
+                identified=not flat, cost_increase=increase,
+                note="flat cost: the data does not constrain it" if flat else "", true_value=true_value))
+        else:
+            estimates.append(ParamEstimate(name=p.name, kind=p.kind, value=float(answer[p.name]), elite_std=None,
+                                           restart_std=None, bounds=p.bounds, identified=False, cost_increase=None,
+                                           note=notes.get(p.name, "not searched"), true_value=true_value))
+    return IdentifyResult(
+        family=fam.name, episode=str(ep.path), task=answer, params=estimates, cost=best_cost,
+        nominal_cost=nominal_cost, rms_per_field=problem.rms_per_field(answer),
+        restart_costs=[b[0] for b in restart_best], segments=len(problem.starts), transitions=problem.transitions,
+        steps=ep.num_steps, evaluations=problem.evaluations, seconds=round(time.monotonic() - t0, 3),
+        config=dict(config.__dict__), true_task=true_task)
+
+
+def _obs_of_state(measured: np.ndarray, need: int) -> np.ndarray:
+    """For each state index 0..need-1, the observation index that measures it."""
+    where = {int(s): j for j, s in enumerate(measured)}
+    return np.array([where[i] for i in range(need)])
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+def write_task_file(result: IdentifyResult, path: str | Path) -> Path:
+    """Write ``{family, task, identification}`` YAML: ``metarl sim-robot --task PATH`` reads its ``task``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "family": result.family,
+        "task": {k: float(v) for k, v in result.task.items()},
+        "identification": {
+            "episode": result.episode,
+            "residual": float(result.cost),
+            "nominal_residual": float(result.nominal_cost),
+            "params": {p.name: {"uncertainty": p.uncertainty, "identified": p.identified,
+                                **({"note": p.note} if p.note else {})} for p in result.params},
+        },
+    }
+    header = ("# Identified by `metarl identify` (docs/identify.md). Reproduce the episode in sim with\n"
+              f"#   metarl sim-robot --family {result.family} --task {path}\n")
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def load_task_file(path: str | Path, family: TaskFamily) -> dict[str, float]:
+    """The validated task of a file written by :func:`write_task_file` (or any ``{task: {...}}`` / mapping)."""
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, Mapping) and isinstance(data.get("task"), Mapping):
+        data = data["task"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping of parameter -> value or {{task: {{...}}}}")
+    return family.validate(data)
+
+
+def identify_to_dir(episode: str | Path, family: str, out_dir: str | Path, config: IdentifyConfig | None = None,
+                    progress: bool = False) -> tuple[IdentifyResult, Path, Path]:
+    """Run :func:`identify`, write ``task.yaml`` and ``identify.json`` into ``out_dir``; return all three."""
+    import json
+
+    result = identify(episode, family, config, progress=progress)
+    out = Path(out_dir)
+    task_path = write_task_file(result, out / "task.yaml")
+    json_path = out / "identify.json"
+    json_path.write_text(json.dumps(result.to_dict(), indent=2, default=float))
+    return result, task_path, json_path
+
+
+def run_cli(args: Any) -> int:
+    """``metarl identify``: identify, print the summary, write task.yaml and identify.json."""
+    config = IdentifyConfig(window=args.window, population=args.population, iterations=args.iterations,
+                            restarts=args.restarts, seed=args.seed)
+    result, task_path, json_path = identify_to_dir(args.episode, args.family, args.out, config,
+                                                   progress=False)
+    print(result.summary())
+    print(f"wrote {task_path} (metarl sim-robot --family {result.family} --task {task_path}) and {json_path}")
+    return 0
