@@ -1,0 +1,461 @@
+"""Shadow replay: feed a logged episode through a bundle's adapter exactly as the ROS 2 node did, and grade it.
+
+Why: on hardware the only record of what happened is the episode log. Replaying it through the same
+bundle must reproduce the node's decisions bit for bit (up to onnxruntime float noise), which proves the
+log is complete; from there the replay can ask what the robot could not: how good the dynamics model's
+predictions were with adaptation on vs off, whether the inferred context settled, what another
+(candidate) bundle would have commanded on the same states, and how healthy the link was.
+
+How the node fed the adapter (``control_loop.ControlLoop._decide``), reproduced by :func:`shadow_pass`:
+the adapter runs only on usable frames (steps the log marks ``adapted``); before acting on frame ``k`` it
+observes ``(obs of the previous usable frame, action applied between them, obs_k)`` only when the frame's
+``state_seq`` is the previous usable frame's + 1. The applied action is what the robot reported in frame
+``k`` (``applied_command_seq``): the logged command with that ``command_seq``, the robot's safe command for
+0, and the last command sent when it is not logged (-1) -- the node's own fallback.
+
+Definitions (docs/replay.md): prediction errors are RMS over the observation in robot.yaml scale units,
+as the adapter's ``prediction_error``; an ``h``-step error starts at usable frame ``k`` with the context
+the adapter had there (on) or the empty-window context (off) and chains the ensemble mean through the
+``h`` actions actually applied, compared with the frame ``h`` steps later (only over consecutive frames).
+The context has *settled* at the first adapter step after which it stays within ``settle_fraction`` of
+its final value, measured relative to how far adaptation moved it: ``|z_i - z_final| <= f |z_final -
+z_empty|``.
+
+Imports runtime and replay only (numpy, onnxruntime, mcap): it runs on a robot computer too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl_robot.replay.episode_log import Episode, read_episode
+from metarl_robot.runtime.bundle import Bundle, load_bundle
+from metarl_robot.spec.schema import SpecError
+
+DEFAULT_HORIZON = 10
+"""Open-loop steps of the multi-step prediction error."""
+DEFAULT_SETTLE_FRACTION = 0.1
+"""The context has settled once it stays within this fraction of its final value (see the module docstring)."""
+REPRODUCTION_TOLERANCE = 1e-6
+"""Largest |replayed action - logged adapter action| for a replay with the logged bundle to count as exact."""
+
+
+class ReplayError(SpecError):
+    """A log and a bundle that cannot be replayed together (another robot, no adapter steps, ...)."""
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """How to replay."""
+
+    horizon: int = DEFAULT_HORIZON
+    """Open-loop steps of the multi-step prediction error (>= 1)."""
+    settle_fraction: float = DEFAULT_SETTLE_FRACTION
+    """Settling band relative to how far adaptation moved the context, in (0, 1]."""
+    seed: int | None = None
+    """Planner seed; None: the ``seed`` the log records (the node's parameter), else 0."""
+
+    def validate(self) -> None:
+        if not (isinstance(self.horizon, int) and self.horizon >= 1):
+            raise ValueError(f"horizon: must be an integer >= 1, got {self.horizon!r}")
+        if not 0.0 < self.settle_fraction <= 1.0:
+            raise ValueError(f"settle_fraction: must be in (0, 1] (a percentage 0-100 on the command line), got "
+                             f"{self.settle_fraction!r}")
+
+
+@dataclass
+class ShadowPass:
+    """One bundle's adapter driven through the log's usable frames."""
+
+    bundle_name: str
+    """The bundle replayed."""
+    bundle_sha256: str
+    """sha256 of its bundle.yaml."""
+    adapt: bool
+    """Whether its adapter adapted (the node's ``adapt`` parameter for the logged bundle, True for candidates)."""
+    seed: int
+    """Its planner seed."""
+    actions: np.ndarray
+    """(N, a) the adapter's action at each logged step (NaN where the node did not run the adapter)."""
+    context: np.ndarray
+    """(N, d) the context it acted with (NaN where it did not run)."""
+    context_empty: np.ndarray
+    """(d,) the context of an empty window (what an unadapted adapter plans with)."""
+    observed: np.ndarray
+    """(N,) bool: before acting on this step the adapter observed a transition."""
+
+
+@dataclass
+class PredictionErrors:
+    """h-step prediction errors for h = 1..H, from every usable frame, adaptation on and off."""
+
+    on: np.ndarray
+    """(U, H) error from the i-th usable frame h steps ahead with the adapter's context (NaN: no consecutive
+    frames that far ahead)."""
+    off: np.ndarray
+    """(U, H) the same with the empty-window context."""
+    steps_since_reset: np.ndarray
+    """(U,) adapter steps since the episode start (the i of the i-th usable frame)."""
+
+    def summary(self, h: int) -> dict[str, float]:
+        """Mean error at horizon ``h`` (1-based) on and off, and their ratio, over frames with both."""
+        on, off = self.on[:, h - 1], self.off[:, h - 1]
+        both = np.isfinite(on) & np.isfinite(off)
+        if not both.any():
+            return {"on": math.nan, "off": math.nan, "on_over_off": math.nan, "count": 0}
+        mean_on, mean_off = float(on[both].mean()), float(off[both].mean())
+        return {"on": mean_on, "off": mean_off, "on_over_off": mean_on / mean_off if mean_off > 0 else math.nan,
+                "count": int(both.sum())}
+
+
+@dataclass
+class Counterfactual:
+    """A pass's actions against what the node did."""
+
+    bundle_name: str
+    bundle_sha256: str
+    same_bundle_as_log: bool | None
+    """True/False: its bundle.yaml sha256 equals / differs from the one the log records; None: the log records none."""
+    max_abs_diff_adapter: float
+    """max |action - logged adapter action| over the steps the adapter ran (NaN if none)."""
+    max_abs_diff_command: float
+    """max |action - logged command| over steps whose command came from the adapter (NaN if none)."""
+    mean_abs_diff_command: float
+    """mean |action - logged command| over those steps."""
+    steps_compared: int
+    """Steps the adapter ran."""
+    reproduced: bool | None
+    """For the logged bundle: max_abs_diff_adapter <= REPRODUCTION_TOLERANCE (None for a candidate)."""
+
+
+@dataclass
+class LinkHealth:
+    """What the log says about the link and the safety layer."""
+
+    period_ms_median: float
+    """Median time between commands answering consecutive usable frames."""
+    period_ms_max: float
+    jitter_ms_std: float
+    """Standard deviation of those periods."""
+    jitter_ms_p99: float
+    """99th percentile of |period - median|."""
+    nominal_period_ms: float
+    """robot.yaml control period."""
+    frames_seen: int
+    """Distinct ``state_seq`` values in the log."""
+    frames_dropped: int
+    """Frames missing from the sequence numbers (gaps in ``state_seq``)."""
+    seq_gaps: list[tuple[int, int]]
+    """(step, frames missing before it) for every gap."""
+    stale_steps: int
+    """Steps that decided on a frame already seen (no new frame arrived in time)."""
+    unusable_frames: int
+    """New frames on which the adapter did not run (rejected by the safety layer)."""
+    steps_by_source: dict[str, int]
+    """Command source → steps."""
+    steps_by_state: dict[str, int]
+    """Safety state → steps."""
+    degraded_periods: list[dict[str, Any]]
+    """Runs of steps whose command did not come from the adapter or whose safety state was not OK: start_step,
+    end_step (inclusive), seconds, sources, states."""
+    safety_events: list[dict[str, Any]]
+    """Every safety event: step, kind, level, action, message."""
+    fallbacks: int
+    """Steps commanded by the fallback controller."""
+
+
+@dataclass
+class EpisodeReplay:
+    """Everything the replay learned about one episode."""
+
+    path: Path
+    episode: Episode
+    config: ReplayConfig
+    logged: ShadowPass
+    """The logged bundle's pass (the one that must reproduce the commands)."""
+    counterfactual: Counterfactual
+    errors: PredictionErrors
+    """Prediction errors of the logged bundle."""
+    usable_steps: np.ndarray
+    """(U,) indices of the logged steps on which the adapter ran."""
+    settle_step: int | None
+    """Adapter steps since reset after which the context stayed within the band (None: no adapter steps)."""
+    context_distance: np.ndarray
+    """(U,) |z_i - z_final| / |z_final - z_empty|."""
+    link: LinkHealth
+    candidate: ShadowPass | None = None
+    candidate_counterfactual: Counterfactual | None = None
+    candidate_errors: PredictionErrors | None = None
+    notes: list[str] = field(default_factory=list)
+    """Things the reader must know (bundle mismatch, truncated log, a later episode of a node process, ...)."""
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-ready metrics (no per-step arrays)."""
+        ep, h = self.episode, self.config.horizon
+        out: dict[str, Any] = {
+            "path": str(self.path), "robot": ep.robot.name, "steps": int(ep.num_steps),
+            "adapter_steps": int(self.usable_steps.size), "complete": ep.complete, "end_reason": ep.end_reason,
+            "logged_bundle": ep.bundle, "task": ep.task,
+            "bundle": {"name": self.logged.bundle_name, "sha256": self.logged.bundle_sha256,
+                       "adapt": self.logged.adapt, "seed": self.logged.seed},
+            "prediction_error": {"one_step": self.errors.summary(1), f"{h}_step": self.errors.summary(h)},
+            "context": {"settle_step": self.settle_step,
+                        "settle_s": None if self.settle_step is None else self.settle_step * ep.robot.ctrl_dt,
+                        "settle_fraction": self.config.settle_fraction},
+            "counterfactual": _plain(self.counterfactual), "link": _plain(self.link), "notes": list(self.notes),
+        }
+        if self.candidate_counterfactual is not None:
+            out["candidate"] = {"counterfactual": _plain(self.candidate_counterfactual),
+                                "prediction_error": {"one_step": self.candidate_errors.summary(1),
+                                                     f"{h}_step": self.candidate_errors.summary(h)}}
+        return out
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in vars(obj).items()}
+
+
+# ---- the pass ---------------------------------------------------------------------------------------------
+def applied_actions(episode: Episode) -> np.ndarray:
+    """(N, a) the action the robot reported as applied in each step's frame (see the module docstring)."""
+    robot = episode.robot
+    by_seq: dict[int, int] = {}
+    out = np.full((episode.num_steps, robot.action_dim), np.nan)
+    last_sent: np.ndarray = robot.safe_action.astype(np.float64)
+    for k in range(episode.num_steps):
+        seq = int(episode.applied_command_seq[k])
+        if seq == 0:
+            out[k] = robot.safe_action
+        elif seq > 0 and seq in by_seq:
+            out[k] = episode.command[by_seq[seq]]
+        else:  # not logged, or a command before the log started: the node's fallback is its last command
+            out[k] = last_sent
+        if episode.command_source[k] != "none":
+            by_seq[int(episode.command_seq[k])] = k
+            last_sent = episode.command[k]
+    return out
+
+
+def _task_params(episode: Episode, k: int) -> dict[str, float]:
+    return {name: float(values[k]) for name, values in episode.task_params.items()}
+
+
+def shadow_pass(episode: Episode, bundle: Bundle, adapt: bool, seed: int,
+                applied: np.ndarray | None = None) -> ShadowPass:
+    """Drive a fresh adapter of ``bundle`` through the log's usable frames as the node did."""
+    applied = applied_actions(episode) if applied is None else applied
+    n, robot = episode.num_steps, episode.robot
+    adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
+    actions = np.full((n, robot.action_dim), np.nan)
+    context = np.full((n, bundle.context_dim), np.nan)
+    observed = np.zeros(n, dtype=bool)
+    prev: int | None = None
+    for k in np.flatnonzero(episode.adapted):
+        if prev is not None and episode.state_seq[k] == episode.state_seq[prev] + 1:
+            adapter.observe(episode.obs[prev][None], applied[k][None], episode.obs[k][None])
+            observed[k] = True
+        prev = k
+        action, diagnostics = adapter.act(episode.obs[k][None], _task_params(episode, k))
+        actions[k] = np.asarray(action, dtype=np.float64)[0]
+        context[k] = np.asarray(diagnostics["context"], dtype=np.float64)[0]
+    empty = adapter.window
+    z_empty = bundle.encode(empty.obs, empty.act, empty.next_obs, np.zeros_like(empty.mask()))[0]
+    return ShadowPass(bundle.name, bundle.sha256, adapt, seed, actions, context, np.asarray(z_empty, np.float64),
+                      observed)
+
+
+def prediction_errors(episode: Episode, bundle: Bundle, shadow: ShadowPass, horizon: int,
+                      applied: np.ndarray | None = None) -> PredictionErrors:
+    """h-step errors (h = 1..horizon) from every usable frame, with the pass's context (on) and the empty one (off)."""
+    applied = applied_actions(episode) if applied is None else applied
+    usable = np.flatnonzero(episode.adapted)
+    u = usable.size
+    scale = episode.robot.obs_scale
+    # chain[i, h]: the usable index h frames after i, if every frame in between is consecutive (seq + 1).
+    consecutive = np.zeros(u, dtype=bool)
+    if u > 1:
+        consecutive[:-1] = episode.state_seq[usable[1:]] == episode.state_seq[usable[:-1]] + 1
+    consecutive[:-1] &= np.isfinite(episode.obs[usable[1:]]).all(axis=1)
+    errors = {}
+    ensemble = bundle.ensemble_size
+    for label, z_all in (("on", shadow.context[usable]), ("off", np.broadcast_to(shadow.context_empty,
+                                                                                (u, shadow.context_empty.size)))):
+        err = np.full((u, horizon), np.nan)
+        state = episode.obs[usable].copy()
+        alive = np.isfinite(state).all(axis=1) & np.isfinite(z_all).all(axis=1)
+        for h in range(1, horizon + 1):
+            # from start i, step h uses the action applied in frame i + h and is compared with frame i + h
+            target = np.arange(u) + h
+            ok = alive & (target < u)
+            ok[ok] &= consecutive[target[ok] - 1]
+            alive = ok
+            if not ok.any():
+                break
+            idx = np.flatnonzero(ok)
+            frames = usable[target[idx]]
+            tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (ensemble, *x.shape)), dtype=np.float32)  # noqa: E731
+            pred = bundle.step(tile(state[idx]), tile(applied[frames]), tile(z_all[idx])).mean(axis=0)
+            state[idx] = pred.astype(np.float64)
+            err[idx, h - 1] = np.sqrt(np.mean(((state[idx] - episode.obs[frames]) / scale) ** 2, axis=1))
+        errors[label] = err
+    return PredictionErrors(errors["on"], errors["off"], np.arange(u))
+
+
+def settling(shadow: ShadowPass, usable: np.ndarray, fraction: float) -> tuple[int | None, np.ndarray]:
+    """(adapter steps until the context stays within ``fraction`` of its final value, relative distances)."""
+    z = shadow.context[usable]
+    if z.shape[0] == 0:
+        return None, np.zeros(0)
+    final = z[-1]
+    moved = float(np.linalg.norm(final - shadow.context_empty))
+    distance = np.linalg.norm(z - final, axis=1) / max(moved, 1e-12)
+    outside = np.flatnonzero(distance > fraction)
+    return (0 if outside.size == 0 else int(outside[-1]) + 1), distance
+
+
+def compare(shadow: ShadowPass, episode: Episode, candidate: bool) -> Counterfactual:
+    """A pass's actions against the logged adapter actions and commands."""
+    ran = episode.adapted
+    from_adapter = ran & (episode.command_source == "adapter")
+
+    def stat(mask: np.ndarray, other: np.ndarray, reduce: Any) -> float:
+        diff = np.abs(shadow.actions[mask] - other[mask])
+        return float(reduce(diff)) if diff.size else math.nan
+
+    logged_sha = None if episode.bundle is None else episode.bundle.get("sha256")
+    same = None if logged_sha is None else logged_sha == shadow.bundle_sha256
+    max_adapter = stat(ran, episode.adapter_action, np.max)
+    return Counterfactual(
+        shadow.bundle_name, shadow.bundle_sha256, same, max_adapter, stat(from_adapter, episode.command, np.max),
+        stat(from_adapter, episode.command, np.mean), int(ran.sum()),
+        None if candidate else bool(max_adapter <= REPRODUCTION_TOLERANCE))
+
+
+# ---- link health ----------------------------------------------------------------------------------------
+def link_health(episode: Episode) -> LinkHealth:
+    """Loop period and jitter, dropped/stale/unusable frames, degraded periods and safety events."""
+    n, seq, dt = episode.num_steps, episode.state_seq, episode.robot.ctrl_dt
+    usable = np.flatnonzero(episode.adapted & (episode.command_source != "none"))
+    periods = np.zeros(0)
+    if usable.size > 1:
+        consecutive = seq[usable[1:]] == seq[usable[:-1]] + 1
+        periods = (np.diff(episode.time_ns[usable]) / 1e6)[consecutive]
+    if periods.size:
+        median = float(np.median(periods))
+        period = {"period_ms_median": median, "period_ms_max": float(periods.max()),
+                  "jitter_ms_std": float(periods.std()),
+                  "jitter_ms_p99": float(np.percentile(np.abs(periods - median), 99))}
+    else:
+        period = dict.fromkeys(("period_ms_median", "period_ms_max", "jitter_ms_std", "jitter_ms_p99"), math.nan)
+
+    new_frame = np.ones(n, dtype=bool)
+    new_frame[1:] = seq[1:] != seq[:-1]
+    gaps = []
+    last = None
+    for k in np.flatnonzero(new_frame):
+        if last is not None and seq[k] > last + 1:
+            gaps.append((int(k), int(seq[k] - last - 1)))
+        last = int(seq[k]) if last is None else max(last, int(seq[k]))
+    degraded_mask = (episode.command_source != "adapter") | ~np.isin(episode.safety_state, ["OK", ""])
+    runs = []
+    k = 0
+    while k < n:
+        if not degraded_mask[k]:
+            k += 1
+            continue
+        start = k
+        while k + 1 < n and degraded_mask[k + 1]:
+            k += 1
+        span = slice(start, k + 1)
+        seconds = (episode.time_ns[k] - episode.time_ns[start]) / 1e9 + dt
+        runs.append({"start_step": start, "end_step": k, "seconds": round(float(seconds), 6),
+                     "sources": sorted(set(episode.command_source[span].tolist())),
+                     "states": sorted(set(episode.safety_state[span].tolist()) - {""})})
+        k += 1
+    events = [{"step": e.step, "kind": e.kind, "level": e.level, "action": e.action, "message": e.message}
+              for e in episode.safety_events]
+    sources, counts = np.unique(episode.command_source, return_counts=True)
+    states, state_counts = np.unique(episode.safety_state, return_counts=True)
+    return LinkHealth(
+        **period, nominal_period_ms=dt * 1e3, frames_seen=int(np.unique(seq).size),
+        frames_dropped=int(sum(g for _, g in gaps)), seq_gaps=gaps, stale_steps=int((~new_frame).sum()),
+        unusable_frames=int((new_frame & ~episode.adapted).sum()),
+        steps_by_source={str(s): int(c) for s, c in zip(sources, counts, strict=True)},
+        steps_by_state={(str(s) or "unknown"): int(c) for s, c in zip(states, state_counts, strict=True)},
+        degraded_periods=runs, safety_events=events,
+        fallbacks=int((episode.command_source == "fallback_controller").sum()))
+
+
+# ---- the whole replay -------------------------------------------------------------------------------------
+def _check_robot(episode: Episode, bundle: Bundle, option: str) -> None:
+    if bundle.robot.interface_hash != episode.robot_interface_sha256:
+        raise ReplayError(str(episode.path), option, f"bundle {bundle.name!r} is for robot {bundle.robot.name!r} "
+                          f"(interface {bundle.robot.interface_hash[:12]}), the log is from robot "
+                          f"{episode.robot.name!r} (interface {episode.robot_interface_sha256[:12]}): give a bundle "
+                          "trained for the logged robot")
+
+
+def replay_episode(episode: Episode | str | Path, bundle: Bundle | str | Path, *,
+                   candidate: Bundle | str | Path | None = None, config: ReplayConfig | None = None) -> EpisodeReplay:
+    """Shadow-replay one episode through ``bundle`` (and ``candidate``) and grade it (see the module docstring)."""
+    config = config or ReplayConfig()
+    config.validate()
+    episode = episode if isinstance(episode, Episode) else read_episode(episode)
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    _check_robot(episode, bundle, "--bundle")
+    notes = [f"log: {w}" for w in episode.warnings]
+    usable = np.flatnonzero(episode.adapted)
+    if usable.size == 0:
+        notes.append("the adapter never ran in this episode: nothing to replay (link health only)")
+    extra = episode.extra
+    adapt = bool(extra.get("adapt", True))
+    seed = config.seed if config.seed is not None else int(extra.get("seed", 0))
+    if config.seed is None and "seed" not in extra:
+        notes.append("the log does not record the planner seed; replayed with seed 0 (commands match only if the "
+                     "node used 0)")
+    if int(extra.get("episode", 1)) > 1:
+        notes.append(f"this is episode {extra['episode']} of its node process: the node's planner noise continued "
+                     "from earlier episodes, so its commands are not expected to be reproduced exactly")
+    if episode.bundle is None:
+        notes.append("the log does not record which bundle ran: the reproduction check cannot tell a mismatch")
+    elif episode.bundle.get("sha256") != bundle.sha256:
+        notes.append(f"the log was recorded with bundle {episode.bundle.get('name')!r} (bundle.yaml sha256 "
+                     f"{str(episode.bundle.get('sha256'))[:12]}), --bundle is {bundle.name!r} "
+                     f"({bundle.sha256[:12]}): its actions are a counterfactual, not a reproduction")
+    applied = applied_actions(episode)
+    logged = shadow_pass(episode, bundle, adapt, seed, applied)
+    errors = prediction_errors(episode, bundle, logged, config.horizon, applied)
+    settle_step, distance = settling(logged, usable, config.settle_fraction)
+    result = EpisodeReplay(Path(episode.path), episode, config, logged, compare(logged, episode, candidate=False),
+                           errors, usable, settle_step, distance, link_health(episode), notes=notes)
+    if not adapt:
+        notes.append("the node ran with adapt=false: the logged commands come from the unadapted model")
+    if candidate is not None:
+        candidate = candidate if isinstance(candidate, Bundle) else load_bundle(candidate)
+        _check_robot(episode, candidate, "--candidate")
+        result.candidate = shadow_pass(episode, candidate, True, seed, applied)
+        result.candidate_counterfactual = compare(result.candidate, episode, candidate=True)
+        result.candidate_errors = prediction_errors(episode, candidate, result.candidate, config.horizon, applied)
+    return result
+
+
+def replay_episodes(paths: list[str | Path], bundle: Bundle | str | Path, *, candidate: Bundle | str | Path | None
+                    = None, config: ReplayConfig | None = None) -> list[EpisodeReplay]:
+    """:func:`replay_episode` for each log, loading the bundles once. Every path is checked before any replay."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ReplayError(", ".join(missing), "episodes", "file(s) not found")
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if candidate is not None and not isinstance(candidate, Bundle):
+        candidate = load_bundle(candidate)
+    return [replay_episode(p, bundle, candidate=candidate, config=config) for p in paths]
+
+
+__all__ = ["DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION", "REPRODUCTION_TOLERANCE", "Counterfactual", "EpisodeReplay",
+           "LinkHealth", "PredictionErrors", "ReplayConfig", "ReplayError", "ShadowPass", "applied_actions", "compare",
+           "link_health", "prediction_errors", "replay_episode", "replay_episodes", "settling", "shadow_pass"]
