@@ -339,8 +339,9 @@ def _clean_steps(report: ImportReport, where: str, t_ns: np.ndarray, values: dic
                 keep[r] = False
                 continue
             if t_ns[r] < t_ns[last]:
-                raise LogImportError(where, "time", f"not monotonic: sample {r} has time {t_ns[r] / 1e9!r} s, before "
-                                   f"sample {last}'s {t_ns[last] / 1e9!r} s; sort the log or fix its clock")
+                raise LogImportError(where, "time", f"not monotonic: sample {r} has time {float(t_ns[r]) / 1e9!r} s, "
+                                     f"before sample {last}'s {float(t_ns[last]) / 1e9!r} s; sort the log or fix "
+                                     "its clock")
         last = int(r)
     _drop(report, "duplicate timestamp (the first sample with that time is kept)", dup_rows)
     kept = np.flatnonzero(keep)
@@ -356,11 +357,12 @@ def _clean_steps(report: ImportReport, where: str, t_ns: np.ndarray, values: dic
     return kept
 
 
-def _period_stats(report: ImportReport, robot: RobotSpec, t_ns: np.ndarray) -> None:
+def _period_stats(report: ImportReport, robot: RobotSpec, t_ns: np.ndarray, warn: bool) -> None:
+    """Period statistics of the kept samples' own times; ``warn``: the steps keep those times (CSV/NPZ)."""
     period = np.diff(t_ns) / 1e9
     report.period = {"median": float(np.median(period)), "min": float(period.min()), "max": float(period.max()),
                      "control_period": float(robot.ctrl_dt)}
-    if abs(report.period["median"] - robot.ctrl_dt) > 0.05 * robot.ctrl_dt:
+    if warn and abs(report.period["median"] - robot.ctrl_dt) > 0.05 * robot.ctrl_dt:
         _warn(report, f"{report.source}: median step period {report.period['median']!r} s differs from robot.yaml's "
               f"control period {robot.ctrl_dt!r} s by more than 5%; steps are taken as logged (replay and "
               "identification assume the control period)")
@@ -675,7 +677,7 @@ def import_log(source: str | Path, robot: RobotSpec | str, out: str | Path, *, m
         commands = cmd_all[kept] if cmd_all is not None else None
         source_name, task, raw = tmap.command_source, tmap.task, tmap.raw
         report.notes.append("one step per kept row, at the row's time")
-    _period_stats(report, spec, stamps)
+    _period_stats(report, spec, stamps, warn=fmt != "rosbag2")
     if commands is not None:
         _check_command_range(report, spec, commands)
     else:
