@@ -498,7 +498,8 @@ def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: I
                 cmd_times.append(int(log_time) if mapping.clock == "log" or conn.msgtype != "sensor_msgs/msg/JointState"
                                  else _stamp(msg, log_time))
                 cmd_rows.append(_command_values(msg, conn.msgtype, mapping, where))
-                continue
+                if conn not in joint_conns:
+                    continue
             names = list(msg.name)
             row = np.full(robot.obs_dim, np.nan)
             for kind, joint, i in sources:
@@ -549,7 +550,7 @@ def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: I
     missing = sorted(set(range(int(grid[-1]) + 1)) - set(grid.tolist()))
     if missing:
         report.dropped.append({"reason": "control periods without a JointState message (a gap in the steps)",
-                               "count": len(missing), "rows": missing})
+                               "count": len(missing), "periods": missing})
         _warn(report, f"{where}: {len(missing)} control period(s) have no JointState message within tolerance; "
               f"those steps are absent (state_seq jumps there)")
     grid_t = t[0] + grid * period_ns
@@ -700,14 +701,19 @@ def import_log(source: str | Path, robot: RobotSpec | str, out: str | Path, *, m
                                "notes": report.notes}}
     out.parent.mkdir(parents=True, exist_ok=True)
     start = int(t_ns[0])
-    with EpisodeLogWriter(out, spec, task=task, extra_metadata=extra, clock_anchor=(wall_anchor, 0)) as log:
+    log = EpisodeLogWriter(out, spec, task=task, extra_metadata=extra, clock_anchor=(wall_anchor, 0))
+    try:
         for i in range(len(t_ns)):
             rel = int(t_ns[i]) - start
-            seq = int(rows[i]) + 1
             cmd = None if commands is None or np.isnan(commands[i]).any() else commands[i]
-            log.write_step(obs=obs[i], state_seq=seq, robot_stamp_ns=int(stamps[i]), receive_time_ns=rel,
-                           command=cmd, command_seq=None if cmd is None else i + 1,
+            log.write_step(obs=obs[i], state_seq=int(rows[i]) + 1, robot_stamp_ns=int(stamps[i]),
+                           receive_time_ns=rel, command=cmd, command_seq=None if cmd is None else i + 1,
                            command_source="none" if cmd is None else source_name, time_ns=rel)
+    except BaseException:
+        log.close("import failed")
+        out.unlink()  # a half-written import is no episode: leave nothing behind
+        raise
+    log.close()
     report_path = out.with_suffix(REPORT_SUFFIX)
     report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -118,7 +118,7 @@ def test_without_action_mapping_steps_have_no_command(tmp_path):
 
 # ---- rosbag2 --------------------------------------------------------------------------------------------
 def _write_bag(path: Path, stamps_ns: list[int], *, names=("rail", "extra_joint", "pole"), drop_velocity=False,
-               command_every: int = 2) -> dict[str, np.ndarray]:
+               command_every: int = 2, effort: bool = False) -> dict[str, np.ndarray]:
     """A bag as another ROS 2 system would record it: joint names renamed and reordered, an extra joint,
     commands on a Float64MultiArray topic at half the rate. Returns the true values per JointState message."""
     n = len(stamps_ns)
@@ -137,12 +137,13 @@ def _write_bag(path: Path, stamps_ns: list[int], *, names=("rail", "extra_joint"
                                                               "data": [99.0, cmd[i]]}, log_time=stamp, sequence=i)
             msg = {"header": {"stamp": {"sec": stamp // 10**9, "nanosec": stamp % 10**9}, "frame_id": ""},
                    "name": list(names), "position": pos[i].tolist(),
-                   "velocity": [] if drop_velocity else vel[i].tolist(), "effort": []}
+                   "velocity": [] if drop_velocity else vel[i].tolist(),
+                   "effort": [cmd[i], 0.0, -1.0] if effort else []}
             writer.write_message("/robot/joint_states", js, msg, log_time=log_time, sequence=i)
         writer.finish()
     held = np.array([cmd[i - i % command_every] for i in range(n)])
     # robot.yaml observation order: cart_pos (slider=rail), pole_angle (hinge=pole), cart_vel, pole_angvel
-    return {"obs": np.stack([pos[:, 0], pos[:, 2], vel[:, 0], vel[:, 2]], axis=1), "command": held}
+    return {"obs": np.stack([pos[:, 0], pos[:, 2], vel[:, 0], vel[:, 2]], axis=1), "command": held, "effort": cmd}
 
 
 BAG_MAPPING = {"joint_states": {"joints": {"slider": "rail", "hinge": "pole"}},
@@ -164,6 +165,19 @@ def test_rosbag2_jointstate_round_trip_on_the_control_grid(tmp_path):
     assert on_disk["source_format"] == "rosbag2" and ep.extra["import_source"]["format"] == "rosbag2"
 
 
+def test_rosbag2_command_as_jointstate_effort_on_the_same_topic(tmp_path):
+    stamps = [T0_UNIX_NS + k * round(DT * 1e9) for k in range(6)]
+    truth = _write_bag(tmp_path / "bag.mcap", stamps, effort=True)
+    mapping = {"joint_states": {"topic": "/robot/joint_states", "joints": {"slider": "rail", "hinge": "pole"}},
+               "command": {"topic": "/robot/joint_states", "field": "effort", "index": ["rail"], "scale": 2.0},
+               "command_source": "fallback_controller"}
+    _, ep, warned, _ = _import(tmp_path, tmp_path / "bag.mcap", mapping)
+    assert warned == [] and ep.num_steps == 6
+    np.testing.assert_array_equal(ep.obs, truth["obs"])
+    np.testing.assert_array_equal(ep.command[:, 0], 2.0 * truth["effort"])
+    assert set(ep.command_source) == {"fallback_controller"}
+
+
 def test_rosbag2_extra_and_missing_messages_are_dropped_and_reported(tmp_path):
     period = round(DT * 1e9)
     # Periods 0..7; 3 is missing (gap); a second message in period 5 (farther from the grid); one way off the grid.
@@ -178,7 +192,7 @@ def test_rosbag2_extra_and_missing_messages_are_dropped_and_reported(tmp_path):
     assert reasons["off the control grid"]["rows"] == [7]
     assert reasons["a second message for the same control period"]["rows"] == [5]
     gap = next(d for d in on_disk["dropped"] if d["reason"].startswith("control periods without"))
-    assert gap["rows"] == [3]
+    assert gap["periods"] == [3]
     assert len(warned) == 3 and all("bag.mcap" in w for w in warned)
 
 
