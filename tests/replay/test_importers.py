@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from mcap_ros2.writer import Writer as Ros2McapWriter
 
+from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay import read_episode
 from metarl_robot.replay.episode_log import concatenated_definition
 from metarl_robot.replay.importers import REPORT_SUFFIX, LogImportError, LogImportWarning, import_log
@@ -324,3 +326,27 @@ def test_cli_import_log_smoke(tmp_path):
     assert read_episode(out).num_steps == 19 and out.with_suffix(REPORT_SUFFIX).exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+# ---- docs/log_import.md stays true ----------------------------------------------------------------------
+def _doc_yaml(name: str) -> dict:
+    doc = (REPO_ROOT / "docs" / "log_import.md").read_text()
+    block = re.search(rf"<!-- check: {name} -->\n```yaml\n(.*?)```", doc, re.DOTALL)
+    assert block, f"docs/log_import.md has no {name} example"
+    return yaml.safe_load(block[1])
+
+
+def test_doc_mapping_example_imports(tmp_path):
+    mapping = _doc_yaml("mapping")
+    _, ep, warned, _ = _import(tmp_path, _write_csv(tmp_path / "run.csv", _trajectory()), mapping)
+    assert warned == [] and ep.num_steps == N and ep.task == {"pole_length": 1.2}
+    np.testing.assert_allclose(ep.obs, _expected_obs(_trajectory()), atol=1e-12)
+
+
+def test_doc_rosbag_mapping_example_imports(tmp_path):
+    mapping = _doc_yaml("rosbag-mapping")
+    truth = _write_bag(tmp_path / "bag.mcap", [T0_UNIX_NS + k * round(DT * 1e9) for k in range(6)])
+    _, ep, warned, _ = _import(tmp_path, tmp_path / "bag.mcap", mapping)
+    assert warned == [] and ep.num_steps == 6
+    np.testing.assert_array_equal(ep.obs, truth["obs"])
+    np.testing.assert_allclose(ep.command[:, 0], 0.1 * truth["command"])
