@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from metarl_robot.replay.episode_log import EpisodeLogError, EpisodeLogWriter
+from metarl_robot.replay.episode_log import Episode, EpisodeLogError, EpisodeLogWriter
 from metarl_robot.spec.robot import RobotSpec, load_robot
 
 FORMATS = ("csv", "npz", "rosbag2")
@@ -728,6 +728,16 @@ def _check_command_range(report: ImportReport, robot: RobotSpec, commands: np.nd
             _warn(report, f"{report.source}: {len(outside)} command(s) of action {a.name!r} outside robot.yaml's "
                   f"[{a.low}, {a.high}] ({a.units}), e.g. {commands[outside[0], j]!r}; kept as logged -- check the "
                   "mapping's scale/offset")
+
+
+def import_source(episode: Episode) -> dict[str, Any] | None:
+    """Where an imported episode came from (``path``, ``format``, ``sha256``, ``importer``); None for a node's log.
+
+    Imported logs have no adapter steps (``adapted`` is False throughout): a replay that wants to run a bundle
+    over one must treat its steps with finite observations as the usable frames.
+    """
+    source = episode.extra.get("import_source")
+    return source if isinstance(source, dict) and source.get("importer") == __name__ else None
 
 
 def run_cli(args: Any) -> int:

@@ -22,7 +22,7 @@ from mcap_ros2.writer import Writer as Ros2McapWriter
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay import read_episode
 from metarl_robot.replay.episode_log import concatenated_definition
-from metarl_robot.replay.importers import REPORT_SUFFIX, LogImportError, LogImportWarning, import_log
+from metarl_robot.replay.importers import REPORT_SUFFIX, LogImportError, LogImportWarning, import_log, import_source
 from metarl_robot.spec.robot import load_robot
 
 ROBOT = load_robot("cartpole")
@@ -91,6 +91,7 @@ def test_csv_round_trip_values_units_and_metadata(tmp_path):
     assert ep.extra["import_source"]["format"] == "csv" and len(ep.extra["import_source"]["sha256"]) == 64
     assert ep.extra["import_mapping"] == MAPPING
     assert on_disk["steps_written"] == N and on_disk["period"]["median"] == pytest.approx(DT)
+    assert import_source(ep)["sha256"] == on_disk["source_sha256"]
 
 
 def test_npz_round_trip_with_2d_array_and_ms_time(tmp_path):
@@ -385,3 +386,12 @@ def test_identification_recovers_hidden_parameters_from_an_imported_csv(tmp_path
     assert result.cost < result.nominal_cost / 10
     length = next(p for p in result.params if p.name == "pole_length")
     assert abs(length.value - truth["pole_length"]) <= 0.03  # test_identify.py's tolerance
+
+
+def test_a_node_log_is_not_an_import(tmp_path):
+    from metarl_robot.replay.episode_log import EpisodeLogWriter
+
+    with EpisodeLogWriter(tmp_path / "node.mcap", ROBOT, extra_metadata={"import_source": {"path": "x"}}) as log:
+        log.write_step(obs=np.zeros(4), state_seq=1, robot_stamp_ns=1, receive_time_ns=1, command=np.zeros(1),
+                       command_seq=1, time_ns=1)
+    assert import_source(read_episode(tmp_path / "node.mcap")) is None
