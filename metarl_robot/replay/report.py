@@ -50,7 +50,8 @@ def aggregate(replays: list[EpisodeReplay]) -> dict[str, Any]:
                                             "on_over_off": mean_on / mean_off if mean_off > 0 else math.nan}
     cf = [r.counterfactual for r in replays]
     out["reproduced"] = f"{sum(bool(c.reproduced) for c in cf)}/{len(cf)}"
-    out["max_abs_diff_adapter"] = float(np.nanmax([c.max_abs_diff_adapter for c in cf] or [math.nan]))
+    diffs = [c.max_abs_diff_adapter for c in cf if not math.isnan(c.max_abs_diff_adapter)]
+    out["max_abs_diff_adapter"] = max(diffs) if diffs else math.nan
     out["frames_dropped"] = int(sum(r.link.frames_dropped for r in replays))
     out["stale_steps"] = int(sum(r.link.stale_steps for r in replays))
     out["degraded_periods"] = int(sum(len(r.link.degraded_periods) for r in replays))
@@ -172,7 +173,8 @@ def _episode_section(index: int, r: EpisodeReplay) -> list[str]:
          f"({r.settle_step * ep.robot.ctrl_dt:.2f} s)"),
         (f"replay of `{cf.bundle_name}` vs logged adapter actions (max abs diff)",
          f"{_fmt(cf.max_abs_diff_adapter, 3)} -> "
-         + ("reproduced" if cf.reproduced else f"NOT reproduced (tolerance {REPRODUCTION_TOLERANCE:g})")
+         + ("reproduced" if cf.reproduced else "nothing to reproduce" if cf.reproduced is None
+            else f"NOT reproduced (tolerance {REPRODUCTION_TOLERANCE:g})")
          + ("" if cf.same_bundle_as_log is not False else " (another bundle than the log's)")),
         ("replay vs logged commands from the adapter (max / mean abs diff)",
          f"{_fmt(cf.max_abs_diff_command, 3)} / {_fmt(cf.mean_abs_diff_command, 3)}"),
@@ -276,7 +278,7 @@ def terminal_summary(replays: list[EpisodeReplay], paths: dict[str, Path]) -> st
         lines.append(f"{name:<32}{r.episode.num_steps:>6}"
                      f"{_fmt(pe['one_step']['on'], 3) + '/' + _fmt(pe['one_step']['off'], 3):>18}"
                      f"{_fmt(pe[f'{h}_step']['on'], 3) + '/' + _fmt(pe[f'{h}_step']['off'], 3):>18}"
-                     f"{'yes' if r.counterfactual.reproduced else 'NO':>8}"
+                     f"{ {True: 'yes', False: 'NO', None: '-'}[r.counterfactual.reproduced]:>8}"
                      f"{_fmt(r.counterfactual.max_abs_diff_adapter, 2):>10}"
                      f"{r.link.frames_dropped:>6}{len(r.link.degraded_periods):>6}{len(r.link.safety_events):>7}")
     if len(replays) > 12:

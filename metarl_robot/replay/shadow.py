@@ -130,7 +130,8 @@ class Counterfactual:
     steps_compared: int
     """Steps the adapter ran."""
     reproduced: bool | None
-    """For the logged bundle: max_abs_diff_adapter <= REPRODUCTION_TOLERANCE (None for a candidate)."""
+    """For the logged bundle: max_abs_diff_adapter <= REPRODUCTION_TOLERANCE (None for a candidate, and when the
+    adapter never ran)."""
 
 
 @dataclass
@@ -333,7 +334,7 @@ def compare(shadow: ShadowPass, episode: Episode, candidate: bool) -> Counterfac
     return Counterfactual(
         shadow.bundle_name, shadow.bundle_sha256, same, max_adapter, stat(from_adapter, episode.command, np.max),
         stat(from_adapter, episode.command, np.mean), int(ran.sum()),
-        None if candidate else bool(max_adapter <= REPRODUCTION_TOLERANCE))
+        None if candidate or not ran.any() else bool(max_adapter <= REPRODUCTION_TOLERANCE))
 
 
 # ---- link health ----------------------------------------------------------------------------------------

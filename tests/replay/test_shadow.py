@@ -200,6 +200,40 @@ def test_several_episodes_make_one_report_with_aggregates(logged: Path, replay, 
     assert len(summary.splitlines()) <= 24 and "reproduced 2/2" in summary and str(paths["report"]) in summary
 
 
+def test_link_health_counts_every_kind_of_fault(bundle: Bundle, tmp_path: Path) -> None:
+    """A log of a node that never got to run its adapter: only the link and the safety layer to report."""
+    robot = load_robot("cartpole")
+    path = tmp_path / "link.mcap"
+    period = 40_000_000
+    # (state_seq, command_source, safety_state, time offset in ns): a seq gap of 2 before step 3, a repeated
+    # frame at step 5 (stale), a late step 6, fallback commands, a step where nothing was sent.
+    steps = [(1, "safe_command", "DISARMED", 0), (2, "safe_command", "DISARMED", 0), (5, "fallback_controller",
+             "FALLBACK", 0), (6, "fallback_controller", "FALLBACK", 0), (7, "safe_command", "SAFE_STOP", 0),
+             (7, "none", "SAFE_STOP", 0), (8, "safe_command", "SAFE_STOP", 25_000_000)]
+    with EpisodeLogWriter(path, robot, bundle=bundle) as log:
+        log.write_safety_event("PREDICTION_ERROR", "model error above threshold", level="WARN", action="fallback",
+                               time_ns=period)
+        for k, (seq, source, state, late) in enumerate(steps):
+            sent = source != "none"
+            log.write_step(obs=np.full(4, 0.1 * k), state_seq=seq, robot_stamp_ns=seq * period,
+                           receive_time_ns=(k + 1) * period, command=robot.safe_action if sent else None,
+                           command_seq=k + 1 if sent else None, command_source=source, safety_state=state,
+                           time_ns=(k + 1) * period + late + 1)
+    result = replay_episode(path, bundle, config=ReplayConfig(horizon=2))
+    link = result.link
+    assert (link.frames_seen, link.frames_dropped, link.seq_gaps) == (6, 2, [(2, 2)])
+    assert (link.stale_steps, link.unusable_frames, link.fallbacks) == (1, 6, 2)
+    assert link.steps_by_source == {"fallback_controller": 2, "none": 1, "safe_command": 4}
+    assert link.steps_by_state == {"DISARMED": 2, "FALLBACK": 2, "SAFE_STOP": 3}
+    assert [(p["start_step"], p["end_step"]) for p in link.degraded_periods] == [(0, 6)]
+    assert link.safety_events[0]["kind"] == "PREDICTION_ERROR" and link.safety_events[0]["action"] == "fallback"
+    assert np.isnan(link.period_ms_median), "no consecutive adapter commands: no loop period to measure"
+    assert result.counterfactual.reproduced is None and result.settle_step is None
+    assert any("the adapter never ran" in n for n in result.notes)
+    report = write_report([result], tmp_path / "report")["report"].read_text()
+    assert "nothing to reproduce" in report and "| 0-6 |" in report and "PREDICTION_ERROR" in report
+
+
 def test_bad_inputs_get_clear_errors(tmp_path: Path, bundle: Bundle) -> None:
     with pytest.raises(ReplayError, match=r"missing.mcap: episodes: file\(s\) not found"):
         replay_episodes([tmp_path / "missing.mcap"], bundle)
