@@ -181,6 +181,32 @@ def test_rosbag2_command_as_jointstate_effort_on_the_same_topic(tmp_path):
     assert set(ep.command_source) == {"fallback_controller"}
 
 
+def test_rosbag2_bag_folder_written_by_rosbags_with_robot_yaml_joint_names(tmp_path):
+    """An independent writer (rosbags, Humble types, a bag folder with metadata.yaml); no mapping needed when the
+    bag uses robot.yaml's joint names; no command topic -> no commands."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    joint_state, header, stamp_type = (store.types[t] for t in ("sensor_msgs/msg/JointState", "std_msgs/msg/Header",
+                                                                  "builtin_interfaces/msg/Time"))
+    bag = tmp_path / "bag"
+    period = round(DT * 1e9)
+    with Writer(bag, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        conn = writer.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=store)
+        for k in range(5):
+            t = T0_UNIX_NS + k * period
+            msg = joint_state(header=header(stamp=stamp_type(sec=t // 10**9, nanosec=t % 10**9), frame_id=""),
+                              name=["hinge", "slider"], position=np.array([3.0 - 0.1 * k, 0.01 * k]),
+                              velocity=np.array([-1.0, 0.2]), effort=np.array([], dtype=np.float64))
+            writer.write(conn, t, store.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
+    _, ep, warned, on_disk = _import(tmp_path, bag, None)
+    assert warned == [] and ep.num_steps == 5 and on_disk["source_format"] == "rosbag2"
+    k = np.arange(5)
+    np.testing.assert_array_equal(ep.obs, np.stack([0.01 * k, 3.0 - 0.1 * k, np.full(5, 0.2), np.full(5, -1.0)], 1))
+    assert set(ep.command_source) == {"none"} and np.isnan(ep.command).all()
+
+
 def test_rosbag2_extra_and_missing_messages_are_dropped_and_reported(tmp_path):
     period = round(DT * 1e9)
     # Periods 0..7; 3 is missing (gap); a second message in period 5 (farther from the grid); one way off the grid.
