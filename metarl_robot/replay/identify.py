@@ -15,7 +15,7 @@ the log best. Method (docs/identify.md):
   unit cube over the family's full parameter box (train and test ranges); log-uniform parameters are
   searched in log space. Several restarts from random means; the best restart wins.
 - **Uncertainty.** The spread (standard deviation) of the best restart's final elites and of the
-  restarts' answers; a parameter is flagged *unidentified* when moving it by 10 % of its box width
+  answers of the restarts that reached the same cost; a parameter is flagged *unidentified* when moving it by 10 % of its box width
   from the answer barely changes the cost (a flat direction: the data does not constrain it).
 
 Only ``kind: dynamics`` parameters can be identified: reward parameters (e.g. a target position) do
@@ -62,15 +62,16 @@ FLAT_FLOOR = 1e-7
 class IdentifyConfig:
     """Budget and shape of the search."""
 
-    window: int = 10
-    """Control steps per shooting segment (0.4 s on the cart-pole)."""
+    window: int = 5
+    """Control steps per shooting segment (0.2 s on the cart-pole): short enough that a swinging pole's
+    trajectory error stays a smooth function of the parameters."""
     max_segments: int = 64
     """At most this many segments, spread evenly over the episode (bounds the cost of one evaluation)."""
     population: int = 48
     """Candidates per CEM iteration."""
     elite_frac: float = 0.15
     """Fraction of each population the Gaussian is refit to."""
-    iterations: int = 12
+    iterations: int = 20
     """CEM iterations per restart."""
     restarts: int = 3
     """Independent CEM runs from random means; the best one is the answer."""
@@ -108,7 +109,8 @@ class ParamEstimate:
     elite_std: float | None
     """Standard deviation of the best restart's final elites (None: not searched)."""
     restart_std: float | None
-    """Standard deviation of the restarts' answers (None: not searched or one restart)."""
+    """Standard deviation of the answers of the restarts that converged to the best cost (within 2x plus
+    :data:`FLAT_FLOOR`; None: not searched or only one converged)."""
     bounds: tuple[float, float]
     """The searched box (the family's train and test ranges together)."""
     identified: bool
@@ -421,7 +423,8 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
     best_cost, best_u, best_elites = min(restart_best, key=lambda t: t[0])
     best_values = box.to_values(best_u)
     elite_values = box.to_values(best_elites)
-    restart_values = np.stack([box.to_values(b[1]) for b in restart_best])
+    converged = [b for b in restart_best if b[0] <= 2 * best_cost + FLAT_FLOOR]
+    restart_values = np.stack([box.to_values(b[1]) for b in converged])
 
     # Flatness: the cost increase when each parameter moves FLAT_STEP of its width, in both directions.
     probes = []
@@ -444,7 +447,7 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
             flat = increase < FLAT_RATIO * best_cost + FLAT_FLOOR
             estimates.append(ParamEstimate(
                 name=p.name, kind=p.kind, value=float(best_values[i]), elite_std=float(elite_values[:, i].std()),
-                restart_std=float(restart_values[:, i].std()) if config.restarts > 1 else None, bounds=p.bounds,
+                restart_std=float(restart_values[:, i].std()) if len(converged) > 1 else None, bounds=p.bounds,
                 identified=not flat, cost_increase=increase,
                 note="flat cost: the data does not constrain it" if flat else "", true_value=true_value))
         else:

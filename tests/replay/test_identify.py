@@ -36,7 +36,7 @@ TRUE_TASK = {"pole_mass_scale": 1.6, "pole_length": 0.8, "cart_friction": 0.3, "
 """A heavy, short pole on a sticky rail with a weak motor: every dynamics parameter away from its nominal."""
 TOLERANCE = {"pole_mass_scale": 0.10, "pole_length": 0.03, "cart_friction": 0.06, "motor_gain_scale": 0.03}
 """Absolute tolerance per parameter at the test budget (docs/identify.md: measured errors are 5-20x smaller)."""
-TEST_BUDGET = IdentifyConfig(population=32, iterations=8, restarts=2, seed=0)
+TEST_BUDGET = IdentifyConfig(window=10, population=32, iterations=8, restarts=2, seed=0)
 """A small budget: ~1.5 s on one core for a 150-step log."""
 
 
@@ -197,6 +197,7 @@ def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp
     ep = read_episode(logs[0])
     assert ep.task is None  # the node never knows the twin's task: identification is the only way to it
     res = identify(ep, FAMILY, TEST_BUDGET)
+    print(res.summary())  # shown with -s: the numbers docs/identify.md quotes
     assert res.transitions > 60, res.summary()
     for name, tol in TWIN_TOLERANCE.items():
         value = res.task[name]
