@@ -435,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", required=True, help="task family whose parameters to identify, e.g. cartpole_swingup")
     p.add_argument("--out", default="runs/identify", help="output folder (default: runs/identify)")
     p.add_argument("--restarts", type=int, default=3, help="independent CEM runs (default: 3)")
-    p.add_argument("--iterations", type=int, default=12, help="CEM iterations per restart (default: 12)")
+    p.add_argument("--iterations", type=int, default=20, help="CEM iterations per restart (default: 20)")
     p.add_argument("--population", type=int, default=48, help="candidates per iteration (default: 48)")
-    p.add_argument("--window", type=int, default=10, help="control steps per shooting segment (default: 10)")
+    p.add_argument("--window", type=int, default=5, help="control steps per shooting segment (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
     p.set_defaults(func=_cmd_identify)
     return parser
