@@ -462,7 +462,7 @@ def _obs_from_joints(robot: RobotSpec, where: str) -> list[tuple[str, str, int]]
 
 def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: ImportReport
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(grid time ns, message stamp ns, source message index, obs, command or None) on robot.yaml's control grid."""
+    """(grid time ns, message stamp ns, grid period index, obs, command or None) on robot.yaml's control grid."""
     from rosbags.highlevel import AnyReader
 
     where = str(path)
@@ -541,11 +541,10 @@ def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: I
         if int(k[i]) not in chosen or off[i] < off[chosen[int(k[i])]]:
             chosen[int(k[i])] = int(i)
     used = sorted(chosen.values())
-    _drop(report, f"off the control grid (more than {mapping.tolerance} periods from t0 + k*{robot.ctrl_dt} s)",
-          [int(sample_index[i]) for i in np.flatnonzero(~within)])
-    extra = sorted(set(np.flatnonzero(within).tolist()) - set(used))
-    _drop(report, "a second message for the same control period (the nearest one is kept)",
-          [int(sample_index[i]) for i in extra])
+    # Not counted against max_drop_fraction: a bag recorded faster than the control rate is downsampled by design.
+    _drop(report, f"not the message nearest a control-grid time t0 + k*{robot.ctrl_dt} s within {mapping.tolerance} "
+          "periods (downsampled to robot.yaml's control period)",
+          [int(sample_index[i]) for i in sorted(set(range(len(t))) - set(used))])
     grid = np.array(sorted(chosen), dtype=np.int64)
     missing = sorted(set(range(int(grid[-1]) + 1)) - set(grid.tolist()))
     if missing:
@@ -568,7 +567,8 @@ def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: I
         if before:
             report.notes.append(f"{before} step(s) before the first command on {mapping.command_topic} are recorded "
                                 "with command_source 'none'")
-    return grid_t, t[used], sample_index[used], obs[used], commands
+    # state_seq counts control periods, so a period with no message is a jump of one frame.
+    return grid_t, t[used], grid, obs[used], commands
 
 
 def _stamp(msg: Any, log_time: int) -> int:
@@ -688,7 +688,8 @@ def import_log(source: str | Path, robot: RobotSpec | str, out: str | Path, *, m
     wall_anchor = int(t_ns[0]) if absolute else time.time_ns()
     report.notes.append("time_ns = source time - first step's time (ns); log times = " +
                         ("the source's UNIX times" if absolute else "the import time + that offset (the source time "
-                         "is relative)") + "; robot_stamp_ns = source time; state_seq = source row/message index + 1")
+                         "is relative)") + "; robot_stamp_ns = source time; state_seq = "
+                        + ("control period index + 1" if fmt == "rosbag2" else "source row index + 1"))
     if commands is not None:
         report.notes.append(f"commands recorded with command_source {source_name!r} (a controller outside metarl; "
                             "no adapter ran: adapted is False on every step, and there is no bundle)")

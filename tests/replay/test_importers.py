@@ -212,17 +212,28 @@ def test_rosbag2_extra_and_missing_messages_are_dropped_and_reported(tmp_path):
     # Periods 0..7; 3 is missing (gap); a second message in period 5 (farther from the grid); one way off the grid.
     stamps = sorted([T0_UNIX_NS + k * period for k in (0, 1, 2, 4, 5, 6, 7)]
                     + [T0_UNIX_NS + 5 * period + 6_000_000, T0_UNIX_NS + 6 * period + 20_000_000])
-    _write_bag(tmp_path / "bag.mcap", stamps)
-    _, ep, warned, on_disk = _import(tmp_path, tmp_path / "bag.mcap", {**BAG_MAPPING, "max_drop_fraction": 0.5})
+    truth = _write_bag(tmp_path / "bag.mcap", stamps)
+    _, ep, warned, on_disk = _import(tmp_path, tmp_path / "bag.mcap", BAG_MAPPING)
     assert ep.num_steps == 7
     assert np.array_equal(ep.time_ns, np.array([0, 1, 2, 4, 5, 6, 7]) * period)
-    reasons = {d["reason"].split(" (")[0]: d for d in on_disk["dropped"]}
+    assert np.array_equal(ep.state_seq, np.array([0, 1, 2, 4, 5, 6, 7]) + 1)  # the gap is a jump of one frame
     # Message indices in stamp order: 0 1 2 | 4 5 5+6ms 6 6+20ms 7 -> the 6th (5+6ms) and 8th (6+20ms) go.
-    assert reasons["off the control grid"]["rows"] == [7]
-    assert reasons["a second message for the same control period"]["rows"] == [5]
-    gap = next(d for d in on_disk["dropped"] if d["reason"].startswith("control periods without"))
-    assert gap["periods"] == [3]
-    assert len(warned) == 3 and all("bag.mcap" in w for w in warned)
+    np.testing.assert_array_equal(ep.obs, truth["obs"][[0, 1, 2, 3, 4, 6, 8]])
+    unused, gap = on_disk["dropped"]
+    assert unused["rows"] == [5, 7] and "nearest a control-grid time" in unused["reason"]
+    assert gap["periods"] == [3] and gap["reason"].startswith("control periods without")
+    assert len(warned) == 2 and all("bag.mcap" in w for w in warned)
+
+
+def test_rosbag2_faster_than_the_control_rate_is_downsampled_with_consecutive_frames(tmp_path):
+    # 100 Hz joint states, 25 Hz control: every 4th message is a step; state_seq has no jumps.
+    stamps = [T0_UNIX_NS + k * 10_000_000 for k in range(38)]  # the last step is message 36 at 360 ms
+    truth = _write_bag(tmp_path / "bag.mcap", stamps, command_every=1)
+    _, ep, warned, on_disk = _import(tmp_path, tmp_path / "bag.mcap", BAG_MAPPING)
+    assert ep.num_steps == 10 and np.array_equal(ep.state_seq, np.arange(1, 11))
+    np.testing.assert_array_equal(ep.obs, truth["obs"][::4])
+    np.testing.assert_array_equal(ep.command[:, 0], truth["command"][::4])
+    assert on_disk["dropped"][0]["count"] == 28 and len(warned) == 1
 
 
 def test_rosbag2_unknown_joint_in_mapping(tmp_path):
