@@ -139,7 +139,7 @@ def _check_keys(data: Any, allowed: set[str], where: str, name: str) -> dict:
     unknown = sorted(set(map(str, data)) - allowed)
     if unknown:
         raise LogImportError(where, f"{name}.{unknown[0]}" if name else unknown[0],
-                           f"unknown key; allowed: {sorted(allowed)}")
+                             f"unknown key; allowed: {sorted(allowed)}")
     return data
 
 
@@ -234,11 +234,11 @@ def parse_table_mapping(data: Any, robot: RobotSpec, where: str = "mapping") -> 
     unknown = [k for k in obs_map if k not in fields]
     if unknown:
         raise LogImportError(where, f"observation.{unknown[0]}", f"not an observation field of robot "
-                           f"{robot.name!r}; allowed: {list(fields)}")
+                             f"{robot.name!r}; allowed: {list(fields)}")
     missing = [name for name in fields if name not in obs_map]
     if missing:
         raise LogImportError(where, f"observation.{missing[0]}", f"missing: every measured field of robot "
-                           f"{robot.name!r} needs a column ({list(fields)})")
+                             f"{robot.name!r} needs a column ({list(fields)})")
     observation = [c for name, f in fields.items()
                    for c in _columns(obs_map[name], f.size, f.units, where, f"observation.{name}")]
 
@@ -305,11 +305,11 @@ def _column(table: dict[str, np.ndarray], spec: ColumnSpec, rows: int | None, wh
     if spec.index is None:
         if arr.ndim != 1:
             raise LogImportError(where, name, f"column {spec.column!r} has shape {arr.shape}: give `index` for a "
-                               f"2-D array (0..{arr.shape[-1] - 1})")
+                                 f"2-D array (0..{arr.shape[-1] - 1})")
     else:
         if arr.ndim != 2 or spec.index >= arr.shape[1]:
             raise LogImportError(where, f"{name}.index", f"{spec.index} out of range for column {spec.column!r} of "
-                               f"shape {arr.shape}" + (f" (allowed 0..{arr.shape[1] - 1})" if arr.ndim == 2 else ""))
+                                 f"shape {arr.shape}" + (f" (allowed 0..{arr.shape[1] - 1})" if arr.ndim == 2 else ""))
         arr = arr[:, spec.index]
     if rows is not None and len(arr) != rows:
         raise LogImportError(where, name, f"column {spec.column!r} has {len(arr)} rows, the time column {rows}")
@@ -348,12 +348,12 @@ def _clean_steps(report: ImportReport, where: str, t_ns: np.ndarray, values: dic
     dropped = n - len(kept)
     if len(kept) < 2:
         raise LogImportError(where, "", f"{len(kept)} usable sample(s) of {n}: need at least 2 "
-                           f"(see the dropped samples above)")
+                             f"(see the dropped samples above)")
     if dropped > max_drop_fraction * n:
         raise LogImportError(where, "max_drop_fraction", f"{dropped} of {n} samples would be dropped "
-                           f"({dropped / n:.1%} > {max_drop_fraction:.1%}); fix the log or raise max_drop_fraction "
-                           "in the mapping. Reasons: "
-                           + "; ".join(f"{d['count']} {d['reason']}" for d in report.dropped))
+                             f"({dropped / n:.1%} > {max_drop_fraction:.1%}); fix the log or raise max_drop_fraction "
+                             "in the mapping. Reasons: "
+                             + "; ".join(f"{d['count']} {d['reason']}" for d in report.dropped))
     return kept
 
 
@@ -411,14 +411,14 @@ def parse_rosbag_mapping(data: Any, robot: RobotSpec, where: str = "mapping") ->
     for j in joints:
         if j not in robot.joints:
             raise LogImportError(where, f"joint_states.joints.{j}", f"unknown joint; robot {robot.name!r} has "
-                               f"{list(robot.joints)}")
+                                 f"{list(robot.joints)}")
     names = {j: str(joints.get(j, j)) for j in robot.joints}
     cmd = _check_keys(data.get("command") or {}, {"topic", "field", "index", "scale", "offset"}, where, "command")
     n_act = robot.action_dim
     field_name = cmd.get("field", "data")
     if field_name not in ("data", "effort", "position", "velocity"):
         raise LogImportError(where, "command.field", f"must be one of ['data', 'effort', 'position', 'velocity'], "
-                           f"got {field_name!r}")
+                             f"got {field_name!r}")
     default_index: list[int | str] = (list(range(n_act)) if field_name == "data"
                                       else [robot.action[i].actuator for i in range(n_act)])
     index = cmd.get("index", default_index)
@@ -427,12 +427,12 @@ def parse_rosbag_mapping(data: Any, robot: RobotSpec, where: str = "mapping") ->
         values = [default] * n_act if value is None else value if isinstance(value, list) else [value] * n_act
         if len(values) != n_act:
             raise LogImportError(where, f"command.{key}", f"needs {n_act} value(s) (action fields "
-                               f"{[a.name for a in robot.action]}), got {len(values)}")
+                                 f"{[a.name for a in robot.action]}), got {len(values)}")
         return [_number(v, where, f"command.{key}") for v in values]
 
     if not isinstance(index, list) or len(index) != n_act:
         raise LogImportError(where, "command.index", f"needs a list of {n_act} entries (one per action field "
-                           f"{[a.name for a in robot.action]}), got {index!r}")
+                             f"{[a.name for a in robot.action]}), got {index!r}")
     tolerance = _number(data.get("tolerance", 0.25), where, "tolerance")
     if not 0 < tolerance < 0.5:
         raise LogImportError(where, "tolerance", f"must be in (0, 0.5) control periods, got {tolerance}")
@@ -452,8 +452,8 @@ def _obs_from_joints(robot: RobotSpec, where: str) -> list[tuple[str, str, int]]
         src = f.source
         if src.kind not in ("joint_pos", "joint_vel") or src.index is not None or f.size != len(src.names):
             raise LogImportError(where, f"observation.{f.name}", f"source {src.kind} {src.names} is not one value "
-                               "per hinge/slide joint, so sensor_msgs/JointState cannot give it; import this robot "
-                               "from CSV/NPZ instead")
+                                 "per hinge/slide joint, so sensor_msgs/JointState cannot give it; import this robot "
+                                 "from CSV/NPZ instead")
         start = robot.obs_slices[f.name].start
         kind = "position" if src.kind == "joint_pos" else "velocity"
         out.extend((kind, joint, start + i) for i, joint in enumerate(src.names))
@@ -479,17 +479,17 @@ def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: I
             joint_conns = [c for c in joint_conns if c.topic == mapping.joint_topic]
             if not joint_conns:
                 raise LogImportError(where, "joint_states.topic", f"no sensor_msgs/msg/JointState topic "
-                                   f"{mapping.joint_topic!r}; topics in the bag: {topics}")
+                                     f"{mapping.joint_topic!r}; topics in the bag: {topics}")
         elif len({c.topic for c in joint_conns}) != 1:
             raise LogImportError(where, "joint_states.topic", f"{len({c.topic for c in joint_conns})} JointState "
-                               f"topics; name one in the mapping. Topics in the bag: {topics}")
+                                 f"topics; name one in the mapping. Topics in the bag: {topics}")
         cmd_conns = []
         if mapping.command_topic is not None:
             cmd_conns = [c for c in reader.connections if c.topic == mapping.command_topic]
             allowed = ("std_msgs/msg/Float64MultiArray", "sensor_msgs/msg/JointState")
             if not cmd_conns or cmd_conns[0].msgtype not in allowed:
                 raise LogImportError(where, "command.topic", f"{mapping.command_topic!r} must be a topic of type "
-                                   f"{list(allowed)}; topics in the bag: {topics}")
+                                     f"{list(allowed)}; topics in the bag: {topics}")
         times, obs_rows, cmd_times, cmd_rows = [], [], [], []
         sample = 0
         for conn, log_time, raw in reader.messages(connections=joint_conns + cmd_conns):
@@ -506,12 +506,12 @@ def _read_rosbag(path: Path, robot: RobotSpec, mapping: RosbagMapping, report: I
                 bag_name = mapping.joint_names[joint]
                 if bag_name not in names:
                     raise LogImportError(where, f"joint_states.joints.{joint}", f"joint {bag_name!r} is not in the "
-                                       f"JointState message {sample} (names {names}); map it in the mapping's "
-                                       "joint_states.joints")
+                                         f"JointState message {sample} (names {names}); map it in the mapping's "
+                                         "joint_states.joints")
                 values = getattr(msg, kind)
                 if len(values) != len(names):
                     raise LogImportError(where, f"{conn.topic}.{kind}", f"message {sample} has {len(values)} {kind} "
-                                       f"values for {len(names)} names; observation field needs {kind} of {joint!r}")
+                                         f"values for {len(names)} names; observation field needs {kind} of {joint!r}")
                 row[i] = values[names.index(bag_name)]
             times.append(int(log_time) if mapping.clock == "log" else _stamp(msg, log_time))
             obs_rows.append(row)
@@ -584,7 +584,7 @@ def _command_values(msg: Any, msgtype: str, mapping: RosbagMapping, where: str) 
         for i, idx in enumerate(mapping.command_index):
             if not isinstance(idx, int) or not 0 <= idx < len(data):
                 raise LogImportError(where, f"command.index[{i}]", f"{idx!r} out of range for a Float64MultiArray of "
-                                   f"{len(data)} values (allowed 0..{len(data) - 1})")
+                                     f"{len(data)} values (allowed 0..{len(data) - 1})")
             out.append(data[idx])
     else:
         names = list(msg.name)
@@ -593,7 +593,7 @@ def _command_values(msg: Any, msgtype: str, mapping: RosbagMapping, where: str) 
         for i, idx in enumerate(mapping.command_index):
             if idx not in names or len(values) != len(names):
                 raise LogImportError(where, f"command.index[{i}]", f"joint {idx!r} has no {mapping.command_field} "
-                                   f"value in the command JointState (names {names})")
+                                     f"value in the command JointState (names {names})")
             out.append(values[names.index(idx)])
     return np.asarray(out, dtype=np.float64) * np.asarray(mapping.command_scale) + np.asarray(mapping.command_offset)
 
@@ -653,7 +653,7 @@ def import_log(source: str | Path, robot: RobotSpec | str, out: str | Path, *, m
     else:
         if mapping is None:
             raise LogImportError(str(source), "mapping", f"a {fmt} log needs a mapping (--mapping mapping.yaml); "
-                               "see docs/log_import.md")
+                                 "see docs/log_import.md")
         tmap = parse_table_mapping(mapping, spec, map_where)
         table = _read_csv(source) if fmt == "csv" else _read_npz(source)
         t_raw = _column(table, tmap.time, None, where, "time")
