@@ -1,6 +1,7 @@
 """Logged hardware episodes: the MCAP episode log (written by the ROS 2 node, read by the replay).
 
-Shadow replay, real-to-sim identification and reports build on :func:`read_episode`.
+Shadow replay (``replay.shadow``, ``replay.report``), real-to-sim identification and reports build on
+:func:`read_episode`; ``replay.sim_record`` writes the same log from a MuJoCo rollout (demo, tests).
 """
 
 from __future__ import annotations
