@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from metarl_robot.replay.episode_log import Episode, read_episode
+from metarl_robot.replay.importers import import_source
 from metarl_robot.runtime.bundle import Bundle, load_bundle
 from metarl_robot.spec.schema import SpecError
 
@@ -242,7 +243,20 @@ def applied_actions(episode: Episode) -> np.ndarray:
     return out
 
 
-def _task_params(episode: Episode, k: int) -> dict[str, float]:
+def usable_frames(episode: Episode) -> np.ndarray:
+    """(N,) bool: the frames the adapter acts on — those the node's log marks ``adapted``; for a log imported
+    from another controller (no adapter ran), every frame with a finite observation."""
+    if import_source(episode) is not None:
+        return np.isfinite(episode.obs).all(axis=1)
+    return np.asarray(episode.adapted, dtype=bool)
+
+
+def _task_params(episode: Episode, k: int, bundle: Bundle) -> dict[str, float]:
+    """The reward parameters the node passed at step ``k``; a log without them (an import) gets the family's
+    nominal ones (:func:`replay_episode` notes it)."""
+    if not episode.task_params:
+        nominal = bundle.family.nominal()
+        return {name: float(nominal[name]) for name in bundle.family.reward_names}
     return {name: float(values[k]) for name, values in episode.task_params.items()}
 
 
@@ -256,12 +270,12 @@ def shadow_pass(episode: Episode, bundle: Bundle, adapt: bool, seed: int,
     context = np.full((n, bundle.context_dim), np.nan)
     observed = np.zeros(n, dtype=bool)
     prev: int | None = None
-    for k in np.flatnonzero(episode.adapted):
+    for k in np.flatnonzero(usable_frames(episode)):
         if prev is not None and episode.state_seq[k] == episode.state_seq[prev] + 1:
             adapter.observe(episode.obs[prev][None], applied[k][None], episode.obs[k][None])
             observed[k] = True
         prev = k
-        action, diagnostics = adapter.act(episode.obs[k][None], _task_params(episode, k))
+        action, diagnostics = adapter.act(episode.obs[k][None], _task_params(episode, k, bundle))
         actions[k] = np.asarray(action, dtype=np.float64)[0]
         context[k] = np.asarray(diagnostics["context"], dtype=np.float64)[0]
     empty = adapter.window
@@ -274,7 +288,7 @@ def prediction_errors(episode: Episode, bundle: Bundle, shadow: ShadowPass, hori
                       applied: np.ndarray | None = None) -> PredictionErrors:
     """h-step errors (h = 1..horizon) from every usable frame, with the pass's context (on) and the empty one (off)."""
     applied = applied_actions(episode) if applied is None else applied
-    usable = np.flatnonzero(episode.adapted)
+    usable = np.flatnonzero(usable_frames(episode))
     u = usable.size
     scale = episode.robot.obs_scale
     # chain[i, h]: the usable index h frames after i, if every frame in between is consecutive (seq + 1).
@@ -322,7 +336,7 @@ def settling(shadow: ShadowPass, usable: np.ndarray, fraction: float) -> tuple[i
 def compare(shadow: ShadowPass, episode: Episode, candidate: bool) -> Counterfactual:
     """A pass's actions against the logged adapter actions and commands."""
     ran = episode.adapted
-    from_adapter = ran & (episode.command_source == "adapter")
+    from_adapter = usable_frames(episode) & (episode.command_source == "adapter")
 
     def stat(mask: np.ndarray, other: np.ndarray, reduce: Any) -> float:
         diff = np.abs(shadow.actions[mask] - other[mask])
@@ -341,7 +355,8 @@ def compare(shadow: ShadowPass, episode: Episode, candidate: bool) -> Counterfac
 def link_health(episode: Episode) -> LinkHealth:
     """Loop period and jitter, dropped/stale/unusable frames, degraded periods and safety events."""
     n, seq, dt = episode.num_steps, episode.state_seq, episode.robot.ctrl_dt
-    usable = np.flatnonzero(episode.adapted & (episode.command_source != "none"))
+    frames = usable_frames(episode)
+    usable = np.flatnonzero(frames & (episode.command_source != "none"))
     periods = np.zeros(0)
     if usable.size > 1:
         consecutive = seq[usable[1:]] == seq[usable[:-1]] + 1
@@ -385,7 +400,7 @@ def link_health(episode: Episode) -> LinkHealth:
     return LinkHealth(
         **period, nominal_period_ms=dt * 1e3, frames_seen=int(np.unique(seq).size),
         frames_dropped=int(sum(g for _, g in gaps)), seq_gaps=gaps, stale_steps=int((~new_frame).sum()),
-        unusable_frames=int((new_frame & ~episode.adapted).sum()),
+        unusable_frames=int((new_frame & ~frames).sum()),
         steps_by_source={str(s): int(c) for s, c in zip(sources, counts, strict=True)},
         steps_by_state={(str(s) or "unknown"): int(c) for s, c in zip(states, state_counts, strict=True)},
         degraded_periods=runs, safety_events=events,
@@ -410,9 +425,16 @@ def replay_episode(episode: Episode | str | Path, bundle: Bundle | str | Path, *
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     _check_robot(episode, bundle, "--bundle")
     notes = [f"log: {w}" for w in episode.warnings]
-    usable = np.flatnonzero(episode.adapted)
+    usable = np.flatnonzero(usable_frames(episode))
+    source = import_source(episode)
+    if source is not None:
+        notes.append(f"imported from {source.get('format')} ({source.get('path')}): no metarl adapter ran, so the "
+                     "bundle's actions are a counterfactual against the logged controller's commands, not a "
+                     "reproduction")
     if usable.size == 0:
         notes.append("the adapter never ran in this episode: nothing to replay (link health only)")
+    elif not episode.task_params:
+        notes.append("the log holds no task (reward) parameters: the bundle planned with its family's nominal ones")
     extra = episode.extra
     adapt = bool(extra.get("adapt", True))
     seed = config.seed if config.seed is not None else int(extra.get("seed", 0))
