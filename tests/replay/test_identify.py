@@ -157,8 +157,10 @@ def test_bad_input_is_refused_with_the_field_named(sim_log):
 TWIN_TASK = {"pole_mass_scale": 1.4, "pole_length": 1.1, "cart_friction": 0.2, "motor_gain_scale": 1.2,
              "target_x": 0.0}
 """The twin's hidden task in the slow test (in the train box: the bundle swings it up, so the log is rich)."""
-TWIN_TOLERANCE = {"pole_mass_scale": 0.15, "pole_length": 0.05, "cart_friction": 0.08, "motor_gain_scale": 0.05}
-"""Wider than in sim: the twin's telemetry carries float32 observations and the link drops late frames."""
+TWIN_TOLERANCE = {"pole_mass_scale": 0.08, "pole_length": 0.03, "cart_friction": 0.05, "motor_gain_scale": 0.03}
+"""Wider than in sim: transitions the link lost or delayed are skipped, and the node's timing varies per run."""
+TWIN_BUDGET = IdentifyConfig(window=5, population=48, iterations=20, restarts=2, seed=0)
+"""The default budget with one restart less (~7 s): smaller budgets converged on some twin runs but not all."""
 
 
 @pytest.mark.slow
@@ -196,7 +198,7 @@ def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp
     assert len(logs) == 1
     ep = read_episode(logs[0])
     assert ep.task is None  # the node never knows the twin's task: identification is the only way to it
-    res = identify(ep, FAMILY, TEST_BUDGET)
+    res = identify(ep, FAMILY, TWIN_BUDGET)
     print(res.summary())  # shown with -s: the numbers docs/identify.md quotes
     assert res.transitions > 60, res.summary()
     for name, tol in TWIN_TOLERANCE.items():
