@@ -40,24 +40,33 @@ TEST_BUDGET = IdentifyConfig(window=10, population=32, iterations=8, restarts=2,
 """A small budget: ~1.5 s on one core for a 150-step log."""
 
 
-def record(path: Path, task: dict[str, float], steps: int, seed: int = 1) -> Path:
-    """Drive the cart-pole with the shipped bundle's adapter in MuJoCo and log it as the node would."""
+def record(path: Path, task: dict[str, float], steps: int, seed: int = 1, lost: frozenset[int] = frozenset(),
+           safe: frozenset[int] = frozenset()) -> Path:
+    """Drive the cart-pole with the shipped bundle's adapter in MuJoCo and log it as the node would.
+
+    ``lost``: steps whose frame never reached the node (not logged; the robot ran the previous command
+    on). ``safe``: steps whose command the robot replaced by its safe command (the next frame says so)."""
     bundle = load_bundle(BUNDLE)
     env = MetaMujocoEnv(FAMILY)
     obs, info = env.reset(seed=seed, options={"task": task})
     adapter = bundle.make_adapter(batch=1, adapt=True, seed=seed)
     period = round(env.robot.ctrl_dt * 1e9)
     prev = applied = None
+    applied_seq, command = 0, env.robot.safe_action
     with EpisodeLogWriter(path, env.robot, bundle=bundle, task=info["task"]) as log:
         for k in range(steps):
             if prev is not None:
                 adapter.observe(prev[None], applied[None], obs[None])
-            action, _ = adapter.act(obs[None], env.reward_params)
-            command = np.asarray(action, dtype=np.float64)[0]
-            stamp = 10**9 + k * period
-            log.write_step(obs=obs, state_seq=k + 1, robot_stamp_ns=stamp, receive_time_ns=stamp,
-                           applied_command_seq=k, command=command, command_seq=k + 1, command_source="adapter",
-                           safety_state="OK", time_ns=stamp + 1)
+            if k not in lost:
+                action, _ = adapter.act(obs[None], env.reward_params)
+                command = np.asarray(action, dtype=np.float64)[0]
+                stamp = 10**9 + k * period
+                log.write_step(obs=obs, state_seq=k + 1, robot_stamp_ns=stamp, receive_time_ns=stamp,
+                               applied_command_seq=applied_seq, command=command, command_seq=k + 1,
+                               command_source="adapter", safety_state="OK", time_ns=stamp + 1)
+                applied_seq = k + 1
+            if k in safe:
+                command, applied_seq = env.robot.safe_action, 0
             next_obs, _, diverged, _, step_info = env.step(command)
             prev, applied, obs = obs, np.asarray(step_info["applied_action"]), next_obs
             assert not diverged
@@ -85,6 +94,20 @@ def test_identified_parameters_are_within_the_stated_tolerance(result):
     # The answer explains the log far better than the family's nominal physics.
     assert result.cost < result.nominal_cost / 100
     assert result.transitions == 149 and result.segments == 14
+
+
+def test_lost_frames_and_safe_commands_are_handled_not_mistaken_for_physics(tmp_path):
+    path = record(tmp_path / "faulty.mcap", TRUE_TASK, steps=100, lost=frozenset({30, 31, 60}),
+                  safe=frozenset({45, 46, 47, 70}))
+    ep = read_episode(path)
+    assert ep.num_steps == 97
+    res = identify(ep, FAMILY, TEST_BUDGET)
+    # 96 pairs of logged steps; the two across the lost frames (29->32, 59->61) are skipped. The
+    # safe-command periods are used with the safe command (the frame after says it was applied).
+    assert res.transitions == 96 - 2, res.summary()
+    by_name = {p.name: p for p in res.params}
+    for name, tol in TOLERANCE.items():
+        assert abs(by_name[name].value - TRUE_TASK[name]) <= tol, res.summary()
 
 
 def test_reward_parameters_are_reported_as_not_identified(result):
