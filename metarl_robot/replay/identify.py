@@ -15,8 +15,9 @@ the log best. Method (docs/identify.md):
   unit cube over the family's full parameter box (train and test ranges); log-uniform parameters are
   searched in log space. Several restarts from random means; the best restart wins.
 - **Uncertainty.** The spread (standard deviation) of the best restart's final elites and of the
-  answers of the restarts that reached the same cost; a parameter is flagged *unidentified* when moving it by 10 % of its box width
-  from the answer barely changes the cost (a flat direction: the data does not constrain it).
+  answers of the restarts that reached the same cost; a parameter is flagged *unidentified* when
+  moving it by 10 % of its box width from the answer barely changes the cost (a flat direction: the
+  data does not constrain it).
 
 Only ``kind: dynamics`` parameters can be identified: reward parameters (e.g. a target position) do
 not change the physics. They are written from the log's ``task_params`` when the node logged them,
