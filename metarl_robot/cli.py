@@ -145,7 +145,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from metarl_robot.train.evaluate import evaluate
 
-    report = evaluate(args.source, args.out, family=args.family, split=args.split, tasks=args.tasks, grid=args.grid,
+    tasks = args.tasks
+    if args.task_file:  # e.g. the task.yaml of metarl identify: that one task, as a list
+        import yaml
+
+        from metarl_robot.replay.identify import load_task_file
+        from metarl_robot.spec.family import load_family
+
+        data = yaml.safe_load(Path(args.task_file).read_text())
+        name = args.family or (data.get("family") if isinstance(data, dict) else None)
+        if not name:
+            raise ValueError(f"{args.task_file}: names no family; give --family")
+        tasks = [load_task_file(args.task_file, load_family(name))]
+        args.family = name
+    report = evaluate(args.source, args.out, family=args.family, split=args.split, tasks=tasks, grid=args.grid,
                       grid_params=args.params.split(",") if args.params else None, seed=args.seed,
                       oracle=not args.no_oracle, planner_overrides=_parse_overrides(args.set))
     summ = report["summary"]
@@ -300,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=8, help="tasks drawn from the split (default: 8)")
     p.add_argument("--grid", type=int, metavar="K", help="instead of drawing, K points per axis of the split")
     p.add_argument("--params", help="with --grid: comma-separated parameters to vary (others nominal)")
+    p.add_argument("--task-file", metavar="FILE", help="instead of drawing, the one task in FILE (a mapping of "
+                   "parameters, or the task.yaml of metarl identify: the episode reproduced in sim)")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, resets and planner noise (default: 0)")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle (much faster; no gap)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -94,3 +94,16 @@ def test_bad_input_exits_2_with_a_message(args, fragment):
     assert result.returncode == 2
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_on_a_task_file_such_as_identify_writes(tmp_path):
+    (tmp_path / "task.yaml").write_text("family: cartpole_swingup\ntask:\n  pole_length: 0.8\n  pole_mass_scale: 1.3\n")
+    result = metarl("eval", "policies/cartpole_mb", "--task-file", str(tmp_path / "task.yaml"), "--no-oracle",
+                    "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(report["tasks"]) == 1 and report["tasks"][0]["task"]["pole_length"] == 0.8
+    (tmp_path / "bare.yaml").write_text("pole_length: 0.8\n")
+    result = metarl("eval", "policies/cartpole_mb", "--task-file", str(tmp_path / "bare.yaml"), "--no-oracle")
+    assert result.returncode == 2 and "names no family; give --family" in result.stderr
