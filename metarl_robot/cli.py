@@ -11,7 +11,7 @@ EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
   2. ros2 launch on robot  (export, calibrate-safety, sim-robot, keys; the node: ros2_ws/src/metarl_robot_ros)
-  3. replay logged runs    (replay: episodes are logged as MCAP, docs/episode_log.md, docs/replay.md)
+  3. replay logged runs    (replay, identify, import-log; logs: docs/episode_log.md, docs/replay.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
 """
