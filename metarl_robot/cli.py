@@ -190,7 +190,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from metarl_robot.demo import run_demo
 
-    return run_demo(out_dir=Path(args.out), seed=args.seed)
+    return run_demo(out_dir=Path(args.out), seed=args.seed, skip_train=args.skip_train,
+                    episode_steps=args.episode_steps, speed=args.speed)
 
 
 def _cmd_sim_robot(args: argparse.Namespace) -> int:
@@ -336,14 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch ONNX exporter (default: auto = TorchScript, dynamo if that fails)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("demo", help="run the largest pipeline that exists today on the cart-pole family",
-                       description="Check the cart-pole robot, sample in- and out-of-distribution test tasks, "
-                       "drive every task with the same command sequence and plot how the shifted dynamics change "
-                       "the motion (the reason to adapt); then let the shipped bundle policies/cartpole_mb, "
-                       "loaded by the torch-free runtime, control the same tasks with adaptation on and off. "
-                       "Writes PNGs and a JSON summary.")
+    p = sub.add_parser("demo", help="the whole chain on the cart-pole family: train, ROS 2 node vs twin, replay, "
+                       "identify",
+                       description="Train a bundle with a tiny budget and export it (or use the shipped "
+                       "policies/cartpole_mb with --skip-train), show open-loop how an out-of-distribution task "
+                       "changes the motion, colcon-build ros2_ws, start the digital twin (metarl sim-robot) on a "
+                       "held-out OOD task, run the installed ROS 2 adapt_node against it over ZeroMQ for one "
+                       "logged episode, replay the log into a report and identify the twin's hidden parameters "
+                       "from it. Writes everything (logs, report, plots, task.yaml, demo_summary.json) to --out.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--skip-train", action="store_true",
+                   help="use the shipped bundle policies/cartpole_mb instead of training one (a tiny training "
+                   "budget checks the pipeline but does not learn a swing-up)")
+    p.add_argument("--episode-steps", type=int, default=250,
+                   help="control steps of the node's episode against the twin (default: 250 = 10 s)")
+    p.add_argument("--speed", type=float, default=0.5,
+                   help="twin speed, robot seconds per wall second (default: 0.5, room for a slow CPU)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("sim-robot", help="run a MuJoCo digital twin of a robot behind the ZeroMQ telemetry protocol",

@@ -66,18 +66,43 @@ def test_rollout_writes_transitions(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_and_writes_its_outputs(tmp_path):
-    result = metarl("demo", "--out", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr
-    assert "[5/5]" in result.stdout
-    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert len(summary["tasks"]) == 6 and summary["tasks"][0]["ood"] is False
-    assert summary["bundle"]["path"] == "policies/cartpole_mb"
-    assert (tmp_path / "demo" / "bundle" / "eval_prediction_error.png").is_file()
-    returns = [t["return"] for t in summary["tasks"]]
-    assert len(set(returns)) == 6  # the same commands give six different outcomes
-    png = (tmp_path / "demo" / "demo_tasks.png").read_bytes()
+@pytest.mark.integration
+def test_demo_runs_the_whole_chain_with_the_shipped_bundle(tmp_path):
+    """Shipped bundle -> colcon-built ROS 2 node vs the digital twin over ZeroMQ -> MCAP log -> replay -> identify."""
+    from metarl_robot.replay import read_episode
+
+    out = tmp_path / "demo"
+    result = metarl("demo", "--out", str(out), "--skip-train")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[8/8]" in result.stdout and "failed" not in result.stderr
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["bundle"].endswith("policies/cartpole_mb")
+    assert summary["open_loop"][1]["task"] == summary["task"] and summary["open_loop"][1]["ood"] is True
+    assert len({row["return"] for row in summary["open_loop"]}) == 5  # the same commands, five outcomes
+    png = (out / "demo_tasks.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+    # The episode ran through the installed node and was logged; the twin ran the held-out task.
+    twin = json.loads((out / "twin_summary.json").read_text())
+    assert twin["task_ood"] is True and twin["task"] == pytest.approx(summary["task"])
+    assert twin["commands"]["accepted"] >= 240 and twin["commands"]["total_rejected"] == 0
+    episode = read_episode(summary["episode"]["log"])
+    assert episode.complete and episode.num_steps >= 250 and episode.adapted.sum() >= 240
+    assert summary["episode"]["swung_up"] is True, summary["episode"]
+
+    # Replay reproduced the node's commands and wrote its report; identification found the hidden task.
+    assert summary["replay"]["reproduced"] is True
+    assert "report.md" in summary["replay"]["report"] and (out / "replay" / "report.md").is_file()
+    assert summary["replay"]["plots"] and all(p.endswith(".png") for p in summary["replay"]["plots"])
+    assert str(out / "replay" / "report.md") in result.stdout
+    ident = summary["identify"]
+    assert (out / "identify" / "task.yaml").is_file() and ident["cost"] < ident["nominal_cost"] / 10
+    # What identification calls identified is within 0.1 of the truth (boxes 0.3-2.5 wide); the pole's length,
+    # which sets the whole swing, always is. Anything else must be flagged, never silently wrong.
+    assert ident["params"]["pole_length"]["identified"]
+    for name in ("pole_mass_scale", "pole_length", "cart_friction", "motor_gain_scale"):
+        p = ident["params"][name]
+        assert not p["identified"] or p["value"] == pytest.approx(p["true"], abs=0.1), (name, p)
 
 
 @pytest.mark.parametrize(
