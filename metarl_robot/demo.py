@@ -50,6 +50,11 @@ def _stage(i: int, text: str) -> None:
     print(f"[{i}/{len(STAGES)}] {text}", flush=True)
 
 
+def _show(text: Any) -> str:
+    """Paths as the user typed them: relative to the working folder where they lie under it."""
+    return str(text).replace(f"{Path.cwd()}{os.sep}", "")
+
+
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -160,9 +165,10 @@ def _train_bundle(out_dir: Path, seed: int, repo: Path) -> Path:
 
     overrides = {**TINY_TRAINING, "seed": seed, "name": "demo"}
     print("      metarl train " + CONFIG + "".join(f" --set {k}={v}" for k, v in TINY_TRAINING.items()), flush=True)
-    summary = train(repo / CONFIG, out_dir / "runs", overrides=overrides)
+    summary = train(repo / CONFIG, out_dir / "train", overrides=overrides)
     bundle = export_run(summary["run_dir"], out_dir / "cartpole_demo", overwrite=True, seed=seed)
-    print(f"      exported {summary['run_dir']} -> {bundle} (ONNX graphs checked against torch)", flush=True)
+    print(f"      exported {_show(summary['run_dir'])} -> {_show(bundle)} (ONNX graphs checked against torch)",
+          flush=True)
     return Path(bundle)
 
 
@@ -274,17 +280,17 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     returns = rollout.episode_returns()[:, 0]
     summary["open_loop"] = [{"task": tk, "ood": family.is_ood(tk), "return": float(returns[i]),
                              "max_height_cos": float(np.max(np.cos(angle[i])))} for i, tk in enumerate(tasks)]
-    print("      returns " + ", ".join(f"{r:.1f}" for r in returns) + f" -> {open_loop_png}")
+    print("      returns " + ", ".join(f"{r:.1f}" for r in returns) + f" -> {_show(open_loop_png)}")
     save()
 
     # ---- 4: colcon build ---------------------------------------------------------------------------------
-    stage(f"ROS 2: colcon build of ros2_ws into {out_dir / 'ros2'}")
+    stage(f"ROS 2: colcon build of ros2_ws into {_show(out_dir / 'ros2')}")
     t0 = time.perf_counter()
     install = _colcon_build(out_dir / "ros2", REPO_ROOT)
     executable = install / "metarl_robot_ros" / "lib" / "metarl_robot_ros" / "adapt_node"
     if not executable.is_file():
         raise StageError(f"colcon build succeeded but {executable} is missing", "check ros2_ws/src/*/setup.cfg")
-    print(f"      built in {time.perf_counter() - t0:.0f} s: {executable}")
+    print(f"      built in {time.perf_counter() - t0:.0f} s: {_show(executable)}")
 
     # ---- 5: digital twin -------------------------------------------------------------------------------
     stage(f"digital twin: metarl sim-robot on the held-out task at {speed:g}x real time, ZeroMQ on loopback")
@@ -314,7 +320,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     if log_dir.is_dir() and any(log_dir.glob("*.mcap")):
         import shutil
 
-        print(f"      removing the episode logs of an earlier demo run in {log_dir}")
+        print(f"      removing the episode logs of an earlier demo run in {_show(log_dir)}")
         shutil.rmtree(log_dir)
     params = {"bundle": str(bundle), "endpoints": endpoints, "log_dir": str(log_dir), "episode_steps": episode_steps,
               "seed": seed, "diagnostics_rate_hz": 2.0, "task": {"target_x": float(task["target_x"])}}
@@ -354,7 +360,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
           f"{twin_summary['commands']['total_rejected']} rejected, watchdog engaged "
           f"{twin_summary['watchdog']['engagements']}x; pole {'swung up and balanced' if swung_up else 'NOT upright'}"
           f" over the last 2 s (mean cos {last.mean():.2f})")
-    print(f"      episode log: {episode_log}")
+    print(f"      episode log: {_show(episode_log)}")
     summary["episode"] = {"log": str(episode_log), "swung_up": swung_up, "final_2s_mean_cos": float(last.mean()),
                           "twin_summary": str(twin_summary_path)}
     save()
@@ -366,7 +372,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     stage("replay: the logged telemetry through the bundle step by step, adaptation on and off")
     replays = replay_episodes([episode_log], bundle)
     paths = write_report(replays, out_dir / "replay")
-    print("      " + terminal_summary(replays, paths).replace("\n", "\n      "))
+    print("      " + _show(terminal_summary(replays, paths)).replace("\n", "\n      "))
     metrics = replays[0].metrics()
     summary["replay"] = {"report": str(paths["report"]), "metrics": str(paths["metrics"]),
                          "plots": sorted(str(p) for p in (out_dir / "replay").glob("*.png")),
@@ -385,11 +391,12 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     result, task_path, json_path = identify_to_dir(episode_log, FAMILY, out_dir / "identify", config)
     true_task = twin_summary["task"]
     print(f"      residual {result.cost:.3g} (nominal task {result.nominal_cost:.3g}) in {result.seconds:.0f} s")
-    print(f"      {'parameter':<20}{'identified':>12}{'+-':>9}{'true (twin)':>13}  ")
+    print(f"      {'parameter':<20}{'identified':>12}{'+-':>9}{'true (twin)':>13}")
     for p in result.params:
         unc = "" if p.uncertainty is None else f"{p.uncertainty:.3g}"
         status = "" if p.identified else f"not identified: {p.note}"
-        print(f"      {p.name:<20}{p.value:>12.4g}{unc:>9}{true_task.get(p.name, float('nan')):>13.4g}  {status}")
+        true = true_task.get(p.name, float("nan"))
+        print(f"      {p.name:<20}{p.value:>12.4g}{unc:>9}{true:>13.4g}  {status}".rstrip())
     summary["identify"] = {"task_file": str(task_path), "json": str(json_path), "true_task": true_task,
                            "params": {p.name: {"value": p.value, "uncertainty": p.uncertainty,
                                                "identified": p.identified, "true": true_task.get(p.name)}
@@ -397,13 +404,14 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
                            "cost": result.cost, "nominal_cost": result.nominal_cost}
     save()
 
-    print(f"\nDone in {summary['seconds']:.0f} s: bundle {bundle} ran as a ROS 2 node against the twin's hidden "
+    print(f"\nDone in {summary['seconds']:.0f} s: bundle {_show(bundle)} ran as a ROS 2 node against the twin's hidden "
           f"OOD task and {'swung the pole up' if swung_up else 'did NOT swing the pole up'}.")
-    print(f"  episode log: {episode_log}")
-    print(f"  report:      {paths['report']}  (metrics {paths['metrics']})")
-    print("  plots:       " + ", ".join([str(open_loop_png), *summary["replay"]["plots"]]))
-    print(f"  identified:  {task_path}  (metarl sim-robot --task {task_path} reproduces the episode in sim)")
-    print(f"  summary:     {summary_path}")
+    print(f"  episode log: {_show(episode_log)}")
+    print(f"  report:      {_show(paths['report'])}  (metrics {_show(paths['metrics'])})")
+    print("  plots:       " + ", ".join(_show(p) for p in [open_loop_png, *summary["replay"]["plots"]]))
+    print(f"  identified:  {_show(task_path)}  (metarl sim-robot --task {_show(task_path)} reproduces the episode "
+          "in sim)")
+    print(f"  summary:     {_show(summary_path)}")
     if not skip_train and not swung_up:
         print(f"The bundle trained here had a budget of seconds; `metarl demo --skip-train` runs the same chain with "
               f"the shipped {BUNDLE}, which swings this task up.")
