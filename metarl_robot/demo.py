@@ -247,7 +247,8 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     else:
         stage(f"bundle: train {CONFIG} with a tiny budget and export it (--skip-train uses the shipped {BUNDLE})")
         bundle = _train_bundle(out_dir, seed, REPO_ROOT)
-        print(f"      a budget this small checks the pipeline; it does not learn a swing-up ({BUNDLE}: 47,000 transitions, ~20 min)")
+        print("      a budget this small checks the pipeline; it does not learn a swing-up "
+              f"({BUNDLE}: 47,000 transitions, ~20 min)")
     summary["bundle"] = str(bundle)
     save()
 
