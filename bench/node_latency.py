@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from metarl_robot.runtime.bundle import load_bundle
 
+    load_at_start = list(os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="metarl-node-latency-"))
     try:
         if args.install:
@@ -660,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "node_latency", "seconds_per_run": seconds, "warmup_periods": warmup, "seed": args.seed,
         "machine": {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-                    "loadavg_at_end": list(os.getloadavg()), "platform": platform.platform(),
+                    "loadavg_at_start": load_at_start, "loadavg_at_end": list(os.getloadavg()),
+                    "platform": platform.platform(),
                     "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                     "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
         "summary": summary, "runs": runs,
