@@ -33,7 +33,8 @@ bench: $(STAMP)
 	@mkdir -p runs/bench
 	$(BIN)/python bench/env_steps.py > runs/bench/env_steps.json
 	$(BIN)/python bench/planner_latency.py --bundle policies/cartpole_mb > runs/bench/planner_latency.json
-	@echo "wrote runs/bench/env_steps.json and runs/bench/planner_latency.json (see docs/BENCHMARKS.md)"
+	$(BIN)/python bench/node_latency.py > runs/bench/node_latency.json
+	@echo "wrote runs/bench/env_steps.json, planner_latency.json and node_latency.json (see docs/BENCHMARKS.md)"
 
 clean-venv:
 	rm -rf $(VENV)
