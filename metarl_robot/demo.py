@@ -76,7 +76,7 @@ def ood_task_the_bundle_swings_up(eval_json: Path) -> dict[str, float]:
 
     The planner samples and the twin hands over the pole at an arbitrary moment of its swing, so a
     marginal task succeeds on some runs only; tasks also swung up without adaptation are the robust
-    ones, and among them the best return wins (the same choice as tests/ros/test_node.py).
+    ones, and among them the best return wins (tests/ros/test_node.py runs its end-to-end test on it too).
     """
     rows = [r for r in json.loads(eval_json.read_text())["tasks"] if r["ood"] and r["success_adapted"]]
     if not rows:
