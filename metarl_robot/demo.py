@@ -131,24 +131,31 @@ class _Proc:
         self._file.close()
 
 
-def _ros_env(domain_id: int) -> dict[str, str]:
-    """The node's environment: its own DDS domain, discovery on this machine only."""
+def ros_env(domain_id: int, **extra: str) -> dict[str, str]:
+    """The environment of the node (and the twin): its own DDS domain, discovery on this machine only."""
     env = dict(os.environ)
     env.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
                PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
+    env.update(extra)
     return env
 
 
-def _colcon_build(root: Path, repo: Path) -> Path:
-    """``colcon build`` of ros2_ws under ``root`` (the repository stays clean); returns the install folder."""
+def colcon_build(root: Path, repo: Path) -> subprocess.CompletedProcess:
+    """``colcon build`` of ``repo``'s ros2_ws with --build-base/--install-base/--log-base under ``root`` (the
+    repository stays clean), in a clean environment (no ROS or colcon variables inherited), with this Python."""
     keep = ("HOME", "PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    return subprocess.run(
+        [sys.executable, "-m", "colcon", "--log-base", str(root / "log"), "build", "--build-base",
+         str(root / "build"), "--install-base", str(root / "install"), "--event-handlers", "console_direct-"],
+        cwd=repo / "ros2_ws", env=env, capture_output=True, text=True, timeout=600)
+
+
+def _colcon_build(root: Path, repo: Path) -> Path:
+    """:func:`colcon_build` as a demo stage; returns the install folder."""
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "colcon", "--log-base", str(root / "log"), "build", "--build-base",
-             str(root / "build"), "--install-base", str(root / "install"), "--event-handlers", "console_direct-"],
-            cwd=repo / "ros2_ws", env=env, capture_output=True, text=True, timeout=600)
+        result = colcon_build(root, repo)
     except subprocess.TimeoutExpired as exc:
         raise StageError("colcon build did not finish within 600 s", "run it by hand in ros2_ws") from exc
     if result.returncode != 0:
@@ -296,7 +303,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     # ---- 5: digital twin -------------------------------------------------------------------------------
     stage(f"digital twin: metarl sim-robot on the held-out task at {speed:g}x real time, ZeroMQ on loopback")
     domain = random.Random(os.getpid() * 7919 + time.monotonic_ns()).randint(20, 100)
-    env = _ros_env(domain)
+    env = ros_env(domain)
     (out_dir / "twin_task.json").write_text(json.dumps(task))
     twin_summary_path, twin_trace = out_dir / "twin_summary.json", out_dir / "twin_trace.npz"
     twin_summary_path.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ moved into place only when every check has passed. Format: ``docs/bundle_format.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from metarl_robot.export.onnx_graphs import (
     real_inputs,
 )
 from metarl_robot.models.context_dynamics import ContextDynamics
+from metarl_robot.provenance import software_version
 from metarl_robot.runtime.bundle import (
     BUNDLE_SCHEMA_VERSION,
     MANIFEST_FILE,
@@ -51,14 +51,6 @@ from metarl_robot.spec.robot import robot_from_dict
 from metarl_robot.spec.schema import SpecError, build, to_plain
 from metarl_robot.train.config import TrainConfig, load_config
 from metarl_robot.train.runner import load_checkpoint
-
-
-def software_version() -> str:
-    """The installed metarl-robot version, or ``unknown``."""
-    try:
-        return importlib.metadata.version("metarl-robot")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str | int | Path = "latest") -> Path:

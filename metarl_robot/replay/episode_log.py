@@ -19,19 +19,16 @@ Robot-side module: numpy, mcap and mcap-ros2-support only (no torch, no MuJoCo, 
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import json
 import math
 import os
 import re
 import struct
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +41,7 @@ from mcap.writer import CompressionType
 from mcap_ros2.decoder import DecoderFactory
 from mcap_ros2.writer import Writer as Ros2McapWriter
 
+from metarl_robot.provenance import git_commit, software_version
 from metarl_robot.spec.robot import RobotSpec, robot_from_dict
 from metarl_robot.spec.schema import SpecError
 
@@ -183,30 +181,6 @@ def concatenated_definition(type_name: str) -> str:
         pkg, _, name = dep.split("/")
         parts.append(f"{'=' * 80}\nMSG: {pkg}/{name}\n{MESSAGE_DEFINITIONS[dep]}")
     return "".join(parts)
-
-
-# ---- provenance ------------------------------------------------------------------------------------------
-def software_version() -> str:
-    """The installed metarl-robot version, or ``unknown``."""
-    try:
-        return importlib.metadata.version("metarl-robot")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-@lru_cache(maxsize=1)
-def git_commit() -> str:
-    """The source checkout's commit (``-dirty`` if modified), or ``unknown`` where there is no git (robots)."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=here).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 # ---- records the reader returns (and the writer accepts) -------------------------------------------------
@@ -623,7 +597,7 @@ class EpisodeLogWriter:
         records = {
             META_EPISODE: {
                 "schema_version": str(EPISODE_LOG_SCHEMA_VERSION), "writer": __name__,
-                "software_version": software_version(), "git_commit": git_commit(),
+                "software_version": software_version(), "git_commit": git_commit(include_untracked=False) or "unknown",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall_anchor_ns / 1e9)),
                 "wall_anchor_ns": str(self.wall_anchor_ns), "monotonic_anchor_ns": str(self.monotonic_anchor_ns),
                 "chunk_size": str(chunk_size), "max_chunk_age_ns": str(self.max_chunk_age_ns),

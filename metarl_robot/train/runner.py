@@ -18,7 +18,6 @@ import hashlib
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from metarl_robot.algos.buffer import EpisodeBuffer
 from metarl_robot.algos.context_mbrl import ContextMBRL
 from metarl_robot.envs.rollout import collect, make_vector_env, random_policy
+from metarl_robot.provenance import git_commit
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.spec.family import Task, load_family
 from metarl_robot.spec.rewards import get_reward
@@ -87,17 +87,6 @@ def load_trained(checkpoint: Path) -> tuple[TrainConfig, RobotSpec, ContextMBRL]
     algo = ContextMBRL(robot, cfg.model, cfg.training, cfg.seed)
     algo.load_state_dict(state["algo"])
     return cfg, robot, algo
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
-                               cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 @dataclass

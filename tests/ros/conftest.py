@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from metarl_robot.demo import colcon_build as demo_colcon_build
+from metarl_robot.demo import ros_env
 from metarl_robot.paths import REPO_ROOT
 
 PKG = "metarl_robot_ros"
@@ -32,15 +34,6 @@ DEADLINE_S = 60.0
 
 
 # ---- environment -----------------------------------------------------------------------------------
-def ros_env(domain_id: int, **extra: str) -> dict[str, str]:
-    """The environment of a test's ROS processes: its own domain, discovery on loopback only."""
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
-               PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
-    env.update(extra)
-    return env
-
-
 @pytest.fixture
 def domain_id(monkeypatch: pytest.MonkeyPatch) -> int:
     """A random ROS_DOMAIN_ID for this test (the test process's own rclpy uses it too)."""
@@ -69,16 +62,8 @@ class ColconInstall:
 
 
 def colcon_build(root: Path) -> tuple[ColconInstall, subprocess.CompletedProcess]:
-    """``colcon build`` of ros2_ws with --build-base/--install-base/--log-base under ``root``, in a clean
-    environment (no ROS or colcon variables inherited), with this test's Python."""
-    keep = ("HOME", "PATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    result = subprocess.run(
-        [sys.executable, "-m", "colcon", "--log-base", str(root / "log"), "build", "--build-base",
-         str(root / "build"), "--install-base", str(root / "install"), "--event-handlers", "console_direct-"],
-        cwd=REPO_ROOT / "ros2_ws", env=env, capture_output=True, text=True, timeout=600)
-    return ColconInstall(root), result
+    """The demo's :func:`~metarl_robot.demo.colcon_build` of this checkout's ros2_ws under ``root``."""
+    return ColconInstall(root), demo_colcon_build(root, REPO_ROOT)
 
 
 @pytest.fixture(scope="session")
