@@ -160,7 +160,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.family = name
     report = evaluate(args.source, args.out, family=args.family, split=args.split, tasks=tasks, grid=args.grid,
                       grid_params=args.params.split(",") if args.params else None, seed=args.seed,
-                      oracle=not args.no_oracle, planner_overrides=_parse_overrides(args.set))
+                      oracle=not args.no_oracle, oracle_cache=args.oracle_cache, unadapted=not args.no_unadapted,
+                      planner_overrides=_parse_overrides(args.set))
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
     header = f"{'task':<5}{'ood':<5}" + "".join(f"{m:>12}" for m in ("adapted", "unadapted", "oracle", "gap"))
@@ -171,8 +172,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{i:<5}{'yes' if row['ood'] else 'no':<5}" + "".join(f"{c:>12.2f}" for c in cells))
     for key, value in summ.items():
         print(f"  {key}: {value}")
-    print(f"wrote {Path(args.out) / 'eval.json'}, eval_returns.png, eval_prediction_error.png "
-          f"({report['seconds']} s)")
+    if "gap" in summ:
+        worst = report["tasks"][summ["gap"]["worst_task"]]["task"]
+        print(f"worst-case gap {summ['gap']['worst']:.2f} (task {summ['gap']['worst_task']}: "
+              + ", ".join(f"{k}={v:.3g}" for k, v in worst.items()) + f"), mean gap {summ['gap']['mean']:.2f}")
+    plots = ["eval_returns.png", "eval_prediction_error.png", *report.get("heatmaps", [])]
+    print(f"wrote {Path(args.out) / 'eval.json'}, {', '.join(plots)} ({report['seconds']} s)")
     return 0
 
 
@@ -306,18 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="grade a bundle or run on test tasks against an oracle",
                        description="Run the adaptive controller in MuJoCo on held-out and out-of-distribution "
                        "tasks, with adaptation on and off, and the same planner through the true physics "
-                       "(oracle). Reports returns, the gap to the oracle, success, and one-step prediction error "
+                       "(oracle). Every episode starts from the state a reset with --seed gives. Reports returns, "
+                       "the gap to the oracle (worst case and mean), success, and one-step prediction error "
                        "against time since reset; writes eval.json and PNG plots.")
-    p.add_argument("source", help="bundle folder (bundle.yaml) or run folder (checkpoints/latest.pt)")
+    p.add_argument("source", help="bundle folder (bundle.yaml), run folder (checkpoints/latest.pt) or a checkpoint "
+                   "file (e.g. RUN/checkpoints/ckpt_0005.pt, for a learning curve)")
     p.add_argument("--family", help="family to evaluate on (default: the controller's own)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="task split (default: test)")
     p.add_argument("--tasks", type=int, default=8, help="tasks drawn from the split (default: 8)")
-    p.add_argument("--grid", type=int, metavar="K", help="instead of drawing, K points per axis of the split")
+    p.add_argument("--grid", type=int, metavar="K", help="instead of drawing, K points per axis of the split; "
+                   "reports the worst-case and mean gap and writes a gap heat map per pair of varied parameters")
     p.add_argument("--params", help="with --grid: comma-separated parameters to vary (others nominal)")
     p.add_argument("--task-file", metavar="FILE", help="instead of drawing, the one task in FILE (a mapping of "
                    "parameters, or the task.yaml of metarl identify: the episode reproduced in sim)")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, resets and planner noise (default: 0)")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle (much faster; no gap)")
+    p.add_argument("--no-unadapted", action="store_true", help="skip the unadapted (empty-context) episodes")
+    p.add_argument("--oracle-cache", metavar="FILE", help="JSON file of oracle returns reused across evaluations "
+                   "with the same family, planner and seed (created if missing): the oracle runs once per task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a planner setting, e.g. --set samples=64 --set horizon=30")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")

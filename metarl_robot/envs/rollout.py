@@ -120,6 +120,21 @@ class Rollout:
         return np.stack([masked[:, s:e].sum(axis=1) for s, e in zip(starts, [*starts[1:], masked.shape[1]],
                                                                         strict=True)], axis=1)
 
+    def take(self, rows: np.ndarray) -> Rollout:
+        """The sub-envs ``rows`` (an index array) of this rollout."""
+        rows = np.asarray(rows, dtype=int)
+        return Rollout(self.obs[rows], self.actions[rows], self.next_obs[rows], self.rewards[rows], self.valid[rows],
+                       self.episode_start, [self.tasks[i] for i in rows])
+
+    @staticmethod
+    def concatenate(parts: Sequence[Rollout]) -> Rollout:
+        """Rollouts of the same length stacked along the sub-env axis."""
+        if len({len(p.episode_start) for p in parts}) != 1:
+            raise ValueError("rollouts to concatenate must have the same number of steps")
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return Rollout(cat("obs"), cat("actions"), cat("next_obs"), cat("rewards"), cat("valid"),
+                       parts[0].episode_start, [t for p in parts for t in p.tasks])
+
     def save(self, path: str) -> None:
         """Write to ``.npz`` (task parameters as a ``(E, dim)`` array with their names)."""
         names = list(self.tasks[0]) if self.tasks else []
@@ -129,7 +144,7 @@ class Rollout:
 
 
 def collect(vec_env: gym.vector.VectorEnv, family: TaskFamily, policy: Policy | Controller, tasks: Sequence[Task],
-            episodes: int = 1, seed: int = 0, progress: bool = False) -> Rollout:
+            episodes: int = 1, seed: int | list[int] = 0, progress: bool = False) -> Rollout:
     """Run ``episodes`` full episodes on every sub-env, sub-env ``i`` on ``tasks[i]``.
 
     ``policy`` is a function of the observations, or a :class:`Controller` that is reset at every

@@ -291,6 +291,41 @@ class TaskFamily:
         return "\n".join(lines)
 
 
+class ParamBox:
+    """Unit-cube coordinates over some of a family's parameters (log space for log-uniform ones).
+
+    Searches (identification, the adversary) work in the unit cube so that every axis has the same
+    scale and a log-uniform factor moves as much from x0.5 to x1 as from x1 to x2.
+    """
+
+    def __init__(self, family: TaskFamily, names: list[str], box: Literal["train", "test", "bounds"] = "bounds"
+                 ) -> None:
+        if box not in ("train", "test", "bounds"):
+            raise SpecError(family.name, "box", f"got {box!r}; allowed: train, test, bounds")
+        self.names = list(names)
+        """Parameters the coordinates cover, in this order."""
+        params = [family.param(n) for n in self.names]
+        ranges = [p.bounds if box == "bounds" else p.range(box) for p in params]
+        self.log = np.array([p.sampling == "log_uniform" for p in params], dtype=bool)
+        lo = np.array([r[0] for r in ranges], dtype=np.float64)
+        hi = np.array([r[1] for r in ranges], dtype=np.float64)
+        self.lo = np.where(self.log, np.log(np.maximum(lo, 1e-300)), lo)
+        self.hi = np.where(self.log, np.log(np.maximum(hi, 1e-300)), hi)
+        self.integer = np.array([p.sampling == "integer" for p in params], dtype=bool)
+
+    def to_values(self, u: np.ndarray) -> np.ndarray:
+        """Unit-cube points ``(..., d)`` → parameter values (clipped to the box, integers rounded)."""
+        x = self.lo + np.clip(u, 0.0, 1.0) * (self.hi - self.lo)
+        values = np.where(self.log, np.exp(x), x)
+        return np.where(self.integer, np.round(values), values)
+
+    def to_unit(self, values: np.ndarray) -> np.ndarray:
+        """Parameter values ``(..., d)`` → unit-cube coordinates (a zero-width axis maps to 0.5)."""
+        x = np.where(self.log, np.log(np.maximum(values, 1e-300)), values)
+        width = self.hi - self.lo
+        return np.where(width > 0, (x - self.lo) / np.where(width > 0, width, 1.0), 0.5)
+
+
 def _resolve_range(value: list[float] | PowerRange, sampling: str, where: str, at: str) -> tuple[float, float]:
     if isinstance(value, PowerRange):
         if sampling != "log_uniform":

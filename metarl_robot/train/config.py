@@ -12,6 +12,7 @@ from metarl_robot.algos.context_mbrl import ContextMBRLConfig
 from metarl_robot.models.context_dynamics import ContextDynamicsConfig
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.schema import SpecError, build, check_schema_version, load_yaml, to_plain
+from metarl_robot.train.task_sampler import AdversaryConfig, GaussianSamplerConfig
 
 CONFIG_SCHEMA_VERSION = 1
 """The run-config schema this code reads."""
@@ -27,8 +28,13 @@ class LoopConfig:
     """Tasks drawn per iteration, one per sub-env, one episode each."""
     random_episodes: int = 8
     """Random-action episodes (each on its own task) collected before the first model fit."""
-    task_sampler: Literal["uniform"] = "uniform"
-    """How training tasks are drawn from the family's train split."""
+    task_sampler: Literal["uniform", "gaussian", "adversarial"] = "uniform"
+    """How training tasks are chosen from the family's train box: ``uniform`` draws, a ``gaussian`` around
+    the box centre, or ``adversarial`` (AdMRL: the tasks with the largest gap to the oracle; docs/admrl.md)."""
+    gaussian: GaussianSamplerConfig = field(default_factory=GaussianSamplerConfig)
+    """Settings of the ``gaussian`` sampler."""
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    """Settings of the ``adversarial`` sampler."""
     vector: Literal["sync", "async"] = "sync"
     """Vector env mode for collection (planning is batched across sub-envs either way)."""
     eval_context_sizes: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
@@ -77,6 +83,12 @@ class TrainConfig:
             value = getattr(getattr(self, section), key)
             if value < 1:
                 raise SpecError(where, name, f"must be >= 1, got {value}")
+        if self.loop.gaussian.std <= 0:
+            raise SpecError(where, "loop.gaussian.std", f"must be > 0, got {self.loop.gaussian.std}")
+        try:
+            self.loop.adversary.validate(None, self.loop.tasks_per_iteration)
+        except ValueError as exc:
+            raise SpecError(where, "loop.adversary", str(exc)) from exc
         if self.training.learning_rate <= 0:
             raise SpecError(where, "training.learning_rate", f"must be > 0, got {self.training.learning_rate}")
 

@@ -11,28 +11,27 @@ For every task, in one batched pass each:
 During the adapted episodes the one-step prediction error is recorded both with the inferred
 context and with the empty one, on the *same* transitions, against the steps since reset: that is
 what adaptation does to the model. Writes ``eval.json``, ``eval_returns.png`` and
-``eval_prediction_error.png``.
+``eval_prediction_error.png``; a grid evaluation (``--grid k``) also writes the gap over the grid
+(worst case and mean in the summary) as heat maps, one per pair of varied parameters.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
-from metarl_robot.envs.meta_env import MetaMujocoEnv
-from metarl_robot.envs.oracle import MujocoOracle
-from metarl_robot.envs.rollout import collect, make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
-from metarl_robot.runtime.planner import Planner, PlannerConfig
-from metarl_robot.spec.family import Task, TaskFamily, load_family
+from metarl_robot.runtime.planner import PlannerConfig
+from metarl_robot.spec.family import Task, load_family
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.train.gap import OracleReturns, episode_success, run_episodes
 from metarl_robot.train.runner import MPCController
 
 
@@ -49,16 +48,17 @@ class _Source:
             self.encode, self.step = bundle.encode, bundle.step
             adaptation = bundle.manifest["adaptation"]
             self.ensemble_size, self.window = adaptation["ensemble_size"], adaptation["context_window"]
-        elif (path / "checkpoints" / "latest.pt").is_file():
+        elif (path / "checkpoints" / "latest.pt").is_file() or (path.suffix == ".pt" and path.is_file()):
             from metarl_robot.train.runner import load_trained
 
-            cfg, self.robot, algo = load_trained(path / "checkpoints" / "latest.pt")
+            cfg, self.robot, algo = load_trained(path if path.suffix == ".pt" else path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
             self.kind, self.planner = "run", cfg.planner
             self.encode, self.step = algo.encode, algo.step
             self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
         else:
-            raise FileNotFoundError(f"{path} is neither a bundle (bundle.yaml) nor a run (checkpoints/latest.pt)")
+            raise FileNotFoundError(f"{path} is neither a bundle (bundle.yaml), a run (checkpoints/latest.pt) nor a "
+                                    "checkpoint file (.pt)")
 
     def adapter(self, batch: int, adapt: bool, planner: PlannerConfig) -> ModelBasedAdapter:
         reward = get_reward(self.family.spec.reward)
@@ -86,58 +86,16 @@ class _PredictionErrorRecorder(MPCController):
         super().observe(obs, sent_action, next_obs)
 
 
-class _OracleController:
-    """The same planner through MuJoCo with each sub-env's true physics."""
-
-    def __init__(self, planner: Planner, envs: list[MetaMujocoEnv], reward_params: dict[str, np.ndarray]) -> None:
-        self.planner, self.envs, self.params = planner, envs, reward_params
-        self.last = np.tile(planner.robot.safe_action, (planner.batch, 1))
-
-    def reset(self) -> None:
-        self.planner.reset()
-        self.last[:] = self.planner.robot.safe_action
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.planner.plan(obs, self.envs, self.params, self.last).action
-
-    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
-        self.last = np.asarray(sent_action, dtype=np.float64)
-
-
-def _episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], seed: int, controller: Any, progress: bool,
-              envs: gym.vector.VectorEnv | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One episode per task through :func:`collect`; returns per-step rewards and reward components.
-
-    The components are recomputed from the recorded transitions with the family's reward function,
-    which is exactly what the env computed (rewards are functions of the transition alone).
-    """
-    own = envs is None
-    envs = envs or make_vector_env(family, len(tasks), "sync", tasks=tasks)
-    try:
-        rollout = collect(envs, family, controller, tasks, 1, seed=seed, progress=progress)
-    finally:
-        if own:
-            envs.close()
-    params = {k: np.array([t[k] for t in tasks])[:, None] for k in family.reward_names}
-    _, components = get_reward(family.spec.reward)(robot, rollout.obs, rollout.actions, rollout.next_obs, params)
-    return np.where(rollout.valid, rollout.rewards, 0.0), components
-
-
-def _success(family: TaskFamily, components: dict[str, np.ndarray]) -> np.ndarray | None:
-    crit = get_reward(family.spec.reward).success
-    if crit is None:
-        return None
-    name, threshold = crit
-    comp = components[name]
-    tail = comp[:, -max(1, comp.shape[1] // 5):]
-    return tail.mean(axis=1) >= threshold
-
-
 def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = None, split: str = "test",
              tasks: int | list[Task] = 8, grid: int | None = None, grid_params: list[str] | None = None, seed: int = 0,
-             oracle: bool = True, oracle_threads: int = 2, planner_overrides: dict[str, Any] | None = None,
+             oracle: bool = True, oracle_threads: int = 2, oracle_cache: str | Path | None = None,
+             unadapted: bool = True, planner_overrides: dict[str, Any] | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves)."""
+    """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves).
+
+    Every episode, of every task and mode, starts from the initial state a reset with ``seed`` gives,
+    so tasks differ only by their parameters and the gap compares the same start.
+    """
     started = time.perf_counter()
     src = _Source(Path(source_path))
     fam = load_family(family) if family else src.family
@@ -153,22 +111,21 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     robot: RobotSpec = src.robot
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
+    starts = [seed] * n
 
     recorder = _PredictionErrorRecorder(src.adapter(n, True, planner_cfg), params)
-    unadapted = MPCController(src.adapter(n, False, planner_cfg), params)
-    results = {"adapted": _episodes(fam, robot, task_list, seed, recorder, progress),
-               "unadapted": _episodes(fam, robot, task_list, seed, unadapted, progress)}
+    results = {"adapted": run_episodes(fam, robot, task_list, starts, recorder, progress)}
+    if unadapted:
+        controller = MPCController(src.adapter(n, False, planner_cfg), params)
+        results["unadapted"] = run_episodes(fam, robot, task_list, starts, controller, progress)
+    ret = {mode: ep.returns for mode, ep in results.items()}
+    success = {mode: episode_success(fam, ep.components) for mode, ep in results.items()}
     if oracle:
-        envs = make_vector_env(fam, n, "sync", tasks=task_list)
-        try:
-            planner = Planner(planner_cfg, robot, get_reward(fam.spec.reward), MujocoOracle(oracle_threads), n)
-            controller = _OracleController(planner, [e.unwrapped for e in envs.envs], params)
-            results["oracle"] = _episodes(fam, robot, task_list, seed, controller, progress, envs)
-        finally:
-            envs.close()
+        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache)
+        ret["oracle"] = oracle_returns(task_list, seed, progress)
+        success["oracle"] = oracle_returns.success(task_list, seed)
     errors_on, errors_off = recorder.with_context, recorder.without_context
 
-    ret = {mode: rewards.sum(axis=1) for mode, (rewards, _) in results.items()}
     err_on, err_off = np.stack(errors_on, axis=1), np.stack(errors_off, axis=1)  # (tasks, steps)
     k = src.window
     rows = []
@@ -178,16 +135,16 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
                "pred_err_unadapted_after_k": float(err_off[i, k:].mean())}
         if "oracle" in ret:
             row["gap"] = float(ret["oracle"][i] - ret["adapted"][i])
-        for mode, (_, components) in results.items():
-            succ = _success(fam, components)
+        for mode, succ in success.items():
             if succ is not None:
                 row[f"success_{mode}"] = bool(succ[i])
         rows.append(row)
 
     def stats(key: str) -> dict[str, float]:
         values = np.array([r[key] for r in rows], dtype=float)
-        return {"mean": float(values.mean()), "worst": float(values.min() if "return" in key else values.max()),
-                "std": float(values.std())}
+        worst = int(values.argmin() if "return" in key else values.argmax())
+        return {"mean": float(values.mean()), "worst": float(values[worst]), "std": float(values.std()),
+                "worst_task": worst}
 
     summary: dict[str, Any] = {f"return_{m}": stats(f"return_{m}") for m in ret}
     if "oracle" in ret:
@@ -203,6 +160,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
             summary[f"success_rate_{mode}"] = float(np.mean([r[f"success_{mode}"] for r in rows]))
     report = {
         "source": str(source_path), "source_kind": src.kind, "family": fam.name, "split": split, "seed": seed,
+        "grid": {"k": grid, "params": grid_params or fam.names} if grid and not isinstance(tasks, list) else None,
         "tasks": rows, "summary": summary, "context_window": k, "planner": planner_cfg.__dict__,
         "prediction_error_by_step": {"adapted": err_on.mean(axis=0).tolist(),
                                      "unadapted": err_off.mean(axis=0).tolist()},
@@ -213,6 +171,9 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     _plots(report, ret, err_on, err_off, robot.ctrl_dt, out)
+    if report["grid"] and "oracle" in ret:
+        report["heatmaps"] = gap_heatmaps(report, out)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -255,3 +216,54 @@ def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off
     fig.tight_layout()
     fig.savefig(out / "eval_prediction_error.png", dpi=110)
     plt.close(fig)
+
+
+def gap_heatmaps(report: dict[str, Any], out: Path) -> list[str]:
+    """Gap over a grid evaluation: a heat map per pair of varied parameters (the worst case over the
+    other axes in each cell), or a line over the one varied parameter. Returns the PNG file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["tasks"]
+    varied = [p for p in report["grid"]["params"] if len({r["task"][p] for r in rows}) > 1]
+    gaps = np.array([r["gap"] for r in rows])
+    files = []
+    if len(varied) == 1:
+        name = varied[0]
+        x = np.array([r["task"][name] for r in rows])
+        order = np.argsort(x)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(x[order], gaps[order], "o-")
+        ax.set_xlabel(name)
+        ax.set_ylabel("gap = oracle - adapted return")
+        ax.set_title(f"{report['family']}: worst gap {gaps.max():.1f}, mean {gaps.mean():.1f}")
+        fig.tight_layout()
+        files.append(f"eval_gap_{name}.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+    for a, b in itertools.combinations(varied, 2):
+        xs, ys = sorted({r["task"][a] for r in rows}), sorted({r["task"][b] for r in rows})
+        cell = np.full((len(ys), len(xs)), -np.inf)
+        for r, g in zip(rows, gaps, strict=True):  # worst case over the other axes
+            i, j = ys.index(r["task"][b]), xs.index(r["task"][a])
+            cell[i, j] = max(cell[i, j], g)
+        fig, ax = plt.subplots(figsize=(1.0 * len(xs) + 3, 0.8 * len(ys) + 2))
+        im = ax.imshow(cell, origin="lower", cmap="magma_r", aspect="auto")
+        ax.set_xticks(range(len(xs)), [f"{v:.3g}" for v in xs])
+        ax.set_yticks(range(len(ys)), [f"{v:.3g}" for v in ys])
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                ax.text(j, i, f"{cell[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if cell[i, j] > np.median(cell) else "black")
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        others = " (worst over the other axes)" if len(varied) > 2 else ""
+        ax.set_title(f"{report['family']}: gap{others}")
+        fig.colorbar(im, ax=ax, label="oracle - adapted return")
+        fig.tight_layout()
+        files.append(f"eval_gap_{a}_{b}.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+    return files

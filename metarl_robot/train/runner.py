@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from metarl_robot.algos.buffer import EpisodeBuffer
 from metarl_robot.algos.context_mbrl import ContextMBRL
-from metarl_robot.envs.rollout import collect, make_vector_env, random_policy
+from metarl_robot.envs.rollout import Rollout, collect, make_vector_env, random_policy
 from metarl_robot.provenance import git_commit
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.spec.family import Task, load_family
@@ -39,6 +39,7 @@ from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec, load_robot, robot_from_dict
 from metarl_robot.spec.schema import SpecError, build
 from metarl_robot.train.config import TrainConfig, load_config
+from metarl_robot.train.gap import OracleReturns
 from metarl_robot.train.task_sampler import make_sampler
 
 CHECKPOINT_SCHEMA_VERSION = 1
@@ -90,9 +91,23 @@ def load_trained(checkpoint: Path) -> tuple[TrainConfig, RobotSpec, ContextMBRL]
 
 
 @dataclass
-class IterationResult:
-    iteration: int
-    metrics: dict[str, float]
+class Collected:
+    """An iteration's episodes (one per task) and the controller's online prediction errors."""
+
+    rollout: Rollout
+    """Transitions, one sub-env row per task."""
+    errors: np.ndarray | None
+    """``(T, tasks)`` online one-step prediction error by step since reset (MPC iterations only)."""
+    seed: int
+    """Reset seed of the iteration (of every episode when they share a start)."""
+
+    def summary(self, window: int) -> tuple[float, dict[str, float]]:
+        """Mean return and the online errors before / after the first ``window`` steps (NaN for random data)."""
+        mean_return = float(np.mean(self.rollout.episode_returns()[:, 0]))
+        if self.errors is None:  # every iteration logs the same columns
+            return mean_return, {"online_pred_err_first_k": float("nan"), "online_pred_err_after_k": float("nan")}
+        return mean_return, {"online_pred_err_first_k": float(np.nanmean(self.errors[1:window + 1])),
+                             "online_pred_err_after_k": float(np.nanmean(self.errors[window + 1:]))}
 
 
 class Runner:
@@ -105,7 +120,18 @@ class Runner:
         self.robot = load_robot(self.family.spec.robot)
         self.reward = get_reward(self.family.spec.reward)
         self.algo = ContextMBRL(self.robot, cfg.model, cfg.training, cfg.seed)
-        self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed)
+        self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed, cfg.loop.gaussian, cfg.loop.adversary)
+        if cfg.loop.task_sampler == "adversarial":
+            try:
+                cfg.loop.adversary.validate(self.family, cfg.loop.tasks_per_iteration)
+            except ValueError as exc:
+                raise SpecError(f"run config {cfg.run_name}", "loop.adversary", str(exc)) from exc
+        self.oracle = OracleReturns(self.family, self.robot, cfg.planner, threads=cfg.loop.adversary.oracle_threads)
+        """The oracle's return per task, for the adversary's gap (cached per task and start)."""
+        self.adversary_env_steps = 0
+        """Env steps of graded candidate episodes the adversary did not train on."""
+        self.oracle_env_steps = 0
+        """Env steps the oracle simulated for the adversary's gaps (planning rollouts not counted)."""
         self.buffer = EpisodeBuffer(self.robot.obs_dim, self.robot.action_dim, holdout_every=5)
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
@@ -135,12 +161,16 @@ class Runner:
         self.algo.load_state_dict(state["algo"])
         self.sampler.load_state(state["sampler"])
         self.history = state["history"]
+        self.adversary_env_steps = state.get("adversary_env_steps", 0)
+        self.oracle_env_steps = state.get("oracle_env_steps", 0)
         self.buffer = EpisodeBuffer.load(self.run_dir / "buffer.npz")
         self.start_iteration = state["iteration"] + 1
 
     def _checkpoint(self, iteration: int) -> None:
         state = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "iteration": iteration, "algo": self.algo.state_dict(),
-                 "sampler": self.sampler.state(), "history": self.history, "config": self.cfg.to_yaml(),
+                 "sampler": self.sampler.state(), "history": self.history,
+                 "adversary_env_steps": self.adversary_env_steps, "oracle_env_steps": self.oracle_env_steps,
+                 "config": self.cfg.to_yaml(),
                  "robot": self.robot.to_dict(), "family": self.family.name}
         ckpt_dir = self.run_dir / "checkpoints"
         torch.save(state, ckpt_dir / f"ckpt_{iteration:04d}.pt")
@@ -148,7 +178,8 @@ class Runner:
         shutil.copyfile(ckpt_dir / f"ckpt_{iteration:04d}.pt", ckpt_dir / "latest.pt")
         self.buffer.save(self.run_dir / "buffer.npz")
 
-    def _log(self, iteration: int, metrics: dict[str, float], tasks: list[Task], writer: Any) -> None:
+    def _log(self, iteration: int, metrics: dict[str, float], tasks: list[Task], sampler_info: dict[str, Any],
+             writer: Any) -> None:
         row = {"iteration": iteration, **metrics}
         self.history.append(row)
         path = self.run_dir / "metrics.csv"
@@ -163,25 +194,29 @@ class Runner:
                 w.writeheader()
             w.writerow(row)
         with (self.run_dir / "tasks.jsonl").open("a") as f:
-            f.write(json.dumps({"iteration": iteration, "sampler": self.cfg.loop.task_sampler, "tasks": tasks}) + "\n")
+            sampler = self.cfg.loop.task_sampler if iteration else "random"
+            f.write(json.dumps({"iteration": iteration, "sampler": sampler, "tasks": tasks, **sampler_info}) + "\n")
         for k, v in metrics.items():
             writer.add_scalar(k, v, iteration)
         writer.flush()
 
     # ---- the loop -----------------------------------------------------------------------------
-    def _collect(self, iteration: int, tasks: list[Task]) -> tuple[float, dict[str, float]]:
-        """One episode per task; random actions at iteration 0, MPC through the current model after."""
+    def _collect(self, iteration: int, tasks: list[Task], same_start: bool = False) -> Collected:
+        """One episode per task; random actions at iteration 0, MPC through the current model after.
+
+        ``same_start``: every episode of the iteration starts from the same initial state (one reset
+        seed for all), as a gap measurement needs: the oracle then starts there too.
+        """
         num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
         envs = make_vector_env(self.family, num, self.cfg.loop.vector)
-        returns: list[float] = []
-        # Every iteration logs the same columns; the online errors exist only for MPC iterations.
-        extra = {"online_pred_err_first_k": float("nan"), "online_pred_err_after_k": float("nan")}
+        seed0 = self.cfg.seed * 100_003 + iteration * 101
+        parts: list[Rollout] = []
         errors: list[np.ndarray] = []
         try:
             for start in range(0, len(tasks), num):
                 chunk = tasks[start:start + num]
                 chunk = chunk + [chunk[-1]] * (num - len(chunk))  # pad the last chunk; duplicates dropped below
-                seed = self.cfg.seed * 100_003 + iteration * 101 + start
+                seed = seed0 if same_start else seed0 + start
                 if iteration == 0:
                     controller = random_policy(self.robot.action_low, self.robot.action_high, seed)
                 else:
@@ -191,23 +226,35 @@ class Runner:
                                                 planner_cfg, batch=num)
                     params = {n: np.array([t[n] for t in chunk]) for n in self.family.reward_names}
                     controller = MPCController(adapter, params)
-                rollout = collect(envs, self.family, controller, chunk, 1, seed=seed)
-                keep = len(tasks[start:start + num])
-                rollout.obs, rollout.actions, rollout.next_obs = (rollout.obs[:keep], rollout.actions[:keep],
-                                                                  rollout.next_obs[:keep])
-                rollout.rewards, rollout.valid = rollout.rewards[:keep], rollout.valid[:keep]
-                self.buffer.add(rollout, np.stack([self.family.to_vector(t) for t in chunk[:keep]]))
-                returns.extend(rollout.episode_returns()[:, 0])
+                rollout = collect(envs, self.family, controller, chunk, 1, seed=[seed] * num if same_start else seed)
+                parts.append(rollout.take(np.arange(len(tasks[start:start + num]))))
                 if isinstance(controller, MPCController):
-                    errors.append(np.stack(controller.errors)[:, :keep])
+                    errors.append(np.stack(controller.errors)[:, :len(tasks[start:start + num])])
         finally:
             envs.close()
-        if errors:
-            err = np.concatenate(errors, axis=1)  # (T, tasks): online prediction error by step since reset
-            k = self.cfg.model.context_window
-            extra = {"online_pred_err_first_k": float(np.nanmean(err[1:k + 1])),
-                     "online_pred_err_after_k": float(np.nanmean(err[k + 1:]))}
-        return float(np.mean(returns)), extra
+        return Collected(Rollout.concatenate(parts), np.concatenate(errors, axis=1) if errors else None, seed0)
+
+    def _choose_and_collect(self, iteration: int) -> tuple[list[Task], Collected, dict[str, Any]]:
+        """The iteration's training episodes: the sampler's candidates, graded and chosen when it needs gaps."""
+        cfg = self.cfg.loop
+        if iteration == 0:  # random-action episodes on uniform tasks, the same start for every sampler
+            tasks = self.family.sample(np.random.default_rng(self.cfg.seed), "train", cfg.random_episodes)
+            return tasks, self._collect(iteration, tasks), {}
+        candidates = self.sampler.candidates(cfg.tasks_per_iteration)
+        if not self.sampler.needs_gap:
+            return candidates, self._collect(iteration, candidates), self.sampler.describe()
+        collected = self._collect(iteration, candidates, same_start=True)
+        returns = collected.rollout.episode_returns()[:, 0]
+        oracle = self.oracle(candidates, seed=collected.seed)
+        gaps = oracle - returns
+        chosen = self.sampler.select(candidates, gaps, cfg.tasks_per_iteration)
+        info = {**self.sampler.describe(), "candidates": candidates, "candidate_returns": returns.tolist(),
+                "oracle_returns": oracle.tolist(), "chosen": chosen}
+        self.adversary_env_steps += (len(candidates) - len(chosen)) * self.family.spec.episode_steps
+        self.oracle_env_steps += len(candidates) * self.family.spec.episode_steps
+        errors = collected.errors[:, chosen] if collected.errors is not None else None
+        return ([candidates[i] for i in chosen], Collected(collected.rollout.take(np.array(chosen)), errors,
+                                                            collected.seed), info)
 
     def run(self) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
@@ -220,9 +267,9 @@ class Runner:
         try:
             for iteration in bar:
                 started = time.perf_counter()
-                n = cfg.loop.random_episodes if iteration == 0 else cfg.loop.tasks_per_iteration
-                tasks = self.sampler.sample(n)
-                mean_return, online = self._collect(iteration, tasks)
+                tasks, collected, sampler_info = self._choose_and_collect(iteration)
+                self.buffer.add(collected.rollout, np.stack([self.family.to_vector(t) for t in tasks]))
+                mean_return, online = collected.summary(cfg.model.context_window)
                 fit = self.algo.update(self.buffer)
                 sizes = tuple(cfg.loop.eval_context_sizes)
                 pred = self.algo.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
@@ -230,11 +277,13 @@ class Runner:
                 metrics = {
                     "episode_return": mean_return, "policy": 0.0 if iteration == 0 else 1.0,
                     "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
+                    "adversary_env_steps": float(self.adversary_env_steps),
+                    "oracle_env_steps": float(self.oracle_env_steps),
                     **{f"fit_{k}": v for k, v in fit.items()}, **online,
                     **{f"pred_err_ctx{c}": v for c, v in pred.items()},
                     "seconds": time.perf_counter() - started,
                 }
-                self._log(iteration, metrics, tasks, writer)
+                self._log(iteration, metrics, tasks, sampler_info, writer)
                 self._checkpoint(iteration)
                 err0, err_k = pred.get(0, np.nan), pred.get(max(pred, default=0), np.nan)
                 bar.set_postfix(ret=f"{mean_return:.1f}", err0=f"{err0:.3f}", errK=f"{err_k:.3f}")

@@ -1,21 +1,105 @@
-"""Which training tasks the learner sees next. The adversarial sampler (AdMRL) plugs in here."""
+"""Which training tasks the learner sees next: uniform, Gaussian or adversarial (AdMRL).
+
+Every sampler answers two questions per iteration, so the runner can treat them alike:
+
+- :meth:`candidates`: which tasks the current learner runs one episode on;
+- :meth:`select`: given each candidate's sub-optimality gap (when :attr:`needs_gap`), which of those
+  episodes go into the training data.
+
+Uniform and Gaussian samplers train on every candidate. The adversarial sampler runs the learner on a
+population of candidate tasks, measures each one's gap (oracle return − the learner's return on that
+very episode, both from the same initial state), trains on the worst ones and moves its search
+distribution towards them (CEM over the family's train box). The episodes it grades are the episodes
+it trains on, so an iteration collects the same number of *training* transitions under every sampler;
+the extra episodes it grades and discards are counted separately (``adversary_env_steps``).
+docs/admrl.md explains the method and its budget.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from metarl_robot.spec.family import Task, TaskFamily
+from metarl_robot.spec.family import ParamBox, Task, TaskFamily
+from metarl_robot.spec.schema import SpecError
+
+SAMPLERS = ("uniform", "gaussian", "adversarial")
+"""Names accepted by ``loop.task_sampler``."""
+
+
+@dataclass
+class GaussianSamplerConfig:
+    """Tasks from a Gaussian around the centre of the train box (AdMRL's Gaussian baseline)."""
+
+    std: float = 0.2
+    """Standard deviation in unit-box coordinates (each train range mapped to [0, 1], log-uniform
+    parameters in log space); draws outside the box are redrawn, so edges are rare, not impossible."""
+
+
+@dataclass
+class AdversaryConfig:
+    """The gradient-free adversary: CEM over the train box on the measured gap."""
+
+    population: int = 8
+    """Candidate tasks per iteration: each costs one learner episode and one oracle episode (>= the
+    iteration's ``tasks_per_iteration``, the worst of which are trained on)."""
+    elite_frac: float = 0.5
+    """Fraction of the Gaussian's own candidates (by gap) its mean and std are refit to."""
+    init_std: float = 0.3
+    """Initial standard deviation in unit-box coordinates (the mean starts at the box centre)."""
+    min_std: float = 0.1
+    """Floor of the standard deviation: the search keeps looking around, since the worst task moves
+    as the learner improves."""
+    smoothing: float = 0.5
+    """Weight of the new elite statistics in each refit (the rest stays with the previous Gaussian)."""
+    uniform_fraction: float = 0.25
+    """Share of the candidates drawn uniformly from the box instead of from the Gaussian: finds worst
+    tasks far from the current search and keeps the training data spread."""
+    params: list[str] | None = None
+    """Parameters the adversary chooses (default: all); the others are drawn uniformly."""
+    oracle_threads: int = 1
+    """Threads of the oracle's ``mujoco.rollout``."""
+
+    def validate(self, family: TaskFamily | None, tasks_per_iteration: int) -> None:
+        """Raise ``ValueError`` naming the field and its allowed values."""
+        if self.population < tasks_per_iteration:
+            raise ValueError(f"loop.adversary.population ({self.population}) must be >= loop.tasks_per_iteration "
+                             f"({tasks_per_iteration}): the adversary trains on the worst of its candidates")
+        for name, lo, hi in (("elite_frac", 0.0, 1.0), ("smoothing", 0.0, 1.0), ("uniform_fraction", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not (lo < value <= hi if name != "uniform_fraction" else lo <= value < hi):
+                raise ValueError(f"loop.adversary.{name} = {value} is outside its allowed range "
+                                 f"{'(0, 1]' if name != 'uniform_fraction' else '[0, 1)'}")
+        if not 0 < self.min_std <= self.init_std:
+            raise ValueError(f"loop.adversary needs 0 < min_std <= init_std, got {self.min_std} and {self.init_std}")
+        if self.oracle_threads < 1:
+            raise ValueError(f"loop.adversary.oracle_threads must be >= 1, got {self.oracle_threads}")
+        if family is not None and self.params is not None:
+            unknown = [p for p in self.params if p not in family.names]
+            if unknown or not self.params:
+                raise ValueError(f"loop.adversary.params: {unknown or 'empty list'} not in {family.name}'s "
+                                 f"parameters {family.names}")
 
 
 class UniformSampler:
     """Tasks drawn independently from the train split with each parameter's sampling rule."""
 
+    needs_gap = False
+
     def __init__(self, family: TaskFamily, seed: int) -> None:
         self.family = family
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, n: int) -> list[Task]:
+    def candidates(self, n: int) -> list[Task]:
         return self.family.sample(self.rng, "train", n)
+
+    def select(self, tasks: list[Task], gaps: np.ndarray | None, n: int) -> list[int]:
+        return list(range(len(tasks)))
+
+    def describe(self) -> dict:
+        """What the sampler believes now (logged with the iteration's tasks)."""
+        return {}
 
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
@@ -24,7 +108,94 @@ class UniformSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
-def make_sampler(name: str, family: TaskFamily, seed: int) -> UniformSampler:
+class GaussianSampler(UniformSampler):
+    """Tasks from a Gaussian around the centre of the train box (redrawn until inside the box)."""
+
+    def __init__(self, family: TaskFamily, seed: int, cfg: GaussianSamplerConfig) -> None:
+        super().__init__(family, seed)
+        self.cfg = cfg
+        self.box = ParamBox(family, family.names, "train")
+
+    def candidates(self, n: int) -> list[Task]:
+        u = _truncated_normal(self.rng, np.full(self.family.dim, 0.5), np.full(self.family.dim, self.cfg.std), n)
+        return [self.family.from_vector(v) for v in self.box.to_values(u)]
+
+
+class AdversarialSampler(UniformSampler):
+    """CEM on the sub-optimality gap over the train box: train on the tasks the learner is worst at."""
+
+    needs_gap = True
+
+    def __init__(self, family: TaskFamily, seed: int, cfg: AdversaryConfig) -> None:
+        super().__init__(family, seed)
+        self.cfg = cfg
+        self.searched = list(cfg.params) if cfg.params else family.names
+        """Parameters the adversary chooses, in family order of its config."""
+        self.box = ParamBox(family, self.searched, "train")
+        self.mean = np.full(len(self.searched), 0.5)
+        """Search mean in unit-box coordinates."""
+        self.std = np.full(len(self.searched), cfg.init_std)
+        """Search standard deviation in unit-box coordinates."""
+        self.from_gaussian = np.zeros(0, dtype=bool)
+        self.last_gaps: list[float] = []
+
+    def candidates(self, n: int) -> list[Task]:
+        p = self.cfg.population
+        n_uniform = round(self.cfg.uniform_fraction * p)
+        u = np.concatenate([_truncated_normal(self.rng, self.mean, self.std, p - n_uniform),
+                            self.rng.uniform(0.0, 1.0, (n_uniform, len(self.searched)))])
+        self.from_gaussian = np.arange(p) < p - n_uniform
+        tasks = self.family.sample(self.rng, "train", p)  # the parameters the adversary leaves alone
+        values = self.box.to_values(u)
+        return [self.family.validate({**t, **dict(zip(self.searched, map(float, v), strict=True))})
+                for t, v in zip(tasks, values, strict=True)]
+
+    def select(self, tasks: list[Task], gaps: np.ndarray | None, n: int) -> list[int]:
+        if gaps is None or len(gaps) != len(tasks):
+            raise ValueError("the adversarial sampler needs one gap per candidate task")
+        # A diverged episode (NaN return) is as bad as it gets for the learner: rank it first.
+        score = np.where(np.isfinite(gaps), gaps, np.inf)
+        order = np.argsort(-score, kind="stable")
+        u = self.box.to_unit(np.array([[t[name] for name in self.searched] for t in tasks]))
+        own = order[self.from_gaussian[order]]
+        elites = own[:max(1, round(self.cfg.elite_frac * len(own)))] if len(own) else order[:1]
+        a = self.cfg.smoothing
+        self.mean = (1 - a) * self.mean + a * u[elites].mean(axis=0)
+        self.std = np.maximum((1 - a) * self.std + a * u[elites].std(axis=0), self.cfg.min_std)
+        self.last_gaps = [float(g) for g in gaps]
+        return [int(i) for i in order[:n]]
+
+    def describe(self) -> dict:
+        return {"searched": self.searched, "mean": self.box.to_values(self.mean).tolist(),
+                "std_unit": self.std.tolist(), "candidate_gaps": self.last_gaps}
+
+    def state(self) -> dict:
+        return {**super().state(), "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.mean, self.std = np.array(state["mean"]), np.array(state["std"])
+
+
+def _truncated_normal(rng: np.random.Generator, mean: np.ndarray, std: np.ndarray, n: int,
+                      tries: int = 100) -> np.ndarray:
+    """``n`` draws of N(mean, std²) inside the unit cube, redrawing rows that fall outside."""
+    out = rng.normal(mean, std, (n, len(mean)))
+    for _ in range(tries):
+        bad = ((out < 0) | (out > 1)).any(axis=1)
+        if not bad.any():
+            return out
+        out[bad] = rng.normal(mean, std, (int(bad.sum()), len(mean)))
+    return np.clip(out, 0.0, 1.0)  # only for a mean far outside the box, which the samplers never set
+
+
+def make_sampler(name: str, family: TaskFamily, seed: int, gaussian: GaussianSamplerConfig | None = None,
+                 adversary: AdversaryConfig | None = None) -> UniformSampler:
+    """The sampler ``name`` (one of :data:`SAMPLERS`) over ``family``'s train box."""
     if name == "uniform":
         return UniformSampler(family, seed)
-    raise ValueError(f"unknown task sampler {name!r}; available: uniform")
+    if name == "gaussian":
+        return GaussianSampler(family, seed, gaussian or GaussianSamplerConfig())
+    if name == "adversarial":
+        return AdversarialSampler(family, seed, adversary or AdversaryConfig())
+    raise SpecError(family.name, "loop.task_sampler", f"unknown task sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
