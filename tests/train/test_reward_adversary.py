@@ -1,0 +1,201 @@
+"""The AdMRL gradient adversary on the real stack: torch reward twins, the cart-pole gap gradient, a proposal.
+
+The model is a tiny untrained ContextMBRL with normalisers fitted to real transitions (what matters
+here is that the derivatives through *a* differentiable model are right, not that the model is
+good). The cart-pole family is edited to start upright (a balance task) so the reward, and with it
+∂r/∂target_x, is not ≈ 0 over the short window the test can afford. The "oracle episodes" are a
+recorded episode of the real env under a seeded policy: the optimality of the oracle is an
+assumption of the method (docs/admrl.md), not something these tests can check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metarl_robot.algos.context_mbrl import ContextMBRL, ContextMBRLConfig
+from metarl_robot.envs.rollout import make_vector_env
+from metarl_robot.models.context_dynamics import ContextDynamicsConfig
+from metarl_robot.spec.family import load_family
+from metarl_robot.spec.rewards import REWARDS, get_reward
+from metarl_robot.spec.robot import load_robot
+from metarl_robot.train.implicit_gradient import model_value_derivatives, reinforce_mixed_term
+from metarl_robot.train.reward_adversary import (
+    TORCH_REWARDS,
+    RewardAdversaryConfig,
+    RewardGradientAdversary,
+    RewardGradientConfig,
+    SurrogateLearner,
+    Trajectories,
+    get_torch_reward,
+    reward_gap_gradient,
+    reward_param_grads,
+)
+from tests.conftest import edit_yaml
+
+ROBOT_OF = {"cartpole_swingup": "cartpole", "half_cheetah_velocity": "half_cheetah", "ant_direction": "ant",
+            "ant_goal": "ant"}
+PARAMS_OF = {"cartpole_swingup": {"target_x": 0.3}, "half_cheetah_velocity": {"target_velocity": 1.7},
+             "ant_direction": {"direction": 0.8}, "ant_goal": {"goal_x": 1.0, "goal_y": -2.0}}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on shared CPUs: intra-op threads only contend (restored after the test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_reward_has_a_torch_twin_that_matches_it():
+    assert set(TORCH_REWARDS) == set(REWARDS)
+    rng = np.random.default_rng(0)
+    for name, robot_name in ROBOT_OF.items():
+        robot = load_robot(robot_name)
+        obs, next_obs = (rng.normal(0, 1.5, (64, robot.obs_dim)) for _ in range(2))
+        if "torso_height" in robot.obs_slices:  # straddle the healthy band's edges
+            next_obs[:, robot.obs_slices["torso_height"]] = rng.uniform(0.0, 1.2, (64, 1))
+        act = rng.uniform(robot.action_low, robot.action_high, (64, robot.action_dim))
+        params = PARAMS_OF[name]
+        expected = get_reward(name)(robot, obs, act, next_obs, params)[0]
+        got = get_torch_reward(name)(robot, *(torch.as_tensor(x) for x in (obs, act, next_obs)),
+                                     {k: torch.tensor(v, dtype=torch.float64) for k, v in params.items()})
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12, err_msg=name)
+    with pytest.raises(KeyError, match="no torch twin"):
+        get_torch_reward("nope")
+
+
+def test_central_difference_reward_param_grads_match_autograd():
+    family, robot = load_family("cartpole_swingup"), load_robot("cartpole")
+    rng = np.random.default_rng(1)
+    obs, next_obs = rng.normal(0, 0.5, (2, 50, robot.obs_dim))
+    act = rng.uniform(-1, 1, (50, 1))
+    d = reward_param_grads(family, robot, {"target_x": 0.3}, obs, act, next_obs, 1e-4)
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    r = get_torch_reward("cartpole_swingup")(robot, *(torch.as_tensor(x) for x in (obs, act, next_obs)),
+                                             {"target_x": theta})
+    auto = np.array([torch.autograd.grad(r[i], theta, retain_graph=True)[0].item() for i in range(50)])
+    assert d.shape == (50, 1)
+    np.testing.assert_allclose(d[:, 0], auto, rtol=1e-6, atol=1e-9)
+    assert np.abs(auto).max() > 0.05
+
+
+# ---- the cart-pole stack ----------------------------------------------------------------------------
+TASK = {"target_x": 0.25, "pole_mass_scale": 1.2}
+SEED = 3
+WINDOW = dict(horizon=8, window_start=4, model_samples=16, adapt_steps=40, real_samples=256, mixed_samples=2048)
+
+
+@pytest.fixture
+def stack(sim_copy, one_thread):
+    """An upright-start cart-pole family, a recorded episode of TASK and a tiny model fitted to its scales."""
+    edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", lambda d: d["initial_state"]["qpos"].update(hinge=0.0))
+    family, robot = load_family("cartpole_swingup"), load_robot("cartpole")
+    vec = make_vector_env(family, 1, "sync", tasks=[family.validate(TASK)])
+    env = vec.envs[0].unwrapped
+    obs, _ = env.reset(seed=SEED)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(20):  # a gentle balancing-ish policy: push the cart under the pole, plus noise
+        act = np.clip([2.0 * obs[1] + 0.3 * obs[3] + 0.2 * rng.standard_normal()], -1, 1)
+        next_obs, *_, info = env.step(act)
+        rows.append((obs, info["sent_action"], next_obs))
+        obs = next_obs
+    vec.close()
+    episode = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("obs", "actions", "next_obs"))}
+    model_cfg = ContextDynamicsConfig(ensemble_size=2, hidden=16, layers=2, context_dim=4, encoder_hidden=16,
+                                      context_window=4)
+    algo = ContextMBRL(robot, model_cfg, ContextMBRLConfig(), seed=0)
+    algo.model.fit_normalizers(episode["obs"], episode["actions"], episode["next_obs"])
+    return algo, family, robot, episode
+
+
+def test_gap_gradient_on_cartpole_is_finite_at_a_stationary_point_and_both_mixed_terms_agree(stack):
+    algo, family, robot, episode = stack
+    out = {}
+    for mode in ("exact", "reinforce"):
+        cfg = RewardGradientConfig(**WINDOW, mixed_term=mode)
+        out[mode] = reward_gap_gradient(algo, family, robot, TASK, episode, cfg, np.random.default_rng(5), seed=SEED)
+    exact, reinforce = out["exact"], out["reinforce"]
+    for r in (exact, reinforce):
+        assert r.names == ["target_x"] and r.gradient.shape == (1,) and np.isfinite(r.gradient).all()
+        assert r.adapted.shape == (8, 1)
+        assert r.stationarity_residual <= 1e-6  # the IFT's premise, reached by the Newton polish
+        assert r.implicit.cg.converged and not r.implicit.cg.negative_curvature
+        assert r.start_offset < 1e-9  # replaying the oracle's commands reproduces its state at t0
+        np.testing.assert_allclose(r.gradient, r.implicit.oracle_term - r.implicit.direct_term + r.implicit.correction)
+        assert abs(r.oracle_return) > 1.0  # the window earns reward: the test is not all zeros
+        log = r.as_log()
+        assert {"gradient_target_x", "correction_target_x", "gap", "stationarity_residual"} <= set(log)
+    # Same rng: the same adapted policy and real rollouts; only the mixed term's estimator differs.
+    np.testing.assert_array_equal(exact.adapted, reinforce.adapted)
+    np.testing.assert_array_equal(exact.implicit.direct_term, reinforce.implicit.direct_term)
+    assert reinforce.implicit.correction_stderr is not None and exact.implicit.correction_stderr is None
+
+
+def test_reinforce_mixed_term_agrees_with_the_pathwise_mixed_term_through_the_model(stack):
+    """(∂²V̂/∂θ∂φ) x two ways at the adapted policy: REINFORCE vs autograd of large sample averages."""
+    algo, family, robot, episode = stack
+    cfg = RewardGradientConfig(**WINDOW)
+    learner = SurrogateLearner(algo, family, robot, episode["obs"][4], np.zeros(4), cfg, np.random.default_rng(2))
+    theta = torch.tensor([TASK["target_x"]], dtype=torch.float64)
+    phi, residual = learner.adapt(theta)
+    assert residual <= 1e-6
+    x = torch.as_tensor(np.random.default_rng(3).standard_normal(learner.dim))
+
+    # Pathwise: exact mixed terms of independent sample averages; their spread is the MC error.
+    chunks = []
+    for _ in range(8):
+        noise = learner.draw_noise(500)
+        chunks.append(model_value_derivatives(lambda p, t, e=noise: learner.objective(p, t, e), phi, theta).mixed(x))
+    pathwise = torch.stack(chunks)
+    path_mean, path_se = pathwise.mean(0), pathwise.std(0) / np.sqrt(len(chunks))
+
+    with torch.no_grad():
+        eps = learner.draw_noise(8000)
+        a = learner.actions(phi, eps)
+        s = learner.model_states(a).numpy()
+    d = reward_param_grads(family, robot, {"target_x": TASK["target_x"]}, s[:, :-1], a.numpy(), s[:, 1:], 1e-4).sum(1)
+    est = reinforce_mixed_term(learner.score(eps), d, x)
+    combined = float(torch.sqrt(est.stderr**2 + path_se**2)[0])
+    assert abs(float(est.mean[0] - path_mean[0])) <= 4 * combined, (est.mean, path_mean, est.stderr, path_se)
+    assert abs(float(path_mean[0])) > 3 * combined  # a non-zero term, resolved: the agreement means something
+
+
+def test_adversary_moves_only_the_reward_coordinate_inside_the_train_box(stack):
+    algo, family, robot, episode = stack
+    cfg = RewardAdversaryConfig(steps=2, step_size=0.25, gradient=RewardGradientConfig(**WINDOW))
+    adversary = RewardGradientAdversary(algo, family, robot, cfg, seed=0)
+    seen = []
+
+    def oracle(task):
+        seen.append(task)
+        return episode  # stands in for the oracle's episode of each visited task
+
+    new = adversary.propose(TASK, oracle, seed=SEED)
+    lo, hi = family.param("target_x").train
+    assert lo <= new["target_x"] <= hi and new["target_x"] != TASK["target_x"]
+    assert {k: v for k, v in new.items() if k != "target_x"} == {k: v for k, v in family.validate(TASK).items()
+                                                                 if k != "target_x"}
+    assert len(adversary.history) == 2 and len(seen) == 2 and seen[1]["target_x"] != seen[0]["target_x"]
+    for row in adversary.history:
+        assert row["step_norm"] <= 0.25 + 1e-12 and np.isfinite(row["gradient_target_x"])
+    # Each step goes along its gradient's sign (or is stopped by the box).
+    first = adversary.history[0]
+    assert np.sign(seen[1]["target_x"] - seen[0]["target_x"]) == np.sign(first["gradient_target_x"])
+
+
+def test_bad_inputs_are_refused_with_the_field_named(stack):
+    algo, family, robot, episode = stack
+    with pytest.raises(ValueError, match="fewer than window_start \\+ horizon"):
+        reward_gap_gradient(algo, family, robot, TASK, episode, RewardGradientConfig(horizon=30))
+    with pytest.raises(ValueError, match="need obs, actions and next_obs"):
+        Trajectories.of({"obs": episode["obs"]})
+    with pytest.raises(ValueError, match="matching n and T"):
+        Trajectories.of({**episode, "actions": episode["actions"][:5]})
+    with pytest.raises(ValueError, match="mixed_term must be 'reinforce' or 'exact'"):
+        RewardGradientConfig(mixed_term="pathwise")
+    with pytest.raises(ValueError, match="step_size must be in"):
+        RewardAdversaryConfig(step_size=0.0)
