@@ -2,7 +2,8 @@
 
 Why: the shadow replay, its tests and the demo need real episode logs with a known task and without a
 ROS install or a network link. This drives the bundle's adapter on the family's MuJoCo env in lockstep
-(one frame per control period, nothing lost, no safety layer) and writes every step through
+(one frame per control period, no safety layer; optionally sensor noise, lost frames and periods
+the robot ran its safe command, for tests of what reads logs) and writes every step through
 :class:`~metarl_robot.replay.episode_log.EpisodeLogWriter` with the node's conventions: the adapter
 observes ``(previous obs, applied action, obs)`` before it acts, the STATE frame of step ``k`` reports
 the command of step ``k - 1`` as applied, and the true task goes into the metadata.
@@ -13,7 +14,7 @@ Not robot-side code: it imports MuJoCo through :mod:`metarl_robot.envs`.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,46 +32,78 @@ COMPUTE_NS = 2_000_000
 
 
 def record_sim_episode(bundle: Bundle, task: Mapping[str, Any], path: str | Path, steps: int, seed: int = 0,
-                       adapt: bool = True) -> Path:
+                       adapt: bool = True, obs_noise: float = 0.0, lost_steps: Collection[int] = (),
+                       safe_steps: Collection[int] = ()) -> Path:
     """Run ``bundle``'s adapter on its family's MuJoCo env with ``task`` for ``steps`` control steps; log it.
 
     ``task``: parameters of the bundle's task family (validated by the env; missing ones are refused).
-    ``seed`` seeds both the env's initial state and the planner (recorded as the node records its
-    ``seed`` parameter, so ``metarl replay`` uses it). Stops early, logging what happened, if the physics
-    diverges. Returns ``path``.
+    ``seed`` seeds both the env's initial state, the planner and the sensor noise (recorded as the node
+    records its ``seed`` parameter, so ``metarl replay`` uses it). Stops early, logging what happened, if
+    the physics diverges. Returns ``path``.
+
+    Faults a real link and robot show, for tests of what reads the log (all off by default):
+    ``obs_noise``: standard deviation of Gaussian sensor noise, in robot.yaml ``scale`` units, added to
+    every observation the adapter sees and the log records (the physics is untouched).
+    ``lost_steps``: steps whose STATE frame never reached the node: nothing is logged, the adapter
+    neither observes nor acts, and the robot runs the previous command on (the next frame's
+    ``state_seq`` jumps and its ``applied_command_seq`` names that older command).
+    ``safe_steps``: steps whose command the robot replaced by its safe command (the next frame's
+    ``applied_command_seq`` is 0, as the twin's watchdog reports it).
     """
     from metarl_robot.envs.registry import make_env
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (np.isfinite(obs_noise) and obs_noise >= 0):
+        raise ValueError(f"obs_noise must be a finite number >= 0 (scale units), got {obs_noise!r}")
+    for name, chosen in (("lost_steps", lost_steps), ("safe_steps", safe_steps)):
+        outside = sorted(k for k in chosen if not (isinstance(k, int) and 0 <= k < steps))
+        if outside:
+            raise ValueError(f"{name} must be step indices in [0, {steps}), got {outside}")
+    if 0 in lost_steps:
+        raise ValueError("lost_steps: step 0 cannot be lost (the log would start without a command to hold)")
+    lost, safe = frozenset(lost_steps), frozenset(safe_steps)
     path = Path(path)
     robot = bundle.robot
     env = make_env(bundle.family)
+    noise_rng = np.random.default_rng([seed, 7])
+    noise_scale = obs_noise * np.asarray(robot.obs_scale, dtype=np.float64)
     try:
-        obs, info = env.reset(seed=seed, options={"task": dict(task)})
+        true_obs, info = env.reset(seed=seed, options={"task": dict(task)})
         task_params = env.unwrapped.reward_params
         adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
         period_ns = round(robot.ctrl_dt * 1e9)
         t0 = time.monotonic_ns()
         prev_obs: np.ndarray | None = None
         applied: np.ndarray | None = None
-        extra = {"source": "metarl_robot.replay.sim_record", "adapt": adapt, "seed": seed, "episode": 1}
+        command = np.asarray(robot.safe_action, dtype=np.float64)
+        applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
+        extra = {"source": "metarl_robot.replay.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
+                 "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe)}
         with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra) as log:
             for k in range(steps):
-                if prev_obs is not None:
-                    adapter.observe(prev_obs[None], applied[None], obs[None])
-                action, diagnostics = adapter.act(obs[None], task_params)
-                command = np.asarray(action, dtype=np.float64)[0]
-                stamp = ROBOT_EPOCH_NS + k * period_ns
-                received = t0 + k * period_ns + RECEIVE_DELAY_NS
+                obs = true_obs + noise_scale * noise_rng.standard_normal(true_obs.shape) if obs_noise else true_obs
                 seq = k + 1
-                log.write_step(obs=obs, state_seq=seq, robot_stamp_ns=stamp, receive_time_ns=received,
-                               applied_command_seq=k, command=command, command_seq=seq, command_answers_seq=seq,
-                               command_expires_ns=stamp + 3 * period_ns, command_source="adapter",
-                               safety_state="OK", task_params=task_params, adapter_action=action,
-                               adaptation=diagnostics, time_ns=received + COMPUTE_NS)
+                if k in lost:
+                    prev_obs = None  # the node never saw this frame: no transition to learn from across it
+                else:
+                    if prev_obs is not None:
+                        adapter.observe(prev_obs[None], applied[None], obs[None])
+                    action, diagnostics = adapter.act(obs[None], task_params)
+                    command = np.asarray(action, dtype=np.float64)[0]
+                    stamp = ROBOT_EPOCH_NS + k * period_ns
+                    received = t0 + k * period_ns + RECEIVE_DELAY_NS
+                    log.write_step(obs=obs, state_seq=seq, robot_stamp_ns=stamp, receive_time_ns=received,
+                                   applied_command_seq=applied_seq, command=command, command_seq=seq,
+                                   command_answers_seq=seq, command_expires_ns=stamp + 3 * period_ns,
+                                   command_source="adapter", safety_state="OK", task_params=task_params,
+                                   adapter_action=action, adaptation=diagnostics, time_ns=received + COMPUTE_NS)
+                    applied_seq = seq
+                    prev_obs = obs
+                if k in safe:
+                    command, applied_seq = np.asarray(robot.safe_action, dtype=np.float64), 0
                 next_obs, _, diverged, _, step_info = env.step(command)
-                prev_obs, applied, obs = obs, np.asarray(step_info["applied_action"], dtype=np.float64), next_obs
+                applied, true_obs = np.asarray(step_info["applied_action"], dtype=np.float64), next_obs
                 if diverged:
                     break
     finally:
