@@ -120,12 +120,12 @@ class Runner:
         self.robot = load_robot(self.family.spec.robot)
         self.reward = get_reward(self.family.spec.reward)
         self.algo = ContextMBRL(self.robot, cfg.model, cfg.training, cfg.seed)
-        self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed, cfg.loop.gaussian, cfg.loop.adversary)
-        if cfg.loop.task_sampler == "adversarial":
+        if cfg.loop.task_sampler == "adversarial":  # before the sampler, which would trip on an unknown param
             try:
                 cfg.loop.adversary.validate(self.family, cfg.loop.tasks_per_iteration)
             except ValueError as exc:
                 raise SpecError(f"run config {cfg.run_name}", "loop.adversary", str(exc)) from exc
+        self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed, cfg.loop.gaussian, cfg.loop.adversary)
         self.oracle = OracleReturns(self.family, self.robot, cfg.planner, threads=cfg.loop.adversary.oracle_threads)
         """The oracle's return per task, for the adversary's gap (cached per task and start)."""
         self.adversary_env_steps = 0
