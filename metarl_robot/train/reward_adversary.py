@@ -111,6 +111,12 @@ TORCH_REWARDS: dict[str, TorchReward] = {
 tests/train/test_reward_adversary.py checks each against the numpy reward."""
 
 
+KINKED_IN_THETA = frozenset({"half_cheetah_velocity", "ant_goal"})
+"""Rewards with |· − θ| terms: ∂_θ r is piecewise constant, so the θ-derivative of the sample-average
+policy gradient (the exact mixed term) is 0 almost everywhere; only the REINFORCE mixed term sees how
+the *expected* policy gradient turns with θ."""
+
+
 def get_torch_reward(name: str) -> TorchReward:
     try:
         return TORCH_REWARDS[name]
@@ -386,6 +392,19 @@ def _real_env(family: TaskFamily, task: Task, seed: int, replay: np.ndarray) -> 
     return env, obs, vec
 
 
+def real_rollouts(env: MetaMujocoEnv, start_obs: np.ndarray, actions: np.ndarray, family: TaskFamily,
+                  robot: RobotSpec, params: Mapping[str, float], threads: int = 1
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Open-loop ``actions`` ``(N, H, m)`` from ``env``'s current state in MuJoCo (batched, no env stepping).
+
+    Returns ``obs`` and ``next_obs`` ``(N, H, obs_dim)`` and the family's rewards ``(N, H)`` — what
+    ``env.step`` would give for the same commands, as long as no command needs the rate limit.
+    """
+    next_obs = MujocoOracle(threads).rollout([env], actions[None], particles=1)[0, :, 0]
+    obs = np.concatenate([np.broadcast_to(start_obs, (len(actions), 1, robot.obs_dim)), next_obs[:, :-1]], axis=1)
+    return obs, next_obs, get_reward(family.spec.reward)(robot, obs, actions, next_obs, params)[0]
+
+
 def reward_gap_gradient(algo: ContextMBRL, family: TaskFamily, robot: RobotSpec, task: Mapping[str, float],
                         oracle: Any, cfg: RewardGradientConfig | None = None,
                         rng: np.random.Generator | None = None, seed: int = 0) -> RewardGapGradient:
@@ -410,6 +429,9 @@ def reward_gap_gradient(algo: ContextMBRL, family: TaskFamily, robot: RobotSpec,
     if traj.obs.shape[-1] != robot.obs_dim or traj.actions.shape[-1] != robot.action_dim:
         raise ValueError(f"oracle episodes have obs/action dims {traj.obs.shape[-1]}/{traj.actions.shape[-1]}, "
                          f"robot {robot.name!r} has {robot.obs_dim}/{robot.action_dim}")
+    if cfg.mixed_term == "exact" and family.spec.reward in KINKED_IN_THETA:
+        raise ValueError(f"mixed_term='exact' is 0 almost everywhere for reward {family.spec.reward!r} (|x - theta| "
+                         "terms: the sample-average policy gradient is piecewise constant in theta); use 'reinforce'")
     names = family.reward_names
     theta_np = np.array([task[n] for n in names])
     theta = torch.as_tensor(theta_np, dtype=F64)
@@ -425,10 +447,8 @@ def reward_gap_gradient(algo: ContextMBRL, family: TaskFamily, robot: RobotSpec,
         # Real environment: g by REINFORCE, ∂_θ V as the mean feature-derivative sum.
         eps_real = learner.draw_noise(cfg.real_samples)
         a_real = learner.actions(phi, eps_real).numpy()
-        next_obs = MujocoOracle(cfg.threads).rollout([env], a_real[None], particles=1)[0, :, 0]
-        prev_obs = np.concatenate([np.broadcast_to(start_obs, (cfg.real_samples, 1, robot.obs_dim)),
-                                   next_obs[:, :-1]], axis=1)
-        returns = reward(robot, prev_obs, a_real, next_obs, params)[0].sum(1)
+        prev_obs, next_obs, rewards = real_rollouts(env, start_obs, a_real, family, robot, params, cfg.threads)
+        returns = rewards.sum(1)
         g = reinforce_gradient(learner.score(eps_real), returns)
         eta = reward_param_grads(family, robot, params, prev_obs, a_real, next_obs, cfg.fd_step).sum(1).mean(0)
     finally:

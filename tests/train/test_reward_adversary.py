@@ -10,6 +10,8 @@ assumption of the method (docs/admrl.md), not something these tests can check.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from metarl_robot.models.context_dynamics import ContextDynamicsConfig
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.rewards import REWARDS, get_reward
 from metarl_robot.spec.robot import load_robot
-from metarl_robot.train.implicit_gradient import model_value_derivatives, reinforce_mixed_term
+from metarl_robot.train.implicit_gradient import model_value_derivatives, reinforce_gradient, reinforce_mixed_term
 from metarl_robot.train.reward_adversary import (
     TORCH_REWARDS,
     RewardAdversaryConfig,
@@ -29,6 +31,7 @@ from metarl_robot.train.reward_adversary import (
     SurrogateLearner,
     Trajectories,
     get_torch_reward,
+    real_rollouts,
     reward_gap_gradient,
     reward_param_grads,
 )
@@ -164,6 +167,56 @@ def test_reinforce_mixed_term_agrees_with_the_pathwise_mixed_term_through_the_mo
     assert abs(float(path_mean[0])) > 3 * combined  # a non-zero term, resolved: the agreement means something
 
 
+def _replayed_env(family, episode, t0):
+    vec = make_vector_env(family, 1, "sync", tasks=[family.validate(TASK)])
+    env = vec.envs[0].unwrapped
+    obs, _ = env.reset(seed=SEED)
+    for command in episode["actions"][:t0]:
+        obs, *_ = env.step(command)
+    return vec, env, obs
+
+
+def test_batched_real_rollouts_are_what_the_env_steps_to(stack):
+    _, family, robot, episode = stack
+    rng = np.random.default_rng(4)
+    actions = np.clip(np.cumsum(rng.uniform(-0.3, 0.3, (3, 6, 1)), axis=1), -1, 1)  # within the rate limit
+    vec, env, start = _replayed_env(family, episode, 4)
+    obs, next_obs, rewards = real_rollouts(env, start, actions, family, robot, TASK)
+    vec.close()
+    for i in range(3):
+        vec, env, first = _replayed_env(family, episode, 4)
+        stepped = [env.step(a) for a in actions[i]]
+        vec.close()
+        np.testing.assert_allclose(obs[i, 0], first, atol=1e-12)
+        np.testing.assert_allclose(next_obs[i], [s[0] for s in stepped], atol=1e-9)
+        np.testing.assert_allclose(rewards[i], [s[1] for s in stepped], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_reinforce_policy_gradient_in_mujoco_matches_a_directional_finite_difference(stack):
+    """g · x by REINFORCE from real rollouts vs the pathwise derivative of the real value along x (common noise)."""
+    algo, family, robot, episode = stack
+    cfg = RewardGradientConfig(**WINDOW)
+    vec, env, start = _replayed_env(family, episode, cfg.window_start)
+    learner = SurrogateLearner(algo, family, robot, start, np.zeros(4), cfg, np.random.default_rng(6))
+    phi, _ = learner.adapt(torch.tensor([TASK["target_x"]], dtype=torch.float64))
+    x = torch.as_tensor(np.random.default_rng(7).standard_normal(learner.dim))
+
+    def returns(p, eps):
+        return real_rollouts(env, start, learner.actions(p, eps).numpy(), family, robot, TASK)[2].sum(1)
+
+    eps = learner.draw_noise(8192)
+    g = reinforce_gradient(learner.score(eps), returns(phi, eps))
+    along, along_se = float(g.mean @ x), float(torch.sqrt((g.stderr**2) @ (x**2)))  # SE ignoring correlations
+    eps_fd, h = learner.draw_noise(4096), 1e-4
+    per_sample = (returns(phi + h * x, eps_fd) - returns(phi - h * x, eps_fd)) / (2 * h)
+    vec.close()
+    fd, fd_se = per_sample.mean(), per_sample.std() / np.sqrt(len(per_sample))
+    combined = np.hypot(along_se, fd_se)
+    assert abs(along - fd) <= 4 * combined, (along, fd, along_se, fd_se)
+    assert abs(fd) > 3 * combined  # resolved: a sign error would fail
+
+
 def test_adversary_moves_only_the_reward_coordinate_inside_the_train_box(stack):
     algo, family, robot, episode = stack
     cfg = RewardAdversaryConfig(steps=2, step_size=0.25, gradient=RewardGradientConfig(**WINDOW))
@@ -199,3 +252,33 @@ def test_bad_inputs_are_refused_with_the_field_named(stack):
         RewardGradientConfig(mixed_term="pathwise")
     with pytest.raises(ValueError, match="step_size must be in"):
         RewardAdversaryConfig(step_size=0.0)
+
+
+@pytest.mark.slow
+def test_half_cheetah_velocity_runs_and_refuses_the_exact_mixed_term(one_thread):
+    family, robot = load_family("half_cheetah_vel"), load_robot("half_cheetah")
+    task = {"target_velocity": 0.5}
+    vec = make_vector_env(family, 1, "sync", tasks=[family.validate(task)])
+    env = vec.envs[0].unwrapped
+    obs, _ = env.reset(seed=SEED)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(12):
+        next_obs, *_, info = env.step(rng.uniform(-1, 1, robot.action_dim))
+        rows.append((obs, info["sent_action"], next_obs))
+        obs = next_obs
+    vec.close()
+    episode = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("obs", "actions", "next_obs"))}
+    model_cfg = ContextDynamicsConfig(ensemble_size=2, hidden=16, layers=2, context_dim=4, encoder_hidden=16,
+                                      context_window=4)
+    algo = ContextMBRL(robot, model_cfg, ContextMBRLConfig(), seed=0)
+    algo.model.fit_normalizers(episode["obs"], episode["actions"], episode["next_obs"])
+    cfg = RewardGradientConfig(horizon=6, window_start=4, model_samples=16, adapt_steps=40, real_samples=128,
+                               mixed_samples=512)
+    r = reward_gap_gradient(algo, family, robot, task, episode, cfg, np.random.default_rng(1), seed=SEED)
+    assert r.names == ["target_velocity"] and r.gradient.shape == (1,) and np.isfinite(r.gradient).all()
+    assert r.adapted.shape == (6, robot.action_dim) and r.stationarity_residual <= 1e-6 and r.start_offset < 1e-9
+    # ∂r/∂v* = sign(v − v*): each window step contributes ±1 (up to the finite-difference kink average).
+    assert abs(r.implicit.oracle_term[0]) <= 6 + 1e-6 and abs(r.implicit.direct_term[0]) <= 6 + 1e-6
+    with pytest.raises(ValueError, match="use 'reinforce'"):
+        reward_gap_gradient(algo, family, robot, task, episode, dataclasses.replace(cfg, mixed_term="exact"))
