@@ -309,6 +309,8 @@ class ParamBox:
         self.log = np.array([p.sampling == "log_uniform" for p in params], dtype=bool)
         lo = np.array([r[0] for r in ranges], dtype=np.float64)
         hi = np.array([r[1] for r in ranges], dtype=np.float64)
+        self.value_range = (lo, hi)
+        """The box in parameter values: ``exp(log(hi))`` can exceed ``hi`` by an ulp, so values are clipped to it."""
         self.lo = np.where(self.log, np.log(np.maximum(lo, 1e-300)), lo)
         self.hi = np.where(self.log, np.log(np.maximum(hi, 1e-300)), hi)
         self.integer = np.array([p.sampling == "integer" for p in params], dtype=bool)
@@ -316,7 +318,7 @@ class ParamBox:
     def to_values(self, u: np.ndarray) -> np.ndarray:
         """Unit-cube points ``(..., d)`` → parameter values (clipped to the box, integers rounded)."""
         x = self.lo + np.clip(u, 0.0, 1.0) * (self.hi - self.lo)
-        values = np.where(self.log, np.exp(x), x)
+        values = np.clip(np.where(self.log, np.exp(x), x), *self.value_range)
         return np.where(self.integer, np.round(values), values)
 
     def to_unit(self, values: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import yaml
 from metarl_robot.paths import family_yaml_path
 from metarl_robot.spec.family import ParamBox, load_family
 from metarl_robot.spec.schema import SpecError
+from tests.conftest import FAMILIES
 
 NAMES = ["pole_mass_scale", "pole_length", "cart_friction", "motor_gain_scale", "target_x"]
 
@@ -107,3 +108,18 @@ def test_bad_box_and_parameter_names(cartpole):
     with pytest.raises(SpecError, match="unknown parameter") as err:
         ParamBox(cartpole, ["pole_lenght"], "train")
     assert err.value.field == "pole_lenght"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_box_edges_are_valid_tasks(name):
+    # exp(log(3.0)) is 3.0000000000000004: a search that reaches the edge of the box must still get a task
+    # the family accepts, not one an ulp out of bounds.
+    family = load_family(name)
+    for box in ("train", "test", "bounds"):
+        pb = ParamBox(family, family.names, box)
+        for corner in (np.zeros(family.dim), np.ones(family.dim)):
+            values = pb.to_values(corner)
+            for value, p in zip(values, family.params, strict=True):
+                lo, hi = p.bounds if box == "bounds" else p.range(box)
+                assert lo <= value <= hi, (box, p.name, value)
+            family.validate(dict(zip(family.names, values.tolist(), strict=True)))
