@@ -13,11 +13,18 @@ the log best. Method (docs/identify.md):
   its robot.yaml ``scale`` (so errors are in scale units and fields weigh alike).
 - **Search.** CEM (a diagonal Gaussian, refit to the best ``elite_frac`` of each population) in the
   unit cube over the family's full parameter box (train and test ranges); log-uniform parameters are
-  searched in log space. Several restarts from random means; the best restart wins.
-- **Uncertainty.** The spread (standard deviation) of the best restart's final elites and of the
-  answers of the restarts that reached the same cost; a parameter is flagged *unidentified* when
-  moving it by 10 % of its box width from the answer barely changes the cost (a flat direction: the
-  data does not constrain it).
+  searched in log space. Several restarts from random means; the best restart wins. Then a few
+  Levenberg-Marquardt steps from its answer (finite-difference Jacobians of the residuals) settle it on
+  the cost's local minimum, where the curvature below is taken.
+- **Uncertainty.** The cost is read as a Gaussian negative log-likelihood of the residuals (scale units,
+  one noise variance sigma^2 = SSR / (N - p) estimated from the residual at the answer). The Gauss-Newton
+  curvature J^T J of the residual Jacobian J (central finite differences in search coordinates) gives the
+  covariance sigma^2 (J^T J)^-1, mapped to parameter units by the chain rule (log-space parameters: the
+  interval is exp of the log-space interval). Each parameter gets a standard error and a 95 % interval.
+  One criterion flags a parameter *not identified*: its 95 % interval spans at least half its box width
+  (search coordinates), or the curvature is singular in a direction it takes part in (the data does not
+  constrain it). Assumptions (local linearisation, Gaussian independent residuals, no model error) are
+  spelled out in docs/identify.md: residuals correlated along a segment make the interval optimistic.
 
 Only ``kind: dynamics`` parameters can be identified: reward parameters (e.g. a target position) do
 not change the physics. They are written from the log's ``task_params`` when the node logged them,
@@ -32,8 +39,9 @@ reason are skipped, with the safe command used where the frame says it was appli
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,7 @@ import mujoco
 import numpy as np
 import yaml
 from mujoco import rollout as mj_rollout
+from tqdm.auto import tqdm
 
 from metarl_robot.envs.dynamics import DynamicsApplier
 from metarl_robot.envs.robot_model import ObservationMap, load_model
@@ -50,13 +59,19 @@ from metarl_robot.spec.family import TaskFamily, load_family
 from metarl_robot.spec.robot import load_robot
 
 STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
-FLAT_STEP = 0.1
-"""Probe step for the flatness check, as a fraction of a parameter's box width (in search coordinates)."""
-FLAT_RATIO = 0.05
-"""A parameter is unidentified when the probe raises the cost by less than this fraction of the best cost
-(plus :data:`FLAT_FLOOR`)."""
-FLAT_FLOOR = 1e-7
-"""Absolute floor of the flatness threshold (scale units squared): the float32 telemetry noise level."""
+Z95 = 1.959963984540054
+"""Two-sided 95 % quantile of the standard normal (N - p is in the hundreds: Student's t is the same)."""
+IDENTIFIED_MAX_BOX_FRACTION = 0.5
+"""A parameter is identified only when its 95 % interval spans less than this fraction of its box width
+(search coordinates: log space for log-uniform parameters)."""
+NOISE_FLOOR = 1e-12
+"""Least noise standard deviation sigma (scale units): a log that the model reproduces exactly (a twin's, a
+noise-free sim recording) leaves float64 round-off (~1e-16) as residual, which says nothing about the data's
+information; no real sensor is this quiet."""
+SINGULAR_RTOL = 1e-10
+"""Curvature eigenvalues below this fraction of the largest are treated as zero: unconstrained directions."""
+SINGULAR_LOADING = 1e-3
+"""A parameter takes part in an unconstrained direction when its share of that eigenvector exceeds this."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,11 @@ class IdentifyConfig:
     """Initial standard deviation in unit-cube coordinates."""
     min_std: float = 0.002
     """Standard-deviation floor (unit cube) so the search never collapses before the last iteration."""
+    refine_iterations: int = 10
+    """Levenberg-Marquardt steps from the CEM answer to the cost's local minimum (0: none; the curvature
+    and the intervals are then taken where CEM stopped, which may not be a minimum)."""
+    fd_step: float = 1e-3
+    """Finite-difference step of the residual Jacobian, as a fraction of each parameter's box width."""
     threads: int = 2
     """Threads of mujoco.rollout."""
     seed: int = 0
@@ -90,6 +110,11 @@ class IdentifyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"identify: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.refine_iterations, int) or self.refine_iterations < 0:
+            raise ValueError(f"identify: refine_iterations must be an integer >= 0, got {self.refine_iterations!r}")
+        if not 0 < self.fd_step <= 0.05:
+            raise ValueError(f"identify: fd_step must be in (0, 0.05] (a fraction of the box width), "
+                             f"got {self.fd_step!r}")
         if not 0 < self.elite_frac <= 1:
             raise ValueError(f"identify: elite_frac must be in (0, 1], got {self.elite_frac!r}")
         if round(self.population * self.elite_frac) < 2:
@@ -107,27 +132,28 @@ class ParamEstimate:
     """``dynamics`` or ``reward``."""
     value: float
     """Identified value (for a parameter that is not searched: the value written to the task file)."""
-    elite_std: float | None
-    """Standard deviation of the best restart's final elites (None: not searched)."""
-    restart_std: float | None
-    """Standard deviation of the answers of the restarts that converged to the best cost (within 2x plus
-    :data:`FLAT_FLOOR`; None: not searched or only one converged)."""
+    std_error: float | None
+    """Standard error in the parameter's units, from the curvature of the cost at the answer (delta method
+    for log-space parameters; inf: unconstrained; None: not searched)."""
+    std_error_independent: float | None
+    """Diagnostic: the standard error if the residuals were independent (sigma^2 (J^T J)^-1 alone); the
+    reported :attr:`std_error` is the larger of it and the segment-clustered one (docs/identify.md)."""
+    interval: tuple[float, float] | None
+    """95 % confidence interval (asymmetric for log-space parameters; not clipped to the box; None: not
+    searched). Valid under the assumptions of docs/identify.md: a lower bound on the real uncertainty."""
+    box_fraction: float | None
+    """Width of the 95 % interval over the box width, in search coordinates (>= 0.5: not identified)."""
+    search_spread: float | None
+    """Diagnostic only: standard deviation of the best CEM restart's final elites (how far the search had
+    contracted, not a statistical uncertainty; None: not searched)."""
     bounds: tuple[float, float]
     """The searched box (the family's train and test ranges together)."""
     identified: bool
-    """False when the data does not constrain it (flat cost) or it was not searched."""
-    cost_increase: float | None
-    """Cost increase when moving it by FLAT_STEP of its box width (the smaller of the two directions)."""
+    """False when the 95 % interval spans half the box or more, the curvature is singular, or not searched."""
     note: str = ""
     """Why it is not identified, or where its value came from."""
     true_value: float | None = None
     """The true value when the log recorded the task (e.g. a digital twin's hidden task)."""
-
-    @property
-    def uncertainty(self) -> float | None:
-        """The larger of the two spreads: the number to quote beside the value."""
-        spreads = [s for s in (self.elite_std, self.restart_std) if s is not None]
-        return max(spreads) if spreads else None
 
 
 @dataclass
@@ -144,8 +170,16 @@ class IdentifyResult:
     """Per-parameter answers, in family order."""
     cost: float
     """Residual: mean squared trajectory error of the answer, in robot.yaml scale units squared."""
+    search_cost: float
+    """The same at the best CEM answer, before the Levenberg-Marquardt refinement."""
     nominal_cost: float
     """Same for the family's nominal task (how much identification explained)."""
+    noise_std: float
+    """Estimated residual noise sigma = sqrt(SSR / (N - p)) in scale units (at least :data:`NOISE_FLOOR`)."""
+    residual_count: int
+    """N: residual entries (segments x window x observation entries)."""
+    correlation: dict[str, dict[str, float]]
+    """Correlation of the searched parameters' estimates (search coordinates): near +-1 marks a trade-off."""
     rms_per_field: dict[str, float]
     """Residual RMS error per observation field, in the field's units."""
     restart_costs: list[float]
@@ -167,23 +201,34 @@ class IdentifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "params"}
-        out["params"] = [dict(p.__dict__, bounds=list(p.bounds), uncertainty=p.uncertainty) for p in self.params]
+        out["params"] = [dict(p.__dict__, bounds=list(p.bounds), interval=None if p.interval is None
+                              else list(p.interval)) for p in self.params]
         return out
 
     def summary(self) -> str:
         """A few lines for the terminal."""
         lines = [f"{self.family}: {self.transitions} of {self.steps - 1} transitions usable, {self.segments} "
                  f"segments; {self.evaluations} candidates in {self.seconds:.1f} s",
-                 f"residual {self.cost:.3g} (nominal task {self.nominal_cost:.3g}) scale units^2; RMS per field: "
+                 f"residual {self.cost:.3g} (nominal task {self.nominal_cost:.3g}) scale units^2, noise estimate "
+                 f"sigma {self.noise_std:.3g}; RMS per field: "
                  + ", ".join(f"{k} {v:.3g}" for k, v in self.rms_per_field.items())]
-        header = f"  {'parameter':<20}{'value':>10}{'+-':>10}{'true':>10}  status"
-        lines.append(header)
+        lines.append(f"  {'parameter':<20}{'value':>10}{'std err':>10}  {'95% interval':<21}{'true':>8}  status")
         for p in self.params:
-            unc = "" if p.uncertainty is None else f"{p.uncertainty:.3g}"
-            true = "" if p.true_value is None else f"{p.true_value:.4g}"
-            status = "identified" if p.identified else f"NOT identified: {p.note}"
-            lines.append(f"  {p.name:<20}{p.value:>10.4g}{unc:>10}{true:>10}  {status}")
+            lines.append(f"  {p.name:<20}{p.value:>10.4g}" + _interval_columns(p)
+                         + ("" if p.true_value is None else f"{p.true_value:>8.4g}").rjust(8)
+                         + f"  {'identified' if p.identified else 'NOT identified: ' + p.note}")
+        lines.append("  (95% interval from the cost's curvature: Gaussian sensor noise, an exact model, locally "
+                     "linear; no allowance for model error, docs/identify.md)")
         return "\n".join(lines)
+
+
+def _interval_columns(p: ParamEstimate) -> str:
+    """The std-error and interval cells of a summary row (blank for a parameter that was not searched)."""
+    if p.std_error is None or p.interval is None:
+        return f"{'':>10}  {'':<21}"
+    if not np.isfinite(p.std_error):
+        return f"{'inf':>10}  {'unconstrained':<21}"
+    return f"{p.std_error:>10.2g}  {f'[{p.interval[0]:.4g}, {p.interval[1]:.4g}]':<21}"
 
 
 # ---- the problem: segments of the log and their simulation ----------------------------------------------
@@ -262,16 +307,19 @@ class _ShootingProblem:
         self.evaluations += len(tasks)
         return full.reshape(len(tasks), n_seg, self.config.window, -1)
 
-    def costs(self, tasks: list[dict[str, float]]) -> np.ndarray:
-        """Mean squared error in scale units per task (NaN-free: a diverged simulation costs +inf)."""
-        out = np.empty(len(tasks))
+    def residuals(self, tasks: list[dict[str, float]]) -> np.ndarray:
+        """(len(tasks), N) simulated minus logged observations in scale units, every segment, step and entry."""
+        out = np.empty((len(tasks), self.target.size))
         pool = len(self.models)
         for lo in range(0, len(tasks), pool):
             sim = self.simulate(tasks[lo:lo + pool])
-            err = ((sim - self.target[None]) / self.scale) ** 2
-            c = err.mean(axis=(1, 2, 3))
-            out[lo:lo + pool] = np.where(np.isfinite(c), c, np.inf)
+            out[lo:lo + pool] = ((sim - self.target[None]) / self.scale).reshape(len(sim), -1)
         return out
+
+    def costs(self, tasks: list[dict[str, float]]) -> np.ndarray:
+        """Mean squared error in scale units per task (NaN-free: a diverged simulation costs +inf)."""
+        c = (self.residuals(tasks) ** 2).mean(axis=1)
+        return np.where(np.isfinite(c), c, np.inf)
 
     def rms_per_field(self, task: dict[str, float]) -> dict[str, float]:
         err = (self.simulate([task])[0] - self.target) ** 2
@@ -402,65 +450,182 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
         return out
 
     restart_best: list[tuple[float, np.ndarray, np.ndarray]] = []
-    for r in range(config.restarts):
-        mean = rng.uniform(0.15, 0.85, d)
-        std = np.full(d, config.init_std)
-        best_cost, best_u = np.inf, mean.copy()
-        elites = mean[None]
-        for it in range(config.iterations):
-            u = np.clip(mean + std * rng.standard_normal((config.population, d)), 0.0, 1.0)
-            u[0] = best_u if np.isfinite(best_cost) else mean  # keep the incumbent (elitism)
-            c = problem.costs(tasks_of(u))
-            order = np.argsort(c)
-            elites = u[order[:n_elite]]
-            if c[order[0]] < best_cost:
-                best_cost, best_u = float(c[order[0]]), u[order[0]].copy()
-            mean, std = elites.mean(axis=0), np.maximum(elites.std(axis=0), config.min_std)
-            if progress:
-                print(f"  restart {r + 1}/{config.restarts} iteration {it + 1}/{config.iterations}: "
-                      f"best {best_cost:.4g}", flush=True)
-        restart_best.append((best_cost, best_u, elites))
+    bar = tqdm(total=config.restarts * config.iterations, desc="identify", unit="it", leave=False,
+               disable=None if progress else True)
+    try:
+        for r in range(config.restarts):
+            mean = rng.uniform(0.15, 0.85, d)
+            std = np.full(d, config.init_std)
+            best_cost, best_u = np.inf, mean.copy()
+            elites = mean[None]
+            for _ in range(config.iterations):
+                u = np.clip(mean + std * rng.standard_normal((config.population, d)), 0.0, 1.0)
+                u[0] = best_u if np.isfinite(best_cost) else mean  # keep the incumbent (elitism)
+                c = problem.costs(tasks_of(u))
+                order = np.argsort(c)
+                elites = u[order[:n_elite]]
+                if c[order[0]] < best_cost:
+                    best_cost, best_u = float(c[order[0]]), u[order[0]].copy()
+                mean, std = elites.mean(axis=0), np.maximum(elites.std(axis=0), config.min_std)
+                bar.update()
+                bar.set_postfix(restart=f"{r + 1}/{config.restarts}", best=f"{best_cost:.3g}")
+            restart_best.append((best_cost, best_u, elites))
+            if progress and not sys.stderr.isatty():  # no bar in a log file: one line per restart
+                print(f"identify: restart {r + 1}/{config.restarts}: best residual {best_cost:.4g} after "
+                      f"{config.iterations} iterations", file=sys.stderr, flush=True)
+    finally:
+        bar.close()
 
-    best_cost, best_u, best_elites = min(restart_best, key=lambda t: t[0])
-    best_values = box.to_values(best_u)
+    search_cost, search_u, best_elites = min(restart_best, key=lambda t: t[0])
     elite_values = box.to_values(best_elites)
-    converged = [b for b in restart_best if b[0] <= 2 * best_cost + FLAT_FLOOR]
-    restart_values = np.stack([box.to_values(b[1]) for b in converged])
-
-    # Flatness: the cost increase when each parameter moves FLAT_STEP of its width, in both directions.
-    probes = []
-    for i in range(d):
-        for sign in (-1.0, 1.0):
-            u = best_u.copy()
-            u[i] = np.clip(u[i] + sign * FLAT_STEP, 0.0, 1.0)
-            probes.append(u)
-    probe_costs = problem.costs(tasks_of(np.array(probes))).reshape(d, 2) if d else np.zeros((0, 2))
+    if d:
+        best_u, jac, resid = _refine(problem, tasks_of, search_u, config)
+    else:
+        best_u, jac, resid = search_u, np.zeros((problem.target.size, 0)), problem.residuals([base_task])[0]
+    best_cost = float(np.mean(resid ** 2))
+    best_values = box.to_values(best_u)
     answer = tasks_of(best_u[None])[0]
+    cov_unit, cov_independent, noise_var = _covariance(jac, resid, len(problem.starts))
+    sd_unit = np.sqrt(np.diag(cov_unit))
+    sd_independent = np.sqrt(np.diag(cov_independent))
     nominal_cost = float(problem.costs([base_task])[0])
     true_task = {k: float(v) for k, v in ep.task.items()} if ep.task else None
 
     estimates = []
     for p in fam.params:
         true_value = None if true_task is None else true_task.get(p.name)
-        if p.name in searched:
-            i = searched.index(p.name)
-            increase = float(np.min(probe_costs[i] - best_cost))
-            flat = increase < FLAT_RATIO * best_cost + FLAT_FLOOR
-            estimates.append(ParamEstimate(
-                name=p.name, kind=p.kind, value=float(best_values[i]), elite_std=float(elite_values[:, i].std()),
-                restart_std=float(restart_values[:, i].std()) if len(converged) > 1 else None, bounds=p.bounds,
-                identified=not flat, cost_increase=increase,
-                note="flat cost: the data does not constrain it" if flat else "", true_value=true_value))
+        if p.name not in searched:
+            estimates.append(ParamEstimate(name=p.name, kind=p.kind, value=float(answer[p.name]), std_error=None,
+                                           std_error_independent=None, interval=None, box_fraction=None,
+                                           search_spread=None, bounds=p.bounds, identified=False,
+                                           note=notes.get(p.name, "not searched"),
+                                           true_value=true_value))
+            continue
+        i = searched.index(p.name)
+        width = box.hi[i] - box.lo[i]
+        x = box.lo[i] + best_u[i] * width  # search coordinate: the value, or its log
+        sd_x = sd_unit[i] * width
+        lo_x, hi_x = x - Z95 * sd_x, x + Z95 * sd_x
+        per_x = best_values[i] if box.log[i] else 1.0  # d value / d log(value) = value
+        std_error, std_error_independent = float(sd_x * per_x), float(sd_independent[i] * width * per_x)
+        interval = (float(np.exp(lo_x)), float(np.exp(hi_x))) if box.log[i] else (float(lo_x), float(hi_x))
+        fraction = float(2 * Z95 * sd_unit[i])
+        if not np.isfinite(sd_unit[i]):
+            note = "singular curvature: the data does not constrain it"
+        elif fraction >= IDENTIFIED_MAX_BOX_FRACTION:
+            note = f"95% interval spans {fraction:.0%} of its box: the data hardly constrains it"
         else:
-            estimates.append(ParamEstimate(name=p.name, kind=p.kind, value=float(answer[p.name]), elite_std=None,
-                                           restart_std=None, bounds=p.bounds, identified=False, cost_increase=None,
-                                           note=notes.get(p.name, "not searched"), true_value=true_value))
+            note = ""
+        estimates.append(ParamEstimate(
+            name=p.name, kind=p.kind, value=float(best_values[i]), std_error=std_error,
+            std_error_independent=std_error_independent, interval=interval,
+            box_fraction=fraction, search_spread=float(elite_values[:, i].std()), bounds=p.bounds,
+            identified=not note, note=note, true_value=true_value))
+    correlation: dict[str, dict[str, float]] = {}
+    for i, a in enumerate(searched):
+        correlation[a] = {}
+        for j, b in enumerate(searched):
+            denom = sd_independent[i] * sd_independent[j]
+            finite = np.isfinite(denom) and denom > 0
+            correlation[a][b] = float(cov_independent[i, j] / denom) if finite else float("nan")
     return IdentifyResult(
         family=fam.name, episode=str(ep.path), task=answer, params=estimates, cost=best_cost,
-        nominal_cost=nominal_cost, rms_per_field=problem.rms_per_field(answer),
+        search_cost=search_cost, nominal_cost=nominal_cost, noise_std=float(np.sqrt(noise_var)),
+        residual_count=int(resid.size), correlation=correlation, rms_per_field=problem.rms_per_field(answer),
         restart_costs=[b[0] for b in restart_best], segments=len(problem.starts), transitions=problem.transitions,
         steps=ep.num_steps, evaluations=problem.evaluations, seconds=round(time.monotonic() - t0, 3),
         config=dict(config.__dict__), true_task=true_task)
+
+
+# ---- the answer's neighbourhood: refinement and curvature --------------------------------------------------
+def _jacobian(problem: _ShootingProblem, tasks_of: Callable[[np.ndarray], list[dict[str, float]]], u: np.ndarray,
+              step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals at ``u`` (N,) and their Jacobian (N, d) in unit-cube coordinates, by central differences
+    (one-sided at a face of the box), all in one batched simulation."""
+    d = len(u)
+    lo, hi = np.clip(u - step, 0.0, 1.0), np.clip(u + step, 0.0, 1.0)
+    points = [u]
+    for i in range(d):
+        for end in (lo, hi):
+            v = u.copy()
+            v[i] = end[i]
+            points.append(v)
+    r = problem.residuals(tasks_of(np.array(points)))
+    jac = np.stack([(r[2 + 2 * i] - r[1 + 2 * i]) / (hi[i] - lo[i]) for i in range(d)], axis=1)
+    return r[0], jac
+
+
+LM_DAMPINGS = np.array([1e-6, 1e-4, 1e-2, 1.0, 1e2])
+"""Marquardt dampings tried in one batch per refinement step (relative to the curvature's diagonal)."""
+
+
+def _refine(problem: _ShootingProblem, tasks_of: Callable[[np.ndarray], list[dict[str, float]]], u: np.ndarray,
+            config: IdentifyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt from ``u`` inside the unit cube; returns the point, its Jacobian and residuals.
+
+    Each step solves (J^T J + mu diag(J^T J)) du = -J^T r for several dampings mu at once and keeps the
+    best trial if it lowers the cost; it stops when no trial does (a local minimum, or a face of the box)."""
+    r, jac = _jacobian(problem, tasks_of, u, config.fd_step)
+    cost = float(np.mean(r ** 2)) if np.isfinite(r).all() else np.inf
+    for _ in range(config.refine_iterations):
+        if not (np.isfinite(jac).all() and np.isfinite(cost)):
+            break
+        a, g = jac.T @ jac, jac.T @ r
+        scale = np.diag(a) + 1e-12 * max(float(np.max(np.diag(a))), 1e-300)
+        trials = []
+        for mu in LM_DAMPINGS:
+            try:
+                trials.append(np.clip(u - np.linalg.solve(a + mu * np.diag(scale), g), 0.0, 1.0))
+            except np.linalg.LinAlgError:
+                continue
+        if not trials:
+            break
+        trial_costs = problem.costs(tasks_of(np.array(trials)))
+        k = int(np.argmin(trial_costs))
+        if not trial_costs[k] < cost * (1 - 1e-9):
+            break
+        u = trials[k]
+        r, jac = _jacobian(problem, tasks_of, u, config.fd_step)
+        cost = float(np.mean(r ** 2))
+    return u, jac, r
+
+
+def _covariance(jac: np.ndarray, resid: np.ndarray, segments: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The estimate's covariance in unit-cube coordinates: (reported, independent-residual, noise variance).
+
+    Independent residuals: the cost is the Gaussian negative log-likelihood of the residuals with one
+    variance, estimated as sigma^2 = SSR / (N - p) (at least :data:`NOISE_FLOOR` squared), and the
+    covariance is sigma^2 (J^T J)^-1. The residuals of one segment are correlated (they share its logged,
+    noisy initial state), which makes that optimistic; the segment-clustered sandwich
+    (J^T J)^-1 [sum_s g_s g_s^T] (J^T J)^-1 S / (S - p), g_s = J_s^T r_s, allows any correlation inside a
+    segment. The reported variance of each parameter is the larger of the two (the sandwich is noisy with
+    few segments and is skipped below 2p + 2 of them); correlations are the independent-residual ones.
+    Directions of (numerically) zero curvature are unconstrained: every parameter that takes part in one
+    gets infinite variance and covariance."""
+    n, p = jac.shape
+    noise_var = max(float(resid @ resid) / max(n - p, 1), NOISE_FLOOR ** 2)
+    if p == 0:
+        return np.zeros((0, 0)), np.zeros((0, 0)), noise_var
+    curvature = jac.T @ jac
+    if not np.isfinite(curvature).all():
+        return np.full((p, p), np.inf), np.full((p, p), np.inf), noise_var
+    eigval, eigvec = np.linalg.eigh(curvature)
+    top = float(eigval.max())
+    zero = eigval <= SINGULAR_RTOL * top if top > 0 else np.ones(p, dtype=bool)
+    keep = eigvec[:, ~zero]
+    inverse = (keep / eigval[~zero]) @ keep.T  # (J^T J)^-1 on the constrained directions
+    independent = noise_var * inverse
+    reported = independent.copy()
+    if segments >= 2 * p + 2 and n % segments == 0:
+        scores = np.einsum("snp,sn->sp", jac.reshape(segments, -1, p), resid.reshape(segments, -1))
+        clustered = inverse @ (scores.T @ scores) @ inverse * segments / (segments - p)
+        wider = np.sqrt(np.maximum(np.diag(clustered), np.diag(independent)) / np.maximum(np.diag(independent), 1e-300))
+        reported = independent * np.outer(wider, wider)  # the independent correlations, the wider variances
+    free = (np.abs(eigvec[:, zero]) > SINGULAR_LOADING).any(axis=1)
+    for cov in (reported, independent):
+        cov[free, :] = np.inf
+        cov[:, free] = np.inf
+    return reported, independent, noise_var
 
 
 def _obs_of_state(measured: np.ndarray, need: int) -> np.ndarray:
@@ -481,8 +646,11 @@ def write_task_file(result: IdentifyResult, path: str | Path) -> Path:
             "episode": result.episode,
             "residual": float(result.cost),
             "nominal_residual": float(result.nominal_cost),
-            "params": {p.name: {"uncertainty": p.uncertainty, "identified": p.identified,
-                                **({"note": p.note} if p.note else {})} for p in result.params},
+            "noise_std": float(result.noise_std),
+            "params": {p.name: {"std_error": p.std_error,
+                                "interval_95": None if p.interval is None else [float(v) for v in p.interval],
+                                "identified": p.identified, **({"note": p.note} if p.note else {})}
+                       for p in result.params},
         },
     }
     header = ("# Identified by `metarl identify` (docs/identify.md). Reproduce the episode in sim with\n"
@@ -518,8 +686,7 @@ def run_cli(args: Any) -> int:
     """``metarl identify``: identify, print the summary, write task.yaml and identify.json."""
     config = IdentifyConfig(window=args.window, population=args.population, iterations=args.iterations,
                             restarts=args.restarts, seed=args.seed)
-    result, task_path, json_path = identify_to_dir(args.episode, args.family, args.out, config,
-                                                   progress=False)
+    result, task_path, json_path = identify_to_dir(args.episode, args.family, args.out, config, progress=True)
     print(result.summary())
     print(f"wrote {task_path} (metarl sim-robot --family {result.family} --task {task_path}) and {json_path}")
     return 0
