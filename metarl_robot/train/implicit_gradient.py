@@ -54,7 +54,7 @@ class CGInfo:
     relative_residual: float
     """``residual_norm / ‖b‖`` (0 when b = 0)."""
     converged: bool
-    """Whether the relative residual reached the tolerance."""
+    """Whether the recursion's residual reached ``tol·‖b‖`` (without non-positive curvature on the way)."""
     negative_curvature: bool
     """A search direction p had pᵀ(A + λI)p ≤ 0: the matrix is not positive definite (the solve stopped
     there). For AdMRL this means the adapted policy is not at a strict local maximum of V̂."""
@@ -104,7 +104,7 @@ def conjugate_gradient(matvec: Matvec, b: np.ndarray | torch.Tensor, iters: int 
     residual = float(torch.linalg.vector_norm(b_t - a_damped(x))) if k else b_norm
     relative = residual / b_norm if b_norm > 0 else 0.0
     info = CGInfo(iterations=k, residual_norm=residual, relative_residual=relative,
-                  converged=relative <= tol and not negative, negative_curvature=negative)
+                  converged=bool(np.sqrt(rr) <= threshold) and not negative, negative_curvature=negative)
     return (x.numpy() if was_numpy else x), info
 
 

@@ -314,7 +314,7 @@ class SurrogateLearner:
     def _newton_step(self, phi: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         derivs = model_value_derivatives(self.objective, phi, theta)
         grad = derivs.gradient_phi
-        direction, info = conjugate_gradient(lambda v: -derivs.hvp(v), grad, iters=self.dim, tol=1e-10,
+        direction, info = conjugate_gradient(lambda v: -derivs.hvp(v), grad, iters=self.cfg.solver.cg_iters, tol=1e-10,
                                              damping=self.cfg.solver.damping)
         if info.negative_curvature or float(direction @ grad) <= 0:
             direction = grad  # not concave along the Newton path here: fall back to a gradient step
@@ -508,7 +508,8 @@ class RewardGradientAdversary:
 
     Dynamics coordinates of the task are kept as given. Steps are taken in coordinates scaled by
     each parameter's train range, along the unit gradient there, and projected onto the box (the
-    projection is reported in :attr:`history`, not hidden).
+    projection is reported in :attr:`history`, not hidden). A non-finite gradient (a diverging
+    model rollout) leaves the task where it is, with ``gradient_finite = 0`` in the history.
     """
 
     def __init__(self, algo: ContextMBRL, family: TaskFamily, robot: RobotSpec,
@@ -537,7 +538,8 @@ class RewardGradientAdversary:
             target = est.theta + self.cfg.step_size * move * width
             projected = np.clip(target, lo, hi)
             self.history.append({**est.as_log(), "step_norm": float(np.linalg.norm((projected - est.theta) / width)),
-                                 "projected": float(np.any(projected != target))})
+                                 "projected": float(np.any(projected != target)),
+                                 "gradient_finite": float(np.isfinite(norm))})
             current = self.family.validate({**current, **dict(zip(names, projected.tolist(), strict=True))})
         return current
 
