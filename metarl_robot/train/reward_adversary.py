@@ -288,12 +288,17 @@ class SurrogateLearner:
         r = self.reward(self.robot, s[:, :-1], a, s[:, 1:], self.theta_params(theta))
         return r.sum(1).mean() - 0.5 * self.cfg.action_l2 * torch.sum(phi**2)
 
-    def adapt(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """φ*(θ): Adam on J from φ = 0, then Newton-CG to a stationary point. Returns (φ*, ‖∇_φ J(φ*)‖)."""
+    def adapt(self, theta: torch.Tensor, init: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """φ*(θ): Adam on J from φ = 0, then Newton-CG to a stationary point. Returns (φ*, ‖∇_φ J(φ*)‖).
+
+        With ``init`` (a nearby task's φ*) only the Newton polish runs from there: it follows the same
+        local maximum as θ moves, which is the branch the implicit function theorem describes.
+        """
         cfg = self.cfg
-        phi = torch.zeros(self.dim, dtype=F64, requires_grad=True)
+        start = torch.zeros(self.dim, dtype=F64) if init is None else init.detach().reshape(-1).to(F64)
+        phi = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([phi], lr=cfg.adapt_lr)
-        for _ in range(cfg.adapt_steps):
+        for _ in range(cfg.adapt_steps if init is None else 0):
             opt.zero_grad()
             (-self.objective(phi, theta)).backward()
             opt.step()

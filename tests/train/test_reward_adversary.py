@@ -167,6 +167,29 @@ def test_reinforce_mixed_term_agrees_with_the_pathwise_mixed_term_through_the_mo
     assert abs(float(path_mean[0])) > 3 * combined  # a non-zero term, resolved: the agreement means something
 
 
+def test_the_adapted_policy_moves_with_theta_as_the_implicit_function_theorem_says(stack):
+    """dφ*/dθ by re-adapting at θ ± h (same noise, same branch) vs −H⁻¹ M from the derivatives of J."""
+    algo, family, robot, episode = stack
+    cfg = RewardGradientConfig(**{**WINDOW, "stationarity_tol": 1e-11, "newton_steps": 30})
+    learner = SurrogateLearner(algo, family, robot, episode["obs"][4], np.zeros(4), cfg, np.random.default_rng(8))
+    theta = torch.tensor([TASK["target_x"]], dtype=torch.float64)
+    phi, residual = learner.adapt(theta)
+    assert residual <= 1e-11
+    h = 1e-4
+    plus, res_plus = learner.adapt(theta + h, init=phi)
+    minus, res_minus = learner.adapt(theta - h, init=phi)
+    assert max(res_plus, res_minus) <= 1e-11
+    fd = (plus - minus) / (2 * h)
+
+    derivs = model_value_derivatives(learner.objective, phi, theta)
+    m = torch.stack([derivs.mixed(e)[0] for e in torch.eye(learner.dim, dtype=torch.float64)])  # column of M
+    hess = torch.stack([derivs.hvp(e) for e in torch.eye(learner.dim, dtype=torch.float64)])
+    ift = -torch.linalg.solve(hess, m)
+    assert torch.linalg.eigvalsh(0.5 * (hess + hess.T)).max() < 0  # a strict local maximum
+    assert float(fd.abs().max()) > 1e-3  # φ* really moves with θ
+    torch.testing.assert_close(fd, ift, rtol=1e-4, atol=1e-4 * float(fd.abs().max()))
+
+
 def _replayed_env(family, episode, t0):
     vec = make_vector_env(family, 1, "sync", tasks=[family.validate(TASK)])
     env = vec.envs[0].unwrapped
