@@ -86,6 +86,34 @@ def ood_task_the_bundle_swings_up(eval_json: Path) -> dict[str, float]:
     return rows[0]["task"]
 
 
+def watchdog_timing(twin_summary: dict[str, Any], trace: Any) -> dict[str, Any]:
+    """The twin's watchdog engagements, split by when they happened relative to the node's commands.
+
+    The twin's watchdog rightly sends the safe command once commands stop or expire; after the node's
+    episode ends the node deactivates and commands stop, so one engagement after the last commanded
+    period is the robot going safe as designed. An engagement before it is a gap in the commands while
+    the node was running: a problem. Measured from the twin's trace (``safe`` per period) and the
+    summary's engagement times (robot clock), not assumed."""
+    events = twin_summary["watchdog"]["events"]
+    commanded = np.flatnonzero(~np.asarray(trace["safe"], dtype=bool))
+    t = np.asarray(trace["t"], dtype=np.float64)
+    last_command_s = float(t[commanded[-1]]) if len(commanded) else None
+    after = [e for e in events if last_command_s is not None and e["t_s"] > last_command_s]
+    during = [e for e in events if e not in after]
+    if not events:
+        text = "watchdog: never engaged"
+    elif not during:
+        text = (f"watchdog: engaged {len(after)}x, at {after[0]['t_s']:.2f} s ({after[0]['reason']}), after the last "
+                f"period a node command ran ({last_command_s:.2f} s): the node's episode had ended and it stopped "
+                "commanding, so the robot went safe: expected")
+    else:
+        text = (f"watchdog: engaged {len(during)}x WHILE the node was commanding (at "
+                + ", ".join(f"{e['t_s']:.2f} s ({e['reason']})" for e in during)
+                + f"): a gap in the commands, see twin.log; {len(after)}x after its last command (expected)")
+    return {"engagements": len(events), "while_commanding": len(during), "after_last_command": len(after),
+            "last_command_s": last_command_s, "text": text}
+
+
 class _Proc:
     """A subprocess of the demo in its own process group, its combined output going to a file."""
 
@@ -364,13 +392,16 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     cos = np.cos(trace["obs"][:, 1])
     last = cos[-round(2.0 / robot.ctrl_dt):]
     swung_up = bool(last.mean() >= 0.95 and last.min() > 0.5)
+    watchdog = watchdog_timing(twin_summary, trace)
+    pole = "swung up and balanced" if swung_up else "NOT upright"
     print(f"      twin: {twin_summary['commands']['accepted']} commands accepted, "
-          f"{twin_summary['commands']['total_rejected']} rejected, watchdog engaged "
-          f"{twin_summary['watchdog']['engagements']}x; pole {'swung up and balanced' if swung_up else 'NOT upright'}"
-          f" over the last 2 s (mean cos {last.mean():.2f})")
+          f"{twin_summary['commands']['total_rejected']} rejected; pole {pole} over the last 2 s "
+          f"(mean cos {last.mean():.2f})")
+    print(f"      {watchdog['text']}")
     print(f"      episode log: {_show(episode_log)}")
     summary["episode"] = {"log": str(episode_log), "swung_up": swung_up, "final_2s_mean_cos": float(last.mean()),
-                          "twin_summary": str(twin_summary_path)}
+                          "twin_summary": str(twin_summary_path),
+                          "watchdog": {k: v for k, v in watchdog.items() if k != "text"}}
     save()
 
     # ---- 7: replay -------------------------------------------------------------------------------------
@@ -391,25 +422,34 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     # ---- 8: identification -------------------------------------------------------------------------------
     from metarl_robot.replay.identify import IdentifyConfig, identify_to_dir
 
-    config = IdentifyConfig(seed=seed)  # metarl identify's defaults: a few seconds on a 10 s episode
-    stage(f"identification: CEM over the family's box, {config.restarts} x {config.iterations} x "
-          f"{config.population} candidates, from the log alone")
-    print(f"      searching ({config.restarts * config.iterations * config.population} candidate tasks, each "
-          "replaying the logged commands from the logged states in MuJoCo)...", flush=True)
-    result, task_path, json_path = identify_to_dir(episode_log, FAMILY, out_dir / "identify", config)
+    config = IdentifyConfig(seed=seed)  # metarl identify's defaults: ~10 s on a 10 s episode
+    stage(f"identification from the log alone: CEM over the family's box ({config.restarts} x {config.iterations} x "
+          f"{config.population} candidate tasks replaying the logged commands), then a local refinement")
+    result, task_path, json_path = identify_to_dir(episode_log, FAMILY, out_dir / "identify", config, progress=True)
     true_task = twin_summary["task"]
     print(f"      residual {result.cost:.3g} (nominal task {result.nominal_cost:.3g}) in {result.seconds:.0f} s")
-    print(f"      {'parameter':<20}{'identified':>12}{'+-':>9}{'true (twin)':>13}")
+    print(f"      {'parameter':<20}{'identified':>11}{'std err':>10}  {'95% interval':<21}{'true (twin)':>12}")
     for p in result.params:
-        unc = "" if p.uncertainty is None else f"{p.uncertainty:.3g}"
+        if p.std_error is None or p.interval is None:
+            cells = f"{'':>10}  {'':<21}"
+        elif not np.isfinite(p.std_error):
+            cells = f"{'inf':>10}  {'unconstrained':<21}"
+        else:
+            cells = f"{p.std_error:>10.2g}  {f'[{p.interval[0]:.4g}, {p.interval[1]:.4g}]':<21}"
         status = "" if p.identified else f"not identified: {p.note}"
         true = true_task.get(p.name, float("nan"))
-        print(f"      {p.name:<20}{p.value:>12.4g}{unc:>9}{true:>13.4g}  {status}".rstrip())
+        print(f"      {p.name:<20}{p.value:>11.4g}{cells}{true:>12.4g}  {status}".rstrip())
+    covered = [p.name for p in result.params if p.identified and p.interval is not None
+               and p.interval[0] <= true_task[p.name] <= p.interval[1]]
+    identified = [p.name for p in result.params if p.identified]
+    print(f"      the twin's true value lies in the 95% interval of {len(covered)} of the {len(identified)} identified "
+          "parameters (the intervals assume Gaussian sensor noise and an exact model: docs/identify.md)")
     summary["identify"] = {"task_file": str(task_path), "json": str(json_path), "true_task": true_task,
-                           "params": {p.name: {"value": p.value, "uncertainty": p.uncertainty,
+                           "params": {p.name: {"value": p.value, "std_error": p.std_error,
+                                               "interval_95": None if p.interval is None else list(p.interval),
                                                "identified": p.identified, "true": true_task.get(p.name)}
                                       for p in result.params},
-                           "cost": result.cost, "nominal_cost": result.nominal_cost}
+                           "true_in_interval": covered, "cost": result.cost, "nominal_cost": result.nominal_cost}
     save()
 
     print(f"\nDone in {summary['seconds']:.0f} s: bundle {_show(bundle)} ran as a ROS 2 node against the twin's hidden "
