@@ -170,10 +170,15 @@ class AdversarialSampler(UniformSampler):
                 "std_unit": self.std.tolist(), "candidate_gaps": self.last_gaps}
 
     def state(self) -> dict:
-        return {**super().state(), "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {**super().state(), "searched": self.searched, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
+        if "mean" not in state:  # a run of another sampler resumed adversarial: the search starts at the centre
+            return
+        if state.get("searched", self.searched) != self.searched:
+            raise ValueError(f"the checkpoint's adversary searched {state['searched']}, loop.adversary.params now "
+                             f"names {self.searched}; resume with the same parameters")
         self.mean, self.std = np.array(state["mean"]), np.array(state["std"])
 
 

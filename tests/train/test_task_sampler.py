@@ -146,6 +146,25 @@ def test_state_round_trip_reproduces_the_next_candidates(family):
         assert v.candidates(3) == u.candidates(3)
 
 
+def test_adversary_resumes_another_samplers_run_and_refuses_another_search(family):
+    # A run started uniform and resumed adversarial: the draws continue, the search starts at the centre.
+    uniform = UniformSampler(family, 0)
+    uniform.candidates(3)
+    adversary = AdversarialSampler(family, 5, AdversaryConfig(population=4))
+    adversary.load_state(json.loads(json.dumps(uniform.state())))
+    assert adversary.rng.bit_generator.state == uniform.rng.bit_generator.state
+    assert adversary.mean == pytest.approx(np.full(5, 0.5)) and adversary.std == pytest.approx(np.full(5, 0.3))
+    assert len(adversary.candidates(2)) == 4
+    # A checkpointed search over other parameters does not fit this one.
+    other = AdversarialSampler(family, 0, AdversaryConfig(population=4, params=["target_x", "pole_length"]))
+    with pytest.raises(ValueError, match=r"searched \['target_x', 'pole_length'\], loop\.adversary\.params now "
+                                         r"names \['pole_mass_scale', "):
+        adversary.load_state(other.state())
+    swapped = AdversarialSampler(family, 0, AdversaryConfig(population=4, params=["pole_length", "target_x"]))
+    with pytest.raises(ValueError, match=r"loop\.adversary\.params"):
+        swapped.load_state(other.state())
+
+
 def test_gaussian_sampler_stays_in_the_train_box_and_concentrates_at_its_centre(family):
     box = ParamBox(family, family.names, "train")
     gaussian = box.to_unit(np.array([[t[n] for n in family.names]
@@ -259,12 +278,17 @@ def test_adversarial_training_logs_resumes_and_grades_on_a_grid(tmp_path, short_
     assert [float(r["oracle_env_steps"]) for r in uniform] == [0.0, 0.0]
     assert float(uniform[1]["transitions"]) == 4 * STEPS
     assert "candidates" not in json.loads((tmp_path / "uni" / "tasks.jsonl").read_text().splitlines()[1])
+    # A uniform run resumed with the adversary: it grades and chooses from there on.
+    train(tmp_path / "uni", overrides={"loop.iterations": 3, "loop.task_sampler": "adversarial",
+                                       "loop.adversary.population": 4}, resume=True, progress=False)
+    switched = json.loads((tmp_path / "uni" / "tasks.jsonl").read_text().splitlines()[2])
+    assert switched["sampler"] == "adversarial" and len(switched["candidates"]) == 4 and len(switched["tasks"]) == 2
 
     # Resume: the adversary continues from its checkpointed search, and its step counts carry over.
     saved = torch.load(run / "checkpoints" / "ckpt_0001.pt", weights_only=False)
     expected = AdversarialSampler(load_family("cartpole_swingup"), 12345, AdversaryConfig(population=4))
     expected.load_state(saved["sampler"])
-    metarl(short_sim, "train", "--resume", str(run), "--set", "loop.iterations=3")
+    train(run, overrides={"loop.iterations": 3}, resume=True, progress=False)
     lines = [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     assert lines[2]["candidates"] == expected.candidates(2)  # floats survive JSON exactly
