@@ -169,6 +169,14 @@ class OracleReturns:
             self._save()
         return np.array([self.records[self.key(t, seed)]["return"] for t in tasks])
 
+    def episode(self, task: Task, seed: int = 0) -> Episodes:
+        """The oracle's episode of ``task`` from ``seed``'s start (simulated if not kept; needs
+        ``keep_trajectories``)."""
+        if not self.keep_trajectories:
+            raise ValueError("OracleReturns keeps episodes only with keep_trajectories=True")
+        self([task], seed)
+        return self.trajectories[self.key(task, seed)]
+
     def success(self, tasks: list[Task], seed: int = 0) -> np.ndarray | None:
         """Whether the oracle's episode of each (already computed) task succeeded; ``None`` without a criterion."""
         flags = [self.records[self.key(t, seed)]["success"] for t in tasks]

@@ -126,8 +126,11 @@ class Runner:
             except ValueError as exc:
                 raise SpecError(f"run config {cfg.run_name}", "loop.adversary", str(exc)) from exc
         self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed, cfg.loop.gaussian, cfg.loop.adversary)
-        self.oracle = OracleReturns(self.family, self.robot, cfg.planner, threads=cfg.loop.adversary.oracle_threads)
+        self.oracle = OracleReturns(self.family, self.robot, cfg.planner, threads=cfg.loop.adversary.oracle_threads,
+                                    keep_trajectories=cfg.loop.adversary.reward_gradient)
         """The oracle's return per task, for the adversary's gap (cached per task and start)."""
+        self.reward_adversary = None
+        """AdMRL's implicit-gradient step over the reward parameters (``loop.adversary.reward_gradient``)."""
         self.adversary_env_steps = 0
         """Env steps of graded candidate episodes the adversary did not train on."""
         self.oracle_env_steps = 0
@@ -234,6 +237,19 @@ class Runner:
             envs.close()
         return Collected(Rollout.concatenate(parts), np.concatenate(errors, axis=1) if errors else None, seed0)
 
+    def _reward_gradient_proposal(self, worst: Task, seed: int) -> dict[str, Any]:
+        """AdMRL's step: move the worst candidate's reward parameters up the gap's implicit gradient; the
+        result is one of the next candidates. Returns the log of the step(s)."""
+        from metarl_robot.train.reward_adversary import RewardGradientAdversary
+
+        if self.reward_adversary is None:
+            self.reward_adversary = RewardGradientAdversary(self.algo, self.family, self.robot,
+                                                            self.cfg.loop.adversary.gradient, self.cfg.seed)
+        steps_before = len(self.reward_adversary.history)
+        proposal = self.reward_adversary.propose(worst, lambda task: self.oracle.episode(task, seed), seed)
+        self.sampler.propose(proposal)
+        return {"from": worst, "proposal": proposal, "steps": self.reward_adversary.history[steps_before:]}
+
     def _choose_and_collect(self, iteration: int) -> tuple[list[Task], Collected, dict[str, Any]]:
         """The iteration's training episodes: the sampler's candidates, graded and chosen when it needs gaps."""
         cfg = self.cfg.loop
@@ -245,13 +261,16 @@ class Runner:
             return candidates, self._collect(iteration, candidates), self.sampler.describe()
         collected = self._collect(iteration, candidates, same_start=True)
         returns = collected.rollout.episode_returns()[:, 0]
+        oracle_runs = self.oracle.episodes_run
         oracle = self.oracle(candidates, seed=collected.seed)
         gaps = oracle - returns
         chosen = self.sampler.select(candidates, gaps, cfg.tasks_per_iteration)
         info = {**self.sampler.describe(), "candidates": candidates, "candidate_returns": returns.tolist(),
-                "oracle_returns": oracle.tolist(), "chosen": chosen}
+                "oracle_returns": oracle.tolist(), "chosen": chosen, "graded_mean_return": float(returns.mean())}
+        if cfg.adversary.reward_gradient:
+            info["reward_gradient"] = self._reward_gradient_proposal(candidates[chosen[0]], collected.seed)
         self.adversary_env_steps += (len(candidates) - len(chosen)) * self.family.spec.episode_steps
-        self.oracle_env_steps += len(candidates) * self.family.spec.episode_steps
+        self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
         errors = collected.errors[:, chosen] if collected.errors is not None else None
         return ([candidates[i] for i in chosen], Collected(collected.rollout.take(np.array(chosen)), errors,
                                                             collected.seed), info)
@@ -270,12 +289,16 @@ class Runner:
                 tasks, collected, sampler_info = self._choose_and_collect(iteration)
                 self.buffer.add(collected.rollout, np.stack([self.family.to_vector(t) for t in tasks]))
                 mean_return, online = collected.summary(cfg.model.context_window)
+                # The adversary trains on its worst graded episodes: the mean over all it graded compares
+                # with the other samplers' training return.
+                graded_return = sampler_info.get("graded_mean_return", mean_return)
                 fit = self.algo.update(self.buffer)
                 sizes = tuple(cfg.loop.eval_context_sizes)
                 pred = self.algo.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
                     else dict.fromkeys(sizes, float("nan"))  # no held-out episode yet
                 metrics = {
-                    "episode_return": mean_return, "policy": 0.0 if iteration == 0 else 1.0,
+                    "episode_return": mean_return, "graded_episode_return": graded_return,
+                    "policy": 0.0 if iteration == 0 else 1.0,
                     "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
                     "adversary_env_steps": float(self.adversary_env_steps),
                     "oracle_env_steps": float(self.oracle_env_steps),

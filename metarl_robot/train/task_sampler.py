@@ -17,12 +17,13 @@ docs/admrl.md explains the method and its budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from metarl_robot.spec.family import ParamBox, Task, TaskFamily
 from metarl_robot.spec.schema import SpecError
+from metarl_robot.train.reward_adversary import RewardAdversaryConfig
 
 SAMPLERS = ("uniform", "gaussian", "adversarial")
 """Names accepted by ``loop.task_sampler``."""
@@ -60,6 +61,12 @@ class AdversaryConfig:
     """Parameters the adversary chooses (default: all); the others are drawn uniformly."""
     oracle_threads: int = 1
     """Threads of the oracle's ``mujoco.rollout``."""
+    reward_gradient: bool = False
+    """Also ascend the gap's implicit gradient (AdMRL) over the reward parameters: after each iteration the
+    worst candidate's reward parameters take ``gradient.steps`` projected steps and the result is one of the
+    next iteration's candidates (graded like the others). Needs a family with reward parameters."""
+    gradient: RewardAdversaryConfig = field(default_factory=RewardAdversaryConfig)
+    """The reward-gradient steps and their estimator (docs/admrl.md)."""
 
     def validate(self, family: TaskFamily | None, tasks_per_iteration: int) -> None:
         """Raise ``ValueError`` naming the field and its allowed values."""
@@ -75,6 +82,9 @@ class AdversaryConfig:
             raise ValueError(f"loop.adversary needs 0 < min_std <= init_std, got {self.min_std} and {self.init_std}")
         if self.oracle_threads < 1:
             raise ValueError(f"loop.adversary.oracle_threads must be >= 1, got {self.oracle_threads}")
+        if family is not None and self.reward_gradient and not family.reward_names:
+            raise ValueError(f"loop.adversary.reward_gradient needs reward parameters; {family.name} has none "
+                             f"(its parameters: {family.names}); use the CEM adversary alone")
         if family is not None and self.params is not None:
             unknown = [p for p in self.params if p not in family.names]
             if unknown or not self.params:
@@ -138,6 +148,8 @@ class AdversarialSampler(UniformSampler):
         """Search standard deviation in unit-box coordinates."""
         self.from_gaussian = np.zeros(0, dtype=bool)
         self.last_gaps: list[float] = []
+        self.proposals: list[Task] = []
+        """Tasks proposed from outside the search (the reward gradient's steps): next candidates first."""
 
     def candidates(self, n: int) -> list[Task]:
         p = self.cfg.population
@@ -147,8 +159,18 @@ class AdversarialSampler(UniformSampler):
         self.from_gaussian = np.arange(p) < p - n_uniform
         tasks = self.family.sample(self.rng, "train", p)  # the parameters the adversary leaves alone
         values = self.box.to_values(u)
-        return [self.family.validate({**t, **dict(zip(self.searched, map(float, v), strict=True))})
-                for t, v in zip(tasks, values, strict=True)]
+        out = [self.family.validate({**t, **dict(zip(self.searched, map(float, v), strict=True))})
+               for t, v in zip(tasks, values, strict=True)]
+        # A proposal takes the place of a Gaussian draw, and is not part of the Gaussian's refit.
+        for i, task in enumerate(self.proposals[:p - n_uniform]):
+            out[i] = self.family.validate(task)
+            self.from_gaussian[i] = False
+        self.proposals = []
+        return out
+
+    def propose(self, task: Task) -> None:
+        """Make ``task`` one of the next iteration's candidates."""
+        self.proposals.append(self.family.validate(task))
 
     def select(self, tasks: list[Task], gaps: np.ndarray | None, n: int) -> list[int]:
         if gaps is None or len(gaps) != len(tasks):
@@ -170,7 +192,8 @@ class AdversarialSampler(UniformSampler):
                 "std_unit": self.std.tolist(), "candidate_gaps": self.last_gaps}
 
     def state(self) -> dict:
-        return {**super().state(), "searched": self.searched, "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {**super().state(), "searched": self.searched, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "proposals": self.proposals}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
@@ -180,6 +203,7 @@ class AdversarialSampler(UniformSampler):
             raise ValueError(f"the checkpoint's adversary searched {state['searched']}, loop.adversary.params now "
                              f"names {self.searched}; resume with the same parameters")
         self.mean, self.std = np.array(state["mean"]), np.array(state["std"])
+        self.proposals = list(state.get("proposals", []))
 
 
 def _truncated_normal(rng: np.random.Generator, mean: np.ndarray, std: np.ndarray, n: int,
