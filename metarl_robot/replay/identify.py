@@ -468,7 +468,7 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
                     best_cost, best_u = float(c[order[0]]), u[order[0]].copy()
                 mean, std = elites.mean(axis=0), np.maximum(elites.std(axis=0), config.min_std)
                 bar.update()
-                bar.set_postfix(restart=f"{r + 1}/{config.restarts}", best=f"{best_cost:.3g}")
+                bar.set_postfix_str(f"restart {r + 1}/{config.restarts}, best residual {best_cost:.3g}")
             restart_best.append((best_cost, best_u, elites))
             if progress and not sys.stderr.isatty():  # no bar in a log file: one line per restart
                 print(f"identify: restart {r + 1}/{config.restarts}: best residual {best_cost:.4g} after "
@@ -678,8 +678,20 @@ def identify_to_dir(episode: str | Path, family: str, out_dir: str | Path, confi
     out = Path(out_dir)
     task_path = write_task_file(result, out / "task.yaml")
     json_path = out / "identify.json"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2, default=float))
+    json_path.write_text(json.dumps(_finite_or_null(result.to_dict()), indent=2, default=float, allow_nan=False))
     return result, task_path, json_path
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every inf/NaN float as None: strict JSON (an unconstrained parameter's standard error,
+    its interval's box fraction, undefined correlations; the parameter's ``note`` says why)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    return value
 
 
 def run_cli(args: Any) -> int:
