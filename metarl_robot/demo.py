@@ -102,6 +102,8 @@ def watchdog_timing(twin_summary: dict[str, Any], trace: Any) -> dict[str, Any]:
     during = [e for e in events if e not in after]
     if not events:
         text = "watchdog: never engaged"
+    elif last_command_s is None:
+        text = f"watchdog: engaged {len(events)}x and no node command ever ran: see node.log and twin.log"
     elif not during:
         text = (f"watchdog: engaged {len(after)}x, at {after[0]['t_s']:.2f} s ({after[0]['reason']}), after the last "
                 f"period a node command ran ({last_command_s:.2f} s): the node's episode had ended and it stopped "

@@ -1,0 +1,51 @@
+"""The demo's reading of the twin's watchdog (metarl_robot/demo.py::watchdog_timing).
+
+Why: `metarl demo` ends the node's episode before it stops the twin, so the twin's watchdog rightly engages
+once after the node's last command; the demo must tell that apart from a gap in the commands while the node
+was still running, from the twin's own trace and summary, not by assumption. The whole demo runs in
+tests/test_cli.py (slow); this checks the classification on traces shaped like the twin's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from metarl_robot.demo import watchdog_timing
+
+PERIOD = 0.04
+
+
+def trace(commanded: range, periods: int) -> dict[str, np.ndarray]:
+    """A twin trace: ``safe`` is False exactly in the commanded periods."""
+    safe = np.ones(periods, dtype=bool)
+    safe[list(commanded)] = False
+    return {"t": np.arange(periods) * PERIOD, "safe": safe}
+
+
+def summary(*times: float) -> dict:
+    return {"watchdog": {"events": [{"t_s": t, "reason": "expired", "ms_since_last_command": 150.0}
+                                    for t in times]}}
+
+
+def test_an_engagement_after_the_last_command_is_expected():
+    # As measured in `metarl demo --skip-train`: commands from period 12 to 265, watchdog at 10.64 s.
+    out = watchdog_timing(summary(266 * PERIOD), trace(range(12, 266), 268))
+    assert out["engagements"] == 1 and out["after_last_command"] == 1 and out["while_commanding"] == 0
+    assert out["last_command_s"] == 265 * PERIOD
+    assert "expected" in out["text"] and "WHILE" not in out["text"]
+
+
+def test_an_engagement_while_the_node_was_commanding_is_reported_as_a_gap():
+    # Commands stopped for 5 periods mid-episode (watchdog at 5.0 s), then resumed, and the usual one at the end.
+    periods = [*range(12, 120), *range(130, 266)]
+    out = watchdog_timing(summary(5.0, 266 * PERIOD), {"t": np.arange(268) * PERIOD,
+                                                       "safe": ~np.isin(np.arange(268), periods)})
+    assert out["while_commanding"] == 1 and out["after_last_command"] == 1
+    assert "WHILE the node was commanding (at 5.00 s" in out["text"]
+
+
+def test_no_engagement_and_no_command_at_all():
+    assert watchdog_timing(summary(), trace(range(12, 266), 268))["text"] == "watchdog: never engaged"
+    # The node never commanded: any engagement cannot be "after its last command".
+    out = watchdog_timing(summary(1.0), trace(range(0), 50))
+    assert out["last_command_s"] is None and out["while_commanding"] == 1 and "no node command ever ran" in out["text"]
