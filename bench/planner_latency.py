@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metarl_robot.models.rewards import TORCH_REWARDS
+
 
 def pin_one_core() -> int | None:
     try:
@@ -91,39 +93,19 @@ def find_checkpoint(run_dir: Path, prov: dict) -> Path | None:
     return None
 
 
-def torch_cartpole_cost(robot, target_x: float):
+def torch_cost(robot, reward_name: str, params: dict[str, float]):
+    """The peer's cost (pytorch-mppi plans in torch): the negative of our reward's torch twin on the
+    (next) state pytorch-mppi passes, with the task's reward parameters."""
     import torch
 
-    s = robot.obs_slices
-    high = float(robot.action_high[0])
+    from metarl_robot.models.rewards import get_torch_reward
 
-    def gauss(x, w):
-        return torch.exp(-0.5 * (x / w) ** 2)
+    reward = get_torch_reward(reward_name)
+    theta = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in params.items()}
 
-    def cost(state, action):  # negative of spec.rewards.cartpole_swingup on (next) state
-        x, theta, theta_dot = state[:, s["cart_pos"].start], state[:, s["pole_angle"].start], \
-            state[:, s["pole_angvel"].start]
-        u = action[:, 0] / high
-        r = (1 + torch.cos(theta)) / 2 * (1 + gauss(x - target_x, 0.5)) / 2 * (4 + 1 - u**2) / 5 \
-            * (1 + gauss(theta_dot, 5.0)) / 2
-        return -r
+    def cost(state, action):  # our rewards read the next state and the action only
+        return -reward(robot, state, action, state, {k: v.to(state.dtype) for k, v in theta.items()})
     return cost
-
-
-def torch_half_cheetah_velocity_cost(robot, target_velocity: float):
-
-    from metarl_robot.spec.rewards import CHEETAH_CTRL_COST
-
-    v = robot.obs_slices["root_vel"].start
-
-    def cost(state, action):  # negative of spec.rewards.half_cheetah_velocity on (next) state
-        return (state[:, v] - target_velocity).abs() + CHEETAH_CTRL_COST * (action**2).sum(dim=-1)
-    return cost
-
-
-TORCH_COSTS = {"cartpole_swingup": (torch_cartpole_cost, "target_x"),
-               "half_cheetah_velocity": (torch_half_cheetah_velocity_cost, "target_velocity")}
-"""The peer's cost per reward function (pytorch-mppi needs it in torch), and the reward parameter it takes."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     prov = bundle.manifest["provenance"]
     run_dir = Path(args.run or prov["run_dir"])
     reward_name = bundle.family.spec.reward
-    if not args.skip_peer and reward_name not in TORCH_COSTS:
-        notes.append(f"pytorch_mppi skipped: no torch cost for reward {reward_name!r} in this benchmark "
-                     f"(has: {', '.join(TORCH_COSTS)})")
+    if not args.skip_peer and reward_name not in TORCH_REWARDS:
+        notes.append(f"pytorch_mppi skipped: no torch twin of reward {reward_name!r} "
+                     f"(has: {', '.join(TORCH_REWARDS)})")
         args.skip_peer = True
     checkpoint = None if args.skip_peer else find_checkpoint(run_dir, prov)
     if not args.skip_peer and checkpoint is None:
@@ -216,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 nxt, _ = algo.model(s.float(), a.float(), zt.expand(e, m, -1))
             return nxt.transpose(0, 1).reshape(m * e, -1)
 
-        make_cost, param = TORCH_COSTS[reward_name]
-        mppi = MPPI(dynamics, make_cost(bundle.robot, float(params[param][0])), bundle.robot.obs_dim,
+        task_params = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in params.items()}
+        mppi = MPPI(dynamics, torch_cost(bundle.robot, reward_name, task_params), bundle.robot.obs_dim,
                     torch.diag((cfg.noise_std * half) ** 2), num_samples=cfg.samples, horizon=cfg.horizon,
                     lambda_=cfg.temperature, u_min=torch.as_tensor(bundle.robot.action_low, dtype=torch.float32),
                     u_max=torch.as_tensor(bundle.robot.action_high, dtype=torch.float32))

@@ -40,11 +40,12 @@ def test_peer_costs_are_the_negative_of_our_rewards(family):
     spec.loader.exec_module(bench)
     fam = load_family(family)
     robot = load_robot(fam.spec.robot)
-    make_cost, param = bench.TORCH_COSTS[fam.spec.reward]
+    param = fam.reward_names[0]
     rng = np.random.default_rng(0)
     obs, next_obs = (rng.normal(size=(64, robot.obs_dim)) * robot.obs_scale for _ in range(2))
     action = rng.uniform(robot.action_low, robot.action_high, (64, robot.action_dim))
     value = 0.7
     ours, _ = get_reward(fam.spec.reward)(robot, obs, action, next_obs, {param: np.full(64, value)})
-    theirs = make_cost(robot, value)(torch.as_tensor(next_obs), torch.as_tensor(action)).numpy()
+    theirs = bench.torch_cost(robot, fam.spec.reward, {param: value})(torch.as_tensor(next_obs),
+                                                                        torch.as_tensor(action)).numpy()
     np.testing.assert_allclose(theirs, -ours, rtol=1e-9, atol=1e-12)
