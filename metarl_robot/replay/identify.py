@@ -19,12 +19,15 @@ the log best. Method (docs/identify.md):
 - **Uncertainty.** The cost is read as a Gaussian negative log-likelihood of the residuals (scale units,
   one noise variance sigma^2 = SSR / (N - p) estimated from the residual at the answer). The Gauss-Newton
   curvature J^T J of the residual Jacobian J (central finite differences in search coordinates) gives the
-  covariance sigma^2 (J^T J)^-1, mapped to parameter units by the chain rule (log-space parameters: the
-  interval is exp of the log-space interval). Each parameter gets a standard error and a 95 % interval.
-  One criterion flags a parameter *not identified*: its 95 % interval spans at least half its box width
-  (search coordinates), or the curvature is singular in a direction it takes part in (the data does not
-  constrain it). Assumptions (local linearisation, Gaussian independent residuals, no model error) are
-  spelled out in docs/identify.md: residuals correlated along a segment make the interval optimistic.
+  covariance sigma^2 (J^T J)^-1. Residuals of one segment share its noisy logged initial state, which
+  makes that optimistic, so the segment-clustered sandwich covariance is computed too and each
+  parameter's variance is the larger of the two. It is mapped to parameter units by the chain rule
+  (log-space parameters: the interval is exp of the log-space interval): a standard error and a 95 %
+  interval per parameter. One criterion flags a parameter *not identified*: its 95 % interval spans at
+  least half its box width (search coordinates), or the curvature is singular in a direction it takes
+  part in (the data does not constrain it). The CEM elites' spread is kept as a diagnostic only. The
+  assumptions (local linearisation, Gaussian noise, an exact model) and the measured calibration are in
+  docs/identify.md.
 
 Only ``kind: dynamics`` parameters can be identified: reward parameters (e.g. a target position) do
 not change the physics. They are written from the log's ``task_params`` when the node logged them,
