@@ -71,14 +71,23 @@ def stack(sim_copy, one_thread):
     """An upright-start cart-pole family, a recorded episode of TASK and a tiny model fitted to its scales."""
     edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", lambda d: d["initial_state"]["qpos"].update(hinge=0.0))
     family, robot = load_family("cartpole_swingup"), load_robot("cartpole")
-    vec = make_vector_env(family, 1, "sync", tasks=[family.validate(TASK)])
+    # a gentle balancing-ish policy: push the cart under the pole, plus noise
+    algo, episode = _recorded_episode_and_tiny_model(
+        family, robot, TASK, 20, lambda obs, rng: np.clip([2.0 * obs[1] + 0.3 * obs[3] + 0.2 * rng.standard_normal()],
+                                                          -1, 1))
+    return algo, family, robot, episode
+
+
+def _recorded_episode_and_tiny_model(family, robot, task, steps, policy):
+    """``steps`` of ``task`` from SEED's start under ``policy(obs, rng)``, and a tiny untrained model whose
+    normalisers are fitted to them."""
+    vec = make_vector_env(family, 1, "sync", tasks=[family.validate(task)])
     env = vec.envs[0].unwrapped
     obs, _ = env.reset(seed=SEED)
     rng = np.random.default_rng(0)
     rows = []
-    for _ in range(20):  # a gentle balancing-ish policy: push the cart under the pole, plus noise
-        act = np.clip([2.0 * obs[1] + 0.3 * obs[3] + 0.2 * rng.standard_normal()], -1, 1)
-        next_obs, *_, info = env.step(act)
+    for _ in range(steps):
+        next_obs, *_, info = env.step(policy(obs, rng))
         rows.append((obs, info["sent_action"], next_obs))
         obs = next_obs
     vec.close()
@@ -87,7 +96,7 @@ def stack(sim_copy, one_thread):
                                       context_window=4)
     algo = ContextMBRL(robot, model_cfg, ContextMBRLConfig(), seed=0)
     algo.model.fit_normalizers(episode["obs"], episode["actions"], episode["next_obs"])
-    return algo, family, robot, episode
+    return algo, episode
 
 
 def test_gap_gradient_on_cartpole_is_finite_at_a_stationary_point_and_both_mixed_terms_agree(stack):
@@ -256,21 +265,8 @@ def test_bad_inputs_are_refused_with_the_field_named(stack):
 def test_half_cheetah_velocity_runs_and_refuses_the_exact_mixed_term(one_thread):
     family, robot = load_family("half_cheetah_vel"), load_robot("half_cheetah")
     task = {"target_velocity": 0.5}
-    vec = make_vector_env(family, 1, "sync", tasks=[family.validate(task)])
-    env = vec.envs[0].unwrapped
-    obs, _ = env.reset(seed=SEED)
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(12):
-        next_obs, *_, info = env.step(rng.uniform(-1, 1, robot.action_dim))
-        rows.append((obs, info["sent_action"], next_obs))
-        obs = next_obs
-    vec.close()
-    episode = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("obs", "actions", "next_obs"))}
-    model_cfg = ContextDynamicsConfig(ensemble_size=2, hidden=16, layers=2, context_dim=4, encoder_hidden=16,
-                                      context_window=4)
-    algo = ContextMBRL(robot, model_cfg, ContextMBRLConfig(), seed=0)
-    algo.model.fit_normalizers(episode["obs"], episode["actions"], episode["next_obs"])
+    algo, episode = _recorded_episode_and_tiny_model(family, robot, task, 12,
+                                                     lambda obs, rng: rng.uniform(-1, 1, robot.action_dim))
     cfg = RewardGradientConfig(horizon=6, window_start=4, model_samples=16, adapt_steps=40, real_samples=128,
                                mixed_samples=512)
     r = reward_gap_gradient(algo, family, robot, task, episode, cfg, np.random.default_rng(1), seed=SEED)
