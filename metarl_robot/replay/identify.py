@@ -485,7 +485,7 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
         best_u, jac, resid = _refine(problem, tasks_of, search_u, config)
     else:
         best_u, jac, resid = search_u, np.zeros((problem.target.size, 0)), problem.residuals([base_task])[0]
-    best_cost = float(np.mean(resid ** 2))
+    best_cost = float(np.mean(resid ** 2)) if np.isfinite(resid).all() else np.inf  # a diverged simulation
     best_values = box.to_values(best_u)
     answer = tasks_of(best_u[None])[0]
     cov_unit, cov_independent, noise_var = _covariance(jac, resid, len(problem.starts))
