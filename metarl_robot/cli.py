@@ -464,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("identify", help="identify a family's dynamics parameters from a logged episode (real-to-sim)",
                        description="Replay the logged commands in MuJoCo from the logged states (multiple shooting: "
                        "reset to the log every WINDOW steps) and search the family's dynamics-parameter box with CEM "
-                       "(several restarts) for the physics that matches the log best. Prints the parameters with "
-                       "their spread, the residual error and the parameters the data does not identify; writes "
+                       "(several restarts, then a local refinement) for the physics that matches the log best. "
+                       "Prints the parameters with standard errors and 95 % intervals, the residual error and the "
+                       "parameters the data does not identify; writes "
                        "OUT/task.yaml (for metarl sim-robot --task) and OUT/identify.json. See docs/identify.md.")
     p.add_argument("episode", help="episode log (.mcap) written by the node, metarl import-log or record_sim_episode")
     p.add_argument("--family", required=True, help="task family whose parameters to identify, e.g. cartpole_swingup")

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from metarl_robot.envs.dynamics import DynamicsApplier
 from metarl_robot.envs.robot_model import ObservationMap, load_model
 from metarl_robot.replay.episode_log import Episode, read_episode
-from metarl_robot.spec.family import TaskFamily, load_family
+from metarl_robot.spec.family import ParamBox, TaskFamily, load_family
 from metarl_robot.spec.robot import load_robot
 
 STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -393,27 +393,6 @@ def _segment_starts(valid: np.ndarray, window: int, max_segments: int) -> np.nda
 
 
 # ---- the search ---------------------------------------------------------------------------------------------
-class _Box:
-    """Unit-cube coordinates of the searched parameters (log space for log-uniform ones)."""
-
-    def __init__(self, family: TaskFamily, names: list[str]) -> None:
-        self.names = names
-        params = [family.param(n) for n in names]
-        self.log = np.array([p.sampling == "log_uniform" for p in params])
-        lo = np.array([p.bounds[0] for p in params], dtype=np.float64)
-        hi = np.array([p.bounds[1] for p in params], dtype=np.float64)
-        self.lo = np.where(self.log, np.log(np.maximum(lo, 1e-300)), lo)
-        self.hi = np.where(self.log, np.log(hi), hi)
-
-    def to_values(self, u: np.ndarray) -> np.ndarray:
-        x = self.lo + np.clip(u, 0.0, 1.0) * (self.hi - self.lo)
-        return np.where(self.log, np.exp(x), x)
-
-    def to_unit(self, values: np.ndarray) -> np.ndarray:
-        x = np.where(self.log, np.log(np.maximum(values, 1e-300)), values)
-        return (x - self.lo) / (self.hi - self.lo)
-
-
 def identify(episode: str | Path | Episode, family: str | TaskFamily, config: IdentifyConfig | None = None,
              progress: bool = False) -> IdentifyResult:
     """Identify ``family``'s dynamics parameters from a logged ``episode`` (a path or a read Episode)."""
@@ -438,7 +417,7 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
     if delay is not None:
         notes[delay] = "action delay is not searched: family nominal"
 
-    box = _Box(fam, searched)
+    box = ParamBox(fam, searched, "bounds")
     d = len(searched)
     rng = np.random.default_rng(config.seed)
     n_elite = max(2, round(config.population * config.elite_frac))
