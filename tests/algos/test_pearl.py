@@ -170,6 +170,11 @@ def test_meta_evaluation_works_before_any_training():
         assert controller.context_size == steps and not controller.skipped.any()
         belief = controller.posterior()
         assert np.all(belief.var < 1.0) and np.isfinite(belief.mean).all()
+        # the incremental belief is the batch posterior of the whole episode (what training computes)
+        whole = algo.infer_posterior(Context(rollout.obs, rollout.actions, rollout.rewards, rollout.next_obs,
+                                             np.ones(rollout.rewards.shape)))
+        np.testing.assert_allclose(belief.var, whole.var, rtol=1e-4)
+        np.testing.assert_allclose(belief.mean, whole.mean, rtol=1e-3, atol=1e-5)
         # the context's rewards are the env's own
         np.testing.assert_allclose(reward_fn(rollout.obs[:, 5], rollout.actions[:, 5], rollout.next_obs[:, 5]),
                                    rollout.rewards[:, 5], rtol=1e-12)
@@ -188,6 +193,28 @@ def test_meta_evaluation_works_before_any_training():
         np.testing.assert_array_equal(online.current_z(), 0.0)
     finally:
         envs.close()
+
+
+def test_controller_window_explicit_rewards_and_non_finite_transitions():
+    algo = _algo()
+    rng = np.random.default_rng(11)
+    obs, act, rew, nxt, _ = _transitions(rng, 5, 1.0)
+    controller = PEARLController(algo, 1, deterministic=True, context_window=3)
+    with pytest.raises(ValueError, match="needs rewards"):
+        controller.observe(obs[:1], act[:1], nxt[:1])
+    for t in range(5):
+        controller.observe(obs[t:t + 1], act[t:t + 1], nxt[t:t + 1], reward=rew[t:t + 1])
+    last3 = algo.infer_posterior(Context(obs[None, 2:], act[None, 2:], rew[None, 2:], nxt[None, 2:], np.ones((1, 3))))
+    np.testing.assert_allclose(controller.posterior().mean, last3.mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(controller.current_z(), last3.mean, rtol=1e-4, atol=1e-6)
+    before = controller.posterior()
+    bad = nxt[:1].copy()
+    bad[0, 0] = np.nan
+    controller.observe(obs[:1], act[:1], bad, reward=rew[:1])
+    assert controller.skipped.tolist() == [1]
+    assert np.isfinite(controller.posterior().mean).all()
+    assert controller.context_size == 3
+    assert not np.allclose(controller.posterior().var, before.var)  # the window moved on (transition 2 left)
 
 
 def test_state_dict_round_trip_reproduces_actions_and_beliefs(tmp_path):

@@ -63,6 +63,16 @@ def test_agent_posterior_is_permutation_invariant_and_empty_context_is_the_prior
         torch.testing.assert_close(empty[1], torch.ones(2, 3), atol=0, rtol=0)
 
 
+def test_the_encoder_reads_the_next_observation():
+    """Dynamics-shift families: two transitions that differ only in where they led must be told apart."""
+    agent = _agent()
+    g = torch.Generator().manual_seed(6)
+    obs, act, rew, nxt = (x[0] for x in _context(g, batch=1))
+    mean_a, var_a = agent.transition_factors(obs, act, rew, nxt)
+    mean_b, var_b = agent.transition_factors(obs, act, rew, nxt + 0.5)
+    assert (mean_a - mean_b).abs().min() > 0 and (var_a - var_b).abs().max() > 0
+
+
 def test_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(2)
     mean = torch.randn(4, 5, generator=g, dtype=torch.float64)
