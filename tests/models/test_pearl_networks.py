@@ -124,3 +124,50 @@ def test_target_critics_start_equal_are_frozen_and_follow_by_polyak():
     agent.update_target(0.25)
     for old, new, src in zip(before, agent.target_critic.parameters(), agent.critic.parameters(), strict=True):
         torch.testing.assert_close(new, 0.75 * old + 0.25 * src)
+
+
+class _Graph(torch.nn.Module):
+    """One of the agent's inference methods as a module, for export."""
+
+    def __init__(self, agent: PEARLAgent, method: str) -> None:
+        super().__init__()
+        self.agent, self.method = agent, method
+
+    def forward(self, *args):
+        return getattr(self.agent, self.method)(*args)
+
+
+def test_inference_graphs_export_to_onnx_and_match_onnxruntime():
+    """The three graphs the bundle will hold (per-transition factors for the robot's incremental belief,
+    the batch posterior, the deterministic action head) convert with the TorchScript exporter and agree."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    agent = _agent()
+    rng = np.random.default_rng(7)
+    agent.inputs.fit(rng.normal(size=(100, 3)), rng.normal(size=100) * 3 + 1, rng.normal(size=(100, 3)))
+    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    cases = {
+        "transition_factors": (f32(4, 3), f32(4, 2), f32(4), f32(4, 3)),
+        "posterior": (f32(2, 8, 3), f32(2, 8, 2), f32(2, 8), f32(2, 8, 3),
+                      (rng.random((2, 8)) > 0.3).astype(np.float32)),
+        "deterministic_action": (f32(4, 3), f32(4, 3)),
+    }
+    for method, args in cases.items():
+        graph = _Graph(agent, method).eval()
+        tensors = tuple(torch.as_tensor(a) for a in args)
+        names = [f"input_{i}" for i in range(len(args))]
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, tensors, buffer, dynamo=False, opset_version=17, input_names=names)
+        session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        got = session.run(None, dict(zip(names, args, strict=True)))
+        with torch.no_grad():
+            expected = graph(*tensors)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e.numpy(), atol=1e-5, rtol=0, err_msg=method)
