@@ -39,13 +39,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarl_robot.envs.rollout import Rollout
+from metarl_robot.envs.rollout import Rollout, collect
 from metarl_robot.models.pearl import PEARLAgent, PEARLNetConfig, kl_to_standard_normal
-from metarl_robot.spec.rewards import RewardFunction
+from metarl_robot.spec.family import Task, TaskFamily
+from metarl_robot.spec.rewards import RewardFunction, get_reward
 from metarl_robot.spec.robot import RobotSpec
 
 
@@ -549,8 +551,8 @@ class PEARLController:
 
     ``z_mode`` defaults to ``"mean"`` when ``deterministic`` and ``"sample"`` otherwise. Rewards come
     from ``reward_fn`` (the env's reward with the task's parameters: :func:`family_reward_fn`) unless
-    ``observe`` is given them. A transition with a non-finite number adds no evidence (its row's
-    factor is skipped and counted in ``skipped``).
+    ``observe`` is given them; :meth:`absorb` adds earlier transitions in one pass. A transition with a
+    non-finite number adds no evidence (counted in ``skipped``).
     """
 
     def __init__(self, algo: PEARL, batch: int, deterministic: bool = False, reward_fn: RewardFn | None = None,
@@ -615,16 +617,86 @@ class PEARLController:
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray,
                 reward: np.ndarray | None = None) -> None:
+        """Add each sub-env's transition ``(batch, ·)`` to its belief."""
         if reward is None:
             if self.reward_fn is None:
                 raise ValueError("PEARLController needs rewards: give reward_fn (family_reward_fn) or observe(reward=)")
             reward = self.reward_fn(obs, sent_action, next_obs)
-        reward = np.asarray(reward, dtype=np.float64).reshape(self.batch)
-        finite = (np.isfinite(obs).all(-1) & np.isfinite(sent_action).all(-1) & np.isfinite(next_obs).all(-1)
+        self.absorb(*(np.asarray(x)[:, None] for x in (obs, sent_action, np.reshape(reward, (self.batch,)), next_obs)))
+
+    def absorb(self, obs: np.ndarray, act: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
+               valid: np.ndarray | None = None) -> None:
+        """Add ``T`` transitions per sub-env at once (``(batch, T, ·)``, rewards and ``valid`` ``(batch, T)``),
+        in time order, e.g. a round's earlier episodes; steps where ``valid`` is False add nothing."""
+        reward = np.asarray(reward, dtype=np.float64)
+        finite = (np.isfinite(obs).all(-1) & np.isfinite(act).all(-1) & np.isfinite(next_obs).all(-1)
                   & np.isfinite(reward))
-        clean = lambda x: np.where(finite.reshape(-1, *([1] * (np.ndim(x) - 1))), x, 0.0)  # noqa: E731
-        mean, var = self.algo.transition_factors(clean(obs), clean(sent_action), clean(reward), clean(next_obs))
-        precision = np.where(finite[:, None], 1.0 / var, 0.0)
-        self._precisions.append(precision)
-        self._weighted_means.append(precision * mean)
-        self.skipped += ~finite
+        wanted = np.ones_like(finite) if valid is None else np.asarray(valid, dtype=bool)
+        use = finite & wanted
+        clean = lambda x: np.where(use.reshape(*use.shape, *([1] * (np.ndim(x) - 2))), x, 0.0)  # noqa: E731
+        mean, var = self.algo.transition_factors(clean(obs), clean(act), clean(reward), clean(next_obs))
+        precision = np.where(use[..., None], 1.0 / var, 0.0)
+        for t in range(precision.shape[1]):
+            self._precisions.append(precision[:, t])
+            self._weighted_means.append(precision[:, t] * mean[:, t])
+        self.skipped += (wanted & ~finite).sum(axis=1)
+
+
+# ---- one exploration round (PEARL's data collection for a task) ----------------------------------
+@dataclass
+class CollectionSchedule:
+    """Episodes per task in one exploration round (the reference counts steps; one episode = episode_steps)."""
+
+    prior_episodes: int = 1
+    """Episodes with z drawn from the prior at each episode start; to the encoder and RL buffers."""
+    posterior_episodes: int = 0
+    """Episodes with z sampled from the posterior of the round so far; to the encoder and RL buffers."""
+    extra_rl_episodes: int = 1
+    """Episodes with z sampled from the posterior of the round so far; to the RL buffer only (the
+    reference's ``num_extra_rl_steps_posterior``: policy data under inferred beliefs, kept out of the
+    context so the encoder trains on the same kind of context it gets at meta-test time)."""
+
+    def validate(self) -> None:
+        for name in ("prior_episodes", "posterior_episodes", "extra_rl_episodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CollectionSchedule.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.prior_episodes + self.posterior_episodes == 0:
+            raise ValueError("CollectionSchedule: prior_episodes + posterior_episodes must be >= 1, or the round "
+                             "leaves the encoder buffer empty")
+
+
+def explore_tasks(algo: PEARL, replay: TaskReplay, envs: gym.vector.VectorEnv, family: TaskFamily,
+                  tasks: Sequence[Task], task_ids: Sequence[int], schedule: CollectionSchedule,
+                  seed: int) -> dict[str, Rollout]:
+    """One exploration round on ``tasks`` (sub-env ``i`` runs ``tasks[i]``, stored as ``task_ids[i]``).
+
+    Each task's encoder buffer is emptied first, then: ``prior_episodes`` with z from the prior,
+    ``posterior_episodes`` and ``extra_rl_episodes`` with z resampled at each episode start from the
+    posterior of everything this round has collected so far on the task. Every transition goes to
+    the RL buffer; only prior and posterior episodes go to the encoder buffer. Actions are sampled
+    from the policy (exploration). Returns the rollout of each non-empty phase by name
+    (``prior``, ``posterior``, ``extra_rl``) for logging.
+    """
+    schedule.validate()
+    if len(tasks) != envs.num_envs or len(task_ids) != envs.num_envs:
+        raise ValueError(f"got {len(tasks)} tasks and {len(task_ids)} ids for {envs.num_envs} sub-envs")
+    params = {n: np.array([t[n] for t in tasks]) for n in family.reward_names}
+    reward_fn = family_reward_fn(get_reward(family.spec.reward), algo.robot, params)
+    for task_id, task in zip(task_ids, tasks, strict=True):
+        replay.begin_exploration(task_id, family.to_vector(task))
+    out: dict[str, Rollout] = {}
+    if schedule.prior_episodes:
+        prior = PEARLController(algo, envs.num_envs, reward_fn=reward_fn, keep_context=False, seed=seed)
+        out["prior"] = collect(envs, family, prior, tasks, schedule.prior_episodes, seed=seed)
+        replay.add_rollout(task_ids, out["prior"], encoder=True)
+    # Posterior phases: one controller that keeps its context, primed with the prior episodes.
+    posterior = PEARLController(algo, envs.num_envs, reward_fn=reward_fn, keep_context=True, seed=seed + 1)
+    if "prior" in out:
+        r = out["prior"]
+        posterior.absorb(r.obs, r.actions, r.rewards, r.next_obs, r.valid)
+    for name, episodes, to_encoder, phase_seed in (("posterior", schedule.posterior_episodes, True, seed + 1),
+                                                   ("extra_rl", schedule.extra_rl_episodes, False, seed + 2)):
+        if episodes:
+            out[name] = collect(envs, family, posterior, tasks, episodes, seed=phase_seed)
+            replay.add_rollout(task_ids, out[name], encoder=to_encoder)
+    return out

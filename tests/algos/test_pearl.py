@@ -9,10 +9,12 @@ import torch
 
 from metarl_robot.algos.pearl import (
     PEARL,
+    CollectionSchedule,
     Context,
     PEARLConfig,
     PEARLController,
     TaskReplay,
+    explore_tasks,
     family_reward_fn,
 )
 from metarl_robot.envs.rollout import Rollout, collect, make_vector_env
@@ -215,6 +217,12 @@ def test_controller_window_explicit_rewards_and_non_finite_transitions():
     assert np.isfinite(controller.posterior().mean).all()
     assert controller.context_size == 3
     assert not np.allclose(controller.posterior().var, before.var)  # the window moved on (transition 2 left)
+    batched = PEARLController(algo, 1, deterministic=True)  # absorb(T at once) == T observes
+    batched.absorb(obs[None], act[None], rew[None], nxt[None], valid=np.array([[True, True, False, True, True]]))
+    stepwise = PEARLController(algo, 1, deterministic=True)
+    for t in (0, 1, 3, 4):
+        stepwise.observe(obs[t:t + 1], act[t:t + 1], nxt[t:t + 1], reward=rew[t:t + 1])
+    np.testing.assert_allclose(batched.posterior().mean, stepwise.posterior().mean, rtol=1e-5, atol=1e-7)
 
 
 def test_state_dict_round_trip_reproduces_actions_and_beliefs(tmp_path):
@@ -264,3 +272,36 @@ def test_posterior_separates_tasks_whose_reward_sign_differs():
     obs = rng.normal(size=(4, 4)) * 0.5
     actions = algo.act(obs, beliefs.mean, deterministic=True)[:, 0]
     assert np.all(np.sign(actions) == np.array(signs)), actions
+
+
+@pytest.mark.slow
+def test_exploration_rounds_fill_the_buffers_as_scheduled_and_meta_testing_runs_after_training():
+    """The schedule the runner will drive: rounds of prior / posterior / RL-only episodes, an update, a meta-test."""
+    family = load_family("cartpole_swingup")
+    tasks = family.sample(np.random.default_rng(12), "train", 2)
+    algo = _algo(grad_steps=5)
+    replay = TaskReplay(4, 1)
+    envs = make_vector_env(family, 2, "sync")
+    try:
+        first = explore_tasks(algo, replay, envs, family, tasks, [0, 1], CollectionSchedule(1, 0, 1), seed=0)
+        assert set(first) == {"prior", "extra_rl"}
+        prior_steps, extra_steps = first["prior"].valid.sum(1), first["extra_rl"].valid.sum(1)
+        assert [len(replay.encoder[i]) for i in (0, 1)] == prior_steps.tolist()
+        assert [len(replay.rl[i]) for i in (0, 1)] == (prior_steps + extra_steps).tolist()
+        np.testing.assert_array_equal(replay.task_vectors[1], family.to_vector(tasks[1]))
+        metrics = algo.update(replay)
+        assert np.isfinite(list(metrics.values())).all()
+
+        second = explore_tasks(algo, replay, envs, family, tasks, [0, 1], CollectionSchedule(1, 1, 0), seed=1)
+        fresh = second["prior"].valid.sum(1) + second["posterior"].valid.sum(1)
+        assert [len(replay.encoder[i]) for i in (0, 1)] == fresh.tolist()  # the earlier round's context is gone
+        assert [len(replay.rl[i]) for i in (0, 1)] == (prior_steps + extra_steps + fresh).tolist()
+        algo.update(replay)
+
+        params = {n: np.array([t[n] for t in tasks]) for n in family.reward_names}
+        meta_test = PEARLController(algo, 2, reward_fn=family_reward_fn(get_reward(family.spec.reward), ROBOT, params),
+                                    keep_context=True, seed=3)
+        returns = collect(envs, family, meta_test, tasks, episodes=2, seed=5).episode_returns()
+        assert returns.shape == (2, 2) and np.isfinite(returns).all()  # after 0 and after 1 exploration episode
+    finally:
+        envs.close()
