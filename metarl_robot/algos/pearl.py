@@ -35,7 +35,7 @@ Context Variables".
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -509,17 +509,6 @@ class PEARL:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.agent.eval()
-
-
-def config_from_dict(data: Mapping[str, object]) -> PEARLConfig:
-    """A PEARLConfig from a mapping, refusing unknown keys by name."""
-    known = {f.name for f in fields(PEARLConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown PEARLConfig fields {unknown}; known: {sorted(known)}")
-    cfg = PEARLConfig(**data)  # type: ignore[arg-type]
-    cfg.validate()
-    return cfg
 
 
 # ---- collection and evaluation -------------------------------------------------------------------
