@@ -1,7 +1,7 @@
 """Torch twins of the rewards in :mod:`metarl_robot.spec.rewards`: differentiable in the state, the action
 and the reward parameters, for gradients through a learned model (the AdMRL gap gradient) and for torch
 planners (the pytorch-mppi peer in bench/planner_latency.py). Each returns the total reward only;
-tests/models/test_rewards.py checks every twin against its numpy original.
+tests/models/test_torch_rewards.py checks every twin against its numpy original.
 """
 
 from __future__ import annotations
