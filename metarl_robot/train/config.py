@@ -1,15 +1,24 @@
-"""Run configuration: one typed YAML per run, unknown keys rejected, saved resolved in the run folder."""
+"""Run configuration: one typed YAML per run, unknown keys rejected, saved resolved in the run folder.
+
+``algo`` picks the learner and with it the sections it reads: ``context_mbrl`` reads ``model`` and
+``training``; ``pearl`` reads ``pearl_net``, ``pearl`` and ``pearl_schedule``. A section of the other
+algorithm is refused rather than silently ignored. ``planner``, ``loop`` and the rest are shared (for
+PEARL the planner is only the oracle's, which grades the adversarial sampler and ``metarl eval``).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
 from metarl_robot.algos.context_mbrl import ContextMBRLConfig
+from metarl_robot.algos.pearl import CollectionSchedule, PEARLConfig
 from metarl_robot.models.context_dynamics import ContextDynamicsConfig
+from metarl_robot.models.pearl import PEARLNetConfig
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.schema import SpecError, build, check_schema_version, load_yaml, to_plain
 from metarl_robot.train.task_sampler import AdversaryConfig, GaussianSamplerConfig
@@ -23,11 +32,14 @@ class LoopConfig:
     """The outer meta-training loop (owned by the runner)."""
 
     iterations: int = 10
-    """Training iterations; iteration 0 collects random-action data, later ones collect with MPC."""
+    """Training iterations; iteration 0 collects initial data (random actions for context_mbrl, the untrained
+    policy for pearl), later ones collect with the current learner."""
     tasks_per_iteration: int = 4
-    """Tasks drawn per iteration, one per sub-env, one episode each."""
+    """Tasks drawn per iteration, one per sub-env (one episode each for context_mbrl, one exploration round
+    as ``pearl_schedule`` says for pearl)."""
     random_episodes: int = 8
-    """Random-action episodes (each on its own task) collected before the first model fit."""
+    """Tasks of iteration 0, each on its own uniform draw: one random-action episode each for context_mbrl,
+    one exploration round of the untrained policy each for pearl."""
     task_sampler: Literal["uniform", "gaussian", "adversarial"] = "uniform"
     """How training tasks are chosen from the family's train box: ``uniform`` draws, a ``gaussian`` around
     the box centre, or ``adversarial`` (AdMRL: the tasks with the largest gap to the oracle; docs/admrl.md)."""
@@ -38,7 +50,7 @@ class LoopConfig:
     vector: Literal["sync", "async"] = "sync"
     """Vector env mode for collection (planning is batched across sub-envs either way)."""
     eval_context_sizes: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
-    """Context sizes at which the held-out prediction error is logged (0 = unadapted)."""
+    """Context sizes at which the held-out prediction error is logged (0 = unadapted; context_mbrl only)."""
     torch_threads: int = 1
     """torch intra-op threads. Planning makes thousands of tiny model calls per step, for which one
     thread is fastest: with torch's default pool a loaded 2-core machine ran 15x slower."""
@@ -50,8 +62,9 @@ class TrainConfig:
 
     schema_version: int
     """Version of this schema the file was written for."""
-    algo: Literal["context_mbrl"]
-    """Learning algorithm."""
+    algo: Literal["context_mbrl", "pearl"]
+    """Learning algorithm: ``context_mbrl`` (context-conditioned dynamics + MPC, docs/model_based.md) or
+    ``pearl`` (context-inference policy, docs/pearl.md)."""
     family: str
     """Task family name (sim/tasks) or path to a family YAML."""
     seed: int = 0
@@ -59,11 +72,18 @@ class TrainConfig:
     name: str | None = None
     """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
     model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
-    """Encoder and ensemble sizes."""
+    """Encoder and ensemble sizes (context_mbrl)."""
     training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
-    """Optimisation of the model."""
+    """Optimisation of the model (context_mbrl)."""
+    pearl_net: PEARLNetConfig = field(default_factory=PEARLNetConfig)
+    """Sizes of PEARL's encoder, actor and critics (pearl)."""
+    pearl: PEARLConfig = field(default_factory=PEARLConfig)
+    """PEARL's optimisation and replay settings (pearl)."""
+    pearl_schedule: CollectionSchedule = field(default_factory=CollectionSchedule)
+    """Episodes of each task's exploration round: prior, posterior and RL-only (pearl)."""
     planner: PlannerConfig = field(default_factory=PlannerConfig)
-    """MPC used for data collection, and exported as the bundle's planner defaults."""
+    """MPC used for data collection and exported as the bundle's planner defaults (context_mbrl); the oracle's
+    planner, which grades the adversarial sampler and ``metarl eval``, for both algorithms."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     """The outer loop."""
 
@@ -91,9 +111,48 @@ class TrainConfig:
             raise SpecError(where, "loop.adversary", str(exc)) from exc
         if self.training.learning_rate <= 0:
             raise SpecError(where, "training.learning_rate", f"must be > 0, got {self.training.learning_rate}")
+        if self.algo == "pearl":
+            self._validate_pearl(where)
+
+    def _validate_pearl(self, where: str) -> None:
+        for section, obj in (("pearl", self.pearl), ("pearl_schedule", self.pearl_schedule)):
+            try:
+                obj.validate()
+            except ValueError as exc:  # "PEARLConfig.meta_batch must be > 0, ..." -> field pearl.meta_batch
+                named = re.match(r"\w+\.(\w+)", str(exc))
+                raise SpecError(where, f"{section}.{named.group(1)}" if named else section, str(exc)) from exc
+        net = self.pearl_net
+        for name in ("latent_dim", "hidden", "layers", "encoder_hidden", "encoder_layers"):
+            if getattr(net, name) < 1:
+                raise SpecError(where, f"pearl_net.{name}", f"must be >= 1, got {getattr(net, name)}")
+        if not net.min_factor_var > 0:
+            raise SpecError(where, "pearl_net.min_factor_var", f"must be > 0, got {net.min_factor_var}")
+        if not net.log_std_min < net.log_std_max:
+            raise SpecError(where, "pearl_net.log_std_min", f"must be < log_std_max ({net.log_std_max}), got "
+                            f"{net.log_std_min}")
+        if self.loop.task_sampler == "adversarial":
+            if self.loop.adversary.reward_gradient:
+                raise SpecError(where, "loop.adversary.reward_gradient", "the implicit reward gradient "
+                                "differentiates the learned dynamics model: algo context_mbrl only; set it false")
+            if self.pearl_schedule.posterior_episodes + self.pearl_schedule.extra_rl_episodes < 1:
+                raise SpecError(where, "pearl_schedule", "the adversarial sampler grades each candidate's first "
+                                "episode under the posterior: posterior_episodes + extra_rl_episodes must be >= 1")
+
+    def sections(self) -> dict[str, Any]:
+        """The resolved config as plain data, without the other algorithm's sections."""
+        plain = to_plain(self)
+        for name in ALGO_SECTIONS:
+            if ALGO_SECTIONS[name] != self.algo:
+                del plain[name]
+        return plain
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(to_plain(self), sort_keys=False)
+        return yaml.safe_dump(self.sections(), sort_keys=False)
+
+
+ALGO_SECTIONS = {"model": "context_mbrl", "training": "context_mbrl", "pearl_net": "pearl", "pearl": "pearl",
+                 "pearl_schedule": "pearl"}
+"""Config sections read by one algorithm only; a config for the other is refused if it has them."""
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
@@ -106,6 +165,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    algo = data.get("algo")
+    for name, owner in ALGO_SECTIONS.items():
+        if name in data and algo in set(ALGO_SECTIONS.values()) and owner != algo:
+            raise SpecError(where, name, f"is read by algo {owner} only, this config is for algo {algo!r} "
+                            "(remove the section)")
     cfg = build(TrainConfig, data, where)
     cfg.validate(where)
     return cfg

@@ -8,7 +8,15 @@ Run folder layout (``<out>/<run name>/``)::
     tasks.jsonl        the tasks drawn at each iteration
     tb/                TensorBoard events
     checkpoints/       ckpt_<iteration>.pt and latest.pt (versioned, see CHECKPOINT_SCHEMA_VERSION)
-    buffer.npz         all collected episodes (needed to resume)
+    buffer.npz         all collected episodes (context_mbrl; needed to resume)
+    replay.npz         every task's RL and encoder buffers (pearl; needed to resume)
+
+Two algorithms share the loop, the samplers, the logging and the checkpoints (``algo`` in the config):
+``context_mbrl`` collects one episode per task (random actions at iteration 0, MPC through the model
+after) into an :class:`EpisodeBuffer` and refits the model; ``pearl`` gives every chosen task a new
+id, runs one exploration round per task (:func:`~metarl_robot.algos.pearl.explore_tasks`, as
+``pearl_schedule`` says) into a :class:`~metarl_robot.algos.pearl.TaskReplay` and takes SAC gradient
+steps. docs/model_based.md and docs/pearl.md describe each.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from tqdm.auto import tqdm
 
 from metarl_robot.algos.buffer import EpisodeBuffer
 from metarl_robot.algos.context_mbrl import ContextMBRL
+from metarl_robot.algos.pearl import PEARL, TaskReplay, explore_tasks
 from metarl_robot.envs.rollout import Rollout, collect, make_vector_env, random_policy
 from metarl_robot.provenance import git_commit
 from metarl_robot.runtime.adapter import ModelBasedAdapter
@@ -42,8 +51,11 @@ from metarl_robot.train.config import TrainConfig, load_config
 from metarl_robot.train.gap import OracleReturns
 from metarl_robot.train.task_sampler import make_sampler
 
-CHECKPOINT_SCHEMA_VERSION = 1
-"""Layout of the checkpoint dict; a mismatch on load is refused with a clear error."""
+CHECKPOINT_SCHEMA_VERSION = 2
+"""Layout of the checkpoint dict; another version is refused with a clear error, except 1 (below)."""
+MODEL_BASED_ONLY_SCHEMA = 1
+"""Schema 1 predates the ``algo`` key; only context_mbrl wrote it, so it is read as a context_mbrl checkpoint
+(same layout otherwise)."""
 
 
 class MPCController:
@@ -68,24 +80,41 @@ class MPCController:
         self.adapter.observe(obs, sent_action, next_obs)
 
 
+INITIAL_TASKS_STREAM = 1
+"""pearl: the iteration-0 tasks are drawn from ``default_rng([seed, INITIAL_TASKS_STREAM])``."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint, refusing an unknown schema version."""
+    """Read a checkpoint, refusing an unknown schema version; ``state["algo_kind"]`` names its algorithm."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     version = state.get("schema_version")
-    if version != CHECKPOINT_SCHEMA_VERSION:
+    if version == MODEL_BASED_ONLY_SCHEMA:
+        state.setdefault("algo_kind", "context_mbrl")
+    elif version != CHECKPOINT_SCHEMA_VERSION:
         raise SpecError(str(path), "schema_version", f"checkpoint schema {version!r} is not supported; this version "
-                        f"of metarl-robot reads {CHECKPOINT_SCHEMA_VERSION}")
+                        f"of metarl-robot reads {CHECKPOINT_SCHEMA_VERSION} (and {MODEL_BASED_ONLY_SCHEMA}, "
+                        "context_mbrl checkpoints of earlier versions)")
     return state
 
 
-def load_trained(checkpoint: Path) -> tuple[TrainConfig, RobotSpec, ContextMBRL]:
+def build_algo(cfg: TrainConfig, robot: RobotSpec) -> ContextMBRL | PEARL:
+    """The (untrained) algorithm ``cfg.algo`` names, sized as the config says."""
+    if cfg.algo == "pearl":
+        return PEARL(robot, cfg.pearl_net, cfg.pearl, cfg.seed)
+    return ContextMBRL(robot, cfg.model, cfg.training, cfg.seed)
+
+
+def load_trained(checkpoint: Path) -> tuple[TrainConfig, RobotSpec, ContextMBRL | PEARL]:
     """The config, robot and trained algorithm a checkpoint holds (its own config, not the run folder's)."""
     state = load_checkpoint(checkpoint)
     cfg = build(TrainConfig, yaml.safe_load(state["config"]), f"{checkpoint}: config")
+    if state["algo_kind"] != cfg.algo:  # a hand-edited checkpoint; never written so
+        raise SpecError(str(checkpoint), "algo_kind", f"checkpoint holds {state['algo_kind']!r} weights but its config "
+                        f"says algo {cfg.algo!r}")
     robot = robot_from_dict(state["robot"], f"{checkpoint}: robot")
-    algo = ContextMBRL(robot, cfg.model, cfg.training, cfg.seed)
+    algo = build_algo(cfg, robot)
     algo.load_state_dict(state["algo"])
     return cfg, robot, algo
 
@@ -110,6 +139,22 @@ class Collected:
                              "online_pred_err_after_k": float(np.nanmean(self.errors[window + 1:]))}
 
 
+@dataclass
+class Iteration:
+    """What one training iteration reports to the loop."""
+
+    tasks: list[Task]
+    """The tasks trained on."""
+    metrics: dict[str, float]
+    """The metrics.csv row (the same columns every iteration)."""
+    sampler_info: dict[str, Any]
+    """Extra fields of the iteration's tasks.jsonl line."""
+    line: str
+    """The progress line's summary (one line per iteration when stderr is not a terminal)."""
+    postfix: dict[str, str]
+    """Extra fields of the progress bar."""
+
+
 class Runner:
     """Owns the loop, the data, logging and checkpoints; the algorithm owns the math."""
 
@@ -119,7 +164,7 @@ class Runner:
         self.family = load_family(cfg.family)
         self.robot = load_robot(self.family.spec.robot)
         self.reward = get_reward(self.family.spec.reward)
-        self.algo = ContextMBRL(self.robot, cfg.model, cfg.training, cfg.seed)
+        self.algo = build_algo(cfg, self.robot)
         if cfg.loop.task_sampler == "adversarial":  # before the sampler, which would trip on an unknown param
             try:
                 cfg.loop.adversary.validate(self.family, cfg.loop.tasks_per_iteration)
@@ -136,6 +181,14 @@ class Runner:
         self.oracle_env_steps = 0
         """Env steps the oracle simulated for the adversary's gaps (planning rollouts not counted)."""
         self.buffer = EpisodeBuffer(self.robot.obs_dim, self.robot.action_dim, holdout_every=5)
+        """context_mbrl's episodes (empty for pearl)."""
+        self.replay = TaskReplay(self.robot.obs_dim, self.robot.action_dim, cfg.pearl.replay_capacity,
+                                 cfg.pearl.encoder_capacity, cfg.pearl.max_tasks)
+        """pearl's per-task RL and encoder buffers (empty for context_mbrl)."""
+        self.next_task_id = 0
+        """pearl: the id the next trained task gets (a running count; tasks.jsonl maps ids to tasks)."""
+        self.episodes_collected = 0
+        """pearl: training episodes collected so far (all phases of every exploration round)."""
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
         if resume:
@@ -161,25 +214,38 @@ class Runner:
     def _resume(self) -> None:
         latest = self.run_dir / "checkpoints" / "latest.pt"
         state = load_checkpoint(latest)
+        if state["algo_kind"] != self.cfg.algo:
+            raise SpecError(str(self.run_dir / "config.yaml"), "algo", f"the run's checkpoint is a "
+                            f"{state['algo_kind']} one; a run cannot resume as {self.cfg.algo!r}")
         self.algo.load_state_dict(state["algo"])
         self.sampler.load_state(state["sampler"])
         self.history = state["history"]
         self.adversary_env_steps = state.get("adversary_env_steps", 0)
         self.oracle_env_steps = state.get("oracle_env_steps", 0)
-        self.buffer = EpisodeBuffer.load(self.run_dir / "buffer.npz")
+        if self.cfg.algo == "pearl":
+            self.replay = TaskReplay.load(self.run_dir / "replay.npz")
+            self.next_task_id, self.episodes_collected = state["next_task_id"], state["episodes_collected"]
+        else:
+            self.buffer = EpisodeBuffer.load(self.run_dir / "buffer.npz")
         self.start_iteration = state["iteration"] + 1
 
     def _checkpoint(self, iteration: int) -> None:
-        state = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "iteration": iteration, "algo": self.algo.state_dict(),
+        state = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "algo_kind": self.cfg.algo, "iteration": iteration,
+                 "algo": self.algo.state_dict(),
                  "sampler": self.sampler.state(), "history": self.history,
                  "adversary_env_steps": self.adversary_env_steps, "oracle_env_steps": self.oracle_env_steps,
                  "config": self.cfg.to_yaml(),
                  "robot": self.robot.to_dict(), "family": self.family.name}
+        if self.cfg.algo == "pearl":
+            state.update(next_task_id=self.next_task_id, episodes_collected=self.episodes_collected)
         ckpt_dir = self.run_dir / "checkpoints"
         torch.save(state, ckpt_dir / f"ckpt_{iteration:04d}.pt")
         # A byte copy, not a second torch.save (whose bytes differ): latest.pt and its numbered twin share a sha256.
         shutil.copyfile(ckpt_dir / f"ckpt_{iteration:04d}.pt", ckpt_dir / "latest.pt")
-        self.buffer.save(self.run_dir / "buffer.npz")
+        if self.cfg.algo == "pearl":
+            self.replay.save(self.run_dir / "replay.npz")
+        else:
+            self.buffer.save(self.run_dir / "buffer.npz")
 
     def _log(self, iteration: int, metrics: dict[str, float], tasks: list[Task], sampler_info: dict[str, Any],
              writer: Any) -> None:
@@ -197,7 +263,7 @@ class Runner:
                 w.writeheader()
             w.writerow(row)
         with (self.run_dir / "tasks.jsonl").open("a") as f:
-            sampler = self.cfg.loop.task_sampler if iteration else "random"
+            sampler = self.cfg.loop.task_sampler if iteration else ("initial" if self.cfg.algo == "pearl" else "random")
             f.write(json.dumps({"iteration": iteration, "sampler": sampler, "tasks": tasks, **sampler_info}) + "\n")
         for k, v in metrics.items():
             writer.add_scalar(k, v, iteration)
@@ -275,6 +341,128 @@ class Runner:
         return ([candidates[i] for i in chosen], Collected(collected.rollout.take(np.array(chosen)), errors,
                                                             collected.seed), info)
 
+    # ---- pearl --------------------------------------------------------------------------------
+    def _explore(self, replay: TaskReplay, tasks: list[Task], task_ids: list[int], seed: int,
+                 same_start: bool = False) -> dict[str, Rollout]:
+        """One exploration round per task into ``replay``, ``tasks_per_iteration`` sub-envs at a time.
+
+        Returns each phase's rollout (``prior``, ``posterior``, ``extra_rl``), one row per task.
+        ``same_start``: each phase's first episode starts from the same state for every task (reset
+        seeds ``seed``, ``seed + 1``, ``seed + 2``), as a gap measurement needs.
+        """
+        num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
+        envs: dict[int, Any] = {}
+        parts: list[dict[str, Rollout]] = []
+        try:
+            for start in range(0, len(tasks), num):
+                chunk, ids = tasks[start:start + num], task_ids[start:start + num]
+                if len(chunk) not in envs:  # a smaller last chunk gets its own envs: no padded duplicates
+                    envs[len(chunk)] = make_vector_env(self.family, len(chunk), self.cfg.loop.vector)
+                chunk_seed = [seed] * len(chunk) if same_start else seed + start
+                parts.append(explore_tasks(self.algo, replay, envs[len(chunk)], self.family, chunk, ids,
+                                           self.cfg.pearl_schedule, seed=chunk_seed))
+        finally:
+            for env in envs.values():
+                env.close()
+        return {name: Rollout.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _new_task_ids(self, n: int) -> list[int]:
+        ids = list(range(self.next_task_id, self.next_task_id + n))
+        self.next_task_id += n
+        return ids
+
+    def _pearl_collect(self, iteration: int) -> tuple[list[Task], list[int], dict[str, Rollout], dict[str, Any]]:
+        """The iteration's exploration rounds: the sampler's candidates (uniform draws at iteration 0), each
+        task under a new id; with the adversarial sampler every candidate is explored and graded, and only
+        the chosen ones' rounds enter the replay."""
+        cfg, schedule = self.cfg.loop, self.cfg.pearl_schedule
+        seed0 = self.cfg.seed * 100_003 + iteration * 101
+        if iteration == 0:  # the untrained policy on uniform tasks, the same for every sampler
+            # A stream of its own: the samplers' generators start from cfg.seed, and iteration 1 would
+            # otherwise redraw iteration 0's first tasks.
+            initial_rng = np.random.default_rng([self.cfg.seed, INITIAL_TASKS_STREAM])
+            tasks = self.family.sample(initial_rng, "train", cfg.random_episodes)
+            ids = self._new_task_ids(len(tasks))
+            return tasks, ids, self._explore(self.replay, tasks, ids, seed0), {}
+        candidates = self.sampler.candidates(cfg.tasks_per_iteration)
+        if not self.sampler.needs_gap:
+            ids = self._new_task_ids(len(candidates))
+            return candidates, ids, self._explore(self.replay, candidates, ids, seed0), self.sampler.describe()
+        # Graded episode: the first one under the posterior of the round so far (after the prior
+        # episodes), every candidate from the same start as the oracle's episode.
+        scratch = TaskReplay(self.robot.obs_dim, self.robot.action_dim, self.cfg.pearl.replay_capacity,
+                             self.cfg.pearl.encoder_capacity)
+        rounds = self._explore(scratch, candidates, list(range(len(candidates))), seed0, same_start=True)
+        graded_phase = "posterior" if schedule.posterior_episodes else "extra_rl"
+        graded_seed = seed0 + (1 if graded_phase == "posterior" else 2)
+        returns = rounds[graded_phase].episode_returns()[:, 0]
+        oracle_runs = self.oracle.episodes_run
+        oracle = self.oracle(candidates, seed=graded_seed)
+        chosen = self.sampler.select(candidates, oracle - returns, cfg.tasks_per_iteration)
+        tasks = [candidates[i] for i in chosen]
+        ids = self._new_task_ids(len(tasks))
+        rounds = {name: r.take(np.array(chosen)) for name, r in rounds.items()}
+        for task_id, task in zip(ids, tasks, strict=True):  # as explore_tasks stores a round
+            self.replay.begin_exploration(task_id, self.family.to_vector(task))
+        for name, rollout in rounds.items():
+            self.replay.add_rollout(ids, rollout, encoder=name != "extra_rl")
+        per_round = schedule.prior_episodes + schedule.posterior_episodes + schedule.extra_rl_episodes
+        self.adversary_env_steps += (len(candidates) - len(chosen)) * per_round * self.family.spec.episode_steps
+        self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
+        info = {**self.sampler.describe(), "candidates": candidates, "graded_phase": graded_phase,
+                "candidate_returns": returns.tolist(), "oracle_returns": oracle.tolist(), "chosen": chosen,
+                "graded_mean_return": float(returns.mean())}
+        return tasks, ids, rounds, info
+
+    def _pearl_iteration(self, iteration: int) -> Iteration:
+        started = time.perf_counter()
+        tasks, ids, rounds, info = self._pearl_collect(iteration)
+        self.episodes_collected += sum(r.episode_returns().size for r in rounds.values())
+        first = {name: float(np.mean(r.episode_returns()[:, 0])) for name, r in rounds.items()}
+        explore_return = first.get("prior", first.get("posterior", float("nan")))
+        posterior_return = first.get("posterior", first.get("extra_rl", float("nan")))
+        fit = self.algo.update(self.replay)
+        metrics = {
+            "episode_return": explore_return, "posterior_return": posterior_return,
+            "graded_episode_return": info.get("graded_mean_return", posterior_return),
+            "tasks": float(len(self.replay)), "episodes": float(self.episodes_collected),
+            "transitions": float(sum(len(store) for store in self.replay.rl.values())),
+            "adversary_env_steps": float(self.adversary_env_steps), "oracle_env_steps": float(self.oracle_env_steps),
+            **{f"fit_{k}": v for k, v in fit.items()},
+            "seconds": time.perf_counter() - started,
+        }
+        line = (f"return {explore_return:.1f} exploring, {posterior_return:.1f} under the posterior, critic loss "
+                f"{fit.get('critic_loss', float('nan')):.3g}, kl {fit.get('kl', float('nan')):.3g}")
+        return Iteration(tasks, metrics, {"task_ids": ids, **info}, line, {"post": f"{posterior_return:.1f}"})
+
+    # ---- context_mbrl -------------------------------------------------------------------------
+    def _mbrl_iteration(self, iteration: int) -> Iteration:
+        cfg = self.cfg
+        started = time.perf_counter()
+        tasks, collected, sampler_info = self._choose_and_collect(iteration)
+        self.buffer.add(collected.rollout, np.stack([self.family.to_vector(t) for t in tasks]))
+        mean_return, online = collected.summary(cfg.model.context_window)
+        # The adversary trains on its worst graded episodes: the mean over all it graded compares
+        # with the other samplers' training return.
+        graded_return = sampler_info.get("graded_mean_return", mean_return)
+        fit = self.algo.update(self.buffer)
+        sizes = tuple(cfg.loop.eval_context_sizes)
+        pred = self.algo.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
+            else dict.fromkeys(sizes, float("nan"))  # no held-out episode yet
+        metrics = {
+            "episode_return": mean_return, "graded_episode_return": graded_return,
+            "policy": 0.0 if iteration == 0 else 1.0,
+            "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
+            "adversary_env_steps": float(self.adversary_env_steps),
+            "oracle_env_steps": float(self.oracle_env_steps),
+            **{f"fit_{k}": v for k, v in fit.items()}, **online,
+            **{f"pred_err_ctx{c}": v for c, v in pred.items()},
+            "seconds": time.perf_counter() - started,
+        }
+        err0, err_k = pred.get(0, np.nan), pred.get(max(pred, default=0), np.nan)
+        line = f"return {mean_return:.1f}, held-out error {err0:.4f} without context, {err_k:.4f} with"
+        return Iteration(tasks, metrics, sampler_info, line, {"err0": f"{err0:.3f}", "errK": f"{err_k:.3f}"})
+
     def run(self) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -283,36 +471,15 @@ class Runner:
         writer = SummaryWriter(str(self.run_dir / "tb"))
         bar = tqdm(range(self.start_iteration, cfg.loop.iterations), desc=f"train {cfg.run_name}", unit="it",
                    disable=None if self.progress else True, initial=self.start_iteration, total=cfg.loop.iterations)
+        iterate = self._pearl_iteration if cfg.algo == "pearl" else self._mbrl_iteration
         try:
             for iteration in bar:
-                started = time.perf_counter()
-                tasks, collected, sampler_info = self._choose_and_collect(iteration)
-                self.buffer.add(collected.rollout, np.stack([self.family.to_vector(t) for t in tasks]))
-                mean_return, online = collected.summary(cfg.model.context_window)
-                # The adversary trains on its worst graded episodes: the mean over all it graded compares
-                # with the other samplers' training return.
-                graded_return = sampler_info.get("graded_mean_return", mean_return)
-                fit = self.algo.update(self.buffer)
-                sizes = tuple(cfg.loop.eval_context_sizes)
-                pred = self.algo.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
-                    else dict.fromkeys(sizes, float("nan"))  # no held-out episode yet
-                metrics = {
-                    "episode_return": mean_return, "graded_episode_return": graded_return,
-                    "policy": 0.0 if iteration == 0 else 1.0,
-                    "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
-                    "adversary_env_steps": float(self.adversary_env_steps),
-                    "oracle_env_steps": float(self.oracle_env_steps),
-                    **{f"fit_{k}": v for k, v in fit.items()}, **online,
-                    **{f"pred_err_ctx{c}": v for c, v in pred.items()},
-                    "seconds": time.perf_counter() - started,
-                }
-                self._log(iteration, metrics, tasks, sampler_info, writer)
+                it = iterate(iteration)
+                self._log(iteration, it.metrics, it.tasks, it.sampler_info, writer)
                 self._checkpoint(iteration)
-                err0, err_k = pred.get(0, np.nan), pred.get(max(pred, default=0), np.nan)
-                bar.set_postfix(ret=f"{mean_return:.1f}", err0=f"{err0:.3f}", errK=f"{err_k:.3f}")
+                bar.set_postfix(ret=f"{it.metrics['episode_return']:.1f}", **it.postfix)
                 if self.progress and not sys.stderr.isatty():  # no bar in a log file: one line per iteration
-                    print(f"iteration {iteration}/{cfg.loop.iterations - 1}: return {mean_return:.1f}, held-out "
-                          f"error {err0:.4f} without context, {err_k:.4f} with, {metrics['seconds']:.0f} s",
+                    print(f"iteration {iteration}/{cfg.loop.iterations - 1}: {it.line}, {it.metrics['seconds']:.0f} s",
                           file=sys.stderr, flush=True)
         finally:
             bar.close()

@@ -46,7 +46,7 @@ def test_run_folder_resume_and_checkpoint_versions(tmp_path):
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
     state["schema_version"] = CHECKPOINT_SCHEMA_VERSION + 1
     torch.save(state, run / "checkpoints" / "latest.pt")
-    with pytest.raises(SpecError, match="checkpoint schema 2 is not supported"):
+    with pytest.raises(SpecError, match=f"checkpoint schema {CHECKPOINT_SCHEMA_VERSION + 1} is not supported"):
         load_checkpoint(run / "checkpoints" / "latest.pt")
     with pytest.raises(FileExistsError, match="resume it with --resume"):
         Runner(load_config(CONFIG, {**TINY, "name": "r"}), run)
