@@ -136,7 +136,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(args.resume or args.config, args.out, resume=bool(args.resume), overrides=overrides)
     final = summary["final"]
     print(f"run folder: {summary['run_dir']}")
-    if final:
+    if final and "posterior_return" in final:  # pearl
+        print(f"last iteration {final['iteration']}: mean return {final['episode_return']:.2f} exploring, "
+              f"{final['posterior_return']:.2f} under the posterior; {int(final['episodes'])} episodes collected, "
+              f"{int(final['transitions'])} transitions of {int(final['tasks'])} tasks in the replay")
+    elif final:
         print(f"last iteration {final['iteration']}: mean episode return {final['episode_return']:.2f}, "
               f"{int(final['episodes'])} episodes / {int(final['transitions'])} transitions in the buffer")
     return 0
@@ -164,11 +168,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       planner_overrides=_parse_overrides(args.set))
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
-    header = f"{'task':<5}{'ood':<5}" + "".join(f"{m:>12}" for m in ("adapted", "unadapted", "oracle", "gap"))
-    print(header)
+    if report.get("algo") == "pearl":  # returns after 0, 1, 2 exploration episodes, and their gaps
+        after = [f"after_{k}" for k in report["exploration_episodes"]]
+        columns = [f"return_{c}" for c in after] + ["return_oracle"] + [f"gap_{c}" for c in after]
+        names = [*after, "oracle", *(f"gap_{k}" for k in report["exploration_episodes"])]
+    else:
+        columns = ["return_adapted", "return_unadapted", "return_oracle", "gap"]
+        names = ["adapted", "unadapted", "oracle", "gap"]
+    print(f"{'task':<5}{'ood':<5}" + "".join(f"{m:>12}" for m in names))
     for i, row in enumerate(report["tasks"]):
-        cells = [row.get(f"return_{m}", float("nan")) for m in ("adapted", "unadapted", "oracle")]
-        cells.append(row.get("gap", float("nan")))
+        cells = [row.get(c, float("nan")) for c in columns]
         print(f"{i:<5}{'yes' if row['ood'] else 'no':<5}" + "".join(f"{c:>12.2f}" for c in cells))
     for key, value in summ.items():
         print(f"  {key}: {value}")
@@ -176,7 +185,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         worst = report["tasks"][summ["gap"]["worst_task"]]["task"]
         print(f"worst-case gap {summ['gap']['worst']:.2f} (task {summ['gap']['worst_task']}: "
               + ", ".join(f"{k}={v:.3g}" for k, v in worst.items()) + f"), mean gap {summ['gap']['mean']:.2f}")
-    plots = ["eval_returns.png", "eval_prediction_error.png", *report.get("heatmaps", [])]
+    plots = ["eval_returns.png", *([] if report.get("algo") == "pearl" else ["eval_prediction_error.png"]),
+             *report.get("heatmaps", [])]
     print(f"wrote {Path(args.out) / 'eval.json'}, {', '.join(plots)} ({report['seconds']} s)")
     return 0
 
@@ -296,11 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_rollout)
 
     p = sub.add_parser("train", help="meta-train an adaptive controller from a run config",
-                       description="Meta-train over a task family as the config says (configs/*.yaml): random "
-                       "data, then iterations of MPC data collection on new tasks and model refits. Writes the "
-                       "run folder: resolved config, metrics.csv, TensorBoard events, versioned checkpoints, "
-                       "the data buffer. Resume an interrupted run with --resume <run folder>.")
-    p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml")
+                       description="Meta-train over a task family as the config says (configs/*.yaml). algo "
+                       "context_mbrl: random data, then iterations of MPC data collection on new tasks and model "
+                       "refits (docs/model_based.md). algo pearl: iterations of exploration rounds on new tasks "
+                       "and SAC updates of a context-conditioned policy (docs/pearl.md). Writes the run folder: "
+                       "resolved config, metrics.csv, tasks.jsonl, TensorBoard events, versioned checkpoints, the "
+                       "data (buffer.npz or replay.npz). Resume an interrupted run with --resume <run folder>.")
+    p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml or "
+                   "configs/pearl_cartpole_swingup.yaml")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--name", help="run folder name (default: <algo>_<family>_s<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder from its latest checkpoint")
@@ -313,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tasks, with adaptation on and off, and the same planner through the true physics "
                        "(oracle). Every episode starts from the state a reset with --seed gives. Reports returns, "
                        "the gap to the oracle (worst case and mean), success, and one-step prediction error "
-                       "against time since reset; writes eval.json and PNG plots.")
+                       "against time since reset; writes eval.json and PNG plots. A PEARL run or checkpoint is "
+                       "graded by returns after 0, 1 and 2 exploration episodes per task (belief kept across "
+                       "them), each with its gap to the oracle (docs/pearl.md).")
     p.add_argument("source", help="bundle folder (bundle.yaml), run folder (checkpoints/latest.pt) or a checkpoint "
                    "file (e.g. RUN/checkpoints/ckpt_0005.pt, for a learning curve)")
     p.add_argument("--family", help="family to evaluate on (default: the controller's own)")
@@ -326,11 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "parameters, or the task.yaml of metarl identify: the episode reproduced in sim)")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks, resets and planner noise (default: 0)")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle (much faster; no gap)")
-    p.add_argument("--no-unadapted", action="store_true", help="skip the unadapted (empty-context) episodes")
+    p.add_argument("--no-unadapted", action="store_true", help="skip the unadapted (empty-context) episodes "
+                   "(model-based only)")
     p.add_argument("--oracle-cache", metavar="FILE", help="JSON file of oracle returns reused across evaluations "
                    "with the same family, planner and seed (created if missing): the oracle runs once per task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a planner setting, e.g. --set samples=64 --set horizon=30")
+                   help="override a planner setting, e.g. --set samples=64 --set horizon=30 (for PEARL: the "
+                   "oracle's planner)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     p.set_defaults(func=_cmd_eval)
 

@@ -13,6 +13,13 @@ context and with the empty one, on the *same* transitions, against the steps sin
 what adaptation does to the model. Writes ``eval.json``, ``eval_returns.png`` and
 ``eval_prediction_error.png``; a grid evaluation (``--grid k``) also writes the gap over the grid
 (worst case and mean in the summary) as heat maps, one per pair of varied parameters.
+
+A PEARL run or checkpoint (``algo: pearl``) is graded by PEARL's meta-test protocol instead: three
+episodes per task with a belief that keeps the evidence of the earlier ones (``return_after_k``, the
+return after ``k`` = 0, 1, 2 exploration episodes: the first runs on z drawn from the prior, each later
+one on z drawn from the posterior of everything the controller saw on the task), deterministic actions;
+every episode starts from the oracle's start, so each column has its own gap (``gap_after_k``; ``gap``
+is the one after 2). Writes ``eval.json`` and ``eval_returns.png`` (and the grid's heat maps).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.planner import PlannerConfig
-from metarl_robot.spec.family import Task, load_family
+from metarl_robot.spec.family import Task, TaskFamily, load_family
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.train.gap import OracleReturns, episode_success, run_episodes
@@ -45,6 +53,8 @@ class _Source:
 
             bundle = load_bundle(path)
             self.kind, self.robot, self.family, self.planner = "bundle", bundle.robot, bundle.family, bundle.planner
+            self.algo = "context_mbrl"
+            """The algorithm the controller was trained with (bundles: model-based only, so far)."""
             self.encode, self.step = bundle.encode, bundle.step
             adaptation = bundle.manifest["adaptation"]
             self.ensemble_size, self.window = adaptation["ensemble_size"], adaptation["context_window"]
@@ -53,9 +63,13 @@ class _Source:
 
             cfg, self.robot, algo = load_trained(path if path.suffix == ".pt" else path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
-            self.kind, self.planner = "run", cfg.planner
-            self.encode, self.step = algo.encode, algo.step
-            self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
+            self.kind, self.planner, self.algo = "run", cfg.planner, cfg.algo
+            if cfg.algo == "pearl":
+                self.pearl = algo
+                """The trained PEARL (runs with ``algo: pearl`` only)."""
+            else:
+                self.encode, self.step = algo.encode, algo.step
+                self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
         else:
             raise FileNotFoundError(f"{path} is neither a bundle (bundle.yaml), a run (checkpoints/latest.pt) nor a "
                                     "checkpoint file (.pt)")
@@ -109,6 +123,13 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
         task_list = fam.sample(np.random.default_rng(seed), split, tasks)
     planner_cfg = replace(src.planner, **(planner_overrides or {}), seed=seed)
     robot: RobotSpec = src.robot
+    grid_info = {"k": grid, "params": grid_params or fam.names} if grid and not isinstance(tasks, list) else None
+    if src.algo == "pearl":
+        if not unadapted:
+            raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
+                             "first episode on the prior (return_after_0, the unadapted return)")
+        return _evaluate_pearl(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg,
+                               oracle, oracle_threads, oracle_cache, progress, started)
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     starts = [seed] * n
@@ -141,10 +162,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
         rows.append(row)
 
     def stats(key: str) -> dict[str, float]:
-        values = np.array([r[key] for r in rows], dtype=float)
-        worst = int(values.argmin() if "return" in key else values.argmax())
-        return {"mean": float(values.mean()), "worst": float(values[worst]), "std": float(values.std()),
-                "worst_task": worst}
+        return _stats(rows, key)
 
     summary: dict[str, Any] = {f"return_{m}": stats(f"return_{m}") for m in ret}
     if "oracle" in ret:
@@ -160,7 +178,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
             summary[f"success_rate_{mode}"] = float(np.mean([r[f"success_{mode}"] for r in rows]))
     report = {
         "source": str(source_path), "source_kind": src.kind, "family": fam.name, "split": split, "seed": seed,
-        "grid": {"k": grid, "params": grid_params or fam.names} if grid and not isinstance(tasks, list) else None,
+        "grid": grid_info,
         "tasks": rows, "summary": summary, "context_window": k, "planner": planner_cfg.__dict__,
         "prediction_error_by_step": {"adapted": err_on.mean(axis=0).tolist(),
                                      "unadapted": err_off.mean(axis=0).tolist()},
@@ -177,8 +195,88 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     return report
 
 
-def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off: np.ndarray, dt: float,
-           out: Path) -> None:
+def _stats(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Mean, std and the worst task (lowest return, or highest gap) of a per-task column."""
+    values = np.array([r[key] for r in rows], dtype=float)
+    worst = int(values.argmin() if "return" in key else values.argmax())
+    return {"mean": float(values.mean()), "worst": float(values[worst]), "std": float(values.std()),
+            "worst_task": worst}
+
+
+PEARL_EXPLORATION_EPISODES = (0, 1, 2)
+"""A PEARL evaluation reports the return after this many exploration episodes on the task."""
+
+
+def _evaluate_pearl(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
+                    task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
+                    oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool,
+                    started: float) -> dict[str, Any]:
+    """PEARL's meta-test: consecutive episodes per task with accumulating evidence, each from the oracle's start."""
+    from metarl_robot.algos.pearl import PEARLController, family_reward_fn
+
+    robot: RobotSpec = src.robot
+    n = len(task_list)
+    params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
+    # The context must hold the rewards the env gives: the family's reward with each task's parameters.
+    controller = PEARLController(src.pearl, n, deterministic=True, z_mode="sample", keep_context=True,
+                                 reward_fn=family_reward_fn(get_reward(fam.spec.reward), robot, params), seed=seed)
+    columns = [f"after_{k}" for k in PEARL_EXPLORATION_EPISODES]
+    ret: dict[str, np.ndarray] = {}
+    success: dict[str, np.ndarray | None] = {}
+    belief_var: dict[str, np.ndarray] = {}
+    envs = make_vector_env(fam, n, "sync", tasks=task_list)
+    try:
+        for column in columns:
+            # The belief z is drawn from at this episode's reset (the prior for after_0).
+            belief_var[column] = controller.posterior().var.mean(axis=1)
+            ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
+            ret[column], success[column] = ep.returns, episode_success(fam, ep.components)
+    finally:
+        envs.close()
+    if oracle:
+        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache)
+        ret["oracle"] = oracle_returns(task_list, seed, progress)
+        success["oracle"] = oracle_returns.success(task_list, seed)
+    rows = []
+    for i, task in enumerate(task_list):
+        row: dict[str, Any] = {"task": task, "ood": fam.is_ood(task),
+                               **{f"return_{m}": float(v[i]) for m, v in ret.items()},
+                               **{f"belief_var_{c}": float(belief_var[c][i]) for c in columns}}
+        if "oracle" in ret:
+            for c in columns:
+                row[f"gap_{c}"] = float(ret["oracle"][i] - ret[c][i])
+            row["gap"] = row[f"gap_{columns[-1]}"]
+        for mode, succ in success.items():
+            if succ is not None:
+                row[f"success_{mode}"] = bool(succ[i])
+        rows.append(row)
+    summary: dict[str, Any] = {f"return_{m}": _stats(rows, f"return_{m}") for m in ret}
+    if "oracle" in ret:
+        summary.update({f"gap_{c}": _stats(rows, f"gap_{c}") for c in columns})
+        summary["gap"] = _stats(rows, "gap")
+    summary[f"return_gain_{columns[-1]}"] = float(np.mean(ret[columns[-1]] - ret[columns[0]]))
+    for mode in ret:
+        if f"success_{mode}" in rows[0]:
+            summary[f"success_rate_{mode}"] = float(np.mean([r[f"success_{mode}"] for r in rows]))
+    report = {
+        "source": str(source_path), "source_kind": src.kind, "algo": "pearl", "family": fam.name, "split": split,
+        "seed": seed, "grid": grid_info, "tasks": rows, "summary": summary,
+        "exploration_episodes": list(PEARL_EXPLORATION_EPISODES),
+        "controller": {"deterministic": True, "z_mode": "sample", "keep_context": True},
+        "planner": planner_cfg.__dict__, "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    _returns_plot(report, ret, out, {"after_0": "#9ecae1", "after_1": "#4292c6", "after_2": "#08519c",
+                                     "oracle": "tab:green"}, "return after k exploration episodes")
+    if report["grid"] and "oracle" in ret:
+        report["heatmaps"] = gap_heatmaps(report, out)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _returns_plot(report: dict, ret: dict[str, np.ndarray], out: Path, colors: dict[str, str], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,17 +285,27 @@ def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off
     n = len(report["tasks"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * n + 2), 4))
     width = 0.8 / len(ret)
-    colors = {"adapted": "tab:blue", "unadapted": "tab:gray", "oracle": "tab:green"}
     for j, (mode, values) in enumerate(ret.items()):
         ax.bar(np.arange(n) + (j - (len(ret) - 1) / 2) * width, values, width, label=mode, color=colors[mode])
     ax.set_xticks(np.arange(n), [f"{i}{'*' if r['ood'] else ''}" for i, r in enumerate(report["tasks"])])
     ax.set_xlabel("task (* = out of distribution)")
     ax.set_ylabel("episode return")
-    ax.set_title(f"{report['family']} ({report['split']} split): return per task")
+    ax.set_title(f"{report['family']} ({report['split']} split): {title}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(ret), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "eval_returns.png", dpi=110)
     plt.close(fig)
+
+
+def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off: np.ndarray, dt: float,
+           out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _returns_plot(report, ret, out, {"adapted": "tab:blue", "unadapted": "tab:gray", "oracle": "tab:green"},
+                  "return per task")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     t = np.arange(err_on.shape[1]) * dt
