@@ -56,49 +56,26 @@ class LoopConfig:
     thread is fastest: with torch's default pool a loaded 2-core machine ran 15x slower."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; ``metarl train <this.yaml>``."""
+class _RunConfig:
+    """What both algorithms' run configs share (a mixin: the fields are each dataclass's own)."""
 
-    schema_version: int
-    """Version of this schema the file was written for."""
-    algo: Literal["context_mbrl", "pearl"]
-    """Learning algorithm: ``context_mbrl`` (context-conditioned dynamics + MPC, docs/model_based.md) or
-    ``pearl`` (context-inference policy, docs/pearl.md)."""
+    name: str | None
+    algo: str
     family: str
-    """Task family name (sim/tasks) or path to a family YAML."""
-    seed: int = 0
-    """Seeds tasks, resets, planner noise and network initialisation."""
-    name: str | None = None
-    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
-    model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
-    """Encoder and ensemble sizes (context_mbrl)."""
-    training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
-    """Optimisation of the model (context_mbrl)."""
-    pearl_net: PEARLNetConfig = field(default_factory=PEARLNetConfig)
-    """Sizes of PEARL's encoder, actor and critics (pearl)."""
-    pearl: PEARLConfig = field(default_factory=PEARLConfig)
-    """PEARL's optimisation and replay settings (pearl)."""
-    pearl_schedule: CollectionSchedule = field(default_factory=CollectionSchedule)
-    """Episodes of each task's exploration round: prior, posterior and RL-only (pearl)."""
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    """MPC used for data collection and exported as the bundle's planner defaults (context_mbrl); the oracle's
-    planner, which grades the adversarial sampler and ``metarl eval``, for both algorithms."""
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    """The outer loop."""
+    seed: int
+    planner: PlannerConfig
+    loop: LoopConfig
 
     @property
     def run_name(self) -> str:
         return self.name or f"{self.algo}_{Path(self.family).stem}_s{self.seed}"
 
-    def validate(self, where: str) -> None:
+    def _validate_shared(self, where: str, positive: list[str]) -> None:
         try:
             self.planner.validate()
         except ValueError as exc:
             raise SpecError(where, "planner", str(exc)) from exc
-        positive = ["loop.iterations", "loop.tasks_per_iteration", "loop.random_episodes", "training.grad_steps",
-                    "training.batch_size", "model.ensemble_size", "model.context_window"]
-        for name in positive:
+        for name in ["loop.iterations", "loop.tasks_per_iteration", "loop.random_episodes", *positive]:
             section, key = name.split(".")
             value = getattr(getattr(self, section), key)
             if value < 1:
@@ -109,12 +86,68 @@ class TrainConfig:
             self.loop.adversary.validate(None, self.loop.tasks_per_iteration)
         except ValueError as exc:
             raise SpecError(where, "loop.adversary", str(exc)) from exc
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(to_plain(self), sort_keys=False)
+
+
+@dataclass
+class TrainConfig(_RunConfig):
+    """Everything a context_mbrl training run needs; ``metarl train <this.yaml>``."""
+
+    schema_version: int
+    """Version of this schema the file was written for."""
+    algo: Literal["context_mbrl"]
+    """Learning algorithm (``pearl`` configs are :class:`PEARLTrainConfig`)."""
+    family: str
+    """Task family name (sim/tasks) or path to a family YAML."""
+    seed: int = 0
+    """Seeds tasks, resets, planner noise and network initialisation."""
+    name: str | None = None
+    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
+    model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
+    """Encoder and ensemble sizes."""
+    training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
+    """Optimisation of the model."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """MPC used for data collection, and exported as the bundle's planner defaults."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """The outer loop."""
+
+    def validate(self, where: str) -> None:
+        self._validate_shared(where, ["training.grad_steps", "training.batch_size", "model.ensemble_size",
+                                      "model.context_window"])
         if self.training.learning_rate <= 0:
             raise SpecError(where, "training.learning_rate", f"must be > 0, got {self.training.learning_rate}")
-        if self.algo == "pearl":
-            self._validate_pearl(where)
 
-    def _validate_pearl(self, where: str) -> None:
+
+@dataclass
+class PEARLTrainConfig(_RunConfig):
+    """Everything a PEARL training run needs (docs/pearl.md); ``metarl train <this.yaml>``."""
+
+    schema_version: int
+    """Version of this schema the file was written for."""
+    algo: Literal["pearl"]
+    """Learning algorithm: a context-inference policy (PEARL)."""
+    family: str
+    """Task family name (sim/tasks) or path to a family YAML."""
+    seed: int = 0
+    """Seeds tasks, resets, exploration and network initialisation."""
+    name: str | None = None
+    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
+    pearl_net: PEARLNetConfig = field(default_factory=PEARLNetConfig)
+    """Sizes of the encoder, the actor and the critics."""
+    pearl: PEARLConfig = field(default_factory=PEARLConfig)
+    """Optimisation and replay settings."""
+    pearl_schedule: CollectionSchedule = field(default_factory=CollectionSchedule)
+    """Episodes of each task's exploration round: prior, posterior and RL-only."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """The oracle's MPC (through the true physics), which grades the adversarial sampler and ``metarl eval``."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """The outer loop."""
+
+    def validate(self, where: str) -> None:
+        self._validate_shared(where, [])
         for section, obj in (("pearl", self.pearl), ("pearl_schedule", self.pearl_schedule)):
             try:
                 obj.validate()
@@ -138,24 +171,30 @@ class TrainConfig:
                 raise SpecError(where, "pearl_schedule", "the adversarial sampler grades each candidate's first "
                                 "episode under the posterior: posterior_episodes + extra_rl_episodes must be >= 1")
 
-    def sections(self) -> dict[str, Any]:
-        """The resolved config as plain data, without the other algorithm's sections."""
-        plain = to_plain(self)
-        for name in ALGO_SECTIONS:
-            if ALGO_SECTIONS[name] != self.algo:
-                del plain[name]
-        return plain
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.sections(), sort_keys=False)
-
-
+RunConfig = TrainConfig | PEARLTrainConfig
+"""A run config of either algorithm."""
+CONFIG_CLASSES: dict[str, type[TrainConfig] | type[PEARLTrainConfig]] = {"context_mbrl": TrainConfig,
+                                                                          "pearl": PEARLTrainConfig}
+"""``algo`` → the config class that reads it."""
 ALGO_SECTIONS = {"model": "context_mbrl", "training": "context_mbrl", "pearl_net": "pearl", "pearl": "pearl",
                  "pearl_schedule": "pearl"}
 """Config sections read by one algorithm only; a config for the other is refused if it has them."""
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+def build_config(data: Any, where: str) -> RunConfig:
+    """The run config of ``data``'s algorithm (checked for unknown keys and types, not validated)."""
+    algo = data.get("algo") if isinstance(data, dict) else None
+    if algo not in CONFIG_CLASSES:
+        raise SpecError(where, "algo", f"got {algo!r}; allowed: " + ", ".join(repr(a) for a in CONFIG_CLASSES))
+    for name, owner in ALGO_SECTIONS.items():
+        if name in data and owner != algo:
+            raise SpecError(where, name, f"is read by algo {owner} only, this config is for algo {algo!r} "
+                            "(remove the section)")
+    return build(CONFIG_CLASSES[algo], data, where)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a run config; ``overrides`` (nested dict) replaces values before checking."""
     data, where = load_yaml(path)
     check_schema_version(data, where, CONFIG_SCHEMA_VERSION, "run config")
@@ -165,11 +204,6 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    algo = data.get("algo")
-    for name, owner in ALGO_SECTIONS.items():
-        if name in data and algo in set(ALGO_SECTIONS.values()) and owner != algo:
-            raise SpecError(where, name, f"is read by algo {owner} only, this config is for algo {algo!r} "
-                            "(remove the section)")
-    cfg = build(TrainConfig, data, where)
+    cfg = build_config(data, where)
     cfg.validate(where)
     return cfg

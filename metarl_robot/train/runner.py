@@ -46,8 +46,8 @@ from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.spec.family import Task, load_family
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec, load_robot, robot_from_dict
-from metarl_robot.spec.schema import SpecError, build
-from metarl_robot.train.config import TrainConfig, load_config
+from metarl_robot.spec.schema import SpecError
+from metarl_robot.train.config import PEARLTrainConfig, RunConfig, build_config, load_config
 from metarl_robot.train.gap import OracleReturns
 from metarl_robot.train.task_sampler import make_sampler
 
@@ -99,17 +99,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def build_algo(cfg: TrainConfig, robot: RobotSpec) -> ContextMBRL | PEARL:
+def build_algo(cfg: RunConfig, robot: RobotSpec) -> ContextMBRL | PEARL:
     """The (untrained) algorithm ``cfg.algo`` names, sized as the config says."""
-    if cfg.algo == "pearl":
+    if isinstance(cfg, PEARLTrainConfig):
         return PEARL(robot, cfg.pearl_net, cfg.pearl, cfg.seed)
     return ContextMBRL(robot, cfg.model, cfg.training, cfg.seed)
 
 
-def load_trained(checkpoint: Path) -> tuple[TrainConfig, RobotSpec, ContextMBRL | PEARL]:
+def load_trained(checkpoint: Path) -> tuple[RunConfig, RobotSpec, ContextMBRL | PEARL]:
     """The config, robot and trained algorithm a checkpoint holds (its own config, not the run folder's)."""
     state = load_checkpoint(checkpoint)
-    cfg = build(TrainConfig, yaml.safe_load(state["config"]), f"{checkpoint}: config")
+    cfg = build_config(yaml.safe_load(state["config"]), f"{checkpoint}: config")
     if state["algo_kind"] != cfg.algo:  # a hand-edited checkpoint; never written so
         raise SpecError(str(checkpoint), "algo_kind", f"checkpoint holds {state['algo_kind']!r} weights but its config "
                         f"says algo {cfg.algo!r}")
@@ -158,7 +158,7 @@ class Iteration:
 class Runner:
     """Owns the loop, the data, logging and checkpoints; the algorithm owns the math."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
         self.family = load_family(cfg.family)
@@ -182,9 +182,11 @@ class Runner:
         """Env steps the oracle simulated for the adversary's gaps (planning rollouts not counted)."""
         self.buffer = EpisodeBuffer(self.robot.obs_dim, self.robot.action_dim, holdout_every=5)
         """context_mbrl's episodes (empty for pearl)."""
-        self.replay = TaskReplay(self.robot.obs_dim, self.robot.action_dim, cfg.pearl.replay_capacity,
-                                 cfg.pearl.encoder_capacity, cfg.pearl.max_tasks)
-        """pearl's per-task RL and encoder buffers (empty for context_mbrl)."""
+        self.replay: TaskReplay | None = None
+        """pearl's per-task RL and encoder buffers (None for context_mbrl)."""
+        if isinstance(cfg, PEARLTrainConfig):
+            self.replay = TaskReplay(self.robot.obs_dim, self.robot.action_dim, cfg.pearl.replay_capacity,
+                                     cfg.pearl.encoder_capacity, cfg.pearl.max_tasks)
         self.next_task_id = 0
         """pearl: the id the next trained task gets (a running count; tasks.jsonl maps ids to tasks)."""
         self.episodes_collected = 0
