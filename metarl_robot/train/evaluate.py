@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from metarl_robot.algos.pearl import PEARLController, family_reward_fn
 from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.planner import PlannerConfig
@@ -67,6 +69,8 @@ class _Source:
             if cfg.algo == "pearl":
                 self.pearl = algo
                 """The trained PEARL (runs with ``algo: pearl`` only)."""
+                self.torch_threads = cfg.loop.torch_threads
+                """torch threads for the controller's many tiny calls (the run's own setting)."""
             else:
                 self.encode, self.step = algo.encode, algo.step
                 self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
@@ -212,8 +216,21 @@ def _evaluate_pearl(src: _Source, source_path: str | Path, out_dir: str | Path, 
                     oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool,
                     started: float) -> dict[str, Any]:
     """PEARL's meta-test: consecutive episodes per task with accumulating evidence, each from the oracle's start."""
-    from metarl_robot.algos.pearl import PEARLController, family_reward_fn
+    threads = torch.get_num_threads()
+    # One encoder and one actor call per step: with torch's default pool a busy 2-core machine ran 12x slower.
+    torch.set_num_threads(src.torch_threads)
+    try:
+        return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
+                          oracle_threads, oracle_cache, progress, started)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
+               task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
+               oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float
+               ) -> dict[str, Any]:
+    """Run the episodes and the oracle, write ``eval.json`` and the plots, return the report."""
     robot: RobotSpec = src.robot
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
