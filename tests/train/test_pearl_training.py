@@ -102,14 +102,16 @@ def test_adversarial_sampler_grades_the_first_posterior_episode_from_the_oracles
     assert sorted(replay.rl) == [0, 1, 2, 3]  # the discarded candidate's round never reached the replay
     seed0 = 0 * 100_003 + 1 * 101  # the runner's reset seed of iteration 1
     env = make_env("cartpole_swingup", task=line["tasks"][0])
-    start = env.reset(seed=seed0 + 2)[0]
+    prior_start, start = env.reset(seed=seed0)[0], env.reset(seed=seed0 + 2)[0]
     env.close()
+    assert not np.allclose(prior_start, start)
     for j, task_id in enumerate(line["task_ids"]):
         store = replay.rl[task_id]
         assert len(store) == 2 * EPISODE and len(replay.encoder[task_id]) == EPISODE  # prior to the encoder only
         # The graded (RL-only, posterior) episode is the one stored, and every candidate started it where
         # the oracle did.
         np.testing.assert_allclose(store.obs[EPISODE], start, rtol=1e-6)
+        np.testing.assert_allclose(store.obs[0], prior_start, rtol=1e-6)  # explore_tasks(seed=[s] * n), each phase
         assert float(store.reward[EPISODE:].sum()) == pytest.approx(line["candidate_returns"][chosen[j]], rel=1e-4)
         np.testing.assert_allclose(replay.task_vectors[task_id], [line["tasks"][j][n] for n in line["tasks"][j]])
     final = summary["final"]
