@@ -54,7 +54,7 @@ from metarl_robot.train.task_sampler import make_sampler
 CHECKPOINT_SCHEMA_VERSION = 2
 """Layout of the checkpoint dict; another version is refused with a clear error, except 1 (below)."""
 MODEL_BASED_ONLY_SCHEMA = 1
-"""Schema 1 predates the ``algo`` key; only context_mbrl wrote it, so it is read as a context_mbrl checkpoint
+"""Schema 1 predates the ``algo_kind`` key; only context_mbrl wrote it, so it is read as a context_mbrl checkpoint
 (same layout otherwise)."""
 
 
