@@ -57,6 +57,7 @@ class _Source:
             self.kind, self.robot, self.family, self.planner = "bundle", bundle.robot, bundle.family, bundle.planner
             self.algo = "context_mbrl"
             """The algorithm the controller was trained with (bundles: model-based only, so far)."""
+            self.torch_threads = torch.get_num_threads()  # bundles run on onnxruntime: leave torch as it is
             self.encode, self.step = bundle.encode, bundle.step
             adaptation = bundle.manifest["adaptation"]
             self.ensemble_size, self.window = adaptation["ensemble_size"], adaptation["context_window"]
@@ -66,11 +67,11 @@ class _Source:
             cfg, self.robot, algo = load_trained(path if path.suffix == ".pt" else path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
             self.kind, self.planner, self.algo = "run", cfg.planner, cfg.algo
+            self.torch_threads = cfg.loop.torch_threads
+            """torch threads for the controller's many tiny calls (the run's own setting)."""
             if cfg.algo == "pearl":
                 self.pearl = algo
                 """The trained PEARL (runs with ``algo: pearl`` only)."""
-                self.torch_threads = cfg.loop.torch_threads
-                """torch threads for the controller's many tiny calls (the run's own setting)."""
             else:
                 self.encode, self.step = algo.encode, algo.step
                 self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
@@ -116,6 +117,21 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     """
     started = time.perf_counter()
     src = _Source(Path(source_path))
+    threads = torch.get_num_threads()
+    # A run's controller makes many tiny torch calls per step: with torch's default pool a busy 2-core
+    # machine ran them 12x slower. Runs evaluate with their own loop.torch_threads (bundles: onnxruntime).
+    torch.set_num_threads(src.torch_threads)
+    try:
+        return _evaluate(src, source_path, out_dir, family, split, tasks, grid, grid_params, seed, oracle,
+                         oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family: str | None, split: str,
+              tasks: int | list[Task], grid: int | None, grid_params: list[str] | None, seed: int, oracle: bool,
+              oracle_threads: int, oracle_cache: str | Path | None, unadapted: bool,
+              planner_overrides: dict[str, Any] | None, progress: bool, started: float) -> dict[str, Any]:
     fam = load_family(family) if family else src.family
     if fam.spec.robot != src.robot.name:
         raise ValueError(f"family {fam.name!r} is for robot {fam.spec.robot!r}, the controller for {src.robot.name!r}")
@@ -132,8 +148,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
         if not unadapted:
             raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
                              "first episode on the prior (return_after_0, the unadapted return)")
-        return _evaluate_pearl(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg,
-                               oracle, oracle_threads, oracle_cache, progress, started)
+        return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
+                          oracle_threads, oracle_cache, progress, started)
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     starts = [seed] * n
@@ -209,21 +225,6 @@ def _stats(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 PEARL_EXPLORATION_EPISODES = (0, 1, 2)
 """A PEARL evaluation reports the return after this many exploration episodes on the task."""
-
-
-def _evaluate_pearl(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
-                    task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
-                    oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool,
-                    started: float) -> dict[str, Any]:
-    """PEARL's meta-test: consecutive episodes per task with accumulating evidence, each from the oracle's start."""
-    threads = torch.get_num_threads()
-    # One encoder and one actor call per step: with torch's default pool a busy 2-core machine ran 12x slower.
-    torch.set_num_threads(src.torch_threads)
-    try:
-        return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
-                          oracle_threads, oracle_cache, progress, started)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,

@@ -81,7 +81,8 @@ class MPCController:
 
 
 INITIAL_TASKS_STREAM = 1
-"""pearl: the iteration-0 tasks are drawn from ``default_rng([seed, INITIAL_TASKS_STREAM])``."""
+"""The iteration-0 tasks (every algorithm and sampler) are drawn from ``default_rng([seed, INITIAL_TASKS_STREAM])``:
+a stream of their own, so the sampler (seeded with ``seed``) does not redraw them at iteration 1."""
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -322,7 +323,8 @@ class Runner:
         """The iteration's training episodes: the sampler's candidates, graded and chosen when it needs gaps."""
         cfg = self.cfg.loop
         if iteration == 0:  # random-action episodes on uniform tasks, the same start for every sampler
-            tasks = self.family.sample(np.random.default_rng(self.cfg.seed), "train", cfg.random_episodes)
+            tasks = self.family.sample(np.random.default_rng([self.cfg.seed, INITIAL_TASKS_STREAM]), "train",
+                                       cfg.random_episodes)
             return tasks, self._collect(iteration, tasks), {}
         candidates = self.sampler.candidates(cfg.tasks_per_iteration)
         if not self.sampler.needs_gap:
