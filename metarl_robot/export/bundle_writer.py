@@ -117,8 +117,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
-    _prepare_out_dir(out_dir, overwrite)
     cfg = load_config(config_path)
+    if cfg.algo != "context_mbrl":
+        raise SpecError(str(config_path), "algo", f"exporting {cfg.algo!r} runs to a bundle is not implemented yet "
+                        "(issue 7: PEARL's encoder and policy graphs and their runtime adapter); bundles hold "
+                        "'context_mbrl' runs")
+    _prepare_out_dir(out_dir, overwrite)
     ckpt_file = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(ckpt_file)
 

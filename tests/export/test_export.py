@@ -255,3 +255,17 @@ def test_parity_criterion_allows_float32_rounding_of_torchs_own_size_and_nothing
     check_parity({"real": _parity(3.1e-5, 3.2e-5, 1.9e-5)})
     with pytest.raises(ExportError, match=r"real/next_obs_mean.*onnxruntime 0\.002, torch 1\.9e-05"):
         check_parity({"real": _parity(2e-3, 2e-3, 1.9e-5)})  # a real export fault is orders larger
+
+
+def test_a_pearl_run_is_refused_naming_the_algo(tmp_path: Path):
+    import shutil
+
+    from metarl_robot.export.bundle_writer import export_run
+    from metarl_robot.spec.schema import SpecError
+
+    run = tmp_path / "pearl_run"
+    run.mkdir()
+    shutil.copyfile("configs/pearl_cartpole_swingup.yaml", run / "config.yaml")
+    with pytest.raises(SpecError, match="algo: exporting 'pearl' runs to a bundle is not implemented yet"):
+        export_run(run, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()  # refused before anything was written
