@@ -382,7 +382,7 @@ def gap_heatmaps(report: dict[str, Any], out: Path) -> list[str]:
         for i in range(len(ys)):
             for j in range(len(xs)):
                 ax.text(j, i, f"{cell[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                        color="white" if cell[i, j] > np.median(cell) else "black")
+                        color="white" if cell[i, j] > (cell.min() + cell.max()) / 2 else "black")
         ax.set_xlabel(a)
         ax.set_ylabel(b)
         others = " (worst over the other axes)" if len(varied) > 2 else ""
