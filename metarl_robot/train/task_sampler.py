@@ -31,7 +31,7 @@ SAMPLERS = ("uniform", "gaussian", "adversarial")
 
 @dataclass
 class GaussianSamplerConfig:
-    """Tasks from a Gaussian around the centre of the train box (AdMRL's Gaussian baseline)."""
+    """Tasks from a Gaussian around the centre of the train box (a baseline concentrated away from the edges)."""
 
     std: float = 0.2
     """Standard deviation in unit-box coordinates (each train range mapped to [0, 1], log-uniform
