@@ -11,7 +11,7 @@ EXTRAS := train,ros,bench,dev
 help:
 	@echo "make demo   - set up .venv (first run only) and run the end-to-end pipeline on the cart-pole family"
 	@echo "make test   - set up .venv (first run only), lint with ruff, run every test tier"
-	@echo "make bench  - run the benchmarks in bench/ (JSON into runs/bench/)"
+	@echo "make bench  - run the benchmarks in bench/ (JSON into runs/bench/); bench/adversarial_tasks.py (~1.5 h) runs on its own, see docs/BENCHMARKS.md"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "metarl-robot needs Python >= 3.11; set PYTHON=python3.11")'
