@@ -11,6 +11,7 @@ ROBOT_SIDE_MODULES = ["metarl_robot.spec.schema", "metarl_robot.spec.robot", "me
                       "metarl_robot.spec.rewards", "metarl_robot.paths", "metarl_robot.runtime.planner",
                       "metarl_robot.runtime.ensemble_rollout", "metarl_robot.runtime.bundle",
                       "metarl_robot.runtime.adapter", "metarl_robot.runtime.context",
+                      "metarl_robot.runtime.context_policy",
                       "metarl_robot.runtime.safety", "metarl_robot.telemetry", "metarl_robot.telemetry.protocol",
                       "metarl_robot.telemetry.transport", "metarl_robot.telemetry.keys",
                       "metarl_robot.telemetry.robot_client", "metarl_robot.telemetry.controller",

@@ -1,0 +1,213 @@
+"""Torch → ONNX for a trained PEARL agent: the per-transition factor graph and the deterministic policy graph.
+
+These are the two graphs :class:`metarl_robot.runtime.context_policy.ContextPolicyAdapter` runs on the
+robot (the batch ``posterior`` is not exported: the robot multiplies factors in incrementally). Both
+take and return raw robot units; the normalisers are buffers of the agent and are baked in as
+constants. Export uses the TorchScript exporter at :data:`~metarl_robot.export.onnx_graphs.OPSET` (the
+one PEARL's networks are tested with), then ``onnx.checker`` with ``full_check``, and parity against
+torch through onnxruntime sessions built as the runtime builds them, with the model-based export's
+criterion (:data:`~metarl_robot.export.onnx_graphs.PARITY_CRITERION`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from metarl_robot.algos.pearl import PEARL, TaskReplay
+from metarl_robot.export.onnx_graphs import OPSET, ExportError, _export_one, _pin_io_shapes, check_parity
+from metarl_robot.models.pearl import PEARLAgent
+from metarl_robot.runtime.bundle import make_session
+from metarl_robot.runtime.context_policy import (
+    FACTORS_FILE,
+    FACTORS_INPUTS,
+    FACTORS_OUTPUTS,
+    POLICY_FILE,
+    POLICY_INPUTS,
+    POLICY_OUTPUTS,
+    pearl_graph_interfaces,
+)
+
+
+class FactorsGraph(nn.Module):
+    """``agent.transition_factors`` with the runtime's input names: one Gaussian factor per transition."""
+
+    def __init__(self, agent: PEARLAgent) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.agent.transition_factors(obs, action, reward, next_obs)
+
+
+class PolicyGraph(nn.Module):
+    """``agent.deterministic_action``: ``box(tanh(mean))`` of the z-conditioned actor."""
+
+    def __init__(self, agent: PEARLAgent) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.agent.deterministic_action(obs, z)
+
+
+@dataclass
+class ExportedPEARLGraphs:
+    """What :func:`export_pearl_graphs` wrote."""
+
+    factors: Path
+    """The per-transition factor graph (:data:`FACTORS_FILE`)."""
+    policy: Path
+    """The deterministic policy graph (:data:`POLICY_FILE`)."""
+    opset: int
+    """ONNX opset of both graphs."""
+    interfaces: dict
+    """:func:`pearl_graph_interfaces` for this agent: input/output names and shapes per graph."""
+
+
+def interfaces_of(agent: PEARLAgent) -> dict:
+    """The runtime interface of an agent's two graphs."""
+    return pearl_graph_interfaces(agent.inputs.obs_dim, agent.inputs.act_dim, agent.cfg.latent_dim)
+
+
+def export_pearl_graphs(agent: PEARLAgent, out_dir: str | Path, metadata: dict[str, str] | None = None
+                        ) -> ExportedPEARLGraphs:
+    """Write :data:`FACTORS_FILE` and :data:`POLICY_FILE` into ``out_dir`` and run ``onnx.checker`` (full check).
+
+    ``metadata`` goes into each model's ``metadata_props`` (with ``graph``: ``factors`` or ``policy``).
+    Parity is a separate step (:func:`measure_pearl_parity`, :func:`export_pearl_checked`).
+    """
+    agent = agent.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    o, a, d = agent.inputs.obs_dim, agent.inputs.act_dim, agent.cfg.latent_dim
+    g = torch.Generator().manual_seed(0)
+    b = 2
+    examples = {"factors": (torch.randn(b, o, generator=g), torch.rand(b, a, generator=g), torch.randn(b, generator=g),
+                            torch.randn(b, o, generator=g)),
+                "policy": (torch.randn(b, o, generator=g), torch.randn(b, d, generator=g))}
+    modules = {"factors": FactorsGraph(agent).eval(), "policy": PolicyGraph(agent).eval()}
+    paths = {"factors": out_dir / FACTORS_FILE, "policy": out_dir / POLICY_FILE}
+    interfaces = interfaces_of(agent)
+    for name, module in modules.items():
+        try:
+            with torch.no_grad():
+                _export_one(module, examples[name], paths[name], interfaces[name], "torchscript")
+        except Exception as exc:  # the exporter raises many types
+            raise ExportError(f"ONNX export of the PEARL {name} graph failed: {type(exc).__name__}: {exc}") from exc
+        proto = onnx.load(str(paths[name]))
+        _pin_io_shapes(proto, interfaces[name])
+        proto.doc_string = f"metarl_robot PEARL: {name} graph"
+        for key, value in {"graph": name, **(metadata or {})}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as exc:  # ValidationError, InferenceError
+            raise ExportError(f"{paths[name]}: onnx.checker rejected the exported {name} graph: {exc}") from exc
+        onnx.save(proto, str(paths[name]))
+    return ExportedPEARLGraphs(paths["factors"], paths["policy"], OPSET, interfaces)
+
+
+# ---- parity ---------------------------------------------------------------------------------------------
+PEARLInputs = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
+"""Factor-graph and policy-graph inputs, in the runtime's order."""
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def random_pearl_inputs(agent: PEARLAgent, obs_scale: np.ndarray, rng: np.random.Generator, rows: int = 257
+                        ) -> PEARLInputs:
+    """Random transitions at the robot's scale (actions across the whole box) and z from wide to the prior's."""
+    inputs = agent.inputs
+    o, a, d = inputs.obs_dim, inputs.act_dim, agent.cfg.latent_dim
+    scale = np.asarray(obs_scale, dtype=np.float64)
+    centre, half = inputs.action_centre.numpy().astype(np.float64), inputs.action_half_range.numpy().astype(np.float64)
+    obs = rng.standard_normal((rows, o)) * scale
+    factors = (_f32(obs), _f32(centre + half * rng.uniform(-1, 1, (rows, a))), _f32(rng.standard_normal(rows) * 2),
+               _f32(obs + 0.1 * rng.standard_normal((rows, o)) * scale))
+    z = rng.standard_normal((rows, d)) * np.linspace(0.1, 3.0, rows)[:, None]
+    return factors, (_f32(rng.standard_normal((rows, o)) * scale), _f32(z))
+
+
+def replay_pearl_inputs(agent: PEARLAgent, replay: TaskReplay, rng: np.random.Generator, per_task: int = 32
+                        ) -> PEARLInputs:
+    """Encoder-buffer transitions of every trainable task; the policy sees those states with z = the torch
+    posterior mean of each task's sampled context (the z the robot would hold)."""
+    tasks = replay.trainable_tasks()
+    if not len(tasks):
+        raise ValueError("replay holds no task with exploration data: no replay-like parity inputs")
+    ctx = replay.sample_context(rng, tasks, per_task)
+    with torch.no_grad():
+        z, _ = agent.posterior(*(torch.as_tensor(_f32(x)) for x in (ctx.obs, ctx.act, ctx.reward, ctx.next_obs,
+                                                                      ctx.mask)))
+    flat = lambda x: _f32(x.reshape(len(tasks) * per_task, *x.shape[2:]))  # noqa: E731
+    factors = (flat(ctx.obs), flat(ctx.act), flat(ctx.reward), flat(ctx.next_obs))
+    policy_z = np.repeat(z.numpy(), per_task, axis=0)
+    return factors, (flat(ctx.next_obs), _f32(policy_z))
+
+
+def _torch_outputs(agent: PEARLAgent, inputs: PEARLInputs, dtype: torch.dtype) -> dict[str, np.ndarray]:
+    factors_in, policy_in = inputs
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x).to(dtype)
+
+    with torch.no_grad():
+        mean, var = agent.transition_factors(*map(t, factors_in))
+        action = agent.deterministic_action(*map(t, policy_in))
+    return {"factor_mean": mean.numpy(), "factor_var": var.numpy(), "action": action.numpy()}
+
+
+def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs: PEARLInputs
+                         ) -> dict[str, dict[str, float]]:
+    """Torch vs onnxruntime per output (``factor_mean``, ``factor_var``, ``action``), in the format of
+    :func:`metarl_robot.export.onnx_graphs.measure_parity` (so :func:`check_parity` applies)."""
+    agent = agent.eval()
+    factors_in, policy_in = inputs
+    mean_o, var_o = make_session(graphs.factors).run(list(FACTORS_OUTPUTS),
+                                                      dict(zip(FACTORS_INPUTS, factors_in, strict=True)))
+    (action_o,) = make_session(graphs.policy).run(list(POLICY_OUTPUTS),
+                                                  dict(zip(POLICY_INPUTS, policy_in, strict=True)))
+    ort = {"factor_mean": mean_o, "factor_var": var_o, "action": action_o}
+    ref32 = _torch_outputs(agent, inputs, torch.float32)
+    ref64 = _torch_outputs(copy.deepcopy(agent).double(), inputs, torch.float64)
+    out: dict[str, dict[str, float]] = {key: {} for key in ("max_abs_diff", "max_excess_over_ulp", "max_abs_value",
+                                                            "torch_float32_error", "onnxruntime_float32_error")}
+    for name, got in ort.items():
+        ref, exact = ref32[name], ref64[name]
+        if ref.shape != got.shape:
+            raise ExportError(f"parity: {name} has shape {got.shape} in onnxruntime, {ref.shape} in torch")
+        diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+        out["max_abs_diff"][name] = float(diff.max())
+        out["max_excess_over_ulp"][name] = float(max(0.0, (diff - ulp).max()))
+        out["max_abs_value"][name] = float(np.abs(ref).max())
+        out["torch_float32_error"][name] = float(np.abs(ref - exact).max())
+        out["onnxruntime_float32_error"][name] = float(np.abs(got - exact).max())
+    return out
+
+
+def export_pearl_checked(algo: PEARL, out_dir: str | Path, replay: TaskReplay | None = None, seed: int = 0,
+                         metadata: dict[str, str] | None = None
+                         ) -> tuple[ExportedPEARLGraphs, dict[str, dict[str, dict[str, float]]]]:
+    """Export, then measure parity on random inputs (and on the replay's transitions when given);
+    :class:`ExportError` if any output fails the criterion. Returns the graphs and the parity report
+    (``random``/``replay`` → :func:`measure_pearl_parity`)."""
+    graphs = export_pearl_graphs(algo.agent, out_dir, metadata)
+    rng = np.random.default_rng(seed)
+    parity = {"random": measure_pearl_parity(algo.agent, graphs,
+                                             random_pearl_inputs(algo.agent, algo.robot.obs_scale, rng))}
+    if replay is not None:
+        parity["replay"] = measure_pearl_parity(algo.agent, graphs, replay_pearl_inputs(algo.agent, replay, rng))
+    check_parity(parity)
+    return graphs, parity
