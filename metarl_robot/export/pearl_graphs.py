@@ -33,6 +33,7 @@ from metarl_robot.runtime.context_policy import (
     POLICY_OUTPUTS,
     pearl_graph_interfaces,
 )
+from metarl_robot.train.runner import load_checkpoint, load_trained
 
 
 class FactorsGraph(nn.Module):
@@ -211,3 +212,23 @@ def export_pearl_checked(algo: PEARL, out_dir: str | Path, replay: TaskReplay | 
         parity["replay"] = measure_pearl_parity(algo.agent, graphs, replay_pearl_inputs(algo.agent, replay, rng))
     check_parity(parity)
     return graphs, parity
+
+
+def export_pearl_checkpoint(checkpoint: str | Path, out_dir: str | Path, seed: int = 0
+                            ) -> tuple[PEARL, ExportedPEARLGraphs, dict[str, dict[str, dict[str, float]]]]:
+    """:func:`export_pearl_checked` for a ``metarl train`` checkpoint of a PEARL run; the replay-like parity
+    inputs come from the run folder's ``replay.npz`` (``<run>/checkpoints/<ckpt>.pt`` → ``<run>/replay.npz``)
+    when it is there. :class:`ExportError` for a checkpoint of another algorithm."""
+    checkpoint = Path(checkpoint)
+    kind = load_checkpoint(checkpoint)["algo_kind"]
+    if kind != "pearl":
+        raise ExportError(f"{checkpoint}: algo_kind is {kind!r}; PEARL graphs export only 'pearl' checkpoints "
+                          "(context_mbrl runs export with metarl export)")
+    _, _, algo = load_trained(checkpoint)
+    if not isinstance(algo, PEARL):  # load_trained already refuses a kind/config mismatch; this names the type
+        raise ExportError(f"{checkpoint}: loaded a {type(algo).__name__}, not PEARL")
+    replay_path = checkpoint.parent.parent / "replay.npz"
+    replay = TaskReplay.load(replay_path) if replay_path.is_file() else None
+    graphs, parity = export_pearl_checked(algo, out_dir, replay=replay, seed=seed,
+                                          metadata={"checkpoint": checkpoint.name, "algo_kind": kind})
+    return algo, graphs, parity

@@ -1,5 +1,6 @@
 """PEARL's factor and policy graphs: checked ONNX, pinned interfaces, torch/onnxruntime parity on random and
-replay transitions, and a parity check that does catch a graph that no longer matches the agent."""
+replay transitions, a parity check that does catch a graph that no longer matches the agent, and export of a
+trained run's checkpoint."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ import torch
 from metarl_robot.export.onnx_graphs import OPSET, PARITY_TOLERANCE, ExportError, check_parity
 from metarl_robot.export.pearl_graphs import (
     export_pearl_checked,
+    export_pearl_checkpoint,
     measure_pearl_parity,
     random_pearl_inputs,
     replay_pearl_inputs,
 )
-from metarl_robot.runtime.context_policy import FACTORS_FILE, POLICY_FILE, pearl_graph_interfaces
-from tests.runtime.test_context_policy import ROBOT, pearl_algo
+from metarl_robot.runtime.context_policy import (
+    FACTORS_FILE,
+    POLICY_FILE,
+    ContextPolicyAdapter,
+    pearl_graph_interfaces,
+)
+from metarl_robot.train.runner import train
+from tests.runtime.test_context_policy import CONFIG, FAMILY, REWARD, ROBOT, pearl_algo
 
 torch.set_num_threads(1)
 
@@ -72,3 +80,33 @@ def test_parity_check_catches_a_graph_that_differs_from_the_agent(checked):
         changed.actor.net[0].weight.add_(1e-3)
     with pytest.raises(ExportError, match="action"):
         check_parity({k: measure_pearl_parity(changed, graphs, v) for k, v in inputs.items()})
+
+
+TINY_RUN = {"name": "tiny", "loop.iterations": 1, "loop.random_episodes": 2, "loop.tasks_per_iteration": 2,
+            "pearl.grad_steps": 3, "pearl.meta_batch": 2, "pearl.batch_size": 16, "pearl.context_batch": 8,
+            "pearl.context_size_min": 2, "pearl_net.hidden": 16, "pearl_net.encoder_hidden": 16}
+
+
+@pytest.mark.slow
+def test_a_trained_runs_checkpoint_exports_and_runs_in_the_adapter(tmp_path):
+    train(CONFIG, tmp_path, overrides=TINY_RUN, progress=False)
+    checkpoint = tmp_path / "tiny" / "checkpoints" / "latest.pt"
+    algo, graphs, parity = export_pearl_checkpoint(checkpoint, tmp_path / "graphs")
+    assert set(parity) == {"random", "replay"}  # the run folder's replay.npz was used
+    assert algo.normalizers_fitted
+    metadata = {p.key: p.value for p in onnx.load(str(graphs.policy)).metadata_props}
+    assert metadata == {"graph": "policy", "checkpoint": "latest.pt", "algo_kind": "pearl"}
+    adapter = ContextPolicyAdapter.from_onnx(algo.robot, REWARD, graphs.factors, graphs.policy)
+    obs = np.zeros((1, ROBOT.obs_dim))
+    action, diagnostics = adapter.act(obs, FAMILY.nominal())
+    np.testing.assert_allclose(action, algo.act(obs, np.zeros((1, algo.latent_dim)), deterministic=True), atol=1e-5)
+    assert diagnostics["context_mean"].shape == (1, algo.latent_dim)
+
+    # a checkpoint of another algorithm is refused by its algo_kind (here hand-edited: never written so)
+    state = torch.load(checkpoint, weights_only=False)
+    state["algo_kind"] = "context_mbrl"
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    with pytest.raises(ExportError, match="algo_kind is 'context_mbrl'; PEARL graphs export only 'pearl'"):
+        export_pearl_checkpoint(other, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
