@@ -211,18 +211,24 @@ def export_graphs(model: ContextDynamics, out_dir: Path, horizon: int, exporter:
         raise ExportError("ONNX export failed with every exporter tried:\n" + "\n".join(errors))
     opset = OPSET if which == "torchscript" else DYNAMO_OPSET
     for name, path in paths.items():
-        proto = onnx.load(str(path))
-        _pin_io_shapes(proto, interfaces[name])
-        proto.doc_string = f"metarl_robot context dynamics: {name} graph"
-        for key, value in {"graph": name, **(metadata or {})}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, str(value)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as exc:  # ValidationError, InferenceError
-            raise ExportError(f"{path}: onnx.checker rejected the exported {name} graph: {exc}") from exc
-        onnx.save(proto, str(path))
+        finish_graph(path, name, interfaces[name], "context dynamics", metadata)
     return ExportedGraphs(paths["encoder"], paths["dynamics"], paths["rollout"], which, opset, interfaces)
+
+
+def finish_graph(path: Path, name: str, interface: dict, model: str, metadata: dict | None = None) -> None:
+    """Pin an exported graph's input/output shapes, record what it is (``metadata``), check it with
+    ``onnx.checker`` (full check) and save it back; :class:`ExportError` if the checker refuses it."""
+    proto = onnx.load(str(path))
+    _pin_io_shapes(proto, interface)
+    proto.doc_string = f"metarl_robot {model}: {name} graph"
+    for key, value in {"graph": name, **(metadata or {})}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        raise ExportError(f"{path}: onnx.checker rejected the exported {name} graph: {exc}") from exc
+    onnx.save(proto, str(path))
 
 
 # ---- parity -------------------------------------------------------------------------------------------------
@@ -308,6 +314,13 @@ def measure_parity(model: ContextDynamics, graphs: ExportedGraphs, inputs: Input
     ort = {"context": z_o, "next_obs_mean": mean_o, "next_obs_logvar": logvar_o, "rollout_next_obs": roll_o}
     ref32 = _torch_outputs(model, inputs, roll_o, torch.float32)
     ref64 = _torch_outputs(copy.deepcopy(model).double(), inputs, roll_o, torch.float64)
+    return parity_report(ort, ref32, ref64)
+
+
+def parity_report(ort: dict[str, np.ndarray], ref32: dict[str, np.ndarray], ref64: dict[str, np.ndarray]
+                  ) -> dict[str, dict[str, float]]:
+    """Per output: onnxruntime vs torch float32 (absolute and beyond one float32 ulp), and each one's distance
+    from the float64 torch reference (the report :func:`check_parity` judges)."""
     out: dict[str, dict[str, float]] = {key: {} for key in ("max_abs_diff", "max_excess_over_ulp", "max_abs_value",
                                                             "torch_float32_error", "onnxruntime_float32_error")}
     for name, got in ort.items():

@@ -16,12 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from metarl_robot.algos.pearl import PEARL, TaskReplay
-from metarl_robot.export.onnx_graphs import OPSET, ExportError, _export_one, _pin_io_shapes, check_parity
+from metarl_robot.export.onnx_graphs import (
+    OPSET,
+    ExportError,
+    _export_one,
+    check_parity,
+    finish_graph,
+    parity_report,
+)
 from metarl_robot.models.pearl import PEARLAgent
 from metarl_robot.runtime.bundle import make_session
 from metarl_robot.runtime.context_policy import (
@@ -103,17 +109,7 @@ def export_pearl_graphs(agent: PEARLAgent, out_dir: str | Path, metadata: dict[s
                 _export_one(module, examples[name], paths[name], interfaces[name], "torchscript")
         except Exception as exc:  # the exporter raises many types
             raise ExportError(f"ONNX export of the PEARL {name} graph failed: {type(exc).__name__}: {exc}") from exc
-        proto = onnx.load(str(paths[name]))
-        _pin_io_shapes(proto, interfaces[name])
-        proto.doc_string = f"metarl_robot PEARL: {name} graph"
-        for key, value in {"graph": name, **(metadata or {})}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, str(value)
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as exc:  # ValidationError, InferenceError
-            raise ExportError(f"{paths[name]}: onnx.checker rejected the exported {name} graph: {exc}") from exc
-        onnx.save(proto, str(paths[name]))
+        finish_graph(paths[name], name, interfaces[name], "PEARL", metadata)
     return ExportedPEARLGraphs(paths["factors"], paths["policy"], OPSET, interfaces)
 
 
@@ -182,20 +178,7 @@ def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs:
     ort = {"factor_mean": mean_o, "factor_var": var_o, "action": action_o}
     ref32 = _torch_outputs(agent, inputs, torch.float32)
     ref64 = _torch_outputs(copy.deepcopy(agent).double(), inputs, torch.float64)
-    out: dict[str, dict[str, float]] = {key: {} for key in ("max_abs_diff", "max_excess_over_ulp", "max_abs_value",
-                                                            "torch_float32_error", "onnxruntime_float32_error")}
-    for name, got in ort.items():
-        ref, exact = ref32[name], ref64[name]
-        if ref.shape != got.shape:
-            raise ExportError(f"parity: {name} has shape {got.shape} in onnxruntime, {ref.shape} in torch")
-        diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-        ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
-        out["max_abs_diff"][name] = float(diff.max())
-        out["max_excess_over_ulp"][name] = float(max(0.0, (diff - ulp).max()))
-        out["max_abs_value"][name] = float(np.abs(ref).max())
-        out["torch_float32_error"][name] = float(np.abs(ref - exact).max())
-        out["onnxruntime_float32_error"][name] = float(np.abs(got - exact).max())
-    return out
+    return parity_report(ort, ref32, ref64)
 
 
 def export_pearl_checked(algo: PEARL, out_dir: str | Path, replay: TaskReplay | None = None, seed: int = 0,
