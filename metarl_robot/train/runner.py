@@ -281,7 +281,7 @@ class Runner:
         """
         num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
         envs = make_vector_env(self.family, num, self.cfg.loop.vector)
-        seed0 = self.cfg.seed * 100_003 + iteration * 101
+        seed0 = self._iteration_seed(iteration)
         parts: list[Rollout] = []
         errors: list[np.ndarray] = []
         try:
@@ -305,6 +305,23 @@ class Runner:
         finally:
             envs.close()
         return Collected(Rollout.concatenate(parts), np.concatenate(errors, axis=1) if errors else None, seed0)
+
+    def _grade(self, candidates: list[Task], returns: np.ndarray, seed: int, episodes_per_candidate: int
+               ) -> tuple[list[int], dict[str, Any]]:
+        """The adversary's choice among ``candidates``: gap = the oracle's return from the start ``seed`` gives
+        minus the learner's graded ``returns`` from that start. Counts the graded episodes not trained on
+        (``episodes_per_candidate`` each). Returns the chosen indices and the tasks.jsonl fields."""
+        oracle = self.oracle(candidates, seed=seed)
+        chosen = self.sampler.select(candidates, oracle - returns, self.cfg.loop.tasks_per_iteration)
+        self.adversary_env_steps += ((len(candidates) - len(chosen)) * episodes_per_candidate
+                                     * self.family.spec.episode_steps)
+        return chosen, {**self.sampler.describe(), "candidates": candidates, "candidate_returns": returns.tolist(),
+                        "oracle_returns": oracle.tolist(), "chosen": chosen,
+                        "graded_mean_return": float(returns.mean())}
+
+    def _iteration_seed(self, iteration: int) -> int:
+        """The reset seed of an iteration's first episodes (collection and, for the adversary, its gaps)."""
+        return self.cfg.seed * 100_003 + iteration * 101
 
     def _reward_gradient_proposal(self, worst: Task, seed: int) -> dict[str, Any]:
         """AdMRL's step: move the worst candidate's reward parameters up the gap's implicit gradient; the
@@ -332,14 +349,9 @@ class Runner:
         collected = self._collect(iteration, candidates, same_start=True)
         returns = collected.rollout.episode_returns()[:, 0]
         oracle_runs = self.oracle.episodes_run
-        oracle = self.oracle(candidates, seed=collected.seed)
-        gaps = oracle - returns
-        chosen = self.sampler.select(candidates, gaps, cfg.tasks_per_iteration)
-        info = {**self.sampler.describe(), "candidates": candidates, "candidate_returns": returns.tolist(),
-                "oracle_returns": oracle.tolist(), "chosen": chosen, "graded_mean_return": float(returns.mean())}
+        chosen, info = self._grade(candidates, returns, collected.seed, episodes_per_candidate=1)
         if cfg.adversary.reward_gradient:
             info["reward_gradient"] = self._reward_gradient_proposal(candidates[chosen[0]], collected.seed)
-        self.adversary_env_steps += (len(candidates) - len(chosen)) * self.family.spec.episode_steps
         self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
         errors = collected.errors[:, chosen] if collected.errors is not None else None
         return ([candidates[i] for i in chosen], Collected(collected.rollout.take(np.array(chosen)), errors,
@@ -380,7 +392,7 @@ class Runner:
         task under a new id; with the adversarial sampler every candidate is explored and graded, and only
         the chosen ones' rounds enter the replay."""
         cfg, schedule = self.cfg.loop, self.cfg.pearl_schedule
-        seed0 = self.cfg.seed * 100_003 + iteration * 101
+        seed0 = self._iteration_seed(iteration)
         if iteration == 0:  # the untrained policy on uniform tasks, the same for every sampler
             # A stream of its own: the samplers' generators start from cfg.seed, and iteration 1 would
             # otherwise redraw iteration 0's first tasks.
@@ -401,8 +413,10 @@ class Runner:
         graded_seed = seed0 + (1 if graded_phase == "posterior" else 2)
         returns = rounds[graded_phase].episode_returns()[:, 0]
         oracle_runs = self.oracle.episodes_run
-        oracle = self.oracle(candidates, seed=graded_seed)
-        chosen = self.sampler.select(candidates, oracle - returns, cfg.tasks_per_iteration)
+        per_round = schedule.prior_episodes + schedule.posterior_episodes + schedule.extra_rl_episodes
+        chosen, info = self._grade(candidates, returns, graded_seed, episodes_per_candidate=per_round)
+        info["graded_phase"] = graded_phase
+        self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
         tasks = [candidates[i] for i in chosen]
         ids = self._new_task_ids(len(tasks))
         rounds = {name: r.take(np.array(chosen)) for name, r in rounds.items()}
@@ -410,12 +424,6 @@ class Runner:
             self.replay.begin_exploration(task_id, self.family.to_vector(task))
         for name, rollout in rounds.items():
             self.replay.add_rollout(ids, rollout, encoder=name != "extra_rl")
-        per_round = schedule.prior_episodes + schedule.posterior_episodes + schedule.extra_rl_episodes
-        self.adversary_env_steps += (len(candidates) - len(chosen)) * per_round * self.family.spec.episode_steps
-        self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
-        info = {**self.sampler.describe(), "candidates": candidates, "graded_phase": graded_phase,
-                "candidate_returns": returns.tolist(), "oracle_returns": oracle.tolist(), "chosen": chosen,
-                "graded_mean_return": float(returns.mean())}
         return tasks, ids, rounds, info
 
     def _pearl_iteration(self, iteration: int) -> Iteration:
