@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -181,21 +182,16 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
                 row[f"success_{mode}"] = bool(succ[i])
         rows.append(row)
 
-    def stats(key: str) -> dict[str, float]:
-        return _stats(rows, key)
-
-    summary: dict[str, Any] = {f"return_{m}": stats(f"return_{m}") for m in ret}
+    summary: dict[str, Any] = {f"return_{m}": _stats(rows, f"return_{m}") for m in ret}
     if "oracle" in ret:
-        summary["gap"] = stats("gap")
+        summary["gap"] = _stats(rows, "gap")
         # A ratio of returns means something only when they are positive (not for a -|v - v*| reward).
         oracle_mean = float(ret["oracle"].mean())
         summary["adapted_over_oracle"] = float(ret["adapted"].mean()) / oracle_mean if oracle_mean > 0 else None
     summary["pred_err_adapted_after_k"] = float(err_on[:, k:].mean())
     summary["pred_err_unadapted_after_k"] = float(err_off[:, k:].mean())
     summary["pred_err_ratio_after_k"] = summary["pred_err_adapted_after_k"] / summary["pred_err_unadapted_after_k"]
-    for mode in ret:
-        if f"success_{mode}" in rows[0]:
-            summary[f"success_rate_{mode}"] = float(np.mean([r[f"success_{mode}"] for r in rows]))
+    summary.update(_success_rates(rows, ret))
     report = {
         "source": str(source_path), "source_kind": src.kind, "family": fam.name, "split": split, "seed": seed,
         "grid": grid_info,
@@ -205,14 +201,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
         "prediction_error_by_task": {"adapted": err_on.tolist(), "unadapted": err_off.tolist()},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    _plots(report, ret, err_on, err_off, robot.ctrl_dt, out)
-    if report["grid"] and "oracle" in ret:
-        report["heatmaps"] = gap_heatmaps(report, out)
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
-    return report
+    return _write_report(report, ret, out_dir, lambda out: _plots(report, ret, err_on, err_off, robot.ctrl_dt, out))
 
 
 def _stats(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -221,6 +210,26 @@ def _stats(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     worst = int(values.argmin() if "return" in key else values.argmax())
     return {"mean": float(values.mean()), "worst": float(values[worst]), "std": float(values.std()),
             "worst_task": worst}
+
+
+def _success_rates(rows: list[dict[str, Any]], ret: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per mode whose reward defines success: the fraction of tasks that succeeded."""
+    return {f"success_rate_{mode}": float(np.mean([r[f"success_{mode}"] for r in rows]))
+            for mode in ret if f"success_{mode}" in rows[0]}
+
+
+def _write_report(report: dict[str, Any], ret: dict[str, np.ndarray], out_dir: str | Path,
+                  plot: Callable[[Path], None]) -> dict[str, Any]:
+    """Write ``eval.json`` (first: a failing plot loses no result), the plots and a grid's gap heat maps (then
+    listed in the report) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    plot(out)
+    if report["grid"] and "oracle" in ret:
+        report["heatmaps"] = gap_heatmaps(report, out)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 PEARL_EXPLORATION_EPISODES = (0, 1, 2)
@@ -273,9 +282,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
         summary.update({f"gap_{c}": _stats(rows, f"gap_{c}") for c in columns})
         summary["gap"] = _stats(rows, "gap")
     summary[f"return_gain_{columns[-1]}"] = float(np.mean(ret[columns[-1]] - ret[columns[0]]))
-    for mode in ret:
-        if f"success_{mode}" in rows[0]:
-            summary[f"success_rate_{mode}"] = float(np.mean([r[f"success_{mode}"] for r in rows]))
+    summary.update(_success_rates(rows, ret))
     report = {
         "source": str(source_path), "source_kind": src.kind, "algo": "pearl", "family": fam.name, "split": split,
         "seed": seed, "grid": grid_info, "tasks": rows, "summary": summary,
@@ -283,15 +290,9 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
         "controller": {"deterministic": True, "z_mode": "sample", "keep_context": True},
         "planner": planner_cfg.__dict__, "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    _returns_plot(report, ret, out, {"after_0": "#9ecae1", "after_1": "#4292c6", "after_2": "#08519c",
-                                     "oracle": "tab:green"}, "return after k exploration episodes")
-    if report["grid"] and "oracle" in ret:
-        report["heatmaps"] = gap_heatmaps(report, out)
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
-    return report
+    colors = {"after_0": "#9ecae1", "after_1": "#4292c6", "after_2": "#08519c", "oracle": "tab:green"}
+    return _write_report(report, ret, out_dir,
+                         lambda out: _returns_plot(report, ret, out, colors, "return after k exploration episodes"))
 
 
 def _returns_plot(report: dict, ret: dict[str, np.ndarray], out: Path, colors: dict[str, str], title: str) -> None:
