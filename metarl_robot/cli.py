@@ -198,7 +198,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, name=args.name, overwrite=args.overwrite,
                      exporter=args.exporter)
     bundle = load_bundle(out)
-    print(f"wrote {out}: robot {bundle.robot.name}, family {bundle.family.name}; the runtime loads and validates it")
+    print(f"wrote {out}: {bundle.kind} bundle, robot {bundle.robot.name}, family {bundle.family.name}; the runtime "
+          "loads and validates it")
     return 0
 
 
@@ -352,17 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export a training run as a robot bundle (bundle.yaml + ONNX graphs)",
-                       description="Export the encoder, the dynamics ensemble and the ensemble chained over the "
-                       "planner's horizon to ONNX (normalisers baked in), check them (onnx full check; torch vs "
-                       "onnxruntime parity on random and real inputs) and write bundle.yaml with the robot spec, "
-                       "layouts, planner defaults, provenance and the sha256 of every file. See docs/bundle_format.md.")
+                       description="Export a run's graphs to ONNX (normalisers baked in), check them (onnx full "
+                       "check; torch vs onnxruntime parity on random and real inputs) and write bundle.yaml with the "
+                       "robot spec, layouts, adaptation settings, provenance and the sha256 of every file. The run's "
+                       "algorithm picks the kind: a context_mbrl run becomes a model_based bundle (encoder, dynamics "
+                       "ensemble, the ensemble chained over the planner's horizon; planner defaults), a pearl run a "
+                       "context_policy bundle (per-transition belief factors, z-conditioned policy). See "
+                       "docs/bundle_format.md.")
     p.add_argument("run_dir", help="run folder (with checkpoints/)")
     p.add_argument("--out", required=True, help="bundle folder to create, e.g. policies/cartpole_mb")
     p.add_argument("--checkpoint", default="latest", help="'latest' or an iteration number (default: latest)")
     p.add_argument("--name", help="bundle name (default: the output folder's name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
-                   help="torch ONNX exporter (default: auto = TorchScript, dynamo if that fails)")
+                   help="torch ONNX exporter (default: auto = TorchScript, dynamo if that fails; pearl runs: "
+                   "TorchScript only)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the whole chain on the cart-pole family: train, ROS 2 node vs twin, replay, "

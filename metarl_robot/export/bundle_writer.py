@@ -1,6 +1,8 @@
-"""Turn a training run folder into a policy bundle: two ONNX graphs and a ``bundle.yaml`` manifest.
+"""Turn a training run folder into a policy bundle: its ONNX graphs and a ``bundle.yaml`` manifest.
 
-:func:`export_run` rebuilds the model from a checkpoint, exports it, measures torch-vs-onnxruntime
+The run's algorithm picks the bundle kind: a ``context_mbrl`` run becomes a ``model_based`` bundle
+(encoder, dynamics and rollout graphs), a ``pearl`` run a ``context_policy`` bundle (factor and policy
+graphs). :func:`export_run` rebuilds the model from a checkpoint, exports it, measures torch-vs-onnxruntime
 parity on random and on real (buffer) inputs, writes the manifest and finally loads the result
 with the robot-side loader (:func:`metarl_robot.runtime.bundle.load_bundle`), so a bundle that
 the runtime would refuse is never written. The folder is assembled next to its destination and
@@ -13,6 +15,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import torch
 import yaml
 
 from metarl_robot.algos.buffer import EpisodeBuffer
+from metarl_robot.algos.pearl import PEARL, TaskReplay
 from metarl_robot.export.onnx_graphs import (
     PARITY_CRITERION,
     PARITY_TOLERANCE,
@@ -35,22 +39,25 @@ from metarl_robot.export.onnx_graphs import (
     random_inputs,
     real_inputs,
 )
+from metarl_robot.export.pearl_graphs import export_pearl_checked
 from metarl_robot.models.context_dynamics import ContextDynamics
 from metarl_robot.provenance import software_version
 from metarl_robot.runtime.bundle import (
     BUNDLE_SCHEMA_VERSION,
+    CONTEXT_POLICY,
     MANIFEST_FILE,
+    MODEL_BASED,
     BundleError,
     action_layout,
     load_bundle,
     observation_layout,
     sha256_file,
 )
-from metarl_robot.spec.family import load_family
-from metarl_robot.spec.robot import robot_from_dict
-from metarl_robot.spec.schema import SpecError, build, to_plain
-from metarl_robot.train.config import TrainConfig, load_config
-from metarl_robot.train.runner import load_checkpoint
+from metarl_robot.spec.family import TaskFamily, load_family
+from metarl_robot.spec.robot import RobotSpec, robot_from_dict
+from metarl_robot.spec.schema import SpecError, to_plain
+from metarl_robot.train.config import RunConfig, build_config, load_config
+from metarl_robot.train.runner import load_checkpoint, load_trained
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str | int | Path = "latest") -> Path:
@@ -103,35 +110,33 @@ def _stable_name(ckpt_file: Path, iteration: int) -> str:
     return ckpt_file.name
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
-               name: str | None = None, overwrite: bool = False, exporter: Exporter = "auto",
-               parity_samples: int = 512, seed: int = 0) -> Path:
-    """Export a training run's checkpoint as a bundle folder ``out_dir``; returns its path.
+@dataclass
+class _Run:
+    """A run folder's checkpoint and what it was trained for, checked against each other."""
 
-    ``checkpoint``: ``latest``, an iteration number or a checkpoint path. ``name`` defaults to the
-    folder name of ``out_dir``. A non-empty ``out_dir`` is refused unless ``overwrite`` (and even
-    then only if it holds a bundle.yaml). Raises :class:`ExportError` if the graphs do not match
-    torch within 1e-5, and :class:`BundleError` if the result fails the runtime's own checks.
-    """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
-    cfg = load_config(config_path)
-    if cfg.algo != "context_mbrl":
-        raise SpecError(str(config_path), "algo", f"exporting {cfg.algo!r} runs to a bundle is not implemented yet "
-                        "(issue 7: PEARL's encoder and policy graphs and their runtime adapter); bundles hold "
-                        "'context_mbrl' runs")
-    _prepare_out_dir(out_dir, overwrite)
+    run_dir: Path
+    cfg: RunConfig
+    """The config the checkpoint was trained with."""
+    ckpt_file: Path
+    state: dict[str, Any]
+    """The checkpoint as loaded."""
+    robot: RobotSpec
+    family: TaskFamily
+    run_info: dict[str, Any]
+    """``run.json`` (empty if the run has none)."""
+
+
+def _open_run(run_dir: Path, config_path: Path, cfg: RunConfig, checkpoint: str | int | Path) -> _Run:
+    """Load the checkpoint and check its config, robot and family against the run folder's."""
     ckpt_file = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(ckpt_file)
 
     # The checkpoint's own config and robot are what the weights were trained with.
     if isinstance(state.get("config"), str):
-        ckpt_cfg = build(TrainConfig, yaml.safe_load(state["config"]), f"{ckpt_file}: config")
+        ckpt_cfg = build_config(yaml.safe_load(state["config"]), f"{ckpt_file}: config")
         if to_plain(ckpt_cfg) != to_plain(cfg):
             warnings.warn(f"{config_path} differs from the config stored in {ckpt_file.name} (a resumed run with "
-                          "overrides?); exporting with the checkpoint's", stacklevel=2)
+                          "overrides?); exporting with the checkpoint's", stacklevel=3)
             cfg = ckpt_cfg
     robot = robot_from_dict(state["robot"], f"{ckpt_file}: robot")
     family = load_family(cfg.family)
@@ -148,67 +153,153 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     family_file = Path(family.where)
     if family_file.is_file() and run_info.get("family_sha256") not in (None, sha256_file(family_file)):
         warnings.warn(f"task family file {family_file} changed since the run started; the bundle copies the current "
-                      "one", stacklevel=2)
+                      "one", stacklevel=3)
+    return _Run(run_dir, cfg, ckpt_file, state, robot, family, run_info)
 
-    model = ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, cfg.model)
-    model.load_state_dict(state["algo"]["model"])
-    model.eval()
 
-    buffer_path = run_dir / "buffer.npz"
+@dataclass
+class _ExportedGraphs:
+    """What a kind's export step hands to the manifest writer."""
+
+    kind: str
+    """The bundle kind (``model_based`` / ``context_policy``)."""
+    files: dict[str, Path]
+    """Graph name (manifest key) → file in the staging folder."""
+    interfaces: dict[str, dict]
+    """Graph name → ``{inputs, outputs}``."""
+    opset: int
+    exporter: str
+    """Exporter used (``torchscript`` / ``dynamo``)."""
+    sections: dict[str, Any]
+    """The kind's own manifest sections (``adaptation``, and ``planner`` for model-based), in file order."""
+    parity: dict[str, Any]
+    """The ``provenance.parity`` record: tolerance, criterion, the per-input-set reports, sample counts."""
+
+
+def _manifest(run: _Run, name: str, graphs: _ExportedGraphs) -> dict[str, Any]:
+    """The bundle.yaml of any kind: the common keys and provenance around the kind's own sections."""
+    robot = run.robot
+    return {
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "name": name,
+        "kind": graphs.kind,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "software_version": software_version(),
+        "robot": robot.to_dict(),
+        "robot_interface_sha256": robot.interface_hash,
+        "family": to_plain(run.family.spec),
+        "observation": observation_layout(robot),
+        "action": action_layout(robot),
+        "control_period": float(robot.ctrl_dt),
+        **graphs.sections,
+        "graphs": {gname: {"file": path.name, "opset": graphs.opset, **graphs.interfaces[gname]}
+                   for gname, path in graphs.files.items()},
+        "provenance": {
+            "run_dir": str(run.run_dir.resolve()),
+            "checkpoint": {"file": _stable_name(run.ckpt_file, int(run.state["iteration"])),
+                           "iteration": int(run.state["iteration"]), "sha256": sha256_file(run.ckpt_file)},
+            "git_commit": run.run_info.get("git_commit"),
+            "seed": run.cfg.seed,
+            "family_sha256": run.run_info.get("family_sha256"),
+            "metrics": dict((run.state.get("history") or [{}])[-1]),
+            "parity": graphs.parity,
+            "exporter": {"name": graphs.exporter, "opset": graphs.opset, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            "config": to_plain(run.cfg),
+        },
+        "files": {p.name: sha256_file(p) for p in graphs.files.values()},
+    }
+
+
+def _export_model_based(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
+                        ) -> _ExportedGraphs:
+    """Encoder, dynamics and fused rollout of a context_mbrl checkpoint, parity on random and buffer inputs."""
+    robot, cfg = run.robot, run.cfg
+    buffer_path = run.run_dir / "buffer.npz"
     if not buffer_path.is_file():
         raise FileNotFoundError(f"{buffer_path} not found: the real-input parity check needs the run's buffer")
     buffer = EpisodeBuffer.load(buffer_path)
+    model = ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, cfg.model)
+    model.load_state_dict(run.state["algo"]["model"])
+    model.eval()
+
+    horizon = cfg.planner.horizon
+    graphs = export_graphs(model, staging, horizon, exporter, metadata={
+        "bundle": name, "robot": robot.name, "robot_interface_sha256": robot.interface_hash})
+    rng = np.random.default_rng(seed)
+    parity = {"random": measure_parity(model, graphs, random_inputs(model, robot.obs_scale, rng, horizon)),
+              "real": measure_parity(model, graphs, real_inputs(model, buffer, rng, horizon, parity_samples))}
+    check_parity(parity)
+    adaptation = {"context_window": cfg.model.context_window, "context_dim": cfg.model.context_dim,
+                  "ensemble_size": cfg.model.ensemble_size, "rollout_horizon": horizon}
+    return _ExportedGraphs(
+        MODEL_BASED, {"encoder": graphs.encoder, "dynamics": graphs.dynamics, "rollout": graphs.rollout},
+        graphs.interfaces, graphs.opset, graphs.exporter,
+        {"adaptation": adaptation, "planner": to_plain(cfg.planner)},
+        {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "real_samples": parity_samples})
+
+
+def _export_pearl(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
+                  ) -> _ExportedGraphs:
+    """Factor and policy graphs of a PEARL checkpoint, parity on random inputs and on the run's replay."""
+    if exporter not in ("auto", "torchscript"):
+        raise ValueError(f"exporter: PEARL graphs are exported with the TorchScript exporter only; got {exporter!r} "
+                         "(allowed for a pearl run: 'auto', 'torchscript')")
+    replay_path = run.run_dir / "replay.npz"
+    if not replay_path.is_file():
+        raise FileNotFoundError(f"{replay_path} not found: the real-input parity check needs the run's replay")
+    _, _, algo = load_trained(run.ckpt_file)
+    if not isinstance(algo, PEARL):  # load_trained refuses a kind/config mismatch; this names the type
+        raise SpecError(str(run.ckpt_file), "algo_kind", f"loaded a {type(algo).__name__}, not PEARL")
+    replay = TaskReplay.load(replay_path)
+    tasks = len(replay.trainable_tasks())
+    per_task = max(1, -(-parity_samples // max(tasks, 1)))  # at least parity_samples transitions over all tasks
+    graphs, parity = export_pearl_checked(algo, staging, replay=replay, seed=seed, replay_per_task=per_task,
+                                          metadata={"bundle": name, "robot": run.robot.name,
+                                                    "robot_interface_sha256": run.robot.interface_hash})
+    return _ExportedGraphs(
+        CONTEXT_POLICY, {"factors": graphs.factors, "policy": graphs.policy}, graphs.interfaces, graphs.opset,
+        "torchscript", {"adaptation": {"algorithm": "pearl", "latent_dim": int(algo.latent_dim)}},
+        {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "replay_samples": per_task * tasks})
+
+
+_EXPORTERS = {"context_mbrl": _export_model_based, "pearl": _export_pearl}
+"""Run config ``algo`` → the export step of its bundle kind."""
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
+               name: str | None = None, overwrite: bool = False, exporter: Exporter = "auto",
+               parity_samples: int = 512, seed: int = 0) -> Path:
+    """Export a training run's checkpoint as a bundle folder ``out_dir``; returns its path.
+
+    The run's ``algo`` picks the kind: ``context_mbrl`` → ``model_based`` (encoder, dynamics, rollout graphs;
+    parity on the run's buffer.npz), ``pearl`` → ``context_policy`` (factor and policy graphs; parity on the
+    run's replay.npz; TorchScript exporter only). ``checkpoint``: ``latest``, an iteration number or a
+    checkpoint path. ``name`` defaults to the folder name of ``out_dir``. ``parity_samples``: real
+    transitions the parity check uses (for PEARL, spread evenly over the replay's tasks, rounded up). A
+    non-empty ``out_dir`` is refused unless ``overwrite`` (and even then only if it holds a bundle.yaml).
+    Raises :class:`ExportError` if the graphs do not match torch within 1e-5, and :class:`BundleError` if
+    the result fails the runtime's own checks.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
+    cfg = load_config(config_path)
+    if cfg.algo not in _EXPORTERS:
+        raise SpecError(str(config_path), "algo", f"cannot export {cfg.algo!r} runs to a bundle; exportable: "
+                        f"{', '.join(sorted(_EXPORTERS))}")
+    _prepare_out_dir(out_dir, overwrite)
+    run = _open_run(run_dir, config_path, cfg, checkpoint)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         bundle_name = name or out_dir.name
-        graphs = export_graphs(model, staging, cfg.planner.horizon, exporter, metadata={
-            "bundle": bundle_name, "robot": robot.name, "robot_interface_sha256": robot.interface_hash})
-        rng = np.random.default_rng(seed)
-        horizon = cfg.planner.horizon
-        parity = {"random": measure_parity(model, graphs, random_inputs(model, robot.obs_scale, rng, horizon)),
-                  "real": measure_parity(model, graphs, real_inputs(model, buffer, rng, horizon, parity_samples))}
-        check_parity(parity)
-        graph_files = {"encoder": graphs.encoder, "dynamics": graphs.dynamics, "rollout": graphs.rollout}
-        files = {p.name: sha256_file(p) for p in graph_files.values()}
-        last = dict((state.get("history") or [{}])[-1])
-        manifest = {
-            "schema_version": BUNDLE_SCHEMA_VERSION,
-            "name": bundle_name,
-            "kind": "model_based",
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "software_version": software_version(),
-            "robot": robot.to_dict(),
-            "robot_interface_sha256": robot.interface_hash,
-            "family": to_plain(family.spec),
-            "observation": observation_layout(robot),
-            "action": action_layout(robot),
-            "control_period": float(robot.ctrl_dt),
-            "adaptation": {"context_window": cfg.model.context_window, "context_dim": cfg.model.context_dim,
-                           "ensemble_size": cfg.model.ensemble_size, "rollout_horizon": horizon},
-            "planner": to_plain(cfg.planner),
-            "graphs": {gname: {"file": path.name, "opset": graphs.opset, **graphs.interfaces[gname]}
-                       for gname, path in graph_files.items()},
-            "provenance": {
-                "run_dir": str(run_dir.resolve()),
-                "checkpoint": {"file": _stable_name(ckpt_file, int(state["iteration"])),
-                               "iteration": int(state["iteration"]), "sha256": sha256_file(ckpt_file)},
-                "git_commit": run_info.get("git_commit"),
-                "seed": cfg.seed,
-                "family_sha256": run_info.get("family_sha256"),
-                "metrics": last,
-                "parity": {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity,
-                           "real_samples": parity_samples},
-                "exporter": {"name": graphs.exporter, "opset": graphs.opset, "torch": torch.__version__,
-                             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-                "config": to_plain(cfg),
-            },
-            "files": files,
-        }
+        graphs = _EXPORTERS[run.cfg.algo](run, staging, bundle_name, exporter, parity_samples, seed)
         (staging / MANIFEST_FILE).write_text(
             "# metarl-robot policy bundle; format: docs/bundle_format.md\n"
-            + yaml.safe_dump(_yaml_safe(manifest), sort_keys=False, width=120))
+            + yaml.safe_dump(_yaml_safe(_manifest(run, bundle_name, graphs)), sort_keys=False, width=120))
         load_bundle(staging)  # the robot-side loader must accept what we wrote
         if out_dir.exists():
             if overwrite and any(out_dir.iterdir()):

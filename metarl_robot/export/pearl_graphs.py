@@ -182,17 +182,18 @@ def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs:
 
 
 def export_pearl_checked(algo: PEARL, out_dir: str | Path, replay: TaskReplay | None = None, seed: int = 0,
-                         metadata: dict[str, str] | None = None
+                         metadata: dict[str, str] | None = None, replay_per_task: int = 32
                          ) -> tuple[ExportedPEARLGraphs, dict[str, dict[str, dict[str, float]]]]:
-    """Export, then measure parity on random inputs (and on the replay's transitions when given);
-    :class:`ExportError` if any output fails the criterion. Returns the graphs and the parity report
-    (``random``/``replay`` → :func:`measure_pearl_parity`)."""
+    """Export, then measure parity on random inputs (and on ``replay_per_task`` transitions of each of the
+    replay's tasks when given); :class:`ExportError` if any output fails the criterion. Returns the graphs
+    and the parity report (``random``/``replay`` → :func:`measure_pearl_parity`)."""
     graphs = export_pearl_graphs(algo.agent, out_dir, metadata)
     rng = np.random.default_rng(seed)
     parity = {"random": measure_pearl_parity(algo.agent, graphs,
                                              random_pearl_inputs(algo.agent, algo.robot.obs_scale, rng))}
     if replay is not None:
-        parity["replay"] = measure_pearl_parity(algo.agent, graphs, replay_pearl_inputs(algo.agent, replay, rng))
+        inputs = replay_pearl_inputs(algo.agent, replay, rng, replay_per_task)
+        parity["replay"] = measure_pearl_parity(algo.agent, graphs, inputs)
     check_parity(parity)
     return graphs, parity
 

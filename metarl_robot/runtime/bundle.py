@@ -1,12 +1,23 @@
 """Load and fully validate an exported policy bundle (``bundle.yaml`` + ONNX graphs). No torch, no MuJoCo.
 
-A bundle is a folder::
+A bundle is a folder holding ``bundle.yaml`` (the manifest, schema: docs/bundle_format.md) and the graphs
+of its ``kind``:
 
-    bundle.yaml     the manifest (schema: docs/bundle_format.md)
-    encoder.onnx    context transitions (B, K, ·) → context (B, d)
-    dynamics.onnx   (E, M, ·) observation, action, context → next-observation mean and log-variance
-    rollout.onnx    (E, M, ·) start observation, H actions, context → the H chained mean predictions:
-                    the planner's whole horizon in one onnxruntime call instead of H
+- ``model_based`` (:class:`Bundle`), planned through with MPC:
+
+  - ``encoder.onnx``: context transitions (B, K, ·) → context (B, d)
+  - ``dynamics.onnx``: (E, M, ·) observation, action, context → next-observation mean and log-variance
+  - ``rollout.onnx``: (E, M, ·) start observation, H actions, context → the H chained mean predictions:
+    the planner's whole horizon in one onnxruntime call instead of H
+
+- ``context_policy`` (:class:`ContextPolicyBundle`, made by PEARL), a policy conditioned on a task belief:
+
+  - ``pearl_factors.onnx``: one transition (B, ·) → a Gaussian factor of the belief over z (B, d)
+  - ``pearl_policy.onnx``: observation (B, o), z (B, d) → action (B, a), inside the action box
+
+Both kinds share the manifest's common part and its checks (files and hashes, robot, family, layouts,
+declared graph interfaces, finite weights, sessions); the adaptation section, the graphs and the smoke
+run differ by kind.
 
 :func:`load_bundle` refuses, with a :class:`BundleError` naming the bundle, the field or file and
 what was expected, anything it cannot fully validate: missing, unlisted or altered files, an
@@ -23,7 +34,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,11 +47,18 @@ from metarl_robot.spec.rewards import check_reward_inputs, get_reward
 from metarl_robot.spec.robot import RobotSpec, robot_from_dict
 from metarl_robot.spec.schema import SpecError, build, check_schema_version, to_plain
 
+if TYPE_CHECKING:
+    from metarl_robot.runtime.context_policy import ContextPolicyAdapter
+
 BUNDLE_SCHEMA_VERSION = 2
 """The bundle.yaml schema this runtime reads; bump on any incompatible change (2: the fused rollout graph)."""
 MANIFEST_FILE = "bundle.yaml"
-KINDS = ("model_based",)
+MODEL_BASED = "model_based"
+CONTEXT_POLICY = "context_policy"
+KINDS = (MODEL_BASED, CONTEXT_POLICY)
 """Bundle kinds this runtime can run."""
+CONTEXT_POLICY_ALGORITHMS = ("pearl",)
+"""Algorithms whose context-policy graphs this runtime runs (the factor/policy interface below)."""
 
 ENCODER_INPUTS = ("context_obs", "context_action", "context_next_obs", "context_mask")
 ENCODER_OUTPUTS = ("context",)
@@ -48,6 +66,12 @@ DYNAMICS_INPUTS = ("obs", "action", "context")
 DYNAMICS_OUTPUTS = ("next_obs_mean", "next_obs_logvar")
 ROLLOUT_INPUTS = ("obs", "actions", "context")
 ROLLOUT_OUTPUTS = ("next_obs",)
+FACTORS_INPUTS = ("obs", "action", "reward", "next_obs")
+FACTORS_OUTPUTS = ("factor_mean", "factor_var")
+POLICY_INPUTS = ("obs", "z")
+POLICY_OUTPUTS = ("action",)
+BATCH_AXIS = "batch"
+"""Name of the one dynamic axis of every context-policy graph input and output."""
 ONNX_FLOAT = "tensor(float)"
 """Every graph input and output is float32."""
 
@@ -123,8 +147,18 @@ class AdaptationSpec:
 
 
 @dataclass(frozen=True)
-class BundleManifest:
-    """``bundle.yaml`` as written (see docs/bundle_format.md)."""
+class ContextPolicyAdaptation:
+    """How a context-policy bundle adapts: the algorithm whose graphs it holds and the size of its belief."""
+
+    algorithm: str
+    """Algorithm that produced the graphs (one of :data:`CONTEXT_POLICY_ALGORITHMS`)."""
+    latent_dim: int
+    """d: size of the latent task variable z."""
+
+
+@dataclass(frozen=True)
+class ManifestCommon:
+    """The keys every bundle kind's ``bundle.yaml`` has (see docs/bundle_format.md)."""
 
     schema_version: int
     name: str
@@ -137,11 +171,24 @@ class BundleManifest:
     observation: ObservationLayout
     action: ActionLayout
     control_period: float
-    adaptation: AdaptationSpec
-    planner: dict[str, Any]
     graphs: dict[str, GraphEntry]
     provenance: dict[str, Any]
     files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BundleManifest(ManifestCommon):
+    """A ``model_based`` bundle.yaml: the common keys, the model's sizes and the planner defaults."""
+
+    adaptation: AdaptationSpec
+    planner: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ContextPolicyManifest(ManifestCommon):
+    """A ``context_policy`` bundle.yaml: the common keys and the belief's size. No planner: the policy graph acts."""
+
+    adaptation: ContextPolicyAdaptation
 
 
 # ---- what a bundle for a given robot must contain (shared with the exporter) ---------------------------
@@ -182,6 +229,16 @@ def graph_interfaces(obs_dim: int, act_dim: int, context_window: int, context_di
             "inputs": {"obs": [e, "rows", o], "actions": [e, "rows", h, a], "context": [e, "rows", d]},
             "outputs": {"next_obs": [e, "rows", h, o]},
         },
+    }
+
+
+def pearl_graph_interfaces(obs_dim: int, act_dim: int, latent_dim: int) -> dict[str, dict[str, dict[str, list]]]:
+    """Inputs and outputs of a context-policy bundle's two graphs (``"batch"`` is the dynamic axis)."""
+    b = BATCH_AXIS
+    return {
+        "factors": {"inputs": {"obs": [b, obs_dim], "action": [b, act_dim], "reward": [b], "next_obs": [b, obs_dim]},
+                    "outputs": {"factor_mean": [b, latent_dim], "factor_var": [b, latent_dim]}},
+        "policy": {"inputs": {"obs": [b, obs_dim], "z": [b, latent_dim]}, "outputs": {"action": [b, act_dim]}},
     }
 
 
@@ -240,11 +297,13 @@ class OnnxGraph:
         return self.session.run(list(self.outputs), feed)
 
 
-class Bundle:
-    """A loaded, validated bundle: the robot it is for, its family, planner defaults and the two graphs."""
+class LoadedBundle:
+    """What every loaded bundle kind exposes: where it is, what it is for, and its identity."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily,
-                 planner: PlannerConfig, encoder: OnnxGraph, dynamics: OnnxGraph, rollout: OnnxGraph) -> None:
+    kind: str = ""
+    """The manifest's ``kind`` (:data:`MODEL_BASED` or :data:`CONTEXT_POLICY`)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily) -> None:
         self.path = path
         """The bundle folder."""
         self.manifest = manifest
@@ -253,6 +312,26 @@ class Bundle:
         """The robot spec the bundle was trained for (its own copy, not sim/)."""
         self.family = family
         """The task family it was trained on (reward name, parameter ranges)."""
+        self.sha256 = sha256_file(path / MANIFEST_FILE)
+        """sha256 of bundle.yaml: identifies the whole bundle (the manifest pins every other file's hash)."""
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, robot={self.robot.name!r}, family={self.family.name!r}, "
+                f"path={str(self.path)!r})")
+
+
+class Bundle(LoadedBundle):
+    """A loaded, validated ``model_based`` bundle: robot, family, planner defaults and the three graphs."""
+
+    kind = MODEL_BASED
+
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily,
+                 planner: PlannerConfig, encoder: OnnxGraph, dynamics: OnnxGraph, rollout: OnnxGraph) -> None:
+        super().__init__(path, manifest, robot, family)
         self.planner = planner
         """Planner defaults (the training run's MPC settings)."""
         self._encoder, self._dynamics, self._rollout = encoder, dynamics, rollout
@@ -261,12 +340,6 @@ class Bundle:
         self.context_dim: int = adaptation["context_dim"]
         self.ensemble_size: int = adaptation["ensemble_size"]
         self.rollout_horizon: int = adaptation["rollout_horizon"]
-        self.sha256 = sha256_file(path / MANIFEST_FILE)
-        """sha256 of bundle.yaml: identifies the whole bundle (the manifest pins every other file's hash)."""
-
-    @property
-    def name(self) -> str:
-        return self.manifest["name"]
 
     def encode(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray, ctx_mask: np.ndarray
                ) -> np.ndarray:
@@ -298,148 +371,237 @@ class Bundle:
         return ModelBasedAdapter(self.robot, reward, self.encode, self.step, self.ensemble_size, self.context_window,
                                  cfg, batch=batch, adapt=adapt, fused=(self.rollout, self.rollout_horizon))
 
-    def __repr__(self) -> str:
-        return f"Bundle({self.name!r}, robot={self.robot.name!r}, family={self.family.name!r}, path={str(self.path)!r})"
+
+class ContextPolicyBundle(LoadedBundle):
+    """A loaded, validated ``context_policy`` bundle (PEARL): robot, family and the factor and policy graphs."""
+
+    kind = CONTEXT_POLICY
+
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily,
+                 factors: OnnxGraph, policy: OnnxGraph) -> None:
+        super().__init__(path, manifest, robot, family)
+        self._factors, self._policy = factors, policy
+        adaptation = manifest["adaptation"]
+        self.algorithm: str = adaptation["algorithm"]
+        """Algorithm that produced the graphs (``pearl``)."""
+        self.latent_dim: int = adaptation["latent_dim"]
+        """d: size of the latent task variable z."""
+
+    def transition_factors(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray
+                           ) -> list[np.ndarray]:
+        """``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_var (B, d)]`` float32."""
+        return self._factors(obs, action, reward, next_obs)
+
+    def policy(self, obs: np.ndarray, z: np.ndarray) -> list[np.ndarray]:
+        """``(B, o), (B, d)`` → ``[action (B, a)]`` float32, inside the robot's action box."""
+        return self._policy(obs, z)
+
+    def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
+                     seed: int = 0) -> ContextPolicyAdapter:
+        """A :class:`~metarl_robot.runtime.context_policy.ContextPolicyAdapter` over this bundle's graphs.
+
+        ``adapt=False`` keeps z at the prior mean (the unadapted policy, for comparisons). The policy acts
+        deterministically (``box(tanh(mean))`` at the posterior mean), so ``seed`` changes nothing; it is
+        accepted for the signature every bundle kind shares. ``planner_overrides`` must be empty: this kind
+        does not plan, and an override silently ignored would be a setting the operator believes is in force.
+        """
+        if planner_overrides:
+            raise SpecError("planner_overrides", "", f"a {CONTEXT_POLICY} bundle does not plan (its policy graph "
+                            f"acts), so there is nothing to override; got {sorted(planner_overrides)}")
+        # context_policy imports this module (OnnxGraph, the graph interfaces): import it when first needed
+        from metarl_robot.runtime.context_policy import ContextPolicyAdapter
+
+        return ContextPolicyAdapter(self.robot, get_reward(self.family.spec.reward), self.transition_factors,
+                                    self.policy, self.latent_dim, batch=batch, adapt=adapt)
 
 
 # ---- loading and validation -------------------------------------------------------------------------------
-def load_bundle(path: str | Path, threads: int = 1) -> Bundle:
+def load_bundle(path: str | Path, threads: int = 1) -> Bundle | ContextPolicyBundle:
     """Load a bundle folder (or its bundle.yaml), refusing with :class:`BundleError` anything it cannot validate.
 
-    ``threads``: onnxruntime intra-op threads per session (inter-op 1, sequential execution).
+    Returns a :class:`Bundle` for ``kind: model_based`` and a :class:`ContextPolicyBundle` for
+    ``kind: context_policy``. ``threads``: onnxruntime intra-op threads per session (inter-op 1, sequential).
     """
-    path = Path(path)
+    path, data = _read_manifest(Path(path))
+    if data["kind"] == CONTEXT_POLICY:
+        return _load_context_policy(path, data, threads)
+    return _load_model_based(path, data, threads)
+
+
+def _rethrow(where: str, prefix: str, exc: SpecError) -> BundleError:
+    """A SpecError from a nested check as a BundleError, its field prefixed with the manifest key it came from."""
+    field = f"{prefix}.{exc.field}" if prefix and exc.field else (prefix or exc.field)
+    return BundleError(where, field, exc.problem)
+
+
+def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
+    """Step 1-2: the folder, bundle.yaml as a mapping, a schema version and a kind this runtime reads."""
     if path.name == MANIFEST_FILE and path.is_file():
         path = path.parent
     where = str(path)
-
-    def fail(field: str, problem: str) -> BundleError:
-        return BundleError(where, field, problem)
-
-    def rethrow(prefix: str, exc: SpecError) -> BundleError:
-        field = f"{prefix}.{exc.field}" if prefix and exc.field else (prefix or exc.field)
-        return BundleError(where, field, exc.problem)
-
-    # 1. the manifest
     if not path.is_dir():
-        raise fail("", "bundle folder not found")
+        raise BundleError(where, "", "bundle folder not found")
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise fail(MANIFEST_FILE, "missing: a bundle folder must hold bundle.yaml")
+        raise BundleError(where, MANIFEST_FILE, "missing: a bundle folder must hold bundle.yaml")
     try:
         data = yaml.safe_load(manifest_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise fail(MANIFEST_FILE, f"not valid YAML: {exc}") from exc
+        raise BundleError(where, MANIFEST_FILE, f"not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise fail(MANIFEST_FILE, f"expected a mapping at top level, got {type(data).__name__}")
+        raise BundleError(where, MANIFEST_FILE, f"expected a mapping at top level, got {type(data).__name__}")
     try:
         check_schema_version(data, where, BUNDLE_SCHEMA_VERSION, "bundle")
     except SpecError as exc:
-        raise rethrow("", exc) from None
+        raise _rethrow(where, "", exc) from None
     if data.get("kind") not in KINDS:
-        raise fail("kind", f"unknown bundle kind {data.get('kind')!r}; this runtime runs: {', '.join(KINDS)}")
-    try:
-        m = build(BundleManifest, data, where)
-    except SpecError as exc:
-        raise rethrow("", exc) from None
+        raise BundleError(where, "kind", f"unknown bundle kind {data.get('kind')!r}; this runtime runs: "
+                          f"{', '.join(KINDS)}")
+    return path, data
 
-    # 2. files: listed ones present and unaltered, no unlisted graphs
+
+def _check_common(path: Path, data: dict[str, Any], manifest_cls: type[ManifestCommon]
+                  ) -> tuple[Any, RobotSpec, TaskFamily]:
+    """Steps 3-7, the same for every kind: keys and types, files and hashes, robot, family, layouts."""
+    where = str(path)
+    try:
+        m = build(manifest_cls, data, where)
+    except SpecError as exc:
+        raise _rethrow(where, "", exc) from None
+
+    # files: listed ones present and unaltered, no unlisted graphs
     for fname, digest in m.files.items():
         if not fname or fname in (".", "..") or "/" in fname or "\\" in fname or fname == MANIFEST_FILE:
-            raise fail(f"files.{fname}", "must be a plain file name inside the bundle folder (not bundle.yaml)")
+            raise BundleError(where, f"files.{fname}", "must be a plain file name inside the bundle folder (not "
+                              "bundle.yaml)")
         file_path = path / fname
         if not file_path.is_file():
-            raise fail(f"files.{fname}", "listed in the manifest but missing from the bundle folder")
+            raise BundleError(where, f"files.{fname}", "listed in the manifest but missing from the bundle folder")
         actual = sha256_file(file_path)
         if actual != digest.lower():
-            raise fail(f"files.{fname}", f"sha256 mismatch: the manifest says {digest}, the file has {actual} "
-                       "(the file was modified or corrupted)")
+            raise BundleError(where, f"files.{fname}", f"sha256 mismatch: the manifest says {digest}, the file has "
+                              f"{actual} (the file was modified or corrupted)")
     for extra in sorted(p.name for p in path.glob("*.onnx")):
         if extra not in m.files:
-            raise fail(f"files.{extra}", "an ONNX file in the bundle folder is not listed in the manifest; "
-                       "remove it or re-export the bundle")
+            raise BundleError(where, f"files.{extra}", "an ONNX file in the bundle folder is not listed in the "
+                              "manifest; remove it or re-export the bundle")
 
-    # 3. the robot the bundle was trained for
+    # the robot the bundle was trained for
     try:
         robot = robot_from_dict(m.robot, where)
     except SpecError as exc:
-        raise rethrow("robot", exc) from None
+        raise _rethrow(where, "robot", exc) from None
     if robot.interface_hash != m.robot_interface_sha256:
-        raise fail("robot_interface_sha256", f"the robot copy hashes to {robot.interface_hash}, the manifest says "
-                   f"{m.robot_interface_sha256}: the robot spec was edited after export")
+        raise BundleError(where, "robot_interface_sha256", f"the robot copy hashes to {robot.interface_hash}, the "
+                          f"manifest says {m.robot_interface_sha256}: the robot spec was edited after export")
 
-    # 4. the task family (reward, parameter ranges)
+    # the task family (reward, parameter ranges)
     try:
         family = family_from_dict(m.family, where)
     except SpecError as exc:
-        raise rethrow("family", exc) from None
+        raise _rethrow(where, "family", exc) from None
     if family.spec.robot != robot.name:
-        raise fail("family.robot", f"{family.spec.robot!r} differs from the bundle's robot {robot.name!r}")
+        raise BundleError(where, "family.robot", f"{family.spec.robot!r} differs from the bundle's robot "
+                          f"{robot.name!r}")
     try:
         check_reward_inputs(family.spec.reward, robot, family.reward_names, where)
     except SpecError as exc:
-        raise rethrow("family", exc) from None
+        raise _rethrow(where, "family", exc) from None
 
-    # 5. the human-readable copies must agree with the robot spec
+    # the human-readable copies must agree with the robot spec
     for key, expected in (("observation", observation_layout(robot)), ("action", action_layout(robot))):
         if diff := _first_difference(data[key], expected, key):
-            raise fail(diff[0], f"{diff[1]!r} disagrees with the robot spec, which gives {diff[2]!r}")
+            raise BundleError(where, diff[0], f"{diff[1]!r} disagrees with the robot spec, which gives {diff[2]!r}")
     if not math.isclose(m.control_period, robot.ctrl_dt, rel_tol=0, abs_tol=1e-12):
-        raise fail("control_period", f"{m.control_period} differs from the robot's control.period {robot.ctrl_dt}")
+        raise BundleError(where, "control_period", f"{m.control_period} differs from the robot's control.period "
+                          f"{robot.ctrl_dt}")
+    return m, robot, family
 
-    # 6. adaptation sizes and planner defaults
-    ad = m.adaptation
-    for key in ("context_window", "context_dim", "ensemble_size", "rollout_horizon"):
-        if getattr(ad, key) < 1:
-            raise fail(f"adaptation.{key}", f"must be >= 1, got {getattr(ad, key)}")
-    try:
-        planner = build(PlannerConfig, m.planner, where, "planner")
-        planner.validate()
-    except SpecError as exc:
-        raise rethrow("", exc) from None
-    except ValueError as exc:
-        raise fail("planner", str(exc)) from None
 
-    # 7. declared graph interfaces must be what the runtime feeds
-    needed = graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim, ad.ensemble_size,
-                              ad.rollout_horizon)
+def _check_declared_graphs(m: ManifestCommon, needed: dict[str, dict[str, dict[str, list[Dim]]]], where: str) -> None:
+    """Step 9: the manifest declares exactly the graphs the kind needs, with the interfaces the runtime feeds."""
     if sorted(m.graphs) != sorted(needed):
-        raise fail("graphs", f"expected exactly the graphs {sorted(needed)}, got {sorted(m.graphs)}")
+        raise BundleError(where, "graphs", f"expected exactly the graphs {sorted(needed)}, got {sorted(m.graphs)}")
     for gname, entry in m.graphs.items():
         if entry.file not in m.files:
-            raise fail(f"graphs.{gname}.file", f"{entry.file!r} is not listed under files (its sha256 is unknown)")
+            raise BundleError(where, f"graphs.{gname}.file", f"{entry.file!r} is not listed under files (its sha256 "
+                              "is unknown)")
         for side in ("inputs", "outputs"):
             declared, want = getattr(entry, side), needed[gname][side]
             field = f"graphs.{gname}.{side}"
             if sorted(declared) != sorted(want):
-                raise fail(field, f"names {sorted(declared)} differ from what the runtime needs: {sorted(want)}")
+                raise BundleError(where, field, f"names {sorted(declared)} differ from what the runtime needs: "
+                                  f"{sorted(want)}")
             for io_name, shape in want.items():
                 if not _shape_matches(declared[io_name], shape):
-                    raise fail(f"{field}.{io_name}", f"shape {_fmt_shape(declared[io_name])} differs from what "
-                               f"the robot spec and adaptation sizes need: {_fmt_shape(shape)}")
+                    raise BundleError(where, f"{field}.{io_name}", f"shape {_fmt_shape(declared[io_name])} differs "
+                                      f"from what the robot spec and adaptation sizes need: {_fmt_shape(shape)}")
 
-    # 8. weights: every initializer and constant finite (lazy onnx import: only here)
+
+def _open_graphs(path: Path, m: ManifestCommon, needed: dict[str, dict[str, dict[str, list[Dim]]]], threads: int
+                 ) -> dict[str, OnnxGraph]:
+    """Steps 10-11: finite weights, then one session per graph whose actual interface is the declared one.
+
+    Each callable takes its inputs in the order of ``needed`` (the runtime's order)."""
+    where = str(path)
     for gname, entry in m.graphs.items():
         _check_weights(path / entry.file, where, f"graphs.{gname}")
-
-    # 9. sessions, and their actual interfaces
-    sessions = {}
+    graphs = {}
     for gname, entry in m.graphs.items():
         try:
-            sessions[gname] = make_session(path / entry.file, threads)
+            session = make_session(path / entry.file, threads)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise fail(f"graphs.{gname}.file", f"onnxruntime cannot load {entry.file}: {exc}") from None
-        _check_session_io(sessions[gname], entry, where, f"graphs.{gname}")
-    encoder = OnnxGraph(sessions["encoder"], ENCODER_INPUTS, ENCODER_OUTPUTS, needed["encoder"]["inputs"],
-                        f"{where}: encoder")
-    dynamics = OnnxGraph(sessions["dynamics"], DYNAMICS_INPUTS, DYNAMICS_OUTPUTS, needed["dynamics"]["inputs"],
-                         f"{where}: dynamics")
-    rollout = OnnxGraph(sessions["rollout"], ROLLOUT_INPUTS, ROLLOUT_OUTPUTS, needed["rollout"]["inputs"],
-                        f"{where}: rollout")
+            raise BundleError(where, f"graphs.{gname}.file", f"onnxruntime cannot load {entry.file}: {exc}") from None
+        _check_session_io(session, entry, where, f"graphs.{gname}")
+        io = needed[gname]
+        graphs[gname] = OnnxGraph(session, tuple(io["inputs"]), tuple(io["outputs"]), io["inputs"], f"{where}: {gname}")
+    return graphs
 
-    # 10. a smoke run on neutral inputs: the right shapes come back, finite, and the fused rollout is the chain
-    _smoke_test(encoder, dynamics, rollout, robot, ad, where)
-    return Bundle(path, data, robot, family, planner, encoder, dynamics, rollout)
+
+def _load_model_based(path: Path, data: dict[str, Any], threads: int) -> Bundle:
+    where = str(path)
+    m, robot, family = _check_common(path, data, BundleManifest)
+
+    # 8. adaptation sizes and planner defaults
+    ad = m.adaptation
+    for key in ("context_window", "context_dim", "ensemble_size", "rollout_horizon"):
+        if getattr(ad, key) < 1:
+            raise BundleError(where, f"adaptation.{key}", f"must be >= 1, got {getattr(ad, key)}")
+    try:
+        planner = build(PlannerConfig, m.planner, where, "planner")
+        planner.validate()
+    except SpecError as exc:
+        raise _rethrow(where, "", exc) from None
+    except ValueError as exc:
+        raise BundleError(where, "planner", str(exc)) from None
+
+    needed = graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim, ad.ensemble_size,
+                              ad.rollout_horizon)
+    _check_declared_graphs(m, needed, where)
+    graphs = _open_graphs(path, m, needed, threads)
+    # 12. a smoke run on neutral inputs: the right shapes come back, finite, and the fused rollout is the chain
+    _smoke_test(graphs["encoder"], graphs["dynamics"], graphs["rollout"], robot, ad, where)
+    return Bundle(path, data, robot, family, planner, graphs["encoder"], graphs["dynamics"], graphs["rollout"])
+
+
+def _load_context_policy(path: Path, data: dict[str, Any], threads: int) -> ContextPolicyBundle:
+    where = str(path)
+    m, robot, family = _check_common(path, data, ContextPolicyManifest)
+
+    # 8. the belief's algorithm and size (there is no planner section: the policy graph acts)
+    ad = m.adaptation
+    if ad.algorithm not in CONTEXT_POLICY_ALGORITHMS:
+        raise BundleError(where, "adaptation.algorithm", f"got {ad.algorithm!r}; this runtime runs context-policy "
+                          f"graphs of: {', '.join(CONTEXT_POLICY_ALGORITHMS)}")
+    if ad.latent_dim < 1:
+        raise BundleError(where, "adaptation.latent_dim", f"must be >= 1, got {ad.latent_dim}")
+
+    needed = pearl_graph_interfaces(robot.obs_dim, robot.action_dim, ad.latent_dim)
+    _check_declared_graphs(m, needed, where)
+    graphs = _open_graphs(path, m, needed, threads)
+    # 12. a smoke run: positive finite factor variances, finite actions inside the robot's action box
+    _smoke_test_context_policy(graphs["factors"], graphs["policy"], robot, ad.latent_dim, where)
+    return ContextPolicyBundle(path, data, robot, family, graphs["factors"], graphs["policy"])
 
 
 def _fmt_shape(shape: list[Dim] | tuple) -> str:
@@ -571,5 +733,37 @@ def _smoke_test(encoder: OnnxGraph, dynamics: OnnxGraph, rollout: OnnxGraph, rob
                           "graphs are not the same model")
 
 
-__all__ = ["BUNDLE_SCHEMA_VERSION", "Bundle", "BundleError", "action_layout", "family_from_dict", "graph_interfaces",
-           "load_bundle", "make_session", "observation_layout", "session_options", "sha256_file"]
+def _smoke_test_context_policy(factors: OnnxGraph, policy: OnnxGraph, robot: RobotSpec, latent_dim: int,
+                               where: str) -> None:
+    """Neutral transitions (zeros, and one at the robot's observation scale with the safe command) must give
+    finite factors with positive variance; the policy at the prior mean and at those factors' z must give
+    finite actions inside the action box (the box the safety layer would otherwise have to clip to)."""
+    o, a, d = robot.obs_dim, robot.action_dim, latent_dim
+    obs = np.stack([np.zeros(o), robot.obs_scale]).astype(np.float32)
+    action = np.broadcast_to(robot.safe_action, (2, a))
+    try:
+        mean, var = factors(obs, action, np.zeros(2), obs[::-1])
+        z = np.concatenate([np.zeros((2, d), np.float32), np.nan_to_num(mean)])  # the prior mean, and a factor's
+        (act,) = policy(np.concatenate([obs, obs]), z)
+    except Exception as exc:  # onnxruntime runtime failures
+        raise BundleError(where, "graphs", f"a test run of the graphs failed: {exc}") from None
+    for label, arr, shape in (("factors output factor_mean", mean, (2, d)), ("factors output factor_var", var, (2, d)),
+                              ("policy output action", act, (4, a))):
+        if arr.shape != shape:
+            raise BundleError(where, "graphs", f"{label}: a test run returned shape {arr.shape}, expected {shape}")
+        if not np.all(np.isfinite(arr)):
+            raise BundleError(where, "graphs", f"{label}: a test run on neutral inputs returned non-finite values")
+    if not np.all(var > 0):
+        raise BundleError(where, "graphs.factors", f"factor_var: a test run returned variances <= 0 "
+                          f"({float(var.min()):.3g}); a belief factor needs a positive variance")
+    outside = (act < robot.action_low) | (act > robot.action_high)
+    if outside.any():
+        raise BundleError(where, "graphs.policy", f"action: a test run returned {act[outside.any(axis=1)][0].tolist()}"
+                          f", outside the robot's action box [{robot.action_low.tolist()}, "
+                          f"{robot.action_high.tolist()}]: the policy graph does not end in the robot's box")
+
+
+__all__ = ["BUNDLE_SCHEMA_VERSION", "CONTEXT_POLICY", "KINDS", "MODEL_BASED", "Bundle", "BundleError",
+           "ContextPolicyBundle", "LoadedBundle", "action_layout", "family_from_dict", "graph_interfaces",
+           "load_bundle", "make_session", "observation_layout", "pearl_graph_interfaces", "session_options",
+           "sha256_file"]

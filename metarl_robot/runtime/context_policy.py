@@ -21,18 +21,22 @@ from typing import Any
 
 import numpy as np
 
-from metarl_robot.runtime.bundle import OnnxGraph, make_session
+# The graph interfaces live with the bundle loader, which checks a context_policy bundle against them.
+from metarl_robot.runtime.bundle import (
+    BATCH_AXIS,
+    FACTORS_INPUTS,
+    FACTORS_OUTPUTS,
+    POLICY_INPUTS,
+    POLICY_OUTPUTS,
+    OnnxGraph,
+    make_session,
+    pearl_graph_interfaces,
+)
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
 
 FACTORS_FILE = "pearl_factors.onnx"
 POLICY_FILE = "pearl_policy.onnx"
-FACTORS_INPUTS = ("obs", "action", "reward", "next_obs")
-FACTORS_OUTPUTS = ("factor_mean", "factor_var")
-POLICY_INPUTS = ("obs", "z")
-POLICY_OUTPUTS = ("action",)
-BATCH_AXIS = "batch"
-"""Name of the one dynamic axis of every input and output."""
 
 FactorsFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
 """``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_var (B, d)]``."""
@@ -42,16 +46,6 @@ PolicyFn = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
 
 class ContextPolicyError(ValueError):
     """A context-policy graph cannot be used: unreadable, or not the interface this robot needs."""
-
-
-def pearl_graph_interfaces(obs_dim: int, act_dim: int, latent_dim: int) -> dict[str, dict[str, dict[str, list]]]:
-    """Input/output names and shapes of the two graphs (``"batch"`` is the dynamic axis)."""
-    b = BATCH_AXIS
-    return {
-        "factors": {"inputs": {"obs": [b, obs_dim], "action": [b, act_dim], "reward": [b], "next_obs": [b, obs_dim]},
-                    "outputs": {"factor_mean": [b, latent_dim], "factor_var": [b, latent_dim]}},
-        "policy": {"inputs": {"obs": [b, obs_dim], "z": [b, latent_dim]}, "outputs": {"action": [b, act_dim]}},
-    }
 
 
 def _session_shapes(session: Any, side: str) -> dict[str, list]:
@@ -107,16 +101,21 @@ class ContextPolicyAdapter:
 
     Diagnostics of :meth:`act`: ``context_mean`` (B, d), ``context_var`` (B, d), ``context_size`` (B,):
     transitions observed since the env's last reset.
+
+    ``adapt=False``: :meth:`observe` still checks its inputs but never updates the belief, so ``z`` stays the
+    prior mean and ``context_size`` 0 (the unadapted policy, for comparisons).
     """
 
     def __init__(self, robot: RobotSpec, reward: RewardFunction, factors: FactorsFn, policy: PolicyFn,
-                 latent_dim: int, batch: int = 1) -> None:
+                 latent_dim: int, batch: int = 1, adapt: bool = True) -> None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.robot, self.reward, self.factors_fn, self.policy_fn = robot, reward, factors, policy
         self.latent_dim, self.batch = latent_dim, batch
+        self.adapt = adapt
+        """False: the belief never updates (z stays the prior mean)."""
         self.precision_sum = np.zeros((batch, latent_dim))
         """Per env: sum over observed transitions of ``1 / factor_var`` (float64)."""
         self.weighted_mean_sum = np.zeros((batch, latent_dim))
@@ -127,13 +126,13 @@ class ContextPolicyAdapter:
 
     @classmethod
     def from_onnx(cls, robot: RobotSpec, reward: RewardFunction, factors_path: str | Path, policy_path: str | Path,
-                  batch: int = 1, threads: int = 1) -> ContextPolicyAdapter:
+                  batch: int = 1, threads: int = 1, adapt: bool = True) -> ContextPolicyAdapter:
         """Load and validate the two graphs against ``robot``'s sizes (``d`` read from the policy graph)."""
         d = latent_dim_of(policy_path)
         interfaces = pearl_graph_interfaces(robot.obs_dim, robot.action_dim, d)
         factors = load_graph(factors_path, "factors", interfaces["factors"], threads)
         policy = load_graph(policy_path, "policy", interfaces["policy"], threads)
-        return cls(robot, reward, factors, policy, d, batch)
+        return cls(robot, reward, factors, policy, d, batch, adapt)
 
     # ---- belief -------------------------------------------------------------------------------------
     def posterior(self) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +163,8 @@ class ContextPolicyAdapter:
         o, a = self.robot.obs_dim, self.robot.action_dim
         obs, action, next_obs = self._rows("obs", obs, o), self._rows("action", action, a), \
             self._rows("next_obs", next_obs, o)
+        if not self.adapt:
+            return
         if reward is None:
             if self._params is None:
                 raise ValueError("observe() needs the task's reward parameters: call act(obs, task_params) first, "
@@ -196,3 +197,8 @@ class ContextPolicyAdapter:
                              f"shape (expected ({self.batch}, {self.robot.action_dim}), finite)")
         diagnostics = {"context_mean": mean, "context_var": var, "context_size": self.steps_observed.copy()}
         return action, diagnostics
+
+
+__all__ = ["BATCH_AXIS", "FACTORS_FILE", "FACTORS_INPUTS", "FACTORS_OUTPUTS", "POLICY_FILE", "POLICY_INPUTS",
+           "POLICY_OUTPUTS", "ContextPolicyAdapter", "ContextPolicyError", "latent_dim_of", "load_graph",
+           "pearl_graph_interfaces"]

@@ -257,15 +257,14 @@ def test_parity_criterion_allows_float32_rounding_of_torchs_own_size_and_nothing
         check_parity({"real": _parity(2e-3, 2e-3, 1.9e-5)})  # a real export fault is orders larger
 
 
-def test_a_pearl_run_is_refused_naming_the_algo(tmp_path: Path):
+def test_a_pearl_run_without_a_checkpoint_is_refused_before_anything_is_written(tmp_path: Path):
     import shutil
 
     from metarl_robot.export.bundle_writer import export_run
-    from metarl_robot.spec.schema import SpecError
-
     run = tmp_path / "pearl_run"
     run.mkdir()
     shutil.copyfile("configs/pearl_cartpole_swingup.yaml", run / "config.yaml")
-    with pytest.raises(SpecError, match="algo: exporting 'pearl' runs to a bundle is not implemented yet"):
+    # PEARL runs export (tests/runtime/test_context_policy_bundle.py); this one has no checkpoints
+    with pytest.raises(FileNotFoundError, match=r"latest\.pt"):
         export_run(run, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()  # refused before anything was written
