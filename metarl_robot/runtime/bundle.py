@@ -34,7 +34,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -460,8 +460,11 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     return path, data
 
 
-def _check_common(path: Path, data: dict[str, Any], manifest_cls: type[ManifestCommon]
-                  ) -> tuple[Any, RobotSpec, TaskFamily]:
+Manifest = TypeVar("Manifest", bound=ManifestCommon)
+
+
+def _check_common(path: Path, data: dict[str, Any], manifest_cls: type[Manifest]
+                  ) -> tuple[Manifest, RobotSpec, TaskFamily]:
     """Steps 3-7, the same for every kind: keys and types, files and hashes, robot, family, layouts."""
     where = str(path)
     try:
