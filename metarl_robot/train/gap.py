@@ -150,24 +150,29 @@ class OracleReturns:
     def key(self, task: Task, seed: int) -> str:
         return json.dumps([seed, *(round(float(v), 9) for v in self.family.to_vector(task))])
 
-    def __call__(self, tasks: list[Task], seed: int = 0, progress: bool = False) -> np.ndarray:
-        """Oracle returns of ``tasks``, each episode reset with ``seed`` (computed where not cached)."""
-        missing = list({self.key(t, seed): t for t in tasks if self.key(t, seed) not in self.records
-                        or (self.keep_trajectories and self.key(t, seed) not in self.trajectories)}.values())
+    def __call__(self, tasks: list[Task], seed: int | list[int] = 0, progress: bool = False) -> np.ndarray:
+        """Oracle returns of ``tasks``, each episode reset with ``seed`` (one for all, or one per task),
+        computed where not cached."""
+        seeds = [int(seed)] * len(tasks) if isinstance(seed, int | np.integer) else [int(s) for s in seed]
+        if len(seeds) != len(tasks):
+            raise ValueError(f"got {len(seeds)} reset seeds for {len(tasks)} tasks")
+        keys = [self.key(t, s) for t, s in zip(tasks, seeds, strict=True)]
+        missing = {k: (t, s) for k, t, s in zip(keys, tasks, seeds, strict=True)
+                   if k not in self.records or (self.keep_trajectories and k not in self.trajectories)}
         # One task per batch: the planner's sampling noise is drawn for the whole batch, so a task's
         # oracle episode would otherwise depend on what it was computed together with.
-        for task in missing:
-            ep = oracle_episodes(self.family, self.robot, [task], replace(self.planner_cfg, seed=seed), seed,
+        for key, (task, start) in missing.items():
+            ep = oracle_episodes(self.family, self.robot, [task], replace(self.planner_cfg, seed=start), start,
                                  self.threads, progress)
             success = episode_success(self.family, ep.components)
-            self.records[self.key(task, seed)] = {"return": float(ep.returns[0]),
-                                                  "success": None if success is None else bool(success[0])}
+            self.records[key] = {"return": float(ep.returns[0]),
+                                 "success": None if success is None else bool(success[0])}
             if self.keep_trajectories:
-                self.trajectories[self.key(task, seed)] = ep
+                self.trajectories[key] = ep
             self.episodes_run += 1
         if missing and self.cache_file:
             self._save()
-        return np.array([self.records[self.key(t, seed)]["return"] for t in tasks])
+        return np.array([self.records[k]["return"] for k in keys])
 
     def episode(self, task: Task, seed: int = 0) -> Episodes:
         """The oracle's episode of ``task`` from ``seed``'s start (simulated if not kept; needs

@@ -156,6 +156,10 @@ class Iteration:
     """Extra fields of the progress bar."""
 
 
+ORACLE_CACHE_FILE = "oracle_returns.json"
+"""The adversary's oracle returns in the run folder (train/gap.py's cache format)."""
+
+
 class Runner:
     """Owns the loop, the data, logging and checkpoints; the algorithm owns the math."""
 
@@ -172,9 +176,15 @@ class Runner:
             except ValueError as exc:
                 raise SpecError(f"run config {cfg.run_name}", "loop.adversary", str(exc)) from exc
         self.sampler = make_sampler(cfg.loop.task_sampler, self.family, cfg.seed, cfg.loop.gaussian, cfg.loop.adversary)
-        self.oracle = OracleReturns(self.family, self.robot, cfg.planner, threads=cfg.loop.adversary.oracle_threads,
-                                    keep_trajectories=cfg.loop.adversary.reward_gradient)
-        """The oracle's return per task, for the adversary's gap (cached per task and start)."""
+        cache = self.run_dir / ORACLE_CACHE_FILE if self.sampler.needs_gap else None
+        try:
+            self.oracle = OracleReturns(self.family, self.robot, cfg.planner, cfg.loop.adversary.oracle_threads,
+                                        cache_file=cache, keep_trajectories=cfg.loop.adversary.reward_gradient)
+            """The oracle's return per task and start, for the adversary's gap (kept in the run folder, so a
+            resumed run's replayed tasks stay cache hits)."""
+        except ValueError as exc:  # the planner changed on resume: the cached returns belong to another oracle
+            raise SpecError(f"run config {cfg.run_name}", "planner", f"{exc} (delete {cache} to recompute them "
+                            "with this planner)") from exc
         self.reward_adversary = None
         """AdMRL's implicit-gradient step over the reward parameters (``loop.adversary.reward_gradient``)."""
         self.adversary_env_steps = 0
@@ -273,11 +283,11 @@ class Runner:
         writer.flush()
 
     # ---- the loop -----------------------------------------------------------------------------
-    def _collect(self, iteration: int, tasks: list[Task], same_start: bool = False) -> Collected:
+    def _collect(self, iteration: int, tasks: list[Task], starts: list[int] | None = None) -> Collected:
         """One episode per task; random actions at iteration 0, MPC through the current model after.
 
-        ``same_start``: every episode of the iteration starts from the same initial state (one reset
-        seed for all), as a gap measurement needs: the oracle then starts there too.
+        ``starts``: each task's reset seed, as a gap measurement needs (the oracle's episode starts
+        there too); by default sub-env ``i`` of a chunk resets with the iteration's seed + its index.
         """
         num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
         envs = make_vector_env(self.family, num, self.cfg.loop.vector)
@@ -288,7 +298,11 @@ class Runner:
             for start in range(0, len(tasks), num):
                 chunk = tasks[start:start + num]
                 chunk = chunk + [chunk[-1]] * (num - len(chunk))  # pad the last chunk; duplicates dropped below
-                seed = seed0 if same_start else seed0 + start
+                seed = seed0 + start
+                reset: int | list[int] = seed
+                if starts is not None:
+                    reset = starts[start:start + num]
+                    reset = reset + [reset[-1]] * (num - len(reset))
                 if iteration == 0:
                     controller = random_policy(self.robot.action_low, self.robot.action_high, seed)
                 else:
@@ -298,7 +312,7 @@ class Runner:
                                                 planner_cfg, batch=num)
                     params = {n: np.array([t[n] for t in chunk]) for n in self.family.reward_names}
                     controller = MPCController(adapter, params)
-                rollout = collect(envs, self.family, controller, chunk, 1, seed=[seed] * num if same_start else seed)
+                rollout = collect(envs, self.family, controller, chunk, 1, seed=reset)
                 parts.append(rollout.take(np.arange(len(tasks[start:start + num]))))
                 if isinstance(controller, MPCController):
                     errors.append(np.stack(controller.errors)[:, :len(tasks[start:start + num])])
@@ -306,17 +320,18 @@ class Runner:
             envs.close()
         return Collected(Rollout.concatenate(parts), np.concatenate(errors, axis=1) if errors else None, seed0)
 
-    def _grade(self, candidates: list[Task], returns: np.ndarray, seed: int, episodes_per_candidate: int
+    def _grade(self, candidates: list[Task], returns: np.ndarray, starts: list[int], episodes_per_candidate: int
                ) -> tuple[list[int], dict[str, Any]]:
-        """The adversary's choice among ``candidates``: gap = the oracle's return from the start ``seed`` gives
-        minus the learner's graded ``returns`` from that start. Counts the graded episodes not trained on
-        (``episodes_per_candidate`` each). Returns the chosen indices and the tasks.jsonl fields."""
-        oracle = self.oracle(candidates, seed=seed)
+        """The adversary's choice among ``candidates``: gap = the oracle's return from the start each reset
+        seed in ``starts`` gives minus the learner's graded ``returns`` from that start. Counts the graded
+        episodes not trained on (``episodes_per_candidate`` each). Returns the chosen indices and the
+        tasks.jsonl fields."""
+        oracle = self.oracle(candidates, seed=starts)
         chosen = self.sampler.select(candidates, oracle - returns, self.cfg.loop.tasks_per_iteration)
         self.adversary_env_steps += ((len(candidates) - len(chosen)) * episodes_per_candidate
                                      * self.family.spec.episode_steps)
         return chosen, {**self.sampler.describe(), "candidates": candidates, "candidate_returns": returns.tolist(),
-                        "oracle_returns": oracle.tolist(), "chosen": chosen,
+                        "oracle_returns": oracle.tolist(), "starts": [int(x) for x in starts], "chosen": chosen,
                         "graded_mean_return": float(returns.mean())}
 
     def _iteration_seed(self, iteration: int) -> int:
@@ -346,12 +361,14 @@ class Runner:
         candidates = self.sampler.candidates(cfg.tasks_per_iteration)
         if not self.sampler.needs_gap:
             return candidates, self._collect(iteration, candidates), self.sampler.describe()
-        collected = self._collect(iteration, candidates, same_start=True)
+        starts = self.sampler.starts(candidates, self._iteration_seed(iteration))
+        collected = self._collect(iteration, candidates, starts)
         returns = collected.rollout.episode_returns()[:, 0]
         oracle_runs = self.oracle.episodes_run
-        chosen, info = self._grade(candidates, returns, collected.seed, episodes_per_candidate=1)
+        chosen, info = self._grade(candidates, returns, starts, episodes_per_candidate=1)
         if cfg.adversary.reward_gradient:
-            info["reward_gradient"] = self._reward_gradient_proposal(candidates[chosen[0]], collected.seed)
+            worst = chosen[0]
+            info["reward_gradient"] = self._reward_gradient_proposal(candidates[worst], starts[worst])
         self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
         errors = collected.errors[:, chosen] if collected.errors is not None else None
         return ([candidates[i] for i in chosen], Collected(collected.rollout.take(np.array(chosen)), errors,
@@ -359,12 +376,12 @@ class Runner:
 
     # ---- pearl --------------------------------------------------------------------------------
     def _explore(self, replay: TaskReplay, tasks: list[Task], task_ids: list[int], seed: int,
-                 same_start: bool = False) -> dict[str, Rollout]:
+                 starts: list[int] | None = None) -> dict[str, Rollout]:
         """One exploration round per task into ``replay``, ``tasks_per_iteration`` sub-envs at a time.
 
         Returns each phase's rollout (``prior``, ``posterior``, ``extra_rl``), one row per task.
-        ``same_start``: each phase's first episode starts from the same state for every task (reset
-        seeds ``seed``, ``seed + 1``, ``seed + 2``), as a gap measurement needs.
+        ``starts``: each task's own reset seed ``s`` (its phases' first episodes reset with ``s``, ``s + 1``,
+        ``s + 2``), as a gap measurement needs; by default chunk sub-env ``i`` resets with ``seed`` + its index.
         """
         num = min(self.cfg.loop.tasks_per_iteration, len(tasks))
         envs: dict[int, Any] = {}
@@ -374,7 +391,7 @@ class Runner:
                 chunk, ids = tasks[start:start + num], task_ids[start:start + num]
                 if len(chunk) not in envs:  # a smaller last chunk gets its own envs: no padded duplicates
                     envs[len(chunk)] = make_vector_env(self.family, len(chunk), self.cfg.loop.vector)
-                chunk_seed = [seed] * len(chunk) if same_start else seed + start
+                chunk_seed = seed + start if starts is None else starts[start:start + num]
                 parts.append(explore_tasks(self.algo, replay, envs[len(chunk)], self.family, chunk, ids,
                                            self.cfg.pearl_schedule, seed=chunk_seed))
         finally:
@@ -405,16 +422,17 @@ class Runner:
             ids = self._new_task_ids(len(candidates))
             return candidates, ids, self._explore(self.replay, candidates, ids, seed0), self.sampler.describe()
         # Graded episode: the first one under the posterior of the round so far (after the prior
-        # episodes), every candidate from the same start as the oracle's episode.
+        # episodes), each candidate from the start of its oracle episode (sampler.starts).
         scratch = TaskReplay(self.robot.obs_dim, self.robot.action_dim, self.cfg.pearl.replay_capacity,
                              self.cfg.pearl.encoder_capacity)
-        rounds = self._explore(scratch, candidates, list(range(len(candidates))), seed0, same_start=True)
+        starts = self.sampler.starts(candidates, seed0)
+        rounds = self._explore(scratch, candidates, list(range(len(candidates))), seed0, starts=starts)
         graded_phase = "posterior" if schedule.posterior_episodes else "extra_rl"
-        graded_seed = seed0 + (1 if graded_phase == "posterior" else 2)
+        graded_starts = [s + (1 if graded_phase == "posterior" else 2) for s in starts]
         returns = rounds[graded_phase].episode_returns()[:, 0]
         oracle_runs = self.oracle.episodes_run
         per_round = schedule.prior_episodes + schedule.posterior_episodes + schedule.extra_rl_episodes
-        chosen, info = self._grade(candidates, returns, graded_seed, episodes_per_candidate=per_round)
+        chosen, info = self._grade(candidates, returns, graded_starts, episodes_per_candidate=per_round)
         info["graded_phase"] = graded_phase
         self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
         tasks = [candidates[i] for i in chosen]

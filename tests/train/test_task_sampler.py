@@ -20,10 +20,11 @@ from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.config import load_config
 from metarl_robot.train.runner import Runner, train
 from metarl_robot.train.task_sampler import (
-    AdversarialSampler,
     AdversaryConfig,
+    CEMAdversary,
     GaussianSampler,
     GaussianSamplerConfig,
+    ReplayAdversary,
     UniformSampler,
     make_sampler,
 )
@@ -68,7 +69,7 @@ def test_adversary_finds_the_known_worst_task(family, seed, worst, tolerance):
     worst = np.array(worst)
     gap = bump_gap(family, family.names, worst)
     population, n = 16, 4
-    adversary = AdversarialSampler(family, seed, AdversaryConfig(population=population))
+    adversary = CEMAdversary(family, seed, AdversaryConfig(search="cem", population=population))
     trained, best = search(adversary, gap, n=n)
     # The search mean sits at the worst task (a corner: inside it by about the std floor, 0.1, per axis).
     assert np.abs(adversary.mean - worst).max() < tolerance, adversary.mean
@@ -90,8 +91,9 @@ def test_adversary_finds_the_known_worst_task(family, seed, worst, tolerance):
 def test_adversary_searches_only_its_params_and_the_others_vary(family):
     names = ["pole_length", "target_x"]
     worst = np.array([0.8, 0.2])
-    adversary = make_sampler("adversarial", family, 3, adversary=AdversaryConfig(population=16, params=names))
-    assert isinstance(adversary, AdversarialSampler) and adversary.searched == names
+    adversary = make_sampler("adversarial", family, 3,
+                             adversary=AdversaryConfig(search="cem", population=16, params=names))
+    assert isinstance(adversary, CEMAdversary) and adversary.searched == names
     trained, best = search(adversary, bump_gap(family, names, worst))
     assert np.abs(adversary.mean - worst).max() < 0.1, adversary.mean
     assert adversary.mean.shape == (2,) and best > 0.9 * PEAK and np.mean(trained[-10:]) > 0.7 * PEAK
@@ -105,8 +107,85 @@ def test_adversary_searches_only_its_params_and_the_others_vary(family):
     assert not any(family.is_ood(t) for t in tasks)
 
 
+class ShrinkingGapLearner:
+    """A synthetic learner over pole length: two equally bad regions (the shortest and the longest poles, the
+    cart-pole's measured pattern) whose gap shrinks where it has trained, as a real learner's does."""
+
+    def __init__(self, family, seed: int) -> None:
+        self.box = ParamBox(family, ["pole_length"], "train")
+        self.trained: list[float] = []
+        self.rng = np.random.default_rng(seed)
+
+    def gap_at(self, x: np.ndarray) -> np.ndarray:
+        base = PEAK * np.maximum(np.exp(-x**2 / (2 * 0.2**2)), np.exp(-(1 - x) ** 2 / (2 * 0.2**2)))
+        near = np.exp(-(x[:, None] - np.array(self.trained)[None]) ** 2 / (2 * 0.1**2)).sum(axis=1)
+        return base * np.exp(-near / 4)
+
+    def unit(self, tasks) -> np.ndarray:
+        return self.box.to_unit(np.array([[t["pole_length"]] for t in tasks]))[:, 0]
+
+    def train(self, sampler, iterations: int = 20, n: int = 4) -> None:
+        for it in range(iterations):
+            tasks = sampler.candidates(n)
+            sampler.starts(tasks, it)
+            gaps = self.gap_at(self.unit(tasks)) + self.rng.normal(0.0, 0.05 * PEAK, len(tasks))  # episode noise
+            chosen = sampler.select(tasks, gaps if sampler.needs_gap else None, n)
+            self.trained += [float(self.unit([tasks[c]])[0]) for c in chosen]
+
+    def worst_gap(self) -> float:
+        return float(self.gap_at(np.linspace(0.0, 1.0, 41)).max())
+
+
+def test_replay_adversary_shrinks_the_worst_gap_of_a_learner_with_two_bad_regions(family):
+    def trained(sampler, seed):
+        learner = ShrinkingGapLearner(family, seed)
+        learner.train(sampler)
+        return learner
+    worst = {"replay": [], "uniform": [], "cem": []}
+    for seed in range(5):
+        replay = trained(ReplayAdversary(family, seed, AdversaryConfig(population=8)), seed)
+        x = np.array(replay.trained)
+        assert (x < 0.25).mean() > 0.2 and (x > 0.75).mean() > 0.2, seed  # both bad regions trained on
+        worst["replay"].append(replay.worst_gap())
+        worst["uniform"].append(trained(UniformSampler(family, seed), seed).worst_gap())
+        worst["cem"].append(trained(CEMAdversary(family, seed, AdversaryConfig(search="cem", population=8)), seed
+                                    ).worst_gap())
+    mean = {k: float(np.mean(v)) for k, v in worst.items()}
+    assert mean["replay"] < 0.5 * mean["uniform"] and mean["replay"] < 0.5 * mean["cem"], worst
+    assert all(r < u for r, u in zip(worst["replay"], worst["uniform"], strict=True)), worst
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replay_adversary_climbs_to_the_known_worst_task(family, seed):
+    # A static gap is CEM's home ground (the test above); the archive's mutations get there more slowly.
+    worst = np.array([0.8, 0.25, 0.7, 0.3, 0.6])
+    adversary = ReplayAdversary(family, seed, AdversaryConfig(population=16))
+    trained, best = search(adversary, bump_gap(family, family.names, worst))
+    assert best > 0.65 * PEAK and np.mean(trained[-10:]) > 0.35 * PEAK > np.mean(trained[:3])
+
+
+def test_replay_adversary_regrades_from_the_archived_start_and_keeps_the_worst(family):
+    adversary = ReplayAdversary(family, 0, AdversaryConfig(population=4, archive_size=4, uniform_fraction=0.25,
+                                                            mutation_fraction=0.0))
+    first = adversary.candidates(2)
+    assert adversary.starts(first, 100) == [100] * 4  # an empty archive: all new
+    adversary.select(first, np.array([1.0, 4.0, 3.0, 2.0]), 2)
+    second = adversary.candidates(2)
+    starts = adversary.starts(second, 200)
+    assert starts[0] == 200 and second[0] not in first  # one new task from this iteration's start
+    assert all(t in first for t in second[1:]) and starts[1:] == [100] * 3  # replays from their own start
+    adversary.select(second, np.array([10.0, 0.5, 0.5, 0.5]), 2)
+    kept = sorted(e["gap"] for e in adversary.archive)  # capacity 4: the smallest gaps went
+    assert len(kept) == 4 and kept[-1] == 10.0 and min(kept) >= 0.5
+    restored = ReplayAdversary(family, 9, AdversaryConfig(population=4, archive_size=4, mutation_fraction=0.0))
+    restored.load_state(json.loads(json.dumps(adversary.state())))
+    assert restored.candidates(2) == adversary.candidates(2)
+    with pytest.raises(ValueError, match="the last candidates were 4"):
+        adversary.starts(second[:2], 300)
+
+
 def test_select_trains_on_the_worst_candidates_and_a_diverged_episode_is_worst(family):
-    adversary = AdversarialSampler(family, 0, AdversaryConfig(population=5))
+    adversary = CEMAdversary(family, 0, AdversaryConfig(search="cem", population=5))
     tasks = adversary.candidates(2)
     assert adversary.select(tasks, np.array([1.0, 5.0, -2.0, 3.0, 4.0]), 2) == [1, 4]
     assert adversary.select(tasks, np.array([1.0, np.nan, 7.0, 3.0, 4.0]), 3) == [1, 2, 4]
@@ -127,10 +206,10 @@ def test_uniform_and_gaussian_train_on_every_candidate(family):
 
 def test_state_round_trip_reproduces_the_next_candidates(family):
     gap = bump_gap(family, family.names, np.full(5, 0.7))
-    a = AdversarialSampler(family, 0, AdversaryConfig(population=8))
+    a = CEMAdversary(family, 0, AdversaryConfig(search="cem", population=8))
     search(a, gap, iterations=5)
     state = json.loads(json.dumps(a.state()))  # the checkpoint holds it as plain data
-    b = AdversarialSampler(family, 99, AdversaryConfig(population=8))
+    b = CEMAdversary(family, 99, AdversaryConfig(search="cem", population=8))
     assert b.candidates(4) != a.candidates(4)  # (a moved on: compare from the saved state below)
     b.load_state(state)
     a.load_state(state)
@@ -150,17 +229,17 @@ def test_adversary_resumes_another_samplers_run_and_refuses_another_search(famil
     # A run started uniform and resumed adversarial: the draws continue, the search starts at the centre.
     uniform = UniformSampler(family, 0)
     uniform.candidates(3)
-    adversary = AdversarialSampler(family, 5, AdversaryConfig(population=4))
+    adversary = CEMAdversary(family, 5, AdversaryConfig(search="cem", population=4))
     adversary.load_state(json.loads(json.dumps(uniform.state())))
     assert adversary.rng.bit_generator.state == uniform.rng.bit_generator.state
     assert adversary.mean == pytest.approx(np.full(5, 0.5)) and adversary.std == pytest.approx(np.full(5, 0.3))
     assert len(adversary.candidates(2)) == 4
     # A checkpointed search over other parameters does not fit this one.
-    other = AdversarialSampler(family, 0, AdversaryConfig(population=4, params=["target_x", "pole_length"]))
+    other = CEMAdversary(family, 0, AdversaryConfig(search="cem", population=4, params=["target_x", "pole_length"]))
     with pytest.raises(ValueError, match=r"searched \['target_x', 'pole_length'\], loop\.adversary\.params now "
                                          r"names \['pole_mass_scale', "):
         adversary.load_state(other.state())
-    swapped = AdversarialSampler(family, 0, AdversaryConfig(population=4, params=["pole_length", "target_x"]))
+    swapped = CEMAdversary(family, 0, AdversaryConfig(search="cem", population=4, params=["pole_length", "target_x"]))
     with pytest.raises(ValueError, match=r"loop\.adversary\.params"):
         swapped.load_state(other.state())
 
@@ -194,7 +273,14 @@ def test_unknown_sampler_is_refused(family):
      ({"min_std": 0.5}, "0 < min_std <= init_std, got 0.5 and 0.3"),
      ({"oracle_threads": 0}, "loop.adversary.oracle_threads must be >= 1"),
      ({"params": ["pole_length", "pole_lenght"]}, "loop.adversary.params: ['pole_lenght'] not in cartpole_swingup"),
-     ({"params": []}, "loop.adversary.params: empty list")],
+     ({"params": []}, "loop.adversary.params: empty list"),
+     ({"search": "ga"}, "loop.adversary.search = 'ga'; allowed: replay, cem"),
+     ({"uniform_fraction": 0.0}, "loop.adversary.uniform_fraction must be > 0 with search: replay"),
+     ({"archive_size": 4}, "loop.adversary.archive_size (4) must be >= population (8)"),
+     ({"rank_temperature": 0.0}, "loop.adversary.rank_temperature must be > 0"),
+     ({"staleness_weight": 1.5}, "loop.adversary.staleness_weight = 1.5 is outside [0, 1]"),
+     ({"mutation_fraction": 1.5}, "loop.adversary.mutation_fraction = 1.5 is outside [0, 1]"),
+     ({"mutation_std": 0.0}, "loop.adversary.mutation_std must be > 0")],
 )
 def test_adversary_config_errors_name_the_field(family, change, fragment):
     with pytest.raises(ValueError) as err:
@@ -267,7 +353,8 @@ def test_adversarial_training_logs_resumes_and_grades_on_a_grid(tmp_path, short_
     # The trained tasks are the candidates with the largest gaps, worst first.
     assert it["chosen"] == [int(i) for i in np.argsort(-gaps, kind="stable")[:2]]
     assert it["tasks"] == [it["candidates"][i] for i in it["chosen"]]
-    assert it["searched"] == load_family("cartpole_swingup").names and len(it["mean"]) == 5
+    assert it["searched"] == load_family("cartpole_swingup").names and it["archive_size"] == 4
+    assert it["starts"] == [it["starts"][0]] * 4  # all new: every candidate from the iteration's start
 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [float(r["adversary_env_steps"]) for r in rows] == [0.0, 2 * STEPS]  # 4 graded, 2 trained on
@@ -286,14 +373,22 @@ def test_adversarial_training_logs_resumes_and_grades_on_a_grid(tmp_path, short_
 
     # Resume: the adversary continues from its checkpointed search, and its step counts carry over.
     saved = torch.load(run / "checkpoints" / "ckpt_0001.pt", weights_only=False)
-    expected = AdversarialSampler(load_family("cartpole_swingup"), 12345, AdversaryConfig(population=4))
+    expected = make_sampler("adversarial", load_family("cartpole_swingup"), 12345, adversary=AdversaryConfig(
+        population=4))
     expected.load_state(saved["sampler"])
     train(run, overrides={"loop.iterations": 3}, resume=True, progress=False)
     lines = [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     assert lines[2]["candidates"] == expected.candidates(2)  # floats survive JSON exactly
+    # 1 new and 2 mutated candidates from iteration 2's start; 1 re-graded from the start it was graded from.
+    replayed = [c for c in lines[2]["candidates"] if c in lines[1]["candidates"]]
+    assert len(replayed) == 1
+    assert lines[2]["starts"][3] == it["starts"][0] != lines[2]["starts"][0]
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [float(r["adversary_env_steps"]) for r in rows] == [0.0, 2 * STEPS, 4 * STEPS]
+    # The replayed task's oracle return came from the run folder's cache (kept across the resume).
+    assert [float(r["oracle_env_steps"]) for r in rows] == [0.0, 4 * STEPS, 7 * STEPS]
+    assert (run / "oracle_returns.json").is_file()
 
     # Grade a checkpoint on a 2x2 grid of the train box: the worst gap and its heat map.
     out, cache = tmp_path / "eval", tmp_path / "oracle.json"
