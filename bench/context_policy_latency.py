@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metarl_robot.machine import cpu_model, pin_one_core
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAMILY_CONFIGS = {"cartpole_swingup": "configs/pearl_cartpole_swingup.yaml",
                   "half_cheetah_vel": "configs/pearl_half_cheetah_vel.yaml"}
@@ -51,26 +53,6 @@ FAMILY_CONFIGS = {"cartpole_swingup": "configs/pearl_cartpole_swingup.yaml",
 TARGET_P99_US = 1000.0
 """Issue 7's target for the robot-side PEARL step: p99 <= 1 ms on one core."""
 PERCENTILES = (50, 90, 99)
-
-
-def pin_one_core() -> int | None:
-    """Pin this process to the lowest CPU it may run on; None where the OS has no affinity call."""
-    try:
-        core = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {core})
-        return core
-    except (AttributeError, OSError):
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def stats_us(samples_s: list[float]) -> dict[str, float]:

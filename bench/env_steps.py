@@ -35,6 +35,7 @@ import numpy as np
 
 from metarl_robot.envs import FAMILY_ENV_IDS, make_env
 from metarl_robot.envs.rollout import VectorMode, make_vector_env
+from metarl_robot.machine import cpu_model
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.robot import load_robot
 
@@ -242,15 +243,8 @@ def ratios(results: Sequence[dict[str, Any]], families: Sequence[str]) -> dict[s
 
 def machine() -> dict[str, Any]:
     """Where the figures come from."""
-    cpu_model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                             cpu_model)
-    except OSError:
-        pass
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"cpu_count": os.cpu_count(), "usable_cpus": affinity, "cpu_model": cpu_model,
+    return {"cpu_count": os.cpu_count(), "usable_cpus": affinity, "cpu_model": cpu_model(),
             "platform": platform.platform(), "python": platform.python_version(), "mujoco": mujoco.__version__,
             "gymnasium": gym.__version__, "numpy": np.__version__}
 

@@ -35,16 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metarl_robot.machine import pin_one_core
 from metarl_robot.models.rewards import TORCH_REWARDS
-
-
-def pin_one_core() -> int | None:
-    try:
-        core = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {core})
-        return core
-    except (AttributeError, OSError):
-        return None
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
