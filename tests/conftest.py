@@ -1,4 +1,5 @@
-"""Shared fixtures: the shipped robots and families, and a scratch copy of ``sim/`` for broken inputs."""
+"""Shared fixtures: the shipped robots and families, a scratch copy of ``sim/`` for broken inputs, and a tiny
+trained PEARL run and its ``context_policy`` bundle (one per test session: every consumer of the kind shares it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,45 @@ from metarl_robot.paths import REPO_ROOT, family_names
 
 FAMILIES = family_names()
 ROBOTS = sorted(p.name for p in (REPO_ROOT / "sim" / "robots").iterdir() if (p / "robot.yaml").is_file())
+
+PEARL_CONFIG = REPO_ROOT / "configs" / "pearl_cartpole_swingup.yaml"
+# Sizes pinned here, so the shipped config can be retuned without touching the tests.
+PEARL_TINY = {"name": "tiny", "loop.iterations": 1, "loop.random_episodes": 2, "loop.tasks_per_iteration": 2,
+              "pearl.grad_steps": 3, "pearl.meta_batch": 2, "pearl.batch_size": 16, "pearl.context_batch": 8,
+              "pearl.context_size_min": 2, "pearl_net.hidden": 16, "pearl_net.encoder_hidden": 16,
+              "pearl_net.latent_dim": 3}
+"""``--set`` overrides of the tiny PEARL run: one iteration of tiny networks (seconds)."""
+PEARL_LATENT_DIM = 3
+"""``pearl_net.latent_dim`` of :data:`PEARL_TINY`."""
+
+
+def train_tiny_pearl_run(runs: Path) -> Path:
+    """A PEARL run folder (config, checkpoints, replay.npz) from a one-iteration run of tiny networks."""
+    import torch
+
+    from metarl_robot.train.runner import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on shared CPUs: more threads only contend
+    try:
+        train(PEARL_CONFIG, runs, overrides=PEARL_TINY, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return runs / "tiny"
+
+
+@pytest.fixture(scope="session")
+def pearl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny PEARL run folder (do not modify: copy it first)."""
+    return train_tiny_pearl_run(tmp_path_factory.mktemp("pearl_runs"))
+
+
+@pytest.fixture(scope="session")
+def pearl_bundle(pearl_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny PEARL run exported as a ``context_policy`` bundle folder (do not modify: copy it first)."""
+    from metarl_robot.export.bundle_writer import export_run
+
+    return export_run(pearl_run, tmp_path_factory.mktemp("pearl_bundles") / "pearl_tiny")
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """The replay report: Markdown with PNG plots, JSON metrics for scripts, and a one-screen terminal summary.
 
 One report covers any number of episodes: a section (table + plot) per episode and, for several, an
-aggregate table and the mean prediction error against steps since reset over all of them. Written by
+aggregate table and the mean prediction error against steps since reset over all of them. A bundle without a
+dynamics model (kind ``context_policy``) has no prediction error: the report says "not applicable" there and
+shows its belief (context mean and variance) instead. Written by
 ``metarl replay`` (:func:`run_cli`); the numbers come from :mod:`metarl_robot.replay.shadow`.
 matplotlib is imported only when plots are drawn (never on a robot computer that only replays).
 """
@@ -17,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from metarl_robot.replay.shadow import REPRODUCTION_TOLERANCE, EpisodeReplay, ReplayConfig, replay_episodes
+from metarl_robot.replay.shadow import (
+    NO_DYNAMICS_MODEL,
+    REPRODUCTION_TOLERANCE,
+    EpisodeReplay,
+    ReplayConfig,
+    replay_episodes,
+)
 
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
@@ -36,13 +44,30 @@ def _plot_name(index: int, replay: EpisodeReplay) -> str:
     return f"episode{index:02d}_{replay.path.stem}.png"
 
 
+def _errors_cell(summary: dict[str, Any], digits: int = 3, ratio: bool = False) -> str:
+    """``on / off`` (and their ratio) of one horizon's error summary; ``n/a`` where no dynamics model predicts."""
+    if summary.get("applicable") is False:
+        return "n/a"
+    text = f"{_fmt(summary['on'], digits)} / {_fmt(summary['off'], digits)}"
+    return text + (f" (ratio {_fmt(summary['on_over_off'], 3)})" if ratio else "")
+
+
+def _with_errors(replays: list[EpisodeReplay]) -> list[EpisodeReplay]:
+    """The replays whose bundle has a dynamics model (prediction errors)."""
+    return [r for r in replays if r.errors is not None]
+
+
 def aggregate(replays: list[EpisodeReplay]) -> dict[str, Any]:
-    """Totals and means over episodes (errors averaged over all frames of all episodes)."""
+    """Totals and means over episodes (errors averaged over all frames of all episodes that have them)."""
     h = replays[0].config.horizon if replays else 1
     out: dict[str, Any] = {"episodes": len(replays), "steps": int(sum(r.episode.num_steps for r in replays))}
+    graded = _with_errors(replays)
     for label, col in (("one_step", 1), (f"{h}_step", h)):
-        on = np.concatenate([r.errors.on[:, col - 1] for r in replays]) if replays else np.zeros(0)
-        off = np.concatenate([r.errors.off[:, col - 1] for r in replays]) if replays else np.zeros(0)
+        if replays and not graded:
+            out[f"prediction_error_{label}"] = {"applicable": False, "reason": NO_DYNAMICS_MODEL}
+            continue
+        on = np.concatenate([r.errors.on[:, col - 1] for r in graded]) if graded else np.zeros(0)
+        off = np.concatenate([r.errors.off[:, col - 1] for r in graded]) if graded else np.zeros(0)
         both = np.isfinite(on) & np.isfinite(off)
         mean_on = float(on[both].mean()) if both.any() else math.nan
         mean_off = float(off[both].mean()) if both.any() else math.nan
@@ -63,7 +88,8 @@ def aggregate(replays: list[EpisodeReplay]) -> dict[str, Any]:
 
 
 def plot_episode(replay: EpisodeReplay, path: Path) -> None:
-    """Four panels: prediction error on/off, context and its settling, actions vs commands, loop period + faults."""
+    """Four panels: prediction error on/off (or "not applicable"), context and its settling, actions vs commands,
+    loop period + faults."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,26 +98,34 @@ def plot_episode(replay: EpisodeReplay, path: Path) -> None:
     ep, h = replay.episode, replay.config.horizon
     fig, axes = plt.subplots(4, 1, figsize=(10, 13), constrained_layout=True)
     ax = axes[0]
-    steps = replay.errors.steps_since_reset
-    for label, err, style in (("on", replay.errors.on, "-"), ("off", replay.errors.off, "--")):
-        ax.plot(steps, err[:, 0], style, color="C0", label=f"1-step, adaptation {label}")
-        ax.plot(steps, err[:, h - 1], style, color="C1", label=f"{h}-step, adaptation {label}")
-    ax.set_yscale("log")
-    ax.set_xlabel("adapter steps since reset")
-    ax.set_ylabel("RMS error (scale units)")
+    steps = np.arange(replay.usable_steps.size)
+    if replay.errors is None:
+        ax.text(0.5, 0.5, f"prediction error {NO_DYNAMICS_MODEL}", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        for label, err, style in (("on", replay.errors.on, "-"), ("off", replay.errors.off, "--")):
+            ax.plot(steps, err[:, 0], style, color="C0", label=f"1-step, adaptation {label}")
+            ax.plot(steps, err[:, h - 1], style, color="C1", label=f"{h}-step, adaptation {label}")
+        ax.set_yscale("log")
+        ax.set_xlabel("adapter steps since reset")
+        ax.set_ylabel("RMS error (scale units)")
+        ax.legend(fontsize=8)
     ax.set_title(f"{ep.path.name}: prediction error of {replay.logged.bundle_name}")
-    ax.legend(fontsize=8)
 
     ax = axes[1]
     z = replay.logged.context[replay.usable_steps]
     ax.plot(steps, z, linewidth=0.8)
+    if replay.logged.context_var is not None:  # a belief: its mean ± one standard deviation per dimension
+        sd = np.sqrt(replay.logged.context_var[replay.usable_steps])
+        for i in range(z.shape[1]):
+            ax.fill_between(steps, z[:, i] - sd[:, i], z[:, i] + sd[:, i], color=f"C{i}", alpha=0.15)
     if replay.settle_step is not None:
         ax.axvline(replay.settle_step, color="k", linestyle=":",
                    label=f"settled (within {replay.config.settle_fraction:.0%}) at step {replay.settle_step}")
         ax.legend(fontsize=8)
     ax.set_xlabel("adapter steps since reset")
     ax.set_ylabel("context z")
-    ax.set_title("inferred context")
+    ax.set_title("inferred context" if replay.logged.context_var is None else "belief over z: mean ± 1 sd")
 
     ax = axes[2]
     k = np.arange(ep.num_steps)
@@ -124,12 +158,14 @@ def plot_episode(replay: EpisodeReplay, path: Path) -> None:
 
 
 def plot_aggregate(replays: list[EpisodeReplay], path: Path) -> None:
-    """Mean 1-step and H-step error against steps since reset over every episode, adaptation on vs off."""
+    """Mean 1-step and H-step error against steps since reset over every episode that has them, adaptation on vs
+    off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    replays = _with_errors(replays)
     h = replays[0].config.horizon
     length = max(r.errors.on.shape[0] for r in replays)
     fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
@@ -162,12 +198,17 @@ def _episode_section(index: int, r: EpisodeReplay) -> list[str]:
               f"task: {json.dumps(ep.task) if ep.task else 'not recorded'}", ""]
     if r.notes:
         lines += ["Notes:", *[f"- {n}" for n in r.notes], ""]
-    lines += ["| metric | value |", "|---|---|"]
-    rows = [
-        ("1-step prediction error, adaptation on / off", f"{_fmt(pe['one_step']['on'])} / "
-         f"{_fmt(pe['one_step']['off'])} (ratio {_fmt(pe['one_step']['on_over_off'], 3)})"),
-        (f"{h}-step prediction error, adaptation on / off", f"{_fmt(pe[f'{h}_step']['on'])} / "
-         f"{_fmt(pe[f'{h}_step']['off'])} (ratio {_fmt(pe[f'{h}_step']['on_over_off'], 3)})"),
+    lines += [f"bundle kind: `{r.logged.kind}`", "", "| metric | value |", "|---|---|"]
+    if r.errors is None:
+        rows = [("model prediction error", NO_DYNAMICS_MODEL)]
+    else:
+        rows = [("1-step prediction error, adaptation on / off", _errors_cell(pe["one_step"], 4, ratio=True)),
+                (f"{h}-step prediction error, adaptation on / off", _errors_cell(pe[f"{h}_step"], 4, ratio=True))]
+    belief = m["context"]
+    if "final_var_mean" in belief:
+        rows.append(("belief at the last adapter step: mean of var(z) / transitions observed",
+                     f"{_fmt(belief['final_var_mean'])} / {belief['transitions_observed']}"))
+    rows += [
         (f"context settles (within {r.config.settle_fraction:.0%})",
          "-" if r.settle_step is None else f"after {r.settle_step} adapter steps "
          f"({r.settle_step * ep.robot.ctrl_dt:.2f} s)"),
@@ -185,7 +226,8 @@ def _episode_section(index: int, r: EpisodeReplay) -> list[str]:
         rows += [(f"candidate `{cc.bundle_name}` vs logged commands (max / mean abs diff)",
                   f"{_fmt(cc.max_abs_diff_command, 3)} / {_fmt(cc.mean_abs_diff_command, 3)}"),
                  ("candidate 1-step / {h}-step error (adaptation on)".replace("{h}", str(h)),
-                  f"{_fmt(cpe['one_step']['on'])} / {_fmt(cpe[f'{h}_step']['on'])}")]
+                  NO_DYNAMICS_MODEL if cpe.get("applicable") is False
+                  else f"{_fmt(cpe['one_step']['on'])} / {_fmt(cpe[f'{h}_step']['on'])}")]
     rows += [
         ("loop period median / max (nominal)", f"{_fmt(link.period_ms_median)} / {_fmt(link.period_ms_max)} ms "
          f"({_fmt(link.nominal_period_ms)} ms)"),
@@ -230,8 +272,9 @@ def write_report(replays: list[EpisodeReplay], out: str | Path) -> dict[str, Pat
                   f"`{replays[0].logged.bundle_sha256[:12]}`), horizon {cfg.horizon}, settling band "
                   f"{cfg.settle_fraction:.0%}. Definitions: docs/replay.md.", ""]
     if len(replays) > 1:
-        paths["aggregate_plot"] = out / AGGREGATE_PLOT
-        plot_aggregate(replays, paths["aggregate_plot"])
+        if _with_errors(replays):
+            paths["aggregate_plot"] = out / AGGREGATE_PLOT
+            plot_aggregate(replays, paths["aggregate_plot"])
         h = replays[0].config.horizon
         lines += ["## All episodes", "", "| metric | value |", "|---|---|"]
         for key, value in agg.items():
@@ -242,11 +285,13 @@ def write_report(replays: list[EpisodeReplay], out: str | Path) -> dict[str, Pat
                   "| events |", "|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(replays):
             m = r.metrics()["prediction_error"]
-            lines.append(f"| {i}: `{r.path.name}` | {r.episode.num_steps} | {_fmt(m['one_step']['on'], 3)} / "
-                         f"{_fmt(m['one_step']['off'], 3)} | {_fmt(m[f'{h}_step']['on'], 3)} / "
-                         f"{_fmt(m[f'{h}_step']['off'], 3)} | {r.counterfactual.reproduced} | "
-                         f"{r.link.frames_dropped} | {len(r.link.degraded_periods)} | {len(r.link.safety_events)} |")
-        lines += ["", f"![all episodes]({AGGREGATE_PLOT})", ""]
+            one, multi = (("n/a", "n/a") if m.get("applicable") is False
+                          else (_errors_cell(m["one_step"]), _errors_cell(m[f"{h}_step"])))
+            lines.append(f"| {i}: `{r.path.name}` | {r.episode.num_steps} | {one} | {multi} | "
+                         f"{r.counterfactual.reproduced} | {r.link.frames_dropped} | {len(r.link.degraded_periods)} | "
+                         f"{len(r.link.safety_events)} |")
+        lines += ["", f"![all episodes]({AGGREGATE_PLOT})" if "aggregate_plot" in paths
+                  else f"Prediction error over all episodes: {NO_DYNAMICS_MODEL}.", ""]
     for i, r in enumerate(replays):
         lines += _episode_section(i, r)
     paths["report"].write_text("\n".join(lines))
@@ -274,10 +319,11 @@ def terminal_summary(replays: list[EpisodeReplay], paths: dict[str, Path]) -> st
              f"{'drop':>6}{'degr':>6}{'events':>7}"]
     for r in replays[:12]:
         pe = r.metrics()["prediction_error"]
+        one, multi = ("n/a", "n/a") if pe.get("applicable") is False else (
+            _fmt(pe["one_step"]["on"], 3) + "/" + _fmt(pe["one_step"]["off"], 3),
+            _fmt(pe[f"{h}_step"]["on"], 3) + "/" + _fmt(pe[f"{h}_step"]["off"], 3))
         name = r.path.name if len(r.path.name) <= 31 else "..." + r.path.name[-28:]
-        lines.append(f"{name:<32}{r.episode.num_steps:>6}"
-                     f"{_fmt(pe['one_step']['on'], 3) + '/' + _fmt(pe['one_step']['off'], 3):>18}"
-                     f"{_fmt(pe[f'{h}_step']['on'], 3) + '/' + _fmt(pe[f'{h}_step']['off'], 3):>18}"
+        lines.append(f"{name:<32}{r.episode.num_steps:>6}{one:>18}{multi:>18}"
                      f"{ {True: 'yes', False: 'NO', None: '-'}[r.counterfactual.reproduced]:>8}"
                      f"{_fmt(r.counterfactual.max_abs_diff_adapter, 2):>10}"
                      f"{r.link.frames_dropped:>6}{len(r.link.degraded_periods):>6}{len(r.link.safety_events):>7}")
@@ -285,9 +331,10 @@ def terminal_summary(replays: list[EpisodeReplay], paths: dict[str, Path]) -> st
         lines.append(f"... and {len(replays) - 12} more (see the report)")
     agg = aggregate(replays)
     one, multi = agg["prediction_error_one_step"], agg[f"prediction_error_{h}_step"]
-    lines.append(f"all {agg['episodes']} episode(s): error on/off 1-step {_fmt(one['on_over_off'], 3)}x, {h}-step "
-                 f"{_fmt(multi['on_over_off'], 3)}x; reproduced {agg['reproduced']}; {agg['safety_events']} safety "
-                 f"event(s), {agg['frames_dropped']} dropped frame(s)")
+    errors = (f"prediction error {NO_DYNAMICS_MODEL}" if one.get("applicable") is False else
+              f"error on/off 1-step {_fmt(one['on_over_off'], 3)}x, {h}-step {_fmt(multi['on_over_off'], 3)}x")
+    lines.append(f"all {agg['episodes']} episode(s): {errors}; reproduced {agg['reproduced']}; "
+                 f"{agg['safety_events']} safety event(s), {agg['frames_dropped']} dropped frame(s)")
     for r in replays:
         if r.candidate_counterfactual is not None:
             cc = r.candidate_counterfactual

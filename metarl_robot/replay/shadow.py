@@ -13,13 +13,19 @@ observes ``(obs of the previous usable frame, action applied between them, obs_k
 ``k`` (``applied_command_seq``): the logged command with that ``command_seq``, the robot's safe command for
 0, and the last command sent when it is not logged (-1) -- the node's own fallback.
 
+Both bundle kinds replay (the pass dispatches on ``bundle.kind``): a ``model_based`` bundle's context is its
+encoder's output and its dynamics model is graded by the prediction errors below; a ``context_policy`` (PEARL)
+bundle's context is the posterior mean of its belief over the latent task (its variance is kept too) and it
+has no dynamics model, so its prediction errors are *not applicable* (``errors`` is None, the metrics and the
+report say so) rather than a number that would mean something else.
+
 Definitions (docs/replay.md): prediction errors are RMS over the observation in robot.yaml scale units,
 as the adapter's ``prediction_error``; an ``h``-step error starts at usable frame ``k`` with the context
 the adapter had there (on) or the empty-window context (off) and chains the ensemble mean through the
 ``h`` actions actually applied, compared with the frame ``h`` steps later (only over consecutive frames).
 The context has *settled* at the first adapter step after which it stays within ``settle_fraction`` of
 its final value, measured relative to how far adaptation moved it: ``|z_i - z_final| <= f |z_final -
-z_empty|``.
+z_empty|`` (``z_empty``: the empty window's context, or PEARL's prior mean).
 
 Imports runtime and replay only (numpy, onnxruntime, mcap): it runs on a robot computer too.
 """
@@ -35,7 +41,7 @@ import numpy as np
 
 from metarl_robot.replay.episode_log import Episode, read_episode
 from metarl_robot.replay.importers import import_source
-from metarl_robot.runtime.bundle import Bundle, load_bundle
+from metarl_robot.runtime.bundle import CONTEXT_POLICY, MODEL_BASED, LoadedBundle, load_bundle
 from metarl_robot.spec.schema import SpecError
 
 DEFAULT_HORIZON = 10
@@ -44,6 +50,13 @@ DEFAULT_SETTLE_FRACTION = 0.1
 """The context has settled once it stays within this fraction of its final value (see the module docstring)."""
 REPRODUCTION_TOLERANCE = 1e-6
 """Largest |replayed action - logged adapter action| for a replay with the logged bundle to count as exact."""
+BELIEF_DIAGNOSTICS = {MODEL_BASED: ("context",), CONTEXT_POLICY: ("context_mean", "context_var")}
+"""Bundle kind → the adapter diagnostics that say what it believes about the task (the node publishes them on
+``~/context``); the first is the context the adapter acted with."""
+CONTEXT_DIAGNOSTIC = {kind: keys[0] for kind, keys in BELIEF_DIAGNOSTICS.items()}
+"""Bundle kind → the adapter diagnostic that is its context (what the adapter acted with)."""
+NO_DYNAMICS_MODEL = "not applicable: a context_policy bundle has no dynamics model to predict with"
+"""What the metrics and the report say in place of a prediction error for a bundle without a dynamics model."""
 
 
 class ReplayError(SpecError):
@@ -86,9 +99,13 @@ class ShadowPass:
     context: np.ndarray
     """(N, d) the context it acted with (NaN where it did not run)."""
     context_empty: np.ndarray
-    """(d,) the context of an empty window (what an unadapted adapter plans with)."""
+    """(d,) the context of an empty window, or PEARL's prior mean (what an unadapted adapter acts with)."""
     observed: np.ndarray
     """(N,) bool: before acting on this step the adapter observed a transition."""
+    kind: str = MODEL_BASED
+    """The bundle's kind."""
+    context_var: np.ndarray | None = None
+    """(N, d) the belief's variance per step (``context_policy`` bundles; None for a model-based one)."""
 
 
 @dataclass
@@ -181,8 +198,8 @@ class EpisodeReplay:
     logged: ShadowPass
     """The logged bundle's pass (the one that must reproduce the commands)."""
     counterfactual: Counterfactual
-    errors: PredictionErrors
-    """Prediction errors of the logged bundle."""
+    errors: PredictionErrors | None
+    """Prediction errors of the logged bundle (None: it has no dynamics model, see :data:`NO_DYNAMICS_MODEL`)."""
     usable_steps: np.ndarray
     """(U,) indices of the logged steps on which the adapter ran."""
     settle_step: int | None
@@ -205,17 +222,36 @@ class EpisodeReplay:
             "logged_bundle": ep.bundle, "task": ep.task,
             "bundle": {"name": self.logged.bundle_name, "sha256": self.logged.bundle_sha256,
                        "adapt": self.logged.adapt, "seed": self.logged.seed},
-            "prediction_error": {"one_step": self.errors.summary(1), f"{h}_step": self.errors.summary(h)},
+            "bundle_kind": self.logged.kind,
+            "prediction_error": error_summary(self.errors, h),
             "context": {"settle_step": self.settle_step,
                         "settle_s": None if self.settle_step is None else self.settle_step * ep.robot.ctrl_dt,
-                        "settle_fraction": self.config.settle_fraction},
+                        "settle_fraction": self.config.settle_fraction, **belief_summary(self.logged)},
             "counterfactual": _plain(self.counterfactual), "link": _plain(self.link), "notes": list(self.notes),
         }
         if self.candidate_counterfactual is not None:
             out["candidate"] = {"counterfactual": _plain(self.candidate_counterfactual),
-                                "prediction_error": {"one_step": self.candidate_errors.summary(1),
-                                                     f"{h}_step": self.candidate_errors.summary(h)}}
+                                "bundle_kind": self.candidate.kind,
+                                "prediction_error": error_summary(self.candidate_errors, h)}
         return out
+
+
+def error_summary(errors: PredictionErrors | None, horizon: int) -> dict[str, Any]:
+    """The 1-step and ``horizon``-step summaries, or ``{"applicable": False, "reason": ...}`` without a model."""
+    if errors is None:
+        return {"applicable": False, "reason": NO_DYNAMICS_MODEL}
+    return {"one_step": errors.summary(1), f"{horizon}_step": errors.summary(horizon)}
+
+
+def belief_summary(shadow: ShadowPass) -> dict[str, Any]:
+    """For a pass with a belief variance: its mean over z at the last adapter step and the steps it rested on."""
+    if shadow.context_var is None:
+        return {}
+    ran = np.flatnonzero(np.isfinite(shadow.context_var).all(axis=1))
+    if ran.size == 0:
+        return {"final_var_mean": None, "transitions_observed": 0}
+    return {"final_mean": shadow.context[ran[-1]].tolist(), "final_var_mean": float(shadow.context_var[ran[-1]].mean()),
+            "transitions_observed": int(shadow.observed.sum())}
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -251,23 +287,36 @@ def usable_frames(episode: Episode) -> np.ndarray:
     return np.asarray(episode.adapted, dtype=bool)
 
 
-def _task_params(episode: Episode, k: int, bundle: Bundle) -> dict[str, float]:
+def _task_params(episode: Episode, k: int, bundle: LoadedBundle) -> dict[str, float]:
     """The reward parameters the node passed at step ``k``; a log without them (an import) gets the family's
-    nominal ones (:func:`replay_episode` notes it)."""
+    nominal ones (:func:`replay_episode` notes it). A PEARL adapter also computes its context's rewards with them."""
     if not episode.task_params:
         nominal = bundle.family.nominal()
         return {name: float(nominal[name]) for name in bundle.family.reward_names}
     return {name: float(values[k]) for name, values in episode.task_params.items()}
 
 
-def shadow_pass(episode: Episode, bundle: Bundle, adapt: bool, seed: int,
+def empty_context(bundle: LoadedBundle, adapter: Any) -> np.ndarray:
+    """(d,) what ``bundle``'s fresh ``adapter`` acts with before any transition: the encoder's output for an empty
+    window (model-based), the prior mean of the belief (context policy)."""
+    if bundle.kind == CONTEXT_POLICY:
+        return np.asarray(adapter.posterior()[0][0], dtype=np.float64)
+    window = adapter.window
+    return np.asarray(bundle.encode(window.obs, window.act, window.next_obs, np.zeros_like(window.mask()))[0],
+                      dtype=np.float64)
+
+
+def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
                 applied: np.ndarray | None = None) -> ShadowPass:
-    """Drive a fresh adapter of ``bundle`` through the log's usable frames as the node did."""
+    """Drive a fresh adapter of ``bundle`` (either kind) through the log's usable frames as the node did."""
     applied = applied_actions(episode) if applied is None else applied
     n, robot = episode.num_steps, episode.robot
     adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
+    z_empty = empty_context(bundle, adapter)
+    context_key = CONTEXT_DIAGNOSTIC[bundle.kind]
     actions = np.full((n, robot.action_dim), np.nan)
-    context = np.full((n, bundle.context_dim), np.nan)
+    context = np.full((n, z_empty.size), np.nan)
+    context_var = np.full((n, z_empty.size), np.nan) if bundle.kind == CONTEXT_POLICY else None
     observed = np.zeros(n, dtype=bool)
     prev: int | None = None
     for k in np.flatnonzero(usable_frames(episode)):
@@ -277,16 +326,19 @@ def shadow_pass(episode: Episode, bundle: Bundle, adapt: bool, seed: int,
         prev = k
         action, diagnostics = adapter.act(episode.obs[k][None], _task_params(episode, k, bundle))
         actions[k] = np.asarray(action, dtype=np.float64)[0]
-        context[k] = np.asarray(diagnostics["context"], dtype=np.float64)[0]
-    empty = adapter.window
-    z_empty = bundle.encode(empty.obs, empty.act, empty.next_obs, np.zeros_like(empty.mask()))[0]
-    return ShadowPass(bundle.name, bundle.sha256, adapt, seed, actions, context, np.asarray(z_empty, np.float64),
-                      observed)
+        context[k] = np.asarray(diagnostics[context_key], dtype=np.float64)[0]
+        if context_var is not None:
+            context_var[k] = np.asarray(diagnostics["context_var"], dtype=np.float64)[0]
+    return ShadowPass(bundle.name, bundle.sha256, adapt, seed, actions, context, z_empty, observed, bundle.kind,
+                      context_var)
 
 
-def prediction_errors(episode: Episode, bundle: Bundle, shadow: ShadowPass, horizon: int,
-                      applied: np.ndarray | None = None) -> PredictionErrors:
-    """h-step errors (h = 1..horizon) from every usable frame, with the pass's context (on) and the empty one (off)."""
+def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass, horizon: int,
+                      applied: np.ndarray | None = None) -> PredictionErrors | None:
+    """h-step errors (h = 1..horizon) from every usable frame, with the pass's context (on) and the empty one (off);
+    None for a bundle without a dynamics model (:data:`NO_DYNAMICS_MODEL`)."""
+    if bundle.kind != MODEL_BASED:
+        return None
     applied = applied_actions(episode) if applied is None else applied
     usable = np.flatnonzero(usable_frames(episode))
     u = usable.size
@@ -408,7 +460,7 @@ def link_health(episode: Episode) -> LinkHealth:
 
 
 # ---- the whole replay -------------------------------------------------------------------------------------
-def _check_robot(episode: Episode, bundle: Bundle, option: str) -> None:
+def _check_robot(episode: Episode, bundle: LoadedBundle, option: str) -> None:
     if bundle.robot.interface_hash != episode.robot_interface_sha256:
         raise ReplayError(str(episode.path), option, f"bundle {bundle.name!r} is for robot {bundle.robot.name!r} "
                           f"(interface {bundle.robot.interface_hash[:12]}), the log is from robot "
@@ -416,13 +468,15 @@ def _check_robot(episode: Episode, bundle: Bundle, option: str) -> None:
                           "trained for the logged robot")
 
 
-def replay_episode(episode: Episode | str | Path, bundle: Bundle | str | Path, *,
-                   candidate: Bundle | str | Path | None = None, config: ReplayConfig | None = None) -> EpisodeReplay:
-    """Shadow-replay one episode through ``bundle`` (and ``candidate``) and grade it (see the module docstring)."""
+def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | Path, *,
+                   candidate: LoadedBundle | str | Path | None = None, config: ReplayConfig | None = None
+                   ) -> EpisodeReplay:
+    """Shadow-replay one episode through ``bundle`` (and ``candidate``), of either kind, and grade it (see the module
+    docstring)."""
     config = config or ReplayConfig()
     config.validate()
     episode = episode if isinstance(episode, Episode) else read_episode(episode)
-    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    bundle = bundle if isinstance(bundle, LoadedBundle) else load_bundle(bundle)
     _check_robot(episode, bundle, "--bundle")
     notes = [f"log: {w}" for w in episode.warnings]
     usable = np.flatnonzero(usable_frames(episode))
@@ -434,14 +488,21 @@ def replay_episode(episode: Episode | str | Path, bundle: Bundle | str | Path, *
     if usable.size == 0:
         notes.append("the adapter never ran in this episode: nothing to replay (link health only)")
     elif not episode.task_params:
-        notes.append("the log holds no task (reward) parameters: the bundle planned with its family's nominal ones")
+        notes.append("the log holds no task (reward) parameters: the bundle " + ("planned" if bundle.kind == MODEL_BASED
+                     else "computed its context's rewards") + " with its family's nominal ones")
+    if bundle.kind != MODEL_BASED:
+        notes.append(f"{bundle.kind} bundle: model prediction error {NO_DYNAMICS_MODEL}; graded instead: the replayed "
+                     "actions against the logged ones, and the belief (context mean and variance)")
     extra = episode.extra
     adapt = bool(extra.get("adapt", True))
     seed = config.seed if config.seed is not None else int(extra.get("seed", 0))
-    if config.seed is None and "seed" not in extra:
+    # Only a planner samples: a context policy acts deterministically, so its seed and its earlier episodes
+    # (the node resets the adapter at every activation) cannot change its commands.
+    planner_noise = bundle.kind == MODEL_BASED
+    if planner_noise and config.seed is None and "seed" not in extra:
         notes.append("the log does not record the planner seed; replayed with seed 0 (commands match only if the "
                      "node used 0)")
-    if int(extra.get("episode", 1)) > 1:
+    if planner_noise and int(extra.get("episode", 1)) > 1:
         notes.append(f"this is episode {extra['episode']} of its node process: the node's planner noise continued "
                      "from earlier episodes, so its commands are not expected to be reproduced exactly")
     if episode.bundle is None:
@@ -457,9 +518,10 @@ def replay_episode(episode: Episode | str | Path, bundle: Bundle | str | Path, *
     result = EpisodeReplay(Path(episode.path), episode, config, logged, compare(logged, episode, candidate=False),
                            errors, usable, settle_step, distance, link_health(episode), notes=notes)
     if not adapt:
-        notes.append("the node ran with adapt=false: the logged commands come from the unadapted model")
+        notes.append("the node ran with adapt=false: the logged commands come from the unadapted " +
+                     ("model" if bundle.kind == MODEL_BASED else "policy (z held at the prior mean)"))
     if candidate is not None:
-        candidate = candidate if isinstance(candidate, Bundle) else load_bundle(candidate)
+        candidate = candidate if isinstance(candidate, LoadedBundle) else load_bundle(candidate)
         _check_robot(episode, candidate, "--candidate")
         result.candidate = shadow_pass(episode, candidate, True, seed, applied)
         result.candidate_counterfactual = compare(result.candidate, episode, candidate=True)
@@ -467,18 +529,22 @@ def replay_episode(episode: Episode | str | Path, bundle: Bundle | str | Path, *
     return result
 
 
-def replay_episodes(paths: list[str | Path], bundle: Bundle | str | Path, *, candidate: Bundle | str | Path | None
-                    = None, config: ReplayConfig | None = None) -> list[EpisodeReplay]:
+def replay_episodes(paths: list[str | Path], bundle: LoadedBundle | str | Path, *,
+                    candidate: LoadedBundle | str | Path | None = None, config: ReplayConfig | None = None
+                    ) -> list[EpisodeReplay]:
     """:func:`replay_episode` for each log, loading the bundles once. Every path is checked before any replay."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise ReplayError(", ".join(missing), "episodes", "file(s) not found")
-    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if candidate is not None and not isinstance(candidate, Bundle):
+    bundle = bundle if isinstance(bundle, LoadedBundle) else load_bundle(bundle)
+    if candidate is not None and not isinstance(candidate, LoadedBundle):
         candidate = load_bundle(candidate)
     return [replay_episode(p, bundle, candidate=candidate, config=config) for p in paths]
 
 
-__all__ = ["DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION", "REPRODUCTION_TOLERANCE", "Counterfactual", "EpisodeReplay",
-           "LinkHealth", "PredictionErrors", "ReplayConfig", "ReplayError", "ShadowPass", "applied_actions", "compare",
-           "link_health", "prediction_errors", "replay_episode", "replay_episodes", "settling", "shadow_pass"]
+__all__ = ["BELIEF_DIAGNOSTICS", "CONTEXT_DIAGNOSTIC", "DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION",
+           "NO_DYNAMICS_MODEL",
+           "REPRODUCTION_TOLERANCE", "Counterfactual", "EpisodeReplay", "LinkHealth", "PredictionErrors",
+           "ReplayConfig", "ReplayError", "ShadowPass", "applied_actions", "belief_summary", "compare", "empty_context",
+           "error_summary", "link_health", "prediction_errors", "replay_episode", "replay_episodes", "settling",
+           "shadow_pass"]

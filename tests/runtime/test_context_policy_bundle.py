@@ -18,43 +18,17 @@ from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import CONTEXT_POLICY, ContextPolicyBundle, load_bundle, sha256_file
 from metarl_robot.runtime.context_policy import FACTORS_FILE, POLICY_FILE, ContextPolicyAdapter
 from metarl_robot.spec.schema import SpecError
-from tests.conftest import edit_yaml
+from tests.conftest import PEARL_LATENT_DIM, edit_yaml
+from tests.conftest import train_tiny_pearl_run as train_tiny_pearl_run  # re-exported: other tests import it from here
 from tests.runtime.test_bundle import refused, resave_onnx
 
-CONFIG = REPO_ROOT / "configs" / "pearl_cartpole_swingup.yaml"
-# Sizes pinned here, so the shipped config can be retuned without touching these tests.
-TINY = {"name": "tiny", "loop.iterations": 1, "loop.random_episodes": 2, "loop.tasks_per_iteration": 2,
-        "pearl.grad_steps": 3, "pearl.meta_batch": 2, "pearl.batch_size": 16, "pearl.context_batch": 8,
-        "pearl.context_size_min": 2, "pearl_net.hidden": 16, "pearl_net.encoder_hidden": 16,
-        "pearl_net.latent_dim": 3}
-LATENT_DIM = 3
-
-
-def train_tiny_pearl_run(runs: Path) -> Path:
-    """A PEARL run folder (config, checkpoints, replay.npz) from a one-iteration run of tiny networks."""
-    import torch
-
-    from metarl_robot.train.runner import train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on shared CPUs: more threads only contend
-    try:
-        train(CONFIG, runs, overrides=TINY, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return runs / "tiny"
+LATENT_DIM = PEARL_LATENT_DIM
 
 
 @pytest.fixture(scope="module")
-def pearl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_pearl_run(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(pearl_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from metarl_robot.export.bundle_writer import export_run
-
-    return export_run(pearl_run, tmp_path_factory.mktemp("bundles") / "pearl_tiny")
+def bundle_dir(pearl_bundle: Path) -> Path:
+    """The session's tiny PEARL bundle (tests/conftest.py)."""
+    return pearl_bundle
 
 
 @pytest.fixture
