@@ -1,6 +1,9 @@
 """The installed adapt_node against the MuJoCo digital twin, both real subprocesses on loopback ZeroMQ,
 observed through a real rclpy client and judged at the twin (its summary and trace) and in the MCAP log.
 
+The node runs either bundle kind: the shipped model-based bundle everywhere, and the session's tiny PEARL
+(``context_policy``) bundle in the episode test, whose log the shadow replay must reproduce.
+
 The twin runs at half speed (``--speed 0.5``): one adapter step takes ~20 ms on an idle core and more on
 this busy 2-core machine, and the control period (40 ms of robot time) must be met in robot time.
 """
@@ -20,7 +23,8 @@ import yaml
 from metarl_robot.demo import ood_task_the_bundle_swings_up
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay import read_episode
-from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.replay.shadow import BELIEF_DIAGNOSTICS, replay_episode
+from metarl_robot.runtime.bundle import CONTEXT_POLICY, MODEL_BASED, load_bundle
 from tests.ros.conftest import (
     BUNDLE,
     DEADLINE_S,
@@ -284,18 +288,29 @@ def test_services_and_lifecycle_with_a_real_rclpy_client(colcon_install, tmp_pat
     assert second.complete and second.end_reason == "SIGINT" and second.adapted.sum() > 5
 
 
-def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, tmp_path, domain_id, cleanup):
+@pytest.fixture(params=[MODEL_BASED, CONTEXT_POLICY])
+def bundle_of_kind(request) -> Path:
+    """The bundle the node runs, by kind: the shipped model-based one, the session's tiny PEARL one."""
+    return BUNDLE if request.param == MODEL_BASED else request.getfixturevalue("pearl_bundle")
+
+
+def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, tmp_path, domain_id, cleanup,
+                                                               bundle_of_kind):
     from diagnostic_msgs.msg import DiagnosticArray
+    from std_msgs.msg import Float64MultiArray
 
     procs, clients = cleanup
+    bundle = load_bundle(bundle_of_kind)
     twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
     procs.append(twin)
     client = RosClient(domain_id)
     clients.append(client)
     client.subscribe(DiagnosticArray, "/diagnostics")
-    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=30)
+    client.subscribe(Float64MultiArray, f"/{NODE}/context")
+    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=30, bundle=str(bundle_of_kind))
     procs.append(node)
     node.wait_for(lambda t: "finished: episode_steps reached (30); deactivating" in t, "episode end")
+    assert f"{bundle.kind} bundle {bundle.name!r}" in node.output()
 
     def inactive() -> bool:
         arrays = client.messages("/diagnostics")
@@ -303,12 +318,31 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
         return loop is not None and diagnostic_values(loop)["lifecycle_state"] == "inactive"
 
     client.wait_for(inactive, "the node reports itself inactive")
+    adaptation = diagnostic_values(find_status(client.messages("/diagnostics")[-1], ": adaptation"))
+    assert adaptation["bundle_kind"] == bundle.kind and adaptation["bundle_sha256"] == bundle.sha256
     episode = the_log(tmp_path)  # closed at the episode's end, before the deactivation
     assert episode.complete and episode.end_reason == "episode_steps reached (30)"
-    assert episode.adapted.sum() == 30
+    assert episode.adapted.sum() == 30 and episode.bundle["sha256"] == bundle.sha256
     assert (episode.command_source[-5:] == "safe_command").all()
     assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [episode.path.name]
+
+    # ~/context carries the kind's belief, one labelled block per diagnostic, as the log records it.
+    context = client.messages(f"/{NODE}/context")
+    assert context, "~/context was published"
+    assert [d.label for d in context[-1].layout.dim] == list(BELIEF_DIAGNOSTICS[bundle.kind])
+    # The shadow replay of the node's log reproduces every adapter action and the context it acted with.
+    replay = replay_episode(episode.path, bundle)
+    assert replay.counterfactual.reproduced, replay.counterfactual
+    logged_context = episode.adaptation[BELIEF_DIAGNOSTICS[bundle.kind][0]][episode.adapted]
+    np.testing.assert_allclose(replay.logged.context[episode.adapted], logged_context, rtol=0, atol=1e-6)
+    if bundle.kind == CONTEXT_POLICY:
+        assert replay.errors is None and replay.metrics()["prediction_error"]["applicable"] is False
+        assert "prediction_error" not in episode.adaptation
+        assert episode.adaptation["context_size"][episode.adapted][-1, 0] >= 25  # the belief rests on the episode
+        assert replay.logged.context_var[episode.adapted][-1].max() < 1.0
+    else:
+        assert replay.errors is not None
 
 
 def test_twin_restarted_node_handshakes_again_and_resumes(colcon_install, tmp_path, domain_id, cleanup):

@@ -133,6 +133,18 @@ def test_bundle_dependent_parameters_are_checked_against_the_bundle(bundle):
     assert config.task == {"target_x": -0.5} and config.control_period_s == pytest.approx(0.04)
 
 
+def test_a_context_policy_bundle_takes_no_prediction_error_threshold(bundle, pearl_bundle):
+    pearl = load_bundle(pearl_bundle)
+    config = parse_parameters({"bundle": str(pearl_bundle), "task.target_x": 0.3}).with_bundle(pearl)
+    assert config.task == {"target_x": 0.3} and config.safety.prediction_error_threshold is None
+    # A threshold no prediction error ever reaches would be a guard that silently does nothing.
+    with pytest.raises(ParameterError, match=r"safety.prediction_error_threshold: must be 0 for a context_policy "
+                                             r"bundle \('pearl_tiny'\): it has no dynamics model .* got 0.5"):
+        parse_parameters({"bundle": str(pearl_bundle), "safety.prediction_error_threshold": 0.5}).with_bundle(pearl)
+    threshold = parse_parameters({"bundle": str(BUNDLE), "safety.prediction_error_threshold": 0.5})
+    assert threshold.with_bundle(bundle).safety.prediction_error_threshold == 0.5
+
+
 @pytest.mark.integration
 def test_node_modules_stay_free_of_torch_and_mujoco():
     """The node runs on the robot computer: its modules may not pull in torch, MuJoCo or gymnasium."""

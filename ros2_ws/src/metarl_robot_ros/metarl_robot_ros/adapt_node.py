@@ -2,7 +2,8 @@
 
 Lifecycle:
 
-- **configure**: read and check the parameters, load and fully validate the bundle, build the safety
+- **configure**: read and check the parameters, load and fully validate the bundle (either kind: its
+  ``kind`` picks the adapter, ``model_based`` planning or ``context_policy`` acting), build the safety
   layer and the adapter, connect to the robot over ZeroMQ and handshake (a robot.yaml mismatch is
   refused with both interface hashes in the message), create the publishers and services.
 - **activate**: start an episode: a new MCAP episode log, the adapter reset, the control loop thread.
@@ -41,7 +42,8 @@ from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension
 from std_srvs.srv import SetBool, Trigger
 
 from metarl_robot.replay.episode_log import joint_state_map
-from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.replay.shadow import BELIEF_DIAGNOSTICS, NO_DYNAMICS_MODEL
+from metarl_robot.runtime.bundle import MODEL_BASED, load_bundle
 from metarl_robot.runtime.safety import SafetyLayer
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
@@ -155,9 +157,9 @@ class AdaptNode(LifecycleNode):
         curve = CurveClientKeys.from_dir(cfg.curve_keys) if cfg.curve_keys is not None else None
         self.link = ControllerLink(cfg.endpoints, curve=curve)
         self.link.connect()
-        self.get_logger().info(f"bundle {bundle.name!r} ({bundle.sha256[:12]}) for robot {robot.name!r} at "
-                               f"{cfg.control_rate_hz:g} Hz, adapt={cfg.adapt}, task={cfg.task}; handshaking with "
-                               f"{cfg.endpoints.handshake}")
+        self.get_logger().info(f"{bundle.kind} bundle {bundle.name!r} ({bundle.sha256[:12]}) for robot "
+                               f"{robot.name!r} at {cfg.control_rate_hz:g} Hz, adapt={cfg.adapt}, task={cfg.task}; "
+                               f"handshaking with {cfg.endpoints.handshake}")
         self._handshake()
         self._create_ros_entities()
         self.recorder = RecordWorker(robot, publish_step=self._publish_step,
@@ -306,8 +308,13 @@ class AdaptNode(LifecycleNode):
         if r.command is not None:
             self._command_pub.publish(_array([(a.name, 1) for a in self.robot.action], r.command.action))
         if r.adaptation is not None:
-            context = np.asarray(r.adaptation.get("context", np.zeros(0)), dtype=np.float64).ravel()
-            self._context_pub.publish(_array([("context", context.size)], context))
+            # The kind's belief, each diagnostic a labelled block: the context (model_based); the mean and the
+            # variance of the belief over z (context_policy).
+            blocks = [np.asarray(r.adaptation[key], dtype=np.float64).ravel()
+                      for key in BELIEF_DIAGNOSTICS[self.bundle.kind] if key in r.adaptation]
+            labels = [key for key in BELIEF_DIAGNOSTICS[self.bundle.kind] if key in r.adaptation]
+            context = np.concatenate(blocks) if blocks else np.zeros(0)
+            self._context_pub.publish(_array([(k, b.size) for k, b in zip(labels, blocks, strict=True)], context))
             error = r.adaptation.get("prediction_error")
             if error is not None:
                 self._error_pub.publish(Float64(data=float(np.asarray(error, dtype=np.float64).ravel()[0])))
@@ -403,9 +410,11 @@ class AdaptNode(LifecycleNode):
             _status(loop_level, f"{name}: control loop", loop_message, hw, loop_values),
             _status(tel_level, f"{name}: telemetry", tel_message, hw, tel_values),
             _status(int(status.level), f"{name}: safety", status.message, hw, status.values),
-            _status(0, f"{name}: adaptation", f"adapt={self.config.adapt}, prediction error "
-                    f"{status.values.get('prediction_error_last', 'nan')}", hw,
+            _status(0, f"{name}: adaptation", f"{self.bundle.kind}, adapt={self.config.adapt}, prediction error "
+                    + (status.values.get("prediction_error_last", "nan") if self.bundle.kind == MODEL_BASED
+                       else NO_DYNAMICS_MODEL), hw,
                     {"adapt": str(self.config.adapt), "bundle": self.bundle.name, "bundle_sha256": self.bundle.sha256,
+                     "bundle_kind": self.bundle.kind,
                      "task_params": json.dumps(self.config.task), "seed": str(self.config.seed),
                      "prediction_error_last": status.values.get("prediction_error_last", "nan")}),
         ]

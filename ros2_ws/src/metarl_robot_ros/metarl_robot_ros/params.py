@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metarl_robot.runtime.bundle import MODEL_BASED
 from metarl_robot.runtime.safety import SafetyConfig
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.transport import DEFAULT_HOST, DEFAULT_PORT_BASE, Endpoints
@@ -103,8 +104,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "expected control rate; the bundle's model predicts one control period ahead, so another rate "
               "is refused"),
     ParamSpec("adapt", "bool", True, "true or false",
-              "true: infer the task context online; false: plan with the unadapted (empty-context) model"),
-    ParamSpec("seed", "integer", 0, "[0, 2^31 - 1]", "seed of the planner's sampling noise"),
+              "true: infer the task context online; false: plan with the unadapted (empty-context) model, or act "
+              "with z at the prior mean (context_policy)"),
+    ParamSpec("seed", "integer", 0, "[0, 2^31 - 1]",
+              "seed of the planner's sampling noise (a context_policy bundle acts deterministically)"),
     *_safety_specs(),
     ParamSpec("log_dir", "string", DEFAULT_LOG_DIR, "a folder ('~' expanded), or '' for no logs",
               "one MCAP episode log per activation is written here"),
@@ -158,7 +161,8 @@ class NodeConfig:
         return 1.0 / self.control_rate_hz
 
     def with_bundle(self, bundle: Any) -> NodeConfig:
-        """Check the bundle-dependent parameters against a loaded bundle: the control rate and ``task.*``."""
+        """Check the bundle-dependent parameters against a loaded bundle (either kind): the control rate, ``task.*``
+        and that a prediction-error threshold is given only to a bundle that reports prediction errors."""
         bundle_rate = 1.0 / bundle.robot.ctrl_dt
         rate = self.control_rate_hz
         if rate == 0.0:
@@ -179,6 +183,11 @@ class NodeConfig:
             task = family.validate(dict(self.task_overrides))
         except SpecError as exc:
             raise ParameterError(TASK_PREFIX + exc.field, exc.problem) from None
+        if self.safety.prediction_error_threshold is not None and bundle.kind != MODEL_BASED:
+            # The check could never trip: a threshold that silently does nothing is a guard the operator trusts.
+            raise ParameterError(SAFETY_PREFIX + "prediction_error_threshold", f"must be 0 for a {bundle.kind} "
+                                 f"bundle ({bundle.name!r}): it has no dynamics model and reports no prediction "
+                                 f"error to check; got {self.safety.prediction_error_threshold:g}")
         return dataclasses.replace(self, control_rate_hz=rate, task={n: float(task[n]) for n in reward_names})
 
 
