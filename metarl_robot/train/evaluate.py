@@ -20,6 +20,13 @@ return after ``k`` = 0, 1, 2 exploration episodes: the first runs on z drawn fro
 one on z drawn from the posterior of everything the controller saw on the task), deterministic actions;
 every episode starts from the oracle's start, so each column has its own gap (``gap_after_k``; ``gap``
 is the one after 2). Writes ``eval.json`` and ``eval_returns.png`` (and the grid's heat maps).
+
+A ``context_policy`` bundle (an exported PEARL run) is graded by the same meta-test, run by the robot-side
+``ContextPolicyAdapter`` over its ONNX graphs, as it runs on the robot: z is the posterior *mean*, updated every
+step (the adapter has no sampled-z mode), and the belief is kept across the three episodes of a task. So
+``return_after_0`` is here an episode that adapts online from the prior, not one on a fixed prior draw;
+``eval.json`` records the protocol under ``controller``. The oracle plans with the ``planner`` of the run config
+recorded in the bundle's provenance (the defaults if it records none: ``oracle_planner`` in ``eval.json`` says which).
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl_robot.algos.pearl import PEARLController, family_reward_fn
+from metarl_robot.algos.pearl import PEARLController, Posterior, family_reward_fn
 from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.family import Task, TaskFamily, load_family
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.spec.schema import SpecError, build
 from metarl_robot.train.gap import OracleReturns, episode_success, run_episodes
 from metarl_robot.train.runner import MPCController
 
@@ -52,22 +60,30 @@ class _Source:
     def __init__(self, path: Path) -> None:
         self.path = path
         if (path / "bundle.yaml").is_file():
-            from metarl_robot.runtime.bundle import load_bundle
+            from metarl_robot.runtime.bundle import CONTEXT_POLICY, load_bundle
 
             bundle = load_bundle(path)
-            self.kind, self.robot, self.family, self.planner = "bundle", bundle.robot, bundle.family, bundle.planner
-            self.algo = "context_mbrl"
-            """The algorithm the controller was trained with (bundles: model-based only, so far)."""
+            self.kind, self.robot, self.family = "bundle", bundle.robot, bundle.family
             self.torch_threads = torch.get_num_threads()  # bundles run on onnxruntime: leave torch as it is
-            self.encode, self.step = bundle.encode, bundle.step
-            adaptation = bundle.manifest["adaptation"]
-            self.ensemble_size, self.window = adaptation["ensemble_size"], adaptation["context_window"]
+            self.oracle_planner_source = "bundle planner"
+            """Where the planner (the oracle's, and for model-based controllers their own) comes from."""
+            if bundle.kind == CONTEXT_POLICY:
+                self.algo = "pearl"
+                """The algorithm the controller was trained with (a bundle's kind tells: context_policy is PEARL)."""
+                self.context_bundle = bundle
+                """The ``context_policy`` bundle (its adapter runs the meta-test)."""
+                self.planner, self.oracle_planner_source = _provenance_planner(bundle.manifest)
+            else:
+                self.algo, self.planner = "context_mbrl", bundle.planner
+                self.encode, self.step = bundle.encode, bundle.step
+                self.ensemble_size, self.window = bundle.ensemble_size, bundle.context_window
         elif (path / "checkpoints" / "latest.pt").is_file() or (path.suffix == ".pt" and path.is_file()):
             from metarl_robot.train.runner import load_trained
 
             cfg, self.robot, algo = load_trained(path if path.suffix == ".pt" else path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
             self.kind, self.planner, self.algo = "run", cfg.planner, cfg.algo
+            self.oracle_planner_source = "run config"
             self.torch_threads = cfg.loop.torch_threads
             """torch threads for the controller's many tiny calls (the run's own setting)."""
             if cfg.algo == "pearl":
@@ -80,10 +96,59 @@ class _Source:
             raise FileNotFoundError(f"{path} is neither a bundle (bundle.yaml), a run (checkpoints/latest.pt) nor a "
                                     "checkpoint file (.pt)")
 
+    def meta_test_controller(self, batch: int, family: TaskFamily, params: dict[str, np.ndarray], seed: int
+                             ) -> tuple[Any, dict[str, Any]]:
+        """The PEARL meta-test's controller for ``batch`` tasks and how it acts (recorded in ``eval.json``)."""
+        if hasattr(self, "context_bundle"):
+            adapter = self.context_bundle.make_adapter(batch=batch, adapt=True, seed=seed)
+            return _BeliefKeepingAdapter(adapter, params), {
+                "deterministic": True, "z_mode": "mean", "keep_context": True,
+                "runtime": "ContextPolicyAdapter (ONNX), as on the robot: z is the posterior mean, updated every step"}
+        # The context must hold the rewards the env gives: the family's reward with each task's parameters.
+        controller = PEARLController(self.pearl, batch, deterministic=True, z_mode="sample", keep_context=True,
+                                     reward_fn=family_reward_fn(get_reward(family.spec.reward), self.robot, params),
+                                     seed=seed)
+        return controller, {"deterministic": True, "z_mode": "sample", "keep_context": True}
+
     def adapter(self, batch: int, adapt: bool, planner: PlannerConfig) -> ModelBasedAdapter:
         reward = get_reward(self.family.spec.reward)
         return ModelBasedAdapter(self.robot, reward, self.encode, self.step, self.ensemble_size, self.window,
                                  planner, batch=batch, adapt=adapt)
+
+
+def _provenance_planner(manifest: dict[str, Any]) -> tuple[PlannerConfig, str]:
+    """The oracle's planner for a bundle without one: the run config's ``planner`` its provenance records, else the
+    defaults; and which of the two it is."""
+    recorded = ((manifest.get("provenance") or {}).get("config") or {}).get("planner")
+    if not isinstance(recorded, dict):
+        return PlannerConfig(), "defaults (the bundle's provenance records no run config planner)"
+    try:
+        planner = build(PlannerConfig, recorded, "provenance.config.planner")
+        planner.validate()
+    except (SpecError, ValueError) as exc:
+        raise SpecError("bundle.yaml", "provenance.config.planner", f"cannot be the oracle's planner: {exc}") from exc
+    return planner, "run config (bundle provenance)"
+
+
+class _BeliefKeepingAdapter:
+    """A context-policy adapter as a rollout controller for PEARL's meta-test: the belief is reset once (a new
+    task for every sub-env) and kept across episode starts, so later episodes act on earlier ones' evidence."""
+
+    def __init__(self, adapter: Any, reward_params: dict[str, np.ndarray]) -> None:
+        self.adapter, self.params = adapter, reward_params
+        adapter.reset()
+
+    def reset(self) -> None:
+        """An episode start: the belief is kept (the meta-test's ``keep_context``)."""
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.adapter.act(obs, self.params)[0]
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
+        self.adapter.observe(obs, sent_action, next_obs)
+
+    def posterior(self) -> Posterior:
+        return Posterior(*self.adapter.posterior())
 
 
 class _PredictionErrorRecorder(MPCController):
@@ -244,9 +309,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     robot: RobotSpec = src.robot
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
-    # The context must hold the rewards the env gives: the family's reward with each task's parameters.
-    controller = PEARLController(src.pearl, n, deterministic=True, z_mode="sample", keep_context=True,
-                                 reward_fn=family_reward_fn(get_reward(fam.spec.reward), robot, params), seed=seed)
+    controller, protocol = src.meta_test_controller(n, fam, params, seed)
     columns = [f"after_{k}" for k in PEARL_EXPLORATION_EPISODES]
     ret: dict[str, np.ndarray] = {}
     success: dict[str, np.ndarray | None] = {}
@@ -287,8 +350,8 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
         "source": str(source_path), "source_kind": src.kind, "algo": "pearl", "family": fam.name, "split": split,
         "seed": seed, "grid": grid_info, "tasks": rows, "summary": summary,
         "exploration_episodes": list(PEARL_EXPLORATION_EPISODES),
-        "controller": {"deterministic": True, "z_mode": "sample", "keep_context": True},
-        "planner": planner_cfg.__dict__, "seconds": round(time.perf_counter() - started, 1),
+        "controller": protocol, "planner": planner_cfg.__dict__, "oracle_planner": src.oracle_planner_source,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     colors = {"after_0": "#9ecae1", "after_1": "#4292c6", "after_2": "#08519c", "oracle": "tab:green"}
     return _write_report(report, ret, out_dir,
