@@ -21,7 +21,8 @@ EXECUTABLE = "adapt_node"
 
 def generate_launch_description():
     return LaunchDescription([
-        DeclareLaunchArgument("bundle", description="policy bundle folder (required), e.g. policies/cartpole_mb"),
+        DeclareLaunchArgument("bundle", description="policy bundle folder (required), of either kind (its kind picks "
+                              "the adapter), e.g. policies/cartpole_mb"),
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution(
             [FindPackageShare(PACKAGE), "config", "adapt.yaml"]), description="node parameters (YAML)"),
         DeclareLaunchArgument("host", default_value="127.0.0.1", description="the robot's address"),
@@ -32,7 +33,7 @@ def generate_launch_description():
         DeclareLaunchArgument("curve_keys", default_value="",
                               description="folder with controller.key_secret and robot.key ('' = plain link)"),
         DeclareLaunchArgument("adapt", default_value="true", description="online adaptation on (true) or off"),
-        DeclareLaunchArgument("seed", default_value="0", description="planner seed"),
+        DeclareLaunchArgument("seed", default_value="0", description="planner seed (model_based bundles)"),
         DeclareLaunchArgument("log_dir", default_value="~/.ros/metarl/episodes",
                               description="folder for the MCAP episode logs ('' = none)"),
         DeclareLaunchArgument("node_name", default_value="metarl_adapt", description="ROS node name"),

@@ -24,7 +24,8 @@ TWIN_COMMAND = "metarl"
 
 def generate_launch_description():
     return LaunchDescription([
-        DeclareLaunchArgument("bundle", description="policy bundle folder (required), e.g. policies/cartpole_mb"),
+        DeclareLaunchArgument("bundle", description="policy bundle folder (required), of either kind (its kind picks "
+                              "the adapter), e.g. policies/cartpole_mb"),
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution(
             [FindPackageShare(PACKAGE), "config", "adapt.yaml"]), description="node parameters (YAML)"),
         DeclareLaunchArgument("robot", default_value="cartpole", description="the twin's robot"),

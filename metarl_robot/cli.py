@@ -207,7 +207,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from metarl_robot.demo import run_demo
 
     return run_demo(out_dir=Path(args.out), seed=args.seed, skip_train=args.skip_train,
-                    episode_steps=args.episode_steps, speed=args.speed)
+                    episode_steps=args.episode_steps, speed=args.speed,
+                    bundle=Path(args.bundle) if args.bundle else None)
 
 
 def _cmd_sim_robot(args: argparse.Namespace) -> int:
@@ -327,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "tasks, with adaptation on and off, and the same planner through the true physics "
                        "(oracle). Every episode starts from the state a reset with --seed gives. Reports returns, "
                        "the gap to the oracle (worst case and mean), success, and one-step prediction error "
-                       "against time since reset; writes eval.json and PNG plots. A PEARL run or checkpoint is "
-                       "graded by returns after 0, 1 and 2 exploration episodes per task (belief kept across "
-                       "them), each with its gap to the oracle (docs/pearl.md).")
+                       "against time since reset; writes eval.json and PNG plots. A PEARL run or checkpoint, or a "
+                       "context_policy bundle (run by its robot-side adapter), is graded by returns after 0, 1 and 2 "
+                       "exploration episodes per task (belief kept across them), each with its gap to the oracle "
+                       "(docs/pearl.md).")
     p.add_argument("source", help="bundle folder (bundle.yaml), run folder (checkpoints/latest.pt) or a checkpoint "
                    "file (e.g. RUN/checkpoints/ckpt_0005.pt, for a learning curve)")
     p.add_argument("--family", help="family to evaluate on (default: the controller's own)")
@@ -383,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-train", action="store_true",
                    help="use the shipped bundle policies/cartpole_mb instead of training one (a tiny training "
                    "budget checks the pipeline but does not learn a swing-up)")
+    p.add_argument("--bundle", metavar="PATH", help="run this bundle of the cart-pole family instead of training "
+                   "one, of either kind: model_based, or context_policy (a PEARL run exported with metarl export); "
+                   "its kind picks the node's adapter, as bundle:=PATH does on a robot")
     p.add_argument("--episode-steps", type=int, default=250,
                    help="control steps of the node's episode against the twin (default: 250 = 10 s)")
     p.add_argument("--speed", type=float, default=0.5,

@@ -1,7 +1,9 @@
 """``metarl demo``: the whole chain of the project on the cart-pole family, in one command.
 
 Train a bundle with a tiny budget and export it (or take the shipped ``policies/cartpole_mb`` with
-``--skip-train``), show open-loop why adaptation is needed, build the ROS 2 workspace with colcon,
+``--skip-train``, or any bundle of the family with ``--bundle PATH``: a ``context_policy`` (PEARL) bundle runs
+through the same node, replay and identification, its kind picking the adapter), show open-loop why
+adaptation is needed, build the ROS 2 workspace with colcon,
 start the MuJoCo digital twin (``metarl sim-robot``) on a held-out out-of-distribution task, run the
 installed ``adapt_node`` against it over ZeroMQ for one logged episode, shadow-replay that episode
 log into a report, and identify the twin's hidden parameters from the log alone. Every external
@@ -209,9 +211,28 @@ def _train_bundle(out_dir: Path, seed: int, repo: Path) -> Path:
     return Path(bundle)
 
 
+def _given_bundle(path: Path) -> Path:
+    """``--bundle``: a bundle of the demo's family (either kind), validated by the robot-side loader."""
+    from metarl_robot.runtime.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(path)
+    except Exception as exc:
+        raise StageError(f"--bundle {path}: {exc}", "give a bundle folder written by metarl export") from exc
+    if bundle.family.name != FAMILY:
+        raise StageError(f"--bundle {path} is a bundle of family {bundle.family.name!r}; the demo's twin runs the "
+                         f"{FAMILY!r} family", f"export a run of a {FAMILY} config (e.g. configs/pearl_{FAMILY}.yaml)")
+    print(f"      {bundle.kind} bundle {bundle.name!r} (bundle.yaml sha256 {bundle.sha256[:12]}): the node's adapter "
+          + ("plans through its dynamics model" if bundle.kind == "model_based" else "is its policy, acting on the "
+             "belief over the task it infers"), flush=True)
+    return Path(path).resolve()
+
+
 def run_demo(out_dir: Path, seed: int = 0, skip_train: bool = False, episode_steps: int = 250,
-             speed: float = 0.5) -> int:
-    """Run the demo into ``out_dir``; returns the exit code (0, or 1 after naming the failed stage)."""
+             speed: float = 0.5, bundle: Path | None = None) -> int:
+    """Run the demo into ``out_dir``; returns the exit code (0, or 1 after naming the failed stage).
+
+    ``bundle``: run that bundle (either kind) instead of training one or taking the shipped one."""
     if not 75 <= episode_steps <= 10**6:
         raise ValueError(f"--episode-steps: must be in [75, 10^6] (3 s at 25 Hz, enough to swing up and identify), "
                          f"got {episode_steps}")
@@ -220,7 +241,7 @@ def run_demo(out_dir: Path, seed: int = 0, skip_train: bool = False, episode_ste
     procs: list[_Proc] = []
     state = {"stage": 0}
     try:
-        return _run(out_dir.resolve(), seed, skip_train, episode_steps, speed, procs, state)
+        return _run(out_dir.resolve(), seed, skip_train, episode_steps, speed, procs, state, bundle)
     except StageError as exc:
         i = state["stage"]
         print(f"\nstage {i}/{len(STAGES)} ({STAGES[i - 1]}) failed: {exc.problem}\nwhat to do: {exc.hint}",
@@ -237,7 +258,7 @@ def run_demo(out_dir: Path, seed: int = 0, skip_train: bool = False, episode_ste
 
 
 def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: float, procs: list[_Proc],
-         state: dict[str, int]) -> int:
+         state: dict[str, int], given_bundle: Path | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +277,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"family": FAMILY, "seed": seed, "skip_train": skip_train}
+    summary: dict[str, Any] = {"family": FAMILY, "seed": seed, "skip_train": skip_train or given_bundle is not None}
     summary_path = out_dir / "demo_summary.json"
 
     def save() -> None:
@@ -278,7 +299,10 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     summary["robot"], summary["robot_interface_sha256"], summary["task"] = robot.name, robot.interface_hash, task
 
     # ---- 2: the bundle ----------------------------------------------------------------------------------
-    if skip_train:
+    if given_bundle is not None:
+        stage(f"bundle: {_show(given_bundle)} (--bundle)")
+        bundle = _given_bundle(given_bundle)
+    elif skip_train:
         bundle = REPO_ROOT / BUNDLE
         stage(f"bundle: the shipped {BUNDLE} (--skip-train)")
     else:
@@ -286,7 +310,10 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
         bundle = _train_bundle(out_dir, seed, REPO_ROOT)
         print("      a budget this small checks the pipeline; it does not learn a swing-up "
               f"({BUNDLE}: 47,000 transitions, ~20 min)")
-    summary["bundle"] = str(bundle)
+    from metarl_robot.runtime.bundle import load_bundle
+
+    bundle_kind = load_bundle(bundle).kind
+    summary["bundle"], summary["bundle_kind"] = str(bundle), bundle_kind
     save()
 
     # ---- 3: open loop: why adapt -----------------------------------------------------------------------
@@ -350,7 +377,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     print(f"      {endpoints}")
 
     # ---- 6: the ROS 2 node -------------------------------------------------------------------------------
-    stage(f"ROS 2 node: installed adapt_node, bundle {bundle.name}, {episode_steps} steps "
+    stage(f"ROS 2 node: installed adapt_node, {bundle_kind} bundle {bundle.name}, {episode_steps} steps "
           f"({episode_steps * robot.ctrl_dt:g} s of robot time), ROS_DOMAIN_ID={domain}")
     import yaml
 
@@ -410,7 +437,8 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     from metarl_robot.replay.report import terminal_summary, write_report
     from metarl_robot.replay.shadow import replay_episodes
 
-    stage("replay: the logged telemetry through the bundle step by step, adaptation on and off")
+    stage("replay: the logged telemetry through the bundle step by step" + (", adaptation on and off"
+          if bundle_kind == "model_based" else " (no dynamics model: the actions and the belief are graded)"))
     replays = replay_episodes([episode_log], bundle)
     paths = write_report(replays, out_dir / "replay")
     print("      " + _show(terminal_summary(replays, paths)).replace("\n", "\n      "))
@@ -462,7 +490,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     print(f"  identified:  {_show(task_path)}  (metarl sim-robot --task {_show(task_path)} reproduces the episode "
           "in sim)")
     print(f"  summary:     {_show(summary_path)}")
-    if not skip_train and not swung_up:
+    if not skip_train and given_bundle is None and not swung_up:
         print(f"The bundle trained here had a budget of seconds; `metarl demo --skip-train` runs the same chain with "
               f"the shipped {BUNDLE}, which swings this task up.")
     return 0

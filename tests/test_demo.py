@@ -1,4 +1,5 @@
-"""The demo's reading of the twin's watchdog (metarl_robot/demo.py::watchdog_timing).
+"""The demo's reading of the twin's watchdog (metarl_robot/demo.py::watchdog_timing), and the demo end to end with a
+context_policy (PEARL) bundle (``--bundle``; the shipped model-based bundle's run is in tests/test_cli.py).
 
 Why: `metarl demo` ends the node's episode before it stops the twin, so the twin's watchdog rightly engages
 once after the node's last command; the demo must tell that apart from a gap in the commands while the node
@@ -8,9 +9,14 @@ tests/test_cli.py (slow); this checks the classification on traces shaped like t
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
 
-from metarl_robot.demo import watchdog_timing
+import numpy as np
+import pytest
+
+from metarl_robot.demo import run_demo, watchdog_timing
+from metarl_robot.runtime.bundle import load_bundle
 
 PERIOD = 0.04
 
@@ -49,3 +55,27 @@ def test_no_engagement_and_no_command_at_all():
     # The node never commanded: any engagement cannot be "after its last command".
     out = watchdog_timing(summary(1.0), trace(range(0), 50))
     assert out["last_command_s"] is None and out["while_commanding"] == 1 and "no node command ever ran" in out["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identification(pearl_bundle: Path, tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture):
+    # The shortest episode the demo takes, at robot speed: the PEARL adapter needs well under a control period.
+    assert run_demo(tmp_path / "demo", seed=1, bundle=pearl_bundle, episode_steps=75, speed=1.0) == 0
+    out = capsys.readouterr().out
+    assert "(--bundle)" in out and "context_policy bundle 'pearl_tiny'" in out
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["bundle_kind"] == "context_policy" and summary["bundle"] == str(pearl_bundle.resolve())
+    # The node's log of the PEARL bundle, replayed through it: every action reproduced, no prediction error.
+    assert summary["replay"]["reproduced"] is True
+    assert summary["replay"]["prediction_error"]["applicable"] is False
+    metrics = json.loads(Path(summary["replay"]["metrics"]).read_text())["episodes"][0]
+    assert metrics["bundle"]["sha256"] == load_bundle(pearl_bundle).sha256 and metrics["adapter_steps"] == 75
+    assert summary["identify"]["params"], "the identification ran on the PEARL episode's log"
+
+
+def test_demo_refuses_a_bundle_it_cannot_load_naming_the_stage(tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert run_demo(tmp_path / "demo", bundle=tmp_path / "missing") == 1
+    err = capsys.readouterr().err
+    assert "stage 2/8 (bundle) failed: --bundle" in err and "what to do: give a bundle folder" in err
