@@ -22,13 +22,14 @@ import numpy as np
 import yaml
 
 from metarl_robot.envs.rollout import collect, make_vector_env
-from metarl_robot.runtime.bundle import Bundle, load_bundle
+from metarl_robot.runtime.bundle import MODEL_BASED, Bundle, load_bundle
 from metarl_robot.runtime.safety import (
     SafetyConfig,
     calibrate_prediction_threshold,
     count_prediction_trips,
     persistent_error_levels,
 )
+from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.runner import MPCController
 
 PARAMS_FILE = "safety_params.yaml"
@@ -66,6 +67,10 @@ def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     bundle = load_bundle(bundle_path)
+    if bundle.kind != MODEL_BASED:
+        raise SpecError(str(bundle_path), "kind", f"a {bundle.kind!r} bundle has no dynamics model, so it reports no "
+                        "prediction error and there is no threshold to calibrate; calibrate-safety takes "
+                        f"{MODEL_BASED!r} bundles (the node's other safety checks need no calibration)")
     errors, tasks = record_prediction_errors(bundle, split, episodes, seed, progress)
     threshold = calibrate_prediction_threshold(list(errors), steps=steps, quantile=quantile, margin=margin)
     check, check_tasks = record_prediction_errors(bundle, check_split, check_episodes, seed + 1, progress)

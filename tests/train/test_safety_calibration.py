@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from metarl_robot.runtime.safety import SafetyConfig, count_prediction_trips
-from metarl_robot.train.safety_calibration import PARAMS_FILE, REPORT_FILE
+from metarl_robot.spec.schema import SpecError
+from metarl_robot.train.safety_calibration import PARAMS_FILE, REPORT_FILE, calibrate_safety
 
 
 @pytest.mark.slow
@@ -43,3 +44,10 @@ def test_bad_arguments_are_named(tmp_path, args, fragment):
     result = subprocess.run([sys.executable, "-m", "metarl_robot.cli", "calibrate-safety", "policies/cartpole_mb",
                              "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and fragment in result.stderr, result.stderr
+
+
+def test_a_context_policy_bundle_is_refused_by_name(pearl_bundle, tmp_path):
+    with pytest.raises(SpecError) as err:
+        calibrate_safety(pearl_bundle, tmp_path)
+    assert err.value.field == "kind" and "'context_policy' bundle has no dynamics model" in str(err.value)
+    assert not any(tmp_path.iterdir())  # nothing written
