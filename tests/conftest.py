@@ -25,19 +25,25 @@ PEARL_LATENT_DIM = 3
 """``pearl_net.latent_dim`` of :data:`PEARL_TINY`."""
 
 
-def train_tiny_pearl_run(runs: Path) -> Path:
-    """A PEARL run folder (config, checkpoints, replay.npz) from a one-iteration run of tiny networks."""
+def train_single_threaded(config: Path, runs: Path, overrides: dict) -> Path:
+    """``metarl train`` in process with one torch thread (tiny ops on shared CPUs: more threads only contend);
+    returns the run folder (``runs / overrides["name"]``)."""
     import torch
 
     from metarl_robot.train.runner import train
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on shared CPUs: more threads only contend
+    torch.set_num_threads(1)
     try:
-        train(PEARL_CONFIG, runs, overrides=PEARL_TINY, progress=False)
+        train(config, runs, overrides=overrides, progress=False)
     finally:
         torch.set_num_threads(threads)
-    return runs / "tiny"
+    return runs / overrides["name"]
+
+
+def train_tiny_pearl_run(runs: Path) -> Path:
+    """A PEARL run folder (config, checkpoints, replay.npz) from a one-iteration run of tiny networks."""
+    return train_single_threaded(PEARL_CONFIG, runs, PEARL_TINY)
 
 
 @pytest.fixture(scope="session")

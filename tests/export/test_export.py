@@ -31,7 +31,8 @@ from metarl_robot.spec.family import load_family
 from metarl_robot.spec.robot import load_robot, robot_from_dict
 from metarl_robot.spec.schema import to_plain
 from metarl_robot.train.config import load_config
-from metarl_robot.train.runner import load_checkpoint, train
+from metarl_robot.train.runner import load_checkpoint
+from tests.conftest import train_single_threaded
 
 pytestmark = pytest.mark.slow  # every test here needs the trained run (seconds)
 
@@ -45,14 +46,8 @@ MANIFEST_KEYS = ["schema_version", "name", "kind", "created", "software_version"
 
 
 def train_tiny(out: Path) -> Path:
-    """A 2-iteration run (random data, then MPC) in ``out``; single-threaded torch (tiny ops, shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(CONFIG, out, overrides=TINY, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return out / "tiny"
+    """A 2-iteration run (random data, then MPC) in ``out``."""
+    return train_single_threaded(CONFIG, out, TINY)
 
 
 def load_model(run_dir: Path, checkpoint: str = "latest.pt") -> ContextDynamics:

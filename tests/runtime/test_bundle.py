@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import Bundle, BundleError, load_bundle, sha256_file
 from metarl_robot.spec.schema import SpecError
-from tests.conftest import edit_yaml
+from tests.conftest import edit_yaml, train_single_threaded
 
 CONFIG = REPO_ROOT / "configs" / "mb_cartpole_swingup.yaml"
 # Sizes pinned here, so the shipped config can be retuned without touching these tests.
@@ -28,19 +28,10 @@ DIAGNOSTICS = {"context", "context_size", "predicted_next_obs", "prediction_erro
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle exported from a tiny trained run (the training side is imported only here)."""
-    import torch
-
     from metarl_robot.export.bundle_writer import export_run
-    from metarl_robot.train.runner import train
 
-    runs = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on shared CPUs: more threads only contend
-    try:
-        train(CONFIG, runs, overrides=TINY, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return export_run(runs / "tiny", tmp_path_factory.mktemp("bundles") / "cartpole_tiny")
+    run = train_single_threaded(CONFIG, tmp_path_factory.mktemp("runs"), TINY)
+    return export_run(run, tmp_path_factory.mktemp("bundles") / "cartpole_tiny")
 
 
 @pytest.fixture
