@@ -232,7 +232,10 @@ def test_robot_rejects_and_counts_bad_commands(robot_client, link, cartpole):
         base_seq = probe_seq
         bad = {
             "foreign_session": encode_command(CommandFrame(base_seq + 100, 1, far, session ^ 1, np.array([0.1]))),
-            "old_seq": encode_command(CommandFrame(base_seq, 1, far, session, np.array([0.1]))),
+            # Seq 1, the first probe's: never newer than the accepted one. (The last probe sent may never be
+            # processed: the robot's socket keeps only the newest frame, so under load the next frame can
+            # replace it, and base_seq would then be newer than anything accepted.)
+            "old_seq": encode_command(CommandFrame(1, 1, far, session, np.array([0.1]))),
             "expired": encode_command(CommandFrame(base_seq + 101, 1, 1, session, np.array([0.1]))),
             "out_of_range": encode_command(CommandFrame(base_seq + 102, 1, far, session, np.array([1.01]))),
             "crc": encode_command(CommandFrame(base_seq + 103, 1, far, session, np.array([0.1])))[:-1] + b"\x01",
