@@ -192,14 +192,19 @@ class RosClient:
         while not self._stop.is_set() and self.context.ok():
             self.executor.spin_once(timeout_sec=0.05)
 
-    def subscribe(self, msg_type: Any, topic: str, depth: int = 200) -> None:
+    def subscribe(self, msg_type: Any, topic: str, depth: int = 200, latched: bool = False) -> None:
+        """Record ``topic``'s messages; ``latched``: ask for transient local, so a publisher's kept messages from
+        before the subscription matched arrive too (the node's ``~/context``)."""
+        from rclpy.qos import DurabilityPolicy, QoSProfile
+
         self.received.setdefault(topic, [])
 
         def store(msg: Any) -> None:
             with self._lock:
                 self.received[topic].append((time.monotonic(), msg))
 
-        self.node.create_subscription(msg_type, topic, store, depth)
+        qos = QoSProfile(depth=depth, durability=DurabilityPolicy.TRANSIENT_LOCAL) if latched else depth
+        self.node.create_subscription(msg_type, topic, store, qos)
 
     def messages(self, topic: str, since: float = -1.0) -> list[Any]:
         with self._lock:

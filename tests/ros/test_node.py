@@ -306,7 +306,8 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
     client = RosClient(domain_id)
     clients.append(client)
     client.subscribe(DiagnosticArray, "/diagnostics")
-    client.subscribe(Float64MultiArray, f"/{NODE}/context")
+    # Latched: a 30-step episode can end before discovery matches a subscription on a loaded machine.
+    client.subscribe(Float64MultiArray, f"/{NODE}/context", latched=True)
     node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=30, bundle=str(bundle_of_kind))
     procs.append(node)
     node.wait_for(lambda t: "finished: episode_steps reached (30); deactivating" in t, "episode end")
@@ -324,12 +325,11 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
     assert episode.complete and episode.end_reason == "episode_steps reached (30)"
     assert episode.adapted.sum() == 30 and episode.bundle["sha256"] == bundle.sha256
     assert (episode.command_source[-5:] == "safe_command").all()
+    # ~/context carries the kind's belief, one labelled block per diagnostic, as the log records it.
+    client.wait_for(lambda: client.messages(f"/{NODE}/context"), "~/context was published")
+    context = client.messages(f"/{NODE}/context")
     assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [episode.path.name]
-
-    # ~/context carries the kind's belief, one labelled block per diagnostic, as the log records it.
-    context = client.messages(f"/{NODE}/context")
-    assert context, "~/context was published"
     assert [d.label for d in context[-1].layout.dim] == list(BELIEF_DIAGNOSTICS[bundle.kind])
     # The shadow replay of the node's log reproduces every adapter action and the context it acted with.
     replay = replay_episode(episode.path, bundle)

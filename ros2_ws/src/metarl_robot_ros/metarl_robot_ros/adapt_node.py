@@ -36,6 +36,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension
@@ -57,6 +58,8 @@ EXIT_CONFIGURE_FAILED = 2
 """Exit code when ``autostart`` could not configure (bad parameters, bundle, robot not answering, mismatch)."""
 EXIT_LOOP_FAILED = 1
 """Exit code when the control loop ended with an exception (after its safe commands)."""
+CONTEXT_QOS = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+"""``~/context``: the last 10 beliefs are kept for late subscribers (which must ask for transient local too)."""
 _LEVEL_BYTES = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR,
                 3: DiagnosticStatus.STALE}
 
@@ -285,7 +288,9 @@ class AdaptNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._joint_pub = self.create_publisher(JointState, "joint_states", 10)
         self._command_pub = self.create_publisher(Float64MultiArray, "~/command", 10)
-        self._context_pub = self.create_publisher(Float64MultiArray, "~/context", 10)
+        # Latched (transient local): a monitor that connects late, or after the episode, still gets the latest
+        # beliefs; the belief is state, not an event stream.
+        self._context_pub = self.create_publisher(Float64MultiArray, "~/context", CONTEXT_QOS)
         self._error_pub = self.create_publisher(Float64, "~/prediction_error", 10)
         self._events_pub = self.create_publisher(DiagnosticArray, "~/safety_events", 50)
         services = [self.create_service(Trigger, "~/reset_adaptation", self._srv_reset),
