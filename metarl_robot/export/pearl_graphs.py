@@ -43,7 +43,10 @@ from metarl_robot.train.runner import load_checkpoint, load_trained
 
 
 class FactorsGraph(nn.Module):
-    """``agent.transition_factors`` with the runtime's input names: one Gaussian factor per transition."""
+    """``agent.transition_factors`` with the runtime's input names: one Gaussian factor per transition, its
+    variance as a log. An uninformative transition's variance reaches 10^3-10^4, where float32 GEMMs in two
+    runtimes differ by a few ULPs (~1e-3 absolute, 3e-7 relative): the log puts every variance on one scale,
+    and the robot needs only ``exp(-log_var)``, the factor's precision."""
 
     def __init__(self, agent: PEARLAgent) -> None:
         super().__init__()
@@ -51,7 +54,8 @@ class FactorsGraph(nn.Module):
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.agent.transition_factors(obs, action, reward, next_obs)
+        mean, var = self.agent.transition_factors(obs, action, reward, next_obs)
+        return mean, torch.log(var)
 
 
 class PolicyGraph(nn.Module):
@@ -162,12 +166,12 @@ def _torch_outputs(agent: PEARLAgent, inputs: PEARLInputs, dtype: torch.dtype) -
     with torch.no_grad():
         mean, var = agent.transition_factors(*map(t, factors_in))
         action = agent.deterministic_action(*map(t, policy_in))
-    return {"factor_mean": mean.numpy(), "factor_var": var.numpy(), "action": action.numpy()}
+    return {"factor_mean": mean.numpy(), "factor_logvar": torch.log(var).numpy(), "action": action.numpy()}
 
 
 def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs: PEARLInputs
                          ) -> dict[str, dict[str, float]]:
-    """Torch vs onnxruntime per output (``factor_mean``, ``factor_var``, ``action``), in the format of
+    """Torch vs onnxruntime per output (``factor_mean``, ``factor_logvar``, ``action``), in the format of
     :func:`metarl_robot.export.onnx_graphs.measure_parity` (so :func:`check_parity` applies)."""
     agent = agent.eval()
     factors_in, policy_in = inputs
@@ -175,7 +179,7 @@ def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs:
                                                       dict(zip(FACTORS_INPUTS, factors_in, strict=True)))
     (action_o,) = make_session(graphs.policy).run(list(POLICY_OUTPUTS),
                                                   dict(zip(POLICY_INPUTS, policy_in, strict=True)))
-    ort = {"factor_mean": mean_o, "factor_var": var_o, "action": action_o}
+    ort = {"factor_mean": mean_o, "factor_logvar": var_o, "action": action_o}
     ref32 = _torch_outputs(agent, inputs, torch.float32)
     ref64 = _torch_outputs(copy.deepcopy(agent).double(), inputs, torch.float64)
     return parity_report(ort, ref32, ref64)

@@ -67,7 +67,7 @@ DYNAMICS_OUTPUTS = ("next_obs_mean", "next_obs_logvar")
 ROLLOUT_INPUTS = ("obs", "actions", "context")
 ROLLOUT_OUTPUTS = ("next_obs",)
 FACTORS_INPUTS = ("obs", "action", "reward", "next_obs")
-FACTORS_OUTPUTS = ("factor_mean", "factor_var")
+FACTORS_OUTPUTS = ("factor_mean", "factor_logvar")
 POLICY_INPUTS = ("obs", "z")
 POLICY_OUTPUTS = ("action",)
 BATCH_AXIS = "batch"
@@ -237,7 +237,7 @@ def pearl_graph_interfaces(obs_dim: int, act_dim: int, latent_dim: int) -> dict[
     b = BATCH_AXIS
     return {
         "factors": {"inputs": {"obs": [b, obs_dim], "action": [b, act_dim], "reward": [b], "next_obs": [b, obs_dim]},
-                    "outputs": {"factor_mean": [b, latent_dim], "factor_var": [b, latent_dim]}},
+                    "outputs": {"factor_mean": [b, latent_dim], "factor_logvar": [b, latent_dim]}},
         "policy": {"inputs": {"obs": [b, obs_dim], "z": [b, latent_dim]}, "outputs": {"action": [b, act_dim]}},
     }
 
@@ -389,7 +389,7 @@ class ContextPolicyBundle(LoadedBundle):
 
     def transition_factors(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray
                            ) -> list[np.ndarray]:
-        """``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_var (B, d)]`` float32."""
+        """``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_logvar (B, d)]`` float32."""
         return self._factors(obs, action, reward, next_obs)
 
     def policy(self, obs: np.ndarray, z: np.ndarray) -> list[np.ndarray]:
@@ -745,20 +745,21 @@ def _smoke_test_context_policy(factors: OnnxGraph, policy: OnnxGraph, robot: Rob
     obs = np.stack([np.zeros(o), robot.obs_scale]).astype(np.float32)
     action = np.broadcast_to(robot.safe_action, (2, a))
     try:
-        mean, var = factors(obs, action, np.zeros(2), obs[::-1])
+        mean, logvar = factors(obs, action, np.zeros(2), obs[::-1])
         z = np.concatenate([np.zeros((2, d), np.float32), np.nan_to_num(mean)])  # the prior mean, and a factor's
         (act,) = policy(np.concatenate([obs, obs]), z)
     except Exception as exc:  # onnxruntime runtime failures
         raise BundleError(where, "graphs", f"a test run of the graphs failed: {exc}") from None
-    for label, arr, shape in (("factors output factor_mean", mean, (2, d)), ("factors output factor_var", var, (2, d)),
+    for label, arr, shape in (("factors output factor_mean", mean, (2, d)),
+                              ("factors output factor_logvar", logvar, (2, d)),
                               ("policy output action", act, (4, a))):
         if arr.shape != shape:
             raise BundleError(where, "graphs", f"{label}: a test run returned shape {arr.shape}, expected {shape}")
         if not np.all(np.isfinite(arr)):
             raise BundleError(where, "graphs", f"{label}: a test run on neutral inputs returned non-finite values")
-    if not np.all(var > 0):
-        raise BundleError(where, "graphs.factors", f"factor_var: a test run returned variances <= 0 "
-                          f"({float(var.min()):.3g}); a belief factor needs a positive variance")
+    if not np.all(np.isfinite(np.exp(-logvar.astype(np.float64)))):
+        raise BundleError(where, "graphs.factors", f"factor_logvar: a test run returned {float(logvar.min()):.3g}, "
+                          "whose precision exp(-log_var) overflows; a belief factor needs a finite precision")
     outside = (act < robot.action_low) | (act > robot.action_high)
     if outside.any():
         raise BundleError(where, "graphs.policy", f"action: a test run returned {act[outside.any(axis=1)][0].tolist()}"

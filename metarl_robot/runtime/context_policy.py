@@ -9,7 +9,8 @@ deterministic actions), which the tests check step by step on a cart-pole episod
 
 Graphs (written by :mod:`metarl_robot.export.pearl_graphs`, raw robot units in and out, normalisers baked in):
 
-- factors: ``obs (B, o), action (B, a), reward (B,), next_obs (B, o)`` → ``factor_mean (B, d), factor_var (B, d)``
+- factors: ``obs (B, o), action (B, a), reward (B,), next_obs (B, o)`` → ``factor_mean (B, d), factor_logvar (B, d)``
+  (the log of each factor's variance: the robot sums precisions ``exp(-factor_logvar)``)
 - policy: ``obs (B, o), z (B, d)`` → ``action (B, a)``, ``box(tanh(mean))``: strictly inside the action box
 """
 
@@ -39,7 +40,7 @@ FACTORS_FILE = "pearl_factors.onnx"
 POLICY_FILE = "pearl_policy.onnx"
 
 FactorsFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
-"""``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_var (B, d)]``."""
+"""``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_logvar (B, d)]``."""
 PolicyFn = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
 """``(B, o), (B, d)`` → ``[action (B, a)]``."""
 
@@ -95,8 +96,8 @@ class ContextPolicyAdapter:
       env returned in simulation; pass ``reward=`` ``(B,)`` to supply it yourself (e.g. from a replay).
     - ``act(obs, task_params)``: ``z`` = posterior mean, deterministic action ``box(tanh(mean))``.
 
-    Posterior per env and latent dimension: ``var = 1 / (1 + sum(1 / factor_var))``, ``mean = var *
-    sum(factor_mean / factor_var)``. Non-finite numbers in any input, or out of a graph, raise
+    Posterior per env and latent dimension: ``var = 1 / (1 + sum(exp(-factor_logvar)))``, ``mean = var *
+    sum(factor_mean * exp(-factor_logvar))``. Non-finite numbers in any input, or out of a graph, raise
     ``ValueError`` (nothing is skipped silently; the safety layer decides what to do).
 
     Diagnostics of :meth:`act`: ``context_mean`` (B, d), ``context_var`` (B, d), ``context_size`` (B,):
@@ -117,9 +118,9 @@ class ContextPolicyAdapter:
         self.adapt = adapt
         """False: the belief never updates (z stays the prior mean)."""
         self.precision_sum = np.zeros((batch, latent_dim))
-        """Per env: sum over observed transitions of ``1 / factor_var`` (float64)."""
+        """Per env: sum over observed transitions of the factors' precisions ``exp(-factor_logvar)`` (float64)."""
         self.weighted_mean_sum = np.zeros((batch, latent_dim))
-        """Per env: sum over observed transitions of ``factor_mean / factor_var`` (float64)."""
+        """Per env: sum over observed transitions of ``factor_mean * precision`` (float64)."""
         self.steps_observed = np.zeros(batch, dtype=np.int64)
         """Per env: transitions added since its last reset."""
         self._params: dict[str, np.ndarray] | None = None
@@ -171,11 +172,11 @@ class ContextPolicyAdapter:
                                  "or pass reward=")
             reward = self.reward(self.robot, obs, action, next_obs, self._params)[0]
         reward = self._rows("reward", np.broadcast_to(np.asarray(reward, dtype=np.float64), (self.batch,)), None)
-        mean, var = self.factors_fn(obs, action, reward, next_obs)
-        if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var > 0).all()):
-            raise ValueError("the factors graph returned a non-finite mean or a non-positive variance; the belief "
-                             "was left unchanged")
-        precision = 1.0 / var.astype(np.float64)
+        mean, logvar = self.factors_fn(obs, action, reward, next_obs)
+        precision = np.exp(-logvar.astype(np.float64))
+        if not (np.isfinite(mean).all() and np.isfinite(precision).all()):
+            raise ValueError("the factors graph returned a non-finite mean or log-variance (or one whose precision "
+                             "overflows); the belief was left unchanged")
         self.precision_sum += precision
         self.weighted_mean_sum += precision * mean.astype(np.float64)
         self.steps_observed += 1

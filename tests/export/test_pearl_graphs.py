@@ -58,7 +58,7 @@ def test_parity_on_random_and_replay_inputs_is_within_tolerance(checked):
     _, _, _, parity = checked
     assert set(parity) == {"random", "replay"}
     for kind, p in parity.items():
-        assert set(p["max_abs_diff"]) == {"factor_mean", "factor_var", "action"}
+        assert set(p["max_abs_diff"]) == {"factor_mean", "factor_logvar", "action"}
         for name, excess in p["max_excess_over_ulp"].items():
             assert excess <= PARITY_TOLERANCE, (kind, name, p)
         assert p["max_abs_value"]["action"] > 0.0  # actions, not an all-zero output

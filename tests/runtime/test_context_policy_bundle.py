@@ -152,7 +152,7 @@ def test_refuses_a_latent_dim_the_graphs_were_not_exported_with(copy: Path):
 def test_refuses_a_latent_dim_declared_consistently_but_not_the_graphs(copy: Path):
     def change(d: dict) -> None:
         d["adaptation"]["latent_dim"] = LATENT_DIM + 1
-        d["graphs"]["factors"]["outputs"] = {k: ["batch", LATENT_DIM + 1] for k in ("factor_mean", "factor_var")}
+        d["graphs"]["factors"]["outputs"] = {k: ["batch", LATENT_DIM + 1] for k in ("factor_mean", "factor_logvar")}
         d["graphs"]["policy"]["inputs"]["z"] = ["batch", LATENT_DIM + 1]
 
     edit_yaml(copy / "bundle.yaml", change)
@@ -201,9 +201,10 @@ def test_refuses_a_policy_that_acts_outside_the_box(copy: Path):
     refused(copy, "graphs.policy", "outside the robot's action box")
 
 
-def test_refuses_factors_with_non_positive_variance(copy: Path):
-    resave_onnx(copy, FACTORS_FILE, append_op("factor_var", "Neg"))
-    refused(copy, "graphs.factors", "variances <= 0")
+def test_refuses_factors_whose_precision_overflows(copy: Path):
+    # log-variance - 1000: precision exp(1000 + ...) is not a float64
+    resave_onnx(copy, FACTORS_FILE, append_op("factor_logvar", "Add", -1000.0))
+    refused(copy, "graphs.factors", "precision exp(-log_var) overflows")
 
 
 # ---- export refusals and the CLI -----------------------------------------------------------------------------
