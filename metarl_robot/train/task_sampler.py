@@ -339,8 +339,8 @@ class ReplayAdversary(GapSampler):
             else:
                 self.archive[index] = entry
         if len(self.archive) > self.cfg.archive_size:  # drop the smallest gaps; the newest wins a tie
-            keep = np.argsort([-e["gap"] for e in self.archive[::-1]], kind="stable")[:self.cfg.archive_size]
-            self.archive = [self.archive[::-1][i] for i in sorted(keep, reverse=True)]
+            ranked = sorted(range(len(self.archive)), key=lambda i: (-self.archive[i]["gap"], -i))
+            self.archive = [self.archive[i] for i in sorted(ranked[:self.cfg.archive_size])]
         self.pending, self.pending_starts = [], []
         return [int(i) for i in order[:n]]
 
