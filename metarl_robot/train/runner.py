@@ -129,7 +129,8 @@ class Collected:
     errors: np.ndarray | None
     """``(T, tasks)`` online one-step prediction error by step since reset (MPC iterations only)."""
     seed: int
-    """Reset seed of the iteration (of every episode when they share a start)."""
+    """Reset seed of the iteration (by default chunk sub-env ``i`` resets with it + its index; graded candidates
+    reset with the sampler's ``starts``)."""
 
     def summary(self, window: int) -> tuple[float, dict[str, float]]:
         """Mean return and the online errors before / after the first ``window`` steps (NaN for random data)."""
