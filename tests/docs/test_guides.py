@@ -6,7 +6,7 @@
 - The blocks marked ``<!-- check: python -->`` (the "check it" snippets) run against them.
 - Every effect and every reward the code knows is named in docs/task_families.md.
 - The table of shipped families in docs/task_families.md equals the one generated from sim/tasks;
-  run ``python tests/docs/test_guides.py`` to print it after changing a family.
+  run ``python tests/docs/test_guides.py`` to rewrite it after changing a family.
 """
 
 from __future__ import annotations
@@ -216,5 +216,16 @@ def test_shipped_families_table_matches_sim_tasks():
     )
 
 
+def write_shipped_families_table() -> None:
+    """Replace the table between the guide's markers with the one generated from sim/tasks."""
+    guide = DOCS / "task_families.md"
+    text = guide.read_text()
+    match = _TABLE.search(text)
+    if match is None:
+        raise SystemExit(f"{guide} lacks the <!-- shipped-families:begin/end --> markers")
+    guide.write_text(text[:match.start("body")] + shipped_families_markdown().strip() + "\n\n" + text[match.end("body"):])
+    print(f"rewrote the shipped-families table in {guide}")
+
+
 if __name__ == "__main__":
-    print(shipped_families_markdown())
+    write_shipped_families_table()
