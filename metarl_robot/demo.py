@@ -74,17 +74,26 @@ def pumping_policy(period: float, ctrl_dt: float, amplitude: float = 0.5):
 
 
 def ood_task_the_bundle_swings_up(eval_json: Path) -> dict[str, float]:
-    """From a bundle's own evaluation: the out-of-distribution test task it swings up most robustly.
+    """From a bundle's own evaluation (``metarl eval``, either kind): the out-of-distribution test task it swings
+    up most robustly.
 
     The planner samples and the twin hands over the pole at an arbitrary moment of its swing, so a
-    marginal task succeeds on some runs only; tasks also swung up without adaptation are the robust
-    ones, and among them the best return wins (tests/ros/test_node.py runs its end-to-end test on it too).
+    marginal task succeeds on some runs only. A model-based evaluation: the tasks swung up with adaptation,
+    those also swung up without it first (tests/ros/test_node.py runs its end-to-end test on that choice too).
+    A context-policy (PEARL) evaluation: the node runs one episode from the prior belief, i.e. the evaluation's
+    "after 0 exploration episodes"; the tasks swung up there, those also swung up after 1 and 2 first. Among
+    them the best return of that episode wins.
     """
-    rows = [r for r in json.loads(eval_json.read_text())["tasks"] if r["ood"] and r["success_adapted"]]
+    rows = [r for r in json.loads(eval_json.read_text())["tasks"] if r["ood"]]
+    if rows and "success_after_0" in rows[0]:
+        rows = [r for r in rows if r["success_after_0"]]
+        rows.sort(key=lambda r: (r["success_after_1"] and r["success_after_2"], r["return_after_0"]), reverse=True)
+    else:
+        rows = [r for r in rows if r["success_adapted"]]
+        rows.sort(key=lambda r: (r["success_unadapted"], r["return_adapted"]), reverse=True)
     if not rows:
         raise StageError(f"{eval_json} lists no out-of-distribution task the bundle swings up",
                          "evaluate the bundle on OOD tasks with `metarl eval` first")
-    rows.sort(key=lambda r: (r["success_unadapted"], r["return_adapted"]), reverse=True)
     return rows[0]["task"]
 
 
@@ -291,11 +300,17 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     model = load_model(robot)
     print(f"      {robot.obs_dim} observations, {robot.action_dim} action, {1 / robot.ctrl_dt:g} Hz control, "
           f"{model.nbody - 1} bodies; interface sha256 {robot.interface_hash[:16]}…")
-    task = ood_task_the_bundle_swings_up(REPO_ROOT / BUNDLE / "eval" / "eval.json")
+    # The twin's task comes from the evaluation of the bundle that will run, when it has one (a shipped bundle's
+    # eval/); a bundle without one (a fresh export) gets the shipped model-based bundle's choice.
+    eval_json = REPO_ROOT / BUNDLE / "eval" / "eval.json"
+    if given_bundle is not None and (given_bundle / "eval" / "eval.json").is_file():
+        eval_json = given_bundle / "eval" / "eval.json"
+    task = ood_task_the_bundle_swings_up(eval_json)
     if not family.is_ood(task):
-        raise StageError(f"the chosen task {task} is not out of distribution", f"check {BUNDLE}/eval/eval.json")
-    print("      twin task (out of distribution, hidden from the node): "
+        raise StageError(f"the chosen task {task} is not out of distribution", f"check {eval_json}")
+    print("      twin task (out of distribution, hidden from the node; chosen from " + _show(eval_json) + "): "
           + ", ".join(f"{k}={v:.3g}" for k, v in task.items()))
+    summary["task_chosen_from"] = str(eval_json)
     summary["robot"], summary["robot_interface_sha256"], summary["task"] = robot.name, robot.interface_hash, task
 
     # ---- 2: the bundle ----------------------------------------------------------------------------------

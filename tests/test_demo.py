@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarl_robot.demo import run_demo, watchdog_timing
+from metarl_robot.demo import StageError, ood_task_the_bundle_swings_up, run_demo, watchdog_timing
+from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 
 PERIOD = 0.04
@@ -57,6 +58,43 @@ def test_no_engagement_and_no_command_at_all():
     assert out["last_command_s"] is None and out["while_commanding"] == 1 and "no node command ever ran" in out["text"]
 
 
+
+def _eval_json(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"tasks": rows}))
+    return path
+
+
+def test_twin_task_of_a_model_based_evaluation_is_swung_up_adapted_and_unadapted_first(tmp_path: Path):
+    row = {"ood": True, "success_adapted": True, "success_unadapted": False, "return_adapted": 190.0}
+    rows = [{**row, "task": {"i": 0}},
+            {**row, "task": {"i": 1}, "success_unadapted": True, "return_adapted": 150.0},  # robust: wins
+            {**row, "task": {"i": 2}, "success_adapted": False, "success_unadapted": True, "return_adapted": 200.0},
+            {**row, "task": {"i": 3}, "ood": False, "success_unadapted": True, "return_adapted": 210.0}]
+    assert ood_task_the_bundle_swings_up(_eval_json(tmp_path, rows)) == {"i": 1}
+
+
+def test_twin_task_of_a_context_policy_evaluation_is_swung_up_from_the_prior_belief(tmp_path: Path):
+    # The node runs one episode from the prior: "after 0 exploration episodes" must have swung up.
+    row = {"ood": True, "success_after_0": True, "success_after_1": True, "success_after_2": True,
+           "return_after_0": 150.0}
+    rows = [{**row, "task": {"i": 0}, "success_after_2": False, "return_after_0": 190.0},
+            {**row, "task": {"i": 1}},  # swung up after 0, 1 and 2: wins over a higher but unstable return
+            {**row, "task": {"i": 2}, "success_after_0": False, "return_after_0": 200.0},
+            {**row, "task": {"i": 3}, "ood": False, "return_after_0": 210.0}]
+    assert ood_task_the_bundle_swings_up(_eval_json(tmp_path, rows)) == {"i": 1}
+    with pytest.raises(StageError, match="no out-of-distribution task the bundle swings up"):
+        ood_task_the_bundle_swings_up(_eval_json(tmp_path, rows[2:]))
+
+
+def test_shipped_pearl_bundle_gets_a_twin_task_from_its_own_evaluation():
+    eval_json = REPO_ROOT / "policies" / "cartpole_pearl" / "eval" / "eval.json"
+    rows = json.loads(eval_json.read_text())["tasks"]
+    task = ood_task_the_bundle_swings_up(eval_json)
+    chosen = next(r for r in rows if r["task"] == task)
+    assert chosen["ood"] and chosen["success_after_0"] and chosen["success_after_1"] and chosen["success_after_2"]
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identification(pearl_bundle: Path, tmp_path: Path,
@@ -67,6 +105,8 @@ def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identificatio
     assert "(--bundle)" in out and "context_policy bundle 'pearl_tiny'" in out
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert summary["bundle_kind"] == "context_policy" and summary["bundle"] == str(pearl_bundle.resolve())
+    # A fresh export has no eval/ of its own: the twin's task is the shipped model-based bundle's choice.
+    assert summary["task_chosen_from"] == str(REPO_ROOT / "policies" / "cartpole_mb" / "eval" / "eval.json")
     # The node's log of the PEARL bundle, replayed through it: every action reproduced, no prediction error.
     assert summary["replay"]["reproduced"] is True
     assert summary["replay"]["prediction_error"]["applicable"] is False
