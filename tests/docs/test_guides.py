@@ -223,7 +223,8 @@ def write_shipped_families_table() -> None:
     match = _TABLE.search(text)
     if match is None:
         raise SystemExit(f"{guide} lacks the <!-- shipped-families:begin/end --> markers")
-    guide.write_text(text[:match.start("body")] + shipped_families_markdown().strip() + "\n\n" + text[match.end("body"):])
+    table = shipped_families_markdown().strip() + "\n\n"
+    guide.write_text(text[: match.start("body")] + table + text[match.end("body") :])
     print(f"rewrote the shipped-families table in {guide}")
 
 
