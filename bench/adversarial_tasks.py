@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,33 @@ def _evaluate(args: argparse.Namespace, run: Path, iteration: int) -> dict:
             "adversary_env_steps": float(metrics.get("adversary_env_steps", 0.0)),
             "worst_gap": report["summary"]["gap"]["worst"], "mean_gap": report["summary"]["gap"]["mean"],
             "worst_task": report["tasks"][report["summary"]["gap"]["worst_task"]]["task"]}
+
+
+def _gradient_proposals(run: Path) -> dict | None:
+    """How the reward-gradient adversary's proposals fared when graded (``loop.adversary.reward_gradient``).
+
+    Each iteration's step from its worst candidate is the next iteration's first candidate (``tasks.jsonl``):
+    its gap rank among that iteration's candidates (1 = the worst), whether it was trained on, and its gap
+    against the median candidate's. A uniform pick among P candidates has mean rank (P + 1) / 2.
+    """
+    rows = [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines() if line.strip()]
+    graded = []
+    for before, row in pairwise(rows):
+        proposal = (before.get("reward_gradient") or {}).get("proposal")
+        if proposal is None or not row.get("candidates") or row["candidates"][0] != proposal:
+            continue
+        gaps = np.asarray(row["candidate_gaps"], dtype=float)
+        graded.append({"iteration": row["iteration"], "rank": int(1 + np.sum(gaps > gaps[0])),
+                       "trained": 0 in row["chosen"], "gap_minus_median": float(gaps[0] - np.median(gaps)),
+                       "population": len(gaps),
+                       "clipped_to_box": any(step.get("projected", 0) for step in before["reward_gradient"]["steps"])})
+    if not graded:
+        return None
+    return {"graded": len(graded), "mean_rank": float(np.mean([g["rank"] for g in graded])),
+            "uniform_mean_rank": (graded[0]["population"] + 1) / 2,
+            "trained_fraction": float(np.mean([g["trained"] for g in graded])),
+            "mean_gap_minus_median": float(np.mean([g["gap_minus_median"] for g in graded])),
+            "clipped_fraction": float(np.mean([g["clipped_to_box"] for g in graded])), "per_iteration": graded}
 
 
 def _csv(path: Path) -> list[dict]:
@@ -169,6 +197,9 @@ def main() -> None:
                                    "per_seed": [r[key] for r in rows]} for key in ("worst_gap", "mean_gap")},
                           "worst_tasks": [r["worst_task"] for r in rows]})
         result["samplers"][sampler] = {"curve": curve}
+        proposals = {seed: _gradient_proposals(runs[(sampler, seed)]) for seed in args.seeds}
+        if any(proposals.values()):
+            result["samplers"][sampler]["reward_gradient_proposals"] = proposals
     if {"uniform", "adversarial"} <= set(args.samplers):
         uni, adv = result["samplers"]["uniform"]["curve"][-1], result["samplers"]["adversarial"]["curve"][-1]
         worst_cut = 1 - adv["worst_gap"]["mean"] / uni["worst_gap"]["mean"]
