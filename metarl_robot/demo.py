@@ -459,7 +459,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     print("      " + _show(terminal_summary(replays, paths)).replace("\n", "\n      "))
     metrics = replays[0].metrics()
     summary["replay"] = {"report": str(paths["report"]), "metrics": str(paths["metrics"]),
-                         "plots": sorted(str(p) for p in (out_dir / "replay").glob("*.png")),
+                         "plots": sorted(str(p) for p in paths.values() if p.suffix == ".png"),  # this run's only
                          "reproduced": replays[0].counterfactual.reproduced,
                          "prediction_error": metrics["prediction_error"]}
     save()
