@@ -670,30 +670,37 @@ def _check_weights(file: Path, where: str, field: str) -> None:
                               "(NaN or Inf): the exported weights are broken")
 
 
-def _check_session_io(session: ort.InferenceSession, entry: GraphEntry, where: str, field: str) -> None:
-    """The graph's actual inputs and outputs must match the manifest: names, float32, rank, fixed/dynamic dims."""
-    for side, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        declared = getattr(entry, side)
+def session_interface_mismatch(session: ort.InferenceSession, inputs: Mapping[str, list[Dim]],
+                               outputs: Mapping[str, list[Dim]]) -> tuple[str, str] | None:
+    """The first way a session's actual inputs/outputs differ from the wanted interface, as ``(where, what)``
+    (``where``: ``inputs``, ``outputs`` or ``inputs.<name>`` ...), or ``None`` when names, float32 element
+    type, rank and every fixed size match and the dimensions wanted symbolic (``batch``) are dynamic."""
+    for side, args, wanted in (("inputs", session.get_inputs(), inputs), ("outputs", session.get_outputs(), outputs)):
         actual = {a.name: a for a in args}
-        if sorted(actual) != sorted(declared):
-            raise BundleError(where, f"{field}.{side}", f"{entry.file} has {side} {sorted(actual)}, the manifest "
-                              f"declares {sorted(declared)}")
-        for name, shape in declared.items():
-            arg = actual[name]
-            at = f"{field}.{side}.{name}"
+        if sorted(actual) != sorted(wanted):
+            return side, f"{side} {sorted(actual)}, expected {sorted(wanted)}"
+        for name, shape in wanted.items():
+            arg, at = actual[name], f"{side}.{name}"
             if arg.type != ONNX_FLOAT:
-                raise BundleError(where, at, f"{entry.file}: element type {arg.type}, expected {ONNX_FLOAT} (float32)")
+                return at, f"element type {arg.type}, expected {ONNX_FLOAT} (float32)"
             if len(arg.shape) != len(shape):
-                raise BundleError(where, at, f"{entry.file}: rank {len(arg.shape)} (shape {arg.shape}), expected "
-                                  f"{_fmt_shape(shape)}")
+                return at, f"rank {len(arg.shape)} (shape {arg.shape}), expected {_fmt_shape(shape)}"
             for i, (got, want) in enumerate(zip(arg.shape, shape, strict=True)):
                 dynamic = not isinstance(got, int)
                 if isinstance(want, str) and not dynamic:
-                    raise BundleError(where, at, f"{entry.file}: dimension {i} is fixed to {got}, expected dynamic "
-                                      f"({want!r}); shape {arg.shape}")
+                    return at, f"dimension {i} is fixed to {got}, expected dynamic ({want!r}); shape {arg.shape}"
                 if isinstance(want, int) and got != want:
-                    raise BundleError(where, at, f"{entry.file}: dimension {i} is {got!r}, expected {want}; "
-                                      f"shape {arg.shape}, expected {_fmt_shape(shape)}")
+                    return at, f"dimension {i} is {got!r}, expected {want}; shape {arg.shape}, expected " \
+                               f"{_fmt_shape(shape)}"
+    return None
+
+
+def _check_session_io(session: ort.InferenceSession, entry: GraphEntry, where: str, field: str) -> None:
+    """The graph's actual inputs and outputs must match the manifest: names, float32, rank, fixed/dynamic dims."""
+    mismatch = session_interface_mismatch(session, entry.inputs, entry.outputs)
+    if mismatch is not None:
+        at, problem = mismatch
+        raise BundleError(where, f"{field}.{at}", f"{entry.file} has {problem} (as the manifest declares)")
 
 
 ROLLOUT_CHAIN_TOLERANCE = 1e-4

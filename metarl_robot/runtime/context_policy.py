@@ -32,6 +32,7 @@ from metarl_robot.runtime.bundle import (
     OnnxGraph,
     make_session,
     pearl_graph_interfaces,
+    session_interface_mismatch,
 )
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
@@ -49,11 +50,6 @@ class ContextPolicyError(ValueError):
     """A context-policy graph cannot be used: unreadable, or not the interface this robot needs."""
 
 
-def _session_shapes(session: Any, side: str) -> dict[str, list]:
-    args = session.get_inputs() if side == "inputs" else session.get_outputs()
-    return {a.name: [d if isinstance(d, int) else BATCH_AXIS for d in a.shape] for a in args}
-
-
 def load_graph(path: str | Path, label: str, interface: dict[str, dict[str, list]], threads: int = 1) -> OnnxGraph:
     """One graph as a validated numpy callable; :class:`ContextPolicyError` if it is unreadable or its
     input/output names and fixed sizes are not ``interface``'s."""
@@ -64,10 +60,10 @@ def load_graph(path: str | Path, label: str, interface: dict[str, dict[str, list
         session = make_session(path, threads)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
         raise ContextPolicyError(f"{path}: not a loadable ONNX {label} graph ({type(exc).__name__}: {exc})") from exc
-    for side in ("inputs", "outputs"):
-        got, want = _session_shapes(session, side), interface[side]
-        if list(got) != list(want) or got != want:
-            raise ContextPolicyError(f"{path}: {label} graph {side} are {got}, this robot needs {want}")
+    mismatch = session_interface_mismatch(session, interface["inputs"], interface["outputs"])
+    if mismatch is not None:
+        at, problem = mismatch
+        raise ContextPolicyError(f"{path}: {label} graph {at}: {problem} (as this robot needs)")
     return OnnxGraph(session, tuple(interface["inputs"]), tuple(interface["outputs"]),
                      {**interface["inputs"], **interface["outputs"]}, f"{label} graph {path.name}")
 

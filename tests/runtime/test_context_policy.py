@@ -168,7 +168,7 @@ def test_wrong_sizes_and_corrupt_graphs_are_refused(exported, tmp_path):
         adapter.observe(np.zeros((1, 4)), np.zeros((1, 2)), np.zeros((1, 4)), reward=np.zeros(1))
     # a graph for a different robot (obs size 6) is refused at load, naming what differs
     wrong = pearl_graph_interfaces(6, ROBOT.action_dim, 5)["factors"]
-    with pytest.raises(ContextPolicyError, match=r"factors graph inputs are .*'obs': \['batch', 4\].*needs"):
+    with pytest.raises(ContextPolicyError, match=r"factors graph inputs.obs: dimension 1 is 4, expected 6.*needs"):
         load_graph(graphs.factors, "factors", wrong)
     # the factors file where the policy is expected: different inputs
     with pytest.raises(ContextPolicyError, match="policy graph needs an input 'z'"):
