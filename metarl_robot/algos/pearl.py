@@ -34,6 +34,7 @@ Context Variables".
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -562,29 +563,36 @@ class PEARLController:
         self.generator = torch.Generator().manual_seed(seed)
         self.skipped = np.zeros(batch, dtype=np.int64)
         """Per sub-env: transitions left out of the belief for non-finite numbers."""
-        self._precisions: list[np.ndarray] = []
-        self._weighted_means: list[np.ndarray] = []
+        self._observed = 0
+        # The belief's evidence: running sums when every transition counts (constant cost per step, as on the
+        # robot), else the last ``context_window`` factors.
+        self._precision_sum = np.zeros(1)
+        self._weighted_mean_sum = np.zeros(1)
+        self._precisions: deque[np.ndarray] = deque(maxlen=context_window)
+        self._weighted_means: deque[np.ndarray] = deque(maxlen=context_window)
         self.z = self.algo.sample_z(self.algo.prior(batch), self.rng) if z_mode == "sample" else None
         """The episode's sampled z (``z_mode="sample"``), ``(batch, d)``."""
 
     @property
     def context_size(self) -> int:
         """Transitions the belief currently rests on (per sub-env, counting skipped ones)."""
-        n = len(self._precisions)
-        return n if self.context_window is None else min(n, self.context_window)
+        return self._observed if self.context_window is None else min(self._observed, self.context_window)
 
     def posterior(self) -> Posterior:
         """The current belief: prior times the factors of the (last ``context_window``) observed transitions."""
-        if not self._precisions:
+        if not self._observed:
             return self.algo.prior(self.batch)
-        window = slice(None) if self.context_window is None else slice(-self.context_window, None)
-        precision = 1.0 + np.sum(self._precisions[window], axis=0)
-        var = 1.0 / precision
-        return Posterior((var * np.sum(self._weighted_means[window], axis=0)).astype(np.float32),
-                         var.astype(np.float32))
+        if self.context_window is None:
+            precision_sum, weighted_mean_sum = self._precision_sum, self._weighted_mean_sum
+        else:
+            precision_sum, weighted_mean_sum = np.sum(self._precisions, axis=0), np.sum(self._weighted_means, axis=0)
+        var = 1.0 / (1.0 + precision_sum)
+        return Posterior((var * weighted_mean_sum).astype(np.float32), var.astype(np.float32))
 
     def new_task(self) -> None:
         """Forget all evidence (a new task); the next episode starts from the prior."""
+        self._observed = 0
+        self._precision_sum = self._weighted_mean_sum = np.zeros(1)
         self._precisions.clear()
         self._weighted_means.clear()
 
@@ -626,8 +634,14 @@ class PEARLController:
         mean, var = self.algo.transition_factors(clean(obs), clean(act), clean(reward), clean(next_obs))
         precision = np.where(use[..., None], 1.0 / var, 0.0)
         for t in range(precision.shape[1]):
-            self._precisions.append(precision[:, t])
-            self._weighted_means.append(precision[:, t] * mean[:, t])
+            weighted = precision[:, t] * mean[:, t]
+            if self.context_window is None:
+                self._precision_sum = self._precision_sum + precision[:, t]
+                self._weighted_mean_sum = self._weighted_mean_sum + weighted
+            else:
+                self._precisions.append(precision[:, t])
+                self._weighted_means.append(weighted)
+        self._observed += precision.shape[1]
         self.skipped += (wanted & ~finite).sum(axis=1)
 
 
