@@ -69,6 +69,20 @@ def _evaluate(args: argparse.Namespace, run: Path, iteration: int) -> dict:
             "worst_task": report["tasks"][report["summary"]["gap"]["worst_task"]]["task"]}
 
 
+def _training_spread(run: Path, box, bins: int = 3) -> dict[str, list[float]]:
+    """Where a run trained: per parameter of ``box`` (a ``ParamBox`` over the grid's parameters, train range),
+    the fraction of its sampler-chosen training tasks (iterations >= 1; iteration 0 is the same random start for
+    every sampler) in each of ``bins`` equal parts of the range, in unit coordinates (log space for
+    log-uniform parameters)."""
+    rows = [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines() if line.strip()]
+    values = np.array([[task[n] for n in box.names] for row in rows if row["iteration"] >= 1 for task in row["tasks"]])
+    if values.size == 0:
+        return {name: [] for name in box.names}
+    units = np.clip(box.to_unit(values), 0.0, 1.0)
+    return {name: (np.histogram(units[:, i], bins=bins, range=(0.0, 1.0))[0] / len(units)).tolist()
+            for i, name in enumerate(box.names)}
+
+
 def _gradient_proposals(run: Path) -> dict | None:
     """How the reward-gradient adversary's proposals fared when graded (``loop.adversary.reward_gradient``).
 
@@ -186,6 +200,9 @@ def main() -> None:
                     "seeds": args.seeds, "iterations": args.iterations, "grid": {"k": args.grid, "params": args.params,
                                                                                  "split": "train"},
                     "samplers": {}}
+    from metarl_robot.spec.family import ParamBox, load_family
+
+    box = ParamBox(load_family(result["family"]), args.params, "train")
     for sampler in args.samplers:
         curve = []
         for it in eval_at:
@@ -197,6 +214,9 @@ def main() -> None:
                                    "per_seed": [r[key] for r in rows]} for key in ("worst_gap", "mean_gap")},
                           "worst_tasks": [r["worst_task"] for r in rows]})
         result["samplers"][sampler] = {"curve": curve}
+        spreads = [_training_spread(runs[(sampler, seed)], box) for seed in args.seeds]
+        result["samplers"][sampler]["trained_in_thirds_of_range"] = {
+            name: np.mean([s[name] for s in spreads], axis=0).tolist() for name in args.params}
         proposals = {seed: _gradient_proposals(runs[(sampler, seed)]) for seed in args.seeds}
         if any(proposals.values()):
             result["samplers"][sampler]["reward_gradient_proposals"] = proposals

@@ -66,3 +66,15 @@ def test_gradient_proposals_are_ranked_among_the_candidates_they_were_graded_wit
     # A run without the gradient adversary has nothing to report.
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n")
     assert _bench_module()._gradient_proposals(tmp_path) is None
+
+
+def test_training_spread_counts_the_sampler_chosen_tasks_in_thirds_of_the_train_range(tmp_path):
+    from metarl_robot.spec.family import ParamBox, load_family
+
+    # target_velocity trains on [0, 3] (uniform): thirds [0, 1), [1, 2), [2, 3]; iteration 0 is not counted.
+    rows = [{"iteration": 0, "tasks": [{"target_velocity": 0.1}] * 8},
+            {"iteration": 1, "tasks": [{"target_velocity": 2.9}, {"target_velocity": 2.5}]},
+            {"iteration": 2, "tasks": [{"target_velocity": 1.5}, {"target_velocity": 3.0}]}]
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    box = ParamBox(load_family("half_cheetah_vel_reward"), ["target_velocity"], "train")
+    assert _bench_module()._training_spread(tmp_path, box) == {"target_velocity": [0.0, 0.25, 0.75]}
