@@ -103,7 +103,18 @@ def _gradient_proposals(run: Path) -> dict | None:
                        "clipped_to_box": any(step.get("projected", 0) for step in before["reward_gradient"]["steps"])})
     if not graded:
         return None
-    return {"graded": len(graded), "mean_rank": float(np.mean([g["rank"] for g in graded])),
+    # The estimator's health over every step taken: CG meeting negative curvature (the adapted policy is not a
+    # strict maximum of the model's objective, so -H^-1 M is unreliable), and the implicit correction term
+    # outweighing the envelope terms (oracle - direct) that need no Hessian.
+    steps = [step for row in rows for step in (row.get("reward_gradient") or {}).get("steps", [])]
+    names = sorted(k.removeprefix("correction_") for k in steps[0] if k.startswith("correction_")) if steps else []
+    dominated = [abs(s[f"correction_{n}"]) > abs(s[f"oracle_term_{n}"] - s[f"direct_term_{n}"]) for s in steps
+                 for n in names]
+    health = {"steps": len(steps),
+              "cg_negative_curvature_fraction": float(np.mean([s.get("cg_negative_curvature", 0) for s in steps])),
+              "median_cg_relative_residual": float(np.median([s.get("cg_relative_residual", np.nan) for s in steps])),
+              "correction_dominates_fraction": float(np.mean(dominated)) if dominated else float("nan")}
+    return {"graded": len(graded), "mean_rank": float(np.mean([g["rank"] for g in graded])), **health,
             "uniform_mean_rank": (graded[0]["population"] + 1) / 2,
             "trained_fraction": float(np.mean([g["trained"] for g in graded])),
             "mean_gap_minus_median": float(np.mean([g["gap_minus_median"] for g in graded])),

@@ -51,18 +51,24 @@ def _bench_module():
 def test_gradient_proposals_are_ranked_among_the_candidates_they_were_graded_with(tmp_path):
     # Iteration 1 proposes v = 3.0 from its worst candidate; iteration 2 grades it first among 4 candidates
     # (the second worst, trained on). Iteration 2's proposal is never graded (the run ended): not counted.
-    step = {"projected": 1.0}
+    step = {"projected": 1.0, "cg_negative_curvature": 1.0, "cg_relative_residual": 2.0, "correction_v": 40.0,
+            "oracle_term_v": -20.0, "direct_term_v": -25.0}
+    healthy = {**step, "projected": 0.0, "cg_negative_curvature": 0.0, "cg_relative_residual": 0.1, "correction_v": 1.0}
     rows = [{"iteration": 0, "sampler": "random"},
             {"iteration": 1, "candidates": [{"v": 2.0}, {"v": 1.0}], "candidate_gaps": [5.0, 1.0], "chosen": [0],
              "reward_gradient": {"from": {"v": 2.0}, "proposal": {"v": 3.0}, "steps": [step]}},
             {"iteration": 2, "candidates": [{"v": 3.0}, {"v": 0.1}, {"v": 2.5}, {"v": 1.5}],
              "candidate_gaps": [8.0, 0.5, 9.0, 2.0], "chosen": [2, 0],
-             "reward_gradient": {"from": {"v": 2.5}, "proposal": {"v": 3.0}, "steps": [{"projected": 0.0}]}}]
+             "reward_gradient": {"from": {"v": 2.5}, "proposal": {"v": 3.0}, "steps": [healthy]}}]
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = _bench_module()._gradient_proposals(tmp_path)
     assert out["graded"] == 1 and out["mean_rank"] == 2 and out["uniform_mean_rank"] == 2.5
     assert out["trained_fraction"] == 1.0 and out["clipped_fraction"] == 1.0
     assert out["mean_gap_minus_median"] == 8.0 - 5.0
+    # Estimator health over both steps taken: one met negative curvature, one's correction term (40) outweighed
+    # the envelope terms (|-20 - -25| = 5), the other's (1) did not.
+    assert out["steps"] == 2 and out["cg_negative_curvature_fraction"] == 0.5
+    assert out["median_cg_relative_residual"] == pytest.approx(1.05) and out["correction_dominates_fraction"] == 0.5
     # A run without the gradient adversary has nothing to report.
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n")
     assert _bench_module()._gradient_proposals(tmp_path) is None
