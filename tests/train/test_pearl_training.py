@@ -83,6 +83,21 @@ def test_cli_trains_resumes_and_evaluates_a_pearl_checkpoint(tmp_path):
     assert "after_2" in out and "gap_2" in out and "worst-case gap" in out
 
 
+
+@pytest.mark.slow
+def test_the_half_cheetah_vel_config_trains_at_its_real_network_sizes(tmp_path):
+    # The paper-task config as shipped (networks 3 x 300, encoder 3 x 200, meta-batch 16 x 256, context 100,
+    # its exploration schedule), with only the loop and the number of gradient steps cut: it runs end to end.
+    overrides = {"loop.iterations": 2, "loop.random_episodes": 1, "loop.tasks_per_iteration": 1, "pearl.grad_steps": 2}
+    train("configs/pearl_half_cheetah_vel_reward.yaml", tmp_path, overrides={**overrides, "name": "hc"},
+          progress=False)
+    rows = list(csv.DictReader((tmp_path / "hc" / "metrics.csv").open()))
+    # prior 2 + RL-only 3 episodes of 200 steps per task, one task per iteration
+    assert [float(r["transitions"]) for r in rows] == [1000, 2000]
+    cfg, _, algo = load_trained(tmp_path / "hc" / "checkpoints" / "ckpt_0001.pt")
+    assert cfg.family == "half_cheetah_vel_reward" and algo.net_cfg.hidden == 300 and algo.cfg.meta_batch == 16
+
+
 @pytest.mark.slow
 def test_adversarial_sampler_grades_the_first_posterior_episode_from_the_oracles_start(tmp_path):
     overrides = {**TINY, "name": "adv", "loop.task_sampler": "adversarial", "loop.adversary.population": 3}
