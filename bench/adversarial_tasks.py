@@ -69,12 +69,17 @@ def _evaluate(args: argparse.Namespace, run: Path, iteration: int) -> dict:
             "worst_task": report["tasks"][report["summary"]["gap"]["worst_task"]]["task"]}
 
 
+def _task_log(run: Path) -> list[dict]:
+    """A run's ``tasks.jsonl``: one dict per iteration."""
+    return [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _training_spread(run: Path, box, bins: int = 3) -> dict[str, list[float]]:
     """Where a run trained: per parameter of ``box`` (a ``ParamBox`` over the grid's parameters, train range),
     the fraction of its sampler-chosen training tasks (iterations >= 1; iteration 0 is the same random start for
     every sampler) in each of ``bins`` equal parts of the range, in unit coordinates (log space for
     log-uniform parameters)."""
-    rows = [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines() if line.strip()]
+    rows = _task_log(run)
     values = np.array([[task[n] for n in box.names] for row in rows if row["iteration"] >= 1 for task in row["tasks"]])
     if values.size == 0:
         return {name: [] for name in box.names}
@@ -90,7 +95,7 @@ def _gradient_proposals(run: Path) -> dict | None:
     its gap rank among that iteration's candidates (1 = the worst), whether it was trained on, and its gap
     against the median candidate's. A uniform pick among P candidates has mean rank (P + 1) / 2.
     """
-    rows = [json.loads(line) for line in (run / "tasks.jsonl").read_text().splitlines() if line.strip()]
+    rows = _task_log(run)
     graded = []
     for before, row in pairwise(rows):
         proposal = (before.get("reward_gradient") or {}).get("proposal")

@@ -163,10 +163,10 @@ def _torch_outputs(agent: PEARLAgent, inputs: PEARLInputs, dtype: torch.dtype) -
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(x).to(dtype)
 
-    with torch.no_grad():
-        mean, var = agent.transition_factors(*map(t, factors_in))
-        action = agent.deterministic_action(*map(t, policy_in))
-    return {"factor_mean": mean.numpy(), "factor_logvar": torch.log(var).numpy(), "action": action.numpy()}
+    with torch.no_grad():  # the very modules that were exported, so the reference computes what the graphs do
+        mean, logvar = FactorsGraph(agent)(*map(t, factors_in))
+        action = PolicyGraph(agent)(*map(t, policy_in))
+    return {"factor_mean": mean.numpy(), "factor_logvar": logvar.numpy(), "action": action.numpy()}
 
 
 def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs: PEARLInputs
@@ -175,11 +175,11 @@ def measure_pearl_parity(agent: PEARLAgent, graphs: ExportedPEARLGraphs, inputs:
     :func:`metarl_robot.export.onnx_graphs.measure_parity` (so :func:`check_parity` applies)."""
     agent = agent.eval()
     factors_in, policy_in = inputs
-    mean_o, var_o = make_session(graphs.factors).run(list(FACTORS_OUTPUTS),
-                                                      dict(zip(FACTORS_INPUTS, factors_in, strict=True)))
+    mean_o, logvar_o = make_session(graphs.factors).run(list(FACTORS_OUTPUTS),
+                                                         dict(zip(FACTORS_INPUTS, factors_in, strict=True)))
     (action_o,) = make_session(graphs.policy).run(list(POLICY_OUTPUTS),
                                                   dict(zip(POLICY_INPUTS, policy_in, strict=True)))
-    ort = {"factor_mean": mean_o, "factor_logvar": var_o, "action": action_o}
+    ort = {"factor_mean": mean_o, "factor_logvar": logvar_o, "action": action_o}
     ref32 = _torch_outputs(agent, inputs, torch.float32)
     ref64 = _torch_outputs(copy.deepcopy(agent).double(), inputs, torch.float64)
     return parity_report(ort, ref32, ref64)
