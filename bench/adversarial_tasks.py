@@ -9,8 +9,10 @@ discards candidates, reported as ``adversary_env_steps``. The oracle's returns o
 computed once and shared by every evaluation (same planner, same start).
 
 Prints one JSON document: per sampler, per checkpoint, worst-case and mean gap as mean ± std over
-seeds, and the comparison the issue sets (adversarial worst case ≥ 25% below uniform's, mean gap
-not more than 10% worse); writes the learning-curve PNG next to the runs.
+seeds; where each sampler trained (share of its chosen tasks per third of every grid parameter's range);
+with ``loop.adversary.reward_gradient``, how the gradient's proposals ranked when graded and the estimator's
+health; and the comparison the issue sets (adversarial worst case ≥ 25% below uniform's, mean gap not more
+than 10% worse). Writes the learning-curve PNG next to the runs.
 
     python bench/adversarial_tasks.py --out runs/bench/adversarial --seeds 0 1 2 --jobs 2 > result.json
 """
