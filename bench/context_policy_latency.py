@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from metarl_robot.algos.pearl import PEARL, PEARLController, family_reward_fn
     from metarl_robot.export.pearl_graphs import export_pearl_graphs
-    from metarl_robot.runtime.bundle import make_session
     from metarl_robot.runtime.context_policy import (
         FACTORS_INPUTS,
         FACTORS_OUTPUTS,
@@ -149,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         POLICY_OUTPUTS,
         ContextPolicyAdapter,
     )
+    from metarl_robot.runtime.onnx_graph import make_session
     from metarl_robot.spec.family import load_family
     from metarl_robot.spec.rewards import get_reward
     from metarl_robot.spec.robot import load_robot

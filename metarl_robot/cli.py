@@ -168,7 +168,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       planner_overrides=_parse_overrides(args.set))
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
-    if report.get("algo") == "pearl":  # returns after 0, 1, 2 exploration episodes, and their gaps
+    meta_test = "exploration_episodes" in report
+    if meta_test:  # returns after 0, 1, 2 exploration episodes, and their gaps
         after = [f"after_{k}" for k in report["exploration_episodes"]]
         columns = [f"return_{c}" for c in after] + ["return_oracle"] + [f"gap_{c}" for c in after]
         names = [*after, "oracle", *(f"gap_{k}" for k in report["exploration_episodes"])]
@@ -185,7 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         worst = report["tasks"][summ["gap"]["worst_task"]]["task"]
         print(f"worst-case gap {summ['gap']['worst']:.2f} (task {summ['gap']['worst_task']}: "
               + ", ".join(f"{k}={v:.3g}" for k, v in worst.items()) + f"), mean gap {summ['gap']['mean']:.2f}")
-    plots = ["eval_returns.png", *([] if report.get("algo") == "pearl" else ["eval_prediction_error.png"]),
+    plots = ["eval_returns.png", *([] if meta_test else ["eval_prediction_error.png"]),
              *report.get("heatmaps", [])]
     print(f"wrote {Path(args.out) / 'eval.json'}, {', '.join(plots)} ({report['seconds']} s)")
     return 0

@@ -232,8 +232,7 @@ def _given_bundle(path: Path) -> Path:
         raise StageError(f"--bundle {path} is a bundle of family {bundle.family.name!r}; the demo's twin runs the "
                          f"{FAMILY!r} family", f"export a run of a {FAMILY} config (e.g. configs/pearl_{FAMILY}.yaml)")
     print(f"      {bundle.kind} bundle {bundle.name!r} (bundle.yaml sha256 {bundle.sha256[:12]}): the node's adapter "
-          + ("plans through its dynamics model" if bundle.kind == "model_based" else "is its policy, acting on the "
-             "belief over the task it infers"), flush=True)
+          f"{bundle.acts_by}", flush=True)
     return Path(path).resolve()
 
 
@@ -327,8 +326,8 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
               f"({BUNDLE}: 47,000 transitions, ~20 min)")
     from metarl_robot.runtime.bundle import load_bundle
 
-    bundle_kind = load_bundle(bundle).kind
-    summary["bundle"], summary["bundle_kind"] = str(bundle), bundle_kind
+    loaded = load_bundle(bundle)
+    summary["bundle"], summary["bundle_kind"] = str(bundle), loaded.kind
     save()
 
     # ---- 3: open loop: why adapt -----------------------------------------------------------------------
@@ -392,7 +391,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     print(f"      {endpoints}")
 
     # ---- 6: the ROS 2 node -------------------------------------------------------------------------------
-    stage(f"ROS 2 node: installed adapt_node, {bundle_kind} bundle {bundle.name}, {episode_steps} steps "
+    stage(f"ROS 2 node: installed adapt_node, {loaded.kind} bundle {bundle.name}, {episode_steps} steps "
           f"({episode_steps * robot.ctrl_dt:g} s of robot time), ROS_DOMAIN_ID={domain}")
     import yaml
 
@@ -453,7 +452,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     from metarl_robot.replay.shadow import replay_episodes
 
     stage("replay: the logged telemetry through the bundle step by step" + (", adaptation on and off"
-          if bundle_kind == "model_based" else " (no dynamics model: the actions and the belief are graded)"))
+          if loaded.has_dynamics_model else " (no dynamics model: the actions and the belief are graded)"))
     replays = replay_episodes([episode_log], bundle)
     paths = write_report(replays, out_dir / "replay")
     print("      " + _show(terminal_summary(replays, paths)).replace("\n", "\n      "))

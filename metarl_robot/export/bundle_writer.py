@@ -42,14 +42,14 @@ from metarl_robot.export.onnx_graphs import (
 from metarl_robot.export.pearl_graphs import export_pearl_checked
 from metarl_robot.models.context_dynamics import ContextDynamics
 from metarl_robot.provenance import software_version
-from metarl_robot.runtime.bundle import (
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
+from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
+from metarl_robot.runtime.manifest import (
     BUNDLE_SCHEMA_VERSION,
-    CONTEXT_POLICY,
     MANIFEST_FILE,
-    MODEL_BASED,
     BundleError,
     action_layout,
-    load_bundle,
     observation_layout,
     sha256_file,
 )
@@ -233,7 +233,7 @@ def _export_model_based(run: _Run, staging: Path, name: str, exporter: Exporter,
     adaptation = {"context_window": cfg.model.context_window, "context_dim": cfg.model.context_dim,
                   "ensemble_size": cfg.model.ensemble_size, "rollout_horizon": horizon}
     return _ExportedGraphs(
-        MODEL_BASED, {"encoder": graphs.encoder, "dynamics": graphs.dynamics, "rollout": graphs.rollout},
+        ModelBasedBundle.kind, {"encoder": graphs.encoder, "dynamics": graphs.dynamics, "rollout": graphs.rollout},
         graphs.interfaces, graphs.opset, graphs.exporter,
         {"adaptation": adaptation, "planner": to_plain(cfg.planner)},
         {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "real_samples": parity_samples})
@@ -258,7 +258,7 @@ def _export_pearl(run: _Run, staging: Path, name: str, exporter: Exporter, parit
                                           metadata={"bundle": name, "robot": run.robot.name,
                                                     "robot_interface_sha256": run.robot.interface_hash})
     return _ExportedGraphs(
-        CONTEXT_POLICY, {"factors": graphs.factors, "policy": graphs.policy}, graphs.interfaces, graphs.opset,
+        ContextPolicyBundle.kind, {"factors": graphs.factors, "policy": graphs.policy}, graphs.interfaces, graphs.opset,
         "torchscript", {"adaptation": {"algorithm": "pearl", "latent_dim": int(algo.latent_dim)}},
         {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "replay_samples": per_task * tasks})
 

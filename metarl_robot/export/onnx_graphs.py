@@ -22,7 +22,7 @@ from torch import nn
 
 from metarl_robot.algos.buffer import EpisodeBuffer
 from metarl_robot.models.context_dynamics import ContextDynamics
-from metarl_robot.runtime.bundle import (
+from metarl_robot.runtime.kinds.model_based import (
     DYNAMICS_INPUTS,
     DYNAMICS_OUTPUTS,
     ENCODER_INPUTS,
@@ -30,8 +30,8 @@ from metarl_robot.runtime.bundle import (
     ROLLOUT_INPUTS,
     ROLLOUT_OUTPUTS,
     graph_interfaces,
-    make_session,
 )
+from metarl_robot.runtime.onnx_graph import make_session
 
 ENCODER_FILE = "encoder.onnx"
 DYNAMICS_FILE = "dynamics.onnx"

@@ -29,7 +29,6 @@ from metarl_robot.export.onnx_graphs import (
     parity_report,
 )
 from metarl_robot.models.pearl import PEARLAgent
-from metarl_robot.runtime.bundle import make_session
 from metarl_robot.runtime.context_policy import (
     FACTORS_FILE,
     FACTORS_INPUTS,
@@ -39,6 +38,7 @@ from metarl_robot.runtime.context_policy import (
     POLICY_OUTPUTS,
     pearl_graph_interfaces,
 )
+from metarl_robot.runtime.onnx_graph import make_session
 from metarl_robot.train.runner import load_checkpoint, load_trained
 
 

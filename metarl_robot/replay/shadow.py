@@ -13,11 +13,12 @@ observes ``(obs of the previous usable frame, action applied between them, obs_k
 ``k`` (``applied_command_seq``): the logged command with that ``command_seq``, the robot's safe command for
 0, and the last command sent when it is not logged (-1) -- the node's own fallback.
 
-Both bundle kinds replay (the pass dispatches on ``bundle.kind``): a ``model_based`` bundle's context is its
-encoder's output and its dynamics model is graded by the prediction errors below; a ``context_policy`` (PEARL)
-bundle's context is the posterior mean of its belief over the latent task (its variance is kept too) and it
-has no dynamics model, so its prediction errors are *not applicable* (``errors`` is None, the metrics and the
-report say so) rather than a number that would mean something else.
+Every bundle kind replays; the pass asks the kind what it is (``LoadedBundle``'s declarations), never its
+name: its context is the first of its ``belief_diagnostics`` (a ``model_based`` bundle's encoder output; a
+``context_policy`` (PEARL) bundle's posterior mean, whose variance is kept too; an ``unadapted`` bundle infers
+none, so its context is its fixed one); a kind that ``has_dynamics_model`` is graded by the prediction errors
+below, one without has them *not applicable* (``errors`` is None, the metrics and the report say so) rather
+than a number that would mean something else.
 
 Definitions (docs/replay.md): prediction errors are RMS over the observation in robot.yaml scale units,
 as the adapter's ``prediction_error``; an ``h``-step error starts at usable frame ``k`` with the context
@@ -41,7 +42,8 @@ import numpy as np
 
 from metarl_robot.replay.episode_log import Episode, read_episode
 from metarl_robot.replay.importers import import_source
-from metarl_robot.runtime.bundle import CONTEXT_POLICY, MODEL_BASED, LoadedBundle, load_bundle
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.manifest import NO_DYNAMICS_MODEL, LoadedBundle
 from metarl_robot.spec.schema import SpecError
 
 DEFAULT_HORIZON = 10
@@ -50,13 +52,6 @@ DEFAULT_SETTLE_FRACTION = 0.1
 """The context has settled once it stays within this fraction of its final value (see the module docstring)."""
 REPRODUCTION_TOLERANCE = 1e-6
 """Largest |replayed action - logged adapter action| for a replay with the logged bundle to count as exact."""
-BELIEF_DIAGNOSTICS = {MODEL_BASED: ("context",), CONTEXT_POLICY: ("context_mean", "context_var")}
-"""Bundle kind → the adapter diagnostics that say what it believes about the task (the node publishes them on
-``~/context``); the first is the context the adapter acted with."""
-CONTEXT_DIAGNOSTIC = {kind: keys[0] for kind, keys in BELIEF_DIAGNOSTICS.items()}
-"""Bundle kind → the adapter diagnostic that is its context (what the adapter acted with)."""
-NO_DYNAMICS_MODEL = "not applicable: a context_policy bundle has no dynamics model to predict with"
-"""What the metrics and the report say in place of a prediction error for a bundle without a dynamics model."""
 
 
 class ReplayError(SpecError):
@@ -102,7 +97,7 @@ class ShadowPass:
     """(d,) the context of an empty window, or PEARL's prior mean (what an unadapted adapter acts with)."""
     observed: np.ndarray
     """(N,) bool: before acting on this step the adapter observed a transition."""
-    kind: str = MODEL_BASED
+    kind: str
     """The bundle's kind."""
     context_var: np.ndarray | None = None
     """(N, d) the belief's variance per step (``context_policy`` bundles; None for a model-based one)."""
@@ -296,27 +291,18 @@ def _task_params(episode: Episode, k: int, bundle: LoadedBundle) -> dict[str, fl
     return {name: float(values[k]) for name, values in episode.task_params.items()}
 
 
-def empty_context(bundle: LoadedBundle, adapter: Any) -> np.ndarray:
-    """(d,) what ``bundle``'s fresh ``adapter`` acts with before any transition: the encoder's output for an empty
-    window (model-based), the prior mean of the belief (context policy)."""
-    if bundle.kind == CONTEXT_POLICY:
-        return np.asarray(adapter.posterior()[0][0], dtype=np.float64)
-    window = adapter.window
-    return np.asarray(bundle.encode(window.obs, window.act, window.next_obs, np.zeros_like(window.mask()))[0],
-                      dtype=np.float64)
-
-
 def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
                 applied: np.ndarray | None = None) -> ShadowPass:
     """Drive a fresh adapter of ``bundle`` (either kind) through the log's usable frames as the node did."""
     applied = applied_actions(episode) if applied is None else applied
     n, robot = episode.num_steps, episode.robot
     adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
-    z_empty = empty_context(bundle, adapter)
-    context_key = CONTEXT_DIAGNOSTIC[bundle.kind]
+    z_empty = bundle.empty_context(adapter)
+    # What the adapter acted with: its first belief diagnostic; a kind that infers nothing acts with its fixed one.
+    context_key = bundle.belief_diagnostics[0] if bundle.belief_diagnostics else None
     actions = np.full((n, robot.action_dim), np.nan)
     context = np.full((n, z_empty.size), np.nan)
-    context_var = np.full((n, z_empty.size), np.nan) if bundle.kind == CONTEXT_POLICY else None
+    context_var = np.full((n, z_empty.size), np.nan) if "context_var" in bundle.belief_diagnostics else None
     observed = np.zeros(n, dtype=bool)
     prev: int | None = None
     for k in np.flatnonzero(usable_frames(episode)):
@@ -326,7 +312,7 @@ def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
         prev = k
         action, diagnostics = adapter.act(episode.obs[k][None], _task_params(episode, k, bundle))
         actions[k] = np.asarray(action, dtype=np.float64)[0]
-        context[k] = np.asarray(diagnostics[context_key], dtype=np.float64)[0]
+        context[k] = z_empty if context_key is None else np.asarray(diagnostics[context_key], dtype=np.float64)[0]
         if context_var is not None:
             context_var[k] = np.asarray(diagnostics["context_var"], dtype=np.float64)[0]
     return ShadowPass(bundle.name, bundle.sha256, adapt, seed, actions, context, z_empty, observed, bundle.kind,
@@ -337,7 +323,7 @@ def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass
                       applied: np.ndarray | None = None) -> PredictionErrors | None:
     """h-step errors (h = 1..horizon) from every usable frame, with the pass's context (on) and the empty one (off);
     None for a bundle without a dynamics model (:data:`NO_DYNAMICS_MODEL`)."""
-    if bundle.kind != MODEL_BASED:
+    if not bundle.has_dynamics_model:
         return None
     applied = applied_actions(episode) if applied is None else applied
     usable = np.flatnonzero(usable_frames(episode))
@@ -488,9 +474,9 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
     if usable.size == 0:
         notes.append("the adapter never ran in this episode: nothing to replay (link health only)")
     elif not episode.task_params:
-        notes.append("the log holds no task (reward) parameters: the bundle " + ("planned" if bundle.kind == MODEL_BASED
+        notes.append("the log holds no task (reward) parameters: the bundle " + ("planned" if bundle.plans
                      else "computed its context's rewards") + " with its family's nominal ones")
-    if bundle.kind != MODEL_BASED:
+    if not bundle.has_dynamics_model:
         notes.append(f"{bundle.kind} bundle: model prediction error {NO_DYNAMICS_MODEL}; graded instead: the replayed "
                      "actions against the logged ones, and the belief (context mean and variance)")
     extra = episode.extra
@@ -498,7 +484,7 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
     seed = config.seed if config.seed is not None else int(extra.get("seed", 0))
     # Only a planner samples: a context policy acts deterministically, so its seed and its earlier episodes
     # (the node resets the adapter at every activation) cannot change its commands.
-    planner_noise = bundle.kind == MODEL_BASED
+    planner_noise = bundle.plans
     if planner_noise and config.seed is None and "seed" not in extra:
         notes.append("the log does not record the planner seed; replayed with seed 0 (commands match only if the "
                      "node used 0)")
@@ -519,7 +505,7 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
                            errors, usable, settle_step, distance, link_health(episode), notes=notes)
     if not adapt:
         notes.append("the node ran with adapt=false: the logged commands come from the unadapted " +
-                     ("model" if bundle.kind == MODEL_BASED else "policy (z held at the prior mean)"))
+                     ("model" if bundle.has_dynamics_model else "policy (z held at the prior mean)"))
     if candidate is not None:
         candidate = candidate if isinstance(candidate, LoadedBundle) else load_bundle(candidate)
         _check_robot(episode, candidate, "--candidate")
@@ -542,9 +528,7 @@ def replay_episodes(paths: list[str | Path], bundle: LoadedBundle | str | Path, 
     return [replay_episode(p, bundle, candidate=candidate, config=config) for p in paths]
 
 
-__all__ = ["BELIEF_DIAGNOSTICS", "CONTEXT_DIAGNOSTIC", "DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION",
-           "NO_DYNAMICS_MODEL",
-           "REPRODUCTION_TOLERANCE", "Counterfactual", "EpisodeReplay", "LinkHealth", "PredictionErrors",
-           "ReplayConfig", "ReplayError", "ShadowPass", "applied_actions", "belief_summary", "compare", "empty_context",
-           "error_summary", "link_health", "prediction_errors", "replay_episode", "replay_episodes", "settling",
-           "shadow_pass"]
+__all__ = ["DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION", "NO_DYNAMICS_MODEL", "REPRODUCTION_TOLERANCE",
+           "Counterfactual", "EpisodeReplay", "LinkHealth", "PredictionErrors", "ReplayConfig", "ReplayError",
+           "ShadowPass", "applied_actions", "belief_summary", "compare", "error_summary", "link_health",
+           "prediction_errors", "replay_episode", "replay_episodes", "settling", "shadow_pass"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from metarl_robot.replay.episode_log import EpisodeLogWriter
-from metarl_robot.runtime.bundle import Bundle
+from metarl_robot.runtime.manifest import LoadedBundle
 
 ROBOT_EPOCH_NS = 1_000_000_000
 """Robot-clock stamp of the first frame (the robot's clock is independent of the controller's)."""
@@ -31,7 +31,7 @@ COMPUTE_NS = 2_000_000
 """Simulated decision time: the command goes out 2 ms after its frame arrived."""
 
 
-def record_sim_episode(bundle: Bundle, task: Mapping[str, Any], path: str | Path, steps: int, seed: int = 0,
+def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str | Path, steps: int, seed: int = 0,
                        adapt: bool = True, obs_noise: float = 0.0, lost_steps: Collection[int] = (),
                        safe_steps: Collection[int] = ()) -> Path:
     """Run ``bundle``'s adapter on its family's MuJoCo env with ``task`` for ``steps`` control steps; log it.

@@ -22,21 +22,14 @@ from typing import Any
 
 import numpy as np
 
-# The graph interfaces live with the bundle loader, which checks a context_policy bundle against them.
-from metarl_robot.runtime.bundle import (
-    BATCH_AXIS,
-    FACTORS_INPUTS,
-    FACTORS_OUTPUTS,
-    POLICY_INPUTS,
-    POLICY_OUTPUTS,
-    OnnxGraph,
-    make_session,
-    pearl_graph_interfaces,
-    session_interface_mismatch,
-)
+from metarl_robot.runtime.onnx_graph import BATCH_AXIS, OnnxGraph, make_session, session_interface_mismatch
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
 
+FACTORS_INPUTS = ("obs", "action", "reward", "next_obs")
+FACTORS_OUTPUTS = ("factor_mean", "factor_logvar")
+POLICY_INPUTS = ("obs", "z")
+POLICY_OUTPUTS = ("action",)
 FACTORS_FILE = "pearl_factors.onnx"
 POLICY_FILE = "pearl_policy.onnx"
 
@@ -44,6 +37,17 @@ FactorsFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[np.n
 """``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_logvar (B, d)]``."""
 PolicyFn = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
 """``(B, o), (B, d)`` → ``[action (B, a)]``."""
+
+
+def pearl_graph_interfaces(obs_dim: int, act_dim: int, latent_dim: int) -> dict[str, dict[str, dict[str, list]]]:
+    """Inputs and outputs of the factor and policy graphs (``"batch"`` is the dynamic axis): what a
+    ``context_policy`` bundle declares and what :meth:`ContextPolicyAdapter.from_onnx` checks loose graphs against."""
+    b = BATCH_AXIS
+    return {
+        "factors": {"inputs": {"obs": [b, obs_dim], "action": [b, act_dim], "reward": [b], "next_obs": [b, obs_dim]},
+                    "outputs": {"factor_mean": [b, latent_dim], "factor_logvar": [b, latent_dim]}},
+        "policy": {"inputs": {"obs": [b, obs_dim], "z": [b, latent_dim]}, "outputs": {"action": [b, act_dim]}},
+    }
 
 
 class ContextPolicyError(ValueError):

@@ -45,75 +45,87 @@ import torch
 from metarl_robot.algos.pearl import PEARLController, Posterior, family_reward_fn
 from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
+from metarl_robot.runtime.kinds import bundle_kind
+from metarl_robot.runtime.manifest import LoadedBundle
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.family import Task, TaskFamily, load_family
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
-from metarl_robot.spec.schema import SpecError, build
+from metarl_robot.spec.schema import SpecError, build, to_plain
 from metarl_robot.train.gap import OracleReturns, episode_success, run_episodes
 from metarl_robot.train.runner import MPCController
 
 
 class _Source:
-    """What is evaluated: an exported bundle (the robot's path) or a training run (torch)."""
+    """What is evaluated: an exported bundle (the robot's path, any kind) or a training run (torch).
+
+    The protocol is the bundle kind's (for a run: the kind its algorithm exports): a kind with
+    ``meta_test_episodes`` is graded by the meta-test, any other by adapted vs unadapted through its dynamics
+    model."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         if (path / "bundle.yaml").is_file():
-            from metarl_robot.runtime.bundle import CONTEXT_POLICY, load_bundle
+            from metarl_robot.runtime.bundle import load_bundle
 
             bundle = load_bundle(path)
             self.kind, self.robot, self.family = "bundle", bundle.robot, bundle.family
+            self.bundle_class: type[LoadedBundle] = type(bundle)
+            """The bundle kind that decides the protocol (for a run: the kind its algorithm exports)."""
+            self.bundle = bundle
+            """The loaded bundle (bundles only): its adapter is the controller, as on the robot."""
+            self.algo_name = ((bundle.manifest.get("provenance") or {}).get("config") or {}).get("algo")
+            """The algorithm that trained the controller (a bundle's provenance records it; None if it does not)."""
             self.torch_threads = torch.get_num_threads()  # bundles run on onnxruntime: leave torch as it is
-            self.oracle_planner_source = "bundle planner"
-            """Where the planner (the oracle's, and for model-based controllers their own) comes from."""
-            if bundle.kind == CONTEXT_POLICY:
-                self.algo = "pearl"
-                """The algorithm the controller was trained with (a bundle's kind tells: context_policy is PEARL)."""
-                self.context_bundle = bundle
-                """The ``context_policy`` bundle (its adapter runs the meta-test)."""
-                self.planner, self.oracle_planner_source = _provenance_planner(bundle.manifest)
+            if bundle.plans:
+                self.planner, self.oracle_planner_source = bundle.planner, "bundle planner"
+                """The planner (the oracle's, and for planning controllers their own) and where it comes from."""
             else:
-                self.algo, self.planner = "context_mbrl", bundle.planner
-                self.encode, self.step = bundle.encode, bundle.step
-                self.ensemble_size, self.window = bundle.ensemble_size, bundle.context_window
+                self.planner, self.oracle_planner_source = _provenance_planner(bundle.manifest)
         elif (path / "checkpoints" / "latest.pt").is_file() or (path.suffix == ".pt" and path.is_file()):
             from metarl_robot.train.runner import load_trained
 
             cfg, self.robot, algo = load_trained(path if path.suffix == ".pt" else path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
-            self.kind, self.planner, self.algo = "run", cfg.planner, cfg.algo
+            self.kind, self.planner, self.bundle, self.algo_name = "run", cfg.planner, None, cfg.algo
+            self.bundle_class = bundle_kind(algo.bundle_kind)
             self.oracle_planner_source = "run config"
             self.torch_threads = cfg.loop.torch_threads
             """torch threads for the controller's many tiny calls (the run's own setting)."""
-            if cfg.algo == "pearl":
-                self.pearl = algo
-                """The trained PEARL (runs with ``algo: pearl`` only)."""
-            else:
-                self.encode, self.step = algo.encode, algo.step
-                self.ensemble_size, self.window = cfg.model.ensemble_size, cfg.model.context_window
+            self.algo = algo
+            """The trained algorithm (runs only): its torch model is the controller."""
         else:
             raise FileNotFoundError(f"{path} is neither a bundle (bundle.yaml), a run (checkpoints/latest.pt) nor a "
                                     "checkpoint file (.pt)")
+        self.meta_test_episodes = self.bundle_class.meta_test_episodes
+        """Non-empty: the meta-test protocol, the return after each of these numbers of exploration episodes."""
+        if not self.meta_test_episodes and not self.bundle_class.has_dynamics_model:
+            raise ValueError(f"{path}: a {self.bundle_class.kind} controller has neither a meta-test protocol nor a "
+                             "dynamics model; metarl eval cannot grade it")
 
     def meta_test_controller(self, batch: int, family: TaskFamily, params: dict[str, np.ndarray], seed: int
                              ) -> tuple[Any, dict[str, Any]]:
-        """The PEARL meta-test's controller for ``batch`` tasks and how it acts (recorded in ``eval.json``)."""
-        if hasattr(self, "context_bundle"):
-            adapter = self.context_bundle.make_adapter(batch=batch, adapt=True, seed=seed)
+        """The meta-test's controller for ``batch`` tasks and how it acts (recorded in ``eval.json``)."""
+        if self.bundle is not None:
+            adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed)
             return _BeliefKeepingAdapter(adapter, params), {
                 "deterministic": True, "z_mode": "mean", "keep_context": True,
-                "runtime": "ContextPolicyAdapter (ONNX), as on the robot: z is the posterior mean, updated every step"}
+                "runtime": f"{type(adapter).__name__} (ONNX), as on the robot: z is the posterior mean, updated every "
+                           "step"}
         # The context must hold the rewards the env gives: the family's reward with each task's parameters.
-        controller = PEARLController(self.pearl, batch, deterministic=True, z_mode="sample", keep_context=True,
+        controller = PEARLController(self.algo, batch, deterministic=True, z_mode="sample", keep_context=True,
                                      reward_fn=family_reward_fn(get_reward(family.spec.reward), self.robot, params),
                                      seed=seed)
         return controller, {"deterministic": True, "z_mode": "sample", "keep_context": True}
 
     def adapter(self, batch: int, adapt: bool, planner: PlannerConfig) -> ModelBasedAdapter:
+        """The controller that plans through the dynamics model, adapting or not."""
+        if self.bundle is not None:
+            return self.bundle.make_adapter(batch=batch, adapt=adapt, planner_overrides=to_plain(planner),
+                                            seed=planner.seed)
         reward = get_reward(self.family.spec.reward)
-        return ModelBasedAdapter(self.robot, reward, self.encode, self.step, self.ensemble_size, self.window,
-                                 planner, batch=batch, adapt=adapt)
+        return ModelBasedAdapter(self.robot, reward, self.algo.encode, self.algo.step, self.algo.ensemble_size,
+                                 self.algo.window, planner, batch=batch, adapt=adapt)
 
 
 def _provenance_planner(manifest: dict[str, Any]) -> tuple[PlannerConfig, str]:
@@ -210,7 +222,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
     planner_cfg = replace(src.planner, **(planner_overrides or {}), seed=seed)
     robot: RobotSpec = src.robot
     grid_info = {"k": grid, "params": grid_params or fam.names} if grid and not isinstance(tasks, list) else None
-    if src.algo == "pearl":
+    if src.meta_test_episodes:
         if not unadapted:
             raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
                              "first episode on the prior (return_after_0, the unadapted return)")
@@ -234,7 +246,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
     errors_on, errors_off = recorder.with_context, recorder.without_context
 
     err_on, err_off = np.stack(errors_on, axis=1), np.stack(errors_off, axis=1)  # (tasks, steps)
-    k = src.window
+    k = recorder.adapter.window.window
     rows = []
     for i, task in enumerate(task_list):
         row = {"task": task, "ood": fam.is_ood(task), **{f"return_{m}": float(v[i]) for m, v in ret.items()},
@@ -258,7 +270,9 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
     summary["pred_err_ratio_after_k"] = summary["pred_err_adapted_after_k"] / summary["pred_err_unadapted_after_k"]
     summary.update(_success_rates(rows, ret))
     report = {
-        "source": str(source_path), "source_kind": src.kind, "family": fam.name, "split": split, "seed": seed,
+        "source": str(source_path), "source_kind": src.kind, "algo": src.algo_name,
+        "bundle_kind": src.bundle_class.kind,
+        "family": fam.name, "split": split, "seed": seed,
         "grid": grid_info,
         "tasks": rows, "summary": summary, "context_window": k, "planner": planner_cfg.__dict__,
         "prediction_error_by_step": {"adapted": err_on.mean(axis=0).tolist(),
@@ -297,10 +311,6 @@ def _write_report(report: dict[str, Any], ret: dict[str, np.ndarray], out_dir: s
     return report
 
 
-PEARL_EXPLORATION_EPISODES = (0, 1, 2)
-"""A PEARL evaluation reports the return after this many exploration episodes on the task."""
-
-
 def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
                task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
                oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float
@@ -310,7 +320,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     controller, protocol = src.meta_test_controller(n, fam, params, seed)
-    columns = [f"after_{k}" for k in PEARL_EXPLORATION_EPISODES]
+    columns = [f"after_{k}" for k in src.meta_test_episodes]
     ret: dict[str, np.ndarray] = {}
     success: dict[str, np.ndarray | None] = {}
     belief_var: dict[str, np.ndarray] = {}
@@ -347,9 +357,10 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     summary[f"return_gain_{columns[-1]}"] = float(np.mean(ret[columns[-1]] - ret[columns[0]]))
     summary.update(_success_rates(rows, ret))
     report = {
-        "source": str(source_path), "source_kind": src.kind, "algo": "pearl", "family": fam.name, "split": split,
-        "seed": seed, "grid": grid_info, "tasks": rows, "summary": summary,
-        "exploration_episodes": list(PEARL_EXPLORATION_EPISODES),
+        "source": str(source_path), "source_kind": src.kind, "algo": src.algo_name,
+        "bundle_kind": src.bundle_class.kind,
+        "family": fam.name, "split": split, "seed": seed, "grid": grid_info, "tasks": rows, "summary": summary,
+        "exploration_episodes": list(src.meta_test_episodes),
         "controller": protocol, "planner": planner_cfg.__dict__, "oracle_planner": src.oracle_planner_source,
         "seconds": round(time.perf_counter() - started, 1),
     }

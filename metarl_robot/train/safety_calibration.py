@@ -22,7 +22,8 @@ import numpy as np
 import yaml
 
 from metarl_robot.envs.rollout import collect, make_vector_env
-from metarl_robot.runtime.bundle import MODEL_BASED, Bundle, load_bundle
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.manifest import LoadedBundle
 from metarl_robot.runtime.safety import (
     SafetyConfig,
     calibrate_prediction_threshold,
@@ -36,7 +37,7 @@ PARAMS_FILE = "safety_params.yaml"
 REPORT_FILE = "safety_calibration.json"
 
 
-def record_prediction_errors(bundle: Bundle, split: str, episodes: int, seed: int, progress: bool = False
+def record_prediction_errors(bundle: LoadedBundle, split: str, episodes: int, seed: int, progress: bool = False
                              ) -> tuple[np.ndarray, list[dict[str, float]]]:
     """``(episodes, T)`` prediction errors of the bundle's adapter on ``episodes`` tasks drawn from ``split``.
 
@@ -67,10 +68,10 @@ def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     bundle = load_bundle(bundle_path)
-    if bundle.kind != MODEL_BASED:
+    if not bundle.has_dynamics_model:
         raise SpecError(str(bundle_path), "kind", f"a {bundle.kind!r} bundle has no dynamics model, so it reports no "
-                        "prediction error and there is no threshold to calibrate; calibrate-safety takes "
-                        f"{MODEL_BASED!r} bundles (the node's other safety checks need no calibration)")
+                        "prediction error and there is no threshold to calibrate; calibrate-safety takes bundles "
+                        "of a kind with a dynamics model (the node's other safety checks need no calibration)")
     errors, tasks = record_prediction_errors(bundle, split, episodes, seed, progress)
     threshold = calibrate_prediction_threshold(list(errors), steps=steps, quantile=quantile, margin=margin)
     check, check_tasks = record_prediction_errors(bundle, check_split, check_episodes, seed + 1, progress)

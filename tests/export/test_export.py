@@ -26,7 +26,9 @@ from metarl_robot.export.onnx_graphs import (
 )
 from metarl_robot.models.context_dynamics import ContextDynamics
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.runtime.bundle import family_from_dict, graph_interfaces, load_bundle, sha256_file
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.kinds.model_based import graph_interfaces
+from metarl_robot.runtime.manifest import family_from_dict, sha256_file
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.robot import load_robot, robot_from_dict
 from metarl_robot.spec.schema import to_plain

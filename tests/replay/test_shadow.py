@@ -28,7 +28,8 @@ from metarl_robot.replay.shadow import (
     replay_episodes,
 )
 from metarl_robot.replay.sim_record import record_sim_episode
-from metarl_robot.runtime.bundle import Bundle, load_bundle
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
 from metarl_robot.spec.robot import load_robot
 from tests.ros.conftest import colcon_install  # noqa: F401  (its session fixture: one colcon build for all)
 
@@ -40,22 +41,22 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def bundle() -> Bundle:
+def bundle() -> ModelBasedBundle:
     return load_bundle(BUNDLE)
 
 
 @pytest.fixture(scope="module")
-def logged(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def logged(bundle: ModelBasedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     task = {**bundle.family.nominal(), **OFF_NOMINAL}
     return record_sim_episode(bundle, task, tmp_path_factory.mktemp("logs") / "off_nominal.mcap", STEPS, seed=SEED)
 
 
 @pytest.fixture(scope="module")
-def replay(logged: Path, bundle: Bundle):
+def replay(logged: Path, bundle: ModelBasedBundle):
     return replay_episode(logged, bundle)
 
 
-def test_the_recorder_writes_a_real_episode_with_its_task_and_seed(logged: Path, bundle: Bundle) -> None:
+def test_the_recorder_writes_a_real_episode_with_its_task_and_seed(logged: Path, bundle: ModelBasedBundle) -> None:
     ep = read_episode(logged)
     assert ep.num_steps == STEPS and ep.complete and ep.warnings == []
     assert ep.bundle["sha256"] == bundle.sha256 and ep.extra["seed"] == SEED
@@ -78,7 +79,7 @@ def test_the_same_bundle_reproduces_the_logged_commands(replay, logged: Path) ->
                                atol=1e-6)
 
 
-def test_another_seed_is_a_counterfactual_not_a_reproduction(logged: Path, bundle: Bundle) -> None:
+def test_another_seed_is_a_counterfactual_not_a_reproduction(logged: Path, bundle: ModelBasedBundle) -> None:
     other = replay_episode(logged, bundle, config=ReplayConfig(horizon=2, seed=SEED + 1))
     assert not other.counterfactual.reproduced and other.counterfactual.max_abs_diff_adapter > 1e-3
 
@@ -96,7 +97,7 @@ def test_adaptation_lowers_the_prediction_error_off_nominal(replay) -> None:
 
 
 @pytest.mark.slow
-def test_a_candidate_bundle_is_compared_with_the_logged_commands(logged: Path, bundle: Bundle,
+def test_a_candidate_bundle_is_compared_with_the_logged_commands(logged: Path, bundle: ModelBasedBundle,
                                                                   tmp_path: Path) -> None:
     candidate_dir = tmp_path / "cartpole_mb_wide"
     shutil.copytree(BUNDLE, candidate_dir, ignore=shutil.ignore_patterns("eval"))
@@ -117,7 +118,7 @@ def test_a_candidate_bundle_is_compared_with_the_logged_commands(logged: Path, b
     assert any("recorded with bundle 'cartpole_mb'" in n for n in swapped.notes)
 
 
-def write_faulty_log(path: Path, bundle: Bundle) -> Path:
+def write_faulty_log(path: Path, bundle: ModelBasedBundle) -> Path:
     """A link fault logged as the node logs one, on the states of a clean sim episode: frames 21-23 lost (a
     seq gap), so 3 steps decide on the old frame with the safe command (SAFE_STOP) after a TELEMETRY_STALE
     event; LINK_RECOVERED, then the adapter again. The adapter is driven as the node drives it (observe only
@@ -160,7 +161,7 @@ def write_faulty_log(path: Path, bundle: Bundle) -> Path:
 
 
 @pytest.mark.slow
-def test_link_faults_show_in_the_report(bundle: Bundle, tmp_path: Path) -> None:
+def test_link_faults_show_in_the_report(bundle: ModelBasedBundle, tmp_path: Path) -> None:
     path = write_faulty_log(tmp_path / "faulty.mcap", bundle)
     result = replay_episode(path, bundle, config=ReplayConfig(horizon=3))
     link = result.link
@@ -182,7 +183,7 @@ def test_link_faults_show_in_the_report(bundle: Bundle, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_several_episodes_make_one_report_with_aggregates(logged: Path, replay, bundle: Bundle,
+def test_several_episodes_make_one_report_with_aggregates(logged: Path, replay, bundle: ModelBasedBundle,
                                                           tmp_path: Path) -> None:
     faulty = replay_episode(write_faulty_log(tmp_path / "faulty.mcap", bundle), bundle)
     paths = write_report([replay, faulty], tmp_path / "out")
@@ -200,7 +201,7 @@ def test_several_episodes_make_one_report_with_aggregates(logged: Path, replay, 
     assert len(summary.splitlines()) <= 24 and "reproduced 2/2" in summary and str(paths["report"]) in summary
 
 
-def test_link_health_counts_every_kind_of_fault(bundle: Bundle, tmp_path: Path) -> None:
+def test_link_health_counts_every_kind_of_fault(bundle: ModelBasedBundle, tmp_path: Path) -> None:
     """A log of a node that never got to run its adapter: only the link and the safety layer to report."""
     robot = load_robot("cartpole")
     path = tmp_path / "link.mcap"
@@ -234,7 +235,7 @@ def test_link_health_counts_every_kind_of_fault(bundle: Bundle, tmp_path: Path) 
     assert "nothing to reproduce" in report and "| 0-6 |" in report and "PREDICTION_ERROR" in report
 
 
-def test_bad_inputs_get_clear_errors(tmp_path: Path, bundle: Bundle) -> None:
+def test_bad_inputs_get_clear_errors(tmp_path: Path, bundle: ModelBasedBundle) -> None:
     with pytest.raises(ReplayError, match=r"missing.mcap: episodes: file\(s\) not found"):
         replay_episodes([tmp_path / "missing.mcap"], bundle)
     cheetah = tmp_path / "cheetah.mcap"
@@ -270,7 +271,7 @@ def test_cli_writes_the_report_and_a_summary(logged: Path, tmp_path: Path) -> No
 # ---- the whole stack: node + twin with a telemetry freeze -----------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_fault_injected_node_episode_shows_its_faults(tmp_path: Path, bundle: Bundle,
+def test_a_fault_injected_node_episode_shows_its_faults(tmp_path: Path, bundle: ModelBasedBundle,
                                                         colcon_install) -> None:  # noqa: F811
     import tests.ros.test_faults as faults
 

@@ -22,7 +22,8 @@ from metarl_robot.replay.episode_log import read_episode
 from metarl_robot.replay.report import aggregate, terminal_summary, write_report
 from metarl_robot.replay.shadow import NO_DYNAMICS_MODEL, REPRODUCTION_TOLERANCE, replay_episode, replay_episodes
 from metarl_robot.replay.sim_record import record_sim_episode
-from metarl_robot.runtime.bundle import CONTEXT_POLICY, load_bundle
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
 
 MB_BUNDLE = REPO_ROOT / "policies" / "cartpole_mb"
 TASK = {"pole_mass_scale": 2.0, "pole_length": 1.3, "motor_gain_scale": 0.7}
@@ -46,7 +47,7 @@ def replay(logged: Path, bundle):
 
 
 def test_the_same_pearl_bundle_reproduces_the_logged_actions_and_belief(replay, logged: Path, bundle) -> None:
-    assert bundle.kind == CONTEXT_POLICY
+    assert bundle.kind == ContextPolicyBundle.kind
     ep = read_episode(logged)
     assert ep.adapted.all() and set(ep.adaptation) == {"context_mean", "context_var", "context_size"}
     cf = replay.counterfactual
@@ -64,7 +65,7 @@ def test_the_same_pearl_bundle_reproduces_the_logged_actions_and_belief(replay, 
 def test_prediction_error_is_not_applicable_and_said_so(replay, tmp_path: Path) -> None:
     assert replay.errors is None
     metrics = replay.metrics()
-    assert metrics["bundle_kind"] == CONTEXT_POLICY
+    assert metrics["bundle_kind"] == ContextPolicyBundle.kind
     assert metrics["prediction_error"] == {"applicable": False, "reason": NO_DYNAMICS_MODEL}
     assert metrics["context"]["transitions_observed"] == STEPS - 1
     assert 0 < metrics["context"]["final_var_mean"] < 1

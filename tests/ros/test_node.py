@@ -23,8 +23,8 @@ import yaml
 from metarl_robot.demo import ood_task_the_bundle_swings_up
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay import read_episode
-from metarl_robot.replay.shadow import BELIEF_DIAGNOSTICS, replay_episode
-from metarl_robot.runtime.bundle import CONTEXT_POLICY, MODEL_BASED, load_bundle
+from metarl_robot.replay.shadow import replay_episode
+from metarl_robot.runtime.bundle import load_bundle
 from tests.ros.conftest import (
     BUNDLE,
     DEADLINE_S,
@@ -288,10 +288,10 @@ def test_services_and_lifecycle_with_a_real_rclpy_client(colcon_install, tmp_pat
     assert second.complete and second.end_reason == "SIGINT" and second.adapted.sum() > 5
 
 
-@pytest.fixture(params=[MODEL_BASED, CONTEXT_POLICY])
+@pytest.fixture(params=["model_based", "context_policy"])
 def bundle_of_kind(request) -> Path:
     """The bundle the node runs, by kind: the shipped model-based one, the session's tiny PEARL one."""
-    return BUNDLE if request.param == MODEL_BASED else request.getfixturevalue("pearl_bundle")
+    return BUNDLE if request.param == "model_based" else request.getfixturevalue("pearl_bundle")
 
 
 def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, tmp_path, domain_id, cleanup,
@@ -330,13 +330,13 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
     context = client.messages(f"/{NODE}/context")
     assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [episode.path.name]
-    assert [d.label for d in context[-1].layout.dim] == list(BELIEF_DIAGNOSTICS[bundle.kind])
+    assert [d.label for d in context[-1].layout.dim] == list(bundle.belief_diagnostics)
     # The shadow replay of the node's log reproduces every adapter action and the context it acted with.
     replay = replay_episode(episode.path, bundle)
     assert replay.counterfactual.reproduced, replay.counterfactual
-    logged_context = episode.adaptation[BELIEF_DIAGNOSTICS[bundle.kind][0]][episode.adapted]
+    logged_context = episode.adaptation[bundle.belief_diagnostics[0]][episode.adapted]
     np.testing.assert_allclose(replay.logged.context[episode.adapted], logged_context, rtol=0, atol=1e-6)
-    if bundle.kind == CONTEXT_POLICY:
+    if not bundle.has_dynamics_model:
         assert replay.errors is None and replay.metrics()["prediction_error"]["applicable"] is False
         assert "prediction_error" not in episode.adaptation
         assert episode.adaptation["context_size"][episode.adapted][-1, 0] >= 25  # the belief rests on the episode

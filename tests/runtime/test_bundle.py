@@ -14,7 +14,9 @@ import yaml
 from onnx import numpy_helper
 
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.runtime.bundle import Bundle, BundleError, load_bundle, sha256_file
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
+from metarl_robot.runtime.manifest import BundleError, sha256_file
 from metarl_robot.spec.schema import SpecError
 from tests.conftest import edit_yaml, train_single_threaded
 
@@ -67,7 +69,7 @@ def obs_batch(rng: np.random.Generator, b: int) -> np.ndarray:
     return rng.normal(0, 1, (b, 4)) * np.array([0.5, 3.0, 1.0, 3.0])
 
 
-def run_adapter(bundle: Bundle, b: int, seed: int, steps: int = 6) -> tuple[list[np.ndarray], list[dict]]:
+def run_adapter(bundle: ModelBasedBundle, b: int, seed: int, steps: int = 6) -> tuple[list[np.ndarray], list[dict]]:
     adapter = bundle.make_adapter(batch=b, seed=seed, planner_overrides={"samples": 24, "horizon": 6})
     adapter.reset()
     rng = np.random.default_rng(100 + b)

@@ -15,8 +15,10 @@ from onnx import helper
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.runtime.bundle import CONTEXT_POLICY, ContextPolicyBundle, load_bundle, sha256_file
+from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.context_policy import FACTORS_FILE, POLICY_FILE, ContextPolicyAdapter
+from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
+from metarl_robot.runtime.manifest import sha256_file
 from metarl_robot.spec.schema import SpecError
 from tests.conftest import PEARL_LATENT_DIM, edit_yaml
 from tests.conftest import train_tiny_pearl_run as train_tiny_pearl_run  # re-exported: other tests import it from here
@@ -57,7 +59,7 @@ def append_op(output: str, op: str, operand: float | None = None):
 # ---- the happy path ----------------------------------------------------------------------------------------
 def test_export_writes_a_context_policy_bundle_that_loads(bundle_dir: Path, pearl_run: Path):
     bundle = load_bundle(bundle_dir)
-    assert isinstance(bundle, ContextPolicyBundle) and bundle.kind == CONTEXT_POLICY == "context_policy"
+    assert isinstance(bundle, ContextPolicyBundle) and bundle.kind == ContextPolicyBundle.kind == "context_policy"
     assert (bundle.name, bundle.robot.name, bundle.family.name) == ("pearl_tiny", "cartpole", "cartpole_swingup")
     assert bundle.sha256 == sha256_file(bundle_dir / "bundle.yaml")
     m = bundle.manifest

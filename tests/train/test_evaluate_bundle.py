@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from metarl_robot.runtime.bundle import load_bundle
-from metarl_robot.train.evaluate import PEARL_EXPLORATION_EPISODES, evaluate
+from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
+from metarl_robot.train.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def test_metarl_eval_grades_a_context_policy_bundle_with_the_meta_test(pearl_bun
     assert report["oracle_planner"] == "run config (bundle provenance)"
     assert report["planner"]["samples"] == 16 and report["planner"]["horizon"] == 5
     for row in report["tasks"]:
-        for k in PEARL_EXPLORATION_EPISODES:
+        for k in ContextPolicyBundle.meta_test_episodes:
             assert np.isfinite(row[f"return_after_{k}"]) and row[f"gap_after_{k}"] == pytest.approx(
                 row["return_oracle"] - row[f"return_after_{k}"])
         # The first episode starts on the prior; the evidence of each episode is kept for the next.

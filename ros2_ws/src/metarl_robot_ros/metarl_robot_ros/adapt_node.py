@@ -2,8 +2,8 @@
 
 Lifecycle:
 
-- **configure**: read and check the parameters, load and fully validate the bundle (either kind: its
-  ``kind`` picks the adapter, ``model_based`` planning or ``context_policy`` acting), build the safety
+- **configure**: read and check the parameters, load and fully validate the bundle (any registered kind: its
+  ``kind`` picks the adapter, e.g. ``model_based`` planning or ``context_policy`` acting), build the safety
   layer and the adapter, connect to the robot over ZeroMQ and handshake (a robot.yaml mismatch is
   refused with both interface hashes in the message), create the publishers and services.
 - **activate**: start an episode: a new MCAP episode log, the adapter reset, the control loop thread.
@@ -43,8 +43,8 @@ from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension
 from std_srvs.srv import SetBool, Trigger
 
 from metarl_robot.replay.episode_log import joint_state_map
-from metarl_robot.replay.shadow import BELIEF_DIAGNOSTICS, NO_DYNAMICS_MODEL
-from metarl_robot.runtime.bundle import MODEL_BASED, load_bundle
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.manifest import NO_DYNAMICS_MODEL
 from metarl_robot.runtime.safety import SafetyLayer
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
@@ -313,11 +313,10 @@ class AdaptNode(LifecycleNode):
         if r.command is not None:
             self._command_pub.publish(_array([(a.name, 1) for a in self.robot.action], r.command.action))
         if r.adaptation is not None:
-            # The kind's belief, each diagnostic a labelled block: the context (model_based); the mean and the
-            # variance of the belief over z (context_policy).
-            blocks = [np.asarray(r.adaptation[key], dtype=np.float64).ravel()
-                      for key in BELIEF_DIAGNOSTICS[self.bundle.kind] if key in r.adaptation]
-            labels = [key for key in BELIEF_DIAGNOSTICS[self.bundle.kind] if key in r.adaptation]
+            # The kind's belief, each diagnostic a labelled block (e.g. the context of a model_based bundle; the
+            # mean and the variance of the belief over z of a context_policy one; none for an unadapted one).
+            labels = [key for key in self.bundle.belief_diagnostics if key in r.adaptation]
+            blocks = [np.asarray(r.adaptation[key], dtype=np.float64).ravel() for key in labels]
             context = np.concatenate(blocks) if blocks else np.zeros(0)
             self._context_pub.publish(_array([(k, b.size) for k, b in zip(labels, blocks, strict=True)], context))
             error = r.adaptation.get("prediction_error")
@@ -416,7 +415,7 @@ class AdaptNode(LifecycleNode):
             _status(tel_level, f"{name}: telemetry", tel_message, hw, tel_values),
             _status(int(status.level), f"{name}: safety", status.message, hw, status.values),
             _status(0, f"{name}: adaptation", f"{self.bundle.kind}, adapt={self.config.adapt}, prediction error "
-                    + (status.values.get("prediction_error_last", "nan") if self.bundle.kind == MODEL_BASED
+                    + (status.values.get("prediction_error_last", "nan") if self.bundle.has_dynamics_model
                        else NO_DYNAMICS_MODEL), hw,
                     {"adapt": str(self.config.adapt), "bundle": self.bundle.name, "bundle_sha256": self.bundle.sha256,
                      "bundle_kind": self.bundle.kind,

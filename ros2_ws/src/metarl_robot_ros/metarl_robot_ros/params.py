@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metarl_robot.runtime.bundle import MODEL_BASED
 from metarl_robot.runtime.safety import SafetyConfig
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.transport import DEFAULT_HOST, DEFAULT_PORT_BASE, Endpoints
@@ -161,7 +160,7 @@ class NodeConfig:
         return 1.0 / self.control_rate_hz
 
     def with_bundle(self, bundle: Any) -> NodeConfig:
-        """Check the bundle-dependent parameters against a loaded bundle (either kind): the control rate, ``task.*``
+        """Check the bundle-dependent parameters against a loaded bundle (any kind): the control rate, ``task.*``
         and that a prediction-error threshold is given only to a bundle that reports prediction errors."""
         bundle_rate = 1.0 / bundle.robot.ctrl_dt
         rate = self.control_rate_hz
@@ -183,7 +182,7 @@ class NodeConfig:
             task = family.validate(dict(self.task_overrides))
         except SpecError as exc:
             raise ParameterError(TASK_PREFIX + exc.field, exc.problem) from None
-        if self.safety.prediction_error_threshold is not None and bundle.kind != MODEL_BASED:
+        if self.safety.prediction_error_threshold is not None and not bundle.has_dynamics_model:
             # The check could never trip: a threshold that silently does nothing is a guard the operator trusts.
             raise ParameterError(SAFETY_PREFIX + "prediction_error_threshold", f"must be 0 for a {bundle.kind} "
                                  f"bundle ({bundle.name!r}): it has no dynamics model and reports no prediction "
