@@ -1,5 +1,6 @@
-"""Shared fixtures: the shipped robots and families, a scratch copy of ``sim/`` for broken inputs, and a tiny
-trained PEARL run and its ``context_policy`` bundle (one per test session: every consumer of the kind shares it)."""
+"""Shared fixtures: the shipped robots and families, a scratch copy of ``sim/`` for broken inputs, tiny trained
+runs (PEARL, context_mbrl) and a bundle of every registered bundle kind (one per test session: every consumer of
+a kind shares it; :data:`KIND_BUNDLES`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ PEARL_TINY = {"name": "tiny", "loop.iterations": 1, "loop.random_episodes": 2, "
 """``--set`` overrides of the tiny PEARL run: one iteration of tiny networks (seconds)."""
 PEARL_LATENT_DIM = 3
 """``pearl_net.latent_dim`` of :data:`PEARL_TINY`."""
+MB_CONFIG = REPO_ROOT / "configs" / "mb_cartpole_swingup.yaml"
+MB_TINY = {"loop.iterations": 2, "training.grad_steps": 30, "name": "tiny", "planner.samples": 16, "planner.horizon": 5,
+           "model.context_window": 16, "model.context_dim": 8, "model.ensemble_size": 4}
+"""``--set`` overrides of the tiny context_mbrl run: random data, then one MPC iteration (seconds)."""
+SHIPPED_MODEL_BASED = REPO_ROOT / "policies" / "cartpole_mb"
 
 
 def train_single_threaded(config: Path, runs: Path, overrides: dict) -> Path:
@@ -46,6 +52,11 @@ def train_tiny_pearl_run(runs: Path) -> Path:
     return train_single_threaded(PEARL_CONFIG, runs, PEARL_TINY)
 
 
+def train_tiny_mb_run(runs: Path) -> Path:
+    """A context_mbrl run folder (config, checkpoints, buffer.npz) of :data:`MB_TINY` in ``runs``."""
+    return train_single_threaded(MB_CONFIG, runs, MB_TINY)
+
+
 @pytest.fixture(scope="session")
 def pearl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny PEARL run folder (do not modify: copy it first)."""
@@ -58,6 +69,51 @@ def pearl_bundle(pearl_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     from metarl_robot.export.bundle_writer import export_run
 
     return export_run(pearl_run, tmp_path_factory.mktemp("pearl_bundles") / "pearl_tiny")
+
+
+@pytest.fixture(scope="session")
+def mb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny context_mbrl run folder (do not modify: copy it first)."""
+    return train_tiny_mb_run(tmp_path_factory.mktemp("mb_runs"))
+
+
+@pytest.fixture(scope="session")
+def unadapted_bundle(mb_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny context_mbrl run exported as an ``unadapted`` bundle folder (do not modify: copy it first)."""
+    from metarl_robot.export.bundle_writer import export_run
+
+    return export_run(mb_run, tmp_path_factory.mktemp("unadapted_bundles") / "unadapted_tiny", kind="unadapted")
+
+
+@pytest.fixture(scope="session")
+def model_based_bundle() -> Path:
+    """The shipped ``model_based`` bundle (read-only: copy it first)."""
+    return SHIPPED_MODEL_BASED
+
+
+KIND_BUNDLES: dict[str, tuple[str, bool]] = {
+    "model_based": ("model_based_bundle", False),
+    "context_policy": ("pearl_bundle", True),
+    "unadapted": ("unadapted_bundle", True),
+}
+"""Registered bundle kind → (the session fixture giving a bundle of it, whether that fixture trains a run). A new
+kind adds its line here, and the conformance tests (tests/runtime/test_kind_conformance.py) and the node's test
+against the twin (tests/ros/test_node.py) then run it."""
+
+
+def kind_params() -> list:
+    """One ``pytest.param`` per registered bundle kind, marked slow where its bundle needs a training run."""
+    from metarl_robot.runtime.kinds import kind_names
+
+    return [pytest.param(kind, marks=[pytest.mark.slow] if KIND_BUNDLES.get(kind, ("", False))[1] else [], id=kind)
+            for kind in kind_names()]
+
+
+def bundle_path_of_kind(request: pytest.FixtureRequest, kind: str) -> Path:
+    """A bundle folder of ``kind`` (from its :data:`KIND_BUNDLES` fixture)."""
+    if kind not in KIND_BUNDLES:
+        pytest.fail(f"bundle kind {kind!r} is registered but tests/conftest.py KIND_BUNDLES names no fixture for it")
+    return request.getfixturevalue(KIND_BUNDLES[kind][0])
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from metarl_robot.export.onnx_graphs import (
     real_inputs,
 )
 from metarl_robot.models.context_dynamics import ContextDynamics
-from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.kinds.model_based import graph_interfaces
 from metarl_robot.runtime.manifest import family_from_dict, sha256_file
@@ -34,22 +33,14 @@ from metarl_robot.spec.robot import load_robot, robot_from_dict
 from metarl_robot.spec.schema import to_plain
 from metarl_robot.train.config import load_config
 from metarl_robot.train.runner import load_checkpoint
-from tests.conftest import train_single_threaded
+from tests.conftest import MB_TINY as TINY
+from tests.conftest import train_tiny_mb_run as train_tiny
 
 pytestmark = pytest.mark.slow  # every test here needs the trained run (seconds)
 
-CONFIG = REPO_ROOT / "configs" / "mb_cartpole_swingup.yaml"
-# Sizes pinned here, so the shipped config can be retuned without touching these tests.
-TINY = {"loop.iterations": 2, "training.grad_steps": 30, "name": "tiny", "planner.samples": 16, "planner.horizon": 5,
-        "model.context_window": 16, "model.context_dim": 8, "model.ensemble_size": 4}
 MANIFEST_KEYS = ["schema_version", "name", "kind", "created", "software_version", "robot", "robot_interface_sha256",
                  "family", "observation", "action", "control_period", "adaptation", "planner", "graphs", "provenance",
                  "files"]
-
-
-def train_tiny(out: Path) -> Path:
-    """A 2-iteration run (random data, then MPC) in ``out``."""
-    return train_single_threaded(CONFIG, out, TINY)
 
 
 def load_model(run_dir: Path, checkpoint: str = "latest.pt") -> ContextDynamics:

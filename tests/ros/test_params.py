@@ -21,6 +21,7 @@ from metarl_robot_ros.params import (
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.safety import SafetyConfig
+from tests.conftest import bundle_path_of_kind, kind_params
 from tests.ros.conftest import BUNDLE, PKG_SRC
 
 ADAPT_YAML = PKG_SRC / "config" / "adapt.yaml"
@@ -153,3 +154,17 @@ def test_node_modules_stay_free_of_torch_and_mujoco():
             "bad = [m for m in ('torch', 'mujoco', 'gymnasium') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code, str(PKG_SRC)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", kind_params())
+def test_every_bundle_kind_is_accepted_with_a_threshold_iff_it_has_a_dynamics_model(kind, request):
+    path = bundle_path_of_kind(request, kind)
+    bundle = load_bundle(path)
+    config = parse_parameters({"bundle": str(path)}).with_bundle(bundle)
+    assert set(config.task) == set(bundle.family.reward_names)
+    guarded = parse_parameters({"bundle": str(path), "safety.prediction_error_threshold": 0.5})
+    if bundle.has_dynamics_model:
+        assert guarded.with_bundle(bundle).safety.prediction_error_threshold == 0.5
+    else:
+        with pytest.raises(ParameterError, match="prediction_error_threshold: must be 0"):
+            guarded.with_bundle(bundle)
