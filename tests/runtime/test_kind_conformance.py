@@ -55,7 +55,7 @@ def test_the_loader_returns_the_kind_the_manifest_names(bundle):
     assert type(bundle) is bundle_kind(bundle.manifest["kind"]) and bundle.kind == bundle.manifest["kind"]
 
 
-def _drive(bundle: LoadedBundle, steps: int = 10, seed: int = 0, overrides: dict | None = None
+def drive(bundle: LoadedBundle, steps: int = 10, seed: int = 0, overrides: dict | None = None
            ) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]], object]:
     env = MetaMujocoEnv(bundle.family.name)
     obs, _ = env.reset(seed=seed, options={"task": "test"})
@@ -77,13 +77,13 @@ def _drive(bundle: LoadedBundle, steps: int = 10, seed: int = 0, overrides: dict
     return actions, diagnostics, adapter
 
 
-def _small_plan(bundle: LoadedBundle) -> dict | None:
+def small_plan(bundle: LoadedBundle) -> dict | None:
     return {"samples": 16, "horizon": 5} if bundle.plans else None
 
 
 @pytest.mark.parametrize("bundle", KINDS, indirect=True)
 def test_the_adapter_acts_within_limits_and_reports_what_the_kind_declares(bundle):
-    _, diagnostics, adapter = _drive(bundle, overrides=_small_plan(bundle))
+    _, diagnostics, adapter = drive(bundle, overrides=small_plan(bundle))
     last = diagnostics[-1]
     for key in bundle.belief_diagnostics:
         assert key in last and last[key].shape[0] == 1 and np.isfinite(last[key]).all(), key
@@ -109,8 +109,8 @@ def test_the_adapter_acts_within_limits_and_reports_what_the_kind_declares(bundl
 
 @pytest.mark.parametrize("bundle", KINDS, indirect=True)
 def test_the_adapter_is_deterministic_given_its_seed(bundle):
-    first, _, _ = _drive(bundle, steps=4, seed=3, overrides=_small_plan(bundle))
-    again, _, _ = _drive(bundle, steps=4, seed=3, overrides=_small_plan(bundle))
+    first, _, _ = drive(bundle, steps=4, seed=3, overrides=small_plan(bundle))
+    again, _, _ = drive(bundle, steps=4, seed=3, overrides=small_plan(bundle))
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
 
 
