@@ -15,7 +15,8 @@ ROBOT_SIDE_MODULES = ["metarl_robot.spec.schema", "metarl_robot.spec.robot", "me
                       "metarl_robot.runtime.safety", "metarl_robot.telemetry", "metarl_robot.telemetry.protocol",
                       "metarl_robot.telemetry.transport", "metarl_robot.telemetry.keys",
                       "metarl_robot.telemetry.robot_client", "metarl_robot.telemetry.controller",
-                      "metarl_robot.replay.episode_log", "metarl_robot.provenance", "metarl_robot.machine",
+                      "metarl_robot.logs.writer", "metarl_robot.logs.reader", "metarl_robot.provenance",
+                      "metarl_robot.machine",
                       "metarl_robot.replay.shadow", "metarl_robot.replay.report"]
 FORBIDDEN = ["torch", "mujoco", "gymnasium"]
 

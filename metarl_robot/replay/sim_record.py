@@ -4,7 +4,7 @@ Why: the shadow replay, its tests and the demo need real episode logs with a kno
 ROS install or a network link. This drives the bundle's adapter on the family's MuJoCo env in lockstep
 (one frame per control period, no safety layer; optionally sensor noise, lost frames and periods
 the robot ran its safe command, for tests of what reads logs) and writes every step through
-:class:`~metarl_robot.replay.episode_log.EpisodeLogWriter` with the node's conventions: the adapter
+:class:`~metarl_robot.logs.writer.EpisodeLogWriter` with the node's conventions: the adapter
 observes ``(previous obs, applied action, obs)`` before it acts, the STATE frame of step ``k`` reports
 the command of step ``k - 1`` as applied, and the true task goes into the metadata.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl_robot.replay.episode_log import EpisodeLogWriter
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.runtime.bundle import Bundle
 
 ROBOT_EPOCH_NS = 1_000_000_000

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
-from metarl_robot.replay.episode_log import EpisodeLogWriter, read_episode
+from metarl_robot.logs.reader import read_episode
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.replay.identify import (
     IDENTIFIED_MAX_BOX_FRACTION,
     IdentifyConfig,

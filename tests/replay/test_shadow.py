@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metarl_robot.logs.reader import read_episode
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay.episode_log import EpisodeLogWriter, read_episode
 from metarl_robot.replay.report import terminal_summary, write_report
 from metarl_robot.replay.shadow import (
     REPRODUCTION_TOLERANCE,

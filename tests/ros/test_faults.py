@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from metarl_robot.replay import EpisodeLogWarning, read_episode
+from metarl_robot.logs import EpisodeLogWarning, read_episode
 from metarl_robot.runtime.safety import SafetyConfig
 from tests.ros.conftest import BUNDLE, DEADLINE_S, ColconInstall, Proc, Twin, node_args, params_file, ros_env
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from metarl_robot.demo import ood_task_the_bundle_swings_up
+from metarl_robot.logs import read_episode
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import read_episode
 from metarl_robot.replay.shadow import BELIEF_DIAGNOSTICS, replay_episode
 from metarl_robot.runtime.bundle import CONTEXT_POLICY, MODEL_BASED, load_bundle
 from tests.ros.conftest import (

@@ -42,7 +42,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension
 from std_srvs.srv import SetBool, Trigger
 
-from metarl_robot.replay.episode_log import joint_state_map
+from metarl_robot.logs.writer import joint_state_map
 from metarl_robot.replay.shadow import BELIEF_DIAGNOSTICS, NO_DYNAMICS_MODEL
 from metarl_robot.runtime.bundle import MODEL_BASED, load_bundle
 from metarl_robot.runtime.safety import SafetyLayer

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl_robot.replay.episode_log import EpisodeLogWriter
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.runtime.safety import CommandSource, SafetyDecision, SafetyEvent, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, ControllerLink, HandshakeError
