@@ -397,7 +397,7 @@ def test_identification_recovers_hidden_parameters_from_an_imported_csv(tmp_path
     metarl identify: every transition is usable (the step conventions fit identify's), and the identified
     physics explain the log far better than the nominal ones (a unit or sign left unconverted would not)."""
     from metarl_robot.envs.meta_env import MetaMujocoEnv
-    from metarl_robot.replay.identify import IdentifyConfig, identify
+    from metarl_robot.real2sim.identify import IdentifyConfig, identify
 
     truth = {"pole_mass_scale": 1.6, "pole_length": 0.8, "cart_friction": 0.3, "motor_gain_scale": 0.8,
              "target_x": 0.0}

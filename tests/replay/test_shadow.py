@@ -20,6 +20,7 @@ import pytest
 from metarl_robot.logs.reader import read_episode
 from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.paths import REPO_ROOT
+from metarl_robot.real2sim.sim_record import record_sim_episode
 from metarl_robot.replay.report import terminal_summary, write_report
 from metarl_robot.replay.shadow import (
     REPRODUCTION_TOLERANCE,
@@ -28,7 +29,6 @@ from metarl_robot.replay.shadow import (
     replay_episode,
     replay_episodes,
 )
-from metarl_robot.replay.sim_record import record_sim_episode
 from metarl_robot.runtime.bundle import Bundle, load_bundle
 from metarl_robot.spec.robot import load_robot
 from tests.ros.conftest import colcon_install  # noqa: F401  (its session fixture: one colcon build for all)

@@ -78,7 +78,7 @@ def record_sim_episode(bundle: Bundle, task: Mapping[str, Any], path: str | Path
         applied: np.ndarray | None = None
         command = np.asarray(robot.safe_action, dtype=np.float64)
         applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
-        extra = {"source": "metarl_robot.replay.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
+        extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
                  "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe)}
         with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra) as log:
             for k in range(steps):
