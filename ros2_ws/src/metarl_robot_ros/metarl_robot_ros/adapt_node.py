@@ -49,8 +49,9 @@ from metarl_robot.runtime.safety import SafetyLayer
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
 from metarl_robot.telemetry.transport import CurveClientKeys
-from metarl_robot_ros.control_loop import ControlLoop, LoopOutcome, LoopStats, RecordWorker, StepRecord
+from metarl_robot_ros.control_loop import ControlLoop, LoopOutcome, LoopStats
 from metarl_robot_ros.params import PARAMETERS, NodeConfig, ParameterError, parse_parameters
+from metarl_robot_ros.recorder import RecordWorker, StepRecord
 
 NODE_NAME = "metarl_adapt"
 """Default node name (``__node:=`` remaps it)."""
