@@ -44,6 +44,7 @@ from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.safety import CommandSource, SafetyConfig, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import load_robot
+from tests.boundary import assert_robot_side
 
 ENV_ID = "metarl/CartpoleSwingup-v0"
 STEPS = 100
@@ -564,8 +565,4 @@ def test_a_safety_layers_decisions_and_events_log_as_they_come(tmp_path: Path) -
 
 def test_episode_log_is_robot_side_code() -> None:
     """The node imports the writer on the robot: no torch, MuJoCo or gymnasium."""
-    code = ("import sys, metarl_robot.logs.writer, metarl_robot.logs.reader; "
-            "bad = [m for m in ('torch', 'mujoco', 'gymnasium') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_robot_side(["metarl_robot.logs.writer", "metarl_robot.logs.reader"])
