@@ -1,16 +1,18 @@
-# Two user-facing targets: `make demo` and `make test`. Both set up .venv on first use and
-# reinstall only when pyproject.toml changes (the stamp file below records the last install).
+# Two user-facing targets: `make demo` and `make test` (`make test-fast`: the unmarked tier, for local work).
+# They set up .venv on first use and reinstall only when pyproject.toml changes (the stamp file below records
+# the last install).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := train,ros,bench,dev
 
-.PHONY: demo test lint bench clean-venv help
+.PHONY: demo test test-fast lint bench clean-venv help
 
 help:
 	@echo "make demo   - set up .venv (first run only) and run the end-to-end pipeline on the cart-pole family"
 	@echo "make test   - set up .venv (first run only), lint with ruff, run every test tier"
+	@echo "make test-fast - lint, then the unmarked test tier only (not slow, not integration; ~1.5 min): for local work"
 	@echo "make bench  - run the benchmarks in bench/ (JSON into runs/bench/); bench/adversarial_tasks.py (~1.5 h) runs on its own, see docs/BENCHMARKS.md"
 
 $(STAMP): pyproject.toml
@@ -28,6 +30,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow and not integration"
 
 bench: $(STAMP)
 	@mkdir -p runs/bench

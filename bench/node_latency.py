@@ -488,7 +488,7 @@ def controller_timing(record: RobotRecord, measured: list[int], seqs: list[int],
 def analyse_node(name: str, bundle, record: RobotRecord, log_path: Path, warmup: int, seed: int
                  ) -> tuple[dict[str, Any], dict[str, float]]:
     """The node's run, with the adapter replayed alone on its steps; returns (node block, adapter_alone)."""
-    from metarl_robot.replay import read_episode
+    from metarl_robot.logs import read_episode
 
     episode = read_episode(log_path)
     measured = measured_seqs(record, warmup)

@@ -153,7 +153,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task_file:  # e.g. the task.yaml of metarl identify: that one task, as a list
         import yaml
 
-        from metarl_robot.replay.identify import load_task_file
+        from metarl_robot.real2sim.identify import load_task_file
         from metarl_robot.spec.family import load_family
 
         data = yaml.safe_load(Path(args.task_file).read_text())
@@ -213,7 +213,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim_robot(args: argparse.Namespace) -> int:
-    from metarl_robot.telemetry.twin import run_cli
+    from metarl_robot.real2sim.twin import run_cli
 
     return run_cli(args)
 
@@ -254,7 +254,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_identify(args: argparse.Namespace) -> int:
-    from metarl_robot.replay.identify import run_cli
+    from metarl_robot.real2sim.identify import run_cli
 
     return run_cli(args)
 

@@ -464,7 +464,7 @@ def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: 
     save()
 
     # ---- 8: identification -------------------------------------------------------------------------------
-    from metarl_robot.replay.identify import IdentifyConfig, identify_to_dir
+    from metarl_robot.real2sim.identify import IdentifyConfig, identify_to_dir
 
     config = IdentifyConfig(seed=seed)  # metarl identify's defaults: ~10 s on a 10 s episode
     stage(f"identification from the log alone: CEM over the family's box ({config.restarts} x {config.iterations} x "

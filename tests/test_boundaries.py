@@ -1,36 +1,80 @@
-"""What may run on a robot computer stays free of torch and MuJoCo."""
+"""The robot boundary: what may run on a robot computer stays free of torch and MuJoCo, and of the sim side.
+
+Modules are discovered by walking the folders, so a new module is covered the day it is added. The layout
+(docs/architecture.md):
+
+- robot side: :data:`ROBOT_SIDE_PACKAGES` and :data:`ROBOT_SIDE_MODULES`; no torch, MuJoCo or gymnasium, and
+  nothing from the sim side or the offline tools;
+- offline tools (``replay/``): no torch or MuJoCo (they run on a robot computer today), nothing from the sim side;
+- the ROS 2 node: like the robot side.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-ROBOT_SIDE_MODULES = ["metarl_robot.spec.schema", "metarl_robot.spec.robot", "metarl_robot.spec.family",
-                      "metarl_robot.spec.rewards", "metarl_robot.paths", "metarl_robot.runtime.planner",
-                      "metarl_robot.runtime.ensemble_rollout", "metarl_robot.runtime.bundle",
-                      "metarl_robot.runtime.adapter", "metarl_robot.runtime.context",
-                      "metarl_robot.runtime.context_policy",
-                      "metarl_robot.runtime.safety", "metarl_robot.telemetry", "metarl_robot.telemetry.protocol",
-                      "metarl_robot.telemetry.transport", "metarl_robot.telemetry.keys",
-                      "metarl_robot.telemetry.robot_client", "metarl_robot.telemetry.controller",
-                      "metarl_robot.replay.episode_log", "metarl_robot.provenance", "metarl_robot.machine",
-                      "metarl_robot.replay.shadow", "metarl_robot.replay.report"]
-FORBIDDEN = ["torch", "mujoco", "gymnasium"]
+from metarl_robot.paths import REPO_ROOT
+from tests.boundary import FORBIDDEN, assert_robot_side, forbidden_after, forbidden_imports
+
+PACKAGE = REPO_ROOT / "metarl_robot"
+ROBOT_SIDE_PACKAGES = ("spec", "runtime", "telemetry", "logs")
+"""Folders of ``metarl_robot`` whose every module runs on the robot."""
+ROBOT_SIDE_MODULES = ("provenance", "machine", "paths")
+"""Top-level modules of ``metarl_robot`` that run on the robot."""
+OFFLINE_PACKAGES = ("replay",)
+"""Offline tools on logs: torch- and MuJoCo-free, but they may import anything robot-side."""
+SIM_SIDE = tuple(f"metarl_robot.{p}" for p in ("envs", "models", "algos", "train", "export", "real2sim"))
+"""MuJoCo/torch-side packages: nothing on the robot side or in the offline tools may import them."""
+NODE_SRC = REPO_ROOT / "ros2_ws" / "src" / "metarl_robot_ros"
+NODE_PACKAGE = NODE_SRC / "metarl_robot_ros"
 
 
-@pytest.mark.parametrize("module", ROBOT_SIDE_MODULES)
-def test_robot_side_modules_do_not_import_torch_or_mujoco(module):
-    code = (f"import sys, {module}; bad = [m for m in {FORBIDDEN!r} if m in sys.modules]; "
-            "print(','.join(bad)); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"{module} pulled in: {result.stdout.strip()} {result.stderr}"
+def modules_under(folder: str) -> list[str]:
+    """Every module of ``metarl_robot/<folder>`` (the package itself included), by walking the folder."""
+    return sorted(".".join(("metarl_robot", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+                  for p in (PACKAGE / folder).rglob("*.py"))
+
+
+def test_the_walk_finds_the_robot_side_folders():
+    """A renamed folder must not leave the boundary test walking an empty one."""
+    for folder in (*ROBOT_SIDE_PACKAGES, *OFFLINE_PACKAGES):
+        assert len(modules_under(folder)) > 1, folder
+    assert {p.stem for p in PACKAGE.glob("*.py")} >= set(ROBOT_SIDE_MODULES)
+
+
+@pytest.mark.parametrize("folder", ROBOT_SIDE_PACKAGES)
+def test_robot_side_modules_import_neither_torch_nor_mujoco_nor_the_sim_side(folder):
+    assert_robot_side(modules_under(folder), forbidden=[*FORBIDDEN, *SIM_SIDE, "metarl_robot.replay"])
+
+
+def test_robot_side_top_level_modules_import_neither_torch_nor_mujoco():
+    assert_robot_side([f"metarl_robot.{m}" for m in ROBOT_SIDE_MODULES],
+                      forbidden=[*FORBIDDEN, *SIM_SIDE, "metarl_robot.replay"])
+
+
+@pytest.mark.parametrize("folder", OFFLINE_PACKAGES)
+def test_offline_tools_import_neither_torch_nor_mujoco(folder):
+    """Shadow replay, reports and importers run on a robot computer too (next to its logs)."""
+    assert_robot_side(modules_under(folder), forbidden=[*FORBIDDEN, *SIM_SIDE])
+
+
+def node_modules() -> list[str]:
+    return sorted(f"metarl_robot_ros.{p.stem}" for p in NODE_PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.integration  # imports rclpy
+def test_node_modules_import_neither_torch_nor_mujoco_nor_the_sim_side():
+    """The node runs on the robot computer: its modules may not pull in torch, MuJoCo or gymnasium."""
+    assert len(node_modules()) > 2
+    assert_robot_side(node_modules(), forbidden=[*FORBIDDEN, *SIM_SIDE], sys_path=[NODE_SRC])
+
+
+@pytest.mark.integration  # imports rclpy
+def test_node_imports_no_offline_tools():
+    pulled = forbidden_imports(node_modules(), forbidden=["metarl_robot.replay"], sys_path=[NODE_SRC])
+    assert not any(pulled.values()), pulled
 
 
 def test_cli_help_imports_nothing_heavy():
-    heavy = [*FORBIDDEN, "matplotlib"]
-    code = ("import sys; from metarl_robot import cli; cli.build_parser().format_help(); "
-            f"bad = [m for m in {heavy!r} if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    code = "from metarl_robot import cli; cli.build_parser().format_help()"
+    assert forbidden_after(code, forbidden=[*FORBIDDEN, "matplotlib"]) == []

@@ -69,7 +69,7 @@ def test_rollout_writes_transitions(tmp_path):
 @pytest.mark.integration
 def test_demo_runs_the_whole_chain_with_the_shipped_bundle(tmp_path):
     """Shipped bundle -> colcon-built ROS 2 node vs the digital twin over ZeroMQ -> MCAP log -> replay -> identify."""
-    from metarl_robot.replay import read_episode
+    from metarl_robot.logs import read_episode
 
     out = tmp_path / "demo"
     result = metarl("demo", "--out", str(out), "--skip-train")

@@ -1,21 +1,11 @@
-"""Logged hardware episodes: the MCAP episode log (written by the ROS 2 node, read by the replay).
+"""Offline tools on logged hardware episodes: shadow replay, reports, log importers, threshold calibration.
 
-Shadow replay (``replay.shadow``, ``replay.report``), real-to-sim identification and reports build on
-:func:`read_episode`; ``replay.sim_record`` writes the same log from a MuJoCo rollout (demo, tests).
+- :mod:`~metarl_robot.replay.shadow`: feed logged episodes through a bundle (``metarl replay``).
+- :mod:`~metarl_robot.replay.report`: the replay's plots and tables.
+- :mod:`~metarl_robot.replay.importers`: turn other recordings into episode logs (``metarl import-log``).
+- :mod:`~metarl_robot.replay.calibration`: the safety layer's prediction-error threshold from nominal errors.
+
+They read and write the episode logs of :mod:`metarl_robot.logs` and run with onnxruntime, never torch or
+MuJoCo (a robot computer runs them too); real-to-sim identification, which needs MuJoCo, is
+:mod:`metarl_robot.real2sim`.
 """
-
-from __future__ import annotations
-
-from metarl_robot.replay.episode_log import (
-    EPISODE_LOG_SCHEMA_VERSION,
-    DiagnosticEntry,
-    Episode,
-    EpisodeLogError,
-    EpisodeLogWarning,
-    EpisodeLogWriter,
-    SafetyEventRecord,
-    read_episode,
-)
-
-__all__ = ["EPISODE_LOG_SCHEMA_VERSION", "DiagnosticEntry", "Episode", "EpisodeLogError", "EpisodeLogWarning",
-           "EpisodeLogWriter", "SafetyEventRecord", "read_episode"]

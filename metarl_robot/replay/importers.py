@@ -2,7 +2,7 @@
 
 Three inputs: a CSV file or an NPZ archive whose columns a mapping YAML assigns to robot.yaml's
 observation and action fields, and a rosbag2 MCAP file (or bag folder) with ``sensor_msgs/JointState``
-(and optionally a command topic). The output is an ordinary episode log (:mod:`.episode_log`), so
+(and optionally a command topic). The output is an ordinary episode log (:mod:`metarl_robot.logs`), so
 ``metarl replay`` and ``metarl identify`` read it like one recorded by the node.
 
 Nothing is lost silently: input that cannot be mapped is an :class:`LogImportError` naming the field and
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from metarl_robot.replay.episode_log import Episode, EpisodeLogError, EpisodeLogWriter
+from metarl_robot.logs.format import Episode, EpisodeLogError
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.spec.robot import RobotSpec, load_robot
 
 FORMATS = ("csv", "npz", "rosbag2")

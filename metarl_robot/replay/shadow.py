@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from metarl_robot.replay.episode_log import Episode, read_episode
+from metarl_robot.logs.format import Episode
+from metarl_robot.logs.reader import read_episode
 from metarl_robot.replay.importers import import_source
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.manifest import NO_DYNAMICS_MODEL, LoadedBundle

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -238,7 +238,7 @@ class SafetyConfig:
     """Good frames in a row, each on time, that clear a link fault (stale, frozen, burst, NaN observation)."""
     prediction_error_threshold: float | None = None
     """Adapter prediction error (RMS, robot.yaml scale units) above which a step counts as bad; null: not checked.
-    Calibrate it with :func:`calibrate_prediction_threshold`."""
+    Calibrate it with :func:`metarl_robot.replay.calibration.calibrate_prediction_threshold`."""
     prediction_error_steps: int = 5
     """Consecutive graded steps above the threshold that switch to FALLBACK (so a short transient does not)."""
     shutdown_periods: int = 5
@@ -283,82 +283,6 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-# ---- calibration of the prediction-error threshold --------------------------------------------------------
-def _episodes(errors: np.ndarray | Iterable[np.ndarray]) -> list[np.ndarray]:
-    """One float64 array per episode: a 1-D array is one episode, a 2-D array one per row."""
-    if isinstance(errors, np.ndarray) and errors.ndim <= 1:
-        errors = [errors]
-    episodes = [np.asarray(e, dtype=np.float64).ravel() for e in errors]
-    for i, e in enumerate(episodes):
-        if np.isinf(e).any():
-            raise ValueError(f"errors[{i}]: prediction errors contain Inf; nominal episodes must be healthy")
-        if (e < 0).any():
-            raise ValueError(f"errors[{i}]: prediction errors are RMS values and cannot be negative, got {e.min()}")
-    return episodes
-
-
-def persistent_error_levels(errors: np.ndarray | Iterable[np.ndarray], steps: int) -> np.ndarray:
-    """The statistic the persistence rule tests: for every run of ``steps`` consecutive graded errors of an
-    episode, the smallest (the run is above a threshold iff this is). NaN entries are not graded and skipped."""
-    if not (_is_int(steps) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    levels = []
-    for e in _episodes(errors):
-        graded = e[~np.isnan(e)]
-        if graded.size >= steps:
-            levels.append(np.lib.stride_tricks.sliding_window_view(graded, steps).min(axis=1))
-    return np.concatenate(levels) if levels else np.zeros(0)
-
-
-def calibrate_prediction_threshold(errors: np.ndarray | Iterable[np.ndarray], steps: int = 5,
-                                   quantile: float = 0.99, margin: float = 2.0) -> float:
-    """``prediction_error_threshold`` from nominal episodes, for the persistence rule with ``steps`` (use the
-    config's ``prediction_error_steps``).
-
-    ``errors``: the adapter's ``prediction_error`` diagnostics on nominal (healthy robot, in-distribution)
-    episodes, one array per episode; NaN entries (the first step has no prediction yet) are skipped.
-    The threshold is ``margin ×`` the ``quantile`` of :func:`persistent_error_levels`, i.e. of the level the
-    error stays above for ``steps`` steps in a row. Calibrating the statistic the rule tests, rather than
-    single steps, keeps the short error spikes of nominal transients (a swing-up, a contact) from inflating
-    the threshold. A quantile is only estimated reliably from many more samples than ``1 / (1 - quantile)``,
-    so at least ``10 / (1 - quantile)`` runs are required (1000 for 0.99: 40 s of nominal data at 25 Hz).
-    Check the result with :func:`count_prediction_trips` on held-out nominal episodes (expect 0).
-    """
-    if not (isinstance(quantile, int | float) and 0.5 <= quantile < 1.0):
-        raise ValueError(f"quantile must be in [0.5, 1), got {quantile!r}")
-    if not (isinstance(margin, int | float) and 1.0 <= margin <= 100.0):
-        raise ValueError(f"margin must be in [1, 100], got {margin!r}")
-    levels = persistent_error_levels(errors, steps)
-    needed = math.ceil(10.0 / (1.0 - quantile))
-    if levels.size < needed:
-        raise ValueError(f"errors: {levels.size} runs of {steps} graded prediction errors; the {quantile} quantile "
-                         f"needs at least {needed} (10 / (1 - quantile)): record more nominal steps or lower the "
-                         "quantile")
-    threshold = float(np.quantile(levels, quantile)) * float(margin)
-    if not threshold > 0:
-        raise ValueError(f"errors: the {quantile} quantile of the nominal prediction errors is 0; "
-                         "a threshold must be > 0 (are these really the adapter's prediction errors?)")
-    return threshold
-
-
-def count_prediction_trips(errors: np.ndarray | Iterable[np.ndarray], threshold: float, steps: int) -> int:
-    """How many times the persistence rule would trip on these episodes (one array per episode).
-
-    A trip is ``steps`` graded errors above ``threshold`` in a row; NaN entries are not graded and do not
-    break a streak; each episode starts with no streak, and a trip restarts the count (as an operator reset would).
-    """
-    trips = 0
-    for episode in _episodes(errors):
-        streak = 0
-        for value in episode:
-            if np.isnan(value):
-                continue
-            streak = streak + 1 if value > threshold else 0
-            if streak >= steps:
-                trips, streak = trips + 1, 0
-    return trips
 
 
 # ---- the layer ------------------------------------------------------------------------------------------
@@ -828,6 +752,5 @@ class SafetyLayer:
 __all__ = [
     "EVENT_LEVELS", "LATCHED_FAULTS", "LINK_FAULTS", "CommandSource", "DiagnosticLevel", "EventCode",
     "FallbackController", "SafetyConfig", "SafetyCounters", "SafetyDecision", "SafetyEvent", "SafetyLayer",
-    "SafetyState", "SafetyStatus", "calibrate_prediction_threshold", "count_prediction_trips",
-    "persistent_error_levels",
+    "SafetyState", "SafetyStatus",
 ]

@@ -5,8 +5,8 @@
 - :mod:`~metarl_robot.telemetry.robot_client`: :class:`RobotClient`, the robot side with its command watchdog.
 - :mod:`~metarl_robot.telemetry.controller`: :class:`ControllerLink`, the controller side.
 - :mod:`~metarl_robot.telemetry.keys`: CURVE key generation (``python -m metarl_robot.telemetry.keys DIR``).
-- :mod:`~metarl_robot.telemetry.twin`: the MuJoCo digital twin (``metarl sim-robot``); imports MuJoCo, so it
-  is not imported here: everything this package exports runs on a robot computer (numpy + pyzmq).
+Everything here runs on a robot computer (numpy + pyzmq). The MuJoCo digital twin that serves the robot side
+of this protocol (``metarl sim-robot``) imports MuJoCo, so it lives on the sim side: :mod:`metarl_robot.real2sim.twin`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ for ``prediction_error_steps`` periods in a row (docs/safety.md). The threshold 
 what a healthy robot produces, so it is calibrated on nominal episodes: the bundle's own adapter
 drives the MuJoCo env on tasks of its family's training range (the robots it was built for),
 every step's ``prediction_error`` diagnostic is recorded, and
-:func:`~metarl_robot.runtime.safety.calibrate_prediction_threshold` turns them into a threshold.
+:func:`~metarl_robot.replay.calibration.calibrate_prediction_threshold` turns them into a threshold.
 It is then checked on held-out episodes (the test split by default, out of distribution: the
 threshold must not trip there either) — the number of trips is reported, not hidden.
 
@@ -22,14 +22,14 @@ import numpy as np
 import yaml
 
 from metarl_robot.envs.rollout import collect, make_vector_env
-from metarl_robot.runtime.bundle import load_bundle
-from metarl_robot.runtime.manifest import LoadedBundle
-from metarl_robot.runtime.safety import (
-    SafetyConfig,
+from metarl_robot.replay.calibration import (
     calibrate_prediction_threshold,
     count_prediction_trips,
     persistent_error_levels,
 )
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.manifest import LoadedBundle
+from metarl_robot.runtime.safety import SafetyConfig
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.runner import MPCController
 

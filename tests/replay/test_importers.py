@@ -19,9 +19,9 @@ import pytest
 import yaml
 from mcap_ros2.writer import Writer as Ros2McapWriter
 
+from metarl_robot.logs.format import concatenated_definition
+from metarl_robot.logs.reader import read_episode
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import read_episode
-from metarl_robot.replay.episode_log import concatenated_definition
 from metarl_robot.replay.importers import REPORT_SUFFIX, LogImportError, LogImportWarning, import_log, import_source
 from metarl_robot.spec.robot import load_robot
 
@@ -397,7 +397,7 @@ def test_identification_recovers_hidden_parameters_from_an_imported_csv(tmp_path
     metarl identify: every transition is usable (the step conventions fit identify's), and the identified
     physics explain the log far better than the nominal ones (a unit or sign left unconverted would not)."""
     from metarl_robot.envs.meta_env import MetaMujocoEnv
-    from metarl_robot.replay.identify import IdentifyConfig, identify
+    from metarl_robot.real2sim.identify import IdentifyConfig, identify
 
     truth = {"pole_mass_scale": 1.6, "pole_length": 0.8, "cart_friction": 0.3, "motor_gain_scale": 0.8,
              "target_x": 0.0}
@@ -426,7 +426,7 @@ def test_identification_recovers_hidden_parameters_from_an_imported_csv(tmp_path
 
 
 def test_a_node_log_is_not_an_import(tmp_path):
-    from metarl_robot.replay.episode_log import EpisodeLogWriter
+    from metarl_robot.logs.writer import EpisodeLogWriter
 
     with EpisodeLogWriter(tmp_path / "node.mcap", ROBOT, extra_metadata={"import_source": {"path": "x"}}) as log:
         log.write_step(obs=np.zeros(4), state_seq=1, robot_stamp_ns=1, receive_time_ns=1, command=np.zeros(1),

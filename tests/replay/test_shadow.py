@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metarl_robot.logs.reader import read_episode
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay.episode_log import EpisodeLogWriter, read_episode
+from metarl_robot.real2sim.sim_record import record_sim_episode
 from metarl_robot.replay.report import terminal_summary, write_report
 from metarl_robot.replay.shadow import (
     REPRODUCTION_TOLERANCE,
@@ -27,7 +29,6 @@ from metarl_robot.replay.shadow import (
     replay_episode,
     replay_episodes,
 )
-from metarl_robot.replay.sim_record import record_sim_episode
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
 from metarl_robot.spec.robot import load_robot

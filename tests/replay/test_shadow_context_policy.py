@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metarl_robot.logs.reader import read_episode
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay.episode_log import read_episode
+from metarl_robot.real2sim.sim_record import record_sim_episode
 from metarl_robot.replay.report import aggregate, terminal_summary, write_report
 from metarl_robot.replay.shadow import NO_DYNAMICS_MODEL, REPRODUCTION_TOLERANCE, replay_episode, replay_episodes
-from metarl_robot.replay.sim_record import record_sim_episode
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from metarl_robot.replay import EpisodeLogWarning, read_episode
+from metarl_robot.logs import EpisodeLogWarning, read_episode
 from metarl_robot.runtime.safety import SafetyConfig
 from tests.ros.conftest import BUNDLE, DEADLINE_S, ColconInstall, Proc, Twin, node_args, params_file, ros_env
 
@@ -349,8 +349,8 @@ SPOILED_SEED = 8
 def spoiled_seqs(faults: list[str], seed: int, frames: int) -> tuple[set[int], dict[str, int]]:
     """The sequence numbers of the frames the twin spoils, and its fault counts, from the twin's own injector
     replayed with the same seed (which frames it spoils does not depend on their contents)."""
+    from metarl_robot.real2sim.twin import FaultConfig, _FaultInjector
     from metarl_robot.telemetry.protocol import StateFrame, encode_state
-    from metarl_robot.telemetry.twin import FaultConfig, _FaultInjector
 
     injector = _FaultInjector(FaultConfig.parse(faults), seed)
     spoiled = set()

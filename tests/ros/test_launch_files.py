@@ -23,8 +23,8 @@ import pytest
 import yaml
 from metarl_robot_ros.params import parse_parameters
 
+from metarl_robot.logs import read_episode
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import read_episode
 from metarl_robot.runtime.bundle import load_bundle
 from tests.ros.conftest import (
     BUNDLE,

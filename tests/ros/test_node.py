@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from metarl_robot.demo import ood_task_the_bundle_swings_up
+from metarl_robot.logs import read_episode
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import read_episode
 from metarl_robot.replay.shadow import replay_episode
 from metarl_robot.runtime.bundle import load_bundle
 from tests.conftest import bundle_path_of_kind, kind_params

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
 from metarl_robot.runtime.manifest import BundleError, sha256_file
 from metarl_robot.spec.schema import SpecError
+from tests.boundary import FORBIDDEN, assert_robot_side, forbidden_after
 from tests.conftest import edit_yaml, train_single_threaded
 
 CONFIG = REPO_ROOT / "configs" / "mb_cartpole_swingup.yaml"
@@ -87,21 +86,16 @@ def run_adapter(bundle: ModelBasedBundle, b: int, seed: int, steps: int = 6) -> 
 
 # ---- boundary ---------------------------------------------------------------------------------------------
 def test_importing_the_loader_pulls_in_no_torch_mujoco_or_gymnasium():
-    code = ("import sys, metarl_robot.runtime.bundle; bad = [m for m in ('torch', 'mujoco', 'gymnasium', 'onnx') "
-            "if m in sys.modules]; print(','.join(bad)); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert result.returncode == 0, f"metarl_robot.runtime.bundle pulled in: {result.stdout.strip()} {result.stderr}"
+    assert_robot_side(["metarl_robot.runtime.bundle"], forbidden=[*FORBIDDEN, "onnx"])
 
 
 @pytest.mark.slow
 def test_loading_and_acting_pulls_in_no_torch_mujoco_or_gymnasium(bundle_dir: Path):
-    code = ("import sys, numpy as np; from metarl_robot.runtime.bundle import load_bundle; "
+    code = ("import numpy as np; from metarl_robot.runtime.bundle import load_bundle; "
             f"b = load_bundle({str(bundle_dir)!r}); a = b.make_adapter(); "
-            "a.act(np.zeros((1, 4)), {'target_x': 0.0}); "
-            "bad = [m for m in ('torch', 'mujoco', 'gymnasium') if m in sys.modules]; "
-            "print(','.join(bad)); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert result.returncode == 0, f"loading a bundle pulled in: {result.stdout.strip()} {result.stderr}"
+            "a.act(np.zeros((1, 4)), {'target_x': 0.0})")
+    pulled = forbidden_after(code)
+    assert not pulled, f"loading a bundle pulled in: {pulled}"
 
 
 # ---- happy path -------------------------------------------------------------------------------------------

@@ -141,8 +141,8 @@ def test_the_recorded_export_parity_passes(bundle):
 
 @pytest.mark.parametrize("bundle", KINDS, indirect=True)
 def test_a_simulated_episode_of_the_kind_replays_exactly(bundle, tmp_path):
+    from metarl_robot.real2sim.sim_record import record_sim_episode
     from metarl_robot.replay.shadow import replay_episode
-    from metarl_robot.replay.sim_record import record_sim_episode
 
     task = bundle.family.sample(np.random.default_rng(0), "test", 1)[0]
     log = record_sim_episode(bundle, task, tmp_path / "episode.mcap", steps=12, seed=2)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from metarl_robot.paths import REPO_ROOT
+from metarl_robot.real2sim.twin import FaultConfig
 from metarl_robot.telemetry.protocol import REJECT_REASONS, CommandFrame, StateFrame, encode
-from metarl_robot.telemetry.twin import FaultConfig
 
 DOC = (REPO_ROOT / "docs" / "telemetry.md").read_text()
 

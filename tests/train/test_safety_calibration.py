@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from metarl_robot.runtime.safety import SafetyConfig, count_prediction_trips
+from metarl_robot.replay.calibration import count_prediction_trips
+from metarl_robot.runtime.safety import SafetyConfig
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.safety_calibration import PARAMS_FILE, REPORT_FILE, calibrate_safety
 

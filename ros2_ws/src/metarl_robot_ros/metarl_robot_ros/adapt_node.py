@@ -42,15 +42,16 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension
 from std_srvs.srv import SetBool, Trigger
 
-from metarl_robot.replay.episode_log import joint_state_map
+from metarl_robot.logs.writer import joint_state_map
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.manifest import NO_DYNAMICS_MODEL
 from metarl_robot.runtime.safety import SafetyLayer
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
 from metarl_robot.telemetry.transport import CurveClientKeys
-from metarl_robot_ros.control_loop import ControlLoop, LoopOutcome, LoopStats, RecordWorker, StepRecord
+from metarl_robot_ros.control_loop import ControlLoop, LoopOutcome, LoopStats
 from metarl_robot_ros.params import PARAMETERS, NodeConfig, ParameterError, parse_parameters
+from metarl_robot_ros.recorder import RecordWorker, StepRecord
 
 NODE_NAME = "metarl_adapt"
 """Default node name (``__node:=`` remaps it)."""

@@ -57,7 +57,8 @@ from tqdm.auto import tqdm
 
 from metarl_robot.envs.dynamics import DynamicsApplier
 from metarl_robot.envs.robot_model import ObservationMap, load_model
-from metarl_robot.replay.episode_log import Episode, read_episode
+from metarl_robot.logs.format import Episode
+from metarl_robot.logs.reader import read_episode
 from metarl_robot.spec.family import ParamBox, TaskFamily, load_family
 from metarl_robot.spec.robot import load_robot
 

@@ -17,12 +17,12 @@ import yaml
 import zmq
 
 from metarl_robot.paths import REPO_ROOT
+from metarl_robot.real2sim.twin import DigitalTwin, FaultConfig, TwinConfig, resolve_family, resolve_task
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.robot import load_robot
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.controller import ControllerLink
 from metarl_robot.telemetry.protocol import MsgType, decode, encode
-from metarl_robot.telemetry.twin import DigitalTwin, FaultConfig, TwinConfig, resolve_family, resolve_task
 from tests.telemetry.conftest import ANY_PORT, DEADLINE_S
 
 CARTPOLE = load_robot("cartpole")

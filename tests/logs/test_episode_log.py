@@ -26,22 +26,25 @@ from mcap_ros2.writer import Writer as Ros2McapWriter
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
+from metarl_robot import provenance
 from metarl_robot.envs.registry import make_env
-from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import episode_log as el
-from metarl_robot.replay.episode_log import (
+from metarl_robot.logs import format as el
+from metarl_robot.logs import writer as log_writer
+from metarl_robot.logs.format import (
     COMMAND_SOURCES,
     SAFETY_STATES,
     STEP_FIELDS,
     DiagnosticEntry,
     EpisodeLogError,
     EpisodeLogWarning,
-    EpisodeLogWriter,
-    read_episode,
 )
+from metarl_robot.logs.reader import read_episode
+from metarl_robot.logs.writer import EpisodeLogWriter
+from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.safety import CommandSource, SafetyConfig, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import load_robot
+from tests.boundary import assert_robot_side
 
 ENV_ID = "metarl/CartpoleSwingup-v0"
 STEPS = 100
@@ -183,8 +186,8 @@ def test_metadata_names_robot_bundle_task_and_software(recorded: Recorded) -> No
     assert ep.task == recorded.task and set(ep.task) >= {"pole_mass_scale", "target_x"}
     assert ep.extra == {"adaptation_mode": "model_based", "endpoints": ["tcp://127.0.0.1:5555"]}
     assert ep.schema_version == el.EPISODE_LOG_SCHEMA_VERSION
-    assert ep.software["software_version"] == el.software_version() != ""
-    assert ep.software["git_commit"] == el.git_commit()
+    assert ep.software["software_version"] == provenance.software_version() != ""
+    assert ep.software["git_commit"] == provenance.git_commit()
     assert ep.metadata[el.META_EPISODE]["wall_anchor_ns"] == "1700000000000000000"
     assert ep.metadata[el.META_END] == {"steps": str(STEPS), "safety_events": "2", "end_reason": "closed"}
 
@@ -271,7 +274,7 @@ def test_rclpy_diagnostic_statuses_can_be_logged_as_published(tmp_path: Path) ->
 CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from metarl_robot.replay.episode_log import EpisodeLogWriter
+    from metarl_robot.logs.writer import EpisodeLogWriter
     from metarl_robot.spec.robot import load_robot
 
     t0 = time.monotonic_ns()
@@ -382,7 +385,7 @@ def test_a_corrupt_chunk_is_an_error_naming_its_offset(recorded: Recorded, tmp_p
 
 def test_unknown_layout_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "future.mcap"
-    monkeypatch.setattr(el, "EPISODE_LOG_SCHEMA_VERSION", 99)
+    monkeypatch.setattr(log_writer, "EPISODE_LOG_SCHEMA_VERSION", 99)  # the writer writes it
     with EpisodeLogWriter(path, load_robot("cartpole")) as log:
         log.write_step(obs=np.zeros(4), state_seq=0, robot_stamp_ns=0, receive_time_ns=0, command=[0.0],
                        command_seq=0)
@@ -562,7 +565,4 @@ def test_a_safety_layers_decisions_and_events_log_as_they_come(tmp_path: Path) -
 
 def test_episode_log_is_robot_side_code() -> None:
     """The node imports the writer on the robot: no torch, MuJoCo or gymnasium."""
-    code = ("import sys, metarl_robot.replay.episode_log; bad = [m for m in ('torch', 'mujoco', 'gymnasium') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_robot_side(["metarl_robot.logs.writer", "metarl_robot.logs.reader"])

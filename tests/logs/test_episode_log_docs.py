@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from metarl_robot.logs import format as el
+from metarl_robot.logs.reader import read_episode
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay import episode_log as el
-from metarl_robot.replay.episode_log import EpisodeLogWriter, read_episode
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.spec.robot import load_robot
 

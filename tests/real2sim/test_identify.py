@@ -1,4 +1,4 @@
-"""Real-to-sim identification (metarl_robot/replay/identify.py) on episode logs with KNOWN hidden parameters.
+"""Real-to-sim identification (metarl_robot/real2sim/identify.py) on episode logs with KNOWN hidden parameters.
 
 The fast tests record the shipped bundle policies/cartpole_mb driving the cart-pole in MuJoCo on a known
 task (record_sim_episode: the real EpisodeLogWriter, read back from the MCAP file), and check that the
@@ -21,18 +21,19 @@ import pytest
 import yaml
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
-from metarl_robot.replay.episode_log import EpisodeLogWriter, read_episode
-from metarl_robot.replay.identify import (
+from metarl_robot.logs.reader import read_episode
+from metarl_robot.logs.writer import EpisodeLogWriter
+from metarl_robot.real2sim.identify import (
     IDENTIFIED_MAX_BOX_FRACTION,
     IdentifyConfig,
     identify,
     load_task_file,
     write_task_file,
 )
-from metarl_robot.replay.sim_record import record_sim_episode
+from metarl_robot.real2sim.sim_record import record_sim_episode
+from metarl_robot.real2sim.twin import resolve_task
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.spec.family import load_family
-from metarl_robot.telemetry.twin import resolve_task
 from tests.ros.conftest import colcon_install  # noqa: F401 -- the session fixture of the slow test
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ Why: the shadow replay, its tests and the demo need real episode logs with a kno
 ROS install or a network link. This drives the bundle's adapter on the family's MuJoCo env in lockstep
 (one frame per control period, no safety layer; optionally sensor noise, lost frames and periods
 the robot ran its safe command, for tests of what reads logs) and writes every step through
-:class:`~metarl_robot.replay.episode_log.EpisodeLogWriter` with the node's conventions: the adapter
+:class:`~metarl_robot.logs.writer.EpisodeLogWriter` with the node's conventions: the adapter
 observes ``(previous obs, applied action, obs)`` before it acts, the STATE frame of step ``k`` reports
 the command of step ``k - 1`` as applied, and the true task goes into the metadata.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from metarl_robot.replay.episode_log import EpisodeLogWriter
+from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.runtime.manifest import LoadedBundle
 
 ROBOT_EPOCH_NS = 1_000_000_000
@@ -78,7 +78,7 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
         applied: np.ndarray | None = None
         command = np.asarray(robot.safe_action, dtype=np.float64)
         applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
-        extra = {"source": "metarl_robot.replay.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
+        extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
                  "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe)}
         with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra) as log:
             for k in range(steps):
