@@ -6,7 +6,7 @@ observation and the posterior mean). This benchmark times both, per control step
 
 - ``onnx``: :class:`metarl_robot.runtime.context_policy.ContextPolicyAdapter` (numpy + onnxruntime, what
   the robot runs), on graphs exported by :func:`metarl_robot.export.pearl_graphs.export_pearl_graphs`;
-- ``torch``: :class:`metarl_robot.algos.pearl.PEARLController` (``deterministic=True, z_mode="mean"``, the
+- ``torch``: :class:`metarl_robot.algos.pearl_controller.PEARLController` (``deterministic=True, z_mode="mean"``, the
   same online belief and action) on the same weights, under ``torch.no_grad``;
 - ``ort_floor``: the two graphs' ``session.run`` calls alone on the same float32 inputs (no belief update,
   no reward, no input checks): what onnxruntime itself costs, so the adapter's own overhead is visible.
@@ -80,7 +80,7 @@ class Episode:
 
 def record_episodes(algo, family, reward, robot, steps: int, seed: int) -> list[Episode]:
     """Episodes of the family, driven by the torch controller, until ``steps`` control steps in all."""
-    from metarl_robot.algos.pearl import PEARLController, family_reward_fn
+    from metarl_robot.algos.pearl_controller import PEARLController, family_reward_fn
     from metarl_robot.envs.registry import make_env
 
     rng = np.random.default_rng(seed)
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from metarl_robot.algos.pearl import PEARL, PEARLController, family_reward_fn
+    from metarl_robot.algos.pearl import PEARL
+    from metarl_robot.algos.pearl_controller import PEARLController, family_reward_fn
+    from metarl_robot.algos.registry import get_algorithm
     from metarl_robot.export.pearl_graphs import export_pearl_graphs
     from metarl_robot.runtime.context_policy import (
         FACTORS_INPUTS,
@@ -164,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config_path = args.config or str(REPO_ROOT / FAMILY_CONFIGS[args.family])
         cfg = load_config(config_path)
-        if cfg.algo != "pearl":
-            parser.error(f"--config {config_path}: algo is {cfg.algo!r}; this benchmark times 'pearl' configs")
+        if not issubclass(get_algorithm(cfg.algo), PEARL):
+            parser.error(f"--config {config_path}: algo is {cfg.algo!r}; this benchmark times {PEARL.name!r} configs")
         robot = load_robot(load_family(cfg.family).spec.robot)
         algo = PEARL(robot, cfg.pearl_net, cfg.pearl, seed=args.seed)
         weights = f"freshly initialised (seed {args.seed}), identity normalisers"

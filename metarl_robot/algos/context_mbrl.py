@@ -1,7 +1,9 @@
 """Context-adaptive model-based meta-RL: a dynamics ensemble conditioned on an inferred task context.
 
-Read top to bottom: the config, then the algorithm. Each iteration the runner adds episodes of
-new tasks to the buffer; :meth:`ContextMBRL.update` fits the encoder and the ensemble jointly by
+Read top to bottom: the configs, the iteration's collection, then the algorithm. Each iteration
+collects one episode per new task (random actions at iteration 0, MPC through the current model
+after: :meth:`ContextMBRL.collect`) into the :class:`EpisodeBuffer`; :meth:`ContextMBRL.update` fits
+the encoder and the ensemble jointly by
 Gaussian NLL on targets whose context windows come from the same episode; at control time the
 context of the last K transitions conditions the model the planner plans through. The ensemble
 members share the encoder but each trains on its own independently drawn minibatch.
@@ -11,14 +13,26 @@ the adaptive-model line of GrBAL/ReBAL (Nagabandi et al. 2019) for adapting the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from metarl_robot.algos.base import Algorithm, Collection, IterationReport
 from metarl_robot.algos.buffer import ContextBatch, EpisodeBuffer
+from metarl_robot.algos.mpc_controller import MPCController
+from metarl_robot.envs.rollout import Rollout, collect, make_vector_env, random_policy
 from metarl_robot.models.context_dynamics import ContextDynamics, ContextDynamicsConfig
+from metarl_robot.runtime.adapter import ModelBasedAdapter
+from metarl_robot.runtime.planner import PlannerConfig
+from metarl_robot.spec.family import Task
+from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.spec.schema import SpecError
+from metarl_robot.train.config import LoopConfig, RunConfig
 
 
 @dataclass
@@ -39,8 +53,69 @@ class ContextMBRLConfig:
     """Held-out targets per prediction-error evaluation."""
 
 
-class ContextMBRL:
-    """Holds the model, its optimiser and the math; the runner owns the loop and the data."""
+@dataclass
+class TrainConfig(RunConfig):
+    """Everything a context_mbrl training run needs; ``metarl train <this.yaml>``."""
+
+    schema_version: int
+    """Version of this schema the file was written for."""
+    algo: Literal["context_mbrl"]
+    """Learning algorithm (``pearl`` configs are :class:`~metarl_robot.algos.pearl.PEARLTrainConfig`)."""
+    family: str
+    """Task family name (sim/tasks) or path to a family YAML."""
+    seed: int = 0
+    """Seeds tasks, resets, planner noise and network initialisation."""
+    name: str | None = None
+    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
+    model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
+    """Encoder and ensemble sizes."""
+    training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
+    """Optimisation of the model."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """MPC used for data collection, and exported as the bundle's planner defaults."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """The outer loop."""
+
+    def validate(self, where: str) -> None:
+        self._validate_shared(where, ["training.grad_steps", "training.batch_size", "model.ensemble_size",
+                                      "model.context_window"])
+        if self.training.learning_rate <= 0:
+            raise SpecError(where, "training.learning_rate", f"must be > 0, got {self.training.learning_rate}")
+
+
+# ---- an iteration's episodes -------------------------------------------------------------------
+@dataclass
+class Collected(Collection):
+    """An iteration's episodes (one per task) and the controller's online prediction errors."""
+
+    rollout: Rollout | None = None
+    """Transitions, one sub-env row per task."""
+    errors: np.ndarray | None = None
+    """``(T, tasks)`` online one-step prediction error by step since reset (MPC iterations only)."""
+    seed: int = 0
+    """Reset seed of the iteration (by default chunk sub-env ``i`` resets with it + its index; graded candidates
+    reset with the sampler's ``starts``)."""
+
+    def summary(self, window: int) -> tuple[float, dict[str, float]]:
+        """Mean return and the online errors before / after the first ``window`` steps (NaN for random data)."""
+        mean_return = float(np.mean(self.rollout.episode_returns()[:, 0]))
+        if self.errors is None:  # every iteration logs the same columns
+            return mean_return, {"online_pred_err_first_k": float("nan"), "online_pred_err_after_k": float("nan")}
+        return mean_return, {"online_pred_err_first_k": float(np.nanmean(self.errors[1:window + 1])),
+                             "online_pred_err_after_k": float(np.nanmean(self.errors[window + 1:]))}
+
+
+# ---- the algorithm -------------------------------------------------------------------------------
+class ContextMBRL(Algorithm):
+    """Holds the model, its optimiser, its episode buffer and the math; the runner owns the loop."""
+
+    name = "context_mbrl"
+    config_class = TrainConfig
+    sections = ("model", "training")
+    bundle_kind = "model_based"
+    initial_sampler = "random"
+    store_file = "buffer.npz"
+    differentiable_model = True
 
     def __init__(self, robot: RobotSpec, model_cfg: ContextDynamicsConfig, cfg: ContextMBRLConfig,
                  seed: int = 0) -> None:
@@ -53,10 +128,83 @@ class ContextMBRL:
         self.window = model_cfg.context_window
         self.ensemble_size = model_cfg.ensemble_size
         self.obs_scale = robot.obs_scale
+        self.buffer = EpisodeBuffer(robot.obs_dim, robot.action_dim, holdout_every=5)
+        """Every episode collected (``buffer.npz``); every fifth is held out for the prediction error."""
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, robot: RobotSpec) -> ContextMBRL:
+        return cls(robot, cfg.model, cfg.training, cfg.seed)
+
+    # ---- collection -------------------------------------------------------------------------------
+    def collect(self, tasks: list[Task], iteration: int, seed: int, starts: list[int] | None = None) -> Collected:
+        """One episode per task, ``tasks_per_iteration`` sub-envs at a time: random actions at iteration 0,
+        MPC through the current model after."""
+        run, family = self.run_cfg, self.family
+        num = min(run.loop.tasks_per_iteration, len(tasks))
+        envs = make_vector_env(family, num, run.loop.vector)
+        parts: list[Rollout] = []
+        errors: list[np.ndarray] = []
+        try:
+            for start in range(0, len(tasks), num):
+                chunk = tasks[start:start + num]
+                chunk = chunk + [chunk[-1]] * (num - len(chunk))  # pad the last chunk; duplicates dropped below
+                reset: int | list[int] = seed + start
+                if starts is not None:
+                    reset = starts[start:start + num]
+                    reset = reset + [reset[-1]] * (num - len(reset))
+                if iteration == 0:
+                    controller = random_policy(self.robot.action_low, self.robot.action_high, seed + start)
+                else:
+                    planner_cfg = replace(run.planner, seed=seed + start)
+                    adapter = ModelBasedAdapter(self.robot, get_reward(family.spec.reward), self.encode, self.step,
+                                                self.ensemble_size, self.window, planner_cfg, batch=num)
+                    params = {n: np.array([t[n] for t in chunk]) for n in family.reward_names}
+                    controller = MPCController(adapter, params)
+                rollout = collect(envs, family, controller, chunk, 1, seed=reset)
+                parts.append(rollout.take(np.arange(len(tasks[start:start + num]))))
+                if isinstance(controller, MPCController):
+                    errors.append(np.stack(controller.errors)[:, :len(tasks[start:start + num])])
+        finally:
+            envs.close()
+        rollout = Rollout.concatenate(parts)
+        return Collected(rollout.episode_returns()[:, 0], episodes_per_task=1, rollout=rollout,
+                         errors=np.concatenate(errors, axis=1) if errors else None, seed=seed)
+
+    def keep(self, collection: Collected, chosen: list[int]) -> Collected:
+        errors = collection.errors[:, chosen] if collection.errors is not None else None
+        return replace(collection, graded_returns=collection.graded_returns[chosen],
+                       rollout=collection.rollout.take(np.array(chosen)), errors=errors)
+
+    def store(self, tasks: list[Task], collection: Collected) -> dict[str, Any]:
+        self.buffer.add(collection.rollout, np.stack([self.family.to_vector(t) for t in tasks]))
+        return {}
+
+    def report(self, iteration: int, collection: Collected, fit: dict[str, float], graded_return: float | None,
+               counters: dict[str, float]) -> IterationReport:
+        mean_return, online = collection.summary(self.window)
+        sizes = tuple(self.run_cfg.loop.eval_context_sizes)
+        pred = self.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
+            else dict.fromkeys(sizes, float("nan"))  # no held-out episode yet
+        metrics = {
+            # The adversary trains on its worst graded episodes: the mean over all it graded compares
+            # with the other samplers' training return.
+            "episode_return": mean_return, "graded_episode_return": mean_return if graded_return is None
+            else graded_return,
+            "policy": 0.0 if iteration == 0 else 1.0,
+            "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
+            **counters,
+            **{f"fit_{k}": v for k, v in fit.items()}, **online,
+            **{f"pred_err_ctx{c}": v for c, v in pred.items()},
+        }
+        err0, err_k = pred.get(0, np.nan), pred.get(max(pred, default=0), np.nan)
+        line = f"return {mean_return:.1f}, held-out error {err0:.4f} without context, {err_k:.4f} with"
+        return IterationReport(metrics, line, {"err0": f"{err0:.3f}", "errK": f"{err_k:.3f}"})
 
     # ---- training -------------------------------------------------------------------------------
-    def update(self, buffer: EpisodeBuffer) -> dict[str, float]:
-        """Refit the normalisers to all training data, then take ``grad_steps`` steps. Returns mean metrics."""
+    def update(self, buffer: EpisodeBuffer | None = None) -> dict[str, float]:
+        """Refit the normalisers to all training data (``buffer``, by default its own), then take
+        ``grad_steps`` steps. Returns mean metrics."""
+        buffer = self.buffer if buffer is None else buffer
         self.model.fit_normalizers(*buffer.training_arrays())
         self.model.train()
         e, n = self.ensemble_size, self.cfg.batch_size
@@ -129,3 +277,16 @@ class ContextMBRL:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.model.eval()
+
+    def save_store(self, run_dir: Path) -> None:
+        self.buffer.save(run_dir / self.store_file)
+
+    def load_store(self, run_dir: Path) -> None:
+        self.buffer = EpisodeBuffer.load(run_dir / self.store_file)
+
+    # ---- export ---------------------------------------------------------------------------------
+    @classmethod
+    def exporter(cls) -> Callable[..., Any]:
+        from metarl_robot.export.bundle_writer import export_model_based  # export imports the trainer
+
+        return export_model_based

@@ -1,19 +1,10 @@
 """PEARL: off-policy meta-RL with a probabilistic context encoder and a latent-conditioned SAC.
 
-Read top to bottom: the config, the task-aware replay, the algorithm, the controller.
-
-Each training task has two buffers (:class:`TaskReplay`):
-
-- an **RL buffer** with everything ever collected on the task (off-policy SAC trains on it);
-- an **encoder buffer** with only the data of the task's *current* round of exploration: cleared
-  by :meth:`TaskReplay.begin_exploration` before each round, filled by the episodes the runner
-  marks ``encoder=True``. Context for the encoder is drawn from it alone, so at training time the
-  encoder sees what it will see at meta-test time: transitions the current policy collected under
-  the current belief, never data of another task and never stale replay. Drawing context from the
-  wrong place is a known reference bug: garage's PEARL (issue rlworkgroup/garage#1365, fixed in
-  PR #1374) built its meta-test context from replay instead of the fresh exploration on the test
-  task, and on HalfCheetah-Dir every evaluation ran one way. Here the meta-test context is what
-  :class:`PEARLController` itself observed since its context was cleared, nothing else.
+Read top to bottom: the configs, an iteration's exploration rounds, then the algorithm. Its parts
+live in their own modules: the task-aware replay (:mod:`~metarl_robot.algos.task_replay`: per task
+an RL buffer and an encoder buffer, and why the two are kept apart), the controller and its belief
+(:mod:`~metarl_robot.algos.pearl_controller`) and one exploration round per task
+(:mod:`~metarl_robot.algos.pearl_exploration`).
 
 :meth:`PEARL.update` takes gradient steps on meta-batches of tasks: per task a posterior
 ``q(z | c)`` from an encoder-buffer context, one reparameterised ``z`` shared by that task's RL
@@ -34,22 +25,27 @@ Context Variables".
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarl_robot.envs.rollout import Rollout, collect
+from metarl_robot.algos.base import Algorithm, Collection, IterationReport
+from metarl_robot.algos.pearl_controller import Posterior
+from metarl_robot.algos.pearl_exploration import CollectionSchedule, explore_tasks
+from metarl_robot.algos.task_replay import Context, TaskReplay, TransitionBatch
+from metarl_robot.envs.rollout import Rollout, make_vector_env
 from metarl_robot.models.pearl import PEARLAgent, PEARLNetConfig, kl_to_standard_normal
-from metarl_robot.spec.family import Task, TaskFamily
-from metarl_robot.spec.rewards import RewardFunction, get_reward
+from metarl_robot.runtime.planner import PlannerConfig
+from metarl_robot.spec.family import Task
 from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.spec.schema import SpecError
+from metarl_robot.train.config import LoopConfig, RunConfig
 
 
 @dataclass
@@ -120,214 +116,61 @@ class PEARLConfig:
                              f"({self.context_batch}), got {self.context_size_min!r}")
 
 
-# ---- data ----------------------------------------------------------------------------------------
 @dataclass
-class Context:
-    """Context transitions ``(B, K, ·)``, rewards ``(B, K)``, and a ``(B, K)`` 1/0 mask (K may be 0)."""
+class PEARLTrainConfig(RunConfig):
+    """Everything a PEARL training run needs (docs/pearl.md); ``metarl train <this.yaml>``."""
 
-    obs: np.ndarray
-    act: np.ndarray
-    reward: np.ndarray
-    next_obs: np.ndarray
-    mask: np.ndarray
+    schema_version: int
+    """Version of this schema the file was written for."""
+    algo: Literal["pearl"]
+    """Learning algorithm: a context-inference policy (PEARL)."""
+    family: str
+    """Task family name (sim/tasks) or path to a family YAML."""
+    seed: int = 0
+    """Seeds tasks, resets, exploration and network initialisation."""
+    name: str | None = None
+    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
+    pearl_net: PEARLNetConfig = field(default_factory=PEARLNetConfig)
+    """Sizes of the encoder, the actor and the critics."""
+    pearl: PEARLConfig = field(default_factory=PEARLConfig)
+    """Optimisation and replay settings."""
+    pearl_schedule: CollectionSchedule = field(default_factory=CollectionSchedule)
+    """Episodes of each task's exploration round: prior, posterior and RL-only."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """The oracle's MPC (through the true physics), which grades the adversarial sampler and ``metarl eval``."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """The outer loop."""
 
-    @classmethod
-    def empty(cls, batch: int, obs_dim: int, act_dim: int) -> Context:
-        """No transitions at all: its posterior is the prior."""
-        return cls(np.zeros((batch, 0, obs_dim), np.float32), np.zeros((batch, 0, act_dim), np.float32),
-                   np.zeros((batch, 0), np.float32), np.zeros((batch, 0, obs_dim), np.float32),
-                   np.zeros((batch, 0), np.float32))
+    def validate(self, where: str) -> None:
+        self._validate_shared(where, [])
+        for section, obj in (("pearl", self.pearl), ("pearl_schedule", self.pearl_schedule)):
+            try:
+                obj.validate()
+            except ValueError as exc:  # "PEARLConfig.meta_batch must be > 0, ..." -> field pearl.meta_batch
+                named = re.match(r"\w+\.(\w+)", str(exc))
+                raise SpecError(where, f"{section}.{named.group(1)}" if named else section, str(exc)) from exc
+        net = self.pearl_net
+        for name in ("latent_dim", "hidden", "layers", "encoder_hidden", "encoder_layers"):
+            if getattr(net, name) < 1:
+                raise SpecError(where, f"pearl_net.{name}", f"must be >= 1, got {getattr(net, name)}")
+        if not net.min_factor_var > 0:
+            raise SpecError(where, "pearl_net.min_factor_var", f"must be > 0, got {net.min_factor_var}")
+        if not net.log_std_min < net.log_std_max:
+            raise SpecError(where, "pearl_net.log_std_min", f"must be < log_std_max ({net.log_std_max}), got "
+                            f"{net.log_std_min}")
+        if self.loop.task_sampler == "adversarial" and \
+                self.pearl_schedule.posterior_episodes + self.pearl_schedule.extra_rl_episodes < 1:
+            raise SpecError(where, "pearl_schedule", "the adversarial sampler grades each candidate's first "
+                            "episode under the posterior: posterior_episodes + extra_rl_episodes must be >= 1")
 
 
+# ---- an iteration's exploration rounds -----------------------------------------------------------
 @dataclass
-class TransitionBatch:
-    """RL minibatches of ``T`` tasks: ``(T, n, ·)`` arrays and ``(T, n)`` rewards and terminal flags."""
+class ExplorationRounds(Collection):
+    """Each task's exploration round, by phase (``prior``, ``posterior``, ``extra_rl``; one row per task)."""
 
-    obs: np.ndarray
-    act: np.ndarray
-    reward: np.ndarray
-    next_obs: np.ndarray
-    done: np.ndarray
-
-
-@dataclass
-class Posterior:
-    """Gaussian belief over z per row: mean and variance ``(B, d)``."""
-
-    mean: np.ndarray
-    var: np.ndarray
-
-
-_FIELDS = ("obs", "act", "reward", "next_obs", "done")
-
-
-class TransitionStore:
-    """The transitions of one task, oldest first, at most ``capacity`` (the oldest are dropped)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self.obs = np.zeros((0, obs_dim), np.float32)
-        self.act = np.zeros((0, act_dim), np.float32)
-        self.reward = np.zeros(0, np.float32)
-        self.next_obs = np.zeros((0, obs_dim), np.float32)
-        self.done = np.zeros(0, np.float32)
-
-    def __len__(self) -> int:
-        return len(self.reward)
-
-    def add(self, obs: np.ndarray, act: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
-            done: np.ndarray) -> None:
-        new = {"obs": obs, "act": act, "reward": reward, "next_obs": next_obs, "done": done}
-        n = len(reward)
-        for name, value in new.items():
-            old = getattr(self, name)
-            value = np.asarray(value, dtype=np.float32)
-            if value.shape != (n, *old.shape[1:]):
-                raise ValueError(f"{name} must have shape {(n, *old.shape[1:])}, got {value.shape}")
-            setattr(self, name, np.concatenate([old, value])[-self.capacity:])
-
-    def clear(self) -> None:
-        for name in _FIELDS:
-            setattr(self, name, getattr(self, name)[:0])
-
-    def sample(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-        """``n`` transitions drawn uniformly with replacement."""
-        if not len(self):
-            raise ValueError("cannot sample from an empty store")
-        idx = rng.integers(0, len(self), n)
-        return {name: getattr(self, name)[idx] for name in _FIELDS}
-
-
-class TaskReplay:
-    """Per task: an RL buffer (all its data) and an encoder buffer (its current exploration only).
-
-    See the module docstring for why the two are kept apart. Tasks are keyed by an integer id the
-    runner chooses (e.g. a running count of tasks drawn); ``task_vector`` is kept for diagnostics.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, rl_capacity: int = 1_000_000, encoder_capacity: int = 100_000,
-                 max_tasks: int = 0) -> None:
-        self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.rl_capacity, self.encoder_capacity, self.max_tasks = rl_capacity, encoder_capacity, max_tasks
-        self.rl: dict[int, TransitionStore] = {}
-        """Task id → all its transitions (what SAC trains on)."""
-        self.encoder: dict[int, TransitionStore] = {}
-        """Task id → the transitions of its current exploration round (the only source of context)."""
-        self.task_vectors: dict[int, np.ndarray] = {}
-        """Task id → its parameter vector, if the runner gave one."""
-
-    def __len__(self) -> int:
-        return len(self.rl)
-
-    def _ensure(self, task_id: int, task_vector: np.ndarray | None) -> None:
-        task_id = int(task_id)
-        if task_id not in self.rl:
-            self.rl[task_id] = TransitionStore(self.obs_dim, self.act_dim, self.rl_capacity)
-            self.encoder[task_id] = TransitionStore(self.obs_dim, self.act_dim, self.encoder_capacity)
-            if self.max_tasks and len(self.rl) > self.max_tasks:
-                oldest = next(iter(self.rl))
-                del self.rl[oldest], self.encoder[oldest]
-                self.task_vectors.pop(oldest, None)
-        if task_vector is not None:
-            self.task_vectors[task_id] = np.asarray(task_vector, dtype=np.float64)
-
-    def begin_exploration(self, task_id: int, task_vector: np.ndarray | None = None) -> None:
-        """Start a new exploration round on a task: its encoder buffer is emptied (its RL buffer is kept)."""
-        self._ensure(task_id, task_vector)
-        self.encoder[int(task_id)].clear()
-
-    def add(self, task_id: int, obs: np.ndarray, act: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
-            done: np.ndarray, encoder: bool) -> None:
-        """Flat ``(N, ·)`` transitions of one task: always to its RL buffer, also to its encoder buffer if
-        ``encoder`` (exploration data; PEARL's extra posterior-conditioned RL episodes pass False)."""
-        self._ensure(task_id, None)
-        self.rl[int(task_id)].add(obs, act, reward, next_obs, done)
-        if encoder:
-            self.encoder[int(task_id)].add(obs, act, reward, next_obs, done)
-
-    def add_rollout(self, task_ids: Sequence[int], rollout: Rollout, encoder: bool,
-                    task_vectors: np.ndarray | None = None) -> dict[str, int]:
-        """Row ``i`` of ``rollout`` belongs to task ``task_ids[i]``. Only valid steps are stored; a step
-        that ended its episode early (physics diverged) is terminal, the last step of an episode is a
-        time limit (bootstrapped). Steps with non-finite numbers are left out and counted."""
-        if len(task_ids) != rollout.obs.shape[0]:
-            raise ValueError(f"got {len(task_ids)} task ids for a rollout of {rollout.obs.shape[0]} sub-envs")
-        valid = rollout.valid
-        next_valid = np.concatenate([valid[:, 1:], np.zeros_like(valid[:, :1])], axis=1)
-        next_is_start = np.concatenate([rollout.episode_start[1:], [True]])
-        done = valid & ~next_valid & ~next_is_start[None]
-        finite = (np.isfinite(rollout.obs).all(-1) & np.isfinite(rollout.actions).all(-1)
-                  & np.isfinite(rollout.next_obs).all(-1) & np.isfinite(rollout.rewards))
-        keep = valid & finite
-        for row, task_id in enumerate(task_ids):
-            self._ensure(task_id, None if task_vectors is None else task_vectors[row])
-            k = keep[row]
-            self.add(task_id, rollout.obs[row, k], rollout.actions[row, k], rollout.rewards[row, k],
-                     rollout.next_obs[row, k], done[row, k], encoder)
-        return {"added": int(keep.sum()), "dropped_non_finite": int((valid & ~finite).sum())}
-
-    def trainable_tasks(self) -> np.ndarray:
-        """Ids of the tasks with both RL data and a current exploration context."""
-        return np.array([t for t in self.rl if len(self.rl[t]) and len(self.encoder[t])], dtype=np.int64)
-
-    def sample_batch(self, rng: np.random.Generator, task_ids: Sequence[int], n: int) -> TransitionBatch:
-        """``n`` RL transitions per task, each from that task's RL buffer."""
-        parts = [self.rl[int(t)].sample(rng, n) for t in task_ids]
-        return TransitionBatch(**{name: np.stack([p[name] for p in parts]) for name in _FIELDS})
-
-    def sample_context(self, rng: np.random.Generator, task_ids: Sequence[int], n: int,
-                       min_size: int | None = None) -> Context:
-        """``n`` context slots per task, drawn from that task's encoder buffer only. With ``min_size``,
-        each task's first ``U(min_size, n)`` slots are filled and the rest masked out."""
-        parts = []
-        for t in task_ids:
-            store = self.encoder[int(t)]
-            if not len(store):
-                raise ValueError(f"task {int(t)} has no exploration data in its encoder buffer; "
-                                 "collect with encoder=True after begin_exploration first")
-            parts.append(store.sample(rng, n))
-        sizes = np.full(len(parts), n) if min_size is None else rng.integers(min_size, n + 1, len(parts))
-        mask = (np.arange(n)[None] < sizes[:, None]).astype(np.float32)
-        return Context(*(np.stack([p[name] for p in parts]) for name in ("obs", "act", "reward", "next_obs")),
-                       mask=mask)
-
-    def training_arrays(self, rng: np.random.Generator, most: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Up to ``most`` RL transitions drawn over all tasks (for fitting normalisers): obs, reward, next_obs."""
-        obs = np.concatenate([s.obs for s in self.rl.values()])
-        reward = np.concatenate([s.reward for s in self.rl.values()])
-        next_obs = np.concatenate([s.next_obs for s in self.rl.values()])
-        if len(reward) > most:
-            idx = rng.choice(len(reward), most, replace=False)
-            obs, reward, next_obs = obs[idx], reward[idx], next_obs[idx]
-        return obs, reward, next_obs
-
-    # ---- persistence (resume) -------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        arrays: dict[str, np.ndarray] = {
-            "meta": np.array([self.obs_dim, self.act_dim, self.rl_capacity, self.encoder_capacity, self.max_tasks]),
-            "task_ids": np.array(list(self.rl), dtype=np.int64),
-        }
-        for t in self.rl:
-            for kind, stores in (("rl", self.rl), ("enc", self.encoder)):
-                for name in _FIELDS:
-                    arrays[f"{kind}_{t}_{name}"] = getattr(stores[t], name)
-            if t in self.task_vectors:
-                arrays[f"vec_{t}"] = self.task_vectors[t]
-        np.savez_compressed(path, **arrays)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TaskReplay:
-        data = np.load(path)
-        obs_dim, act_dim, rl_cap, enc_cap, max_tasks = (int(v) for v in data["meta"])
-        replay = cls(obs_dim, act_dim, rl_cap, enc_cap, max_tasks)
-        for t in data["task_ids"].tolist():
-            replay._ensure(t, data.get(f"vec_{t}"))
-            for kind, stores in (("rl", replay.rl), ("enc", replay.encoder)):
-                for name in _FIELDS:
-                    setattr(stores[t], name, data[f"{kind}_{t}_{name}"])
-        return replay
+    rounds: dict[str, Rollout] = field(default_factory=dict)
+    """Phase → its rollout (the phases the schedule runs)."""
 
 
 # ---- the algorithm -------------------------------------------------------------------------------
@@ -335,8 +178,15 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float32)
 
 
-class PEARL:
-    """Holds the agent, its optimisers and the math; the runner owns the loop and the data."""
+class PEARL(Algorithm):
+    """Holds the agent, its optimisers, its task replay and the math; the runner owns the loop."""
+
+    name = "pearl"
+    config_class = PEARLTrainConfig
+    sections = ("pearl_net", "pearl", "pearl_schedule")
+    bundle_kind = "context_policy"
+    initial_sampler = "initial"
+    store_file = "replay.npz"
 
     def __init__(self, robot: RobotSpec, net_cfg: PEARLNetConfig, cfg: PEARLConfig, seed: int = 0) -> None:
         cfg.validate()
@@ -356,16 +206,94 @@ class PEARL:
         self.rng = np.random.default_rng(seed)
         self.normalizers_fitted = False
         """False until the first :meth:`update`: an untrained agent sees unnormalised inputs (mean 0, std 1)."""
+        self.replay = TaskReplay(robot.obs_dim, robot.action_dim, cfg.replay_capacity, cfg.encoder_capacity,
+                                 cfg.max_tasks)
+        """Every trained task's RL and encoder buffers (``replay.npz``)."""
+        self.next_task_id = 0
+        """The id the next stored task gets (a running count; tasks.jsonl maps ids to tasks)."""
+        self.episodes_collected = 0
+        """Training episodes stored so far (all phases of every kept exploration round)."""
         self.agent.eval()
+
+    @classmethod
+    def create(cls, cfg: PEARLTrainConfig, robot: RobotSpec) -> PEARL:
+        return cls(robot, cfg.pearl_net, cfg.pearl, cfg.seed)
 
     @property
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
+    # ---- collection -------------------------------------------------------------------------------
+    def collect(self, tasks: list[Task], iteration: int, seed: int, starts: list[int] | None = None
+                ) -> ExplorationRounds:
+        """One exploration round per task (:func:`explore_tasks`, as ``pearl_schedule`` says) into a scratch
+        replay, ``tasks_per_iteration`` sub-envs at a time; :meth:`store` moves the kept rounds to the replay.
+
+        With ``starts``, a task's phases first reset with ``s``, ``s + 1``, ``s + 2``; the graded episode is
+        the first one under the posterior of the round so far (after the prior episodes)."""
+        run, schedule = self.run_cfg, self.run_cfg.pearl_schedule
+        scratch = TaskReplay(self.robot.obs_dim, self.robot.action_dim, self.cfg.replay_capacity,
+                             self.cfg.encoder_capacity)
+        num = min(run.loop.tasks_per_iteration, len(tasks))
+        envs: dict[int, Any] = {}
+        parts: list[dict[str, Rollout]] = []
+        try:
+            for start in range(0, len(tasks), num):
+                chunk = tasks[start:start + num]
+                if len(chunk) not in envs:  # a smaller last chunk gets its own envs: no padded duplicates
+                    envs[len(chunk)] = make_vector_env(self.family, len(chunk), run.loop.vector)
+                chunk_seed = seed + start if starts is None else starts[start:start + num]
+                parts.append(explore_tasks(self, scratch, envs[len(chunk)], self.family, chunk,
+                                           list(range(start, start + len(chunk))), schedule, seed=chunk_seed))
+        finally:
+            for env in envs.values():
+                env.close()
+        rounds = {name: Rollout.concatenate([p[name] for p in parts]) for name in parts[0]}
+        graded_phase = "posterior" if schedule.posterior_episodes else "extra_rl"
+        graded = rounds[graded_phase].episode_returns()[:, 0] if graded_phase in rounds \
+            else np.full(len(tasks), np.nan)  # only prior episodes: nothing to grade (validation refuses grading)
+        return ExplorationRounds(
+            graded, episodes_per_task=schedule.prior_episodes + schedule.posterior_episodes
+            + schedule.extra_rl_episodes, graded_start_offset=1 if graded_phase == "posterior" else 2,
+            grading_info={"graded_phase": graded_phase}, rounds=rounds)
+
+    def keep(self, collection: ExplorationRounds, chosen: list[int]) -> ExplorationRounds:
+        return replace(collection, graded_returns=collection.graded_returns[chosen],
+                       rounds={name: r.take(np.array(chosen)) for name, r in collection.rounds.items()})
+
+    def store(self, tasks: list[Task], collection: ExplorationRounds) -> dict[str, Any]:
+        """Each task under a new id, its round stored as :func:`explore_tasks` stores one."""
+        ids = list(range(self.next_task_id, self.next_task_id + len(tasks)))
+        self.next_task_id += len(tasks)
+        for task_id, task in zip(ids, tasks, strict=True):
+            self.replay.begin_exploration(task_id, self.family.to_vector(task))
+        for name, rollout in collection.rounds.items():
+            self.replay.add_rollout(ids, rollout, encoder=name != "extra_rl")
+        self.episodes_collected += sum(r.episode_returns().size for r in collection.rounds.values())
+        return {"task_ids": ids}
+
+    def report(self, iteration: int, collection: ExplorationRounds, fit: dict[str, float],
+               graded_return: float | None, counters: dict[str, float]) -> IterationReport:
+        first = {name: float(np.mean(r.episode_returns()[:, 0])) for name, r in collection.rounds.items()}
+        explore_return = first.get("prior", first.get("posterior", float("nan")))
+        posterior_return = first.get("posterior", first.get("extra_rl", float("nan")))
+        metrics = {
+            "episode_return": explore_return, "posterior_return": posterior_return,
+            "graded_episode_return": posterior_return if graded_return is None else graded_return,
+            "tasks": float(len(self.replay)), "episodes": float(self.episodes_collected),
+            "transitions": float(sum(len(store) for store in self.replay.rl.values())),
+            **counters,
+            **{f"fit_{k}": v for k, v in fit.items()},
+        }
+        line = (f"return {explore_return:.1f} exploring, {posterior_return:.1f} under the posterior, critic loss "
+                f"{fit.get('critic_loss', float('nan')):.3g}, kl {fit.get('kl', float('nan')):.3g}")
+        return IterationReport(metrics, line, {"post": f"{posterior_return:.1f}"})
+
     # ---- training -------------------------------------------------------------------------------
-    def update(self, replay: TaskReplay, grad_steps: int | None = None) -> dict[str, float]:
-        """Refit the input normalisers to the replay, then take ``grad_steps`` (default
+    def update(self, replay: TaskReplay | None = None, grad_steps: int | None = None) -> dict[str, float]:
+        """Refit the input normalisers to the replay (by default its own), then take ``grad_steps`` (default
         ``cfg.grad_steps``) gradient steps on meta-batches of tasks. Returns the mean of each metric."""
+        replay = self.replay if replay is None else replay
         tasks = replay.trainable_tasks()
         if not len(tasks):
             raise ValueError("no task has both RL data and exploration (encoder) data; nothing to train on")
@@ -511,207 +439,21 @@ class PEARL:
         torch.set_rng_state(state["torch_rng"])
         self.agent.eval()
 
+    def loop_state(self) -> dict[str, Any]:
+        return {"next_task_id": self.next_task_id, "episodes_collected": self.episodes_collected}
 
-# ---- collection and evaluation -------------------------------------------------------------------
-RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-"""``(obs, sent_action, next_obs)`` batches → ``(B,)`` rewards: what the context's reward column holds."""
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        self.next_task_id, self.episodes_collected = state["next_task_id"], state["episodes_collected"]
 
+    def save_store(self, run_dir: Path) -> None:
+        self.replay.save(run_dir / self.store_file)
 
-def family_reward_fn(reward: RewardFunction, robot: RobotSpec, params: Mapping[str, np.ndarray]) -> RewardFn:
-    """The env's own reward with each sub-env's reward parameters (``params[name]``: ``(B,)``), so the
-    controller's context holds exactly the rewards the env returns."""
-    params = {k: np.asarray(v) for k, v in params.items()}
+    def load_store(self, run_dir: Path) -> None:
+        self.replay = TaskReplay.load(run_dir / self.store_file)
 
-    def fn(obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
-        return np.asarray(reward(robot, obs, action, next_obs, params)[0], dtype=np.float64)
-    return fn
+    # ---- export ---------------------------------------------------------------------------------
+    @classmethod
+    def exporter(cls) -> Callable[..., Any]:
+        from metarl_robot.export.bundle_writer import export_context_policy  # export imports the trainer
 
-
-class PEARLController:
-    """A :class:`~metarl_robot.envs.rollout.Controller` for ``batch`` sub-envs, one task each.
-
-    - ``reset()`` (every episode start): the context is cleared unless ``keep_context`` (then only
-      :meth:`new_task` clears it, and successive episodes on one task accumulate evidence, PEARL's
-      meta-test protocol). With ``z_mode="sample"``, z is then drawn once from the posterior of the
-      context so far (the prior if it is empty) and held for the whole episode: posterior sampling.
-    - ``observe()`` adds each transition's factor to the belief (one encoder pass per step).
-    - ``act()``: ``z_mode="mean"`` uses the posterior mean of everything observed so far, updated every
-      step (online adaptation, what a robot-side adapter does); actions are ``box(tanh(mean))`` if
-      ``deterministic``, else sampled from the policy.
-
-    ``z_mode`` defaults to ``"mean"`` when ``deterministic`` and ``"sample"`` otherwise. Rewards come
-    from ``reward_fn`` (the env's reward with the task's parameters: :func:`family_reward_fn`) unless
-    ``observe`` is given them; :meth:`absorb` adds earlier transitions in one pass. A transition with a
-    non-finite number adds no evidence (counted in ``skipped``).
-    """
-
-    def __init__(self, algo: PEARL, batch: int, deterministic: bool = False, reward_fn: RewardFn | None = None,
-                 keep_context: bool = False, z_mode: Literal["sample", "mean"] | None = None,
-                 context_window: int | None = None, seed: int = 0) -> None:
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        z_mode = z_mode if z_mode is not None else ("mean" if deterministic else "sample")
-        if z_mode not in ("sample", "mean"):
-            raise ValueError(f"z_mode must be 'sample' or 'mean', got {z_mode!r}")
-        if context_window is not None and context_window < 1:
-            raise ValueError(f"context_window must be None or >= 1, got {context_window}")
-        self.algo, self.batch, self.deterministic = algo, batch, deterministic
-        self.reward_fn, self.keep_context, self.z_mode = reward_fn, keep_context, z_mode
-        self.context_window = context_window
-        """Only the last this-many transitions count (None: all since the context was cleared)."""
-        self.rng = np.random.default_rng(seed)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.skipped = np.zeros(batch, dtype=np.int64)
-        """Per sub-env: transitions left out of the belief for non-finite numbers."""
-        self._observed = 0
-        # The belief's evidence: running sums when every transition counts (constant cost per step, as on the
-        # robot), else the last ``context_window`` factors.
-        self._precision_sum = np.zeros(1)
-        self._weighted_mean_sum = np.zeros(1)
-        self._precisions: deque[np.ndarray] = deque(maxlen=context_window)
-        self._weighted_means: deque[np.ndarray] = deque(maxlen=context_window)
-        self.z = self.algo.sample_z(self.algo.prior(batch), self.rng) if z_mode == "sample" else None
-        """The episode's sampled z (``z_mode="sample"``), ``(batch, d)``."""
-
-    @property
-    def context_size(self) -> int:
-        """Transitions the belief currently rests on (per sub-env, counting skipped ones)."""
-        return self._observed if self.context_window is None else min(self._observed, self.context_window)
-
-    def posterior(self) -> Posterior:
-        """The current belief: prior times the factors of the (last ``context_window``) observed transitions."""
-        if not self._observed:
-            return self.algo.prior(self.batch)
-        if self.context_window is None:
-            precision_sum, weighted_mean_sum = self._precision_sum, self._weighted_mean_sum
-        else:
-            precision_sum, weighted_mean_sum = np.sum(self._precisions, axis=0), np.sum(self._weighted_means, axis=0)
-        var = 1.0 / (1.0 + precision_sum)
-        return Posterior((var * weighted_mean_sum).astype(np.float32), var.astype(np.float32))
-
-    def new_task(self) -> None:
-        """Forget all evidence (a new task); the next episode starts from the prior."""
-        self._observed = 0
-        self._precision_sum = self._weighted_mean_sum = np.zeros(1)
-        self._precisions.clear()
-        self._weighted_means.clear()
-
-    def reset(self) -> None:
-        if not self.keep_context:
-            self.new_task()
-        if self.z_mode == "sample":
-            self.z = self.algo.sample_z(self.posterior(), self.rng)
-
-    def current_z(self) -> np.ndarray:
-        """The z the next action is conditioned on, ``(batch, d)``."""
-        return self.z if self.z_mode == "sample" else self.posterior().mean
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        obs = np.asarray(obs)
-        if obs.shape[0] != self.batch:
-            raise ValueError(f"expected observations for {self.batch} sub-envs, got shape {obs.shape}")
-        return self.algo.act(obs, self.current_z(), self.deterministic, self.generator)
-
-    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray,
-                reward: np.ndarray | None = None) -> None:
-        """Add each sub-env's transition ``(batch, ·)`` to its belief."""
-        if reward is None:
-            if self.reward_fn is None:
-                raise ValueError("PEARLController needs rewards: give reward_fn (family_reward_fn) or observe(reward=)")
-            reward = self.reward_fn(obs, sent_action, next_obs)
-        self.absorb(*(np.asarray(x)[:, None] for x in (obs, sent_action, np.reshape(reward, (self.batch,)), next_obs)))
-
-    def absorb(self, obs: np.ndarray, act: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
-               valid: np.ndarray | None = None) -> None:
-        """Add ``T`` transitions per sub-env at once (``(batch, T, ·)``, rewards and ``valid`` ``(batch, T)``),
-        in time order, e.g. a round's earlier episodes; steps where ``valid`` is False add nothing."""
-        reward = np.asarray(reward, dtype=np.float64)
-        finite = (np.isfinite(obs).all(-1) & np.isfinite(act).all(-1) & np.isfinite(next_obs).all(-1)
-                  & np.isfinite(reward))
-        wanted = np.ones_like(finite) if valid is None else np.asarray(valid, dtype=bool)
-        use = finite & wanted
-        clean = lambda x: np.where(use.reshape(*use.shape, *([1] * (np.ndim(x) - 2))), x, 0.0)  # noqa: E731
-        mean, var = self.algo.transition_factors(clean(obs), clean(act), clean(reward), clean(next_obs))
-        precision = np.where(use[..., None], 1.0 / var, 0.0)
-        for t in range(precision.shape[1]):
-            weighted = precision[:, t] * mean[:, t]
-            if self.context_window is None:
-                self._precision_sum = self._precision_sum + precision[:, t]
-                self._weighted_mean_sum = self._weighted_mean_sum + weighted
-            else:
-                self._precisions.append(precision[:, t])
-                self._weighted_means.append(weighted)
-        self._observed += precision.shape[1]
-        self.skipped += (wanted & ~finite).sum(axis=1)
-
-
-# ---- one exploration round (PEARL's data collection for a task) ----------------------------------
-@dataclass
-class CollectionSchedule:
-    """Episodes per task in one exploration round (the reference counts steps; one episode = episode_steps)."""
-
-    prior_episodes: int = 1
-    """Episodes with z drawn from the prior at each episode start; to the encoder and RL buffers."""
-    posterior_episodes: int = 0
-    """Episodes with z sampled from the posterior of the round so far; to the encoder and RL buffers."""
-    extra_rl_episodes: int = 1
-    """Episodes with z sampled from the posterior of the round so far; to the RL buffer only (the
-    reference's ``num_extra_rl_steps_posterior``: policy data under inferred beliefs, kept out of the
-    context so the encoder trains on the same kind of context it gets at meta-test time)."""
-
-    def validate(self) -> None:
-        for name in ("prior_episodes", "posterior_episodes", "extra_rl_episodes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"CollectionSchedule.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.prior_episodes + self.posterior_episodes == 0:
-            raise ValueError("CollectionSchedule: prior_episodes + posterior_episodes must be >= 1, or the round "
-                             "leaves the encoder buffer empty")
-
-
-def explore_tasks(algo: PEARL, replay: TaskReplay, envs: gym.vector.VectorEnv, family: TaskFamily,
-                  tasks: Sequence[Task], task_ids: Sequence[int], schedule: CollectionSchedule,
-                  seed: int | Sequence[int]) -> dict[str, Rollout]:
-    """One exploration round on ``tasks`` (sub-env ``i`` runs ``tasks[i]``, stored as ``task_ids[i]``).
-
-    Each task's encoder buffer is emptied first, then: ``prior_episodes`` with z from the prior,
-    ``posterior_episodes`` and ``extra_rl_episodes`` with z resampled at each episode start from the
-    posterior of everything this round has collected so far on the task. Every transition goes to
-    the RL buffer; only prior and posterior episodes go to the encoder buffer. Actions are sampled
-    from the policy (exploration). Returns the rollout of each non-empty phase by name
-    (``prior``, ``posterior``, ``extra_rl``) for logging.
-
-    ``seed``: an int resets sub-env ``i`` with ``seed + i`` (``seed + 1 + i`` and ``seed + 2 + i`` for the
-    posterior and RL-only phases); a list gives each sub-env its own reset seed, and ``[s] * n`` starts
-    every task's first episode of each phase from the same state (``s``, ``s + 1``, ``s + 2``), as a gap
-    measurement against an oracle episode from that state needs.
-    """
-    schedule.validate()
-    if len(tasks) != envs.num_envs or len(task_ids) != envs.num_envs:
-        raise ValueError(f"got {len(tasks)} tasks and {len(task_ids)} ids for {envs.num_envs} sub-envs")
-    params = {n: np.array([t[n] for t in tasks]) for n in family.reward_names}
-    reward_fn = family_reward_fn(get_reward(family.spec.reward), algo.robot, params)
-    for task_id, task in zip(task_ids, tasks, strict=True):
-        replay.begin_exploration(task_id, family.to_vector(task))
-    one_seed = isinstance(seed, int | np.integer)
-    if not one_seed and len(seed) != envs.num_envs:
-        raise ValueError(f"got {len(seed)} reset seeds for {envs.num_envs} sub-envs")
-
-    def phase_seed(k: int) -> int | list[int]:
-        return int(seed) + k if one_seed else [int(s) + k for s in seed]
-    policy_seed = int(seed) if one_seed else int(seed[0])
-    out: dict[str, Rollout] = {}
-    if schedule.prior_episodes:
-        prior = PEARLController(algo, envs.num_envs, reward_fn=reward_fn, keep_context=False, seed=policy_seed)
-        out["prior"] = collect(envs, family, prior, tasks, schedule.prior_episodes, seed=phase_seed(0))
-        replay.add_rollout(task_ids, out["prior"], encoder=True)
-    # Posterior phases: one controller that keeps its context, primed with the prior episodes.
-    posterior = PEARLController(algo, envs.num_envs, reward_fn=reward_fn, keep_context=True, seed=policy_seed + 1)
-    if "prior" in out:
-        r = out["prior"]
-        posterior.absorb(r.obs, r.actions, r.rewards, r.next_obs, r.valid)
-    for name, episodes, to_encoder, k in (("posterior", schedule.posterior_episodes, True, 1),
-                                          ("extra_rl", schedule.extra_rl_episodes, False, 2)):
-        if episodes:
-            out[name] = collect(envs, family, posterior, tasks, episodes, seed=phase_seed(k))
-            replay.add_rollout(task_ids, out[name], encoder=to_encoder)
-    return out
+        return export_context_policy

@@ -1,11 +1,13 @@
 """Turn a training run folder into a policy bundle: its ONNX graphs and a ``bundle.yaml`` manifest.
 
-The run's algorithm picks the bundle kind: a ``context_mbrl`` run becomes a ``model_based`` bundle
-(encoder, dynamics and rollout graphs), a ``pearl`` run a ``context_policy`` bundle (factor and policy
-graphs). :func:`export_run` rebuilds the model from a checkpoint, exports it, measures torch-vs-onnxruntime
-parity on random and on real (buffer) inputs, writes the manifest and finally loads the result
-with the robot-side loader (:func:`metarl_robot.runtime.bundle.load_bundle`), so a bundle that
-the runtime would refuse is never written. The folder is assembled next to its destination and
+The run's algorithm picks the bundle kind and the export step (its ``bundle_kind`` and ``exporter()``,
+:mod:`metarl_robot.algos.registry`): a ``context_mbrl`` run becomes a ``model_based`` bundle (encoder,
+dynamics and rollout graphs, :func:`export_model_based`), a ``pearl`` run a ``context_policy`` bundle
+(factor and policy graphs, :func:`export_context_policy`). :func:`export_run` rebuilds the model
+from a checkpoint, exports it, measures torch-vs-onnxruntime parity on random and on real (buffer)
+inputs, writes the manifest and finally loads the result with the robot-side loader
+(:func:`metarl_robot.runtime.bundle.load_bundle`), so a bundle that the runtime would refuse is
+never written. The folder is assembled next to its destination and
 moved into place only when every check has passed. Format: ``docs/bundle_format.md``.
 """
 
@@ -27,7 +29,9 @@ import torch
 import yaml
 
 from metarl_robot.algos.buffer import EpisodeBuffer
-from metarl_robot.algos.pearl import PEARL, TaskReplay
+from metarl_robot.algos.pearl import PEARL
+from metarl_robot.algos.registry import ALGORITHMS, get_algorithm
+from metarl_robot.algos.task_replay import TaskReplay
 from metarl_robot.export.onnx_graphs import (
     PARITY_CRITERION,
     PARITY_TOLERANCE,
@@ -211,7 +215,7 @@ def _manifest(run: _Run, name: str, graphs: _ExportedGraphs) -> dict[str, Any]:
     }
 
 
-def _export_model_based(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
+def export_model_based(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
                         ) -> _ExportedGraphs:
     """Encoder, dynamics and fused rollout of a context_mbrl checkpoint, parity on random and buffer inputs."""
     robot, cfg = run.robot, run.cfg
@@ -239,7 +243,7 @@ def _export_model_based(run: _Run, staging: Path, name: str, exporter: Exporter,
         {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "real_samples": parity_samples})
 
 
-def _export_pearl(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
+def export_context_policy(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
                   ) -> _ExportedGraphs:
     """Factor and policy graphs of a PEARL checkpoint, parity on random inputs and on the run's replay."""
     if exporter not in ("auto", "torchscript"):
@@ -259,12 +263,13 @@ def _export_pearl(run: _Run, staging: Path, name: str, exporter: Exporter, parit
                                                     "robot_interface_sha256": run.robot.interface_hash})
     return _ExportedGraphs(
         ContextPolicyBundle.kind, {"factors": graphs.factors, "policy": graphs.policy}, graphs.interfaces, graphs.opset,
-        "torchscript", {"adaptation": {"algorithm": "pearl", "latent_dim": int(algo.latent_dim)}},
+        "torchscript", {"adaptation": {"algorithm": algo.name, "latent_dim": int(algo.latent_dim)}},
         {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "replay_samples": per_task * tasks})
 
 
-_EXPORTERS = {"context_mbrl": _export_model_based, "pearl": _export_pearl}
-"""Run config ``algo`` → the export step of its bundle kind."""
+def _exportable() -> list[str]:
+    """The registered algorithms whose runs export to a bundle."""
+    return [name for name, algorithm in ALGORITHMS.items() if algorithm.exporter() is not None]
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
@@ -286,9 +291,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
     cfg = load_config(config_path)
-    if cfg.algo not in _EXPORTERS:
+    algorithm = get_algorithm(cfg.algo)
+    export_graphs_of_kind = algorithm.exporter()
+    if export_graphs_of_kind is None:
         raise SpecError(str(config_path), "algo", f"cannot export {cfg.algo!r} runs to a bundle; exportable: "
-                        f"{', '.join(sorted(_EXPORTERS))}")
+                        f"{', '.join(sorted(_exportable()))}")
     _prepare_out_dir(out_dir, overwrite)
     run = _open_run(run_dir, config_path, cfg, checkpoint)
 
@@ -296,7 +303,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         bundle_name = name or out_dir.name
-        graphs = _EXPORTERS[run.cfg.algo](run, staging, bundle_name, exporter, parity_samples, seed)
+        graphs = export_graphs_of_kind(run, staging, bundle_name, exporter, parity_samples, seed)
+        if graphs.kind != algorithm.bundle_kind:  # a bug in the algorithm's declaration, never input
+            raise RuntimeError(f"{cfg.algo} declares bundle kind {algorithm.bundle_kind!r}, its exporter wrote "
+                               f"{graphs.kind!r}")
         (staging / MANIFEST_FILE).write_text(
             "# metarl-robot policy bundle; format: docs/bundle_format.md\n"
             + yaml.safe_dump(_yaml_safe(_manifest(run, bundle_name, graphs)), sort_keys=False, width=120))

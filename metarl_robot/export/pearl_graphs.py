@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl_robot.algos.pearl import PEARL, TaskReplay
+from metarl_robot.algos.pearl import PEARL
+from metarl_robot.algos.registry import get_algorithm
+from metarl_robot.algos.task_replay import TaskReplay
 from metarl_robot.export.onnx_graphs import (
     OPSET,
     ExportError,
@@ -209,9 +211,9 @@ def export_pearl_checkpoint(checkpoint: str | Path, out_dir: str | Path, seed: i
     when it is there. :class:`ExportError` for a checkpoint of another algorithm."""
     checkpoint = Path(checkpoint)
     kind = load_checkpoint(checkpoint)["algo_kind"]
-    if kind != "pearl":
-        raise ExportError(f"{checkpoint}: algo_kind is {kind!r}; PEARL graphs export only 'pearl' checkpoints "
-                          "(context_mbrl runs export with metarl export)")
+    if not issubclass(get_algorithm(kind), PEARL):
+        raise ExportError(f"{checkpoint}: algo_kind is {kind!r}; PEARL graphs export only {PEARL.name!r} checkpoints "
+                          "(other algorithms' runs export with metarl export)")
     _, _, algo = load_trained(checkpoint)
     if not isinstance(algo, PEARL):  # load_trained already refuses a kind/config mismatch; this names the type
         raise ExportError(f"{checkpoint}: loaded a {type(algo).__name__}, not PEARL")

@@ -1,24 +1,21 @@
 """Run configuration: one typed YAML per run, unknown keys rejected, saved resolved in the run folder.
 
-``algo`` picks the learner and with it the sections it reads: ``context_mbrl`` reads ``model`` and
-``training``; ``pearl`` reads ``pearl_net``, ``pearl`` and ``pearl_schedule``. A section of the other
+``algo`` picks the learner (:data:`metarl_robot.algos.registry.ALGORITHMS`) and with it its run config
+class and the sections only it reads (``context_mbrl``: ``model`` and ``training``; ``pearl``:
+``pearl_net``, ``pearl`` and ``pearl_schedule``), each declared by the algorithm. A section of another
 algorithm is refused rather than silently ignored. ``planner``, ``loop`` and the rest are shared (for
 PEARL the planner is only the oracle's, which grades the adversarial sampler and ``metarl eval``).
 """
 
 from __future__ import annotations
 
-import re
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from metarl_robot.algos.context_mbrl import ContextMBRLConfig
-from metarl_robot.algos.pearl import CollectionSchedule, PEARLConfig
-from metarl_robot.models.context_dynamics import ContextDynamicsConfig
-from metarl_robot.models.pearl import PEARLNetConfig
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.schema import SpecError, build, check_schema_version, load_yaml, to_plain
 from metarl_robot.train.task_sampler import AdversaryConfig, GaussianSamplerConfig
@@ -56,8 +53,9 @@ class LoopConfig:
     thread is fastest: with torch's default pool a loaded 2-core machine ran 15x slower."""
 
 
-class _RunConfig:
-    """What both algorithms' run configs share (a mixin: the fields are each dataclass's own)."""
+class RunConfig:
+    """What every algorithm's run config shares (a mixin: the fields are each dataclass's own, so that each
+    declares them in its file order); the algorithm's module defines the dataclass (``config_class``)."""
 
     name: str | None
     algo: str
@@ -86,112 +84,41 @@ class _RunConfig:
             self.loop.adversary.validate(None, self.loop.tasks_per_iteration)
         except ValueError as exc:
             raise SpecError(where, "loop.adversary", str(exc)) from exc
+        if self.loop.task_sampler == "adversarial" and self.loop.adversary.reward_gradient:
+            from metarl_robot.algos.registry import get_algorithm, with_capability
+
+            if not get_algorithm(self.algo).differentiable_model:
+                raise SpecError(where, "loop.adversary.reward_gradient", "the implicit reward gradient "
+                                "differentiates the learned dynamics model: algo "
+                                f"{', '.join(with_capability('differentiable_model'))} only; set it false")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_plain(self), sort_keys=False)
 
 
-@dataclass
-class TrainConfig(_RunConfig):
-    """Everything a context_mbrl training run needs; ``metarl train <this.yaml>``."""
-
-    schema_version: int
-    """Version of this schema the file was written for."""
-    algo: Literal["context_mbrl"]
-    """Learning algorithm (``pearl`` configs are :class:`PEARLTrainConfig`)."""
-    family: str
-    """Task family name (sim/tasks) or path to a family YAML."""
-    seed: int = 0
-    """Seeds tasks, resets, planner noise and network initialisation."""
-    name: str | None = None
-    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
-    model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
-    """Encoder and ensemble sizes."""
-    training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
-    """Optimisation of the model."""
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    """MPC used for data collection, and exported as the bundle's planner defaults."""
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    """The outer loop."""
-
-    def validate(self, where: str) -> None:
-        self._validate_shared(where, ["training.grad_steps", "training.batch_size", "model.ensemble_size",
-                                      "model.context_window"])
-        if self.training.learning_rate <= 0:
-            raise SpecError(where, "training.learning_rate", f"must be > 0, got {self.training.learning_rate}")
+_MOVED = {"TrainConfig": "metarl_robot.algos.context_mbrl", "PEARLTrainConfig": "metarl_robot.algos.pearl"}
+"""Run config classes that lived here before each moved to its algorithm's module (still importable from here)."""
 
 
-@dataclass
-class PEARLTrainConfig(_RunConfig):
-    """Everything a PEARL training run needs (docs/pearl.md); ``metarl train <this.yaml>``."""
-
-    schema_version: int
-    """Version of this schema the file was written for."""
-    algo: Literal["pearl"]
-    """Learning algorithm: a context-inference policy (PEARL)."""
-    family: str
-    """Task family name (sim/tasks) or path to a family YAML."""
-    seed: int = 0
-    """Seeds tasks, resets, exploration and network initialisation."""
-    name: str | None = None
-    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
-    pearl_net: PEARLNetConfig = field(default_factory=PEARLNetConfig)
-    """Sizes of the encoder, the actor and the critics."""
-    pearl: PEARLConfig = field(default_factory=PEARLConfig)
-    """Optimisation and replay settings."""
-    pearl_schedule: CollectionSchedule = field(default_factory=CollectionSchedule)
-    """Episodes of each task's exploration round: prior, posterior and RL-only."""
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    """The oracle's MPC (through the true physics), which grades the adversarial sampler and ``metarl eval``."""
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    """The outer loop."""
-
-    def validate(self, where: str) -> None:
-        self._validate_shared(where, [])
-        for section, obj in (("pearl", self.pearl), ("pearl_schedule", self.pearl_schedule)):
-            try:
-                obj.validate()
-            except ValueError as exc:  # "PEARLConfig.meta_batch must be > 0, ..." -> field pearl.meta_batch
-                named = re.match(r"\w+\.(\w+)", str(exc))
-                raise SpecError(where, f"{section}.{named.group(1)}" if named else section, str(exc)) from exc
-        net = self.pearl_net
-        for name in ("latent_dim", "hidden", "layers", "encoder_hidden", "encoder_layers"):
-            if getattr(net, name) < 1:
-                raise SpecError(where, f"pearl_net.{name}", f"must be >= 1, got {getattr(net, name)}")
-        if not net.min_factor_var > 0:
-            raise SpecError(where, "pearl_net.min_factor_var", f"must be > 0, got {net.min_factor_var}")
-        if not net.log_std_min < net.log_std_max:
-            raise SpecError(where, "pearl_net.log_std_min", f"must be < log_std_max ({net.log_std_max}), got "
-                            f"{net.log_std_min}")
-        if self.loop.task_sampler == "adversarial":
-            if self.loop.adversary.reward_gradient:
-                raise SpecError(where, "loop.adversary.reward_gradient", "the implicit reward gradient "
-                                "differentiates the learned dynamics model: algo context_mbrl only; set it false")
-            if self.pearl_schedule.posterior_episodes + self.pearl_schedule.extra_rl_episodes < 1:
-                raise SpecError(where, "pearl_schedule", "the adversarial sampler grades each candidate's first "
-                                "episode under the posterior: posterior_episodes + extra_rl_episodes must be >= 1")
-
-
-RunConfig = TrainConfig | PEARLTrainConfig
-"""A run config of either algorithm."""
-CONFIG_CLASSES: dict[str, type[TrainConfig] | type[PEARLTrainConfig]] = {"context_mbrl": TrainConfig,
-                                                                          "pearl": PEARLTrainConfig}
-"""``algo`` → the config class that reads it."""
-ALGO_SECTIONS = {"model": "context_mbrl", "training": "context_mbrl", "pearl_net": "pearl", "pearl": "pearl",
-                 "pearl_schedule": "pearl"}
-"""Config sections read by one algorithm only; a config for the other is refused if it has them."""
+def __getattr__(name: str) -> Any:
+    """A moved run config class, imported on first use: the algorithms' modules import this one."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_config(data: Any, where: str) -> RunConfig:
     """The run config of ``data``'s algorithm (checked for unknown keys and types, not validated)."""
+    from metarl_robot.algos.registry import ALGORITHMS, section_owners  # the algorithms import this module
+
     algo = data.get("algo") if isinstance(data, dict) else None
-    if algo not in CONFIG_CLASSES:
-        raise SpecError(where, "algo", f"got {algo!r}; allowed: " + ", ".join(repr(a) for a in CONFIG_CLASSES))
-    for name, owner in ALGO_SECTIONS.items():
+    if algo not in ALGORITHMS:
+        raise SpecError(where, "algo", f"got {algo!r}; allowed: " + ", ".join(repr(a) for a in ALGORITHMS))
+    for name, owner in section_owners().items():
         if name in data and owner != algo:
             raise SpecError(where, name, f"is read by algo {owner} only, this config is for algo {algo!r} "
                             "(remove the section)")
-    return build(CONFIG_CLASSES[algo], data, where)
+    return build(ALGORITHMS[algo].config_class, data, where)
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from metarl_robot.algos.pearl import PEARLController, Posterior, family_reward_fn
+from metarl_robot.algos.mpc_controller import MPCController
+from metarl_robot.algos.pearl_controller import PEARLController, Posterior, family_reward_fn
 from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.kinds import bundle_kind
@@ -53,7 +54,6 @@ from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError, build, to_plain
 from metarl_robot.train.gap import OracleReturns, episode_success, run_episodes
-from metarl_robot.train.runner import MPCController
 
 
 class _Source:

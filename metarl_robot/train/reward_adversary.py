@@ -29,12 +29,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
-from metarl_robot.algos.context_mbrl import ContextMBRL
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.envs.oracle import MujocoOracle
 from metarl_robot.envs.rollout import make_vector_env
@@ -51,6 +50,9 @@ from metarl_robot.train.implicit_gradient import (
     reinforce_gradient,
     reinforce_mixed_term,
 )
+
+if TYPE_CHECKING:  # algos.context_mbrl imports the run config, which imports this module
+    from metarl_robot.algos.context_mbrl import ContextMBRL
 
 F64 = torch.float64
 

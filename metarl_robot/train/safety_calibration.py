@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from metarl_robot.algos.mpc_controller import MPCController
 from metarl_robot.envs.rollout import collect, make_vector_env
 from metarl_robot.replay.calibration import (
     calibrate_prediction_threshold,
@@ -31,7 +32,6 @@ from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.manifest import LoadedBundle
 from metarl_robot.runtime.safety import SafetyConfig
 from metarl_robot.spec.schema import SpecError
-from metarl_robot.train.runner import MPCController
 
 PARAMS_FILE = "safety_params.yaml"
 REPORT_FILE = "safety_calibration.json"

@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from metarl_robot.algos.pearl import (
-    PEARL,
-    CollectionSchedule,
-    Context,
-    PEARLConfig,
-    PEARLController,
-    TaskReplay,
-    explore_tasks,
-    family_reward_fn,
-)
+from metarl_robot.algos.pearl import PEARL, PEARLConfig
+from metarl_robot.algos.pearl_controller import PEARLController, family_reward_fn
+from metarl_robot.algos.pearl_exploration import CollectionSchedule, explore_tasks
+from metarl_robot.algos.task_replay import Context, TaskReplay
 from metarl_robot.envs.rollout import Rollout, collect, make_vector_env
 from metarl_robot.models.pearl import PEARLNetConfig
 from metarl_robot.spec.family import load_family

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-from metarl_robot.algos.pearl import PEARL, PEARLController, TaskReplay, family_reward_fn
+from metarl_robot.algos.pearl import PEARL
+from metarl_robot.algos.pearl_controller import PEARLController, family_reward_fn
+from metarl_robot.algos.task_replay import TaskReplay
 from metarl_robot.envs.registry import make_env
 from metarl_robot.export.pearl_graphs import export_pearl_graphs
 from metarl_robot.paths import REPO_ROOT

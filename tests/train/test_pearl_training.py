@@ -111,7 +111,7 @@ def test_adversarial_sampler_grades_the_first_posterior_episode_from_the_oracles
     assert sorted(chosen) == sorted(np.argsort(-gaps)[:2].tolist())  # trains on the worst two
     assert line["tasks"] == [line["candidates"][i] for i in chosen] and line["task_ids"] == [2, 3]
 
-    from metarl_robot.algos.pearl import TaskReplay
+    from metarl_robot.algos.task_replay import TaskReplay
 
     replay = TaskReplay.load(run / "replay.npz")
     assert sorted(replay.rl) == [0, 1, 2, 3]  # the discarded candidate's round never reached the replay
