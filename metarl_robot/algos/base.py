@@ -8,7 +8,7 @@ reward-gradient proposal, the oracle's accounting), the run folder, logging and 
 An iteration, as the runner drives it::
 
     collection = algo.collect(tasks, iteration, seed, starts)   # one collection per task, nothing stored yet
-    collection = algo.keep(collection, chosen)                  # only when the adversary chose among them
+    collection = collection.take(chosen)                        # only when the adversary chose among them
     info = algo.store(tasks, collection)                        # into the data store (buffer.npz, replay.npz)
     fit = algo.update()                                         # gradient steps on the store
     report = algo.report(iteration, collection, fit, graded_return, counters)
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,8 +35,9 @@ if TYPE_CHECKING:  # the run config imports the registry, which imports the algo
 
 
 @dataclass
-class Collection:
-    """An iteration's data on its tasks (row ``i`` belongs to task ``i``), not yet in the data store."""
+class Collection(ABC):
+    """An iteration's data on its tasks (row ``i`` belongs to task ``i``), not yet in the data store; each
+    algorithm subclasses it with its own data."""
 
     graded_returns: np.ndarray
     """``(tasks,)`` each task's return of the episode the adversary grades against the oracle's."""
@@ -46,6 +47,15 @@ class Collection:
     """The graded episode resets with the task's start seed + this (its oracle episode starts there too)."""
     grading_info: dict[str, Any] = field(default_factory=dict)
     """Extra tasks.jsonl fields of a graded iteration (e.g. which episode was graded)."""
+
+    def take(self, chosen: list[int]) -> Collection:
+        """The part of the tasks at indices ``chosen`` (in that order): what the adversary keeps."""
+        index = np.asarray(chosen, dtype=np.int64)
+        return replace(self, graded_returns=self.graded_returns[index], **self.take_rows(index))
+
+    @abstractmethod
+    def take_rows(self, index: np.ndarray) -> dict[str, Any]:
+        """The subclass's own per-task fields, rows ``index`` (for :meth:`take`)."""
 
 
 @dataclass
@@ -104,10 +114,6 @@ class Algorithm(ABC):
         """One collection per task, with the untrained learner at iteration 0. ``seed``: the iteration's reset
         seed (by default sub-env ``i`` of a chunk resets with it + the chunk's offset + ``i``); ``starts``: each
         task's own reset seed instead, as a gap measurement against the oracle needs."""
-
-    @abstractmethod
-    def keep(self, collection: Collection, chosen: list[int]) -> Collection:
-        """The part of ``collection`` of the tasks at indices ``chosen`` (in that order)."""
 
     @abstractmethod
     def store(self, tasks: list[Task], collection: Collection) -> dict[str, Any]:

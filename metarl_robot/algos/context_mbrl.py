@@ -57,16 +57,8 @@ class ContextMBRLConfig:
 class TrainConfig(RunConfig):
     """Everything a context_mbrl training run needs; ``metarl train <this.yaml>``."""
 
-    schema_version: int
-    """Version of this schema the file was written for."""
     algo: Literal["context_mbrl"]
     """Learning algorithm (``pearl`` configs are :class:`~metarl_robot.algos.pearl.PEARLTrainConfig`)."""
-    family: str
-    """Task family name (sim/tasks) or path to a family YAML."""
-    seed: int = 0
-    """Seeds tasks, resets, planner noise and network initialisation."""
-    name: str | None = None
-    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
     model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
     """Encoder and ensemble sizes."""
     training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
@@ -95,6 +87,9 @@ class Collected(Collection):
     seed: int = 0
     """Reset seed of the iteration (by default chunk sub-env ``i`` resets with it + its index; graded candidates
     reset with the sampler's ``starts``)."""
+
+    def take_rows(self, index: np.ndarray) -> dict[str, Any]:
+        return {"rollout": self.rollout.take(index), "errors": None if self.errors is None else self.errors[:, index]}
 
     def summary(self, window: int) -> tuple[float, dict[str, float]]:
         """Mean return and the online errors before / after the first ``window`` steps (NaN for random data)."""
@@ -169,11 +164,6 @@ class ContextMBRL(Algorithm):
         rollout = Rollout.concatenate(parts)
         return Collected(rollout.episode_returns()[:, 0], episodes_per_task=1, rollout=rollout,
                          errors=np.concatenate(errors, axis=1) if errors else None, seed=seed)
-
-    def keep(self, collection: Collected, chosen: list[int]) -> Collected:
-        errors = collection.errors[:, chosen] if collection.errors is not None else None
-        return replace(collection, graded_returns=collection.graded_returns[chosen],
-                       rollout=collection.rollout.take(np.array(chosen)), errors=errors)
 
     def store(self, tasks: list[Task], collection: Collected) -> dict[str, Any]:
         self.buffer.add(collection.rollout, np.stack([self.family.to_vector(t) for t in tasks]))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,16 +120,8 @@ class PEARLConfig:
 class PEARLTrainConfig(RunConfig):
     """Everything a PEARL training run needs (docs/pearl.md); ``metarl train <this.yaml>``."""
 
-    schema_version: int
-    """Version of this schema the file was written for."""
     algo: Literal["pearl"]
     """Learning algorithm: a context-inference policy (PEARL)."""
-    family: str
-    """Task family name (sim/tasks) or path to a family YAML."""
-    seed: int = 0
-    """Seeds tasks, resets, exploration and network initialisation."""
-    name: str | None = None
-    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
     pearl_net: PEARLNetConfig = field(default_factory=PEARLNetConfig)
     """Sizes of the encoder, the actor and the critics."""
     pearl: PEARLConfig = field(default_factory=PEARLConfig)
@@ -171,6 +163,9 @@ class ExplorationRounds(Collection):
 
     rounds: dict[str, Rollout] = field(default_factory=dict)
     """Phase → its rollout (the phases the schedule runs)."""
+
+    def take_rows(self, index: np.ndarray) -> dict[str, Any]:
+        return {"rounds": {name: rollout.take(index) for name, rollout in self.rounds.items()}}
 
 
 # ---- the algorithm -------------------------------------------------------------------------------
@@ -256,10 +251,6 @@ class PEARL(Algorithm):
             graded, episodes_per_task=schedule.prior_episodes + schedule.posterior_episodes
             + schedule.extra_rl_episodes, graded_start_offset=1 if graded_phase == "posterior" else 2,
             grading_info={"graded_phase": graded_phase}, rounds=rounds)
-
-    def keep(self, collection: ExplorationRounds, chosen: list[int]) -> ExplorationRounds:
-        return replace(collection, graded_returns=collection.graded_returns[chosen],
-                       rounds={name: r.take(np.array(chosen)) for name, r in collection.rounds.items()})
 
     def store(self, tasks: list[Task], collection: ExplorationRounds) -> dict[str, Any]:
         """Each task under a new id, its round stored as :func:`explore_tasks` stores one."""

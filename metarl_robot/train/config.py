@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -53,16 +53,25 @@ class LoopConfig:
     thread is fastest: with torch's default pool a loaded 2-core machine ran 15x slower."""
 
 
+@dataclass
 class RunConfig:
-    """What every algorithm's run config shares (a mixin: the fields are each dataclass's own, so that each
-    declares them in its file order); the algorithm's module defines the dataclass (``config_class``)."""
+    """The fields every algorithm's run config starts with; the algorithm's module subclasses it (its
+    ``config_class``), narrowing ``algo`` to its name and adding its own sections, then ``planner`` and
+    ``loop`` (declared there, so that a resolved config.yaml lists them after the algorithm's sections)."""
 
-    name: str | None
+    schema_version: int
+    """Version of this schema the file was written for."""
     algo: str
+    """Learning algorithm (:data:`metarl_robot.algos.registry.ALGORITHMS`)."""
     family: str
-    seed: int
-    planner: PlannerConfig
-    loop: LoopConfig
+    """Task family name (sim/tasks) or path to a family YAML."""
+    seed: int = 0
+    """Seeds tasks, resets, the learner's own randomness (planner noise, exploration) and network initialisation."""
+    name: str | None = None
+    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
+    if TYPE_CHECKING:  # every subclass declares them, after its own sections
+        planner: PlannerConfig
+        loop: LoopConfig
 
     @property
     def run_name(self) -> str:

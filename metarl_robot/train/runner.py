@@ -255,7 +255,7 @@ class Runner:
             worst = chosen[0]
             info["reward_gradient"] = self._reward_gradient_proposal(candidates[worst], graded_starts[worst])
         self.oracle_env_steps += (self.oracle.episodes_run - oracle_runs) * self.family.spec.episode_steps
-        return [candidates[i] for i in chosen], self.algo.keep(collection, chosen), info
+        return [candidates[i] for i in chosen], collection.take(chosen), info
 
     def _iteration(self, iteration: int) -> tuple[list[Task], dict[str, Any], IterationReport]:
         """Collect, store, update: the tasks trained on, their tasks.jsonl fields and the iteration's report."""
