@@ -98,7 +98,9 @@ ORACLE_CACHE_FILE = "oracle_returns.json"
 
 
 class Runner:
-    """Owns the loop, the data, logging and checkpoints; the algorithm owns the math."""
+    """Owns the loop: which tasks (iteration 0's, the sampler's, the adversary's choice), the oracle's accounting,
+    logging and checkpoints; the algorithm (:class:`~metarl_robot.algos.base.Algorithm`) owns the math, its data
+    store and how it collects on a task."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
         self.cfg, self.progress = cfg, progress
