@@ -3,9 +3,9 @@
 Read top to bottom: the configs, the iteration's collection, then the algorithm. Each iteration
 collects one episode per new task (random actions at iteration 0, MPC through the current model
 after: :meth:`ContextMBRL.collect`) into the :class:`EpisodeBuffer`; :meth:`ContextMBRL.update` fits
-the encoder and the ensemble jointly by
-Gaussian NLL on targets whose context windows come from the same episode; at control time the
-context of the last K transitions conditions the model the planner plans through. The ensemble
+the encoder and the ensemble jointly by Gaussian NLL on targets whose context windows come from the
+same episode; at control time the context of the last K transitions conditions the model the
+planner plans through. The ensemble
 members share the encoder but each trains on its own independently drawn minibatch.
 Seeds: PETS (Chua et al. 2018) for the heads and trajectory sampling; CaDM (Lee et al. 2020) and
 the adaptive-model line of GrBAL/ReBAL (Nagabandi et al. 2019) for adapting the model online.
@@ -175,11 +175,11 @@ class ContextMBRL(Algorithm):
         sizes = tuple(self.run_cfg.loop.eval_context_sizes)
         pred = self.prediction_error(self.buffer, sizes) if len(self.buffer.split(True)) \
             else dict.fromkeys(sizes, float("nan"))  # no held-out episode yet
+        # The adversary trains on its worst graded episodes: the mean over all it graded compares with the
+        # other samplers' training return.
+        graded = mean_return if graded_return is None else graded_return
         metrics = {
-            # The adversary trains on its worst graded episodes: the mean over all it graded compares
-            # with the other samplers' training return.
-            "episode_return": mean_return, "graded_episode_return": mean_return if graded_return is None
-            else graded_return,
+            "episode_return": mean_return, "graded_episode_return": graded,
             "policy": 0.0 if iteration == 0 else 1.0,
             "episodes": float(len(self.buffer)), "transitions": float(self.buffer.transitions),
             **counters,
