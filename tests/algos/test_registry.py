@@ -18,7 +18,7 @@ from metarl_robot.algos.base import Algorithm, Collection, IterationReport
 from metarl_robot.algos.context_mbrl import ContextMBRL
 from metarl_robot.algos.pearl import PEARL
 from metarl_robot.envs.rollout import Rollout, collect, make_vector_env, random_policy
-from metarl_robot.runtime.bundle import CONTEXT_POLICY, MODEL_BASED
+from metarl_robot.runtime.kinds import bundle_kind
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.family import Task
 from metarl_robot.spec.robot import RobotSpec
@@ -159,7 +159,9 @@ def test_each_algorithm_declares_its_name_config_and_bundle_kind():
         assert get_args(get_type_hints(algorithm.config_class)["algo"]) == (name,)
         config_fields = {f.name for f in fields(algorithm.config_class)}
         assert set(algorithm.sections) <= config_fields, name
-    assert ContextMBRL.bundle_kind == MODEL_BASED and PEARL.bundle_kind == CONTEXT_POLICY
+    assert (ContextMBRL.bundle_kind, PEARL.bundle_kind) == ("model_based", "context_policy")
+    for algorithm in registry.ALGORITHMS.values():  # a kind the robot-side runtime runs
+        assert bundle_kind(algorithm.bundle_kind).kind == algorithm.bundle_kind
     assert (ContextMBRL.store_file, PEARL.store_file) == ("buffer.npz", "replay.npz")
     assert registry.with_capability("differentiable_model") == ["context_mbrl"]
 
