@@ -14,12 +14,13 @@ An iteration, as the runner drives it::
     report = algo.report(iteration, collection, fit, graded_return, counters)
 
 Adding an algorithm: a module with its config dataclasses, its run config (a
-:class:`~metarl_robot.train.config.RunConfig` subclass) and a subclass of :class:`Algorithm`,
+:class:`~metarl_robot.train.loop_config.RunConfig` subclass) and a subclass of :class:`Algorithm`,
 plus one line in :data:`metarl_robot.algos.registry.ALGORITHMS` (docs/algorithms.md).
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,10 +29,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-if TYPE_CHECKING:  # the run config imports the registry, which imports the algorithms
+if TYPE_CHECKING:
     from metarl_robot.spec.family import Task, TaskFamily
     from metarl_robot.spec.robot import RobotSpec
-    from metarl_robot.train.config import RunConfig
+    from metarl_robot.train.loop_config import RunConfig
 
 
 @dataclass
@@ -85,6 +86,10 @@ class Algorithm(ABC):
     """tasks.jsonl's ``sampler`` at iteration 0 (its initial tasks are uniform draws for every sampler)."""
     store_file: ClassVar[str]
     """Its data store in the run folder (needed to resume, and by the exporter's parity check)."""
+    exporter: ClassVar[str | None] = None
+    """``"module:function"`` of the export step writing its ``bundle_kind`` bundle (``metarl export``, see
+    :func:`metarl_robot.export.bundle_writer.export_run`); named, not imported, since the export code imports
+    the trainer. None if its runs cannot be exported."""
     differentiable_model: ClassVar[bool] = False
     """Whether it learns a dynamics model the reward-gradient adversary can differentiate
     (``loop.adversary.reward_gradient``; docs/admrl.md)."""
@@ -156,7 +161,9 @@ class Algorithm(ABC):
 
     # ---- export -----------------------------------------------------------------------------------
     @classmethod
-    def exporter(cls) -> Callable[..., Any] | None:
-        """The export step writing its ``bundle_kind`` graphs (``metarl export``; see
-        :func:`metarl_robot.export.bundle_writer.export_run`), or None if its runs cannot be exported."""
-        return None
+    def export_step(cls) -> Callable[..., Any] | None:
+        """The function :attr:`exporter` names (imported on use), or None if its runs cannot be exported."""
+        if cls.exporter is None:
+            return None
+        module, _, function = cls.exporter.partition(":")
+        return getattr(importlib.import_module(module), function)

@@ -13,7 +13,6 @@ the adaptive-model line of GrBAL/ReBAL (Nagabandi et al. 2019) for adapting the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,7 @@ from metarl_robot.spec.family import Task
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
-from metarl_robot.train.config import LoopConfig, RunConfig
+from metarl_robot.train.loop_config import LoopConfig, RunConfig
 
 
 @dataclass
@@ -109,6 +108,7 @@ class ContextMBRL(Algorithm):
     sections = ("model", "training")
     bundle_kind = "model_based"
     initial_sampler = "random"
+    exporter = "metarl_robot.export.bundle_writer:export_model_based"
     store_file = "buffer.npz"
     differentiable_model = True
 
@@ -273,10 +273,3 @@ class ContextMBRL(Algorithm):
 
     def load_store(self, run_dir: Path) -> None:
         self.buffer = EpisodeBuffer.load(run_dir / self.store_file)
-
-    # ---- export ---------------------------------------------------------------------------------
-    @classmethod
-    def exporter(cls) -> Callable[..., Any]:
-        from metarl_robot.export.bundle_writer import export_model_based  # export imports the trainer
-
-        return export_model_based

@@ -26,7 +26,6 @@ Context Variables".
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +44,7 @@ from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.family import Task
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
-from metarl_robot.train.config import LoopConfig, RunConfig
+from metarl_robot.train.loop_config import LoopConfig, RunConfig
 
 
 @dataclass
@@ -181,6 +180,7 @@ class PEARL(Algorithm):
     sections = ("pearl_net", "pearl", "pearl_schedule")
     bundle_kind = "context_policy"
     initial_sampler = "initial"
+    exporter = "metarl_robot.export.bundle_writer:export_context_policy"
     store_file = "replay.npz"
 
     def __init__(self, robot: RobotSpec, net_cfg: PEARLNetConfig, cfg: PEARLConfig, seed: int = 0) -> None:
@@ -441,10 +441,3 @@ class PEARL(Algorithm):
 
     def load_store(self, run_dir: Path) -> None:
         self.replay = TaskReplay.load(run_dir / self.store_file)
-
-    # ---- export ---------------------------------------------------------------------------------
-    @classmethod
-    def exporter(cls) -> Callable[..., Any]:
-        from metarl_robot.export.bundle_writer import export_context_policy  # export imports the trainer
-
-        return export_context_policy

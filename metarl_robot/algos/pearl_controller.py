@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
-
-if TYPE_CHECKING:  # the algorithm returns Posterior beliefs: it imports this module
-    from metarl_robot.algos.pearl import PEARL
 
 
 @dataclass
@@ -23,6 +20,23 @@ class Posterior:
 
     mean: np.ndarray
     var: np.ndarray
+
+
+class LatentPolicy(Protocol):
+    """What the controller and an exploration round ask of the trained agent: :class:`~metarl_robot.algos.pearl.PEARL`
+    (a protocol rather than the class, since the algorithm collects through this module)."""
+
+    robot: RobotSpec
+
+    def prior(self, batch: int) -> Posterior: ...
+
+    def sample_z(self, posterior: Posterior, rng: np.random.Generator) -> np.ndarray: ...
+
+    def transition_factors(self, obs: np.ndarray, act: np.ndarray, reward: np.ndarray, next_obs: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def act(self, obs: np.ndarray, z: np.ndarray, deterministic: bool, generator: torch.Generator | None = None
+            ) -> np.ndarray: ...
 
 
 
@@ -58,7 +72,7 @@ class PEARLController:
     non-finite number adds no evidence (counted in ``skipped``).
     """
 
-    def __init__(self, algo: PEARL, batch: int, deterministic: bool = False, reward_fn: RewardFn | None = None,
+    def __init__(self, algo: LatentPolicy, batch: int, deterministic: bool = False, reward_fn: RewardFn | None = None,
                  keep_context: bool = False, z_mode: Literal["sample", "mean"] | None = None,
                  context_window: int | None = None, seed: int = 0) -> None:
         if batch < 1:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
 
-from metarl_robot.algos.pearl_controller import PEARLController, family_reward_fn
+from metarl_robot.algos.pearl_controller import LatentPolicy, PEARLController, family_reward_fn
 from metarl_robot.algos.task_replay import TaskReplay
 from metarl_robot.envs.rollout import Rollout, collect
 from metarl_robot.spec.family import Task, TaskFamily
 from metarl_robot.spec.rewards import get_reward
-
-if TYPE_CHECKING:  # the algorithm collects through explore_tasks: it imports this module
-    from metarl_robot.algos.pearl import PEARL
 
 
 @dataclass
@@ -41,7 +37,7 @@ class CollectionSchedule:
                              "leaves the encoder buffer empty")
 
 
-def explore_tasks(algo: PEARL, replay: TaskReplay, envs: gym.vector.VectorEnv, family: TaskFamily,
+def explore_tasks(algo: LatentPolicy, replay: TaskReplay, envs: gym.vector.VectorEnv, family: TaskFamily,
                   tasks: Sequence[Task], task_ids: Sequence[int], schedule: CollectionSchedule,
                   seed: int | Sequence[int]) -> dict[str, Rollout]:
     """One exploration round on ``tasks`` (sub-env ``i`` runs ``tasks[i]``, stored as ``task_ids[i]``).

@@ -1,6 +1,6 @@
 """Turn a training run folder into a policy bundle: its ONNX graphs and a ``bundle.yaml`` manifest.
 
-The run's algorithm picks the bundle kind and the export step (its ``bundle_kind`` and ``exporter()``,
+The run's algorithm picks the bundle kind and the export step (its ``bundle_kind`` and ``exporter``,
 :mod:`metarl_robot.algos.registry`): a ``context_mbrl`` run becomes a ``model_based`` bundle (encoder,
 dynamics and rollout graphs, :func:`export_model_based`), a ``pearl`` run a ``context_policy`` bundle
 (factor and policy graphs, :func:`export_context_policy`). :func:`export_run` rebuilds the model
@@ -269,7 +269,7 @@ def export_context_policy(run: _Run, staging: Path, name: str, exporter: Exporte
 
 def _exportable() -> list[str]:
     """The registered algorithms whose runs export to a bundle."""
-    return [name for name, algorithm in ALGORITHMS.items() if algorithm.exporter() is not None]
+    return [name for name, algorithm in ALGORITHMS.items() if algorithm.exporter is not None]
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
@@ -292,7 +292,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
         raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
     cfg = load_config(config_path)
     algorithm = get_algorithm(cfg.algo)
-    export_graphs_of_kind = algorithm.exporter()
+    export_graphs_of_kind = algorithm.export_step()
     if export_graphs_of_kind is None:
         raise SpecError(str(config_path), "algo", f"cannot export {cfg.algo!r} runs to a bundle; exportable: "
                         f"{', '.join(sorted(_exportable()))}")

@@ -9,117 +9,21 @@ PEARL the planner is only the oracle's, which grades the adversarial sampler and
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-import yaml
-
-from metarl_robot.runtime.planner import PlannerConfig
-from metarl_robot.spec.schema import SpecError, build, check_schema_version, load_yaml, to_plain
-from metarl_robot.train.task_sampler import AdversaryConfig, GaussianSamplerConfig
+from metarl_robot.algos.context_mbrl import TrainConfig
+from metarl_robot.algos.pearl import PEARLTrainConfig
+from metarl_robot.algos.registry import ALGORITHMS, get_algorithm, section_owners, with_capability
+from metarl_robot.spec.schema import SpecError, build, check_schema_version, load_yaml
+from metarl_robot.train.loop_config import LoopConfig, RunConfig
 
 CONFIG_SCHEMA_VERSION = 1
 """The run-config schema this code reads."""
 
 
-@dataclass
-class LoopConfig:
-    """The outer meta-training loop (owned by the runner)."""
-
-    iterations: int = 10
-    """Training iterations; iteration 0 collects initial data (random actions for context_mbrl, the untrained
-    policy for pearl), later ones collect with the current learner."""
-    tasks_per_iteration: int = 4
-    """Tasks drawn per iteration, one per sub-env (one episode each for context_mbrl, one exploration round
-    as ``pearl_schedule`` says for pearl)."""
-    random_episodes: int = 8
-    """Tasks of iteration 0, each on its own uniform draw: one random-action episode each for context_mbrl,
-    one exploration round of the untrained policy each for pearl."""
-    task_sampler: Literal["uniform", "gaussian", "adversarial"] = "uniform"
-    """How training tasks are chosen from the family's train box: ``uniform`` draws, a ``gaussian`` around
-    the box centre, or ``adversarial`` (AdMRL: the tasks with the largest gap to the oracle; docs/admrl.md)."""
-    gaussian: GaussianSamplerConfig = field(default_factory=GaussianSamplerConfig)
-    """Settings of the ``gaussian`` sampler."""
-    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
-    """Settings of the ``adversarial`` sampler."""
-    vector: Literal["sync", "async"] = "sync"
-    """Vector env mode for collection (planning is batched across sub-envs either way)."""
-    eval_context_sizes: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
-    """Context sizes at which the held-out prediction error is logged (0 = unadapted; context_mbrl only)."""
-    torch_threads: int = 1
-    """torch intra-op threads. Planning makes thousands of tiny model calls per step, for which one
-    thread is fastest: with torch's default pool a loaded 2-core machine ran 15x slower."""
-
-
-@dataclass
-class RunConfig:
-    """The fields every algorithm's run config starts with; the algorithm's module subclasses it (its
-    ``config_class``), narrowing ``algo`` to its name and adding its own sections, then ``planner`` and
-    ``loop`` (declared there, so that a resolved config.yaml lists them after the algorithm's sections)."""
-
-    schema_version: int
-    """Version of this schema the file was written for."""
-    algo: str
-    """Learning algorithm (:data:`metarl_robot.algos.registry.ALGORITHMS`)."""
-    family: str
-    """Task family name (sim/tasks) or path to a family YAML."""
-    seed: int = 0
-    """Seeds tasks, resets, the learner's own randomness (planner noise, exploration) and network initialisation."""
-    name: str | None = None
-    """Run folder name under the output folder (default: <algo>_<family>_s<seed>)."""
-    if TYPE_CHECKING:  # every subclass declares them, after its own sections
-        planner: PlannerConfig
-        loop: LoopConfig
-
-    @property
-    def run_name(self) -> str:
-        return self.name or f"{self.algo}_{Path(self.family).stem}_s{self.seed}"
-
-    def _validate_shared(self, where: str, positive: list[str]) -> None:
-        try:
-            self.planner.validate()
-        except ValueError as exc:
-            raise SpecError(where, "planner", str(exc)) from exc
-        for name in ["loop.iterations", "loop.tasks_per_iteration", "loop.random_episodes", *positive]:
-            section, key = name.split(".")
-            value = getattr(getattr(self, section), key)
-            if value < 1:
-                raise SpecError(where, name, f"must be >= 1, got {value}")
-        if self.loop.gaussian.std <= 0:
-            raise SpecError(where, "loop.gaussian.std", f"must be > 0, got {self.loop.gaussian.std}")
-        try:
-            self.loop.adversary.validate(None, self.loop.tasks_per_iteration)
-        except ValueError as exc:
-            raise SpecError(where, "loop.adversary", str(exc)) from exc
-        if self.loop.task_sampler == "adversarial" and self.loop.adversary.reward_gradient:
-            from metarl_robot.algos.registry import get_algorithm, with_capability
-
-            if not get_algorithm(self.algo).differentiable_model:
-                raise SpecError(where, "loop.adversary.reward_gradient", "the implicit reward gradient "
-                                "differentiates the learned dynamics model: algo "
-                                f"{', '.join(with_capability('differentiable_model'))} only; set it false")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(to_plain(self), sort_keys=False)
-
-
-_MOVED = {"TrainConfig": "metarl_robot.algos.context_mbrl", "PEARLTrainConfig": "metarl_robot.algos.pearl"}
-"""Run config classes that lived here before each moved to its algorithm's module (still importable from here)."""
-
-
-def __getattr__(name: str) -> Any:
-    """A moved run config class, imported on first use: the algorithms' modules import this one."""
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def build_config(data: Any, where: str) -> RunConfig:
     """The run config of ``data``'s algorithm (checked for unknown keys and types, not validated)."""
-    from metarl_robot.algos.registry import ALGORITHMS, section_owners  # the algorithms import this module
-
     algo = data.get("algo") if isinstance(data, dict) else None
     if algo not in ALGORITHMS:
         raise SpecError(where, "algo", f"got {algo!r}; allowed: " + ", ".join(repr(a) for a in ALGORITHMS))
@@ -142,4 +46,20 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         node[leaf] = value
     cfg = build_config(data, where)
     cfg.validate(where)
+    _check_capabilities(cfg, where)
     return cfg
+
+
+def _check_capabilities(cfg: RunConfig, where: str) -> None:
+    """Refuse settings the config's algorithm cannot serve (it declares what it can)."""
+    if cfg.loop.task_sampler == "adversarial" and cfg.loop.adversary.reward_gradient \
+            and not get_algorithm(cfg.algo).differentiable_model:
+        raise SpecError(where, "loop.adversary.reward_gradient", "the implicit reward gradient differentiates the "
+                        f"learned dynamics model: algo {', '.join(with_capability('differentiable_model'))} only; "
+                        "set it false")
+
+
+# LoopConfig and RunConfig live in loop_config.py, TrainConfig and PEARLTrainConfig with their algorithms; all were
+# defined here before and still import from here.
+__all__ = ["CONFIG_SCHEMA_VERSION", "LoopConfig", "PEARLTrainConfig", "RunConfig", "TrainConfig", "build_config",
+           "load_config"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ import torch
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.envs.oracle import MujocoOracle
 from metarl_robot.envs.rollout import make_vector_env
+from metarl_robot.models.context_dynamics import ContextDynamics
 from metarl_robot.models.rewards import get_torch_reward
 from metarl_robot.spec.family import Task, TaskFamily
 from metarl_robot.spec.rewards import get_reward
@@ -51,8 +52,18 @@ from metarl_robot.train.implicit_gradient import (
     reinforce_mixed_term,
 )
 
-if TYPE_CHECKING:  # algos.context_mbrl imports the run config, which imports this module
-    from metarl_robot.algos.context_mbrl import ContextMBRL
+
+class ModelBasedLearner(Protocol):
+    """What the gap gradient asks of the model-based learner (:class:`~metarl_robot.algos.context_mbrl.ContextMBRL`;
+    a protocol rather than the class, since the run config, which the algorithm's module imports, imports this
+    module's settings)."""
+
+    model: ContextDynamics
+    window: int
+    ensemble_size: int
+
+    def encode(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray, ctx_mask: np.ndarray
+               ) -> np.ndarray: ...
 
 F64 = torch.float64
 
@@ -169,7 +180,7 @@ def reward_param_grads(family: TaskFamily, robot: RobotSpec, theta: Mapping[str,
 class SurrogateLearner:
     """The open-loop Gaussian policy, its model value J(φ, θ) through the model, and its adaptation."""
 
-    def __init__(self, algo: ContextMBRL, family: TaskFamily, robot: RobotSpec, start_obs: np.ndarray,
+    def __init__(self, algo: ModelBasedLearner, family: TaskFamily, robot: RobotSpec, start_obs: np.ndarray,
                  context: np.ndarray, cfg: RewardGradientConfig, rng: np.random.Generator) -> None:
         self.family, self.robot, self.cfg = family, robot, cfg
         # A float64 copy: H and the CG solve need more precision than the float32 training weights give.
@@ -316,7 +327,7 @@ class RewardGapGradient:
                 "start_offset": self.start_offset}
 
 
-def _context(algo: ContextMBRL, oracle: Trajectories, cfg: RewardGradientConfig) -> np.ndarray:
+def _context(algo: ModelBasedLearner, oracle: Trajectories, cfg: RewardGradientConfig) -> np.ndarray:
     # The K real transitions before the window (what the MPC learner would condition on there); at
     # t0 = 0 there are none yet, so the episode's first K stand in (the dynamics are the task's either way).
     k, t0 = algo.window, cfg.window_start
@@ -349,7 +360,7 @@ def real_rollouts(env: MetaMujocoEnv, start_obs: np.ndarray, actions: np.ndarray
     return obs, next_obs, get_reward(family.spec.reward)(robot, obs, actions, next_obs, params)[0]
 
 
-def reward_gap_gradient(algo: ContextMBRL, family: TaskFamily, robot: RobotSpec, task: Mapping[str, float],
+def reward_gap_gradient(algo: ModelBasedLearner, family: TaskFamily, robot: RobotSpec, task: Mapping[str, float],
                         oracle: Any, cfg: RewardGradientConfig | None = None,
                         rng: np.random.Generator | None = None, seed: int = 0) -> RewardGapGradient:
     """AdMRL's ∇_θ gap over the reward parameters of ``task`` for the model in ``algo``.
@@ -456,7 +467,7 @@ class RewardGradientAdversary:
     model rollout) leaves the task where it is, with ``gradient_finite = 0`` in the history.
     """
 
-    def __init__(self, algo: ContextMBRL, family: TaskFamily, robot: RobotSpec,
+    def __init__(self, algo: ModelBasedLearner, family: TaskFamily, robot: RobotSpec,
                  cfg: RewardAdversaryConfig | None = None, seed: int = 0) -> None:
         if not family.reward_names:
             raise ValueError(f"family {family.name!r} has no reward parameters; use the CEM adversary")

@@ -23,7 +23,8 @@ from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.family import Task
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
-from metarl_robot.train.config import LoopConfig, RunConfig, build_config, load_config
+from metarl_robot.train.config import build_config, load_config
+from metarl_robot.train.loop_config import LoopConfig, RunConfig
 
 # ---- a toy algorithm: random actions, a linear least-squares model of the reward ---------------------
 
