@@ -81,15 +81,16 @@ class Algorithm(ABC):
     sections: ClassVar[tuple[str, ...]]
     """The run-config sections only this algorithm reads (refused in another algorithm's config)."""
     bundle_kind: ClassVar[str | None]
-    """The ``kind`` of the policy bundle its export writes (``metarl export``); None if it has no exporter."""
+    """The ``kind`` of the policy bundle its export writes by default (``metarl export``); None if it has no
+    exporter."""
     initial_sampler: ClassVar[str]
     """tasks.jsonl's ``sampler`` at iteration 0 (its initial tasks are uniform draws for every sampler)."""
     store_file: ClassVar[str]
     """Its data store in the run folder (needed to resume, and by the exporter's parity check)."""
-    exporter: ClassVar[str | None] = None
-    """``"module:function"`` of the export step writing its ``bundle_kind`` bundle (``metarl export``, see
+    exporters: ClassVar[dict[str, str]] = {}
+    """Bundle kind → ``"module:function"`` of the export step writing it (``metarl export``, see
     :func:`metarl_robot.export.bundle_writer.export_run`); named, not imported, since the export code imports
-    the trainer. None if its runs cannot be exported."""
+    the trainer. Empty if its runs cannot be exported; ``bundle_kind`` is the one written by default."""
     differentiable_model: ClassVar[bool] = False
     """Whether it learns a dynamics model the reward-gradient adversary can differentiate
     (``loop.adversary.reward_gradient``; docs/admrl.md)."""
@@ -161,9 +162,7 @@ class Algorithm(ABC):
 
     # ---- export -----------------------------------------------------------------------------------
     @classmethod
-    def export_step(cls) -> Callable[..., Any] | None:
-        """The function :attr:`exporter` names (imported on use), or None if its runs cannot be exported."""
-        if cls.exporter is None:
-            return None
-        module, _, function = cls.exporter.partition(":")
+    def export_step(cls, kind: str) -> Callable[..., Any]:
+        """The export step :attr:`exporters` names for ``kind`` (imported on use); KeyError if it has none."""
+        module, _, function = cls.exporters[kind].partition(":")
         return getattr(importlib.import_module(module), function)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ class ContextMBRL(Algorithm):
     sections = ("model", "training")
     bundle_kind = "model_based"
     initial_sampler = "random"
-    exporter = "metarl_robot.export.bundle_writer:export_model_based"
+    exporters: ClassVar[dict[str, str]] = {"model_based": "metarl_robot.export.bundle_writer:export_model_based"}
     store_file = "buffer.npz"
     differentiable_model = True
 

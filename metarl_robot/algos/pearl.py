@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -180,7 +180,7 @@ class PEARL(Algorithm):
     sections = ("pearl_net", "pearl", "pearl_schedule")
     bundle_kind = "context_policy"
     initial_sampler = "initial"
-    exporter = "metarl_robot.export.bundle_writer:export_context_policy"
+    exporters: ClassVar[dict[str, str]] = {"context_policy": "metarl_robot.export.bundle_writer:export_context_policy"}
     store_file = "replay.npz"
 
     def __init__(self, robot: RobotSpec, net_cfg: PEARLNetConfig, cfg: PEARLConfig, seed: int = 0) -> None:

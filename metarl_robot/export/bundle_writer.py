@@ -269,17 +269,18 @@ def export_context_policy(run: _Run, staging: Path, name: str, exporter: Exporte
 
 def _exportable() -> list[str]:
     """The registered algorithms whose runs export to a bundle."""
-    return [name for name, algorithm in ALGORITHMS.items() if algorithm.exporter is not None]
+    return [name for name, algorithm in ALGORITHMS.items() if algorithm.exporters]
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
                name: str | None = None, overwrite: bool = False, exporter: Exporter = "auto",
-               parity_samples: int = 512, seed: int = 0) -> Path:
+               parity_samples: int = 512, seed: int = 0, kind: str | None = None) -> Path:
     """Export a training run's checkpoint as a bundle folder ``out_dir``; returns its path.
 
-    The run's ``algo`` picks the kind: ``context_mbrl`` → ``model_based`` (encoder, dynamics, rollout graphs;
-    parity on the run's buffer.npz), ``pearl`` → ``context_policy`` (factor and policy graphs; parity on the
-    run's replay.npz; TorchScript exporter only). ``checkpoint``: ``latest``, an iteration number or a
+    ``kind``: the bundle kind, one of those the run's algorithm exports to (its ``exporters``); by default
+    the one it declares as ``bundle_kind``: ``context_mbrl`` → ``model_based`` (encoder, dynamics, rollout
+    graphs; parity on the run's buffer.npz), ``pearl`` → ``context_policy`` (factor and policy graphs; parity
+    on the run's replay.npz; TorchScript exporter only). ``checkpoint``: ``latest``, an iteration number or a
     checkpoint path. ``name`` defaults to the folder name of ``out_dir``. ``parity_samples``: real
     transitions the parity check uses (for PEARL, spread evenly over the replay's tasks, rounded up). A
     non-empty ``out_dir`` is refused unless ``overwrite`` (and even then only if it holds a bundle.yaml).
@@ -292,10 +293,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
         raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
     cfg = load_config(config_path)
     algorithm = get_algorithm(cfg.algo)
-    export_graphs_of_kind = algorithm.export_step()
-    if export_graphs_of_kind is None:
+    if not algorithm.exporters:
         raise SpecError(str(config_path), "algo", f"cannot export {cfg.algo!r} runs to a bundle; exportable: "
                         f"{', '.join(sorted(_exportable()))}")
+    kind = algorithm.bundle_kind if kind is None else kind
+    if kind not in algorithm.exporters:
+        raise SpecError(str(config_path), "kind", f"a {cfg.algo} run exports to {', '.join(algorithm.exporters)}; "
+                        f"got {kind!r}")
+    export_graphs_of_kind = algorithm.export_step(kind)
     _prepare_out_dir(out_dir, overwrite)
     run = _open_run(run_dir, config_path, cfg, checkpoint)
 
@@ -304,9 +309,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     try:
         bundle_name = name or out_dir.name
         graphs = export_graphs_of_kind(run, staging, bundle_name, exporter, parity_samples, seed)
-        if graphs.kind != algorithm.bundle_kind:  # a bug in the algorithm's declaration, never input
-            raise RuntimeError(f"{cfg.algo} declares bundle kind {algorithm.bundle_kind!r}, its exporter wrote "
-                               f"{graphs.kind!r}")
+        if graphs.kind != kind:  # a bug in the algorithm's declaration, never input
+            raise RuntimeError(f"{cfg.algo}'s export step for {kind!r} wrote a {graphs.kind!r} bundle")
         (staging / MANIFEST_FILE).write_text(
             "# metarl-robot policy bundle; format: docs/bundle_format.md\n"
             + yaml.safe_dump(_yaml_safe(_manifest(run, bundle_name, graphs)), sort_keys=False, width=120))

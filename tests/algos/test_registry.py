@@ -161,8 +161,9 @@ def test_each_algorithm_declares_its_name_config_and_bundle_kind():
         config_fields = {f.name for f in fields(algorithm.config_class)}
         assert set(algorithm.sections) <= config_fields, name
     assert (ContextMBRL.bundle_kind, PEARL.bundle_kind) == ("model_based", "context_policy")
-    for algorithm in registry.ALGORITHMS.values():  # a kind the robot-side runtime runs
-        assert bundle_kind(algorithm.bundle_kind).kind == algorithm.bundle_kind
+    for algorithm in registry.ALGORITHMS.values():  # kinds the robot-side runtime runs
+        assert algorithm.bundle_kind in algorithm.exporters
+        assert all(bundle_kind(kind).kind == kind for kind in algorithm.exporters)
     assert (ContextMBRL.store_file, PEARL.store_file) == ("buffer.npz", "replay.npz")
     assert registry.with_capability("differentiable_model") == ["context_mbrl"]
 
