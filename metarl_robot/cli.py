@@ -197,7 +197,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from metarl_robot.runtime.bundle import load_bundle
 
     out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, name=args.name, overwrite=args.overwrite,
-                     exporter=args.exporter)
+                     exporter=args.exporter, kind=args.kind)
     bundle = load_bundle(out)
     print(f"wrote {out}: {bundle.kind} bundle, robot {bundle.robot.name}, family {bundle.family.name}; the runtime "
           "loads and validates it")
@@ -361,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "robot spec, layouts, adaptation settings, provenance and the sha256 of every file. The run's "
                        "algorithm picks the kind: a context_mbrl run becomes a model_based bundle (encoder, dynamics "
                        "ensemble, the ensemble chained over the planner's horizon; planner defaults), a pearl run a "
-                       "context_policy bundle (per-transition belief factors, z-conditioned policy). See "
-                       "docs/bundle_format.md.")
+                       "context_policy bundle (per-transition belief factors, z-conditioned policy); --kind "
+                       "unadapted makes a context_mbrl run the non-adaptive baseline (the same ensemble with the "
+                       "empty-window context frozen into the manifest, no encoder). See docs/bundle_format.md.")
     p.add_argument("run_dir", help="run folder (with checkpoints/)")
     p.add_argument("--out", required=True, help="bundle folder to create, e.g. policies/cartpole_mb")
     p.add_argument("--checkpoint", default="latest", help="'latest' or an iteration number (default: latest)")
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
                    help="torch ONNX exporter (default: auto = TorchScript, dynamo if that fails; pearl runs: "
                    "TorchScript only)")
+    p.add_argument("--kind", help="bundle kind to write, one the run's algorithm exports (context_mbrl: model_based, "
+                   "unadapted; pearl: context_policy); default: the algorithm's own (model_based / context_policy)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the whole chain on the cart-pole family: train, ROS 2 node vs twin, replay, "

@@ -108,7 +108,8 @@ class ContextMBRL(Algorithm):
     sections = ("model", "training")
     bundle_kind = "model_based"
     initial_sampler = "random"
-    exporters: ClassVar[dict[str, str]] = {"model_based": "metarl_robot.export.bundle_writer:export_model_based"}
+    exporters: ClassVar[dict[str, str]] = {"model_based": "metarl_robot.export.bundle_writer:export_model_based",
+                                           "unadapted": "metarl_robot.export.bundle_writer:export_unadapted"}
     store_file = "buffer.npz"
     differentiable_model = True
 

@@ -49,6 +49,7 @@ from metarl_robot.provenance import software_version
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
 from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
+from metarl_robot.runtime.kinds.unadapted import UnadaptedBundle
 from metarl_robot.runtime.manifest import (
     BUNDLE_SCHEMA_VERSION,
     MANIFEST_FILE,
@@ -57,6 +58,7 @@ from metarl_robot.runtime.manifest import (
     observation_layout,
     sha256_file,
 )
+from metarl_robot.runtime.onnx_graph import make_session
 from metarl_robot.spec.family import TaskFamily, load_family
 from metarl_robot.spec.robot import RobotSpec, robot_from_dict
 from metarl_robot.spec.schema import SpecError, to_plain
@@ -241,6 +243,26 @@ def export_model_based(run: _Run, staging: Path, name: str, exporter: Exporter, 
         graphs.interfaces, graphs.opset, graphs.exporter,
         {"adaptation": adaptation, "planner": to_plain(cfg.planner)},
         {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity, "real_samples": parity_samples})
+
+
+def export_unadapted(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int
+                     ) -> _ExportedGraphs:
+    """The non-adaptive baseline of a context_mbrl checkpoint: :func:`export_model_based`'s dynamics and rollout
+    graphs (same parity checks) without the encoder, conditioned on the context the exported encoder graph gives an
+    empty window (computed by onnxruntime, as the robot's model-based adapter computes it), written into the
+    manifest. The bundle plans exactly as the model-based bundle of the same checkpoint with adaptation off."""
+    graphs = export_model_based(run, staging, name, exporter, parity_samples, seed)
+    encoder_file = graphs.files.pop("encoder")
+    encoder = make_session(encoder_file)
+    shapes = {i.name: [1, *i.shape[1:]] for i in encoder.get_inputs()}
+    (context,) = encoder.run(None, {n: np.zeros(shape, np.float32) for n, shape in shapes.items()})
+    encoder_file.unlink()  # the runtime refuses an ONNX file its manifest does not list
+    adaptation = graphs.sections["adaptation"]
+    model = {"context": [float(x) for x in context[0]], "ensemble_size": adaptation["ensemble_size"],
+             "rollout_horizon": adaptation["rollout_horizon"]}
+    return _ExportedGraphs(UnadaptedBundle.kind, graphs.files, {g: graphs.interfaces[g] for g in graphs.files},
+                           graphs.opset, graphs.exporter, {"model": model, "planner": graphs.sections["planner"]},
+                           graphs.parity)
 
 
 def export_context_policy(run: _Run, staging: Path, name: str, exporter: Exporter, parity_samples: int, seed: int

@@ -63,8 +63,8 @@ def test_it_plans_exactly_as_the_model_based_bundle_with_adaptation_off(unadapte
 
 @pytest.mark.parametrize(("change", "field", "problem"), [
     (lambda m: m["model"].update(context=[]), "model.context", "must be >= 1, got 0"),
-    (lambda m: m["model"].update(context=[math.nan] * len(m["model"]["context"])), "model.context",
-     "must be finite numbers"),
+    (lambda m: m["model"].update(context=[math.nan] * len(m["model"]["context"])), "model.context[0]",
+     "must be finite, got nan"),
     (lambda m: m["model"].update(ensemble_size=0), "model.ensemble_size", "must be >= 1, got 0"),
     (lambda m: m.update(adaptation={"context_window": 8}), "adaptation", "unknown key 'adaptation'"),
 ])

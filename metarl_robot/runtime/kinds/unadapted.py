@@ -26,7 +26,6 @@ from metarl_robot.runtime.kinds.model_based import (
     smoke_rollout,
 )
 from metarl_robot.runtime.manifest import (
-    BundleError,
     LoadedBundle,
     ManifestCommon,
     check_common,
@@ -92,9 +91,7 @@ class UnadaptedBundle(LoadedBundle):
         # 8. the frozen model's sizes and context, the planner defaults
         check_sizes(where, "model", {"ensemble_size": m.model.ensemble_size,
                                      "rollout_horizon": m.model.rollout_horizon, "context": len(m.model.context)})
-        context = np.asarray(m.model.context, dtype=np.float64)
-        if not np.isfinite(context).all():
-            raise BundleError(where, "model.context", f"must be finite numbers, got {m.model.context}")
+        context = np.asarray(m.model.context, dtype=np.float64)  # finite: the schema refuses NaN and Inf
         planner = load_planner(where, m.planner)
         every = graph_interfaces(robot.obs_dim, robot.action_dim, 1, context.size, m.model.ensemble_size,
                                  m.model.rollout_horizon)
