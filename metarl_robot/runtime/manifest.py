@@ -183,7 +183,8 @@ class LoadedBundle(ABC):
     acts_by: ClassVar[str] = ""
     """How the bundle acts, for people ("plans through its dynamics model"), after the bundle's name."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily,
+                 graphs: dict[str, OnnxGraph]) -> None:
         self.path = path
         """The bundle folder."""
         self.manifest = manifest
@@ -194,12 +195,35 @@ class LoadedBundle(ABC):
         """The task family it was trained on (reward name, parameter ranges)."""
         self.sha256 = sha256_file(path / MANIFEST_FILE)
         """sha256 of bundle.yaml: identifies the whole bundle (the manifest pins every other file's hash)."""
+        self.graphs = graphs
+        """The kind's validated graphs by name, as numpy callables."""
+
+    @classmethod
+    def load(cls, path: Path, data: dict[str, Any], threads: int) -> Self:
+        """Steps 3-12 on a manifest of this kind (read by :func:`read_manifest`): the common checks, the kind's
+        own sections (:meth:`check_sections`), its graphs declared and opened (``threads`` intra-op threads per
+        session), its smoke run (:meth:`smoke_test`). Raises :class:`BundleError` at the first failure."""
+        where = str(path)
+        m, robot, family = check_common(path, data, cls.manifest_class)
+        needed, parsed = cls.check_sections(m, robot, where)
+        check_declared_graphs(m, needed, where)
+        graphs = open_graphs(path, m, needed, threads)
+        cls.smoke_test(m, robot, graphs, where)
+        return cls(path, data, robot, family, graphs, **parsed)
 
     @classmethod
     @abstractmethod
-    def load(cls, path: Path, data: dict[str, Any], threads: int) -> Self:
-        """Validate a manifest of this kind (read by :func:`read_manifest`) and its graphs; open the sessions
-        (``threads`` intra-op threads each) and smoke-run them. Raises :class:`BundleError`."""
+    def check_sections(cls, m: Any, robot: RobotSpec, where: str
+                       ) -> tuple[dict[str, dict[str, dict[str, list[Dim]]]], dict[str, Any]]:
+        """Step 8: the kind's own manifest sections of ``m`` (its :attr:`manifest_class`), refused with a
+        :class:`BundleError` naming the field. Returns the graphs the kind needs (name → interface, inputs in the
+        order its callables take them) and what it parsed (keyword arguments of the constructor)."""
+
+    @classmethod
+    @abstractmethod
+    def smoke_test(cls, m: Any, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str) -> None:
+        """Step 12: a test run of the opened graphs on neutral inputs; :class:`BundleError` if a shape, a value
+        or the graphs' consistency is not what the runtime needs."""
 
     @abstractmethod
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,

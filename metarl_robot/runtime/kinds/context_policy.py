@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -23,9 +23,6 @@ from metarl_robot.runtime.manifest import (
     BundleError,
     LoadedBundle,
     ManifestCommon,
-    check_common,
-    check_declared_graphs,
-    open_graphs,
     refuse_planner_overrides,
 )
 from metarl_robot.runtime.onnx_graph import OnnxGraph
@@ -53,31 +50,6 @@ class ContextPolicyManifest(ManifestCommon):
     adaptation: ContextPolicyAdaptation
 
 
-def _smoke_test(factors: OnnxGraph, policy: OnnxGraph, robot: RobotSpec, latent_dim: int, where: str) -> None:
-    """Neutral transitions (zeros, and one at the robot's observation scale with the safe command) must give
-    finite factors with positive variance; the policy at the prior mean and at those factors' z must give
-    finite actions inside the action box (the box the safety layer would otherwise have to clip to)."""
-    o, a, d = robot.obs_dim, robot.action_dim, latent_dim
-    obs = np.stack([np.zeros(o), robot.obs_scale]).astype(np.float32)
-    action = np.broadcast_to(robot.safe_action, (2, a))
-    try:
-        mean, logvar = factors(obs, action, np.zeros(2), obs[::-1])
-        z = np.concatenate([np.zeros((2, d), np.float32), np.nan_to_num(mean)])  # the prior mean, and a factor's
-        (act,) = policy(np.concatenate([obs, obs]), z)
-    except Exception as exc:  # onnxruntime runtime failures
-        raise BundleError(where, "graphs", f"a test run of the graphs failed: {exc}") from None
-    check_outputs(where, [("factors output factor_mean", mean, (2, d)),
-                          ("factors output factor_logvar", logvar, (2, d)), ("policy output action", act, (4, a))])
-    if not np.all(np.isfinite(np.exp(-logvar.astype(np.float64)))):
-        raise BundleError(where, "graphs.factors", f"factor_logvar: a test run returned {float(logvar.min()):.3g}, "
-                          "whose precision exp(-log_var) overflows; a belief factor needs a finite precision")
-    outside = (act < robot.action_low) | (act > robot.action_high)
-    if outside.any():
-        raise BundleError(where, "graphs.policy", f"action: a test run returned {act[outside.any(axis=1)][0].tolist()}"
-                          f", outside the robot's action box [{robot.action_low.tolist()}, "
-                          f"{robot.action_high.tolist()}]: the policy graph does not end in the robot's box")
-
-
 class ContextPolicyBundle(LoadedBundle):
     """A loaded, validated ``context_policy`` bundle (PEARL): robot, family and the factor and policy graphs."""
 
@@ -88,9 +60,8 @@ class ContextPolicyBundle(LoadedBundle):
     acts_by = "is its policy, acting on the posterior mean of its belief over the task"
 
     def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,
-                 factors: OnnxGraph, policy: OnnxGraph) -> None:
-        super().__init__(path, manifest, robot, family)
-        self._factors, self._policy = factors, policy
+                 graphs: dict[str, OnnxGraph]) -> None:
+        super().__init__(path, manifest, robot, family, graphs)
         adaptation = manifest["adaptation"]
         self.algorithm: str = adaptation["algorithm"]
         """Algorithm that produced the graphs (``pearl``)."""
@@ -98,31 +69,53 @@ class ContextPolicyBundle(LoadedBundle):
         """d: size of the latent task variable z."""
 
     @classmethod
-    def load(cls, path: Path, data: dict[str, Any], threads: int) -> Self:
-        where = str(path)
-        m, robot, family = check_common(path, data, ContextPolicyManifest)
-        # 8. the belief's algorithm and size (there is no planner section: the policy graph acts)
+    def check_sections(cls, m: ContextPolicyManifest, robot: RobotSpec, where: str
+                       ) -> tuple[dict[str, dict[str, dict[str, list]]], dict[str, Any]]:
+        """The belief's algorithm and size (there is no planner section: the policy graph acts); the factor and
+        policy graphs."""
         ad = m.adaptation
         if ad.algorithm not in CONTEXT_POLICY_ALGORITHMS:
             raise BundleError(where, "adaptation.algorithm", f"got {ad.algorithm!r}; this runtime runs context-policy "
                               f"graphs of: {', '.join(CONTEXT_POLICY_ALGORITHMS)}")
         if ad.latent_dim < 1:
             raise BundleError(where, "adaptation.latent_dim", f"must be >= 1, got {ad.latent_dim}")
-        needed = pearl_graph_interfaces(robot.obs_dim, robot.action_dim, ad.latent_dim)
-        check_declared_graphs(m, needed, where)
-        graphs = open_graphs(path, m, needed, threads)
-        # 12. a smoke run: positive finite factor variances, finite actions inside the robot's action box
-        _smoke_test(graphs["factors"], graphs["policy"], robot, ad.latent_dim, where)
-        return cls(path, data, robot, family, graphs["factors"], graphs["policy"])
+        return pearl_graph_interfaces(robot.obs_dim, robot.action_dim, ad.latent_dim), {}
+
+    @classmethod
+    def smoke_test(cls, m: ContextPolicyManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str
+                   ) -> None:
+        """Neutral transitions (zeros, and one at the robot's observation scale with the safe command) must give
+        finite factors with positive variance; the policy at the prior mean and at those factors' z must give
+        finite actions inside the action box (the box the safety layer would otherwise have to clip to)."""
+        o, a, d = robot.obs_dim, robot.action_dim, m.adaptation.latent_dim
+        obs = np.stack([np.zeros(o), robot.obs_scale]).astype(np.float32)
+        action = np.broadcast_to(robot.safe_action, (2, a))
+        try:
+            mean, logvar = graphs["factors"](obs, action, np.zeros(2), obs[::-1])
+            z = np.concatenate([np.zeros((2, d), np.float32), np.nan_to_num(mean)])  # the prior mean, and a factor's
+            (act,) = graphs["policy"](np.concatenate([obs, obs]), z)
+        except Exception as exc:  # onnxruntime runtime failures
+            raise BundleError(where, "graphs", f"a test run of the graphs failed: {exc}") from None
+        check_outputs(where, [("factors output factor_mean", mean, (2, d)),
+                              ("factors output factor_logvar", logvar, (2, d)), ("policy output action", act, (4, a))])
+        if not np.all(np.isfinite(np.exp(-logvar.astype(np.float64)))):
+            raise BundleError(where, "graphs.factors", f"factor_logvar: a test run returned {float(logvar.min()):.3g}"
+                              ", whose precision exp(-log_var) overflows; a belief factor needs a finite precision")
+        outside = (act < robot.action_low) | (act > robot.action_high)
+        if outside.any():
+            raise BundleError(where, "graphs.policy", f"action: a test run returned "
+                              f"{act[outside.any(axis=1)][0].tolist()}, outside the robot's action box "
+                              f"[{robot.action_low.tolist()}, {robot.action_high.tolist()}]: the policy graph does not "
+                              "end in the robot's box")
 
     def transition_factors(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray
                            ) -> list[np.ndarray]:
         """``(B, o), (B, a), (B,), (B, o)`` → ``[factor_mean (B, d), factor_logvar (B, d)]`` float32."""
-        return self._factors(obs, action, reward, next_obs)
+        return self.graphs["factors"](obs, action, reward, next_obs)
 
     def policy(self, obs: np.ndarray, z: np.ndarray) -> list[np.ndarray]:
         """``(B, o), (B, d)`` → ``[action (B, a)]`` float32, inside the robot's action box."""
-        return self._policy(obs, z)
+        return self.graphs["policy"](obs, z)
 
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ContextPolicyAdapter:

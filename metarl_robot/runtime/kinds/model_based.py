@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -24,9 +24,6 @@ from metarl_robot.runtime.manifest import (
     BundleError,
     LoadedBundle,
     ManifestCommon,
-    check_common,
-    check_declared_graphs,
-    open_graphs,
     rethrow,
 )
 from metarl_robot.runtime.onnx_graph import Dim, OnnxGraph
@@ -48,17 +45,23 @@ another model) is orders of magnitude larger."""
 
 
 @dataclass(frozen=True)
-class AdaptationSpec:
+class EnsembleSpec:
+    """Sizes of the dynamics ensemble's graphs (the kinds that plan through it)."""
+
+    ensemble_size: int
+    """E: ensemble members in the dynamics graph."""
+    rollout_horizon: int
+    """H of the fused rollout graph (the planner's horizon at export; other horizons step the dynamics graph)."""
+
+
+@dataclass(frozen=True)
+class AdaptationSpec(EnsembleSpec):
     """Sizes the graphs were exported with."""
 
     context_window: int
     """K: transitions the encoder sees."""
     context_dim: int
     """d: size of the context vector."""
-    ensemble_size: int
-    """E: ensemble members in the dynamics graph."""
-    rollout_horizon: int
-    """H of the fused rollout graph (the planner's horizon at export; other horizons step the dynamics graph)."""
 
 
 @dataclass(frozen=True)
@@ -171,12 +174,11 @@ class ModelBasedBundle(LoadedBundle):
     belief_diagnostics = ("context",)
     acts_by = "plans through its dynamics model, conditioned on a context inferred from the last K transitions"
 
-    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any, planner: PlannerConfig,
-                 encoder: OnnxGraph, dynamics: OnnxGraph, rollout: OnnxGraph) -> None:
-        super().__init__(path, manifest, robot, family)
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,
+                 graphs: dict[str, OnnxGraph], planner: PlannerConfig) -> None:
+        super().__init__(path, manifest, robot, family, graphs)
         self.planner = planner
         """Planner defaults (the training run's MPC settings)."""
-        self._encoder, self._dynamics, self._rollout = encoder, dynamics, rollout
         adaptation = manifest["adaptation"]
         self.context_window: int = adaptation["context_window"]
         self.context_dim: int = adaptation["context_dim"]
@@ -184,19 +186,19 @@ class ModelBasedBundle(LoadedBundle):
         self.rollout_horizon: int = adaptation["rollout_horizon"]
 
     @classmethod
-    def load(cls, path: Path, data: dict[str, Any], threads: int) -> Self:
-        where = str(path)
-        m, robot, family = check_common(path, data, ModelBasedManifest)
-        # 8. adaptation sizes and planner defaults
+    def check_sections(cls, m: ModelBasedManifest, robot: RobotSpec, where: str
+                       ) -> tuple[dict[str, dict[str, dict[str, list[Dim]]]], dict[str, Any]]:
+        """Adaptation sizes >= 1 and the planner defaults; the encoder, dynamics and rollout graphs."""
         ad = m.adaptation
-        check_sizes(where, "adaptation", {k: getattr(ad, k) for k in ("context_window", "context_dim",
-                                                                      "ensemble_size", "rollout_horizon")})
+        check_sizes(where, "adaptation", vars(ad))
         planner = load_planner(where, m.planner)
-        needed = graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim,
-                                  ad.ensemble_size, ad.rollout_horizon)
-        check_declared_graphs(m, needed, where)
-        graphs = open_graphs(path, m, needed, threads)
-        # 12. a smoke run: the encoder on an empty and a one-transition window, then the model at its context
+        return graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim, ad.ensemble_size,
+                                ad.rollout_horizon), {"planner": planner}
+
+    @classmethod
+    def smoke_test(cls, m: ModelBasedManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str) -> None:
+        """The encoder on an empty and a one-transition window, then the model at its context."""
+        ad = m.adaptation
         b, k, o, a = 2, ad.context_window, robot.obs_dim, robot.action_dim
         mask = np.zeros((b, k), np.float32)
         mask[1, -1] = 1.0
@@ -207,20 +209,19 @@ class ModelBasedBundle(LoadedBundle):
         check_outputs(where, [("encoder output context", z, (b, ad.context_dim))])
         smoke_rollout(graphs["dynamics"], graphs["rollout"], robot, ad.ensemble_size, ad.rollout_horizon,
                       np.broadcast_to(z[:1], (ad.ensemble_size, 3, ad.context_dim)), where)
-        return cls(path, data, robot, family, planner, graphs["encoder"], graphs["dynamics"], graphs["rollout"])
 
     def encode(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray, ctx_mask: np.ndarray
                ) -> np.ndarray:
         """``(B, K, o), (B, K, a), (B, K, o), (B, K)`` → context ``(B, d)`` float32."""
-        return self._encoder(ctx_obs, ctx_act, ctx_next_obs, ctx_mask)[0]
+        return self.graphs["encoder"](ctx_obs, ctx_act, ctx_next_obs, ctx_mask)[0]
 
     def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
         """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
-        return self._dynamics(obs, act, context)[0]
+        return self.graphs["dynamics"](obs, act, context)[0]
 
     def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
         """``(E, M, o), (E, M, H, a), (E, M, d)`` → ``(E, M, H, o)``: :meth:`step` chained over the fused horizon."""
-        return self._rollout(obs, actions, context)[0]
+        return self.graphs["rollout"](obs, actions, context)[0]
 
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ModelBasedAdapter:
@@ -241,5 +242,5 @@ class ModelBasedBundle(LoadedBundle):
 
 
 __all__ = ["DYNAMICS_INPUTS", "DYNAMICS_OUTPUTS", "ENCODER_INPUTS", "ENCODER_OUTPUTS", "ROLLOUT_CHAIN_TOLERANCE",
-           "ROLLOUT_INPUTS", "ROLLOUT_OUTPUTS", "AdaptationSpec", "ModelBasedBundle", "ModelBasedManifest",
-           "graph_interfaces"]
+           "ROLLOUT_INPUTS", "ROLLOUT_OUTPUTS", "AdaptationSpec", "EnsembleSpec", "ModelBasedBundle",
+           "ModelBasedManifest", "graph_interfaces"]

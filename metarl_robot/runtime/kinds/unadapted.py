@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.kinds.model_based import (
+    EnsembleSpec,
     check_sizes,
     graph_interfaces,
     load_planner,
@@ -28,11 +29,8 @@ from metarl_robot.runtime.kinds.model_based import (
 from metarl_robot.runtime.manifest import (
     LoadedBundle,
     ManifestCommon,
-    check_common,
-    check_declared_graphs,
-    open_graphs,
 )
-from metarl_robot.runtime.onnx_graph import OnnxGraph
+from metarl_robot.runtime.onnx_graph import Dim, OnnxGraph
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
@@ -40,19 +38,15 @@ from metarl_robot.spec.robot import RobotSpec
 UNADAPTED_GRAPHS = ("dynamics", "rollout")
 """The ``model_based`` graphs this kind keeps."""
 FROZEN_WINDOW = 1
-"""Transitions the adapter's (never read) context window holds: the context is the manifest's, not inferred."""
+"""Transitions the adapter's context window holds (never read: the context is the manifest's, not inferred)."""
 
 
 @dataclass(frozen=True)
-class FrozenModelSpec:
+class FrozenModelSpec(EnsembleSpec):
     """The ensemble's sizes and the context it is conditioned on."""
 
     context: list[float]
     """The context fed to the dynamics graph every step (the run's encoder on an empty window)."""
-    ensemble_size: int
-    """E: ensemble members in the dynamics graph."""
-    rollout_horizon: int
-    """H of the fused rollout graph."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +66,11 @@ class UnadaptedBundle(LoadedBundle):
     plans = True
     acts_by = "plans through its dynamics model with a fixed context (it does not adapt)"
 
-    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any, planner: PlannerConfig,
-                 dynamics: OnnxGraph, rollout: OnnxGraph) -> None:
-        super().__init__(path, manifest, robot, family)
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,
+                 graphs: dict[str, OnnxGraph], planner: PlannerConfig) -> None:
+        super().__init__(path, manifest, robot, family, graphs)
         self.planner = planner
         """Planner defaults (the training run's MPC settings)."""
-        self._dynamics, self._rollout = dynamics, rollout
         model = manifest["model"]
         self.context = np.asarray(model["context"], dtype=np.float32)
         """(d,) the context every prediction is conditioned on."""
@@ -85,23 +78,25 @@ class UnadaptedBundle(LoadedBundle):
         self.rollout_horizon: int = model["rollout_horizon"]
 
     @classmethod
-    def load(cls, path: Path, data: dict[str, Any], threads: int) -> Self:
-        where = str(path)
-        m, robot, family = check_common(path, data, UnadaptedManifest)
-        # 8. the frozen model's sizes and context, the planner defaults
-        check_sizes(where, "model", {"ensemble_size": m.model.ensemble_size,
-                                     "rollout_horizon": m.model.rollout_horizon, "context": len(m.model.context)})
-        context = np.asarray(m.model.context, dtype=np.float64)  # finite: the schema refuses NaN and Inf
+    def check_sections(cls, m: UnadaptedManifest, robot: RobotSpec, where: str
+                       ) -> tuple[dict[str, dict[str, dict[str, list[Dim]]]], dict[str, Any]]:
+        """The frozen model's sizes and context (finite: the schema refuses NaN and Inf), the planner defaults;
+        the dynamics and rollout graphs of the ``model_based`` kind."""
+        model = m.model
+        check_sizes(where, "model", {"ensemble_size": model.ensemble_size, "rollout_horizon": model.rollout_horizon,
+                                     "context": len(model.context)})
         planner = load_planner(where, m.planner)
-        every = graph_interfaces(robot.obs_dim, robot.action_dim, 1, context.size, m.model.ensemble_size,
-                                 m.model.rollout_horizon)
-        needed = {name: every[name] for name in UNADAPTED_GRAPHS}
-        check_declared_graphs(m, needed, where)
-        graphs = open_graphs(path, m, needed, threads)
-        # 12. a smoke run: the model at its context, the fused rollout the chained dynamics graph
-        smoke_rollout(graphs["dynamics"], graphs["rollout"], robot, m.model.ensemble_size, m.model.rollout_horizon,
-                      np.broadcast_to(context.astype(np.float32), (m.model.ensemble_size, 3, context.size)), where)
-        return cls(path, data, robot, family, planner, graphs["dynamics"], graphs["rollout"])
+        every = graph_interfaces(robot.obs_dim, robot.action_dim, FROZEN_WINDOW, len(model.context),
+                                 model.ensemble_size, model.rollout_horizon)
+        return {name: every[name] for name in UNADAPTED_GRAPHS}, {"planner": planner}
+
+    @classmethod
+    def smoke_test(cls, m: UnadaptedManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str) -> None:
+        """The model at its context; the fused rollout the chained dynamics graph."""
+        model = m.model
+        context = np.asarray(model.context, dtype=np.float32)
+        smoke_rollout(graphs["dynamics"], graphs["rollout"], robot, model.ensemble_size, model.rollout_horizon,
+                      np.broadcast_to(context, (model.ensemble_size, 3, context.size)), where)
 
     def frozen_context(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray,
                        ctx_mask: np.ndarray) -> np.ndarray:
@@ -110,11 +105,11 @@ class UnadaptedBundle(LoadedBundle):
 
     def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
         """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
-        return self._dynamics(obs, act, context)[0]
+        return self.graphs["dynamics"](obs, act, context)[0]
 
     def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
         """``(E, M, o), (E, M, H, a), (E, M, d)`` → ``(E, M, H, o)``: :meth:`step` chained over the fused horizon."""
-        return self._rollout(obs, actions, context)[0]
+        return self.graphs["rollout"](obs, actions, context)[0]
 
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ModelBasedAdapter:
