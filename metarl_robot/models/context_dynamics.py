@@ -138,13 +138,20 @@ class ContextDynamics(nn.Module):
     def predict_normalized(self, obs: torch.Tensor, act: torch.Tensor, z: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E, N, ·)`` inputs → mean and bounded log-variance of the *normalised* delta, ``(E, N, o)``."""
+        mean, raw_logvar = self.head(self.hidden(obs, act, z)).chunk(2, dim=-1)
+        return mean, self.bounded_logvar(raw_logvar)
+
+    def hidden(self, obs: torch.Tensor, act: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``(E, N, ·)`` inputs → each member's last hidden layer ``(E, N, hidden)``: what its head reads."""
         x = torch.cat([self.feat_norm(self.features(obs)), self.act_norm(act), z], dim=-1)
         for layer in self.hidden_layers:
             x = F.silu(layer(x))
-        mean, raw_logvar = self.head(x).chunk(2, dim=-1)
+        return x
+
+    def bounded_logvar(self, raw_logvar: torch.Tensor) -> torch.Tensor:
+        """The head's raw log-variance soft-bounded between the learned limits (PETS)."""
         logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
-        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
-        return mean, logvar
+        return self.min_logvar + F.softplus(logvar - self.min_logvar)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E, N, ·)`` → next-observation mean and log-variance in raw units, ``(E, N, o)``."""
@@ -157,7 +164,11 @@ class ContextDynamics(nn.Module):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """β-NLL of the normalised delta, averaged over members, plus the PETS bound penalty."""
         mean, logvar = self.predict_normalized(obs, act, z)
-        target = self.delta_norm(next_obs - obs)
+        return self.nll(mean, logvar, self.delta_norm(next_obs - obs))
+
+    def nll(self, mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+        """β-NLL of a prediction of the normalised delta ``target``, plus the PETS bound penalty."""
         inv_var = torch.exp(-logvar)
         per_term = ((mean - target) ** 2) * inv_var + logvar
         if self.cfg.nll_beta:
