@@ -28,6 +28,7 @@ MB_CONFIG = REPO_ROOT / "configs" / "mb_cartpole_swingup.yaml"
 MB_TINY = {"loop.iterations": 2, "training.grad_steps": 30, "name": "tiny", "planner.samples": 16, "planner.horizon": 5,
            "model.context_window": 16, "model.context_dim": 8, "model.ensemble_size": 4}
 """``--set`` overrides of the tiny context_mbrl run: random data, then one MPC iteration (seconds)."""
+ONLINE_CONFIG = REPO_ROOT / "configs" / "online_cartpole_swingup.yaml"
 SHIPPED_MODEL_BASED = REPO_ROOT / "policies" / "cartpole_mb"
 
 
@@ -86,6 +87,20 @@ def unadapted_bundle(mb_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def online_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny online_mbrl run folder (:data:`MB_TINY` sizes; do not modify: copy it first)."""
+    return train_single_threaded(ONLINE_CONFIG, tmp_path_factory.mktemp("online_runs"), MB_TINY)
+
+
+@pytest.fixture(scope="session")
+def online_bundle(online_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny online_mbrl run exported as an ``online_model`` bundle folder (do not modify: copy it first)."""
+    from metarl_robot.export.bundle_writer import export_run
+
+    return export_run(online_run, tmp_path_factory.mktemp("online_bundles") / "online_tiny")
+
+
+@pytest.fixture(scope="session")
 def model_based_bundle() -> Path:
     """The shipped ``model_based`` bundle (read-only: copy it first)."""
     return SHIPPED_MODEL_BASED
@@ -95,6 +110,7 @@ KIND_BUNDLES: dict[str, tuple[str, bool]] = {
     "model_based": ("model_based_bundle", False),
     "context_policy": ("pearl_bundle", True),
     "unadapted": ("unadapted_bundle", True),
+    "online_model": ("online_bundle", True),
 }
 """Registered bundle kind → (the session fixture giving a bundle of it, whether that fixture trains a run). A new
 kind adds its line here, and the conformance tests (tests/runtime/test_kind_conformance.py) and the node's test

@@ -79,7 +79,8 @@ class Algorithm(ABC):
     config_class: ClassVar[type[RunConfig]]
     """Its run config (``metarl train <config.yaml>``)."""
     sections: ClassVar[tuple[str, ...]]
-    """The run-config sections only this algorithm reads (refused in another algorithm's config)."""
+    """The run-config sections this algorithm reads beyond the shared ones (``planner``, ``loop``); a config of an
+    algorithm that reads none of them is refused if it has one. Algorithms may share a section (e.g. ``model``)."""
     bundle_kind: ClassVar[str | None]
     """The ``kind`` of the policy bundle its export writes by default (``metarl export``); None if it has no
     exporter."""

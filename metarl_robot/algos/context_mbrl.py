@@ -117,7 +117,7 @@ class ContextMBRL(Algorithm):
                  seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.robot, self.cfg = robot, cfg
-        self.model = ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, model_cfg)
+        self.model = self.make_model(robot, model_cfg)
         """The encoder + ensemble being trained."""
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.rng = np.random.default_rng(seed)
@@ -130,6 +130,15 @@ class ContextMBRL(Algorithm):
     @classmethod
     def create(cls, cfg: TrainConfig, robot: RobotSpec) -> ContextMBRL:
         return cls(robot, cfg.model, cfg.training, cfg.seed)
+
+    def make_model(self, robot: RobotSpec, model_cfg: ContextDynamicsConfig) -> ContextDynamics:
+        """The untrained encoder + ensemble."""
+        return ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, model_cfg)
+
+    def make_adapter(self, planner: PlannerConfig, batch: int) -> ModelBasedAdapter:
+        """The collection controller's adapter over the torch model, as the robot's runs over the ONNX graphs."""
+        return ModelBasedAdapter(self.robot, get_reward(self.family.spec.reward), self.encode, self.step,
+                                 self.ensemble_size, self.window, planner, batch=batch)
 
     # ---- collection -------------------------------------------------------------------------------
     def collect(self, tasks: list[Task], iteration: int, seed: int, starts: list[int] | None = None) -> Collected:
@@ -151,9 +160,7 @@ class ContextMBRL(Algorithm):
                 if iteration == 0:
                     controller = random_policy(self.robot.action_low, self.robot.action_high, seed + start)
                 else:
-                    planner_cfg = replace(run.planner, seed=seed + start)
-                    adapter = ModelBasedAdapter(self.robot, get_reward(family.spec.reward), self.encode, self.step,
-                                                self.ensemble_size, self.window, planner_cfg, batch=num)
+                    adapter = self.make_adapter(replace(run.planner, seed=seed + start), num)
                     params = {n: np.array([t[n] for t in chunk]) for n in family.reward_names}
                     controller = MPCController(adapter, params)
                 rollout = collect(envs, family, controller, chunk, 1, seed=reset)
@@ -204,9 +211,7 @@ class ContextMBRL(Algorithm):
             batch = self._tensors(buffer.sample(self.rng, e * n, self.window))
             z, kl = self.model.encode_sample(batch["ctx_obs"], batch["ctx_act"], batch["ctx_next_obs"],
                                              batch["ctx_mask"])
-            per_member = {k: v.reshape(e, n, -1) for k, v in (("obs", batch["obs"]), ("act", batch["act"]),
-                                                                ("next_obs", batch["next_obs"]), ("z", z))}
-            loss, parts = self.model.loss(**per_member)
+            loss, parts = self.model_loss(batch, z)
             loss = loss + self.model.cfg.context_kl * kl.mean()
             parts["context_kl"] = float(kl.mean().detach())
             self.optimizer.zero_grad()
@@ -217,6 +222,14 @@ class ContextMBRL(Algorithm):
                 totals[k] = totals.get(k, 0.0) + v
         self.model.eval()
         return {k: v / self.cfg.grad_steps for k, v in totals.items()}
+
+    def model_loss(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The model's loss on a sampled batch (``E * n`` targets, member ``i`` fitting rows ``i * n ...``) with
+        each target's context ``z``."""
+        e, n = self.ensemble_size, self.cfg.batch_size
+        per_member = {k: v.reshape(e, n, -1) for k, v in (("obs", batch["obs"]), ("act", batch["act"]),
+                                                            ("next_obs", batch["next_obs"]), ("z", z))}
+        return self.model.loss(**per_member)
 
     @staticmethod
     def _tensors(batch: ContextBatch) -> dict[str, torch.Tensor]:

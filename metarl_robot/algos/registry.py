@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from metarl_robot.algos.base import Algorithm
 from metarl_robot.algos.context_mbrl import ContextMBRL
+from metarl_robot.algos.online_mbrl import OnlineMBRL
 from metarl_robot.algos.pearl import PEARL
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"context_mbrl": ContextMBRL, "pearl": PEARL}
+ALGORITHMS: dict[str, type[Algorithm]] = {"context_mbrl": ContextMBRL, "pearl": PEARL, "online_mbrl": OnlineMBRL}
 """``algo`` → the algorithm class (its ``name`` is the key)."""
 
 SCHEMA_1_ALGORITHM = "context_mbrl"
@@ -32,15 +33,14 @@ def get_algorithm(name: object) -> type[Algorithm]:
     raise UnknownAlgorithmError(f"unknown algorithm {name!r}; registered: " + ", ".join(map(repr, ALGORITHMS)))
 
 
-def section_owners() -> dict[str, str]:
-    """Run-config section → the one algorithm that reads it (the sections each algorithm declares)."""
-    owners: dict[str, str] = {}
+def section_readers() -> dict[str, tuple[str, ...]]:
+    """Run-config section → the algorithms that read it (the sections each algorithm declares); a config for any
+    other algorithm is refused if it has the section."""
+    readers: dict[str, tuple[str, ...]] = {}
     for name, algorithm in ALGORITHMS.items():
         for section in algorithm.sections:
-            if section in owners:
-                raise ValueError(f"config section {section!r} is declared by both {owners[section]!r} and {name!r}")
-            owners[section] = name
-    return owners
+            readers[section] = (*readers.get(section, ()), name)
+    return readers
 
 
 def with_capability(capability: str) -> list[str]:

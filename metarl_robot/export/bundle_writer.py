@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,8 @@ class _ExportedGraphs:
     """The kind's own manifest sections (``adaptation``, and ``planner`` for model-based), in file order."""
     parity: dict[str, Any]
     """The ``provenance.parity`` record: tolerance, criterion, the per-input-set reports, sample counts."""
+    data_files: list[Path] = field(default_factory=list)
+    """Files of the bundle that are not graphs (e.g. an online model's prior last layer), hashed with them."""
 
 
 def _manifest(run: _Run, name: str, graphs: _ExportedGraphs) -> dict[str, Any]:
@@ -213,7 +215,7 @@ def _manifest(run: _Run, name: str, graphs: _ExportedGraphs) -> dict[str, Any]:
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
             "config": to_plain(run.cfg),
         },
-        "files": {p.name: sha256_file(p) for p in graphs.files.values()},
+        "files": {p.name: sha256_file(p) for p in [*graphs.files.values(), *graphs.data_files]},
     }
 
 

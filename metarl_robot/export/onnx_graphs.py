@@ -135,12 +135,16 @@ def _example_inputs(model: ContextDynamics, horizon: int
 
 
 def _dynamic_axes(interface: dict) -> dict[str, tuple[int, str]]:
-    """Input/output name → (index, name) of its one dynamic axis, from a runtime interface."""
+    """Input/output name → (index, name) of its one dynamic axis, from a runtime interface (inputs of fixed shape,
+    such as an online model's last layer, have none and are left out)."""
     out = {}
     for side in ("inputs", "outputs"):
         for name, shape in interface[side].items():
-            (axis,) = [i for i, s in enumerate(shape) if isinstance(s, str)]
-            out[name] = (axis, shape[axis])
+            dynamic = [i for i, s in enumerate(shape) if isinstance(s, str)]
+            if len(dynamic) > 1:
+                raise ExportError(f"{name}: at most one dynamic axis per tensor, got shape {shape}")
+            if dynamic:
+                out[name] = (dynamic[0], shape[dynamic[0]])
     return out
 
 
@@ -157,7 +161,7 @@ def _export_one(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, i
                               output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
     else:
         dims = {label: torch.export.Dim(label, min=1) for _, label in dynamic.values()}
-        shapes = {name: {dynamic[name][0]: dims[dynamic[name][1]]} for name in inputs}
+        shapes = {name: {dynamic[name][0]: dims[dynamic[name][1]]} if name in dynamic else None for name in inputs}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # axis renaming notes; shapes are pinned afterwards
             warnings.simplefilter("ignore", FutureWarning)
@@ -202,6 +206,16 @@ def export_graphs(model: ContextDynamics, out_dir: Path, horizon: int, exporter:
     paths = {"encoder": out_dir / ENCODER_FILE, "dynamics": out_dir / DYNAMICS_FILE, "rollout": out_dir / ROLLOUT_FILE}
     jobs = {"encoder": (EncoderGraph(model).eval(), enc_args), "dynamics": (DynamicsGraph(model).eval(), dyn_args),
             "rollout": (RolloutGraph(model).eval(), roll_args)}
+    which, opset = export_modules(jobs, paths, interfaces, exporter, "context dynamics", metadata)
+    return ExportedGraphs(paths["encoder"], paths["dynamics"], paths["rollout"], which, opset, interfaces)
+
+
+def export_modules(jobs: dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]], paths: dict[str, Path],
+                   interfaces: dict[str, dict], exporter: Exporter, model: str, metadata: dict[str, str] | None
+                   ) -> tuple[str, int]:
+    """Export every ``(module, example args)`` of ``jobs`` to its path with the runtime interface; ``auto`` tries
+    the TorchScript exporter, then the torch.export-based one (all graphs with the same exporter); then
+    :func:`finish_graph` each. Returns the exporter used and its opset."""
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors = []
     for which in order:
@@ -214,10 +228,9 @@ def export_graphs(model: ContextDynamics, out_dir: Path, horizon: int, exporter:
             errors.append(f"{which}: {type(exc).__name__}: {exc}")
     else:
         raise ExportError("ONNX export failed with every exporter tried:\n" + "\n".join(errors))
-    opset = OPSET if which == "torchscript" else DYNAMO_OPSET
     for name, path in paths.items():
-        finish_graph(path, name, interfaces[name], "context dynamics", metadata)
-    return ExportedGraphs(paths["encoder"], paths["dynamics"], paths["rollout"], which, opset, interfaces)
+        finish_graph(path, name, interfaces[name], model, metadata)
+    return which, OPSET if which == "torchscript" else DYNAMO_OPSET
 
 
 def finish_graph(path: Path, name: str, interface: dict, model: str, metadata: dict | None = None) -> None:

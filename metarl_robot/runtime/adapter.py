@@ -14,7 +14,7 @@ import numpy as np
 
 from metarl_robot.runtime.context import ContextWindow
 from metarl_robot.runtime.ensemble_rollout import EnsembleRollout, FusedFn, StepFn
-from metarl_robot.runtime.planner import Planner, PlannerConfig
+from metarl_robot.runtime.planner import Planner, PlannerConfig, RolloutModel
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
 
@@ -31,6 +31,10 @@ class Adapter(Protocol):
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
         """Record the transition that just happened (``action`` = the command actually sent)."""
 
+    def plan_start(self, obs: np.ndarray, z: np.ndarray) -> Any:
+        """What the planner's rollout model starts from: the observation and the context."""
+        return obs, z
+
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(B, o)`` observations → ``(B, a)`` commands and diagnostics (each ``(B, ·)``)."""
 
@@ -45,13 +49,13 @@ class ModelBasedAdapter:
 
     def __init__(self, robot: RobotSpec, reward: RewardFunction, encode: EncodeFn, step: StepFn,
                  ensemble_size: int, window: int, planner: PlannerConfig, batch: int = 1, adapt: bool = True,
-                 fused: tuple[FusedFn, int] | None = None) -> None:
+                 fused: tuple[FusedFn, int] | None = None, rollout: RolloutModel | None = None) -> None:
         self.robot, self.reward, self.encode_fn, self.step_fn = robot, reward, encode, step
         self.ensemble_size, self.batch = ensemble_size, batch
         self.adapt = adapt
         """False: always plan with the empty-context (unadapted) model, for comparisons."""
         self.window = ContextWindow(batch, window, robot.obs_dim, robot.action_dim)
-        self.planner = Planner(planner, robot, reward, EnsembleRollout(step, ensemble_size, fused), batch)
+        self.planner = Planner(planner, robot, reward, rollout or EnsembleRollout(step, ensemble_size, fused), batch)
         self.last_action = np.tile(robot.safe_action, (batch, 1))
         self._prediction = np.full((batch, robot.obs_dim), np.nan)
         self._error = np.full(batch, np.nan)
@@ -81,11 +85,15 @@ class ModelBasedAdapter:
         tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (e, *x.shape)), dtype=np.float32)  # noqa: E731
         return self.step_fn(tile(obs), tile(action), tile(z)).mean(axis=0).astype(np.float64)
 
+    def plan_start(self, obs: np.ndarray, z: np.ndarray) -> Any:
+        """What the planner's rollout model starts from: the observation and the context."""
+        return obs, z
+
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         obs = np.asarray(obs, dtype=np.float64)
         z = self.context()
         params = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (self.batch,)) for k, v in task_params.items()}
-        result = self.planner.plan(obs, (obs, z), params, self.last_action)
+        result = self.planner.plan(obs, self.plan_start(obs, z), params, self.last_action)
         self._prediction = self.predict(obs, result.action, z)
         diagnostics = {
             "context": z, "context_size": self.window.size.copy() if self.adapt else np.zeros(self.batch, int),

@@ -208,7 +208,7 @@ class LoadedBundle(ABC):
         needed, parsed = cls.check_sections(m, robot, where)
         check_declared_graphs(m, needed, where)
         graphs = open_graphs(path, m, needed, threads)
-        cls.smoke_test(m, robot, graphs, where)
+        cls.smoke_test(m, robot, graphs, parsed, where)
         return cls(path, data, robot, family, graphs, **parsed)
 
     @classmethod
@@ -221,9 +221,11 @@ class LoadedBundle(ABC):
 
     @classmethod
     @abstractmethod
-    def smoke_test(cls, m: Any, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str) -> None:
-        """Step 12: a test run of the opened graphs on neutral inputs; :class:`BundleError` if a shape, a value
-        or the graphs' consistency is not what the runtime needs."""
+    def smoke_test(cls, m: Any, robot: RobotSpec, graphs: dict[str, OnnxGraph], parsed: dict[str, Any], where: str
+                   ) -> None:
+        """Step 12: a test run of the opened graphs on neutral inputs (``parsed``: what :meth:`check_sections`
+        returned); :class:`BundleError` if a shape, a value or the graphs' consistency is not what the runtime
+        needs."""
 
     @abstractmethod
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,

@@ -1,9 +1,10 @@
 """Run configuration: one typed YAML per run, unknown keys rejected, saved resolved in the run folder.
 
 ``algo`` picks the learner (:data:`metarl_robot.algos.registry.ALGORITHMS`) and with it its run config
-class and the sections only it reads (``context_mbrl``: ``model`` and ``training``; ``pearl``:
-``pearl_net``, ``pearl`` and ``pearl_schedule``), each declared by the algorithm. A section of another
-algorithm is refused rather than silently ignored. ``planner``, ``loop`` and the rest are shared (for
+class and the sections it reads (``context_mbrl``: ``model`` and ``training``; ``online_mbrl``: those and
+``online``; ``pearl``: ``pearl_net``, ``pearl`` and ``pearl_schedule``), each declared by the algorithm. A
+section none of whose readers is the config's algorithm is refused rather than silently ignored. ``planner``,
+``loop`` and the rest are shared (for
 PEARL the planner is only the oracle's, which grades the adversarial sampler and ``metarl eval``).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from metarl_robot.algos.context_mbrl import TrainConfig
 from metarl_robot.algos.pearl import PEARLTrainConfig
-from metarl_robot.algos.registry import ALGORITHMS, get_algorithm, section_owners, with_capability
+from metarl_robot.algos.registry import ALGORITHMS, get_algorithm, section_readers, with_capability
 from metarl_robot.spec.schema import SpecError, build, check_schema_version, load_yaml
 from metarl_robot.train.loop_config import LoopConfig, RunConfig
 
@@ -27,10 +28,10 @@ def build_config(data: Any, where: str) -> RunConfig:
     algo = data.get("algo") if isinstance(data, dict) else None
     if algo not in ALGORITHMS:
         raise SpecError(where, "algo", f"got {algo!r}; allowed: " + ", ".join(repr(a) for a in ALGORITHMS))
-    for name, owner in section_owners().items():
-        if name in data and owner != algo:
-            raise SpecError(where, name, f"is read by algo {owner} only, this config is for algo {algo!r} "
-                            "(remove the section)")
+    for name, readers in section_readers().items():
+        if name in data and algo not in readers:
+            raise SpecError(where, name, f"is read by algo {', '.join(readers)} only, this config is for algo "
+                            f"{algo!r} (remove the section)")
     return build(ALGORITHMS[algo].config_class, data, where)
 
 

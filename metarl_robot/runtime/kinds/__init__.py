@@ -16,6 +16,7 @@ BUNDLE_KINDS: dict[str, str] = {
     "model_based": "metarl_robot.runtime.kinds.model_based:ModelBasedBundle",
     "context_policy": "metarl_robot.runtime.kinds.context_policy:ContextPolicyBundle",
     "unadapted": "metarl_robot.runtime.kinds.unadapted:UnadaptedBundle",
+    "online_model": "metarl_robot.runtime.kinds.online_model:OnlineModelBundle",
 }
 """Bundle kind → ``module:class`` of its loaded-bundle class."""
 

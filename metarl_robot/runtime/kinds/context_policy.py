@@ -82,8 +82,8 @@ class ContextPolicyBundle(LoadedBundle):
         return pearl_graph_interfaces(robot.obs_dim, robot.action_dim, ad.latent_dim), {}
 
     @classmethod
-    def smoke_test(cls, m: ContextPolicyManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str
-                   ) -> None:
+    def smoke_test(cls, m: ContextPolicyManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph],
+                   parsed: dict[str, Any], where: str) -> None:
         """Neutral transitions (zeros, and one at the robot's observation scale with the safe command) must give
         finite factors with positive variance; the policy at the prior mean and at those factors' z must give
         finite actions inside the action box (the box the safety layer would otherwise have to clip to)."""

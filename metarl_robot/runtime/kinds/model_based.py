@@ -196,7 +196,8 @@ class ModelBasedBundle(LoadedBundle):
                                 ad.rollout_horizon), {"planner": planner}
 
     @classmethod
-    def smoke_test(cls, m: ModelBasedManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str) -> None:
+    def smoke_test(cls, m: ModelBasedManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], parsed: dict[str, Any],
+                   where: str) -> None:
         """The encoder on an empty and a one-transition window, then the model at its context."""
         ad = m.adaptation
         b, k, o, a = 2, ad.context_window, robot.obs_dim, robot.action_dim

@@ -91,7 +91,8 @@ class UnadaptedBundle(LoadedBundle):
         return {name: every[name] for name in UNADAPTED_GRAPHS}, {"planner": planner}
 
     @classmethod
-    def smoke_test(cls, m: UnadaptedManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], where: str) -> None:
+    def smoke_test(cls, m: UnadaptedManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], parsed: dict[str, Any],
+                   where: str) -> None:
         """The model at its context; the fused rollout the chained dynamics graph."""
         model = m.model
         context = np.asarray(model.context, dtype=np.float32)

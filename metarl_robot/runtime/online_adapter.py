@@ -1,0 +1,127 @@
+"""Model-based adaptation that also fits the robot's own data: the context encoder *and* an online last layer.
+
+:class:`OnlineModelAdapter` is the :class:`~metarl_robot.runtime.adapter.ModelBasedAdapter` (context from the
+last K transitions, MPC through the ensemble) whose members' last layers are, in addition, the posterior of a
+Bayesian linear regression on every transition the robot has observed since the posterior was last forgotten
+(:class:`~metarl_robot.runtime.last_layer.LastLayerPosterior`). The context adapts within the span of the
+training tasks; the last layer keeps fitting where the robot lies outside them. numpy + the model callables
+(onnxruntime on the robot, torch in training), no torch or MuJoCo here.
+
+- ``reset(which)``: a new episode: the context window and the planner's warm start are reset; the last layer is
+  **kept** (what was learned about this robot persists across episodes).
+- ``forget(which)``: the last layer goes back to the meta-trained prior (the node's reset service).
+- ``observe``: also one rank-one update of the last layer with the transition's features under the context the
+  step was planned with; an update the posterior refuses (non-finite, not positive definite, diverging) leaves
+  the last good posterior in place and is reported in the diagnostics (``online_refused``, ``online_failure``).
+
+Diagnostics of :meth:`act`, beyond the model-based ones: ``online_updates`` (B,) transitions the last layer
+rests on; ``online_refused`` (B,) 1.0 where the latest update was refused; ``online_shift`` (B,) RMS distance of
+the last layer from the prior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from metarl_robot.runtime.adapter import EncodeFn, ModelBasedAdapter
+from metarl_robot.runtime.ensemble_rollout import EnsembleRollout
+from metarl_robot.runtime.last_layer import LastLayerConfig, LastLayerPosterior
+from metarl_robot.runtime.planner import PlannerConfig
+from metarl_robot.spec.rewards import RewardFunction
+from metarl_robot.spec.robot import RobotSpec
+
+HeadStepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``(E, M, o), (E, M, a), (E, M, d), head (E, F, o)`` → next-observation mean ``(E, M, o)``."""
+HeadRolloutFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``(E, M, o), (E, M, H, a), (E, M, d), head (E, F, o)`` → ``(E, M, H, o)``."""
+FeaturesFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""``(E, M, o) obs, (E, M, a) action, (E, M, o) next_obs, (E, M, d) context`` → features ``(E, M, F)`` and the
+normalised change of the observation ``(E, M, o)`` (the regression target)."""
+
+
+class HeadedEnsembleRollout:
+    """A :class:`~metarl_robot.runtime.planner.RolloutModel` whose members predict with each env's own last layer.
+
+    ``start`` is ``(obs (B, o), z (B, d), heads (B, E, F, o))``. The graphs take one last layer per member, so the
+    envs are rolled out one after the other (one call per env; the robot runs one)."""
+
+    def __init__(self, step: HeadStepFn, ensemble_size: int, fused: tuple[HeadRolloutFn, int] | None = None) -> None:
+        self.step, self.ensemble_size, self.fused = step, ensemble_size, fused
+
+    def for_env(self, head: np.ndarray) -> EnsembleRollout:
+        """The plain ensemble rollout with ``head`` ``(E, F, o)`` bound into its step (and fused) function."""
+        head = np.ascontiguousarray(head, dtype=np.float32)
+        fused = None if self.fused is None else (lambda s, a, c: self.fused[0](s, a, c, head), self.fused[1])
+        return EnsembleRollout(lambda s, a, c: self.step(s, a, c, head), self.ensemble_size, fused)
+
+    def rollout(self, start: tuple[np.ndarray, np.ndarray, np.ndarray], actions: np.ndarray, particles: int
+                ) -> np.ndarray:
+        obs, z, heads = start
+        return np.concatenate([self.for_env(heads[b]).rollout((obs[b:b + 1], z[b:b + 1]), actions[b:b + 1],
+                                                              particles) for b in range(obs.shape[0])])
+
+
+class OnlineModelAdapter(ModelBasedAdapter):
+    """The model-based adapter with an online last layer (see the module docstring)."""
+
+    def __init__(self, robot: RobotSpec, reward: RewardFunction, encode: EncodeFn, step: HeadStepFn,
+                 features: FeaturesFn, prior_head: np.ndarray, last_layer: LastLayerConfig, ensemble_size: int,
+                 window: int, planner: PlannerConfig, batch: int = 1, adapt: bool = True, online: bool = True,
+                 fused: tuple[HeadRolloutFn, int] | None = None) -> None:
+        self.head_step, self.features_fn = step, features
+        self.posterior = LastLayerPosterior(prior_head, last_layer, batch)
+        """Each env's last layer (kept across episodes until :meth:`forget`)."""
+        self.online = online
+        """False: the last layer stays the prior (context adaptation only, for comparisons)."""
+        super().__init__(robot, reward, encode, self._prior_step, ensemble_size, window, planner, batch=batch,
+                         adapt=adapt, rollout=HeadedEnsembleRollout(step, ensemble_size, fused))
+        self._planned_with = np.zeros((batch, 0))
+        self._refused = np.zeros(batch)
+
+    def _prior_step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """The meta-trained model (the prior last layer): what the base class would plan with."""
+        return self.head_step(obs, act, context, self.posterior.prior.astype(np.float32))
+
+    def forget(self, which: np.ndarray | None = None) -> None:
+        """The last layer of the envs in ``which`` (default all) back to the meta-trained prior."""
+        self.posterior.reset(which)
+        self._refused[np.ones(self.batch, bool) if which is None else np.asarray(which, bool)] = 0.0
+
+    def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
+        planned_with = self._planned_with if self._planned_with.shape[1] else self.context()
+        super().observe(obs, action, next_obs)
+        if not self.online:
+            return
+        e = self.ensemble_size
+        tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (e, *np.shape(x))), dtype=np.float32)  # noqa: E731
+        phi, target = self.features_fn(tile(obs), tile(action), tile(next_obs), tile(planned_with))
+        accepted = self.posterior.update(np.swapaxes(phi, 0, 1), target[0])
+        self._refused = (~accepted).astype(np.float64)
+
+    def predict(self, obs: np.ndarray, action: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Ensemble-mean next observation ``(B, o)`` with each env's current last layer."""
+        e = self.ensemble_size
+        out = np.empty((self.batch, self.robot.obs_dim))
+        for b in range(self.batch):
+            tile = lambda x: np.ascontiguousarray(np.broadcast_to(x[b:b + 1], (e, 1, x.shape[-1])),  # noqa: E731,B023
+                                                  dtype=np.float32)
+            head = self.posterior.weights[b].astype(np.float32)
+            out[b] = self.head_step(tile(obs), tile(action), tile(z), head).mean(axis=0)[0]
+        return out
+
+    def plan_start(self, obs: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._planned_with = z
+        return obs, z, self.posterior.weights
+
+    def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        action, diagnostics = super().act(obs, task_params)
+        shift = np.sqrt(np.mean((self.posterior.weights - self.posterior.prior) ** 2, axis=(1, 2, 3)))
+        diagnostics.update(online_updates=self.posterior.updates.copy(), online_refused=self._refused.copy(),
+                           online_shift=shift)
+        return action, diagnostics
+
+
+__all__ = ["FeaturesFn", "HeadRolloutFn", "HeadStepFn", "HeadedEnsembleRollout", "OnlineModelAdapter"]
