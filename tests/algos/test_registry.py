@@ -147,7 +147,7 @@ def _toy_config(tmp_path: Path, **extra: Any) -> Path:
 def test_unknown_algorithm_names_the_registered_ones():
     with pytest.raises(registry.UnknownAlgorithmError) as err:
         registry.get_algorithm("maml")
-    assert str(err.value) == "unknown algorithm 'maml'; registered: 'context_mbrl', 'pearl'"
+    assert str(err.value) == "unknown algorithm 'maml'; registered: 'context_mbrl', 'pearl', 'online_mbrl'"
     with pytest.raises(SpecError, match="got 'maml'; allowed: 'context_mbrl', 'pearl'") as err:
         build_config({"schema_version": 1, "algo": "maml", "family": "cartpole_swingup"}, "x.yaml")
     assert err.value.field == "algo"
@@ -168,25 +168,26 @@ def test_each_algorithm_declares_its_name_config_and_bundle_kind():
     assert registry.with_capability("differentiable_model") == ["context_mbrl"]
 
 
-def test_section_ownership_is_derived_from_the_algorithms():
-    assert registry.section_owners() == {"model": "context_mbrl", "training": "context_mbrl",
-                                         "pearl_net": "pearl", "pearl": "pearl", "pearl_schedule": "pearl"}
+def test_section_readers_are_derived_from_the_algorithms():
+    assert registry.section_readers() == {"model": ("context_mbrl", "online_mbrl"),
+                                          "training": ("context_mbrl", "online_mbrl"), "online": ("online_mbrl",),
+                                          "pearl_net": ("pearl",), "pearl": ("pearl",), "pearl_schedule": ("pearl",)}
 
 
-def test_two_algorithms_claiming_one_section_are_refused(monkeypatch):
-    class Clash(ToyLinear):
-        sections = ("model",)
+def test_algorithms_may_share_a_section(monkeypatch, tmp_path):
+    class Sharer(ToyLinear):
+        sections = ("toy", "model")
 
-    monkeypatch.setitem(registry.ALGORITHMS, "clash", Clash)
-    with pytest.raises(ValueError, match="section 'model' is declared by both 'context_mbrl' and 'clash'"):
-        registry.section_owners()
+    monkeypatch.setitem(registry.ALGORITHMS, "toy", Sharer)
+    assert registry.section_readers()["model"] == ("context_mbrl", "online_mbrl", "toy")
 
 
 def test_a_registered_algorithms_sections_are_refused_elsewhere(toy_registered, tmp_path):
     with pytest.raises(SpecError, match="is read by algo toy only, this config is for algo 'pearl'") as err:
         load_config("configs/pearl_cartpole_swingup.yaml", {"toy.action_scale": 0.3})
     assert err.value.field == "toy"
-    with pytest.raises(SpecError, match="is read by algo context_mbrl only, this config is for algo 'toy'"):
+    with pytest.raises(SpecError, match="is read by algo context_mbrl, online_mbrl only, this config is for algo "
+                       "'toy'"):
         load_config(_toy_config(tmp_path, model={"hidden": 8}))
 
 
@@ -228,5 +229,6 @@ def test_a_new_algorithm_is_files_plus_one_registry_line(toy_registered, tmp_pat
     features = np.concatenate([algo.obs, np.ones((1500, 1))], axis=1)
     assert np.allclose(algo.weights, np.linalg.lstsq(features, algo.rewards, rcond=None)[0])
 
-    with pytest.raises(SpecError, match="cannot export 'toy' runs to a bundle; exportable: context_mbrl, pearl"):
+    with pytest.raises(SpecError, match="cannot export 'toy' runs to a bundle; exportable: context_mbrl, online_mbrl, "
+                       "pearl"):
         export_run(run, tmp_path / "bundle")

@@ -246,10 +246,12 @@ def test_robot_rejects_and_counts_bad_commands(robot_client, link, cartpole):
             before = counters.rejected[reason]
             pub.send(data)
             serve_while(robot_client, lambda r=reason, b=before: counters.rejected[r] > b)
-        accepted = counters.accepted
+        # Still a valid probe's command: none of the bad frames (sequence numbers base_seq + 100 and up, or the
+        # stale seq 1 after a newer one) became current. Not necessarily base_seq itself: the robot keeps only the
+        # newest frame, so under load the last probe can land after the first accepted one, or never.
         decision = robot_client.current_action()
-        assert decision.command_seq == base_seq  # still the last valid command
-        assert counters.accepted == accepted
+        assert 1 <= decision.command_seq <= base_seq and np.allclose(decision.action, [0.1]), decision
+        assert counters.accepted <= base_seq
     finally:
         pub.close()
 
