@@ -31,6 +31,10 @@ class Adapter(Protocol):
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
         """Record the transition that just happened (``action`` = the command actually sent)."""
 
+    def forget(self, which: np.ndarray | None = None) -> None:
+        """:meth:`reset`, and forget what persists across episodes (an online model's fit to this robot): the
+        operator's reset (the node's ``~/reset_adaptation``)."""
+
     def plan_start(self, obs: np.ndarray, z: np.ndarray) -> Any:
         """What the planner's rollout model starts from: the observation and the context."""
         return obs, z
@@ -67,6 +71,10 @@ class ModelBasedAdapter:
         self.last_action[which] = self.robot.safe_action
         self._prediction[which] = np.nan
         self._error[which] = np.nan
+
+    def forget(self, which: np.ndarray | None = None) -> None:
+        """Nothing persists across episodes here: the same as :meth:`reset`."""
+        self.reset(which)
 
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
         err = (self._prediction - next_obs) / self.robot.obs_scale

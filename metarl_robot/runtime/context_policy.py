@@ -149,6 +149,10 @@ class ContextPolicyAdapter:
         self.weighted_mean_sum[which] = 0.0
         self.steps_observed[which] = 0
 
+    def forget(self, which: np.ndarray | None = None) -> None:
+        """The belief persists only within an episode (and :meth:`reset` clears it): the same as :meth:`reset`."""
+        self.reset(which)
+
     def _rows(self, name: str, x: Any, width: int | None) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         want = (self.batch,) if width is None else (self.batch, width)

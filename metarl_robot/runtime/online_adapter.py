@@ -12,10 +12,12 @@ training tasks; the last layer keeps fitting where the robot lies outside them. 
 - ``forget(which)``: the last layer goes back to the meta-trained prior (the node's reset service).
 - ``observe``: also one rank-one update of the last layer with the transition's features under the context the
   step was planned with; an update the posterior refuses (non-finite, not positive definite, diverging) leaves
-  the last good posterior in place and is reported in the diagnostics (``online_refused``, ``online_failure``).
+  the last good posterior in place and is reported in the diagnostics (``update_refused``; the reason in
+  ``posterior.last_failure``).
 
 Diagnostics of :meth:`act`, beyond the model-based ones: ``online_updates`` (B,) transitions the last layer
-rests on; ``online_refused`` (B,) 1.0 where the latest update was refused; ``online_shift`` (B,) RMS distance of
+rests on; ``update_refused`` (B,) 1.0 where the latest update was refused (the node raises the safety layer's
+``MODEL_UPDATE_REFUSED`` event); ``online_shift`` (B,) RMS distance of
 the last layer from the prior.
 """
 
@@ -86,7 +88,8 @@ class OnlineModelAdapter(ModelBasedAdapter):
         return self.head_step(obs, act, context, self.posterior.prior.astype(np.float32))
 
     def forget(self, which: np.ndarray | None = None) -> None:
-        """The last layer of the envs in ``which`` (default all) back to the meta-trained prior."""
+        """A new episode and the last layer of the envs in ``which`` (default all) back to the meta-trained prior."""
+        self.reset(which)
         self.posterior.reset(which)
         self._refused[np.ones(self.batch, bool) if which is None else np.asarray(which, bool)] = 0.0
 
@@ -119,7 +122,7 @@ class OnlineModelAdapter(ModelBasedAdapter):
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         action, diagnostics = super().act(obs, task_params)
         shift = np.sqrt(np.mean((self.posterior.weights - self.posterior.prior) ** 2, axis=(1, 2, 3)))
-        diagnostics.update(online_updates=self.posterior.updates.copy(), online_refused=self._refused.copy(),
+        diagnostics.update(online_updates=self.posterior.updates.copy(), update_refused=self._refused.copy(),
                            online_shift=shift)
         return action, diagnostics
 

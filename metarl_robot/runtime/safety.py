@@ -94,6 +94,7 @@ class EventCode(StrEnum):
     ACTION_RATE_LIMITED = "ACTION_RATE_LIMITED"
     ACTION_WITHOUT_FRAME = "ACTION_WITHOUT_FRAME"
     ADAPTER_NONFINITE = "ADAPTER_NONFINITE"
+    MODEL_UPDATE_REFUSED = "MODEL_UPDATE_REFUSED"
     PREDICTION_ERROR_HIGH = "PREDICTION_ERROR_HIGH"
     PREDICTION_ERROR_FALLBACK = "PREDICTION_ERROR_FALLBACK"
     FALLBACK_FAILED = "FALLBACK_FAILED"
@@ -110,6 +111,7 @@ EVENT_LEVELS: dict[EventCode, DiagnosticLevel] = {
     EventCode.TELEMETRY_FROZEN: _ERROR, EventCode.LOSS_BURST: _ERROR, EventCode.SEQUENCE_REGRESSED: _ERROR,
     EventCode.OBS_NONFINITE: _ERROR, EventCode.LINK_RECOVERED: _OK, EventCode.ACTION_CLAMPED: _WARN,
     EventCode.ACTION_RATE_LIMITED: _WARN, EventCode.ACTION_WITHOUT_FRAME: _WARN, EventCode.ADAPTER_NONFINITE: _ERROR,
+    EventCode.MODEL_UPDATE_REFUSED: _WARN,
     EventCode.PREDICTION_ERROR_HIGH: _WARN, EventCode.PREDICTION_ERROR_FALLBACK: _ERROR,
     EventCode.FALLBACK_FAILED: _ERROR, EventCode.OPERATOR_DISABLED: _WARN, EventCode.OPERATOR_ENABLED: _OK,
     EventCode.LATCHES_RESET: _OK, EventCode.SHUTDOWN: _WARN,
@@ -174,6 +176,8 @@ class SafetyCounters:
     """Adapter actions offered with no new good frame since the previous decision (ignored)."""
     adapter_nonfinite: int = 0
     """Adapter actions with NaN or Inf."""
+    model_updates_refused: int = 0
+    """Online model updates the adapter refused (it kept its last good model)."""
     prediction_errors_graded: int = 0
     """Prediction errors compared with the threshold."""
     prediction_error_exceedances: int = 0
@@ -478,11 +482,17 @@ class SafetyLayer:
         return True
 
     def filter(self, action: np.ndarray | None, prediction_error: float | np.ndarray | None,
-               now: float) -> SafetyDecision:
+               now: float, update_refused: bool = False) -> SafetyDecision:
         """Decide this period's command from the adapter's ``action (a,)`` for the latest good frame and its
         ``prediction_error`` (RMS, robot.yaml scale units, for the previous step's prediction; NaN or None:
-        unknown). ``action=None`` is the same as :meth:`tick`."""
+        unknown). ``action=None`` is the same as :meth:`tick`. ``update_refused``: the adapter refused its online
+        model update this step (a diverging one) and acts with its last good model: a WARN event, counted; the
+        action is still used (the model it comes from is the last good one)."""
         now = self._advance_clock(now)
+        if update_refused:
+            self.counters.model_updates_refused += 1
+            self._emit(EventCode.MODEL_UPDATE_REFUSED, "the adapter refused an online model update (non-finite, not "
+                       "positive definite or diverging) and keeps its last good model", now)
         if action is not None:
             action = np.asarray(action, dtype=np.float64)
             if action.shape != (self.robot.action_dim,):

@@ -340,11 +340,12 @@ class AdaptNode(LifecycleNode):
         with self.lock:
             cleared = [f for f in self.safety.active_faults
                        if f in ("ADAPTER_NONFINITE", "PREDICTION_ERROR_FALLBACK", "FALLBACK_FAILED")]
-            self.adapter.reset()
+            self.adapter.forget()
             self.safety.reset(time.monotonic())
             state = self.safety.state.value
         response.success = True
-        response.message = (f"adapter reset (context emptied); latched faults cleared: {cleared or 'none'}; "
+        response.message = (f"adapter reset (context emptied, anything fitted online forgotten); latched faults "
+                            f"cleared: {cleared or 'none'}; "
                             f"safety state {state}")
         self.get_logger().info(response.message)
         return response

@@ -266,7 +266,9 @@ class ControlLoop:
                 action = np.asarray(raw, dtype=np.float64)[0]
                 error = adaptation.get("prediction_error")
                 error = None if error is None else float(np.asarray(error, dtype=np.float64).ravel()[0])
-                decision = safety.filter(action, error, self._now_s())
+                refused = adaptation.get("update_refused")
+                decision = safety.filter(action, error, self._now_s(), update_refused=refused is not None
+                                         and bool(np.asarray(refused).ravel()[0]))
                 self.steps += 1
             else:
                 decision = safety.tick(self._now_s())

@@ -1,0 +1,84 @@
+"""The robot's online adapter over an ``online_model`` bundle: the last layer fits the transitions it observes, keeps
+what it learned across episodes until forgotten, never lets a refused update reach the planner, and is the plain
+model-based adapter when its updates are off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metarl_robot.envs.meta_env import MetaMujocoEnv
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.last_layer import LastLayerConfig, LastLayerPosterior
+from metarl_robot.runtime.safety import EventCode, SafetyLayer
+
+pytestmark = pytest.mark.slow  # the tiny online run and its export (seconds)
+
+SMALL_PLAN = {"samples": 16, "horizon": 5}
+
+
+def drive(adapter, bundle, steps: int, seed: int = 0, task: str = "test"):
+    """``steps`` steps of ``adapter`` on the bundle's family (each observed); returns the last diagnostics."""
+    env = MetaMujocoEnv(bundle.family.name)
+    obs, _ = env.reset(seed=seed, options={"task": task})
+    params = {k: np.array([v]) for k, v in env.reward_params.items()}
+    diag = {}
+    for _ in range(steps):
+        action, diag = adapter.act(obs[None], params)
+        next_obs, _, _, _, info = env.step(action[0])
+        adapter.observe(obs[None], info["sent_action"][None], next_obs[None])
+        obs = next_obs
+    env.close()
+    return diag
+
+
+def test_the_last_layer_fits_the_robots_transitions_and_persists_until_forgotten(online_bundle: Path):
+    bundle = load_bundle(online_bundle)
+    adapter = bundle.make_adapter(planner_overrides=SMALL_PLAN, seed=0)
+    diag = drive(adapter, bundle, 20)
+    assert diag["online_updates"][0] == 19  # reported at the 20th act, before its transition
+    assert diag["online_shift"][0] > 0 and diag["update_refused"][0] == 0
+    learned = adapter.posterior.weights.copy()
+    adapter.reset()  # a new episode: the context window empties, the last layer stays
+    np.testing.assert_array_equal(adapter.posterior.weights, learned)
+    assert adapter.window.size[0] == 0 and adapter.posterior.updates[0] == 20
+    adapter.forget()  # the operator's reset: back to the meta-trained prior
+    np.testing.assert_array_equal(adapter.posterior.weights[0], bundle.prior_head)
+    assert adapter.posterior.updates[0] == 0
+
+
+def test_with_updates_off_it_is_the_prior_model(online_bundle: Path):
+    bundle = load_bundle(online_bundle)
+    frozen = bundle.make_adapter(planner_overrides=SMALL_PLAN, seed=1, online=False)
+    diag = drive(frozen, bundle, 12)
+    assert diag["online_updates"][0] == 0 and diag["online_shift"][0] == 0
+    np.testing.assert_array_equal(frozen.posterior.weights[0], bundle.prior_head)
+
+
+def test_a_refused_update_keeps_the_last_good_model_and_is_reported(online_bundle: Path):
+    bundle = load_bundle(online_bundle)
+    adapter = bundle.make_adapter(planner_overrides=SMALL_PLAN, seed=0)
+    drive(adapter, bundle, 5)
+    good = adapter.posterior.weights.copy()
+    # Any move of the last layer now counts as diverging: every update is refused from here on.
+    adapter.posterior = _strict(adapter.posterior)
+    diag = drive(adapter, bundle, 4, seed=3)
+    assert diag["update_refused"][0] == 1.0 and "diverging" in adapter.posterior.last_failure[0]
+    np.testing.assert_array_equal(adapter.posterior.weights, good)
+    # The node hands the flag to the safety layer: a WARN event, counted, and the action is still used.
+    layer = SafetyLayer(bundle.robot)
+    layer.on_handshake(True, 0.0)
+    layer.on_frame(1, 1, 0.01, np.zeros(bundle.robot.obs_dim))
+    decision = layer.filter(bundle.robot.safe_action, None, 0.02, update_refused=True)
+    assert EventCode.MODEL_UPDATE_REFUSED in [e.code for e in decision.events]
+    assert layer.counters.model_updates_refused == 1 and decision.source == "adapter"
+
+
+def _strict(posterior: LastLayerPosterior) -> LastLayerPosterior:
+    strict = LastLayerPosterior(posterior.prior, LastLayerConfig(posterior.config.prior_precision, 1e-12),
+                                posterior.batch)
+    strict.weights, strict.covariance, strict.updates = (posterior.weights.copy(), posterior.covariance.copy(),
+                                                         posterior.updates.copy())
+    return strict
