@@ -59,13 +59,6 @@ CLI_KINDS: dict[str, str] = {
 }
 """``--effect KIND=VALUE`` kind → :class:`OutOfFamily` field."""
 
-CLI_HELP = ("out-of-family effect (repeatable; evaluation only, docs/out_of_family.md): delay=K (commands K more "
-            "control periods late), damping=JOINT:V (+V N·s/m or N·m·s/rad viscous damping), friction=JOINT:V "
-            "(+V N or N·m dry friction loss), obs_noise=S (Gaussian noise of std S x each field's robot.yaml scale on "
-            "what the controller observes), integrator=Euler|RK4|implicit|implicitfast, bias=FIELD:V or "
-            "FIELD[i]:V (+V on an observed field, in its units)")
-"""The ``--help`` text of ``--effect`` (sim-robot and eval share it)."""
-
 _PER_NAME = ("joint_damping", "joint_friction", "sensor_bias")
 """Fields that map a name (joint, observation field) to a value."""
 _BIAS_KEY = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)(\[(?P<index>\d+)\])?$")
@@ -324,4 +317,4 @@ def _dofs(model: mujoco.MjModel, joint: str) -> range:
     return range(sl.start, sl.stop)
 
 
-__all__ = ["CLI_HELP", "CLI_KINDS", "INTEGRATORS", "BoundEffects", "OutOfFamily"]
+__all__ = ["CLI_KINDS", "INTEGRATORS", "BoundEffects", "OutOfFamily"]
