@@ -225,6 +225,10 @@ class OutOfFamily:
             out["all"] = self
         return out
 
+    def record(self) -> dict[str, Any]:
+        """What a run summary or report records: the effects and their label."""
+        return {"effects": self.as_dict(), "label": self.label}
+
     def oracle_record(self) -> dict[str, Any]:
         """What an oracle planning through the env's MuJoCo model and state sees of these effects (eval.json)."""
         seen = [n for n in ("delay_periods", "joint_damping", "joint_friction", "integrator") if getattr(self, n)]

@@ -466,8 +466,7 @@ class DigitalTwin:
             "watchdog_ms": self.client.watchdog_ms, "apply_on_arrival": self.config.apply_on_arrival,
             "endpoints": self.endpoints.as_dict() if self.endpoints else None,
             "faults": self.config.faults.as_dict(), "fault_counts": dict(self._faults.counts),
-            "out_of_family": None if self.config.effects is None else {
-                "effects": self.config.effects.as_dict(), "label": self.config.effects.label},
+            "out_of_family": None if self.config.effects is None else self.config.effects.record(),
             "periods": periods, "robot_time_s": periods * robot.ctrl_dt, "wall_time_s": round(wall_s, 3),
             "overruns": self._overruns,
             "states_made": self.client.state_seq, "frames_sent": counters.raw_frames_published,
