@@ -349,3 +349,13 @@ def test_yaml_errors_name_the_file_and_the_field(tmp_path):
     path.write_text("joint_damping: {hinge: fast}\n")
     with pytest.raises(SpecError, match=rf"{path}: joint_damping.hinge: expected a number"):
         OutOfFamily.load(path)
+
+
+def test_every_effect_is_documented_with_its_cli_kind_and_field():
+    from metarl_robot.envs.out_of_family import CLI_KINDS
+    from metarl_robot.paths import REPO_ROOT
+
+    rows = [line for line in (REPO_ROOT / "docs" / "out_of_family.md").read_text().splitlines()
+            if line.startswith("| `")]
+    for kind, name in CLI_KINDS.items():
+        assert any(row.startswith(f"| `{kind}=") and f"`{name}:" in row for row in rows), (kind, name)
