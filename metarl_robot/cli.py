@@ -185,6 +185,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       planner_overrides=_parse_overrides(args.set), effects=_effects(args))
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
+    if report["out_of_family"]:
+        print(f"out-of-family effects: {report['out_of_family']['label']}")
     meta_test = "exploration_episodes" in report
     if meta_test:  # returns after 0, 1, 2 exploration episodes, and their gaps
         after = [f"after_{k}" for k in report["exploration_episodes"]]

@@ -97,6 +97,9 @@ class OutOfFamily:
         for name in _PER_NAME:  # own, key-sorted copies: equal effects compare and print alike
             object.__setattr__(self, name, dict(sorted(getattr(self, name).items())))
 
+    def __hash__(self) -> int:  # the dict fields are not hashable; equal effects have equal labels
+        return hash(self.label)
+
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, data: Any, where: str) -> OutOfFamily:

@@ -359,3 +359,11 @@ def test_every_effect_is_documented_with_its_cli_kind_and_field():
             if line.startswith("| `")]
     for kind, name in CLI_KINDS.items():
         assert any(row.startswith(f"| `{kind}=") and f"`{name}:" in row for row in rows), (kind, name)
+
+
+def test_effects_are_values():
+    a = OutOfFamily(joint_damping={"slider": 0.1, "hinge": 0.05})
+    b = OutOfFamily(joint_damping={"hinge": 0.05, "slider": 0.1})
+    assert a == b and hash(a) == hash(b) and len({a, b, OutOfFamily()}) == 2
+    with pytest.raises(AttributeError):
+        a.obs_noise = 0.1  # frozen
