@@ -288,19 +288,21 @@ def test_cli_rejects_bad_arguments_naming_them():
 # ---- out-of-family effects ---------------------------------------------------------------------
 @pytest.mark.integration
 def test_twin_with_effects_delays_the_motors_biases_the_sensor_and_records_them(tmp_path):
-    effects = OutOfFamily(delay_periods=2, sensor_bias={"pole_angle": 0.05})
+    # The test controller centres the cart: a 0.5 m bias on cart_pos makes it push (-0.25) from the start.
+    effects = OutOfFamily(delay_periods=2, sensor_bias={"cart_pos": 0.5})
     config = TwinConfig(speed=4.0, duration_s=2.0, endpoints=ANY_PORT, effects=effects,
                         summary_path=tmp_path / "summary.json", trace_path=tmp_path / "trace.npz")
     summary, controller = run_twin(config)
-    assert summary["out_of_family"] == {"effects": effects.as_dict(), "label": "delay=2 bias=pole_angle:0.05"}
+    assert summary["out_of_family"] == {"effects": effects.as_dict(), "label": "delay=2 bias=cart_pos:0.5"}
     assert json.loads((tmp_path / "summary.json").read_text())["out_of_family"] == summary["out_of_family"]
     trace = np.load(tmp_path / "trace.npz")
-    assert summary["periods_commanded"] > 10 and np.abs(trace["sent"]).max() > 0.01  # the controller drove it
+    assert summary["periods_commanded"] > 10 and np.abs(trace["sent"]).max() > 0.1  # the controller drove it
+    assert len(np.unique(trace["sent"])) > 10
     # The motors got every command exactly two periods after the twin took it, the safe command before.
     assert np.array_equal(trace["applied"][:2], np.zeros((2, 1)))
     assert np.array_equal(trace["applied"][2:], trace["sent"][:-2])
-    # What the twin published is its true state with the pole-angle sensor 0.05 rad off; nothing else.
-    offset = np.array([0.0, 0.05, 0.0, 0.0])
+    # What the twin published is its true state with the cart-position sensor 0.5 m off; nothing else.
+    offset = np.array([0.5, 0.0, 0.0, 0.0])
     assert np.array_equal(trace["obs"], trace["true_obs"] + offset)
     # STATE seq 1 is the reset state; seq k + 2 the state after period k: the controller saw the biased one.
     received = [s for s in controller.states if s.seq > 1]
