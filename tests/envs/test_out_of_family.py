@@ -20,6 +20,7 @@ from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.paths import sim_dir
 from metarl_robot.runtime.planner import limit_sequences
 from metarl_robot.spec.schema import SpecError
+from tests.envs.test_dynamics import _cart_friction, _cartpole_spec, _pole_mass, assert_models_equal
 
 FAMILY = "cartpole_swingup"
 STEPS = 60
@@ -153,6 +154,25 @@ def test_friction_on_a_joint_stops_its_motion():
     env = MetaMujocoEnv(FAMILY, effects=OutOfFamily(joint_friction={"hinge": 0.01}))
     assert env.model.dof_frictionloss[HINGE_DOF] == plain.model.dof_frictionloss[HINGE_DOF] + 0.01
     assert np.array_equal(env.model.dof_damping, plain.model.dof_damping)
+
+
+def test_physics_effects_equal_the_robot_compiled_with_them_on_top_of_a_task():
+    """Damping, friction and integrator on a test task: the live model equals MuJoCo's compile of the MJCF with
+    the task's values and the effects written in (every numeric field)."""
+    effects = OutOfFamily(joint_damping={"hinge": 0.05, "slider": 0.3}, joint_friction={"hinge": 0.01},
+                          integrator="RK4")
+    env = MetaMujocoEnv(FAMILY, effects=effects)
+    env.set_task({"pole_mass_scale": 2.0, "cart_friction": 0.7})
+    spec = _cartpole_spec()
+    _pole_mass(spec, 2.0)
+    _cart_friction(spec, 0.7)
+    for joint, added in (("hinge", 0.05), ("slider", 0.3)):
+        damping = np.array(spec.joint(joint).damping)  # [linear, polynomial terms]: the effect adds to the linear
+        damping[0] += added
+        spec.joint(joint).damping = damping
+    spec.joint("hinge").frictionloss += 0.01
+    spec.option.integrator = mujoco.mjtIntegrator.mjINT_RK4
+    assert_models_equal(env.model, spec.compile())
 
 
 def test_physics_effects_survive_set_task_and_reset():
