@@ -79,7 +79,9 @@ def run_episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], seed: 
     unless ``envs`` is given).
 
     The components are recomputed from the recorded transitions with the family's reward function,
-    which is exactly what the env computed (rewards are functions of the transition alone).
+    which is exactly what the env computed (rewards are functions of the transition alone); under
+    observation effects (noise, bias) the env's rewards graded the true transitions, the components
+    here the observed ones.
     """
     own = envs is None
     envs = envs or make_vector_env(family, len(tasks), "sync", tasks=tasks, effects=effects)
