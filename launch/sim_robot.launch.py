@@ -6,6 +6,8 @@ The twin simulates one task of the robot's family, hidden from the node, in real
 for half speed on a slow computer); the node adapts to it. ``metarl`` (the metarl-robot command)
 must be on PATH. ``target_x`` is the cart-pole family's reward parameter given to the node (the
 twin's own target is part of its task); for other families put ``task.<name>`` in a params file.
+``effects:=FILE.yaml`` gives the twin out-of-family effects (``metarl sim-robot --effects``,
+docs/out_of_family.md); the default '' is none.
 Every name used here is checked against the colcon install and the node's parameters by
 tests/ros/test_launch_files.py. See docs/ros2_node.md.
 """
@@ -33,6 +35,8 @@ def generate_launch_description():
                               description="the twin's hidden task: nominal, train, test, inline JSON or a file"),
         DeclareLaunchArgument("twin_seed", default_value="0", description="seed of the twin's task draw"),
         DeclareLaunchArgument("speed", default_value="1.0", description="twin robot seconds per wall second"),
+        DeclareLaunchArgument("effects", default_value="", description="the twin's out-of-family effects: a YAML "
+                              "file (metarl sim-robot --effects, docs/out_of_family.md); '' = none"),
         DeclareLaunchArgument("port_base", default_value="47100", description="loopback ports: base, +1, +2"),
         DeclareLaunchArgument("target_x", default_value="0.0",
                               description="the node's task.target_x (cart-pole reward parameter)"),
@@ -42,7 +46,8 @@ def generate_launch_description():
         ExecuteProcess(
             cmd=[TWIN_COMMAND, "sim-robot", "--robot", LaunchConfiguration("robot"),
                  "--task", LaunchConfiguration("task"), "--seed", LaunchConfiguration("twin_seed"),
-                 "--speed", LaunchConfiguration("speed"), "--host", "127.0.0.1",
+                 "--speed", LaunchConfiguration("speed"), "--effects", LaunchConfiguration("effects"),
+                 "--host", "127.0.0.1",
                  "--port-base", LaunchConfiguration("port_base")],
             name="sim_robot",
             output="screen",

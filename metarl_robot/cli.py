@@ -16,6 +16,23 @@ Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tas
 See docs/robot_spec.md and docs/task_families.md.
 """
 
+EFFECT_HELP = ("out-of-family effect, repeatable (evaluation only; docs/out_of_family.md): delay=K (commands reach "
+               "the motors K more control periods late), damping=JOINT:V (+V N s/m or N m s/rad viscous damping), "
+               "friction=JOINT:V (+V N or N m dry friction loss), obs_noise=S (Gaussian noise of std S x each field's "
+               "robot.yaml scale on what the controller observes), integrator=Euler|RK4|implicit|implicitfast, "
+               "bias=FIELD:V or FIELD[i]:V (+V on an observed field, in its units). Joints the task family changes "
+               "are refused")
+"""``--effect`` help, shared by sim-robot and eval (tests check it names every kind of envs.out_of_family)."""
+EFFECTS_FILE_HELP = ("YAML mapping of out-of-family effects (delay_periods, joint_damping, joint_friction, obs_noise, "
+                     "integrator, sensor_bias); --effect items apply on top")
+
+
+def _effects(args: argparse.Namespace):
+    """The ``--effects`` file and ``--effect`` items as an OutOfFamily, or None."""
+    from metarl_robot.envs.out_of_family import OutOfFamily
+
+    return OutOfFamily.from_cli(args.effect, args.effects)
+
 
 def _cmd_families(args: argparse.Namespace) -> int:
     from metarl_robot.paths import family_names
@@ -165,9 +182,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.source, args.out, family=args.family, split=args.split, tasks=tasks, grid=args.grid,
                       grid_params=args.params.split(",") if args.params else None, seed=args.seed,
                       oracle=not args.no_oracle, oracle_cache=args.oracle_cache, unadapted=not args.no_unadapted,
-                      planner_overrides=_parse_overrides(args.set))
+                      planner_overrides=_parse_overrides(args.set), effects=_effects(args))
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
+    if report["out_of_family"]:
+        print(f"out-of-family effects: {report['out_of_family']['label']}")
     meta_test = "exploration_episodes" in report
     if meta_test:  # returns after 0, 1, 2 exploration episodes, and their gaps
         after = [f"after_{k}" for k in report["exploration_episodes"]]
@@ -352,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a planner setting, e.g. --set samples=64 --set horizon=30 (for PEARL: the "
                    "oracle's planner)")
+    p.add_argument("--effect", action="append", default=[], metavar="KIND=VALUE", help=EFFECT_HELP + "; every "
+                   "episode (adapted, unadapted, oracle) runs with them, and eval.json records them")
+    p.add_argument("--effects", metavar="FILE", help=EFFECTS_FILE_HELP)
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     p.set_defaults(func=_cmd_eval)
 
@@ -403,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "talk to a controller exactly as the hardware would (docs/telemetry.md): handshake, state "
                        "frames each control period, commands in, and a robot-side watchdog that applies the safe "
                        "command of robot.yaml when no fresh valid command arrives. The task stays hidden from the "
-                       "controller. Faults can be injected for tests. Prints a JSON 'ready' line with the bound "
-                       "endpoints, and on exit (--duration, Ctrl-C, SIGTERM) a 'done' line and the --summary file.")
+                       "controller. Faults can be injected for tests, and out-of-family effects (--effect, "
+                       "--effects) make the simulated robot differ from every task of its family. Prints a JSON "
+                       "'ready' line with the bound endpoints, and on exit (--duration, Ctrl-C, SIGTERM) a 'done' "
+                       "line and the --summary file.")
     p.add_argument("--robot", default="cartpole", help="robot name (default: cartpole)")
     p.add_argument("--task", default="nominal",
                    help="params YAML/JSON file, inline JSON, 'nominal', a split 'train'/'test', or 'family:split' "
@@ -430,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "DIR/authorized_clients/ (python -m metarl_robot.telemetry.keys DIR)")
     p.add_argument("--summary", help="write the run summary JSON here on exit")
     p.add_argument("--trace", help="write the per-period trace (.npz) here on exit")
+    p.add_argument("--effect", action="append", default=[], metavar="KIND=VALUE", help=EFFECT_HELP + "; the summary "
+                   "records them")
+    p.add_argument("--effects", metavar="FILE", help=EFFECTS_FILE_HELP)
     p.set_defaults(func=_cmd_sim_robot)
 
     p = sub.add_parser("keys", help="generate CURVE keys for an encrypted, authenticated telemetry link",

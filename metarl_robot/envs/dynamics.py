@@ -232,6 +232,9 @@ class DynamicsApplier:
                 owners[key] = (param.name, exclusive)
             _check_nominal(binder, effect_name, targets)
             self.effects.append((param.name, effect))
+        self.owners: dict[tuple[str, int], tuple[str, bool]] = owners
+        """``(model field, element) -> (param name, exclusive)`` for the dof and rod elements the family's parameters
+        change (out-of-family effects refuse these elements)."""
 
     def apply(self, task: Task) -> None:
         """Set the model to the nominal model changed by ``task`` (a validated task of the family)."""

@@ -11,6 +11,7 @@ import mujoco
 import numpy as np
 
 from metarl_robot.envs.dynamics import DynamicsApplier
+from metarl_robot.envs.out_of_family import NOISE_STREAM, BoundEffects, OutOfFamily
 from metarl_robot.envs.robot_model import (
     ObservationMap,
     joint_qpos_slice,
@@ -44,11 +45,16 @@ class MetaMujocoEnv(gym.Env):
       ``max_rate * ctrl_dt`` from the last sent command (``info["action_rate_limited"]``; the last
       sent command is the safe command after a reset). The reward's control cost and the delay
       queue see the sent command. NaN/Inf actions raise.
+    - ``effects``: out-of-family effects for evaluation (docs/out_of_family.md), kept through every
+      ``set_task`` and ``reset``. With observation effects (noise, bias) the returned observation is what
+      the controller sees, ``info["true_obs"]`` the true one, and the reward grades the true motion. Off
+      (``None`` or empty), the env is the plain env bit for bit.
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012  (gymnasium's class-level convention)
 
-    def __init__(self, family: str | TaskFamily = "cartpole_swingup", task: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, family: str | TaskFamily = "cartpole_swingup", task: Mapping[str, Any] | None = None,
+                 effects: OutOfFamily | None = None) -> None:
         self.family: TaskFamily = family if isinstance(family, TaskFamily) else load_family(family)
         """The task family (parameter box and reward)."""
         self.robot: RobotSpec = load_robot(self.family.spec.robot)
@@ -61,6 +67,12 @@ class MetaMujocoEnv(gym.Env):
         self.data = mujoco.MjData(self.model)
         self._obs_map = ObservationMap(self.robot, self.model)
         self._dynamics = DynamicsApplier(self.model, self.family)
+        self.effects: OutOfFamily | None = effects or None
+        """Out-of-family effects (evaluation only); ``None`` when off."""
+        # Binding sets the integrator, so it comes before the stepping scheme is chosen.
+        self._effects = None if self.effects is None else BoundEffects(
+            self.effects, self.robot, self.model, self._dynamics.owners, self.family.where)
+        self._obs_rng: np.random.Generator | None = None  # observation noise: a stream of its own
         self._ctrl_ids = np.array([self.model.actuator(a).id for a in self.robot.actuators])
         self._action_low, self._action_high = self.robot.action_low, self.robot.action_high
         self._max_step = self.robot.action_max_rate * self.robot.ctrl_dt  # largest change per control period
@@ -88,9 +100,12 @@ class MetaMujocoEnv(gym.Env):
         """Validate ``task`` and apply it now (mid-episode too). Raises SpecError on a bad parameter."""
         task = self.family.validate(task)
         self._dynamics.apply(task)
+        if self._effects is not None:
+            self._effects.apply_physics(self.model)  # after the restore from nominal, on top of the task
         self._task = task
-        if self._dynamics.delay_param is not None:
-            self._set_delay(int(task[self._dynamics.delay_param]))
+        if self._dynamics.delay_param is not None or self._effects is not None:
+            family_delay = 0 if self._dynamics.delay_param is None else int(task[self._dynamics.delay_param])
+            self._set_delay(family_delay + (0 if self._effects is None else self._effects.delay_periods))
         # Refresh positions/velocities-derived quantities under the new model for the next step.
         mujoco.mj_forward(self.model, self.data)
 
@@ -142,7 +157,15 @@ class MetaMujocoEnv(gym.Env):
         self._steps = 0
         obs, privileged = self._obs_map.gather(d)
         self._last_obs = obs
-        return obs, {"task": self.get_task(), "privileged": privileged}
+        info = {"task": self.get_task(), "privileged": privileged}
+        if self._effects is not None:
+            if seed is not None or self._obs_rng is None:
+                # Seeded from the env's seed but never drawing from its stream: noise leaves the physics alone.
+                seq = self.np_random.bit_generator.seed_seq
+                self._obs_rng = np.random.default_rng(np.random.SeedSequence(
+                    seq.entropy, spawn_key=(*seq.spawn_key, NOISE_STREAM)))
+            obs = self._observe(obs, info)
+        return obs, info
 
     def step(self, action):
         command = np.asarray(action, dtype=np.float64)
@@ -178,7 +201,14 @@ class MetaMujocoEnv(gym.Env):
             "physics_diverged": diverged,
         }
         truncated = self._steps >= self.family.spec.episode_steps
+        if self._effects is not None:
+            obs = self._observe(obs, info)
         return obs, float(reward), diverged, truncated, info
+
+    def _observe(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+        """What the controller sees under the effects; the truth stays in ``info["true_obs"]``."""
+        info["true_obs"] = obs
+        return self._effects.observe(obs, self._obs_rng) if self._effects.observes else obs.copy()
 
     # ---- internals -----------------------------------------------------------------------------
     def _physics_step(self) -> None:

@@ -23,6 +23,8 @@ class MujocoOracle:
     task's model and its pending delayed commands. Observations are read like the env reads them;
     sensor-sourced fields come from the step's sensor pass (one substep behind, see
     docs/robot_spec.md), which is exact for the joint-sourced fields every shipped robot uses.
+    An env's out-of-family physics effects (damping, friction, integrator: in its model; extra delay: in its
+    queue) are therefore in the predictions; its observation effects are not (it reads the true state).
     """
 
     def __init__(self, threads: int = 1) -> None:

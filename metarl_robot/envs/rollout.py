@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.spec.family import Task, TaskFamily, load_family
 
 Policy = Callable[[np.ndarray], np.ndarray]
@@ -46,8 +47,10 @@ VectorMode = Literal["sync", "async"]
 
 
 def make_vector_env(family: str | TaskFamily, num_envs: int, mode: VectorMode = "sync",
-                    tasks: Sequence[Task] | None = None) -> gym.vector.VectorEnv:
+                    tasks: Sequence[Task] | None = None, effects: OutOfFamily | None = None) -> gym.vector.VectorEnv:
     """``num_envs`` copies of the family's env; ``async`` runs each in its own process.
+
+    ``effects``: out-of-family effects every sub-env runs with (evaluation only; default none).
 
     Autoreset is disabled: :func:`collect` resets all sub-envs together at episode boundaries,
     which keeps every episode aligned in time across tasks.
@@ -60,7 +63,7 @@ def make_vector_env(family: str | TaskFamily, num_envs: int, mode: VectorMode = 
     name = fam if isinstance(family, TaskFamily) else str(family)
     if tasks is not None and len(tasks) != num_envs:
         raise ValueError(f"got {len(tasks)} tasks for {num_envs} envs; give one task per env")
-    fns = [_EnvFactory(name, None if tasks is None else dict(tasks[i])) for i in range(num_envs)]
+    fns = [_EnvFactory(name, None if tasks is None else dict(tasks[i]), effects or None) for i in range(num_envs)]
     cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
     return cls(fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
@@ -71,11 +74,14 @@ class _EnvFactory:
 
     family: str | TaskFamily
     task: Task | None
+    effects: OutOfFamily | None = None
 
     def __call__(self) -> gym.Env:
         from metarl_robot.envs.registry import make_env
 
-        return make_env(self.family, task=self.task)
+        # Without effects the env is built exactly as before (no extra keyword reaches gym.make).
+        extra = {} if self.effects is None else {"effects": self.effects}
+        return make_env(self.family, task=self.task, **extra)
 
 
 def set_tasks(vec_env: gym.vector.VectorEnv, tasks: Sequence[Task]) -> None:

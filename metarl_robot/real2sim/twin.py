@@ -20,6 +20,11 @@ arrives before the period ends is applied at once for the whole period — what 
 training; the link latency itself is not simulated inside the period. With
 ``apply_on_arrival=False`` the twin, like a fixed-rate motor driver, applies at each period boundary
 whatever command is newest (one period of extra delay).
+
+Out-of-family effects (``effects``, ``--effect KIND=VALUE``; docs/out_of_family.md) make the twin wrong in
+ways no task of its family is: extra actuator delay, damping or friction on joints the family leaves alone,
+observation noise, a sensor bias, another integrator. The controller sees only their consequences, as
+with the task; the summary records them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.envs.registry import make_env
 from metarl_robot.paths import family_names
 from metarl_robot.spec.family import SPLITS, TaskFamily, load_family
@@ -258,6 +264,8 @@ class TwinConfig:
     """Write the summary JSON here when the twin stops."""
     trace_path: Path | None = None
     """Write the per-period trace (.npz) here when the twin stops."""
+    effects: OutOfFamily | None = None
+    """Out-of-family effects the simulated robot has (None: none); never sent to the controller."""
 
 
 class DigitalTwin:
@@ -274,7 +282,7 @@ class DigitalTwin:
         """The simulated task family."""
         self.task = resolve_task(config.task, self.family, config.seed)
         """The hidden task (ground truth for tests; never sent)."""
-        self.env = make_env(self.family).unwrapped
+        self.env = make_env(self.family, **({"effects": config.effects} if config.effects else {})).unwrapped
         """The MuJoCo env (unwrapped: the twin runs one endless episode, not gymnasium's)."""
         self.robot = self.env.robot
         """The robot's interface."""
@@ -290,7 +298,8 @@ class DigitalTwin:
         self._error: BaseException | None = None
         self._summary: dict | None = None
         self._faults = _FaultInjector(config.faults, config.seed)
-        self._trace: dict[str, list] = {k: [] for k in ("t", "obs", "applied", "safe", "command_seq", "reward")}
+        self._trace: dict[str, list] = {k: [] for k in ("t", "obs", "true_obs", "applied", "sent", "safe",
+                                                        "command_seq", "reward")}
         self._engagements: list[dict] = []
         self._safe_runs: list[dict] = []
         self._physics_resets = 0
@@ -370,14 +379,13 @@ class DigitalTwin:
                     self._wait(period_end, pending, answering=client.state_seq)
                 decision = client.current_action()
                 obs, reward, diverged, _, info = env.step(decision.action)
-                applied = np.asarray(info["applied_action"], dtype=np.float64)
-                self._record(k, decision, applied, obs, reward, t0)
+                self._record(k, decision, info, obs, reward)
                 if diverged:
                     self._physics_resets += 1
                     obs, _ = env.reset(options={"task": self.task})
                 self._wait(period_end, pending)
                 k += 1
-                self._publish(obs, applied, t0, self._clock(), pending)
+                self._publish(obs, self._trace["applied"][-1], t0, self._clock(), pending)
         finally:
             client.close()
             self._summary = self._make_summary(k, time.monotonic() - wall_start)
@@ -415,13 +423,15 @@ class DigitalTwin:
                 return
 
     # ---- records -------------------------------------------------------------------------------
-    def _record(self, k: int, decision, applied: np.ndarray, obs: np.ndarray, reward: float, t0: int) -> None:
+    def _record(self, k: int, decision, info: dict, obs: np.ndarray, reward: float) -> None:
         t_s = k * self.robot.ctrl_dt
         tr = self._trace
         was_safe = tr["safe"][-1] if tr["safe"] else None
         tr["t"].append(t_s)
-        tr["obs"].append(np.asarray(obs, dtype=np.float64))
-        tr["applied"].append(applied)
+        tr["obs"].append(np.asarray(obs, dtype=np.float64))  # what is published
+        tr["true_obs"].append(np.asarray(info.get("true_obs", obs), dtype=np.float64))  # the robot's true state
+        tr["applied"].append(np.asarray(info["applied_action"], dtype=np.float64))
+        tr["sent"].append(np.asarray(info["sent_action"], dtype=np.float64))
         tr["safe"].append(decision.safe)
         tr["command_seq"].append(decision.command_seq)
         tr["reward"].append(float(reward))
@@ -439,13 +449,13 @@ class DigitalTwin:
     def _make_summary(self, periods: int, wall_s: float) -> dict:
         robot, tr = self.robot, self._trace
         counters = self.client.counters
-        final_obs = tr["obs"][-1] if tr["obs"] else None
+        final_obs = tr["true_obs"][-1] if tr["true_obs"] else None
         final: dict[str, Any] = {"obs": None, "upright": None, "upright_fraction_last_2s": None}
         if final_obs is not None:
             final["obs"] = {f.name: final_obs[s].tolist() if f.size > 1 else float(final_obs[s][0])
                             for f, s in ((f, robot.obs_slices[f.name]) for f in robot.measured_fields)}
             if "pole_angle" in robot.obs_slices:
-                angles = np.array([o[robot.obs_slices["pole_angle"]][0] for o in tr["obs"]])
+                angles = np.array([o[robot.obs_slices["pole_angle"]][0] for o in tr["true_obs"]])
                 upright = np.cos(angles) > math.cos(UPRIGHT_RAD)
                 last = max(1, round(UPRIGHT_WINDOW_S / robot.ctrl_dt))
                 final["upright"] = bool(upright[-1])
@@ -456,6 +466,7 @@ class DigitalTwin:
             "watchdog_ms": self.client.watchdog_ms, "apply_on_arrival": self.config.apply_on_arrival,
             "endpoints": self.endpoints.as_dict() if self.endpoints else None,
             "faults": self.config.faults.as_dict(), "fault_counts": dict(self._faults.counts),
+            "out_of_family": None if self.config.effects is None else self.config.effects.record(),
             "periods": periods, "robot_time_s": periods * robot.ctrl_dt, "wall_time_s": round(wall_s, 3),
             "overruns": self._overruns,
             "states_made": self.client.state_seq, "frames_sent": counters.raw_frames_published,
@@ -483,7 +494,9 @@ class DigitalTwin:
             path = Path(cfg.trace_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, t=np.array(tr["t"]), obs=np.array(tr["obs"]).reshape(-1, dims[0]),
-                     applied=np.array(tr["applied"]).reshape(-1, dims[1]), safe=np.array(tr["safe"], dtype=bool),
+                     true_obs=np.array(tr["true_obs"]).reshape(-1, dims[0]),
+                     applied=np.array(tr["applied"]).reshape(-1, dims[1]),
+                     sent=np.array(tr["sent"]).reshape(-1, dims[1]), safe=np.array(tr["safe"], dtype=bool),
                      command_seq=np.array(tr["command_seq"], dtype=np.uint64), reward=np.array(tr["reward"]))
 
 
@@ -502,7 +515,8 @@ def config_from_args(args) -> TwinConfig:
         watchdog_ms=args.watchdog_ms, endpoints=endpoints, faults=FaultConfig.parse(args.fault),
         duration_s=args.duration, apply_on_arrival=not args.apply_at_boundary,
         curve=CurveServerKeys.from_dir(args.curve_keys) if args.curve_keys else None,
-        summary_path=Path(args.summary) if args.summary else None, trace_path=Path(args.trace) if args.trace else None)
+        summary_path=Path(args.summary) if args.summary else None, trace_path=Path(args.trace) if args.trace else None,
+        effects=OutOfFamily.from_cli(args.effect, args.effects))  # argparse defaults: [] and None
 
 
 def run_cli(args) -> int:

@@ -44,6 +44,7 @@ import torch
 
 from metarl_robot.algos.mpc_controller import MPCController
 from metarl_robot.algos.pearl_controller import PEARLController, Posterior, family_reward_fn
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.kinds import bundle_kind
@@ -187,11 +188,13 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
              tasks: int | list[Task] = 8, grid: int | None = None, grid_params: list[str] | None = None, seed: int = 0,
              oracle: bool = True, oracle_threads: int = 2, oracle_cache: str | Path | None = None,
              unadapted: bool = True, planner_overrides: dict[str, Any] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, effects: OutOfFamily | None = None) -> dict[str, Any]:
     """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves).
 
     Every episode, of every task and mode, starts from the initial state a reset with ``seed`` gives,
-    so tasks differ only by their parameters and the gap compares the same start.
+    so tasks differ only by their parameters and the gap compares the same start. ``effects``: out-of-family
+    effects every episode (adapted, unadapted, oracle) runs with; ``eval.json`` records them and what the
+    oracle sees of them under ``out_of_family``.
     """
     started = time.perf_counter()
     src = _Source(Path(source_path))
@@ -201,7 +204,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     torch.set_num_threads(src.torch_threads)
     try:
         return _evaluate(src, source_path, out_dir, family, split, tasks, grid, grid_params, seed, oracle,
-                         oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started)
+                         oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started, effects or None)
     finally:
         torch.set_num_threads(threads)
 
@@ -209,7 +212,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
 def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family: str | None, split: str,
               tasks: int | list[Task], grid: int | None, grid_params: list[str] | None, seed: int, oracle: bool,
               oracle_threads: int, oracle_cache: str | Path | None, unadapted: bool,
-              planner_overrides: dict[str, Any] | None, progress: bool, started: float) -> dict[str, Any]:
+              planner_overrides: dict[str, Any] | None, progress: bool, started: float,
+              effects: OutOfFamily | None) -> dict[str, Any]:
     fam = load_family(family) if family else src.family
     if fam.spec.robot != src.robot.name:
         raise ValueError(f"family {fam.name!r} is for robot {fam.spec.robot!r}, the controller for {src.robot.name!r}")
@@ -227,20 +231,20 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
             raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
                              "first episode on the prior (return_after_0, the unadapted return)")
         return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
-                          oracle_threads, oracle_cache, progress, started)
+                          oracle_threads, oracle_cache, progress, started, effects)
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     starts = [seed] * n
 
     recorder = _PredictionErrorRecorder(src.adapter(n, True, planner_cfg), params)
-    results = {"adapted": run_episodes(fam, robot, task_list, starts, recorder, progress)}
+    results = {"adapted": run_episodes(fam, robot, task_list, starts, recorder, progress, effects=effects)}
     if unadapted:
         controller = MPCController(src.adapter(n, False, planner_cfg), params)
-        results["unadapted"] = run_episodes(fam, robot, task_list, starts, controller, progress)
+        results["unadapted"] = run_episodes(fam, robot, task_list, starts, controller, progress, effects=effects)
     ret = {mode: ep.returns for mode, ep in results.items()}
     success = {mode: episode_success(fam, ep.components) for mode, ep in results.items()}
     if oracle:
-        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache)
+        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache, effects=effects)
         ret["oracle"] = oracle_returns(task_list, seed, progress)
         success["oracle"] = oracle_returns.success(task_list, seed)
     errors_on, errors_off = recorder.with_context, recorder.without_context
@@ -273,7 +277,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
         "source": str(source_path), "source_kind": src.kind, "algo": src.algo_name,
         "bundle_kind": src.bundle_class.kind,
         "family": fam.name, "split": split, "seed": seed,
-        "grid": grid_info,
+        "grid": grid_info, "out_of_family": _effects_record(effects, oracle),
         "tasks": rows, "summary": summary, "context_window": k, "planner": planner_cfg.__dict__,
         "prediction_error_by_step": {"adapted": err_on.mean(axis=0).tolist(),
                                      "unadapted": err_off.mean(axis=0).tolist()},
@@ -281,6 +285,13 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
         "seconds": round(time.perf_counter() - started, 1),
     }
     return _write_report(report, ret, out_dir, lambda out: _plots(report, ret, err_on, err_off, robot.ctrl_dt, out))
+
+
+def _effects_record(effects: OutOfFamily | None, oracle: bool) -> dict[str, Any] | None:
+    """``eval.json``'s ``out_of_family``: the effects, and (with an oracle) which of them it plans through."""
+    if effects is None:
+        return None
+    return {**effects.record(), **({"oracle": effects.oracle_record()} if oracle else {})}
 
 
 def _stats(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -313,8 +324,8 @@ def _write_report(report: dict[str, Any], ret: dict[str, np.ndarray], out_dir: s
 
 def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
                task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
-               oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float
-               ) -> dict[str, Any]:
+               oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float,
+               effects: OutOfFamily | None = None) -> dict[str, Any]:
     """Run the episodes and the oracle, write ``eval.json`` and the plots, return the report."""
     robot: RobotSpec = src.robot
     n = len(task_list)
@@ -324,7 +335,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     ret: dict[str, np.ndarray] = {}
     success: dict[str, np.ndarray | None] = {}
     belief_var: dict[str, np.ndarray] = {}
-    envs = make_vector_env(fam, n, "sync", tasks=task_list)
+    envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
     try:
         for column in columns:
             # The belief z is drawn from at this episode's reset (the prior for after_0).
@@ -334,7 +345,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     finally:
         envs.close()
     if oracle:
-        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache)
+        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache, effects=effects)
         ret["oracle"] = oracle_returns(task_list, seed, progress)
         success["oracle"] = oracle_returns.success(task_list, seed)
     rows = []
@@ -359,7 +370,8 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     report = {
         "source": str(source_path), "source_kind": src.kind, "algo": src.algo_name,
         "bundle_kind": src.bundle_class.kind,
-        "family": fam.name, "split": split, "seed": seed, "grid": grid_info, "tasks": rows, "summary": summary,
+        "family": fam.name, "split": split, "seed": seed, "grid": grid_info,
+        "out_of_family": _effects_record(effects, oracle), "tasks": rows, "summary": summary,
         "exploration_episodes": list(src.meta_test_episodes),
         "controller": protocol, "planner": planner_cfg.__dict__, "oracle_planner": src.oracle_planner_source,
         "seconds": round(time.perf_counter() - started, 1),

@@ -22,6 +22,7 @@ import numpy as np
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.envs.oracle import MujocoOracle
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.envs.rollout import collect, make_vector_env
 from metarl_robot.runtime.planner import Planner, PlannerConfig
 from metarl_robot.spec.family import Task, TaskFamily
@@ -72,14 +73,18 @@ class Episodes:
 
 
 def run_episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], seed: int | list[int], controller: Any,
-                 progress: bool = False, envs: gym.vector.VectorEnv | None = None) -> Episodes:
-    """One episode per task through :func:`collect` (own sync vector env unless ``envs`` is given).
+                 progress: bool = False, envs: gym.vector.VectorEnv | None = None,
+                 effects: OutOfFamily | None = None) -> Episodes:
+    """One episode per task through :func:`collect` (own sync vector env, with out-of-family ``effects`` if given,
+    unless ``envs`` is given).
 
     The components are recomputed from the recorded transitions with the family's reward function,
-    which is exactly what the env computed (rewards are functions of the transition alone).
+    which is exactly what the env computed (rewards are functions of the transition alone); under
+    observation effects (noise, bias) the env's rewards graded the true transitions, the components
+    here the observed ones.
     """
     own = envs is None
-    envs = envs or make_vector_env(family, len(tasks), "sync", tasks=tasks)
+    envs = envs or make_vector_env(family, len(tasks), "sync", tasks=tasks, effects=effects)
     try:
         rollout = collect(envs, family, controller, tasks, 1, seed=seed, progress=progress)
     finally:
@@ -106,9 +111,11 @@ def episode_success(family: TaskFamily, components: dict[str, np.ndarray]) -> np
 
 
 def oracle_episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], planner_cfg: PlannerConfig,
-                    seed: int | list[int], threads: int = 1, progress: bool = False) -> Episodes:
-    """The oracle's episodes: ``planner_cfg`` planning through each task's true MuJoCo model."""
-    envs = make_vector_env(family, len(tasks), "sync", tasks=tasks)
+                    seed: int | list[int], threads: int = 1, progress: bool = False,
+                    effects: OutOfFamily | None = None) -> Episodes:
+    """The oracle's episodes: ``planner_cfg`` planning through each task's true MuJoCo model (with the physics of
+    out-of-family ``effects``, which the envs' models and delay queues carry; see ``OutOfFamily.oracle_record``)."""
+    envs = make_vector_env(family, len(tasks), "sync", tasks=tasks, effects=effects)
     try:
         params = {k: np.array([t[k] for t in tasks]) for k in family.reward_names}
         planner = Planner(planner_cfg, robot, get_reward(family.spec.reward), MujocoOracle(threads), len(tasks))
@@ -129,14 +136,19 @@ class OracleReturns:
     """
 
     def __init__(self, family: TaskFamily, robot: RobotSpec, planner_cfg: PlannerConfig, threads: int = 1,
-                 cache_file: str | Path | None = None, keep_trajectories: bool = False) -> None:
+                 cache_file: str | Path | None = None, keep_trajectories: bool = False,
+                 effects: OutOfFamily | None = None) -> None:
         self.family, self.robot, self.threads = family, robot, threads
+        self.effects = effects or None
+        """Out-of-family effects every oracle episode runs with (part of the cache identity)."""
         self.planner_cfg = replace(planner_cfg, seed=0)
         self.keep_trajectories = keep_trajectories
         """Keep each task's oracle transitions (``trajectories``) for gradient estimates."""
         self.identity = {"family": family.name, "episode_steps": family.spec.episode_steps,
                          "planner": {k: v for k, v in asdict(self.planner_cfg).items() if k != "seed"},
                          "robot_interface_sha256": robot.interface_hash}
+        if self.effects is not None:  # only then: caches written without effects stay valid
+            self.identity["out_of_family"] = self.effects.as_dict()
         self.records: dict[str, dict[str, Any]] = {}
         """Task key → ``{"return": float, "success": bool | None}`` of the oracle's episode."""
         self.trajectories: dict[str, Episodes] = {}
@@ -163,7 +175,7 @@ class OracleReturns:
         # oracle episode would otherwise depend on what it was computed together with.
         for key, (task, start) in missing.items():
             ep = oracle_episodes(self.family, self.robot, [task], replace(self.planner_cfg, seed=start), start,
-                                 self.threads, progress)
+                                 self.threads, progress, self.effects)
             success = episode_success(self.family, ep.components)
             self.records[key] = {"return": float(ep.returns[0]),
                                  "success": None if success is None else bool(success[0])}

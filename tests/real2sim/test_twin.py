@@ -16,6 +16,7 @@ import pytest
 import yaml
 import zmq
 
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.real2sim.twin import DigitalTwin, FaultConfig, TwinConfig, resolve_family, resolve_task
 from metarl_robot.spec.family import load_family
@@ -282,3 +283,67 @@ def test_cli_rejects_bad_arguments_naming_them():
     result = subprocess.run([sys.executable, "-m", "metarl_robot.cli", "sim-robot", "--fault", "drop=2"],
                             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 2 and "drop is a probability in [0, 1]" in result.stderr
+
+
+# ---- out-of-family effects ---------------------------------------------------------------------
+@pytest.mark.integration
+def test_twin_with_effects_delays_the_motors_biases_the_sensor_and_records_them(tmp_path):
+    # The test controller centres the cart: a 0.5 m bias on cart_pos makes it push (-0.25) from the start.
+    effects = OutOfFamily(delay_periods=2, sensor_bias={"cart_pos": 0.5})
+    config = TwinConfig(speed=4.0, duration_s=2.0, endpoints=ANY_PORT, effects=effects,
+                        summary_path=tmp_path / "summary.json", trace_path=tmp_path / "trace.npz")
+    summary, controller = run_twin(config)
+    assert summary["out_of_family"] == {"effects": effects.as_dict(), "label": "delay=2 bias=cart_pos:0.5"}
+    assert json.loads((tmp_path / "summary.json").read_text())["out_of_family"] == summary["out_of_family"]
+    trace = np.load(tmp_path / "trace.npz")
+    assert summary["periods_commanded"] > 10 and np.abs(trace["sent"]).max() > 0.1  # the controller drove it
+    assert len(np.unique(trace["sent"])) > 10
+    # The motors got every command exactly two periods after the twin took it, the safe command before.
+    assert np.array_equal(trace["applied"][:2], np.zeros((2, 1)))
+    assert np.array_equal(trace["applied"][2:], trace["sent"][:-2])
+    # What the twin published is its true state with the cart-position sensor 0.5 m off; nothing else.
+    offset = np.array([0.5, 0.0, 0.0, 0.0])
+    assert np.array_equal(trace["obs"], trace["true_obs"] + offset)
+    # STATE seq 1 is the reset state; seq k + 2 the state after period k: the controller saw the biased one.
+    received = [s for s in controller.states if s.seq > 1]
+    assert len(received) > 10
+    assert all(np.array_equal(s.obs, trace["obs"][s.seq - 2]) for s in received)
+
+
+def test_plain_twin_records_no_effects_and_keeps_its_trace():
+    twin = DigitalTwin(TwinConfig(endpoints=ANY_PORT))
+    assert twin.env.effects is None
+    assert twin._make_summary(0, 0.0)["out_of_family"] is None
+
+
+def test_cli_effect_options_reach_the_twin_config(tmp_path):
+    from metarl_robot.cli import build_parser
+    from metarl_robot.real2sim.twin import config_from_args
+
+    (tmp_path / "effects.yaml").write_text("joint_damping: {hinge: 0.05}\nobs_noise: 0.01\n")
+    args = build_parser().parse_args(["sim-robot", "--effects", str(tmp_path / "effects.yaml"), "--effect", "delay=2",
+                                      "--effect", "obs_noise=0.02"])
+    assert config_from_args(args).effects == OutOfFamily(delay_periods=2, joint_damping={"hinge": 0.05},
+                                                         obs_noise=0.02)
+    assert config_from_args(build_parser().parse_args(["sim-robot"])).effects is None
+    launch_default = build_parser().parse_args(["sim-robot", "--effects", ""])  # sim_robot.launch.py: effects:=""
+    assert config_from_args(launch_default).effects is None
+
+
+def test_cli_help_explains_every_effect_and_bad_effects_exit_2():
+    from metarl_robot.envs.out_of_family import CLI_KINDS
+
+    for command in ("sim-robot", "eval"):
+        result = subprocess.run([sys.executable, "-m", "metarl_robot.cli", command, "--help"], capture_output=True,
+                                text=True, timeout=120, cwd=REPO_ROOT)
+        text = " ".join(result.stdout.split())
+        assert result.returncode == 0 and "--effect KIND=VALUE" in text and "--effects FILE" in text
+        assert all(f"{kind}=" in text for kind in CLI_KINDS), text
+    for bad, message in ((["--effect", "delay=-1"], "delay is a whole number of control periods >= 0"),
+                         (["--effect", "integrator=Verlet"], "'Euler', 'RK4', 'implicit', 'implicitfast'"),
+                         (["--effect", "friction=slider:0.1", "--duration", "0.1", "--port-base", "0"],
+                          "'cart_friction'")):
+        result = subprocess.run([sys.executable, "-m", "metarl_robot.cli", "sim-robot", *bad], capture_output=True,
+                                text=True, timeout=120, cwd=REPO_ROOT)
+        assert result.returncode == 2 and "metarl sim-robot: error:" in result.stderr, result.stderr
+        assert message in " ".join(result.stderr.split()), result.stderr
