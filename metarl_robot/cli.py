@@ -192,9 +192,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         after = [f"after_{k}" for k in report["exploration_episodes"]]
         columns = [f"return_{c}" for c in after] + ["return_oracle"] + [f"gap_{c}" for c in after]
         names = [*after, "oracle", *(f"gap_{k}" for k in report["exploration_episodes"])]
-    else:
-        columns = ["return_adapted", "return_unadapted", "return_oracle", "gap"]
-        names = ["adapted", "unadapted", "oracle", "gap"]
+    else:  # every adaptation mode the kind has (adapted, ..., unadapted), the oracle and the gap
+        names = [k.removeprefix("return_") for k in report["tasks"][0] if k.startswith("return_")] + ["gap"]
+        columns = [f"return_{m}" for m in names[:-1]] + ["gap"]
     print(f"{'task':<5}{'ood':<5}" + "".join(f"{m:>12}" for m in names))
     for i, row in enumerate(report["tasks"]):
         cells = [row.get(c, float("nan")) for c in columns]

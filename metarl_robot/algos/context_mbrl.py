@@ -135,10 +135,11 @@ class ContextMBRL(Algorithm):
         """The untrained encoder + ensemble."""
         return ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, model_cfg)
 
-    def make_adapter(self, planner: PlannerConfig, batch: int) -> ModelBasedAdapter:
-        """The collection controller's adapter over the torch model, as the robot's runs over the ONNX graphs."""
+    def make_adapter(self, planner: PlannerConfig, batch: int, adapt: bool = True) -> ModelBasedAdapter:
+        """The collection controller's adapter over the torch model, as the robot's runs over the ONNX graphs
+        (``adapt=False``: the empty context, for evaluations)."""
         return ModelBasedAdapter(self.robot, get_reward(self.family.spec.reward), self.encode, self.step,
-                                 self.ensemble_size, self.window, planner, batch=batch)
+                                 self.ensemble_size, self.window, planner, batch=batch, adapt=adapt)
 
     # ---- collection -------------------------------------------------------------------------------
     def collect(self, tasks: list[Task], iteration: int, seed: int, starts: list[int] | None = None) -> Collected:

@@ -87,6 +87,15 @@ class ModelBasedAdapter:
         mask = w.mask() if self.adapt else np.zeros_like(w.mask())
         return self.encode_fn(w.obs, w.act, w.next_obs, mask)
 
+    def empty_context(self) -> np.ndarray:
+        """``(B, d)`` the context of an empty window: what the unadapted model is conditioned on."""
+        w = self.window
+        return self.encode_fn(w.obs, w.act, w.next_obs, np.zeros_like(w.mask()))
+
+    def unadapted_prediction(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """Ensemble-mean next observation ``(B, o)`` of the meta-trained model without any adaptation."""
+        return self.predict(obs, action, self.empty_context())
+
     def predict(self, obs: np.ndarray, action: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Ensemble-mean next observation ``(B, o)`` for one action per env."""
         e = self.ensemble_size

@@ -44,6 +44,8 @@ from metarl_robot.spec.schema import SpecError, build, check_schema_version
 BUNDLE_SCHEMA_VERSION = 2
 """The bundle.yaml schema this runtime reads; bump on any incompatible change (2: the fused rollout graph)."""
 MANIFEST_FILE = "bundle.yaml"
+ADAPTED_OR_NOT: dict[str, dict[str, bool]] = {"adapted": {"adapt": True}, "unadapted": {"adapt": False}}
+"""The adaptation modes of a kind with one switch (``adapt``)."""
 NO_DYNAMICS_MODEL = "not applicable: the bundle has no dynamics model to predict with"
 """What diagnostics, metrics and reports say in place of a prediction error for a kind without a dynamics model."""
 
@@ -180,6 +182,9 @@ class LoadedBundle(ABC):
     """Non-empty: ``metarl eval`` grades the bundle by the meta-test (the return after each of these numbers of
     exploration episodes on a task, the belief kept across them); empty: one episode per task, adapted vs
     unadapted."""
+    adaptation_modes: ClassVar[dict[str, dict[str, bool]]] = {}
+    """For kinds graded adapted vs unadapted: mode → the :meth:`make_adapter` switches of it, ``adapted`` (as on
+    the robot) first, ``unadapted`` (no adaptation at all) last; ``metarl eval`` runs every mode."""
     acts_by: ClassVar[str] = ""
     """How the bundle acts, for people ("plans through its dynamics model"), after the bundle's name."""
 
@@ -427,8 +432,7 @@ def check_session_io(session: Any, entry: GraphEntry, where: str, field: str) ->
 
 
 
-__all__ = ["BUNDLE_SCHEMA_VERSION", "MANIFEST_FILE", "NO_DYNAMICS_MODEL", "ActionLayout", "BundleError", "GraphEntry",
-           "LoadedBundle", "ManifestCommon", "ObservationLayout", "action_layout", "check_common",
-           "check_declared_graphs",
-           "family_from_dict", "observation_layout", "open_graphs", "read_manifest", "refuse_planner_overrides",
-           "rethrow", "sha256_file"]
+__all__ = ["ADAPTED_OR_NOT", "BUNDLE_SCHEMA_VERSION", "MANIFEST_FILE", "NO_DYNAMICS_MODEL", "ActionLayout",
+           "BundleError", "GraphEntry", "LoadedBundle", "ManifestCommon", "ObservationLayout", "action_layout",
+           "check_common", "check_declared_graphs", "family_from_dict", "observation_layout", "open_graphs",
+           "read_manifest", "refuse_planner_overrides", "rethrow", "sha256_file"]

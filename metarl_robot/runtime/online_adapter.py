@@ -104,16 +104,23 @@ class OnlineModelAdapter(ModelBasedAdapter):
         accepted = self.posterior.update(np.swapaxes(phi, 0, 1), target[0])
         self._refused = (~accepted).astype(np.float64)
 
-    def predict(self, obs: np.ndarray, action: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Ensemble-mean next observation ``(B, o)`` with each env's current last layer."""
+    def predict(self, obs: np.ndarray, action: np.ndarray, z: np.ndarray, heads: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Ensemble-mean next observation ``(B, o)`` with each env's last layer ``heads`` (B, E, F, o) (default: its
+        current posterior)."""
+        heads = self.posterior.weights if heads is None else heads
         e = self.ensemble_size
         out = np.empty((self.batch, self.robot.obs_dim))
         for b in range(self.batch):
             tile = lambda x: np.ascontiguousarray(np.broadcast_to(x[b:b + 1], (e, 1, x.shape[-1])),  # noqa: E731,B023
                                                   dtype=np.float32)
-            head = self.posterior.weights[b].astype(np.float32)
-            out[b] = self.head_step(tile(obs), tile(action), tile(z), head).mean(axis=0)[0]
+            out[b] = self.head_step(tile(obs), tile(action), tile(z), heads[b].astype(np.float32)).mean(axis=0)[0]
         return out
+
+    def unadapted_prediction(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The meta-trained model: the empty window's context and the prior last layer."""
+        prior = np.broadcast_to(self.posterior.prior, self.posterior.weights.shape)
+        return self.predict(obs, action, self.empty_context(), prior)
 
     def plan_start(self, obs: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self._planned_with = z

@@ -95,6 +95,7 @@ class _Source:
             """torch threads for the controller's many tiny calls (the run's own setting)."""
             self.algo = algo
             """The trained algorithm (runs only): its torch model is the controller."""
+            algo.family = self.family  # its adapters plan with the family's reward
         else:
             raise FileNotFoundError(f"{path} is neither a bundle (bundle.yaml), a run (checkpoints/latest.pt) nor a "
                                     "checkpoint file (.pt)")
@@ -119,14 +120,17 @@ class _Source:
                                      seed=seed)
         return controller, {"deterministic": True, "z_mode": "sample", "keep_context": True}
 
-    def adapter(self, batch: int, adapt: bool, planner: PlannerConfig) -> ModelBasedAdapter:
-        """The controller that plans through the dynamics model, adapting or not."""
+    def adapter(self, batch: int, mode: dict[str, bool], planner: PlannerConfig) -> ModelBasedAdapter:
+        """The controller that plans through the dynamics model in adaptation ``mode`` (the kind's switches)."""
         if self.bundle is not None:
-            return self.bundle.make_adapter(batch=batch, adapt=adapt, planner_overrides=to_plain(planner),
-                                            seed=planner.seed)
-        reward = get_reward(self.family.spec.reward)
-        return ModelBasedAdapter(self.robot, reward, self.algo.encode, self.algo.step, self.algo.ensemble_size,
-                                 self.algo.window, planner, batch=batch, adapt=adapt)
+            return self.bundle.make_adapter(batch=batch, planner_overrides=to_plain(planner), seed=planner.seed,
+                                            **mode)
+        return self.algo.make_adapter(planner, batch, **mode)
+
+
+ADAPTATION_STEPS = 50
+"""Steps of adaptation after which the summary also compares the adapted model's one-step error with the unadapted
+model's (``pred_err_ratio_after_50``: the ratio of the means over tasks, and the worst task's ratio)."""
 
 
 def _provenance_planner(manifest: dict[str, Any]) -> tuple[PlannerConfig, str]:
@@ -165,21 +169,20 @@ class _BeliefKeepingAdapter:
 
 
 class _PredictionErrorRecorder(MPCController):
-    """The adapted controller, also scoring each step's prediction with the inferred and the empty context."""
+    """The adapted controller, also scoring each step's prediction by the adapted model (as it was when the step
+    was planned) and by the meta-trained model without any adaptation, on the same transitions."""
 
     def __init__(self, adapter: ModelBasedAdapter, reward_params: dict[str, np.ndarray]) -> None:
         super().__init__(adapter, reward_params)
-        w = adapter.window
-        self.z_empty = adapter.encode_fn(w.obs, w.act, w.next_obs, np.zeros_like(w.mask()))
         self.with_context: list[np.ndarray] = []
         self.without_context: list[np.ndarray] = []
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
         a, scale = self.adapter, self.adapter.robot.obs_scale
         # The context this step was planned with: the window has not taken the new transition yet.
-        planned_with = self.last_diagnostics["context"]
-        for z, store in ((planned_with, self.with_context), (self.z_empty, self.without_context)):
-            pred = a.predict(obs, sent_action, z)
+        adapted = a.predict(obs, sent_action, self.last_diagnostics["context"])
+        for pred, store in ((adapted, self.with_context), (a.unadapted_prediction(obs, sent_action),
+                                                           self.without_context)):
             store.append(np.sqrt(np.mean(((pred - next_obs) / scale) ** 2, axis=-1)))
         super().observe(obs, sent_action, next_obs)
 
@@ -236,11 +239,14 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     starts = [seed] * n
 
-    recorder = _PredictionErrorRecorder(src.adapter(n, True, planner_cfg), params)
+    modes = src.bundle_class.adaptation_modes
+    recorder = _PredictionErrorRecorder(src.adapter(n, modes["adapted"], planner_cfg), params)
     results = {"adapted": run_episodes(fam, robot, task_list, starts, recorder, progress, effects=effects)}
-    if unadapted:
-        controller = MPCController(src.adapter(n, False, planner_cfg), params)
-        results["unadapted"] = run_episodes(fam, robot, task_list, starts, controller, progress, effects=effects)
+    for mode, switches in modes.items():  # the kind's other modes: e.g. context only, online only, unadapted
+        if mode == "adapted" or (mode == "unadapted" and not unadapted):
+            continue
+        controller = MPCController(src.adapter(n, switches, planner_cfg), params)
+        results[mode] = run_episodes(fam, robot, task_list, starts, controller, progress, effects=effects)
     ret = {mode: ep.returns for mode, ep in results.items()}
     success = {mode: episode_success(fam, ep.components) for mode, ep in results.items()}
     if oracle:
@@ -272,6 +278,10 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
     summary["pred_err_adapted_after_k"] = float(err_on[:, k:].mean())
     summary["pred_err_unadapted_after_k"] = float(err_off[:, k:].mean())
     summary["pred_err_ratio_after_k"] = summary["pred_err_adapted_after_k"] / summary["pred_err_unadapted_after_k"]
+    if err_on.shape[1] > ADAPTATION_STEPS:  # after 50 steps of adaptation (issue 15's measure), every task
+        on, off = err_on[:, ADAPTATION_STEPS:].mean(axis=1), err_off[:, ADAPTATION_STEPS:].mean(axis=1)
+        summary[f"pred_err_ratio_after_{ADAPTATION_STEPS}"] = {"mean": float(on.mean() / off.mean()),
+                                                               "worst_task": float((on / off).max())}
     summary.update(_success_rates(rows, ret))
     report = {
         "source": str(source_path), "source_kind": src.kind, "algo": src.algo_name,
@@ -409,7 +419,8 @@ def _plots(report: dict, ret: dict[str, np.ndarray], err_on: np.ndarray, err_off
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _returns_plot(report, ret, out, {"adapted": "tab:blue", "unadapted": "tab:gray", "oracle": "tab:green"},
+    _returns_plot(report, ret, out, {"adapted": "tab:blue", "context_only": "tab:cyan", "online_only": "tab:purple",
+                                     "unadapted": "tab:gray", "oracle": "tab:green"},
                   "return per task")
 
     fig, ax = plt.subplots(figsize=(7, 4))

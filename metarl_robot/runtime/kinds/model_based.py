@@ -21,6 +21,7 @@ import numpy as np
 
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.manifest import (
+    ADAPTED_OR_NOT,
     BundleError,
     LoadedBundle,
     ManifestCommon,
@@ -172,6 +173,7 @@ class ModelBasedBundle(LoadedBundle):
     has_dynamics_model = True
     plans = True
     belief_diagnostics = ("context",)
+    adaptation_modes = ADAPTED_OR_NOT
     acts_by = "plans through its dynamics model, conditioned on a context inferred from the last K transitions"
 
     def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,

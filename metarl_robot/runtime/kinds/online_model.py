@@ -90,6 +90,9 @@ class OnlineModelBundle(LoadedBundle):
     has_dynamics_model = True
     plans = True
     belief_diagnostics = ("context",)
+    adaptation_modes: ClassVar[dict[str, dict[str, bool]]] = {
+        "adapted": {"adapt": True, "online": True}, "context_only": {"adapt": True, "online": False},
+        "online_only": {"adapt": False, "online": True}, "unadapted": {"adapt": False, "online": False}}
     acts_by = ("plans through its dynamics model, conditioned on a context inferred from the last K transitions, "
                "its last layer fitted online to every transition since it was last forgotten")
 

@@ -26,10 +26,7 @@ from metarl_robot.runtime.kinds.model_based import (
     planner_with,
     smoke_rollout,
 )
-from metarl_robot.runtime.manifest import (
-    LoadedBundle,
-    ManifestCommon,
-)
+from metarl_robot.runtime.manifest import ADAPTED_OR_NOT, LoadedBundle, ManifestCommon
 from metarl_robot.runtime.onnx_graph import Dim, OnnxGraph
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.rewards import get_reward
@@ -64,6 +61,7 @@ class UnadaptedBundle(LoadedBundle):
     manifest_class = UnadaptedManifest
     has_dynamics_model = True
     plans = True
+    adaptation_modes = ADAPTED_OR_NOT  # both the same here: the baseline, graded like the kinds it is compared with
     acts_by = "plans through its dynamics model with a fixed context (it does not adapt)"
 
     def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,
