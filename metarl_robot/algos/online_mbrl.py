@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from metarl_robot.algos.buffer import EpisodeBuffer
-from metarl_robot.algos.context_mbrl import ContextMBRL, ContextMBRLConfig
+from metarl_robot.algos.context_mbrl import ContextMBRL, ContextMBRLConfig, TrainConfig
 from metarl_robot.models.context_dynamics import ContextDynamicsConfig
 from metarl_robot.models.online_dynamics import OnlineContextDynamics, OnlineHeadConfig
 from metarl_robot.runtime.last_layer import LastLayerConfig
@@ -26,31 +26,20 @@ from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
-from metarl_robot.train.loop_config import LoopConfig, RunConfig
 
 
 @dataclass
-class OnlineMBRLTrainConfig(RunConfig):
-    """Everything an online_mbrl training run needs; ``metarl train <this.yaml>``."""
+class OnlineMBRLTrainConfig(TrainConfig):
+    """Everything an online_mbrl training run needs (context_mbrl's config and the ``online`` section);
+    ``metarl train <this.yaml>``."""
 
     algo: Literal["online_mbrl"]
     """Learning algorithm: the context ensemble with an online Bayesian last layer."""
-    model: ContextDynamicsConfig = field(default_factory=ContextDynamicsConfig)
-    """Encoder and ensemble sizes (``hidden`` + 1 is the number of features the last layer reads)."""
-    training: ContextMBRLConfig = field(default_factory=ContextMBRLConfig)
-    """Optimisation of the model."""
     online: OnlineHeadConfig = field(default_factory=OnlineHeadConfig)
     """The online last layer's prior."""
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    """MPC used for data collection, and exported as the bundle's planner defaults."""
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    """The outer loop."""
 
     def validate(self, where: str) -> None:
-        self._validate_shared(where, ["training.grad_steps", "training.batch_size", "model.ensemble_size",
-                                      "model.context_window"])
-        if self.training.learning_rate <= 0:
-            raise SpecError(where, "training.learning_rate", f"must be > 0, got {self.training.learning_rate}")
+        super().validate(where)
         try:
             self.online.validate()
         except ValueError as exc:

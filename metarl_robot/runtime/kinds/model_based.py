@@ -165,7 +165,22 @@ def check_outputs(where: str, outputs: list[tuple[str, np.ndarray, tuple[int, ..
             raise BundleError(where, "graphs", f"{label}: a test run on neutral inputs returned non-finite values")
 
 
-class ModelBasedBundle(LoadedBundle):
+class EnsembleGraphs:
+    """The dynamics and rollout graphs of the ``model_based`` interface as numpy callables (kinds that plan
+    through them with a context input)."""
+
+    graphs: dict[str, OnnxGraph]
+
+    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
+        return self.graphs["dynamics"](obs, act, context)[0]
+
+    def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """``(E, M, o), (E, M, H, a), (E, M, d)`` → ``(E, M, H, o)``: :meth:`step` chained over the fused horizon."""
+        return self.graphs["rollout"](obs, actions, context)[0]
+
+
+class ModelBasedBundle(EnsembleGraphs, LoadedBundle):
     """A loaded, validated ``model_based`` bundle: robot, family, planner defaults and the three graphs."""
 
     kind: ClassVar[str] = "model_based"
@@ -218,14 +233,6 @@ class ModelBasedBundle(LoadedBundle):
         """``(B, K, o), (B, K, a), (B, K, o), (B, K)`` → context ``(B, d)`` float32."""
         return self.graphs["encoder"](ctx_obs, ctx_act, ctx_next_obs, ctx_mask)[0]
 
-    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
-        return self.graphs["dynamics"](obs, act, context)[0]
-
-    def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """``(E, M, o), (E, M, H, a), (E, M, d)`` → ``(E, M, H, o)``: :meth:`step` chained over the fused horizon."""
-        return self.graphs["rollout"](obs, actions, context)[0]
-
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ModelBasedAdapter:
         """A model-based adapter over this bundle's graphs, deterministic given ``seed``.
@@ -245,5 +252,5 @@ class ModelBasedBundle(LoadedBundle):
 
 
 __all__ = ["DYNAMICS_INPUTS", "DYNAMICS_OUTPUTS", "ENCODER_INPUTS", "ENCODER_OUTPUTS", "ROLLOUT_CHAIN_TOLERANCE",
-           "ROLLOUT_INPUTS", "ROLLOUT_OUTPUTS", "AdaptationSpec", "EnsembleSpec", "ModelBasedBundle",
+           "ROLLOUT_INPUTS", "ROLLOUT_OUTPUTS", "AdaptationSpec", "EnsembleGraphs", "EnsembleSpec", "ModelBasedBundle",
            "ModelBasedManifest", "graph_interfaces"]

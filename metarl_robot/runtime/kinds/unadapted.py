@@ -19,6 +19,7 @@ import numpy as np
 
 from metarl_robot.runtime.adapter import ModelBasedAdapter
 from metarl_robot.runtime.kinds.model_based import (
+    EnsembleGraphs,
     EnsembleSpec,
     check_sizes,
     graph_interfaces,
@@ -54,7 +55,7 @@ class UnadaptedManifest(ManifestCommon):
     planner: dict[str, Any]
 
 
-class UnadaptedBundle(LoadedBundle):
+class UnadaptedBundle(EnsembleGraphs, LoadedBundle):
     """A loaded, validated ``unadapted`` bundle: planner defaults, the dynamics and rollout graphs, a fixed context."""
 
     kind: ClassVar[str] = "unadapted"
@@ -101,14 +102,6 @@ class UnadaptedBundle(LoadedBundle):
                        ctx_mask: np.ndarray) -> np.ndarray:
         """The adapter's encoder: the manifest's context for every env, whatever the window holds."""
         return np.broadcast_to(self.context, (ctx_obs.shape[0], self.context.size))
-
-    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
-        return self.graphs["dynamics"](obs, act, context)[0]
-
-    def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """``(E, M, o), (E, M, H, a), (E, M, d)`` → ``(E, M, H, o)``: :meth:`step` chained over the fused horizon."""
-        return self.graphs["rollout"](obs, actions, context)[0]
 
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ModelBasedAdapter:
