@@ -83,6 +83,9 @@ META_BUNDLE = "metarl/bundle"
 META_TASK = "metarl/task"
 META_EXTRA = "metarl/extra"
 META_END = "metarl/episode_end"
+ADAPTER_STATE_ATTACHMENT = "metarl/adapter_state.npz"
+"""MCAP attachment holding what the adapter carried into the episode from earlier ones (an online model's fit):
+numpy's ``.npz`` (no pickle), named arrays. Absent when the adapter carried nothing (it started from its prior)."""
 """Names of the MCAP metadata records (keys: docs/episode_log.md)."""
 
 
@@ -275,6 +278,9 @@ class Episode:
     """``/diagnostics`` messages in log order."""
     warnings: list[str]
     """Recoverable problems found while reading (each also issued as an :class:`EpisodeLogWarning`)."""
+    adapter_state: dict[str, np.ndarray] = field(default_factory=dict)
+    """What the adapter carried into the episode from earlier ones (empty: it started from its prior), as the
+    node recorded it; the replay restores it before the first step."""
 
     @property
     def num_steps(self) -> int:

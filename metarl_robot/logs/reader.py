@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from mcap.exceptions import EndOfFile
 from mcap.opcode import Opcode
-from mcap.records import Channel, Footer, Message, Metadata, Schema
+from mcap.records import Attachment, Channel, Footer, Message, Metadata, Schema
 from mcap.stream_reader import StreamReader
 from mcap_ros2.decoder import DecoderFactory
 
 from metarl_robot.logs.format import (
     ADAPTER_ACTION_LABEL,
+    ADAPTER_STATE_ATTACHMENT,
     COMMAND_SOURCES,
     DIAGNOSTIC_LEVELS,
     EPISODE_LOG_SCHEMA_VERSION,
@@ -237,12 +238,25 @@ def read_episode(path: str | Path) -> Episode:
     task_json = metadata.get(META_TASK, {}).get("params_json")
     task = None if task_json is None else _json_value(task_json, where, f"{META_TASK}.params_json")
     extra = {k: _json_value(v, where, f"{META_EXTRA}.{k}") for k, v in metadata.get(META_EXTRA, {}).items()}
+    attachments = {r.name: r.data for r in records if isinstance(r, Attachment)}
+    adapter_state = _adapter_state(attachments.get(ADAPTER_STATE_ATTACHMENT), where)
     return Episode(
         path=path, schema_version=EPISODE_LOG_SCHEMA_VERSION, robot=robot, robot_interface_sha256=robot_hash,
         bundle=metadata.get(META_BUNDLE), task=task, extra=extra, metadata=metadata,
         software={k: episode_meta.get(k, "unknown") for k in ("software_version", "git_commit", "created")},
         complete=finished and end is not None, end_reason="" if end is None else end.get("end_reason", ""),
-        safety_events=safety, diagnostics=diagnostics, warnings=notes, **arrays)
+        safety_events=safety, diagnostics=diagnostics, warnings=notes, adapter_state=adapter_state, **arrays)
+
+
+def _adapter_state(data: bytes | None, where: str) -> dict[str, np.ndarray]:
+    """The adapter state attachment's arrays (empty without one); loaded without pickle."""
+    if data is None:
+        return {}
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise EpisodeLogError(where, ADAPTER_STATE_ATTACHMENT, f"not a numpy .npz of arrays: {exc}") from None
 
 
 def _robot_from_metadata(record: dict[str, str] | None, where: str) -> tuple[RobotSpec, str]:

@@ -14,6 +14,7 @@ Robot-side module: numpy, mcap and mcap-ros2-support only (no torch, no MuJoCo, 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from mcap_ros2.writer import Writer as Ros2McapWriter
 
 from metarl_robot.logs.format import (
     ADAPTER_ACTION_LABEL,
+    ADAPTER_STATE_ATTACHMENT,
     COMMAND_SOURCES,
     DIAGNOSTIC_LEVELS,
     EPISODE_LOG_SCHEMA_VERSION,
@@ -99,14 +101,17 @@ class EpisodeLogWriter:
 
     def __init__(self, path: str | Path, robot: RobotSpec, *, bundle: Any = None,
                  task: Mapping[str, Any] | None = None, extra_metadata: Mapping[str, Any] | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, max_chunk_age_s: float = DEFAULT_MAX_CHUNK_AGE_S,
-                 compression: str = "zstd", fsync: bool = False,
+                 adapter_state: Mapping[str, Any] | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 max_chunk_age_s: float = DEFAULT_MAX_CHUNK_AGE_S, compression: str = "zstd", fsync: bool = False,
                  clock_anchor: tuple[int, int] | None = None) -> None:
         """Create ``path`` (parents too) and write the metadata records.
 
         ``bundle``: a loaded :class:`~metarl_robot.runtime.bundle.Bundle` or a mapping with ``name``,
         ``sha256`` (and optionally ``path``). ``task``: the true task parameters if known (JSON values).
         ``extra_metadata``: anything else worth keeping (JSON values), e.g. the node's parameters.
+        ``adapter_state``: what the adapter carried into this episode from earlier ones (named finite arrays,
+        e.g. an online model's last layer), written as an ``.npz`` attachment so the replay starts where the node
+        did; empty or None: it started from its prior (nothing written).
         ``compression``: ``zstd``, ``lz4`` or ``none``. ``fsync``: also fsync each written chunk
         (survives power loss, not only crashes; slow on SD cards). ``clock_anchor``: ``(wall_ns,
         monotonic_ns)`` pairing the UNIX clock with the controller clock; default: both read now.
@@ -127,6 +132,7 @@ class EpisodeLogWriter:
         self.max_chunk_age_ns = int(max_chunk_age_s * 1e9)
         self.fsync = fsync
         metadata = self._metadata_records(bundle, task, extra_metadata, chunk_size, compression)
+        state_npz = _npz(adapter_state, where)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -144,6 +150,10 @@ class EpisodeLogWriter:
                          for t in dict.fromkeys(TOPIC_TYPES.values())}
         for name, record in metadata.items():
             self._mcap.add_metadata(name, record)
+        if state_npz is not None:
+            now = time.time_ns()
+            self._inner.add_attachment(create_time=now, log_time=now, name=ADAPTER_STATE_ATTACHMENT,
+                                       media_type="application/x-npz", data=state_npz)
 
         self._obs_layout = _MultiArray([(f.name, f.size) for f in robot.measured_fields])
         self._command_layout = _MultiArray([(a.name, 1) for a in robot.action])
@@ -520,6 +530,24 @@ def _string_values(values: Mapping[str, Any] | None, where: str, name: str) -> d
             raise EpisodeLogError(where, name, f"keys must be non-empty strings, got {key!r}")
         out[key] = repr(float(value)) if isinstance(value, float | np.floating) else str(value)
     return out
+
+
+def _npz(state: Mapping[str, Any] | None, where: str) -> bytes | None:
+    """Named finite numeric arrays as ``.npz`` bytes (None for no state); refuses anything else, naming it."""
+    if not state:
+        return None
+    arrays = {}
+    for key, value in state.items():
+        array = np.asarray(value)
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise EpisodeLogError(where, "adapter_state", f"array names must be identifiers, got {key!r}")
+        if array.dtype.kind not in "fiu" or not np.isfinite(array).all():
+            raise EpisodeLogError(where, f"adapter_state.{key}", f"must be finite numbers, got {array.dtype} "
+                                  f"{'with NaN/Inf' if array.dtype.kind == 'f' else ''}".rstrip())
+        arrays[key] = array
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _json(value: Any, where: str, name: str) -> str:

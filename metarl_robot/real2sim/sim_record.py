@@ -33,7 +33,7 @@ COMPUTE_NS = 2_000_000
 
 def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str | Path, steps: int, seed: int = 0,
                        adapt: bool = True, obs_noise: float = 0.0, lost_steps: Collection[int] = (),
-                       safe_steps: Collection[int] = ()) -> Path:
+                       safe_steps: Collection[int] = (), carried: Mapping[str, np.ndarray] | None = None) -> Path:
     """Run ``bundle``'s adapter on its family's MuJoCo env with ``task`` for ``steps`` control steps; log it.
 
     ``task``: parameters of the bundle's task family (validated by the env; missing ones are refused).
@@ -49,6 +49,8 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
     ``state_seq`` jumps and its ``applied_command_seq`` names that older command).
     ``safe_steps``: steps whose command the robot replaced by its safe command (the next frame's
     ``applied_command_seq`` is 0, as the twin's watchdog reports it).
+    ``carried``: what the adapter carried from earlier episodes (:meth:`~metarl_robot.runtime.adapter.Adapter.
+    carried_state`, e.g. an online model's fit), restored before the first step and logged as the node logs it.
     """
     from metarl_robot.envs.registry import make_env
 
@@ -72,6 +74,7 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
         true_obs, info = env.reset(seed=seed, options={"task": dict(task)})
         task_params = env.unwrapped.reward_params
         adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
+        adapter.restore(carried or {})
         period_ns = round(robot.ctrl_dt * 1e9)
         t0 = time.monotonic_ns()
         prev_obs: np.ndarray | None = None
@@ -80,7 +83,8 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
         applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
         extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
                  "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe)}
-        with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra) as log:
+        with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra,
+                              adapter_state=adapter.carried_state()) as log:
             for k in range(steps):
                 obs = true_obs + noise_scale * noise_rng.standard_normal(true_obs.shape) if obs_noise else true_obs
                 seq = k + 1

@@ -34,6 +34,7 @@ Imports runtime and replay only (numpy, onnxruntime, mcap): it runs on a robot c
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,12 +294,15 @@ def _task_params(episode: Episode, k: int, bundle: LoadedBundle) -> dict[str, fl
 
 
 def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
-                applied: np.ndarray | None = None) -> ShadowPass:
-    """Drive a fresh adapter of ``bundle`` (either kind) through the log's usable frames as the node did."""
+                applied: np.ndarray | None = None, carried: Mapping[str, np.ndarray] | None = None) -> ShadowPass:
+    """Drive a fresh adapter of ``bundle`` (any kind) through the log's usable frames as the node did, starting
+    from ``carried`` (what the node's adapter carried into the episode, :attr:`Episode.adapter_state`; None or
+    empty: the prior)."""
     applied = applied_actions(episode) if applied is None else applied
     n, robot = episode.num_steps, episode.robot
     adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
     z_empty = bundle.empty_context(adapter)
+    adapter.restore(carried or {})
     # What the adapter acted with: its first belief diagnostic; a kind that infers nothing acts with its fixed one.
     context_key = bundle.belief_diagnostics[0] if bundle.belief_diagnostics else None
     actions = np.full((n, robot.action_dim), np.nan)
@@ -499,7 +503,11 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
                      f"{str(episode.bundle.get('sha256'))[:12]}), --bundle is {bundle.name!r} "
                      f"({bundle.sha256[:12]}): its actions are a counterfactual, not a reproduction")
     applied = applied_actions(episode)
-    logged = shadow_pass(episode, bundle, adapt, seed, applied)
+    logged = shadow_pass(episode, bundle, adapt, seed, applied, carried=episode.adapter_state)
+    if episode.adapter_state:
+        notes.append("the node's adapter carried what it fitted online in earlier episodes into this one "
+                     f"({', '.join(sorted(episode.adapter_state))}); the replay starts from it, a candidate from "
+                     "its prior")
     errors = prediction_errors(episode, bundle, logged, config.horizon, applied)
     settle_step, distance = settling(logged, usable, config.settle_fraction)
     result = EpisodeReplay(Path(episode.path), episode, config, logged, compare(logged, episode, candidate=False),

@@ -35,6 +35,25 @@ class Adapter(Protocol):
         """:meth:`reset`, and forget what persists across episodes (an online model's fit to this robot): the
         operator's reset (the node's ``~/reset_adaptation``)."""
 
+    def carried_state(self) -> dict[str, np.ndarray]:
+        """What persists across episodes, as named arrays (empty: nothing; the adapter starts from its prior).
+        The node logs it when an episode starts; :meth:`restore` puts it back (the replay)."""
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take back a :meth:`carried_state` (shapes and values checked; ``ValueError`` names the array)."""
+
+
+class CarriesNothing:
+    """For adapters that keep nothing across episodes: an empty carried state, and only an empty one restored."""
+
+    def carried_state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} carries nothing across episodes; got state arrays "
+                             f"{sorted(state)} (from an adapter of another kind?)")
+
     def plan_start(self, obs: np.ndarray, z: np.ndarray) -> Any:
         """What the planner's rollout model starts from: the observation and the context."""
         return obs, z
@@ -43,7 +62,7 @@ class Adapter(Protocol):
         """``(B, o)`` observations → ``(B, a)`` commands and diagnostics (each ``(B, ·)``)."""
 
 
-class ModelBasedAdapter:
+class ModelBasedAdapter(CarriesNothing):
     """Infer the context from the last K transitions, plan through the context-conditioned ensemble.
 
     Diagnostics: ``context`` (B, d); ``context_size`` (B,); ``predicted_next_obs`` (B, o) for the

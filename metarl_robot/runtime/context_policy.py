@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from metarl_robot.runtime.adapter import CarriesNothing
 from metarl_robot.runtime.onnx_graph import BATCH_AXIS, OnnxGraph, make_session, session_interface_mismatch
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
@@ -85,7 +86,7 @@ def latent_dim_of(policy_path: str | Path) -> int:
     return int(shape[1])
 
 
-class ContextPolicyAdapter:
+class ContextPolicyAdapter(CarriesNothing):
     """PEARL's online adaptation behind the :class:`~metarl_robot.runtime.adapter.Adapter` interface.
 
     - ``reset(which)``: the belief of those envs goes back to the prior ``N(0, I)``.

@@ -93,6 +93,32 @@ class OnlineModelAdapter(ModelBasedAdapter):
         self.posterior.reset(which)
         self._refused[np.ones(self.batch, bool) if which is None else np.asarray(which, bool)] = 0.0
 
+    def carried_state(self) -> dict[str, np.ndarray]:
+        """The last layer each env carries into the next episode (unless forgotten): posterior mean, covariance
+        and the number of transitions it rests on; empty while every env is at the prior."""
+        p = self.posterior
+        if not p.updates.any():
+            return {}
+        return {"last_layer_weights": p.weights.copy(), "last_layer_covariance": p.covariance.copy(),
+                "last_layer_updates": p.updates.copy()}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        p = self.posterior
+        if not state:
+            p.reset()
+            return
+        want = {"last_layer_weights": p.weights.shape, "last_layer_covariance": p.covariance.shape,
+                "last_layer_updates": p.updates.shape}
+        if sorted(state) != sorted(want):
+            raise ValueError(f"adapter state: expected the arrays {sorted(want)}, got {sorted(state)}")
+        for key, shape in want.items():
+            value = np.asarray(state[key])
+            if value.shape != shape or not np.isfinite(value).all():
+                raise ValueError(f"adapter state {key}: expected finite values of shape {shape}, got {value.shape}")
+        p.weights[:] = state["last_layer_weights"]
+        p.covariance[:] = state["last_layer_covariance"]
+        p.updates[:] = state["last_layer_updates"]
+
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
         planned_with = self._planned_with if self._planned_with.shape[1] else self.context()
         super().observe(obs, action, next_obs)

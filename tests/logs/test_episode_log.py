@@ -566,3 +566,22 @@ def test_a_safety_layers_decisions_and_events_log_as_they_come(tmp_path: Path) -
 def test_episode_log_is_robot_side_code() -> None:
     """The node imports the writer on the robot: no torch, MuJoCo or gymnasium."""
     assert_robot_side(["metarl_robot.logs.writer", "metarl_robot.logs.reader"])
+
+
+def test_the_adapter_state_an_episode_started_from_round_trips_and_bad_arrays_are_refused(tmp_path):
+    robot = load_robot("cartpole")
+    state = {"last_layer_weights": np.arange(24.0).reshape(1, 2, 3, 4), "last_layer_updates": np.array([7])}
+    path = tmp_path / "carried.mcap"
+    with EpisodeLogWriter(path, robot, adapter_state=state):
+        pass
+    read = read_episode(path)
+    assert sorted(read.adapter_state) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(read.adapter_state[key], value)
+    with EpisodeLogWriter(tmp_path / "prior.mcap", robot, adapter_state={}):
+        pass
+    assert read_episode(tmp_path / "prior.mcap").adapter_state == {}  # nothing carried: no attachment
+    with pytest.raises(EpisodeLogError) as err:
+        EpisodeLogWriter(tmp_path / "nan.mcap", robot, adapter_state={"w": np.array([np.nan])})
+    assert err.value.field == "adapter_state.w" and "finite" in str(err.value)
+    assert not (tmp_path / "nan.mcap").exists()

@@ -82,3 +82,30 @@ def _strict(posterior: LastLayerPosterior) -> LastLayerPosterior:
     strict.weights, strict.covariance, strict.updates = (posterior.weights.copy(), posterior.covariance.copy(),
                                                          posterior.updates.copy())
     return strict
+
+
+def test_what_an_episode_started_from_is_logged_and_replayed_exactly(online_bundle: Path, tmp_path: Path):
+    """A second episode on the same robot starts from the first's fit: the log records it, the replay restores it
+    and reproduces every action; replayed from the prior instead, the actions differ."""
+    from metarl_robot.logs.reader import read_episode
+    from metarl_robot.real2sim.sim_record import record_sim_episode
+    from metarl_robot.replay.shadow import replay_episode, shadow_pass
+
+    bundle = load_bundle(online_bundle)
+    first = bundle.make_adapter(seed=0)
+    drive(first, bundle, 25)
+    carried = first.carried_state()
+    assert sorted(carried) == ["last_layer_covariance", "last_layer_updates", "last_layer_weights"]
+    task = bundle.family.sample(np.random.default_rng(1), "test", 1)[0]
+    log = record_sim_episode(bundle, task, tmp_path / "second.mcap", steps=15, seed=4, carried=carried)
+    episode = read_episode(log)
+    for key, value in carried.items():
+        np.testing.assert_array_equal(episode.adapter_state[key], value)
+    replay = replay_episode(episode, bundle)
+    assert replay.counterfactual.reproduced, replay.counterfactual
+    assert any("carried" in note for note in replay.notes)
+    from_prior = shadow_pass(episode, bundle, adapt=True, seed=4)
+    assert not np.allclose(from_prior.actions[episode.adapted], replay.logged.actions[episode.adapted])
+    # an adapter that carries nothing refuses a state from another kind rather than ignoring it
+    with pytest.raises(ValueError, match="carries nothing across episodes"):
+        load_bundle("policies/cartpole_mb").make_adapter().restore(carried)

@@ -193,14 +193,15 @@ class AdaptNode(LifecycleNode):
         cfg, robot = self.config, self.robot
         self.episode += 1
         with self.lock:
-            self.adapter.reset()
+            self.adapter.reset()  # a new episode; what an online model fitted to this robot is kept
+            carried = self.adapter.carried_state()
             self.safety.set_enabled(self._operator_enabled, time.monotonic())
             self.stats.break_period()
         path = None
         if cfg.log_dir is not None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             path = cfg.log_dir / f"{robot.name}_{self.bundle.name}_{stamp}_ep{self.episode:04d}.mcap"
-        self.recorder.open_episode(path, bundle=self.bundle, extra_metadata={
+        self.recorder.open_episode(path, bundle=self.bundle, adapter_state=carried, extra_metadata={
             "node": self.get_fully_qualified_name(), "episode": self.episode, "adapt": cfg.adapt, "seed": cfg.seed,
             "control_rate_hz": cfg.control_rate_hz, "task_params": cfg.task, "endpoints": cfg.endpoints.as_dict(),
             "safety": cfg.safety.to_dict(), "parameters": _jsonable(self.parameter_values())})
