@@ -195,10 +195,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:  # every adaptation mode the kind has (adapted, ..., unadapted), the oracle and the gap
         names = [k.removeprefix("return_") for k in report["tasks"][0] if k.startswith("return_")] + ["gap"]
         columns = [f"return_{m}" for m in names[:-1]] + ["gap"]
-    print(f"{'task':<5}{'ood':<5}" + "".join(f"{m:>12}" for m in names))
+    print(f"{'task':<5}{'ood':<5}" + "".join(f" {m:>12}" for m in names))
     for i, row in enumerate(report["tasks"]):
         cells = [row.get(c, float("nan")) for c in columns]
-        print(f"{i:<5}{'yes' if row['ood'] else 'no':<5}" + "".join(f"{c:>12.2f}" for c in cells))
+        print(f"{i:<5}{'yes' if row['ood'] else 'no':<5}" + "".join(f" {c:>12.2f}" for c in cells))
     for key, value in summ.items():
         print(f"  {key}: {value}")
     if "gap" in summ:
