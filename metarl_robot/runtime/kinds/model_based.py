@@ -180,7 +180,22 @@ class EnsembleGraphs:
         return self.graphs["rollout"](obs, actions, context)[0]
 
 
-class ModelBasedBundle(EnsembleGraphs, LoadedBundle):
+class EncodedContext:
+    """The context encoder graph of the ``model_based`` interface (kinds that infer their context with it)."""
+
+    graphs: dict[str, OnnxGraph]
+
+    def encode(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray, ctx_mask: np.ndarray
+               ) -> np.ndarray:
+        """``(B, K, o), (B, K, a), (B, K, o), (B, K)`` → context ``(B, d)`` float32."""
+        return self.graphs["encoder"](ctx_obs, ctx_act, ctx_next_obs, ctx_mask)[0]
+
+    def empty_context(self, adapter: ModelBasedAdapter) -> np.ndarray:
+        """The encoder's output for an empty window (what the adapter conditions on when it does not adapt)."""
+        return np.asarray(adapter.empty_context()[0], dtype=np.float64)
+
+
+class ModelBasedBundle(EncodedContext, EnsembleGraphs, LoadedBundle):
     """A loaded, validated ``model_based`` bundle: robot, family, planner defaults and the three graphs."""
 
     kind: ClassVar[str] = "model_based"
@@ -228,11 +243,6 @@ class ModelBasedBundle(EnsembleGraphs, LoadedBundle):
         smoke_rollout(graphs["dynamics"], graphs["rollout"], robot, ad.ensemble_size, ad.rollout_horizon,
                       np.broadcast_to(z[:1], (ad.ensemble_size, 3, ad.context_dim)), where)
 
-    def encode(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray, ctx_mask: np.ndarray
-               ) -> np.ndarray:
-        """``(B, K, o), (B, K, a), (B, K, o), (B, K)`` → context ``(B, d)`` float32."""
-        return self.graphs["encoder"](ctx_obs, ctx_act, ctx_next_obs, ctx_mask)[0]
-
     def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
                      seed: int = 0) -> ModelBasedAdapter:
         """A model-based adapter over this bundle's graphs, deterministic given ``seed``.
@@ -245,12 +255,8 @@ class ModelBasedBundle(EnsembleGraphs, LoadedBundle):
                                  self.ensemble_size, self.context_window, cfg, batch=batch, adapt=adapt,
                                  fused=(self.rollout, self.rollout_horizon))
 
-    def empty_context(self, adapter: ModelBasedAdapter) -> np.ndarray:
-        """The encoder's output for an empty window."""
-        w = adapter.window
-        return np.asarray(self.encode(w.obs, w.act, w.next_obs, np.zeros_like(w.mask()))[0], dtype=np.float64)
 
 
 __all__ = ["DYNAMICS_INPUTS", "DYNAMICS_OUTPUTS", "ENCODER_INPUTS", "ENCODER_OUTPUTS", "ROLLOUT_CHAIN_TOLERANCE",
-           "ROLLOUT_INPUTS", "ROLLOUT_OUTPUTS", "AdaptationSpec", "EnsembleGraphs", "EnsembleSpec", "ModelBasedBundle",
-           "ModelBasedManifest", "graph_interfaces"]
+           "ROLLOUT_INPUTS", "ROLLOUT_OUTPUTS", "AdaptationSpec", "EncodedContext", "EnsembleGraphs", "EnsembleSpec",
+           "ModelBasedBundle", "ModelBasedManifest", "graph_interfaces"]

@@ -26,6 +26,7 @@ import numpy as np
 
 from metarl_robot.runtime.kinds.model_based import (
     AdaptationSpec,
+    EncodedContext,
     check_outputs,
     check_sizes,
     graph_interfaces,
@@ -81,7 +82,7 @@ def online_graph_interfaces(obs_dim: int, act_dim: int, context_window: int, con
     return out
 
 
-class OnlineModelBundle(LoadedBundle):
+class OnlineModelBundle(EncodedContext, LoadedBundle):
     """A loaded, validated ``online_model`` bundle: the model-based graphs with a last-layer input, the features
     graph, the prior last layer and the planner defaults."""
 
@@ -97,18 +98,19 @@ class OnlineModelBundle(LoadedBundle):
                "its last layer fitted online to every transition since it was last forgotten")
 
     def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,
-                 graphs: dict[str, OnnxGraph], planner: PlannerConfig, prior_head: np.ndarray) -> None:
+                 graphs: dict[str, OnnxGraph], planner: PlannerConfig, prior_head: np.ndarray,
+                 last_layer: LastLayerConfig) -> None:
         super().__init__(path, manifest, robot, family, graphs)
         self.planner = planner
         """Planner defaults (the training run's MPC settings)."""
         self.prior_head = prior_head
         """(E, F, o) the meta-trained last layer (float32)."""
-        adaptation, online = manifest["adaptation"], manifest["online"]
+        adaptation = manifest["adaptation"]
         self.context_window: int = adaptation["context_window"]
         self.context_dim: int = adaptation["context_dim"]
         self.ensemble_size: int = adaptation["ensemble_size"]
         self.rollout_horizon: int = adaptation["rollout_horizon"]
-        self.last_layer = LastLayerConfig(float(online["prior_precision"]))
+        self.last_layer = last_layer
         """The online last layer's prior precision."""
 
     @classmethod
@@ -119,14 +121,16 @@ class OnlineModelBundle(LoadedBundle):
         ad, online = m.adaptation, m.online
         check_sizes(where, "adaptation", vars(ad))
         check_sizes(where, "online", {"feature_dim": online.feature_dim})
-        if not (np.isfinite(online.prior_precision) and online.prior_precision > 0):
-            raise BundleError(where, "online.prior_precision", f"must be a finite number > 0, got "
-                              f"{online.prior_precision}")
+        last_layer = LastLayerConfig(float(online.prior_precision))
+        try:
+            last_layer.validate()
+        except ValueError as exc:
+            raise BundleError(where, "online.prior_precision", str(exc).removeprefix("prior_precision: ")) from None
         prior = _load_prior(Path(where), m, (ad.ensemble_size, online.feature_dim, robot.obs_dim))
         planner = load_planner(where, m.planner)
         return online_graph_interfaces(robot.obs_dim, robot.action_dim, ad.context_window, ad.context_dim,
                                        ad.ensemble_size, ad.rollout_horizon, online.feature_dim), \
-            {"planner": planner, "prior_head": prior}
+            {"planner": planner, "prior_head": prior, "last_layer": last_layer}
 
     @classmethod
     def smoke_test(cls, m: OnlineModelManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], parsed: dict[str, Any],
@@ -149,11 +153,6 @@ class OnlineModelBundle(LoadedBundle):
                               ("features output target", target, (e, 3, o))])
         smoke_rollout(_with_head(graphs["dynamics"], prior), _with_head(graphs["rollout"], prior), robot, e,
                       ad.rollout_horizon, ctx, where)
-
-    def encode(self, ctx_obs: np.ndarray, ctx_act: np.ndarray, ctx_next_obs: np.ndarray, ctx_mask: np.ndarray
-               ) -> np.ndarray:
-        """``(B, K, o), (B, K, a), (B, K, o), (B, K)`` → context ``(B, d)`` float32."""
-        return self.graphs["encoder"](ctx_obs, ctx_act, ctx_next_obs, ctx_mask)[0]
 
     def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray, head: np.ndarray | None = None
              ) -> np.ndarray:
@@ -181,10 +180,6 @@ class OnlineModelBundle(LoadedBundle):
                                   self.context_window, cfg, batch=batch, adapt=adapt, online=online,
                                   fused=(self.rollout, self.rollout_horizon))
 
-    def empty_context(self, adapter: OnlineModelAdapter) -> np.ndarray:
-        """The encoder's output for an empty window."""
-        w = adapter.window
-        return np.asarray(self.encode(w.obs, w.act, w.next_obs, np.zeros_like(w.mask()))[0], dtype=np.float64)
 
 
 def _with_head(graph: OnnxGraph, head: np.ndarray):
