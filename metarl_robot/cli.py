@@ -228,7 +228,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(out_dir=Path(args.out), seed=args.seed, skip_train=args.skip_train,
                     episode_steps=args.episode_steps, speed=args.speed,
-                    bundle=Path(args.bundle) if args.bundle else None)
+                    bundle=Path(args.bundle) if args.bundle else None, effects=[] if args.no_effects else args.effect)
 
 
 def _cmd_sim_robot(args: argparse.Namespace) -> int:
@@ -330,12 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train an adaptive controller from a run config",
                        description="Meta-train over a task family as the config says (configs/*.yaml). algo "
                        "context_mbrl: random data, then iterations of MPC data collection on new tasks and model "
-                       "refits (docs/model_based.md). algo pearl: iterations of exploration rounds on new tasks "
+                       "refits (docs/model_based.md). algo online_mbrl: the same loop with a model whose last layer "
+                       "is meta-trained to be fitted online, in closed form, to the robot's own transitions "
+                       "(docs/online.md). algo pearl: iterations of exploration rounds on new tasks "
                        "and SAC updates of a context-conditioned policy (docs/pearl.md). Writes the run folder: "
                        "resolved config, metrics.csv, tasks.jsonl, TensorBoard events, versioned checkpoints, the "
                        "data (buffer.npz or replay.npz). Resume an interrupted run with --resume <run folder>.")
-    p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml or "
-                   "configs/pearl_cartpole_swingup.yaml")
+    p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml, "
+                   "configs/online_cartpole_swingup.yaml or configs/pearl_cartpole_swingup.yaml")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--name", help="run folder name (default: <algo>_<family>_s<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder from its latest checkpoint")
@@ -401,23 +403,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole chain on the cart-pole family: train, ROS 2 node vs twin, replay, "
                        "identify",
                        description="Train a bundle with a tiny budget and export it (or use the shipped "
-                       "policies/cartpole_mb with --skip-train), show open-loop how an out-of-distribution task "
+                       "policies/cartpole_online with --skip-train), show open-loop how an out-of-distribution task "
                        "changes the motion, colcon-build ros2_ws, start the digital twin (metarl sim-robot) on a "
-                       "held-out OOD task, run the installed ROS 2 adapt_node against it over ZeroMQ for one "
-                       "logged episode, replay the log into a report and identify the twin's hidden parameters "
-                       "from it. Writes everything (logs, report, plots, task.yaml, demo_summary.json) to --out.")
+                       "held-out OOD task with out-of-family effects (physics no family parameter models), run the "
+                       "installed ROS 2 adapt_node against it over ZeroMQ for one logged episode, run it again "
+                       "with the node's adaptation off and print both, replay the adapted episode's log into a "
+                       "report and identify the twin's hidden parameters from it. Writes everything (logs, report, "
+                       "plots, task.yaml, demo_summary.json) to --out.")
+    from metarl_robot.demo import DEMO_EFFECTS
+
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--skip-train", action="store_true",
-                   help="use the shipped bundle policies/cartpole_mb instead of training one (a tiny training "
-                   "budget checks the pipeline but does not learn a swing-up)")
+                   help="use the shipped bundle policies/cartpole_online instead of training one (a tiny "
+                   "training budget checks the pipeline but does not learn a swing-up)")
     p.add_argument("--bundle", metavar="PATH", help="run this bundle of the cart-pole family instead of training "
-                   "one, of either kind: model_based, or context_policy (a PEARL run exported with metarl export); "
-                   "its kind picks the node's adapter, as bundle:=PATH does on a robot")
+                   "one, of any kind (model_based, online_model, context_policy, unadapted); its kind picks the "
+                   "node's adapter, as bundle:=PATH does on a robot")
     p.add_argument("--episode-steps", type=int, default=250,
                    help="control steps of the node's episode against the twin (default: 250 = 10 s)")
     p.add_argument("--speed", type=float, default=0.5,
                    help="twin speed, robot seconds per wall second (default: 0.5, room for a slow CPU)")
+    effects = p.add_mutually_exclusive_group()
+    effects.add_argument("--effect", action="append", metavar="KIND=VALUE",
+                         help="the twin's out-of-family effects instead of the default ones (repeatable; as "
+                         "metarl sim-robot --effect; default: " + " ".join(DEMO_EFFECTS) + ")")
+    effects.add_argument("--no-effects", action="store_true", help="the twin without out-of-family effects")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("sim-robot", help="run a MuJoCo digital twin of a robot behind the ZeroMQ telemetry protocol",

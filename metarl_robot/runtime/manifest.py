@@ -188,6 +188,13 @@ class LoadedBundle(ABC):
     acts_by: ClassVar[str] = ""
     """How the bundle acts, for people ("plans through its dynamics model"), after the bundle's name."""
 
+    @classmethod
+    def adapter_switches(cls, adapt: bool) -> dict[str, bool]:
+        """The :meth:`make_adapter` switches of adaptation on (every kind of adaptation the bundle has, as on the
+        robot) or off (none at all): the ``adapted`` / ``unadapted`` mode where the kind declares modes, else
+        ``adapt``. The node's ``adapt`` parameter means this."""
+        return dict(cls.adaptation_modes.get("adapted" if adapt else "unadapted", {"adapt": adapt}))
+
     def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: TaskFamily,
                  graphs: dict[str, OnnxGraph]) -> None:
         self.path = path

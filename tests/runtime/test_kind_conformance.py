@@ -152,3 +152,16 @@ def test_a_simulated_episode_of_the_kind_replays_exactly(bundle, tmp_path):
     assert (replay.errors is not None) == bundle.has_dynamics_model
     if bundle.has_dynamics_model:
         assert replay.metrics()["prediction_error"]["one_step"]["count"] > 0
+
+
+@pytest.mark.parametrize("bundle", KINDS, indirect=True)
+def test_adaptation_on_and_off_as_the_node_asks_build_the_kinds_adapter(bundle):
+    # The node's `adapt` parameter goes through adapter_switches: every kind's make_adapter takes both.
+    for adapt in (True, False):
+        switches = bundle.adapter_switches(adapt)
+        if bundle.adaptation_modes:
+            assert switches == bundle.adaptation_modes["adapted" if adapt else "unadapted"]
+        adapter = bundle.make_adapter(batch=1, planner_overrides=small_plan(bundle), **switches)
+        action, _ = adapter.act(np.zeros((1, bundle.robot.obs_dim)), {
+            k: np.array([v]) for k, v in bundle.family.nominal().items() if k in bundle.family.reward_names})
+        assert action.shape == (1, bundle.robot.action_dim)

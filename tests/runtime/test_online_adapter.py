@@ -57,6 +57,18 @@ def test_with_updates_off_it_is_the_prior_model(online_bundle: Path):
     np.testing.assert_array_equal(frozen.posterior.weights[0], bundle.prior_head)
 
 
+def test_adaptation_off_as_the_node_asks_for_it_switches_off_the_context_and_the_last_layer(online_bundle: Path):
+    # The node's `adapt: false` means no adaptation of any kind, not only no context.
+    bundle = load_bundle(online_bundle)
+    assert bundle.adapter_switches(False) == {"adapt": False, "online": False}
+    assert bundle.adapter_switches(True) == {"adapt": True, "online": True}
+    off = bundle.make_adapter(planner_overrides=SMALL_PLAN, seed=1, **bundle.adapter_switches(False))
+    diag = drive(off, bundle, 12)
+    assert diag["online_updates"][0] == 0
+    np.testing.assert_allclose(diag["context"][0], bundle.empty_context(off), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(off.posterior.weights[0], bundle.prior_head)
+
+
 def test_a_refused_update_keeps_the_last_good_model_and_is_reported(online_bundle: Path):
     bundle = load_bundle(online_bundle)
     adapter = bundle.make_adapter(planner_overrides=SMALL_PLAN, seed=0)

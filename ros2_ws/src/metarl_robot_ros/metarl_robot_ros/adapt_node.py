@@ -157,7 +157,7 @@ class AdaptNode(LifecycleNode):
         robot = bundle.robot
         self.config, self.bundle, self.robot = cfg, bundle, robot
         self.safety = SafetyLayer(robot, cfg.safety)
-        self.adapter = bundle.make_adapter(batch=1, adapt=cfg.adapt, seed=cfg.seed)
+        self.adapter = bundle.make_adapter(batch=1, seed=cfg.seed, **bundle.adapter_switches(cfg.adapt))
         curve = CurveClientKeys.from_dir(cfg.curve_keys) if cfg.curve_keys is not None else None
         self.link = ControllerLink(cfg.endpoints, curve=curve)
         self.link.connect()

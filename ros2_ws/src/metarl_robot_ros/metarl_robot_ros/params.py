@@ -103,8 +103,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "expected control rate; the bundle's model predicts one control period ahead, so another rate "
               "is refused"),
     ParamSpec("adapt", "bool", True, "true or false",
-              "true: infer the task context online; false: plan with the unadapted (empty-context) model, or act "
-              "with z at the prior mean (context_policy)"),
+              "true: adapt as the bundle's kind does (infer the task context online; an online_model bundle also "
+              "fits its last layer); false: no adaptation at all: plan with the unadapted model (empty context, "
+              "prior last layer), or act with z at the prior mean (context_policy)"),
     ParamSpec("seed", "integer", 0, "[0, 2^31 - 1]",
               "seed of the planner's sampling noise (a context_policy bundle acts deterministically)"),
     *_safety_specs(),
