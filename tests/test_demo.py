@@ -100,7 +100,8 @@ def test_shipped_pearl_bundle_gets_a_twin_task_from_its_own_evaluation():
 def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identification(pearl_bundle: Path, tmp_path: Path,
                                                                                  capsys: pytest.CaptureFixture):
     # The shortest episode the demo takes, at robot speed: the PEARL adapter needs well under a control period.
-    assert run_demo(tmp_path / "demo", seed=1, bundle=pearl_bundle, episode_steps=75, speed=1.0) == 0
+    # Without out-of-family effects: what identification calls identified must then be right.
+    assert run_demo(tmp_path / "demo", seed=1, bundle=pearl_bundle, episode_steps=75, speed=1.0, effects=[]) == 0
     out = capsys.readouterr().out
     assert "(--bundle)" in out and "context_policy bundle 'pearl_tiny'" in out
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
@@ -113,9 +114,22 @@ def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identificatio
     metrics = json.loads(Path(summary["replay"]["metrics"]).read_text())["episodes"][0]
     assert metrics["bundle"]["sha256"] == load_bundle(pearl_bundle).sha256 and metrics["adapter_steps"] == 75
     assert summary["identify"]["params"], "the identification ran on the PEARL episode's log"
+    assert summary["effects"] == [] and summary["adaptation_off"]["adapt"] is False
+    # What identification calls identified is within 0.1 of the truth (boxes 0.3-2.5 wide); anything else must be
+    # flagged, never silently wrong.
+    for name, p in summary["identify"]["params"].items():
+        assert not p["identified"] or p["value"] == pytest.approx(p["true"], abs=0.1), (name, p)
 
 
 def test_demo_refuses_a_bundle_it_cannot_load_naming_the_stage(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert run_demo(tmp_path / "demo", bundle=tmp_path / "missing") == 1
     err = capsys.readouterr().err
-    assert "stage 2/8 (bundle) failed: --bundle" in err and "what to do: give a bundle folder" in err
+    assert "stage 2/9 (bundle) failed: --bundle" in err and "what to do: give a bundle folder" in err
+
+
+def test_demo_refuses_an_effect_the_twin_cannot_take_before_it_starts(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"joint_friction.slider.*cart_friction"):
+        run_demo(tmp_path / "demo", effects=["friction=slider:0.1"])
+    with pytest.raises(ValueError, match="expected KIND=VALUE"):
+        run_demo(tmp_path / "demo", effects=["wobble=3"])
+    assert not (tmp_path / "demo").exists()
