@@ -58,6 +58,15 @@ class CarriesNothing:
         """What the planner's rollout model starts from: the observation and the context."""
         return obs, z
 
+    def pending_commands(self) -> list[np.ndarray] | None:
+        """Per env, the commands already sent that the motors will apply before the next one (None: no actuator
+        latency is modelled; see :meth:`Planner.plan`)."""
+        return None
+
+    def next_applied(self, action: np.ndarray) -> np.ndarray:
+        """``(B, a)``: the command that will drive the next transition once ``action`` is sent (itself here)."""
+        return action
+
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(B, o)`` observations → ``(B, a)`` commands and diagnostics (each ``(B, ·)``)."""
 
@@ -125,12 +134,21 @@ class ModelBasedAdapter(CarriesNothing):
         """What the planner's rollout model starts from: the observation and the context."""
         return obs, z
 
+    def pending_commands(self) -> list[np.ndarray] | None:
+        """Per env, the commands already sent that the motors will apply before the next one (None: no actuator
+        latency is modelled; see :meth:`Planner.plan`)."""
+        return None
+
+    def next_applied(self, action: np.ndarray) -> np.ndarray:
+        """``(B, a)``: the command that will drive the next transition once ``action`` is sent (itself here)."""
+        return action
+
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         obs = np.asarray(obs, dtype=np.float64)
         z = self.context()
         params = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (self.batch,)) for k, v in task_params.items()}
-        result = self.planner.plan(obs, self.plan_start(obs, z), params, self.last_action)
-        self._prediction = self.predict(obs, result.action, z)
+        result = self.planner.plan(obs, self.plan_start(obs, z), params, self.last_action, self.pending_commands())
+        self._prediction = self.predict(obs, self.next_applied(result.action), z)
         diagnostics = {
             "context": z, "context_size": self.window.size.copy() if self.adapt else np.zeros(self.batch, int),
             "predicted_next_obs": self._prediction.copy(), "prediction_error": self._error.copy(),

@@ -108,6 +108,19 @@ def limit_sequences(actions: np.ndarray, last: np.ndarray, low: np.ndarray, high
     return np.moveaxis(out, 0, -2)
 
 
+def after(pending: list[np.ndarray], samples: np.ndarray) -> np.ndarray:
+    """``(B, N, H, a)`` sequences as the motors apply them: each env's ``pending`` ``(k, a)`` commands first, then
+    the first ``H - k`` planned ones."""
+    out, h = samples, samples.shape[2]
+    for b, commands in enumerate(pending):
+        k = min(len(commands), h)
+        if k:
+            out = samples.copy() if out is samples else out
+            out[b, :, k:] = samples[b, :, :h - k]
+            out[b, :, :k] = commands[:k]
+    return out
+
+
 class Planner:
     """MPPI / CEM with warm start, batched over ``batch`` independent robots or envs."""
 
@@ -154,9 +167,13 @@ class Planner:
         total = rewards.sum(axis=-1).mean(axis=-1)
         return np.where(np.isfinite(total), total, -np.inf)
 
-    def plan(self, obs: np.ndarray, start: Any, reward_params: Mapping[str, Any], last_action: np.ndarray
-             ) -> PlanResult:
-        """Refine the warm-started plan for every env and return the first actions."""
+    def plan(self, obs: np.ndarray, start: Any, reward_params: Mapping[str, Any], last_action: np.ndarray,
+             pending: list[np.ndarray] | None = None) -> PlanResult:
+        """Refine the warm-started plan for every env and return the first actions.
+
+        ``pending``: per env, ``(k, a)`` commands already sent that the motors will apply before the one planned
+        now (actuator latency, :mod:`metarl_robot.runtime.latency`): each sequence is rolled out after them, over
+        the same horizon."""
         cfg = self.cfg
         b, h, a = self.mean.shape
         if obs.shape[0] != b:
@@ -171,7 +188,8 @@ class Planner:
             noise[:, 0] = 0.0  # sample 0 is the current mean: a warm start is never lost
             samples = limit_sequences(mean[:, None] + std[:, None] * noise, last_action[:, None], self.low,
                                       self.high, self.max_step)
-            returns = self.returns(obs, start, samples, reward_params)
+            returns = self.returns(obs, start, samples if pending is None else after(pending, samples),
+                                   reward_params)
             finite = np.isfinite(returns)
             best_return = np.maximum(best_return, returns.max(axis=1))
             spread = np.array([r[f].std() if f.any() else 0.0 for r, f in zip(returns, finite, strict=True)])

@@ -179,8 +179,8 @@ class _PredictionErrorRecorder(MPCController):
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
         a, scale = self.adapter, self.adapter.robot.obs_scale
-        # The context this step was planned with: the window has not taken the new transition yet.
-        adapted = a.predict(obs, sent_action, self.last_diagnostics["context"])
+        # The adapter's own prediction when it planned the step (its context, last layer and latency then).
+        adapted = self.last_diagnostics["predicted_next_obs"]
         for pred, store in ((adapted, self.with_context), (a.unadapted_prediction(obs, sent_action),
                                                            self.without_context)):
             store.append(np.sqrt(np.mean(((pred - next_obs) / scale) ** 2, axis=-1)))

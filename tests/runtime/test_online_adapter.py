@@ -107,7 +107,8 @@ def test_what_an_episode_started_from_is_logged_and_replayed_exactly(online_bund
     first = bundle.make_adapter(seed=0)
     drive(first, bundle, 25)
     carried = first.carried_state()
-    assert sorted(carried) == ["last_layer_covariance", "last_layer_updates", "last_layer_weights"]
+    assert sorted(carried) == ["last_layer_covariance", "last_layer_updates", "last_layer_weights",
+                               "latency_delay", "latency_error", "latency_seen"]
     task = bundle.family.sample(np.random.default_rng(1), "test", 1)[0]
     log = record_sim_episode(bundle, task, tmp_path / "second.mcap", steps=15, seed=4, carried=carried)
     episode = read_episode(log)
@@ -121,3 +122,34 @@ def test_what_an_episode_started_from_is_logged_and_replayed_exactly(online_bund
     # an adapter that carries nothing refuses a state from another kind rather than ignoring it
     with pytest.raises(ValueError, match="carries nothing across episodes"):
         load_bundle("policies/cartpole_mb").make_adapter().restore(carried)
+
+
+@pytest.mark.parametrize("delay", [0, 1, 2])
+def test_the_adapter_tells_the_actuator_latency_and_plans_for_it(delay: int):
+    # The shipped bundle (a model that predicts), driven on a twin whose motors apply each command `delay` periods
+    # late: no family models that; the hypothesis whose last layer predicts best wins, and is planned for.
+    from metarl_robot.envs.out_of_family import OutOfFamily
+
+    bundle = load_bundle("policies/cartpole_online")
+    adapter = bundle.make_adapter(planner_overrides={"samples": 32, "horizon": 20}, seed=0)
+    env = MetaMujocoEnv(bundle.family.name, effects=OutOfFamily(delay_periods=delay))
+    obs, _ = env.reset(seed=0, options={"task": "test"})
+    params = {k: np.array([v]) for k, v in env.reward_params.items()}
+    delays = []
+    for _ in range(75):
+        action, diag = adapter.act(obs[None], params)
+        delays.append(diag["command_delay"][0])
+        next_obs, _, _, _, info = env.step(action[0])
+        adapter.observe(obs[None], info["sent_action"][None], next_obs[None])
+        obs = next_obs
+    env.close()
+    assert delays[-1] == delay and all(d == 0 for d in delays[:adapter.latency.config.min_transitions])
+    errors = adapter.latency.error[0]
+    margin = adapter.latency.config.margin
+    assert errors.argmin() == delay and errors.min() < np.log1p(-margin) + np.delete(errors, delay).min(), errors
+    if delay:
+        # The commands on their way are rolled out first, and the next transition is predicted with the oldest.
+        np.testing.assert_array_equal(adapter.pending_commands()[0], adapter.latency.sent[0, -delay:])
+        np.testing.assert_array_equal(adapter.next_applied(np.zeros((1, 1)))[0], adapter.latency.sent[0, -delay])
+    else:
+        assert adapter.pending_commands()[0].shape == (0, 1)
