@@ -9,10 +9,11 @@ Both adapters are fed the same inputs: the transitions of one MuJoCo episode dri
 env step is not timed), observed and acted on in the node's order (``observe`` the previous transition, then
 ``act``). Rows, pinned to one CPU core, onnxruntime with one thread:
 
-- ``step_online``: ``observe`` + ``act`` with updates on (features graph call and one rank-one update per member,
-  then planning with the posterior last layer): what the robot pays every period.
-- ``step_no_updates``: the same with ``online=False`` (the prior last layer; the planner still feeds it as an
-  input): the limit the issue compares with.
+- ``step_online``: ``observe`` + ``act`` with updates on (one features-graph call on one row per actuator-latency
+  hypothesis, one rank-one update per hypothesis and member, the hypotheses scored; then planning with the chosen
+  posterior last layer, docs/online.md): what the robot pays every period.
+- ``step_no_updates``: the same with ``online=False`` (the prior last layer, no latency hypotheses; the planner
+  still feeds the last layer as an input): the limit the issue compares with.
 - ``observe_online`` / ``observe_no_updates``: the ``observe`` part alone.
 
 ``ratio_p99`` = step_online p99 / step_no_updates p99; the target is at most 1.2 (issue 15).
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results["step_online"]["p99_ms"] / results["step_no_updates"]["p99_ms"]
     doc = {"bench": "online_latency", "bundle": str(args.bundle), "bundle_kind": bundle.kind,
            "feature_dim": int(bundle.prior_head.shape[1]), "ensemble_size": bundle.ensemble_size,
+           "latency_hypotheses": bundle.make_adapter().latency.hypotheses,
            "planner": {k: getattr(bundle.planner, k) for k in ("method", "samples", "horizon", "iterations")},
            "steps": args.steps, "core": core, "machine": platform.processor() or platform.machine(),
            "results": results, "ratio_p99": ratio, "target_ratio_p99": TARGET_RATIO_P99,

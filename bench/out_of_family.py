@@ -61,8 +61,13 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=4, help="test tasks per effect (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tasks, starts and planner noise (default: 0)")
     p.add_argument("--only", nargs="+", metavar="EFFECT", help="grade only these grid entries (e.g. delay all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="planner override for every controller and the oracle, e.g. --set samples=64 (as metarl eval)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/out_of_family"), help="folder for the evaluations")
     args = p.parse_args()
+    from metarl_robot.cli import _parse_overrides
+
+    planner = _parse_overrides(args.set)
 
     from metarl_robot.envs.out_of_family import OutOfFamily
     from metarl_robot.runtime.bundle import load_bundle
@@ -86,18 +91,21 @@ def main() -> None:
             report_path = out / "eval.json"
             report = json.loads(report_path.read_text()) if report_path.is_file() else None
             if report is None or report["out_of_family"]["effects"] != effects.as_dict() or \
-                    len(report["tasks"]) != args.tasks or report["seed"] != args.seed:
+                    len(report["tasks"]) != args.tasks or report["seed"] != args.seed or \
+                    any(report["planner"][k] != v for k, v in planner.items()):
                 print(f"[{name}] {label}: {effects.label}", file=sys.stderr, flush=True)
                 report = evaluate(bundle.path, out, split="test", tasks=args.tasks, seed=args.seed, effects=effects,
-                                  oracle_cache=args.out / f"oracle_{label}.json", progress=True)
+                                  oracle_cache=args.out / f"oracle_{label}.json", planner_overrides=planner,
+                                  progress=True)
             results[name]["effects"][label] = {"label": effects.label, **summarise(report)}
         per = list(results[name]["effects"].values())
-        graded = [m for m, v in per[0].items() if isinstance(v, dict) and v["swung_up"] is not None]
+        graded = [m for m, v in per[0].items() if isinstance(v, dict) and v.get("swung_up") is not None]
         episodes = sum(r["tasks"] for r in per)
         results[name]["swung_up_fraction"] = {m: sum(r[m]["swung_up"] for r in per) / episodes for m in graded}
     print(json.dumps({
         "benchmark": "out_of_family", "family": next(iter(bundles.values())).family.name, "tasks": args.tasks,
-        "seed": args.seed, "grid": {k: v.as_dict() for k, v in grid.items()}, "target_swung_up": TARGET_SWUNG_UP,
+        "seed": args.seed, "planner_overrides": planner, "grid": {k: v.as_dict() for k, v in grid.items()},
+        "target_swung_up": TARGET_SWUNG_UP,
         "bundles": results, "seconds": round(time.perf_counter() - started, 1),
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
     }, indent=1))
