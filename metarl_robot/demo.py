@@ -32,10 +32,11 @@ FAMILY = "cartpole_swingup"
 BUNDLE = "policies/cartpole_online"
 """The shipped bundle ``--skip-train`` runs: the best one on out-of-distribution cart-poles (docs/BENCHMARKS.md)."""
 CONFIG = "configs/mb_cartpole_swingup.yaml"
-DEMO_EFFECTS = ("damping=hinge:0.02", "friction=hinge:0.01", "obs_noise=0.01")
-"""The twin's default out-of-family effects (``--effect``; ``--no-effects``: none): hinge damping and dry friction
-that no family parameter models and encoder noise, physics a real cart-pole has and the family leaves out
-(docs/out_of_family.md; how each effect costs each bundle: docs/BENCHMARKS.md)."""
+DEMO_EFFECTS = ("friction=hinge:0.01",)
+"""The twin's default out-of-family effect (``--effect``; ``--no-effects``: none): dry friction in the hinge, which
+a real cart-pole's bearing has and no family parameter models (docs/out_of_family.md). Under it the shipped online
+bundle swings up 4 of 4 test tasks and the model-based one 2 (docs/BENCHMARKS.md, where the effects it does not yet
+handle are measured too; an actuator delay is handled in simulation but not yet through the node, docs/online.md)."""
 TINY_TRAINING = {"loop.iterations": 2, "loop.tasks_per_iteration": 1, "loop.random_episodes": 8,
                  "training.grad_steps": 100}
 """The ``--set`` overrides of the demo's training run: a pipeline check (minutes on a laptop), not a policy
@@ -343,6 +344,12 @@ class _Drive:
               f"{'swung up and balanced' if swung_up else 'NOT upright'} over the last 2 s "
               f"(mean cos {last.mean():.2f})")
         print(f"      {watchdog['text']}")
+        from metarl_robot.logs import read_episode
+
+        delay = read_episode(logs[0]).adaptation.get("command_delay")
+        if adapt and delay is not None and np.isfinite(delay).any():
+            print(f"      the adapter's actuator-latency estimate at the end: {int(delay[np.isfinite(delay)][-1])} "
+                  "control period(s) (docs/online.md#actuator-latency)")
         print(f"      episode log: {_show(logs[0])}")
         return {"log": str(logs[0]), "adapt": adapt, "swung_up": swung_up, "final_2s_mean_cos": float(last.mean()),
                 "return": float(trace["reward"][commanded].sum()), "periods_commanded": int(commanded.sum()),

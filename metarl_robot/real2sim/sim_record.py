@@ -73,7 +73,7 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
     try:
         true_obs, info = env.reset(seed=seed, options={"task": dict(task)})
         task_params = env.unwrapped.reward_params
-        adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
+        adapter = bundle.make_adapter(batch=1, seed=seed, **bundle.adapter_switches(adapt))
         adapter.restore(carried or {})
         period_ns = round(robot.ctrl_dt * 1e9)
         t0 = time.monotonic_ns()

@@ -300,7 +300,7 @@ def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
     empty: the prior)."""
     applied = applied_actions(episode) if applied is None else applied
     n, robot = episode.num_steps, episode.robot
-    adapter = bundle.make_adapter(batch=1, adapt=adapt, seed=seed)
+    adapter = bundle.make_adapter(batch=1, seed=seed, **bundle.adapter_switches(adapt))
     z_empty = bundle.empty_context(adapter)
     adapter.restore(carried or {})
     # What the adapter acted with: its first belief diagnostic; a kind that infers nothing acts with its fixed one.

@@ -153,3 +153,17 @@ def test_the_adapter_tells_the_actuator_latency_and_plans_for_it(delay: int):
         np.testing.assert_array_equal(adapter.next_applied(np.zeros((1, 1)))[0], adapter.latency.sent[0, -delay])
     else:
         assert adapter.pending_commands()[0].shape == (0, 1)
+
+
+def test_an_episode_the_node_ran_with_adaptation_off_replays_exactly(online_bundle: Path, tmp_path: Path):
+    # adapt: false means no context and no last-layer updates, in the node, in sim recordings and in the replay.
+    from metarl_robot.logs.reader import read_episode
+    from metarl_robot.real2sim.sim_record import record_sim_episode
+    from metarl_robot.replay.shadow import replay_episode
+
+    bundle = load_bundle(online_bundle)
+    task = bundle.family.sample(np.random.default_rng(2), "test", 1)[0]
+    episode = read_episode(record_sim_episode(bundle, task, tmp_path / "off.mcap", steps=15, seed=5, adapt=False))
+    assert np.nanmax(episode.adaptation["online_updates"]) == 0
+    replay = replay_episode(episode, bundle)
+    assert replay.counterfactual.reproduced, replay.counterfactual
