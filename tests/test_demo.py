@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarl_robot.demo import StageError, ood_task_the_bundle_swings_up, run_demo, watchdog_timing
+from metarl_robot.demo import BUNDLE, StageError, ood_task_the_bundle_swings_up, run_demo, watchdog_timing
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 
@@ -106,8 +106,8 @@ def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identificatio
     assert "(--bundle)" in out and "context_policy bundle 'pearl_tiny'" in out
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert summary["bundle_kind"] == "context_policy" and summary["bundle"] == str(pearl_bundle.resolve())
-    # A fresh export has no eval/ of its own: the twin's task is the shipped model-based bundle's choice.
-    assert summary["task_chosen_from"] == str(REPO_ROOT / "policies" / "cartpole_mb" / "eval" / "eval.json")
+    # A fresh export has no eval/ of its own: the twin's task is the shipped bundle's choice.
+    assert summary["task_chosen_from"] == str(REPO_ROOT / BUNDLE / "eval" / "eval.json")
     # The node's log of the PEARL bundle, replayed through it: every action reproduced, no prediction error.
     assert summary["replay"]["reproduced"] is True
     assert summary["replay"]["prediction_error"]["applicable"] is False
