@@ -83,10 +83,10 @@ META_BUNDLE = "metarl/bundle"
 META_TASK = "metarl/task"
 META_EXTRA = "metarl/extra"
 META_END = "metarl/episode_end"
+"""Names of the MCAP metadata records (keys: docs/episode_log.md)."""
 ADAPTER_STATE_ATTACHMENT = "metarl/adapter_state.npz"
 """MCAP attachment holding what the adapter carried into the episode from earlier ones (an online model's fit):
 numpy's ``.npz`` (no pickle), named arrays. Absent when the adapter carried nothing (it started from its prior)."""
-"""Names of the MCAP metadata records (keys: docs/episode_log.md)."""
 
 
 class EpisodeLogError(SpecError):

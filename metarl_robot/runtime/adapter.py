@@ -42,6 +42,9 @@ class Adapter(Protocol):
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
         """Take back a :meth:`carried_state` (shapes and values checked; ``ValueError`` names the array)."""
 
+    def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(B, o)`` observations → ``(B, a)`` commands and diagnostics (each ``(B, ·)``)."""
+
 
 class CarriesNothing:
     """For adapters that keep nothing across episodes: an empty carried state, and only an empty one restored."""
@@ -53,22 +56,6 @@ class CarriesNothing:
         if state:
             raise ValueError(f"{type(self).__name__} carries nothing across episodes; got state arrays "
                              f"{sorted(state)} (from an adapter of another kind?)")
-
-    def plan_start(self, obs: np.ndarray, z: np.ndarray) -> Any:
-        """What the planner's rollout model starts from: the observation and the context."""
-        return obs, z
-
-    def pending_commands(self) -> list[np.ndarray] | None:
-        """Per env, the commands already sent that the motors will apply before the next one (None: no actuator
-        latency is modelled; see :meth:`Planner.plan`)."""
-        return None
-
-    def next_applied(self, action: np.ndarray) -> np.ndarray:
-        """``(B, a)``: the command that will drive the next transition once ``action`` is sent (itself here)."""
-        return action
-
-    def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``(B, o)`` observations → ``(B, a)`` commands and diagnostics (each ``(B, ·)``)."""
 
 
 class ModelBasedAdapter(CarriesNothing):
