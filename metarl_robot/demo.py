@@ -24,10 +24,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
+# numpy and the rest are imported where used: `metarl --help` imports this module for DEMO_EFFECTS.
 FAMILY = "cartpole_swingup"
 BUNDLE = "policies/cartpole_online"
 """The shipped bundle ``--skip-train`` runs: the best one on out-of-distribution cart-poles (docs/BENCHMARKS.md)."""
@@ -71,6 +73,8 @@ def _tail(text: str, lines: int = 15) -> str:
 
 def pumping_policy(period: float, ctrl_dt: float, amplitude: float = 0.5):
     """Open loop: u(t) = amplitude * sin(2 pi t / period), the same for every sub-env."""
+    import numpy as np
+
     step = 0
 
     def act(obs: np.ndarray) -> np.ndarray:
@@ -113,6 +117,8 @@ def watchdog_timing(twin_summary: dict[str, Any], trace: Any) -> dict[str, Any]:
     period is the robot going safe as designed. An engagement before it is a gap in the commands while
     the node was running: a problem. Measured from the twin's trace (``safe`` per period) and the
     summary's engagement times (robot clock), not assumed."""
+    import numpy as np
+
     events = twin_summary["watchdog"]["events"]
     commanded = np.flatnonzero(~np.asarray(trace["safe"], dtype=bool))
     t = np.asarray(trace["t"], dtype=np.float64)
@@ -272,6 +278,7 @@ class _Drive:
 
     def episode(self, adapt: bool, before_node: Callable[[], None] | None = None) -> dict[str, Any]:
         """Run it; returns what the demo summary records (log, return, swung up, watchdog)."""
+        import numpy as np
         import yaml
         from tqdm.auto import tqdm
 
@@ -392,6 +399,7 @@ def run_demo(out_dir: Path, seed: int = 0, skip_train: bool = False, episode_ste
 def _run(out_dir: Path, seed: int, skip_train: bool, episode_steps: int, speed: float, procs: list[_Proc],
          state: dict[str, int], given_bundle: Path | None = None, effects: list[str] | None = None) -> int:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
