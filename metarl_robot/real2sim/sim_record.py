@@ -79,7 +79,7 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
         t0 = time.monotonic_ns()
         prev_obs: np.ndarray | None = None
         applied: np.ndarray | None = None
-        command = np.asarray(robot.safe_action, dtype=np.float64)
+        command = sent = np.asarray(robot.safe_action, dtype=np.float64)
         applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
         extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
                  "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe)}
@@ -92,7 +92,8 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
                     prev_obs = None  # the node never saw this frame: no transition to learn from across it
                 else:
                     if prev_obs is not None:
-                        adapter.observe(prev_obs[None], applied[None], obs[None])
+                        fed = sent if adapter.observes_sent_commands else applied
+                        adapter.observe(prev_obs[None], fed[None], obs[None])
                     action, diagnostics = adapter.act(obs[None], task_params)
                     command = np.asarray(action, dtype=np.float64)[0]
                     stamp = ROBOT_EPOCH_NS + k * period_ns
@@ -106,6 +107,7 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
                     prev_obs = obs
                 if k in safe:
                     command, applied_seq = np.asarray(robot.safe_action, dtype=np.float64), 0
+                sent = command
                 next_obs, _, diverged, _, step_info = env.step(command)
                 applied, true_obs = np.asarray(step_info["applied_action"], dtype=np.float64), next_obs
                 if diverged:

@@ -11,7 +11,9 @@ the adapter runs only on usable frames (steps the log marks ``adapted``); before
 observes ``(obs of the previous usable frame, action applied between them, obs_k)`` only when the frame's
 ``state_seq`` is the previous usable frame's + 1. The applied action is what the robot reported in frame
 ``k`` (``applied_command_seq``): the logged command with that ``command_seq``, the robot's safe command for
-0, and the last command sent when it is not logged (-1) -- the node's own fallback.
+0, and the last command sent when it is not logged (-1) -- the node's own fallback. An adapter that
+``observes_sent_commands`` (an online model that tells the actuator latency itself) is fed the last command
+sent before frame ``k`` instead, as the node fed it.
 
 Every bundle kind replays; the pass asks the kind what it is (``LoadedBundle``'s declarations), never its
 name: its context is the first of its ``belief_diagnostics`` (a ``model_based`` bundle's encoder output; a
@@ -256,15 +258,18 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------
-def applied_actions(episode: Episode) -> np.ndarray:
-    """(N, a) the action the robot reported as applied in each step's frame (see the module docstring)."""
+def applied_actions(episode: Episode, sent: bool = False) -> np.ndarray:
+    """(N, a) the action the robot reported as applied in each step's frame (see the module docstring); ``sent``:
+    instead the last command sent before it (what an adapter that ``observes_sent_commands`` was fed)."""
     robot = episode.robot
     by_seq: dict[int, int] = {}
     out = np.full((episode.num_steps, robot.action_dim), np.nan)
     last_sent: np.ndarray = robot.safe_action.astype(np.float64)
     for k in range(episode.num_steps):
         seq = int(episode.applied_command_seq[k])
-        if seq == 0:
+        if sent:
+            out[k] = last_sent
+        elif seq == 0:
             out[k] = robot.safe_action
         elif seq > 0 and seq in by_seq:
             out[k] = episode.command[by_seq[seq]]
@@ -298,9 +303,12 @@ def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
     """Drive a fresh adapter of ``bundle`` (any kind) through the log's usable frames as the node did, starting
     from ``carried`` (what the node's adapter carried into the episode, :attr:`Episode.adapter_state`; None or
     empty: the prior)."""
-    applied = applied_actions(episode) if applied is None else applied
     n, robot = episode.num_steps, episode.robot
     adapter = bundle.make_adapter(batch=1, seed=seed, **bundle.adapter_switches(adapt))
+    if adapter.observes_sent_commands:
+        applied = applied_actions(episode, sent=True)
+    elif applied is None:
+        applied = applied_actions(episode)
     z_empty = bundle.empty_context(adapter)
     adapter.restore(carried or {})
     # What the adapter acted with: its first belief diagnostic; a kind that infers nothing acts with its fixed one.

@@ -25,11 +25,17 @@ EncodeFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray
 class Adapter(Protocol):
     """The online-adaptation interface shared by model-based and context-inference controllers."""
 
+    observes_sent_commands: bool
+    """Which command :meth:`observe` takes where the robot reports what its motors applied: True, the command sent
+    in answer to ``obs`` (the adapter models the latency between sending and applying itself); False, the command
+    the motors applied during the transition (the robot's report, so a latency the adapter cannot model does not
+    corrupt its context). Without latency the two are the same."""
+
     def reset(self, which: np.ndarray | None = None) -> None:
         """Forget the task (of the envs in the bool mask ``which``, default all): a new episode starts."""
 
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
-        """Record the transition that just happened (``action`` = the command actually sent)."""
+        """Record the transition that just happened (``action``: see :attr:`observes_sent_commands`)."""
 
     def forget(self, which: np.ndarray | None = None) -> None:
         """:meth:`reset`, and forget what persists across episodes (an online model's fit to this robot): the
@@ -65,6 +71,9 @@ class ModelBasedAdapter(CarriesNothing):
     returned action; ``prediction_error`` (B,): RMS error, in robot.yaml scale units, of the previous
     step's prediction against what was then observed (NaN before the first); ``plan_return`` (B,).
     """
+
+    observes_sent_commands = False
+    """It models no actuator latency: it observes the command the motors applied."""
 
     def __init__(self, robot: RobotSpec, reward: RewardFunction, encode: EncodeFn, step: StepFn,
                  ensemble_size: int, window: int, planner: PlannerConfig, batch: int = 1, adapt: bool = True,

@@ -108,6 +108,9 @@ class ContextPolicyAdapter(CarriesNothing):
     prior mean and ``context_size`` 0 (the unadapted policy, for comparisons).
     """
 
+    observes_sent_commands = False
+    """It models no actuator latency: it observes the command the motors applied."""
+
     def __init__(self, robot: RobotSpec, reward: RewardFunction, factors: FactorsFn, policy: PolicyFn,
                  latent_dim: int, batch: int = 1, adapt: bool = True) -> None:
         if batch < 1:

@@ -95,6 +95,11 @@ class OnlineModelAdapter(ModelBasedAdapter):
         self._planned_with = np.zeros((batch, 0))
         self._refused = np.zeros(batch)
 
+    @property
+    def observes_sent_commands(self) -> bool:
+        """With the online layer it tells the latency itself, so it observes the command sent."""
+        return self.online
+
     def _prior_step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
         """The meta-trained model (the prior last layer): what the base class would plan with."""
         return self.head_step(obs, act, context, self.posterior.prior.astype(np.float32))

@@ -26,6 +26,7 @@ from metarl_robot.replay.shadow import (
     REPRODUCTION_TOLERANCE,
     ReplayConfig,
     ReplayError,
+    applied_actions,
     replay_episode,
     replay_episodes,
 )
@@ -64,6 +65,15 @@ def test_the_recorder_writes_a_real_episode_with_its_task_and_seed(logged: Path,
     assert {k: ep.task[k] for k in OFF_NOMINAL} == OFF_NOMINAL
     assert ep.adapted.all() and (ep.command_source == "adapter").all()
     assert np.ptp(ep.obs[:, 1]) > 0.5, "the pole moved: the adapter drove a real rollout"
+
+
+def test_what_the_adapter_was_fed_the_robots_report_or_the_command_sent(logged: Path) -> None:
+    ep = read_episode(logged)
+    sent = applied_actions(ep, sent=True)
+    np.testing.assert_array_equal(sent[0], ep.robot.safe_action)  # nothing sent before the first frame
+    np.testing.assert_array_equal(sent[1:], ep.command[:-1])  # then the command answering the frame before
+    # The recorder's robot applies each command at once and reports it: the report is the command sent.
+    np.testing.assert_array_equal(applied_actions(ep)[1:], sent[1:])
 
 
 def test_the_same_bundle_reproduces_the_logged_commands(replay, logged: Path) -> None:

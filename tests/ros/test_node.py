@@ -347,6 +347,30 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
         assert replay.logged.context_var[episode.adapted][-1].max() < 1.0
 
 
+def test_online_bundle_tells_the_twins_actuator_delay_through_the_node(colcon_install, tmp_path, domain_id,
+                                                                      cleanup):
+    """A twin whose motors apply each command one period late (``--effect delay=1``) reports the applied (late)
+    command in its frames. The online bundle must be fed the commands the node sent, not that report, to see the
+    delay and plan for it (through the report, delay 0 fits perfectly and the pending command is never rolled
+    out); the replay must feed the same and reproduce the node."""
+    procs, _ = cleanup
+    online = REPO_ROOT / "policies" / "cartpole_online"
+    twin = Twin(tmp_path, "--speed", str(SPEED), "--effect", "delay=1", env=ros_env(domain_id))
+    procs.append(twin)
+    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=100, bundle=str(online))
+    procs.append(node)
+    node.wait_for(lambda t: "finished: episode_steps reached (100)" in t, "episode end", timeout_s=3 * DEADLINE_S)
+    assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+    twin.send_signal(signal.SIGINT)
+    assert twin.summary()["out_of_family"]["effects"]["delay_periods"] == 1
+    episode = the_log(tmp_path)
+    delay = episode.adaptation["command_delay"][episode.adapted][:, 0]
+    assert delay[0] == 0 and delay[-1] == 1, delay  # no latency until the transitions tell it
+    assert (delay[-25:] == 1).all(), delay
+    replay = replay_episode(episode.path, load_bundle(online))
+    assert replay.counterfactual.reproduced, replay.counterfactual
+
+
 def test_twin_restarted_node_handshakes_again_and_resumes(colcon_install, tmp_path, domain_id, cleanup):
     from std_msgs.msg import Float64MultiArray
 

@@ -151,7 +151,8 @@ class ControlLoop:
     """One episode of control: a thread that runs from :meth:`start` until :meth:`request_stop` (or an error).
 
     Per wake-up: the newest state frame (or none by the deadline) → ``safety.on_frame`` → the adapter
-    (observe the transition that frame completes, then act) → ``safety.filter``/``tick`` → the command
+    (observe the transition that frame completes, with the command its ``observes_sent_commands`` asks for, then
+    act) → ``safety.filter``/``tick`` → the command
     over ZeroMQ → a :class:`StepRecord` to the recorder. At the end, the safe command for
     ``shutdown_periods`` control periods (deactivate: operator-disabled SAFE_STOP; process exit:
     ``safety.shutdown``), then the episode log is closed.
@@ -257,8 +258,12 @@ class ControlLoop:
                 t0 = time.perf_counter_ns()
                 prev = p.prev_good
                 if prev is not None and frame.seq == prev.seq + 1:
-                    applied = frame.applied_action if frame.applied_action is not None else safety.last_command
-                    self.adapter.observe(prev.obs[None], np.asarray(applied, dtype=np.float64)[None],
+                    # The command sent since the previous frame, or the one the robot says its motors applied
+                    # (they differ under actuator latency, which only some adapters model themselves).
+                    driven_by = safety.last_command
+                    if frame.applied_action is not None and not self.adapter.observes_sent_commands:
+                        driven_by = frame.applied_action
+                    self.adapter.observe(prev.obs[None], np.asarray(driven_by, dtype=np.float64)[None],
                                          frame.obs[None])
                 p.prev_good = frame
                 raw, adaptation = self.adapter.act(frame.obs[None], self.task_params)
