@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_online_context_runs_the_three_ways_of_conditioning_on_a_report_task():
     assert result.returncode == 0, result.stderr[-2000:]
     doc = json.loads(result.stdout)
     assert doc["tasks"] == 1 and set(doc["results"]) == {"adapted", "held", "online_only"}
-    report = json.loads(open("policies/cartpole_online/eval/eval.json").read())
+    report = json.loads(Path("policies/cartpole_online/eval/eval.json").read_text())
     first = report["tasks"][0]
     # One task is a batch of one: the planner's noise is drawn differently from the report's batch of 8, so the
     # returns are the report's only with every task (docs/BENCHMARKS.md); here, episodes that swing the pole up.
