@@ -286,6 +286,34 @@ class Episode:
     def num_steps(self) -> int:
         return len(self.step)
 
+    def applied_commands(self, sent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Per step ``k``: ``(N, a)`` the command the motors applied during the period that ended at frame ``k``
+        and ``(N,)`` bool whether the log says which it was. Frame ``k``'s ``applied_command_seq`` names it: the
+        logged command with that ``command_seq`` (whichever step sent it: a command that ran late is paired with
+        the period it ran in), the robot's safe command for 0; where the log cannot tell (-1: not logged, or a
+        command sent before the log started) the last command sent before frame ``k``, as the node assumes.
+        ``sent``: the last command sent before frame ``k`` on every step (what an adapter that
+        ``observes_sent_commands`` was fed)."""
+        safe = self.robot.safe_action.astype(np.float64)
+        by_seq: dict[int, int] = {}
+        out = np.full((self.num_steps, self.robot.action_dim), np.nan)
+        known = np.zeros(self.num_steps, dtype=bool)
+        last_sent = safe
+        for k in range(self.num_steps):
+            seq = int(self.applied_command_seq[k])
+            if sent:
+                out[k] = last_sent
+            elif seq == 0:
+                out[k], known[k] = safe, True
+            elif seq > 0 and seq in by_seq:
+                out[k], known[k] = self.command[by_seq[seq]], True
+            else:
+                out[k] = last_sent
+            if self.command_source[k] != "none":
+                by_seq[int(self.command_seq[k])] = k
+                last_sent = self.command[k]
+        return out, known
+
 
 __all__ = [
     "ADAPTER_ACTION_LABEL", "COMMAND_SOURCES", "DIAGNOSTIC_ARRAY", "DIAGNOSTIC_LEVELS", "EPISODE_LOG_SCHEMA_VERSION",

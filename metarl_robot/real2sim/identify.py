@@ -35,9 +35,9 @@ else as the family's nominal, and reported as not identified. An ``action_delay`
 searched either (it needs whole-episode shooting); it is kept at its nominal value and reported.
 
 Transitions are used only where the log shows that the next telemetry frame (``state_seq`` + 1)
-followed the step's command, and that the command was the one applied (``applied_command_seq``):
-dropped, frozen or stale frames and periods where the robot ran its safe command for an unknown
-reason are skipped, with the safe command used where the frame says it was applied.
+followed the step's, and each period is simulated with the command its next frame says the motors ran
+(``applied_command_seq``: the step's own command, an earlier one that ran late, or the safe command):
+dropped, frozen or stale frames, and periods whose applied command the log does not hold, are skipped.
 """
 
 from __future__ import annotations
@@ -355,13 +355,13 @@ def _transitions(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
     if n < 2:
         return controls, valid
     consecutive = np.diff(episode.state_seq) == 1
-    applied_next = episode.applied_command_seq[1:]
+    # The command that ran during period k is the one frame k + 1 names (a late one included: the period is
+    # paired with it, not discarded); a log without applied_command_seq (-1): trust that the step's command ran.
+    applied, known = episode.applied_commands()
+    unknown = episode.applied_command_seq[1:] == -1
     sent = episode.command_source[:-1] != "none"
-    ran_command = sent & (applied_next == episode.command_seq[:-1])
-    ran_safe = applied_next == 0
-    unknown = applied_next == -1  # a log without applied_command_seq: trust that the command was applied
-    controls[:-1][ran_safe] = robot.safe_action
-    valid[:-1] = consecutive & (ran_command | ran_safe | (unknown & sent))
+    controls[:-1] = applied[1:]
+    valid[:-1] = consecutive & (known[1:] | (unknown & sent))
     finite = np.isfinite(controls).all(axis=1) & np.isfinite(episode.obs).all(axis=1)
     valid[:-1] &= finite[:-1] & finite[1:]
     valid[-1] = False

@@ -261,24 +261,7 @@ def _plain(obj: Any) -> dict[str, Any]:
 def applied_actions(episode: Episode, sent: bool = False) -> np.ndarray:
     """(N, a) the action the robot reported as applied in each step's frame (see the module docstring); ``sent``:
     instead the last command sent before it (what an adapter that ``observes_sent_commands`` was fed)."""
-    robot = episode.robot
-    by_seq: dict[int, int] = {}
-    out = np.full((episode.num_steps, robot.action_dim), np.nan)
-    last_sent: np.ndarray = robot.safe_action.astype(np.float64)
-    for k in range(episode.num_steps):
-        seq = int(episode.applied_command_seq[k])
-        if sent:
-            out[k] = last_sent
-        elif seq == 0:
-            out[k] = robot.safe_action
-        elif seq > 0 and seq in by_seq:
-            out[k] = episode.command[by_seq[seq]]
-        else:  # not logged, or a command before the log started: the node's fallback is its last command
-            out[k] = last_sent
-        if episode.command_source[k] != "none":
-            by_seq[int(episode.command_seq[k])] = k
-            last_sent = episode.command[k]
-    return out
+    return episode.applied_commands(sent)[0]
 
 
 def usable_frames(episode: Episode) -> np.ndarray:

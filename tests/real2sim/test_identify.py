@@ -221,7 +221,10 @@ TWIN_BUDGET = IdentifyConfig(window=5, population=48, iterations=20, restarts=2,
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("latency", ["on_arrival", "at_boundary"])
+def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp_path, latency):  # noqa: F811
+    """``at_boundary``: the twin applies each command at the next period boundary, one period after the frame it
+    answers, and says so (``applied_command_seq``); each period must be simulated with the command that ran."""
     import random
     import shutil
     import signal
@@ -240,8 +243,9 @@ def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp
                     tmp_path / "node.log", ros_env(domain))
         procs.append(node)
         node.wait_for(lambda text: "handshaking with" in text, "node handshaking")
+        boundary = ["--apply-at-boundary"] if latency == "at_boundary" else []
         twin = Twin(tmp_path, "--speed", "0.5", "--seed", "3", "--duration", "6", "--endpoints", endpoints,
-                    "--task", json.dumps(TWIN_TASK), env=ros_env(domain))
+                    "--task", json.dumps(TWIN_TASK), *boundary, env=ros_env(domain))
         procs.append(twin)
         summary = twin.summary(timeout_s=6 / 0.5 + DEADLINE_S)
         node.stop(signal.SIGINT)
@@ -254,6 +258,9 @@ def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp
     assert len(logs) == 1
     ep = read_episode(logs[0])
     assert ep.task is None  # the node never knows the twin's task: identification is the only way to it
+    if latency == "at_boundary":  # most periods ran the command sent a period before (a safe one at the start)
+        sent_before = np.isin(ep.applied_command_seq[2:], ep.command_seq[:-2])
+        assert sent_before.mean() > 0.8, ep.applied_command_seq[:20]
     res = identify(ep, FAMILY, TWIN_BUDGET)
     print(res.summary())  # shown with -s: the numbers docs/identify.md quotes
     assert res.transitions > 60, res.summary()
