@@ -534,8 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay the logged commands in MuJoCo from the logged states (multiple shooting: "
                        "reset to the log every WINDOW steps) and search the family's dynamics-parameter box with CEM "
                        "(several restarts, then a local refinement) for the physics that matches the log best. "
-                       "Prints the parameters with standard errors and 95 % intervals, the residual error and the "
-                       "parameters the data does not identify; writes "
+                       "Then tests the fit against the sensor noise (robot.yaml observation noise_std, or "
+                       "--noise-std): EXPLAINED or NOT EXPLAINED by this family, with the p-value and the fields that "
+                       "carry the misfit. Prints the parameters with standard errors and 95 % intervals (none when "
+                       "the family does not explain the log), the parameters the data does not identify and those "
+                       "on a face of the family's box; writes "
                        "OUT/task.yaml (for metarl sim-robot --task) and OUT/identify.json. See docs/identify.md.")
     p.add_argument("episode", help="episode log (.mcap) written by the node, metarl import-log or record_sim_episode")
     p.add_argument("--family", required=True, help="task family whose parameters to identify, e.g. cartpole_swingup")
@@ -545,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=48, help="candidates per iteration (default: 48)")
     p.add_argument("--window", type=int, default=5, help="control steps per shooting segment (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
+    p.add_argument("--noise-std", action="append", metavar="STD|FIELD=STD",
+                   help="sensor noise the fit is tested against: one standard deviation in robot.yaml scale units "
+                   "for every field (e.g. 0.01), or FIELD=STD in the field's units, once per observation field "
+                   "(default: each field's noise_std in the log's robot.yaml, else the installed one's; without "
+                   "it the fit is not tested)")
     p.set_defaults(func=_cmd_identify)
     return parser
 

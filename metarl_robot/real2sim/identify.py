@@ -42,6 +42,7 @@ dropped, frozen or stale frames, and periods whose applied command the log does 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -60,7 +61,7 @@ from metarl_robot.envs.robot_model import ObservationMap, load_model
 from metarl_robot.logs.format import Episode
 from metarl_robot.logs.reader import read_episode
 from metarl_robot.spec.family import ParamBox, TaskFamily, load_family
-from metarl_robot.spec.robot import load_robot
+from metarl_robot.spec.robot import RobotSpec, load_robot
 
 STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
 Z95 = 1.959963984540054
@@ -76,6 +77,11 @@ SINGULAR_RTOL = 1e-10
 """Curvature eigenvalues below this fraction of the largest are treated as zero: unconstrained directions."""
 SINGULAR_LOADING = 1e-3
 """A parameter takes part in an unconstrained direction when its share of that eigenvector exceeds this."""
+FIT_ALPHA = 0.01
+"""Level of the goodness-of-fit test: a log the family explains is called *not explained* with this probability
+(the test's false-alarm rate, if its assumptions hold; measured in docs/BENCHMARKS.md)."""
+BOX_FACE = 1e-3
+"""An estimate within this fraction of its box width from a face of the family's box is flagged as on the face."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,48 @@ class ParamEstimate:
     """Why it is not identified, or where its value came from."""
     true_value: float | None = None
     """The true value when the log recorded the task (e.g. a digital twin's hidden task)."""
+    box_face: str | None = None
+    """``lower``/``upper``: the estimate lies on that face of the family's box (the robot may lie beyond it);
+    None: inside, or not searched."""
+
+
+@dataclass
+class FitTest:
+    """Whether the identified task explains the log up to the sensor noise: a chi-square test of the residuals
+    whitened by the covariance the noise gives them (docs/identify.md)."""
+
+    verdict: str
+    """``explained``, ``not explained`` (p below :attr:`alpha`) or ``untested`` (no sensor noise known)."""
+    p_value: float | None
+    """Probability of a chi-square at least this large if the family (with the answer) and the noise explained
+    the log (None: untested)."""
+    chi2: float | None
+    """Sum of the whitened squared residuals (expected about :attr:`dof` when explained)."""
+    dof: int
+    """Degrees of freedom: residual entries minus searched parameters."""
+    alpha: float
+    """The test's level."""
+    noise_std: dict[str, float] | None
+    """Per observation field, the sensor noise standard deviation tested against, in the field's units."""
+    noise_source: str
+    """Where the noise came from: ``--noise-std``, ``the log's robot.yaml``, ``the installed robot.yaml``, or
+    ``none``."""
+    field_ratio: dict[str, float] = field(default_factory=dict)
+    """Per field, mean squared residual over the variance the noise gives it (about 1 where the noise explains
+    it; much more where the misfit is)."""
+    misfit_fields: list[str] = field(default_factory=list)
+    """The fields whose residuals the noise does not explain (each tested at ``alpha`` / fields)."""
+
+    def line(self) -> str:
+        """One line for the terminal."""
+        if self.verdict == "untested":
+            return ("fit: UNTESTED: no sensor noise for every field (robot.yaml observation noise_std, or "
+                    "--noise-std); the intervals below assume the model is exact")
+        ratios = ", ".join(f"{k} {v:.3g}" for k, v in self.field_ratio.items())
+        head = (f"fit: {self.verdict.upper()} by this family (chi-square {self.chi2:.4g} on {self.dof} degrees of "
+                f"freedom, p = {self.p_value:.3g}, level {self.alpha:g}; noise from {self.noise_source})")
+        where = f"; misfit in {', '.join(self.misfit_fields)}" if self.misfit_fields else ""
+        return f"{head}{where}\n     residual / noise variance per field: {ratios}"
 
 
 @dataclass
@@ -202,11 +250,14 @@ class IdentifyResult:
     """The :class:`IdentifyConfig` used."""
     true_task: dict[str, float] | None = None
     """The task recorded in the log, if any."""
+    fit: FitTest | None = None
+    """Whether the answer explains the log up to the sensor noise."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "params"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("params", "fit")}
         out["params"] = [dict(p.__dict__, bounds=list(p.bounds), interval=None if p.interval is None
                               else list(p.interval)) for p in self.params]
+        out["fit"] = None if self.fit is None else dict(self.fit.__dict__)
         return out
 
     def summary(self) -> str:
@@ -216,13 +267,19 @@ class IdentifyResult:
                  f"residual {self.cost:.3g} (nominal task {self.nominal_cost:.3g}) scale units^2, noise estimate "
                  f"sigma {self.noise_std:.3g}; RMS per field: "
                  + ", ".join(f"{k} {v:.3g}" for k, v in self.rms_per_field.items())]
+        if self.fit is not None:
+            lines.append(self.fit.line())
         lines.append(f"  {'parameter':<20}{'value':>10}{'std err':>10}  {'95% interval':<21}{'true':>8}  status")
         for p in self.params:
             lines.append(f"  {p.name:<20}{p.value:>10.4g}" + _interval_columns(p)
                          + ("" if p.true_value is None else f"{p.true_value:>8.4g}").rjust(8)
                          + f"  {'identified' if p.identified else 'NOT identified: ' + p.note}")
-        lines.append("  (95% interval from the cost's curvature: Gaussian sensor noise, an exact model, locally "
-                     "linear; no allowance for model error, docs/identify.md)")
+        if self.fit is not None and self.fit.verdict == "not explained":
+            lines.append("  (no intervals: the family does not explain the log, so the curvature says nothing about "
+                         "the robot's parameters; docs/identify.md)")
+        else:
+            lines.append("  (95% interval from the cost's curvature: Gaussian sensor noise, an exact model, locally "
+                         "linear; no allowance for model error, docs/identify.md)")
         return "\n".join(lines)
 
 
@@ -272,16 +329,9 @@ class _ShootingProblem:
         w = config.window
         self.starts = starts
         self.target = np.stack([episode.obs[s + 1:s + 1 + w] for s in starts])  # (S, W, obs)
-        scratch = mujoco.MjData(base)
-        states = []
-        for s in starts:
-            mujoco.mj_resetData(base, scratch)
-            full = episode.obs[s][self._obs_of_state]
-            scratch.qpos[:], scratch.qvel[:] = full[:self.nq], full[self.nq:]
-            state = np.empty(mujoco.mj_stateSize(base, STATE))
-            mujoco.mj_getState(base, scratch, state, STATE)
-            states.append(state)
-        self.initial = np.stack(states)  # (S, nstate)
+        self._base = base
+        self.start_obs = np.stack([episode.obs[s] for s in starts])  # (S, obs): the logged states segments start at
+        self.initial = self._states(self.start_obs)  # (S, nstate)
         ctrl = np.zeros((len(starts), w, self.nu))
         ctrl[..., self._ctrl_ids] = np.stack([controls[s:s + w] for s in starts])
         self.ctrl = np.repeat(ctrl, self.substeps, axis=1)  # zero-order hold over the substeps
@@ -293,15 +343,40 @@ class _ShootingProblem:
         self.datas = [mujoco.MjData(self.models[0]) for _ in range(config.threads)]
         self.evaluations = 0
 
-    def simulate(self, tasks: list[dict[str, float]]) -> np.ndarray:
-        """(len(tasks), S, W, obs_dim) simulated observations of every segment under each task."""
+    def _states(self, obs: np.ndarray) -> np.ndarray:
+        """(rows, nstate) full MuJoCo states set from observations (rows, obs) through the observation map."""
+        scratch = mujoco.MjData(self._base)
+        states = np.empty((len(obs), mujoco.mj_stateSize(self._base, STATE)))
+        for i, row in enumerate(obs):
+            mujoco.mj_resetData(self._base, scratch)
+            full = row[self._obs_of_state]
+            scratch.qpos[:], scratch.qvel[:] = full[:self.nq], full[self.nq:]
+            mujoco.mj_getState(self._base, scratch, states[i], STATE)
+        return states
+
+    def initial_jacobian(self, task: dict[str, float], step: float = 1e-4) -> np.ndarray:
+        """(S, W x obs, obs): how every segment's simulated observations (scale units) move with its logged start
+        observation (scale units), by central differences under ``task``: the way sensor noise in the state a
+        segment starts from propagates into all its residuals."""
+        n_seg, obs_dim = self.start_obs.shape
+        columns = []
+        for j in range(obs_dim):
+            shift = np.zeros(obs_dim)
+            shift[j] = step * self.scale[j]
+            ends = [self.simulate([task], self._states(self.start_obs + sign * shift))[0] for sign in (1.0, -1.0)]
+            columns.append(((ends[0] - ends[1]) / self.scale / (2 * step)).reshape(n_seg, -1))
+        return np.stack(columns, axis=-1)
+
+    def simulate(self, tasks: list[dict[str, float]], initial: np.ndarray | None = None) -> np.ndarray:
+        """(len(tasks), S, W, obs_dim) simulated observations of every segment under each task (from the logged
+        start states, or from ``initial`` (S, nstate))."""
         if len(tasks) > len(self.models):
             raise ValueError(f"at most {len(self.models)} tasks per call, got {len(tasks)}")
         n_seg = len(self.starts)
         for applier, task in zip(self.appliers, tasks, strict=False):
             applier.apply(task)
         models = [self.models[i] for i in range(len(tasks)) for _ in range(n_seg)]
-        initial = np.tile(self.initial, (len(tasks), 1))
+        initial = np.tile(self.initial if initial is None else initial, (len(tasks), 1))
         ctrl = np.tile(self.ctrl, (len(tasks), 1, 1))
         states, sensors = mj_rollout.rollout(models, self.datas, initial, ctrl)
         at_control = slice(self.substeps - 1, None, self.substeps)
@@ -395,14 +470,18 @@ def _segment_starts(valid: np.ndarray, window: int, max_segments: int) -> np.nda
 
 # ---- the search ---------------------------------------------------------------------------------------------
 def identify(episode: str | Path | Episode, family: str | TaskFamily, config: IdentifyConfig | None = None,
-             progress: bool = False) -> IdentifyResult:
-    """Identify ``family``'s dynamics parameters from a logged ``episode`` (a path or a read Episode)."""
+             progress: bool = False, noise_std: float | Mapping[str, float] | None = None) -> IdentifyResult:
+    """Identify ``family``'s dynamics parameters from a logged ``episode`` (a path or a read Episode) and test
+    whether they explain it. ``noise_std``: the sensor noise the test compares with, one standard deviation in
+    robot.yaml scale units for every field, or field name → standard deviation in the field's units (None: each
+    observation field's ``noise_std`` from the log's robot.yaml, else the installed one's; untested without)."""
     config = config or IdentifyConfig()
     config.check()
     t0 = time.monotonic()
     ep = episode if isinstance(episode, Episode) else read_episode(episode)
     fam = family if isinstance(family, TaskFamily) else load_family(family)
     problem = _ShootingProblem(ep, fam, config, pool=config.population)
+    noise = _sensor_noise(noise_std, ep, problem.robot)  # before the search: a bad --noise-std fails at once
 
     delay = getattr(problem.appliers[0], "delay_param", None)
     searched = [n for n in fam.dynamics_names if n != delay]
@@ -473,6 +552,8 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
     sd_independent = np.sqrt(np.diag(cov_independent))
     nominal_cost = float(problem.costs([base_task])[0])
     true_task = {k: float(v) for k, v in ep.task.items()} if ep.task else None
+    fit = _fit_test(problem, answer, resid, d, noise)
+    failed = fit.verdict == "not explained"
 
     estimates = []
     for p in fam.params:
@@ -493,7 +574,13 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
         std_error, std_error_independent = float(sd_x * per_x), float(sd_independent[i] * width * per_x)
         interval = (float(np.exp(lo_x)), float(np.exp(hi_x))) if box.log[i] else (float(lo_x), float(hi_x))
         fraction = float(2 * Z95 * sd_unit[i])
-        if not np.isfinite(sd_unit[i]):
+        face = "lower" if best_u[i] <= BOX_FACE else "upper" if best_u[i] >= 1.0 - BOX_FACE else None
+        if failed:
+            note = f"the family does not explain the log (fit p = {fit.p_value:.2g}): no interval"
+            std_error = std_error_independent = interval = fraction = None
+        elif face is not None:
+            note = f"on the {face} face of the family's box: the robot may lie beyond it"
+        elif not np.isfinite(sd_unit[i]):
             note = "singular curvature: the data does not constrain it"
         elif fraction >= IDENTIFIED_MAX_BOX_FRACTION:
             note = f"95% interval spans {fraction:.0%} of its box: the data hardly constrains it"
@@ -503,7 +590,7 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
             name=p.name, kind=p.kind, value=float(best_values[i]), std_error=std_error,
             std_error_independent=std_error_independent, interval=interval,
             box_fraction=fraction, search_spread=float(elite_values[:, i].std()), bounds=p.bounds,
-            identified=not note, note=note, true_value=true_value))
+            identified=not note, note=note, true_value=true_value, box_face=face))
     correlation: dict[str, dict[str, float]] = {}
     for i, a in enumerate(searched):
         correlation[a] = {}
@@ -517,7 +604,83 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
         residual_count=int(resid.size), correlation=correlation, rms_per_field=problem.rms_per_field(answer),
         restart_costs=[b[0] for b in restart_best], segments=len(problem.starts), transitions=problem.transitions,
         steps=ep.num_steps, evaluations=problem.evaluations, seconds=round(time.monotonic() - t0, 3),
-        config=dict(config.__dict__), true_task=true_task)
+        config=dict(config.__dict__), true_task=true_task, fit=fit)
+
+
+# ---- the goodness-of-fit test ------------------------------------------------------------------------------
+def _sensor_noise(given: float | Mapping[str, float] | None, episode: Episode, robot: RobotSpec
+                  ) -> tuple[dict[str, float] | None, str]:
+    """Per measured field, the sensor noise standard deviation in its units, and where it came from."""
+    fields = robot.measured_fields
+    if given is not None:
+        if isinstance(given, Mapping):
+            unknown = sorted(set(given) - {f.name for f in fields})
+            if unknown:
+                raise ValueError(f"--noise-std {unknown[0]}: not an observation field of {robot.name}; the fields "
+                                 f"are {', '.join(f.name for f in fields)}")
+            missing = [f.name for f in fields if f.name not in given]
+            if missing:
+                raise ValueError(f"--noise-std: give every observation field of {robot.name} (missing "
+                                 f"{', '.join(missing)}), or one value in scale units for all")
+            noise = {f.name: float(given[f.name]) for f in fields}
+        else:
+            noise = {f.name: float(given) * f.scale for f in fields}
+        bad = {k: v for k, v in noise.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            name = next(iter(bad))
+            raise ValueError(f"--noise-std {name}: a standard deviation >= 0, got {bad[name]}")
+        return noise, "--noise-std"
+    for spec, source in ((episode.robot, "the log's robot.yaml"), (robot, "the installed robot.yaml")):
+        by_name = {f.name: f.noise_std for f in spec.measured_fields}
+        if all(by_name.get(f.name) is not None for f in fields):
+            return {f.name: float(by_name[f.name]) for f in fields}, source
+    return None, "none"
+
+
+def chi2_survival(x: float, dof: int) -> float:
+    """P(chi-square with ``dof`` degrees of freedom >= ``x``), Wilson-Hilferty's normal approximation (relative
+    error well under 1 % of the tail probability for the hundreds of degrees of freedom a log gives)."""
+    if dof < 1:
+        return float("nan")
+    if x <= 0:
+        return 1.0
+    h = 2.0 / (9.0 * dof)
+    z = ((x / dof) ** (1.0 / 3.0) - (1.0 - h)) / math.sqrt(h)
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def _fit_test(problem: _ShootingProblem, answer: dict[str, float], resid: np.ndarray, searched: int,
+              noise: tuple[dict[str, float] | None, str]) -> FitTest:
+    """The chi-square test of the answer's residuals against the sensor noise (docs/identify.md)."""
+    per_field, source = noise
+    dof = max(int(resid.size) - searched, 1)
+    if per_field is None or not np.isfinite(resid).all():
+        verdict = "untested" if per_field is None else "not explained"
+        p_value = None if per_field is None else 0.0
+        return FitTest(verdict, p_value, None, dof, FIT_ALPHA, per_field, source)
+    # Per observation entry, the noise in scale units (floored: a noise-free log still leaves round-off).
+    sigma = np.concatenate([np.full(size, per_field[name] / problem.scale[at])
+                            for name, size, at in zip(problem.field_names, problem.field_sizes,
+                                                      np.cumsum([0, *problem.field_sizes[:-1]]), strict=True)])
+    sigma = np.maximum(sigma, NOISE_FLOOR)
+    n_seg, window, obs_dim = problem.target.shape
+    r = resid.reshape(n_seg, window * obs_dim)
+    # A segment's residuals: its start's noise carried through the simulation, minus each logged sample's noise.
+    j0 = problem.initial_jacobian(answer)
+    cov = np.einsum("sik,k,sjk->sij", j0, sigma ** 2, j0) + np.diag(np.tile(sigma ** 2, window))[None]
+    chi2 = float(sum(r[s] @ np.linalg.solve(cov[s], r[s]) for s in range(n_seg)))
+    p_value = chi2_survival(chi2, dof)
+    # Which fields carry the misfit: each entry against its own variance.
+    z2 = (r ** 2 / np.diagonal(cov, axis1=1, axis2=2)).reshape(n_seg, window, obs_dim)
+    ratio, misfit, at = {}, [], 0
+    for name, size in zip(problem.field_names, problem.field_sizes, strict=True):
+        block = z2[..., at:at + size]
+        ratio[name] = float(block.mean())
+        if chi2_survival(float(block.sum()), block.size) < FIT_ALPHA / len(problem.field_names):
+            misfit.append(name)
+        at += size
+    verdict = "explained" if p_value >= FIT_ALPHA else "not explained"
+    return FitTest(verdict, p_value, chi2, dof, FIT_ALPHA, per_field, source, ratio, misfit)
 
 
 # ---- the answer's neighbourhood: refinement and curvature --------------------------------------------------
@@ -630,9 +793,13 @@ def write_task_file(result: IdentifyResult, path: str | Path) -> Path:
             "residual": float(result.cost),
             "nominal_residual": float(result.nominal_cost),
             "noise_std": float(result.noise_std),
+            "fit": None if result.fit is None else {"verdict": result.fit.verdict, "p_value": result.fit.p_value,
+                                                    "misfit_fields": list(result.fit.misfit_fields),
+                                                    "noise_source": result.fit.noise_source},
             "params": {p.name: {"std_error": p.std_error,
                                 "interval_95": None if p.interval is None else [float(v) for v in p.interval],
-                                "identified": p.identified, **({"note": p.note} if p.note else {})}
+                                "identified": p.identified, **({"note": p.note} if p.note else {}),
+                                **({"box_face": p.box_face} if p.box_face else {})}
                        for p in result.params},
         },
     }
@@ -652,12 +819,36 @@ def load_task_file(path: str | Path, family: TaskFamily) -> dict[str, float]:
     return family.validate(data)
 
 
+def parse_noise_std(values: list[str] | None) -> float | dict[str, float] | None:
+    """``--noise-std``: None, one number (scale units, every field) or ``FIELD=STD`` items (field units)."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return _number("--noise-std", values[0])
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--noise-std {item!r}: give one number for every field (scale units) or FIELD=STD "
+                             "for each field")
+        out[name.strip()] = _number(f"--noise-std {name}", value)
+    return out
+
+
+def _number(what: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what}: expected a number, got {text!r}") from None
+
+
 def identify_to_dir(episode: str | Path, family: str, out_dir: str | Path, config: IdentifyConfig | None = None,
-                    progress: bool = False) -> tuple[IdentifyResult, Path, Path]:
+                    progress: bool = False, noise_std: float | Mapping[str, float] | None = None
+                    ) -> tuple[IdentifyResult, Path, Path]:
     """Run :func:`identify`, write ``task.yaml`` and ``identify.json`` into ``out_dir``; return all three."""
     import json
 
-    result = identify(episode, family, config, progress=progress)
+    result = identify(episode, family, config, progress=progress, noise_std=noise_std)
     out = Path(out_dir)
     task_path = write_task_file(result, out / "task.yaml")
     json_path = out / "identify.json"
@@ -681,7 +872,8 @@ def run_cli(args: Any) -> int:
     """``metarl identify``: identify, print the summary, write task.yaml and identify.json."""
     config = IdentifyConfig(window=args.window, population=args.population, iterations=args.iterations,
                             restarts=args.restarts, seed=args.seed)
-    result, task_path, json_path = identify_to_dir(args.episode, args.family, args.out, config, progress=True)
+    result, task_path, json_path = identify_to_dir(args.episode, args.family, args.out, config, progress=True,
+                                                   noise_std=parse_noise_std(args.noise_std))
     print(result.summary())
     print(f"wrote {task_path} (metarl sim-robot --family {result.family} --task {task_path}) and {json_path}")
     return 0

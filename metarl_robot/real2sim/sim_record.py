@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.runtime.manifest import LoadedBundle
 
@@ -33,7 +34,8 @@ COMPUTE_NS = 2_000_000
 
 def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str | Path, steps: int, seed: int = 0,
                        adapt: bool = True, obs_noise: float = 0.0, lost_steps: Collection[int] = (),
-                       safe_steps: Collection[int] = (), carried: Mapping[str, np.ndarray] | None = None) -> Path:
+                       safe_steps: Collection[int] = (), carried: Mapping[str, np.ndarray] | None = None,
+                       effects: OutOfFamily | None = None) -> Path:
     """Run ``bundle``'s adapter on its family's MuJoCo env with ``task`` for ``steps`` control steps; log it.
 
     ``task``: parameters of the bundle's task family (validated by the env; missing ones are refused).
@@ -51,6 +53,8 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
     ``applied_command_seq`` is 0, as the twin's watchdog reports it).
     ``carried``: what the adapter carried from earlier episodes (:meth:`~metarl_robot.runtime.adapter.Adapter.
     carried_state`, e.g. an online model's fit), restored before the first step and logged as the node logs it.
+    ``effects``: out-of-family effects of the simulated robot (docs/out_of_family.md), recorded in the log's
+    metadata; the robot does not know them (a motor-side ``delay`` is not in ``applied_command_seq``).
     """
     from metarl_robot.envs.registry import make_env
 
@@ -67,7 +71,7 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
     lost, safe = frozenset(lost_steps), frozenset(safe_steps)
     path = Path(path)
     robot = bundle.robot
-    env = make_env(bundle.family)
+    env = make_env(bundle.family, **({"effects": effects} if effects else {}))
     noise_rng = np.random.default_rng([seed, 7])
     noise_scale = obs_noise * np.asarray(robot.obs_scale, dtype=np.float64)
     try:
@@ -82,7 +86,8 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
         command = sent = np.asarray(robot.safe_action, dtype=np.float64)
         applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
         extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
-                 "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe)}
+                 "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe),
+                 "out_of_family": None if effects is None else effects.record()}
         with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra,
                               adapter_state=adapter.carried_state()) as log:
             for k in range(steps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -66,6 +67,10 @@ class ObsField:
     """True for an unwrapped angle (rad): learned models see its sine and cosine, not the raw value."""
     doc: str = ""
     """Free text: sensor, frame, sign convention."""
+    noise_std: float | None = None
+    """Standard deviation of the sensor's noise, in ``units`` (None: not calibrated). A calibration of this robot,
+    not part of the interface (not in :attr:`RobotSpec.interface_hash`): ``metarl identify`` tests its fit
+    against it (docs/identify.md)."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,10 @@ class RobotSpec:
 
         Computed over the parsed content, so comments and formatting in the YAML do not change it.
         """
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        data = self.to_dict()
+        for entry in data["observation"]:  # calibrations of this robot, not the contract
+            entry.pop("noise_std", None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -249,6 +257,9 @@ def validate_robot_spec(spec: RobotSpec, where: str) -> None:
             raise SpecError(where, f"{at}.size", f"must be >= 1, got {f.size}")
         if f.scale <= 0:
             raise SpecError(where, f"{at}.scale", f"must be > 0, got {f.scale}")
+        if f.noise_std is not None and not (math.isfinite(f.noise_std) and f.noise_std >= 0):
+            raise SpecError(where, f"{at}.noise_std", f"a sensor noise standard deviation in {f.units}: a finite "
+                            f"number >= 0, got {f.noise_std}")
         kinds = [k for k in ("joint_pos", "joint_vel", "sensor") if getattr(f.source, k) is not None]
         if len(kinds) != 1:
             raise SpecError(

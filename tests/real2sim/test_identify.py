@@ -21,13 +21,17 @@ import pytest
 import yaml
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
+from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.logs.reader import read_episode
 from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.real2sim.identify import (
+    FIT_ALPHA,
     IDENTIFIED_MAX_BOX_FRACTION,
     IdentifyConfig,
+    chi2_survival,
     identify,
     load_task_file,
+    parse_noise_std,
     write_task_file,
 )
 from metarl_robot.real2sim.sim_record import record_sim_episode
@@ -120,8 +124,12 @@ def test_the_reported_uncertainty_holds_the_truth_on_a_noisy_log(tmp_path):
     calibrated estimate on ~1 % of logs. Ignoring the correlation inside a segment (the independent-residual
     standard errors alone) fails the same criterion on this very log: the test tells them apart."""
     path = record(tmp_path / "noisy.mcap", TRUE_TASK, steps=150, obs_noise=SENSOR_NOISE)
-    res = identify(path, FAMILY, NOISY_BUDGET)
+    res = identify(path, FAMILY, NOISY_BUDGET, noise_std=SENSOR_NOISE)
     assert res.noise_std == pytest.approx(SENSOR_NOISE, rel=0.6)  # the logged noise plus its spread over a segment
+    # The family explains the log up to the noise it was told: the whitened residuals are as the noise makes them.
+    assert res.fit.verdict == "explained" and res.fit.p_value >= FIT_ALPHA, res.fit.line()
+    assert res.fit.chi2 / res.fit.dof == pytest.approx(1.0, abs=0.15) and res.fit.misfit_fields == []
+    assert res.fit.noise_std["pole_angle"] == pytest.approx(SENSOR_NOISE * 3.14)  # scale units -> field units
 
     def z(p, std_error: float) -> float:
         """The error in standard errors, in search coordinates (the delta method's scale for log space)."""
@@ -138,6 +146,65 @@ def test_the_reported_uncertainty_holds_the_truth_on_a_noisy_log(tmp_path):
         z_reported[name], z_independent[name] = z(p, p.std_error), z(p, p.std_error_independent)
     assert max(z_reported.values()) <= 3.0, f"{z_reported}\n{res.summary()}"
     assert max(z_independent.values()) > 3.0, z_independent  # optimistic: the segments' correlation matters
+
+
+def test_physics_outside_the_family_is_not_explained_and_gets_no_interval(tmp_path):
+    # Hinge damping no family parameter models, under the same sensor noise: the best task of the family leaves a
+    # misfit the noise cannot account for, in the pole's angular velocity, which the damping acts on.
+    damping = OutOfFamily.parse(["damping=hinge:0.02"])
+    path = record(tmp_path / "damped.mcap", TRUE_TASK, steps=150, obs_noise=SENSOR_NOISE, effects=damping)
+    res = identify(path, FAMILY, NOISY_BUDGET, noise_std=SENSOR_NOISE)
+    assert res.fit.verdict == "not explained" and res.fit.p_value < 1e-6, res.fit.line()
+    assert res.fit.misfit_fields == ["pole_angvel"] and res.fit.field_ratio["pole_angvel"] > 3.0
+    for p in res.params:  # never an interval from a fit that failed
+        assert not p.identified and p.interval is None and p.std_error is None
+    assert "NOT EXPLAINED" in res.summary() and "no intervals" in res.summary()
+    assert read_episode(path).extra["out_of_family"]["effects"]["joint_damping"] == {"hinge": 0.02}
+
+
+def test_without_a_sensor_noise_the_fit_is_untested_and_robot_yaml_can_give_it(tmp_path, sim_copy):
+    path = record(tmp_path / "noisy.mcap", TRUE_TASK, steps=60, obs_noise=SENSOR_NOISE)
+    budget = IdentifyConfig(window=5, population=16, iterations=3, restarts=1, seed=0)
+    res = identify(path, FAMILY, budget)
+    assert res.fit.verdict == "untested" and res.fit.p_value is None and "UNTESTED" in res.summary()
+    assert all(p.interval is not None for p in res.params if p.kind == "dynamics")  # as before: model taken as exact
+    # The robot's calibration in its robot.yaml (field units), here the installed one's (the log's has none).
+    spec_path = sim_copy / "robots" / "cartpole" / "robot.yaml"
+    spec = yaml.safe_load(spec_path.read_text())
+    for entry in spec["observation"]:
+        entry["noise_std"] = SENSOR_NOISE * entry["scale"]
+    spec_path.write_text(yaml.safe_dump(spec))
+    res = identify(path, FAMILY, budget)
+    assert res.fit.noise_source == "the installed robot.yaml" and res.fit.verdict in ("explained", "not explained")
+    assert res.fit.noise_std["cart_vel"] == pytest.approx(SENSOR_NOISE * 2.0)
+
+
+def test_noise_std_is_read_and_refused_naming_the_field():
+    assert parse_noise_std(None) is None and parse_noise_std(["0.01"]) == 0.01
+    assert parse_noise_std(["cart_pos=0.01", "pole_angle=0.002"]) == {"cart_pos": 0.01, "pole_angle": 0.002}
+    with pytest.raises(ValueError, match="--noise-std pole_angle: expected a number, got 'x'"):
+        parse_noise_std(["pole_angle=x"])
+    with pytest.raises(ValueError, match="FIELD=STD"):
+        parse_noise_std(["0.01", "0.02"])
+
+
+def test_the_bad_noise_of_a_field_is_refused(sim_log):
+    budget = IdentifyConfig(window=5, population=16, iterations=1, restarts=1, seed=0)
+    with pytest.raises(ValueError, match="--noise-std wheel: not an observation field of cartpole"):
+        identify(sim_log, FAMILY, budget, noise_std={"wheel": 0.1})
+    with pytest.raises(ValueError, match="missing cart_vel, pole_angvel"):
+        identify(sim_log, FAMILY, budget, noise_std={"cart_pos": 0.01, "pole_angle": 0.01})
+    with pytest.raises(ValueError, match=r"--noise-std cart_pos: a standard deviation >= 0, got -0\.01"):
+        identify(sim_log, FAMILY, budget, noise_std=-0.01)
+
+
+def test_the_chi_square_tail_matches_the_tables():
+    # Upper 5 % and 1 % points of chi-square (standard tables): 124.342 and 135.807 for 100 degrees of freedom,
+    # 1074.679 for 1000.
+    assert chi2_survival(124.342, 100) == pytest.approx(0.05, rel=0.02)
+    assert chi2_survival(135.807, 100) == pytest.approx(0.01, rel=0.05)
+    assert chi2_survival(1074.679, 1000) == pytest.approx(0.05, rel=0.01)
+    assert chi2_survival(0.0, 10) == 1.0
 
 
 def test_a_parameter_the_log_does_not_excite_is_flagged_flat(tmp_path):

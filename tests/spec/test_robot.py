@@ -46,6 +46,16 @@ def test_interface_hash_ignores_formatting_but_not_content(sim_copy):
     assert load_robot("cartpole").interface_hash != before
 
 
+def test_sensor_noise_is_a_calibration_outside_the_interface_hash(sim_copy):
+    # A robot calibrated after a bundle was exported still talks to it: noise_std is not part of the contract.
+    path = sim_copy / "robots" / "cartpole" / "robot.yaml"
+    before = load_robot("cartpole")
+    assert all(f.noise_std is None for f in before.observation)
+    edit_yaml(path, lambda d: d["observation"][1].update(noise_std=0.002))
+    after = load_robot("cartpole")
+    assert after.observation[1].noise_std == 0.002 and after.interface_hash == before.interface_hash
+
+
 def test_round_trip_through_dict():
     from metarl_robot.spec.robot import robot_from_dict
 
@@ -69,6 +79,8 @@ def _obs(i):
         (lambda d: d.update(joints=["slider", "slider"]), "joints", "duplicate name 'slider'"),
         (lambda d: _obs(0)(d).update(scale=-1.0), "observation[0] (cart_pos).scale", "must be > 0"),
         (lambda d: _obs(0)(d).update(size=0), "observation[0] (cart_pos).size", "must be >= 1"),
+        (lambda d: _obs(0)(d).update(noise_std=-0.1), "observation[0] (cart_pos).noise_std",
+         "a sensor noise standard deviation in m: a finite number >= 0, got -0.1"),
         (lambda d: _obs(1)(d).update(name="cart_pos"), "observation", "duplicate field name 'cart_pos'"),
         (lambda d: _obs(0)(d).update(source={"joint_pos": "slider", "sensor": "x"}),
          "observation[0] (cart_pos).source", "exactly one of joint_pos, joint_vel, sensor"),
