@@ -548,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=48, help="candidates per iteration (default: 48)")
     p.add_argument("--window", type=int, default=5, help="control steps per shooting segment (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
+    p.add_argument("--max-delay", type=int, default=2, help="largest command-to-effect delay tried, in control "
+                   "periods: the search runs once per delay and the closest fit's delay is the answer (default: 2)")
+    p.add_argument("--delay", type=int, default=None, help="the delay in control periods, when known (only it is "
+                   "tried)")
     p.add_argument("--noise-std", action="append", metavar="STD|FIELD=STD",
                    help="sensor noise the fit is tested against: one standard deviation in robot.yaml scale units "
                    "for every field (e.g. 0.01), or FIELD=STD in the field's units, once per observation field "

@@ -110,6 +110,11 @@ class IdentifyConfig:
     and the intervals are then taken where CEM stopped, which may not be a minimum)."""
     fd_step: float = 1e-3
     """Finite-difference step of the residual Jacobian, as a fraction of each parameter's box width."""
+    max_delay: int = 2
+    """Largest command-to-effect delay tried, in control periods: the search runs once per delay 0..max_delay and
+    the delay whose best fit is closest is the answer (docs/identify.md)."""
+    delay: int | None = None
+    """The delay, in control periods, when it is known (only it is tried); None: estimate it."""
     threads: int = 2
     """Threads of mujoco.rollout."""
     seed: int = 0
@@ -125,6 +130,12 @@ class IdentifyConfig:
         if not 0 < self.fd_step <= 0.05:
             raise ValueError(f"identify: fd_step must be in (0, 0.05] (a fraction of the box width), "
                              f"got {self.fd_step!r}")
+        if not isinstance(self.max_delay, int) or not 0 <= self.max_delay <= 10:
+            raise ValueError(f"identify: max_delay must be a whole number of control periods in [0, 10], got "
+                             f"{self.max_delay!r}")
+        if self.delay is not None and (not isinstance(self.delay, int) or not 0 <= self.delay <= 10):
+            raise ValueError(f"identify: delay must be a whole number of control periods in [0, 10], got "
+                             f"{self.delay!r}")
         if not 0 < self.elite_frac <= 1:
             raise ValueError(f"identify: elite_frac must be in (0, 1], got {self.elite_frac!r}")
         if round(self.population * self.elite_frac) < 2:
@@ -252,6 +263,14 @@ class IdentifyResult:
     """The task recorded in the log, if any."""
     fit: FitTest | None = None
     """Whether the answer explains the log up to the sensor noise."""
+    delay: int = 0
+    """Command-to-effect delay of the answer, in control periods: on top of what ``applied_command_seq`` shows,
+    the motors ran each command this many periods after the log says (a driver's latency the robot does not
+    report)."""
+    delay_costs: dict[int, float] = field(default_factory=dict)
+    """The best residual (scale units squared) with each delay tried: the delay is the one with the least."""
+    delay_given: bool = False
+    """True: the delay was given (``IdentifyConfig.delay``), not estimated."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("params", "fit")}
@@ -267,6 +286,11 @@ class IdentifyResult:
                  f"residual {self.cost:.3g} (nominal task {self.nominal_cost:.3g}) scale units^2, noise estimate "
                  f"sigma {self.noise_std:.3g}; RMS per field: "
                  + ", ".join(f"{k} {v:.3g}" for k, v in self.rms_per_field.items())]
+        if self.delay_given:
+            lines.append(f"command-to-effect delay: {self.delay} period(s), as given")
+        elif len(self.delay_costs) > 1:
+            lines.append(f"command-to-effect delay: {self.delay} period(s) (best residual per delay: "
+                         + ", ".join(f"{k}: {v:.3g}" for k, v in self.delay_costs.items()) + ")")
         if self.fit is not None:
             lines.append(self.fit.line())
         lines.append(f"  {'parameter':<20}{'value':>10}{'std err':>10}  {'95% interval':<21}{'true':>8}  status")
@@ -322,19 +346,24 @@ class _ShootingProblem:
 
         controls, valid = _transitions(episode)
         self.transitions = int(valid.sum())
-        starts = _segment_starts(valid, config.window, config.max_segments)
+        # Every delay tried is fitted to the same segments: each starts `lead` usable periods into its run, so the
+        # commands sent up to `lead` periods before it are known.
+        lead = config.max_delay if config.delay is None else config.delay
+        starts = _segment_starts(valid, config.window, config.max_segments, lead)
         if len(starts) == 0:
-            raise ValueError(f"{episode.path}: no run of {config.window} consecutive usable transitions "
-                             f"({self.transitions} usable of {episode.num_steps - 1}); use a smaller --window")
+            raise ValueError(f"{episode.path}: no run of {config.window + lead} consecutive usable transitions "
+                             f"({self.transitions} usable of {episode.num_steps - 1}; a segment is --window "
+                             f"{config.window} steps after the --max-delay {lead} before it); record a longer "
+                             "episode without lost frames, or use a smaller --window or --max-delay")
         w = config.window
         self.starts = starts
         self.target = np.stack([episode.obs[s + 1:s + 1 + w] for s in starts])  # (S, W, obs)
         self._base = base
         self.start_obs = np.stack([episode.obs[s] for s in starts])  # (S, obs): the logged states segments start at
         self.initial = self._states(self.start_obs)  # (S, nstate)
-        ctrl = np.zeros((len(starts), w, self.nu))
-        ctrl[..., self._ctrl_ids] = np.stack([controls[s:s + w] for s in starts])
-        self.ctrl = np.repeat(ctrl, self.substeps, axis=1)  # zero-order hold over the substeps
+        self._controls = controls
+        self.delay = 0
+        self.use_delay(0)
         self.measured = obs_map.measured
 
         # One model per candidate of a population, each with its own applier (the applier changes its model).
@@ -342,6 +371,15 @@ class _ShootingProblem:
         self.appliers = [DynamicsApplier(m, family) for m in self.models]
         self.datas = [mujoco.MjData(self.models[0]) for _ in range(config.threads)]
         self.evaluations = 0
+
+    def use_delay(self, delay: int) -> None:
+        """Simulate period k with the command applied ``delay`` periods earlier (a delay inside the robot that its
+        ``applied_command_seq`` does not show)."""
+        ctrl = np.zeros((len(self.starts), self.config.window, self.nu))
+        ctrl[..., self._ctrl_ids] = np.stack([self._controls[s - delay:s - delay + self.config.window]
+                                              for s in self.starts])
+        self.ctrl = np.repeat(ctrl, self.substeps, axis=1)  # zero-order hold over the substeps
+        self.delay = delay
 
     def _states(self, obs: np.ndarray) -> np.ndarray:
         """(rows, nstate) full MuJoCo states set from observations (rows, obs) through the observation map."""
@@ -452,13 +490,14 @@ def _transitions(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
     return controls, valid
 
 
-def _segment_starts(valid: np.ndarray, window: int, max_segments: int) -> np.ndarray:
-    """Starts of non-overlapping runs of ``window`` usable transitions, thinned evenly to ``max_segments``."""
+def _segment_starts(valid: np.ndarray, window: int, max_segments: int, lead: int = 0) -> np.ndarray:
+    """Starts of non-overlapping segments of ``window`` usable transitions, each after ``lead`` more usable ones
+    (whose commands a delayed simulation needs), thinned evenly to ``max_segments``."""
     starts, k, n = [], 0, len(valid)
-    while k + window <= n:
-        run = valid[k:k + window]
+    while k + lead + window <= n:
+        run = valid[k:k + lead + window]
         if run.all():
-            starts.append(k)
+            starts.append(k + lead)
             k += window
         else:
             k += int(np.nonzero(~run)[0][-1]) + 1
@@ -483,8 +522,8 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
     problem = _ShootingProblem(ep, fam, config, pool=config.population)
     noise = _sensor_noise(noise_std, ep, problem.robot)  # before the search: a bad --noise-std fails at once
 
-    delay = getattr(problem.appliers[0], "delay_param", None)
-    searched = [n for n in fam.dynamics_names if n != delay]
+    delay_param = getattr(problem.appliers[0], "delay_param", None)
+    searched = [n for n in fam.dynamics_names if n != delay_param]
     base_task = fam.nominal()
     notes: dict[str, str] = {}
     for name in fam.reward_names:
@@ -494,13 +533,10 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
             notes[name] = "reward parameter (no effect on dynamics): the value the node logged"
         else:
             notes[name] = "reward parameter (no effect on dynamics): family nominal"
-    if delay is not None:
-        notes[delay] = "action delay is not searched: family nominal"
 
     box = ParamBox(fam, searched, "bounds")
     d = len(searched)
     rng = np.random.default_rng(config.seed)
-    n_elite = max(2, round(config.population * config.elite_frac))
 
     def tasks_of(units: np.ndarray) -> list[dict[str, float]]:
         values = box.to_values(units)
@@ -511,40 +547,21 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
             out.append(task)
         return out
 
-    restart_best: list[tuple[float, np.ndarray, np.ndarray]] = []
-    bar = tqdm(total=config.restarts * config.iterations, desc="identify", unit="it", leave=False,
+    delays = [config.delay] if config.delay is not None else list(range(config.max_delay + 1))
+    bar = tqdm(total=config.restarts * config.iterations * len(delays), desc="identify", unit="it", leave=False,
                disable=None if progress else True)
+    fits = {}
     try:
-        for r in range(config.restarts):
-            mean = rng.uniform(0.15, 0.85, d)
-            std = np.full(d, config.init_std)
-            best_cost, best_u = np.inf, mean.copy()
-            elites = mean[None]
-            for _ in range(config.iterations):
-                u = np.clip(mean + std * rng.standard_normal((config.population, d)), 0.0, 1.0)
-                u[0] = best_u if np.isfinite(best_cost) else mean  # keep the incumbent (elitism)
-                c = problem.costs(tasks_of(u))
-                order = np.argsort(c)
-                elites = u[order[:n_elite]]
-                if c[order[0]] < best_cost:
-                    best_cost, best_u = float(c[order[0]]), u[order[0]].copy()
-                mean, std = elites.mean(axis=0), np.maximum(elites.std(axis=0), config.min_std)
-                bar.update()
-                bar.set_postfix_str(f"restart {r + 1}/{config.restarts}, best residual {best_cost:.3g}")
-            restart_best.append((best_cost, best_u, elites))
-            if progress and not sys.stderr.isatty():  # no bar in a log file: one line per restart
-                print(f"identify: restart {r + 1}/{config.restarts}: best residual {best_cost:.4g} after "
-                      f"{config.iterations} iterations", file=sys.stderr, flush=True)
+        for delay_periods in delays:  # the same segments, the commands shifted by the delay
+            problem.use_delay(delay_periods)
+            fits[delay_periods] = _search(problem, tasks_of, base_task, d, config, rng, bar, progress)
     finally:
         bar.close()
-
-    search_cost, search_u, best_elites = min(restart_best, key=lambda t: t[0])
+    delay_costs = {k: fit[0] for k, fit in fits.items()}
+    chosen = min(delays, key=lambda k: delay_costs[k] if np.isfinite(delay_costs[k]) else np.inf)
+    problem.use_delay(chosen)
+    best_cost, best_u, jac, resid, search_cost, restart_best, best_elites = fits[chosen]
     elite_values = box.to_values(best_elites)
-    if d:
-        best_u, jac, resid = _refine(problem, tasks_of, search_u, config)
-    else:
-        best_u, jac, resid = search_u, np.zeros((problem.target.size, 0)), problem.residuals([base_task])[0]
-    best_cost = float(np.mean(resid ** 2)) if np.isfinite(resid).all() else np.inf  # a diverged simulation
     best_values = box.to_values(best_u)
     answer = tasks_of(best_u[None])[0]
     cov_unit, cov_independent, noise_var = _covariance(jac, resid, len(problem.starts))
@@ -554,15 +571,20 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
     true_task = {k: float(v) for k, v in ep.task.items()} if ep.task else None
     fit = _fit_test(problem, answer, resid, d, noise)
     failed = fit.verdict == "not explained"
+    if delay_param is not None:  # the family models the delay: the one found is its value
+        answer[delay_param] = float(chosen)
+        notes[delay_param] = (f"the delay given (--delay {chosen})" if config.delay is not None else
+                              "estimated: the delay whose fit is closest (delay_costs)")
 
     estimates = []
     for p in fam.params:
         true_value = None if true_task is None else true_task.get(p.name)
         if p.name not in searched:
+            estimated = p.name == delay_param and config.delay is None and not failed
             estimates.append(ParamEstimate(name=p.name, kind=p.kind, value=float(answer[p.name]), std_error=None,
                                            std_error_independent=None, interval=None, box_fraction=None,
-                                           search_spread=None, bounds=p.bounds, identified=False,
-                                           note=notes.get(p.name, "not searched"),
+                                           search_spread=None, bounds=p.bounds, identified=estimated,
+                                           note="" if estimated else notes.get(p.name, "not searched"),
                                            true_value=true_value))
             continue
         i = searched.index(p.name)
@@ -604,7 +626,45 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
         residual_count=int(resid.size), correlation=correlation, rms_per_field=problem.rms_per_field(answer),
         restart_costs=[b[0] for b in restart_best], segments=len(problem.starts), transitions=problem.transitions,
         steps=ep.num_steps, evaluations=problem.evaluations, seconds=round(time.monotonic() - t0, 3),
-        config=dict(config.__dict__), true_task=true_task, fit=fit)
+        config=dict(config.__dict__), true_task=true_task, fit=fit, delay=chosen,
+        delay_costs={k: float(v) for k, v in delay_costs.items()}, delay_given=config.delay is not None)
+
+
+def _search(problem: _ShootingProblem, tasks_of: Callable[[np.ndarray], list[dict[str, float]]],
+            base_task: dict[str, float], d: int, config: IdentifyConfig, rng: np.random.Generator, bar: Any,
+            progress: bool) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, float, list, np.ndarray]:
+    """CEM restarts, then the refinement, with the problem's current delay: (cost, answer in unit coordinates,
+    residual Jacobian, residuals, CEM's best cost, each restart's (cost, point, elites), the best's elites)."""
+    n_elite = max(2, round(config.population * config.elite_frac))
+    restart_best: list[tuple[float, np.ndarray, np.ndarray]] = []
+    for r in range(config.restarts):
+        mean = rng.uniform(0.15, 0.85, d)
+        std = np.full(d, config.init_std)
+        best_cost, best_u = np.inf, mean.copy()
+        elites = mean[None]
+        for _ in range(config.iterations):
+            u = np.clip(mean + std * rng.standard_normal((config.population, d)), 0.0, 1.0)
+            u[0] = best_u if np.isfinite(best_cost) else mean  # keep the incumbent (elitism)
+            c = problem.costs(tasks_of(u))
+            order = np.argsort(c)
+            elites = u[order[:n_elite]]
+            if c[order[0]] < best_cost:
+                best_cost, best_u = float(c[order[0]]), u[order[0]].copy()
+            mean, std = elites.mean(axis=0), np.maximum(elites.std(axis=0), config.min_std)
+            bar.update()
+            bar.set_postfix_str(f"delay {problem.delay}, restart {r + 1}/{config.restarts}, best residual "
+                                f"{best_cost:.3g}")
+        restart_best.append((best_cost, best_u, elites))
+        if progress and not sys.stderr.isatty():  # no bar in a log file: one line per restart
+            print(f"identify: delay {problem.delay}, restart {r + 1}/{config.restarts}: best residual "
+                  f"{best_cost:.4g} after {config.iterations} iterations", file=sys.stderr, flush=True)
+    search_cost, search_u, best_elites = min(restart_best, key=lambda t: t[0])
+    if d:
+        best_u, jac, resid = _refine(problem, tasks_of, search_u, config)
+    else:
+        best_u, jac, resid = search_u, np.zeros((problem.target.size, 0)), problem.residuals([base_task])[0]
+    cost = float(np.mean(resid ** 2)) if np.isfinite(resid).all() else np.inf  # a diverged simulation
+    return cost, best_u, jac, resid, search_cost, restart_best, best_elites
 
 
 # ---- the goodness-of-fit test ------------------------------------------------------------------------------
@@ -871,7 +931,7 @@ def _finite_or_null(value: Any) -> Any:
 def run_cli(args: Any) -> int:
     """``metarl identify``: identify, print the summary, write task.yaml and identify.json."""
     config = IdentifyConfig(window=args.window, population=args.population, iterations=args.iterations,
-                            restarts=args.restarts, seed=args.seed)
+                            restarts=args.restarts, seed=args.seed, max_delay=args.max_delay, delay=args.delay)
     result, task_path, json_path = identify_to_dir(args.episode, args.family, args.out, config, progress=True,
                                                    noise_std=parse_noise_std(args.noise_std))
     print(result.summary())

@@ -52,9 +52,10 @@ TEST_BUDGET = IdentifyConfig(window=10, population=32, iterations=8, restarts=2,
 """A small budget: ~1.5 s on one core for a 150-step log."""
 
 
-NOISY_BUDGET = IdentifyConfig(window=5, population=32, iterations=10, restarts=2, seed=0)
+NOISY_BUDGET = IdentifyConfig(window=5, population=32, iterations=10, restarts=2, seed=0, max_delay=0)
 """~3 s: the budget of the interval-coverage test (the answer is the cost's minimum whatever the budget, once
-CEM lands in its basin: the refinement finds it)."""
+CEM lands in its basin: the refinement finds it). No delay tried: the segments start where the calibration of
+docs/identify.md had them (trying delays starts each after the commands it needs)."""
 SENSOR_NOISE = 0.01
 """Sensor noise of the coverage test's log, in robot.yaml scale units (1 cm on the cart, 0.01 rad on the pole)."""
 
@@ -162,6 +163,24 @@ def test_physics_outside_the_family_is_not_explained_and_gets_no_interval(tmp_pa
     assert read_episode(path).extra["out_of_family"]["effects"]["joint_damping"] == {"hinge": 0.02}
 
 
+@pytest.mark.parametrize("delay", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_delay_the_robot_does_not_report_is_estimated_exactly(tmp_path, delay):
+    # The motors run each command `delay` periods late and the robot's frames do not say so (applied_command_seq
+    # names the command just sent, as a motor driver's latency hides it): the fit with the right shift is the
+    # closest, and with it the family explains the log and finds the task.
+    path = record(tmp_path / "late.mcap", TRUE_TASK, steps=150, seed=3, obs_noise=SENSOR_NOISE,
+                  effects=OutOfFamily(delay_periods=delay))
+    res = identify(path, FAMILY, IdentifyConfig(window=5, population=32, iterations=10, restarts=2, seed=0),
+                   noise_std=SENSOR_NOISE)
+    assert res.delay == delay and sorted(res.delay_costs) == [0, 1, 2], res.summary()
+    others = [cost for d, cost in res.delay_costs.items() if d != delay]
+    assert res.delay_costs[delay] < 0.3 * min(others), res.delay_costs  # not a close call
+    assert res.fit.verdict == "explained", res.fit.line()
+    for name, tol in TOLERANCE.items():
+        assert abs(res.task[name] - TRUE_TASK[name]) <= tol, res.summary()
+    assert f"command-to-effect delay: {delay} period(s)" in res.summary()
+
+
 def test_without_a_sensor_noise_the_fit_is_untested_and_robot_yaml_can_give_it(tmp_path, sim_copy):
     path = record(tmp_path / "noisy.mcap", TRUE_TASK, steps=60, obs_noise=SENSOR_NOISE)
     budget = IdentifyConfig(window=5, population=16, iterations=3, restarts=1, seed=0)
@@ -255,7 +274,7 @@ def test_cli_writes_the_task_file_and_the_json(sim_log, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "motor_gain_scale" in proc.stdout and "95% interval" in proc.stdout
     # stderr is a pipe, not a terminal: no progress bar, one line per restart instead.
-    assert "identify: restart 1/1: best residual" in proc.stderr and "\r" not in proc.stderr, proc.stderr
+    assert "identify: delay 0, restart 1/1: best residual" in proc.stderr and "\r" not in proc.stderr, proc.stderr
     task = yaml.safe_load((out / "task.yaml").read_text())["task"]
     assert set(task) == set(TRUE_TASK)
     report = json.loads((out / "identify.json").read_text())
@@ -269,7 +288,8 @@ def test_bad_input_is_refused_with_the_field_named(sim_log):
         identify(sim_log, FAMILY, IdentifyConfig(iterations=0))
     with pytest.raises(ValueError, match="is for robot 'half_cheetah'"):
         identify(sim_log, "half_cheetah_vel", TEST_BUDGET)
-    with pytest.raises(ValueError, match="no run of 400 consecutive usable transitions"):
+    with pytest.raises(ValueError, match=r"no run of 402 consecutive usable transitions \(149 usable of 149; a segment "
+                       r"is --window 400 steps after the --max-delay 2 before it\)"):
         identify(sim_log, FAMILY, IdentifyConfig(window=400))
     proc = subprocess.run([sys.executable, "-m", "metarl_robot.cli", "identify", str(sim_log), "--family", FAMILY,
                            "--window", "0"], capture_output=True, text=True, timeout=60)

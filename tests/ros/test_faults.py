@@ -375,7 +375,10 @@ def test_malformed_nan_and_oversized_frames_are_rejected_counted_and_control_con
     # Every spoiled frame refused, every good one used: the node's accepted frames are exactly the rest.
     accepted = logged_seqs(run.episode)
     first = int(accepted[0])
-    assert set(range(first, frames + 1)) - set(accepted.tolist()) == {s for s in spoiled if s >= first}
+    # (The twin's very last frame may still be in flight when the twin ends and the node is stopped: on a loaded
+    # machine the node can be stopped before it reads it. It is the only good frame allowed to be missing.)
+    missing = set(range(first, frames + 1)) - set(accepted.tolist())
+    assert missing - {frames} == {s for s in spoiled if s >= first and s != frames}, sorted(missing)
     # ... and counted, per reason (the last /diagnostics in the log, written after the twin ended).
     telemetry = next(s for s in run.episode.diagnostics[-1].statuses if s.name.endswith(": telemetry"))
     values = telemetry.values
