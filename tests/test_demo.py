@@ -114,6 +114,9 @@ def test_demo_runs_a_context_policy_bundle_through_node_replay_and_identificatio
     metrics = json.loads(Path(summary["replay"]["metrics"]).read_text())["episodes"][0]
     assert metrics["bundle"]["sha256"] == load_bundle(pearl_bundle).sha256 and metrics["adapter_steps"] == 75
     assert summary["identify"]["params"], "the identification ran on the PEARL episode's log"
+    # The twin's exact sensors and in-family physics: the family explains its log, with no delay.
+    identified = summary["identify"]
+    assert identified["fit"]["verdict"] == "explained" and identified["delay"] == 0, identified
     assert summary["effects"] == [] and summary["adaptation_off"]["adapt"] is False
     # What identification calls identified is within 0.1 of the truth (boxes 0.3-2.5 wide); anything else must be
     # flagged, never silently wrong.

@@ -31,8 +31,18 @@ the log best. Method (docs/identify.md):
 
 Only ``kind: dynamics`` parameters can be identified: reward parameters (e.g. a target position) do
 not change the physics. They are written from the log's ``task_params`` when the node logged them,
-else as the family's nominal, and reported as not identified. An ``action_delay`` parameter is not
-searched either (it needs whole-episode shooting); it is kept at its nominal value and reported.
+else as the family's nominal, and reported as not identified.
+
+**Delay.** A delay between the command the log says ran and the motors running it (a driver's latency the
+robot does not report) is estimated: the search runs once per delay 0..``max_delay`` with each period
+simulated with the command that many periods earlier, on the same segments, and the delay whose best fit
+has the least residual is the answer (``delay``, ``delay_costs``); a family's ``action_delay`` parameter
+takes it.
+
+**Fit test.** With the sensor noise known (robot.yaml ``noise_std`` or ``noise_std=``), the answer's
+residuals are whitened by the covariance the noise gives them and tested (chi-square): the verdict is
+*explained* or *not explained* (with the fields that carry the misfit), and a fit that is not explained gets
+no intervals.
 
 Transitions are used only where the log shows that the next telemetry frame (``state_seq`` + 1)
 followed the step's, and each period is simulated with the command its next frame says the motors ran
