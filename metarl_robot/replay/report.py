@@ -233,6 +233,8 @@ def _episode_section(index: int, r: EpisodeReplay) -> list[str]:
          f"({_fmt(link.nominal_period_ms)} ms)"),
         ("jitter std / p99 |period - median|", f"{_fmt(link.jitter_ms_std)} / {_fmt(link.jitter_ms_p99)} ms"),
         ("frames seen / dropped (seq gaps)", f"{link.frames_seen} / {link.frames_dropped} ({len(link.seq_gaps)})"),
+        ("applied-command lag (periods after its frame: frames)",
+         ", ".join(f"{lag}: {n}" for lag, n in link.command_lag.items()) or "not logged"),
         ("stale steps (no new frame) / unusable frames", f"{link.stale_steps} / {link.unusable_frames}"),
         ("steps by command source", ", ".join(f"{k}: {v}" for k, v in link.steps_by_source.items())),
         ("steps by safety state", ", ".join(f"{k}: {v}" for k, v in link.steps_by_state.items())),

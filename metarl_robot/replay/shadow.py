@@ -185,6 +185,10 @@ class LinkHealth:
     """Every safety event: step, kind, level, action, message."""
     fallbacks: int
     """Steps commanded by the fallback controller."""
+    command_lag: dict[int, int] = field(default_factory=dict)
+    """Periods between a command's frame and the period the robot ran it → frames (from each frame's
+    ``applied_command_seq``; 0: the period right after the frame it answered, as in training; 1: a robot that
+    applies commands at its next period boundary). Frames that ran the safe command or do not say are left out."""
 
 
 @dataclass
@@ -432,6 +436,7 @@ def link_health(episode: Episode) -> LinkHealth:
     sources, counts = np.unique(episode.command_source, return_counts=True)
     states, state_counts = np.unique(episode.safety_state, return_counts=True)
     return LinkHealth(
+        command_lag=command_lag(episode),
         **period, nominal_period_ms=dt * 1e3, frames_seen=int(np.unique(seq).size),
         frames_dropped=int(sum(g for _, g in gaps)), seq_gaps=gaps, stale_steps=int((~new_frame).sum()),
         unusable_frames=int((new_frame & ~frames).sum()),
@@ -439,6 +444,22 @@ def link_health(episode: Episode) -> LinkHealth:
         steps_by_state={(str(s) or "unknown"): int(c) for s, c in zip(states, state_counts, strict=True)},
         degraded_periods=runs, safety_events=events,
         fallbacks=int((episode.command_source == "fallback_controller").sum()))
+
+
+def command_lag(episode: Episode) -> dict[int, int]:
+    """:attr:`LinkHealth.command_lag`: per new frame naming a logged command, the periods it ran after the frame it
+    answered (``state_seq - command_answers_seq - 1``), counted."""
+    sent_at = {int(c): k for k, c in enumerate(episode.command_seq) if episode.command_source[k] != "none"}
+    lags: dict[int, int] = {}
+    seen: set[int] = set()
+    for k, seq in enumerate(episode.state_seq):
+        applied = int(episode.applied_command_seq[k])
+        if int(seq) in seen or applied <= 0 or applied not in sent_at:
+            continue
+        seen.add(int(seq))
+        lag = int(seq) - int(episode.command_answers_seq[sent_at[applied]]) - 1
+        lags[lag] = lags.get(lag, 0) + 1
+    return dict(sorted(lags.items()))
 
 
 # ---- the whole replay -------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from metarl_robot.real2sim.identify import (
 )
 from metarl_robot.real2sim.sim_record import record_sim_episode
 from metarl_robot.real2sim.twin import resolve_task
+from metarl_robot.replay.shadow import command_lag
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.spec.family import load_family
 from tests.ros.conftest import colcon_install  # noqa: F401 -- the session fixture of the slow test
@@ -348,6 +349,8 @@ def test_identifies_the_twins_hidden_task_from_the_nodes_log(colcon_install, tmp
     if latency == "at_boundary":  # most periods ran the command sent a period before (a safe one at the start)
         sent_before = np.isin(ep.applied_command_seq[2:], ep.command_seq[:-2])
         assert sent_before.mean() > 0.8, ep.applied_command_seq[:20]
+    lags = command_lag(ep)  # what the replay's link health reports: one period more at the boundary
+    assert max(lags, key=lags.get) == (1 if latency == "at_boundary" else 0), lags
     res = identify(ep, FAMILY, TWIN_BUDGET)
     print(res.summary())  # shown with -s: the numbers docs/identify.md quotes
     assert res.transitions > 60, res.summary()

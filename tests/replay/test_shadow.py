@@ -27,6 +27,7 @@ from metarl_robot.replay.shadow import (
     ReplayConfig,
     ReplayError,
     applied_actions,
+    command_lag,
     replay_episode,
     replay_episodes,
 )
@@ -74,6 +75,7 @@ def test_what_the_adapter_was_fed_the_robots_report_or_the_command_sent(logged: 
     np.testing.assert_array_equal(sent[1:], ep.command[:-1])  # then the command answering the frame before
     # The recorder's robot applies each command at once and reports it: the report is the command sent.
     np.testing.assert_array_equal(applied_actions(ep)[1:], sent[1:])
+    assert command_lag(ep) == {0: ep.num_steps - 1}  # each ran in the period right after the frame it answered
 
 
 def test_the_same_bundle_reproduces_the_logged_commands(replay, logged: Path) -> None:
