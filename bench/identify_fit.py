@@ -69,6 +69,7 @@ def main() -> None:
                         help=f"out-of-family effects, each on its own logs (default: {' '.join(EFFECTS)})")
     parser.add_argument("--steps", type=int, default=150, help="control steps per log (default 150: 6 s)")
     parser.add_argument("--seed", type=int, default=0, help="first seed of tasks, starts and noise")
+    parser.add_argument("--window", type=int, default=5, help="identify's shooting segment, control steps (default 5)")
     args = parser.parse_args()
 
     from metarl_robot.envs.out_of_family import OutOfFamily
@@ -77,7 +78,7 @@ def main() -> None:
     from metarl_robot.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
-    budget = IdentifyConfig(window=5, population=32, iterations=10, restarts=2, seed=0)
+    budget = IdentifyConfig(window=args.window, population=32, iterations=10, restarts=2, seed=0)
     rng = np.random.default_rng(args.seed)
     started = time.perf_counter()
     rows: dict[str, list[dict]] = {"in_family": []}
