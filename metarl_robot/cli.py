@@ -11,7 +11,8 @@ EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
   2. ros2 launch on robot  (export, calibrate-safety, sim-robot, keys; the node: ros2_ws/src/metarl_robot_ros)
-  3. replay logged runs    (replay, identify, import-log; logs: docs/episode_log.md, docs/replay.md)
+  3. replay logged runs    (replay, identify, calibrate-noise, import-log; logs: docs/episode_log.md,
+                           docs/replay.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
 """
@@ -235,6 +236,21 @@ def _cmd_sim_robot(args: argparse.Namespace) -> int:
     from metarl_robot.real2sim.twin import run_cli
 
     return run_cli(args)
+
+
+def _cmd_calibrate_noise(args: argparse.Namespace) -> int:
+    from metarl_robot.logs.reader import read_episode
+    from metarl_robot.replay.calibration import sensor_noise_at_rest
+
+    episode = read_episode(args.episode)
+    noise = sensor_noise_at_rest(episode)
+    units = {f.name: f.units for f in episode.robot.measured_fields}
+    frames = len(set(episode.state_seq.tolist()))
+    print(f"# sensor noise of robot {episode.robot.name!r} from {args.episode} ({frames} frames at rest): put each "
+          "noise_std under its observation field in robot.yaml")
+    for name, std in noise.items():
+        print(f"{name}:\n  noise_std: {std:.4g}    # {units[name]}")
+    return 0
 
 
 def _cmd_calibrate_safety(args: argparse.Namespace) -> int:
@@ -498,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=2.0, help="multiplier in [1, 100] (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate_safety)
+
+    p = sub.add_parser("calibrate-noise", help="each sensor's noise from a log of the robot at rest (robot.yaml "
+                       "noise_std)", description="Read an episode log of the robot standing still (motors at their "
+                       "safe command; the node's, or one brought in with metarl import-log) and print each "
+                       "observation field's sensor noise standard deviation in its units, as the noise_std lines to "
+                       "put under the fields of robot.yaml. metarl identify tests its fits against them. A field that "
+                       "moves during the log is refused, named. See docs/robot_spec.md.")
+    p.add_argument("episode", help="episode log (.mcap) of the robot at rest, at least 50 frames")
+    p.set_defaults(func=_cmd_calibrate_noise)
 
     p = sub.add_parser("replay", help="shadow-replay logged episodes through a bundle and report what happened",
                        description="Feed each logged episode (MCAP, docs/episode_log.md) through the bundle's "

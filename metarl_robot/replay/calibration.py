@@ -1,4 +1,5 @@
-"""Calibration of the safety layer's prediction-error threshold from recorded nominal prediction errors.
+"""Calibrations from logs: the safety layer's prediction-error threshold from recorded nominal prediction errors,
+and each sensor's noise from a log of the robot at rest (:func:`sensor_noise_at_rest`, robot.yaml ``noise_std``).
 
 The safety layer (:class:`metarl_robot.runtime.safety.SafetyLayer`) only compares each graded error with
 ``prediction_error_threshold``; choosing that number is offline work on recorded episodes: the
@@ -15,6 +16,8 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+
+from metarl_robot.logs.format import Episode
 
 
 def _episodes(errors: np.ndarray | Iterable[np.ndarray]) -> list[np.ndarray]:
@@ -92,4 +95,50 @@ def count_prediction_trips(errors: np.ndarray | Iterable[np.ndarray], threshold:
     return trips
 
 
-__all__ = ["calibrate_prediction_threshold", "count_prediction_trips", "persistent_error_levels"]
+MIN_REST_FRAMES = 50
+"""Fewest frames of a log at rest that :func:`sensor_noise_at_rest` accepts (2 s at 25 Hz)."""
+REST_DRIFT_RATIO = 2.0
+"""A field whose spread over the log exceeds this many times its frame-to-frame noise is moving, not at rest."""
+
+
+def sensor_noise_at_rest(episode: Episode) -> dict[str, float]:
+    """Per measured observation field, its sensor noise standard deviation in the field's units, from a log of the
+    robot standing still (what robot.yaml's ``noise_std`` wants; docs/robot_spec.md).
+
+    Each distinct frame counts once. The noise is read from the differences of consecutive frames (``std / sqrt 2``
+    for white noise), robustly (1.4826 x the median absolute deviation), so a slow drift does not count as noise; a
+    field that *moves* — its spread over the log more than :data:`REST_DRIFT_RATIO` times that noise — is refused,
+    naming it. A field of several entries gets the RMS over them."""
+    robot = episode.robot
+    seq = np.asarray(episode.state_seq)
+    first = np.ones(len(seq), dtype=bool)
+    first[1:] = seq[1:] != seq[:-1]
+    obs, seq = np.asarray(episode.obs)[first], seq[first]
+    finite = np.isfinite(obs).all(axis=1)
+    obs, seq = obs[finite], seq[finite]
+    if len(obs) < MIN_REST_FRAMES:
+        raise ValueError(f"{episode.path}: {len(obs)} frames with finite observations; a noise calibration needs at "
+                         f"least {MIN_REST_FRAMES} (record the robot standing still for a few seconds, motors at their "
+                         "safe command)")
+    consecutive = np.diff(seq) == 1
+    diffs = np.diff(obs, axis=0)[consecutive]
+    if len(diffs) < MIN_REST_FRAMES - 1:
+        raise ValueError(f"{episode.path}: {len(diffs)} pairs of consecutive frames; a noise calibration needs at "
+                         f"least {MIN_REST_FRAMES - 1} (a log with fewer lost frames)")
+    median = np.median(diffs, axis=0)
+    per_entry = 1.4826 * np.median(np.abs(diffs - median), axis=0) / math.sqrt(2.0)
+    spread = obs.std(axis=0)
+    out, at = {}, 0
+    for f in robot.measured_fields:
+        noise, moved = per_entry[at:at + f.size], spread[at:at + f.size]
+        if (moved > REST_DRIFT_RATIO * noise + 1e-12 * f.scale).any():
+            raise ValueError(f"{episode.path}: observation field {f.name!r} is not at rest: it spreads by "
+                             f"{float(moved.max()):.3g} {f.units} over the log against a frame-to-frame noise of "
+                             f"{float(noise.max()):.3g} {f.units}; record the robot standing still")
+        out[f.name] = float(np.sqrt(np.mean(noise ** 2)))
+        at += f.size
+    return out
+
+
+__all__ = ["MIN_REST_FRAMES", "REST_DRIFT_RATIO", "calibrate_prediction_threshold", "count_prediction_trips",
+           "persistent_error_levels", "sensor_noise_at_rest"]
