@@ -540,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=10.0, metavar="PCT",
                    help="the context has settled once it stays within PCT%% of its final value (default: 10)")
     p.add_argument("--seed", type=int, help="planner seed (default: the one the log records, else 0)")
+    p.add_argument("--calibration", metavar="JSON", help="the bundle's safety_calibration.json (metarl "
+                   "calibrate-safety): each episode then gets a verdict, within the training distribution or outside "
+                   "it and in which observation fields, from the log's own prediction errors")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("import-log", help="convert a hardware log (CSV, NPZ, rosbag2 MCAP) into an episode log",

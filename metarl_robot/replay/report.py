@@ -24,8 +24,11 @@ from metarl_robot.replay.shadow import (
     REPRODUCTION_TOLERANCE,
     EpisodeReplay,
     ReplayConfig,
+    ReplayError,
     replay_episodes,
 )
+from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.manifest import LoadedBundle
 
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
@@ -196,6 +199,8 @@ def _episode_section(index: int, r: EpisodeReplay) -> list[str]:
     lines += [f"robot `{ep.robot.name}`, {ep.num_steps} steps ({r.usable_steps.size} adapter steps), "
               f"{'complete' if ep.complete else 'NOT closed (crash?)'}, end: {ep.end_reason or '-'}; "
               f"task: {json.dumps(ep.task) if ep.task else 'not recorded'}", ""]
+    if r.verdict is not None:
+        lines += [f"**Verdict:** {r.verdict.line}", ""]
     if r.notes:
         lines += ["Notes:", *[f"- {n}" for n in r.notes], ""]
     lines += [f"bundle kind: `{r.logged.kind}`", "", "| metric | value |", "|---|---|"]
@@ -342,6 +347,8 @@ def terminal_summary(replays: list[EpisodeReplay], paths: dict[str, Path]) -> st
             cc = r.candidate_counterfactual
             lines.append(f"candidate {cc.bundle_name} on {r.path.name}: max |diff| vs logged commands "
                          f"{_fmt(cc.max_abs_diff_command, 3)}")
+    verdicts = [f"{r.path.name}: {r.verdict.line}" for r in replays if r.verdict is not None]
+    lines += [f"verdict {v}" for v in verdicts[:12]]
     notes = [f"{r.path.name}: {n}" for r in replays for n in r.notes]
     lines += [f"note: {n}" for n in notes[:6]]
     if len(notes) > 6:
@@ -350,15 +357,35 @@ def terminal_summary(replays: list[EpisodeReplay], paths: dict[str, Path]) -> st
     return "\n".join(lines)
 
 
+def calibrated_levels(path: str | Path, bundle: LoadedBundle) -> dict[str, Any]:
+    """The in-distribution error levels of ``bundle`` from a ``metarl calibrate-safety`` report (``--calibration``),
+    or a :class:`ReplayError` naming what is wrong with the file."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ReplayError(str(path), "--calibration", f"cannot read it as the JSON of metarl calibrate-safety: "
+                          f"{exc}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("levels"), dict):
+        raise ReplayError(str(path), "--calibration", "holds no 'levels' (written by an older metarl "
+                          "calibrate-safety?): run metarl calibrate-safety on the bundle again")
+    if report.get("bundle_sha256") != bundle.sha256:
+        raise ReplayError(str(path), "--calibration", f"was calibrated for bundle sha256 "
+                          f"{str(report.get('bundle_sha256'))[:12]}, --bundle is {bundle.name!r} "
+                          f"({bundle.sha256[:12]}): calibrate this bundle (metarl calibrate-safety)")
+    return report["levels"]
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """``metarl replay``: replay, write the report, print the summary."""
     config = ReplayConfig(horizon=args.horizon, settle_fraction=args.settle / 100.0, seed=args.seed)
     config.validate()
-    replays = replay_episodes(args.episodes, args.bundle, candidate=args.candidate, config=config)
+    bundle = load_bundle(args.bundle)
+    levels = None if args.calibration is None else calibrated_levels(args.calibration, bundle)
+    replays = replay_episodes(args.episodes, bundle, candidate=args.candidate, config=config, levels=levels)
     paths = write_report(replays, args.out)
     print(terminal_summary(replays, paths))
     return 0
 
 
-__all__ = ["METRICS_FILE", "REPORT_FILE", "aggregate", "plot_aggregate", "plot_episode", "run_cli",
+__all__ = ["METRICS_FILE", "REPORT_FILE", "aggregate", "calibrated_levels", "plot_aggregate", "plot_episode", "run_cli",
            "terminal_summary", "write_report"]

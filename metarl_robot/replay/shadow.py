@@ -192,6 +192,27 @@ class LinkHealth:
 
 
 @dataclass
+class Verdict:
+    """One line per episode: within the training distribution or outside it, and where."""
+
+    within: bool | None
+    """True: the log's own one-step prediction error stayed at the level of the bundle's in-distribution episodes;
+    False: above it; None: no calibrated level to compare with, or no dynamics model."""
+    error_median: float | None
+    """Median over the adapter's steps (after the context window filled) of the ``prediction_error`` it logged."""
+    error_ratio: float | None
+    """That median over the highest per-episode median of the calibration episodes (``metarl calibrate-safety``)."""
+    field_ratios: dict[str, float]
+    """Per observation field, the same ratio from the logged ``predicted_next_obs``."""
+    fields: list[str]
+    """For an episode outside: the fields above their calibrated level, the largest ratio first."""
+    command_lag: int | None
+    """The most common applied-command lag in periods (:attr:`LinkHealth.command_lag`; None: not logged)."""
+    line: str
+    """The verdict, in words."""
+
+
+@dataclass
 class EpisodeReplay:
     """Everything the replay learned about one episode."""
 
@@ -215,6 +236,8 @@ class EpisodeReplay:
     candidate_errors: PredictionErrors | None = None
     notes: list[str] = field(default_factory=list)
     """Things the reader must know (bundle mismatch, truncated log, a later episode of a node process, ...)."""
+    verdict: Verdict | None = None
+    """Whether the episode lies within what the bundle was trained on (:func:`distribution_verdict`)."""
 
     def metrics(self) -> dict[str, Any]:
         """JSON-ready metrics (no per-step arrays)."""
@@ -231,6 +254,7 @@ class EpisodeReplay:
                         "settle_s": None if self.settle_step is None else self.settle_step * ep.robot.ctrl_dt,
                         "settle_fraction": self.config.settle_fraction, **belief_summary(self.logged)},
             "counterfactual": _plain(self.counterfactual), "link": _plain(self.link), "notes": list(self.notes),
+            "verdict": None if self.verdict is None else _plain(self.verdict),
         }
         if self.candidate_counterfactual is not None:
             out["candidate"] = {"counterfactual": _plain(self.candidate_counterfactual),
@@ -446,6 +470,65 @@ def link_health(episode: Episode) -> LinkHealth:
         fallbacks=int((episode.command_source == "fallback_controller").sum()))
 
 
+def distribution_verdict(episode: Episode, bundle: LoadedBundle, link: LinkHealth,
+                         levels: Mapping[str, Any] | None) -> Verdict:
+    """Compare the log's own online prediction errors (what the adapter logged, step by step) with ``levels``, the
+    ``levels`` of a ``metarl calibrate-safety`` report for this bundle: the highest per-episode median error of the
+    bundle's in-distribution sim episodes, overall and per field. Above it, the episode is outside what the bundle
+    was trained on, and the fields say where."""
+    lag = max(link.command_lag, key=link.command_lag.get) if link.command_lag else None
+    tail = []
+    if lag:
+        tail.append(f"commands ran {lag} period(s) after their frame")
+    if link.frames_dropped or link.degraded_periods:
+        tail.append(f"link: {link.frames_dropped} dropped frame(s), {len(link.degraded_periods)} degraded period(s)")
+    logged = episode.adaptation.get("prediction_error")
+    if not bundle.has_dynamics_model or logged is None:
+        return Verdict(None, None, None, {}, [], lag, "; ".join(["no dynamics model: no prediction error to judge the "
+                                                                "distribution by", *tail]))
+    adapted = np.flatnonzero(episode.adapted)
+    after = int(levels.get("after_steps", 0)) if levels else getattr(bundle, "context_window", 0) + 1
+    errors = np.asarray(logged, dtype=np.float64)[adapted, 0][after:]
+    median = float(np.nanmedian(errors)) if np.isfinite(errors).any() else None
+    field_errors = _field_errors(episode, adapted, after)
+    if not levels or median is None:
+        why = ("no calibrated level: run metarl calibrate-safety on the bundle and pass its safety_calibration.json "
+               "as --calibration" if not levels else "no graded prediction error in the log")
+        return Verdict(None, median, None, {}, [], lag, "; ".join([why, *tail]))
+    level = float(levels["prediction_error_median_max"])
+    ratio = median / level
+    field_levels = levels.get("field_error_median_max", {})
+    field_ratios = {name: float(value / field_levels[name]) for name, value in field_errors.items()
+                    if field_levels.get(name)}
+    within = ratio <= 1.0
+    above = [] if within else sorted((n for n, r in field_ratios.items() if r > 1.0), key=lambda n: -field_ratios[n])
+    head = (f"{'within' if within else 'OUTSIDE'} the training distribution: one-step prediction error "
+            f"{median:.3g} = {ratio:.2g}x the highest in-distribution episode's ({level:.3g})")
+    if above:
+        head += "; fields above their level: " + ", ".join(f"{n} {field_ratios[n]:.2g}x" for n in above)
+    return Verdict(within, median, ratio, field_ratios, above, lag, "; ".join([head, *tail]))
+
+
+def _field_errors(episode: Episode, adapted: np.ndarray, after: int) -> dict[str, float]:
+    """Per field, the median over adapter steps (after ``after``) of the RMS error of the logged
+    ``predicted_next_obs`` against the next usable frame, in scale units (consecutive frames only)."""
+    predicted = episode.adaptation.get("predicted_next_obs")
+    if predicted is None or adapted.size < 2:
+        return {}
+    seq = episode.state_seq[adapted]
+    follows = np.flatnonzero(seq[1:] == seq[:-1] + 1)
+    follows = follows[follows >= after]
+    err = (np.asarray(predicted, dtype=np.float64)[adapted[follows]] - episode.obs[adapted[follows + 1]])
+    err = err / episode.robot.obs_scale
+    out, at = {}, 0
+    for f in episode.robot.measured_fields:
+        block = np.sqrt(np.mean(err[:, at:at + f.size] ** 2, axis=1))
+        if np.isfinite(block).any():
+            out[f.name] = float(np.nanmedian(block))
+        at += f.size
+    return out
+
+
 def command_lag(episode: Episode) -> dict[int, int]:
     """:attr:`LinkHealth.command_lag`: per new frame naming a logged command, the periods it ran after the frame it
     answered (``state_seq - command_answers_seq - 1``), counted."""
@@ -472,10 +555,10 @@ def _check_robot(episode: Episode, bundle: LoadedBundle, option: str) -> None:
 
 
 def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | Path, *,
-                   candidate: LoadedBundle | str | Path | None = None, config: ReplayConfig | None = None
-                   ) -> EpisodeReplay:
+                   candidate: LoadedBundle | str | Path | None = None, config: ReplayConfig | None = None,
+                   levels: Mapping[str, Any] | None = None) -> EpisodeReplay:
     """Shadow-replay one episode through ``bundle`` (and ``candidate``), of either kind, and grade it (see the module
-    docstring)."""
+    docstring); ``levels``: the bundle's in-distribution error levels (:func:`distribution_verdict`)."""
     config = config or ReplayConfig()
     config.validate()
     episode = episode if isinstance(episode, Episode) else read_episode(episode)
@@ -533,12 +616,13 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
         result.candidate = shadow_pass(episode, candidate, True, seed, applied)
         result.candidate_counterfactual = compare(result.candidate, episode, candidate=True)
         result.candidate_errors = prediction_errors(episode, candidate, result.candidate, config.horizon, applied)
+    result.verdict = distribution_verdict(episode, bundle, result.link, levels)
     return result
 
 
 def replay_episodes(paths: list[str | Path], bundle: LoadedBundle | str | Path, *,
-                    candidate: LoadedBundle | str | Path | None = None, config: ReplayConfig | None = None
-                    ) -> list[EpisodeReplay]:
+                    candidate: LoadedBundle | str | Path | None = None, config: ReplayConfig | None = None,
+                    levels: Mapping[str, Any] | None = None) -> list[EpisodeReplay]:
     """:func:`replay_episode` for each log, loading the bundles once. Every path is checked before any replay."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
@@ -546,7 +630,7 @@ def replay_episodes(paths: list[str | Path], bundle: LoadedBundle | str | Path, 
     bundle = bundle if isinstance(bundle, LoadedBundle) else load_bundle(bundle)
     if candidate is not None and not isinstance(candidate, LoadedBundle):
         candidate = load_bundle(candidate)
-    return [replay_episode(p, bundle, candidate=candidate, config=config) for p in paths]
+    return [replay_episode(p, bundle, candidate=candidate, config=config, levels=levels) for p in paths]
 
 
 __all__ = ["DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION", "NO_DYNAMICS_MODEL", "REPRODUCTION_TOLERANCE",

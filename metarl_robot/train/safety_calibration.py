@@ -37,9 +37,31 @@ PARAMS_FILE = "safety_params.yaml"
 REPORT_FILE = "safety_calibration.json"
 
 
+class _FieldErrors(MPCController):
+    """The collection controller that also keeps each step's one-step error per observation entry (scale units):
+    the adapter's ``predicted_next_obs`` against what was then observed."""
+
+    def __init__(self, adapter: Any, reward_params: dict[str, np.ndarray], scale: np.ndarray) -> None:
+        super().__init__(adapter, reward_params)
+        self.scale = scale
+        self.entry_errors: list[np.ndarray] = []
+        """Per step ``(B, o)``: |predicted - observed| / scale."""
+        self._predicted: np.ndarray | None = None
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = super().act(obs)
+        self._predicted = np.asarray(self.last_diagnostics["predicted_next_obs"], dtype=np.float64)
+        return action
+
+    def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
+        super().observe(obs, sent_action, next_obs)
+        self.entry_errors.append(np.abs(self._predicted - next_obs) / self.scale)
+
+
 def record_prediction_errors(bundle: LoadedBundle, split: str, episodes: int, seed: int, progress: bool = False
-                             ) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """``(episodes, T)`` prediction errors of the bundle's adapter on ``episodes`` tasks drawn from ``split``.
+                             ) -> tuple[np.ndarray, list[dict[str, float]], np.ndarray]:
+    """``(episodes, T)`` prediction errors of the bundle's adapter on ``episodes`` tasks drawn from ``split``, the
+    tasks, and ``(episodes, T, o)`` each step's error per observation entry (scale units).
 
     The first step of each episode is NaN (nothing was predicted yet), as on the robot.
     """
@@ -47,13 +69,29 @@ def record_prediction_errors(bundle: LoadedBundle, split: str, episodes: int, se
     tasks = family.sample(np.random.default_rng(seed), split, episodes)
     adapter = bundle.make_adapter(batch=episodes, seed=seed)
     params = {k: np.array([t[k] for t in tasks]) for k in family.reward_names}
-    controller = MPCController(adapter, params)
+    controller = _FieldErrors(adapter, params, bundle.robot.obs_scale)
     envs = make_vector_env(family, episodes, "sync", tasks=tasks)
     try:
         collect(envs, family, controller, tasks, 1, seed=seed, progress=progress)
     finally:
         envs.close()
-    return np.stack(controller.errors, axis=1), [dict(t) for t in tasks]
+    return (np.stack(controller.errors, axis=1), [dict(t) for t in tasks],
+            np.stack(controller.entry_errors, axis=1))
+
+
+def in_distribution_levels(bundle: LoadedBundle, errors: np.ndarray, entry_errors: np.ndarray) -> dict[str, Any]:
+    """What ``metarl replay --calibration`` compares a robot's log with: over these in-distribution episodes, the
+    highest per-episode median of the one-step prediction error, overall (the adapter's ``prediction_error``) and
+    per observation field (RMS over its entries), after the context window has filled."""
+    start = getattr(bundle, "context_window", 0) + 1
+    overall = np.nanmedian(errors[:, start:], axis=1)
+    fields, at = {}, 0
+    for f in bundle.robot.measured_fields:
+        block = np.sqrt(np.mean(entry_errors[:, start - 1:, at:at + f.size] ** 2, axis=2))
+        fields[f.name] = float(np.nanmedian(block, axis=1).max())
+        at += f.size
+    return {"after_steps": int(start), "prediction_error_median_max": float(overall.max()),
+            "field_error_median_max": fields, "episodes": int(errors.shape[0])}
 
 
 def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int = 8, split: str = "train",
@@ -72,9 +110,9 @@ def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int
         raise SpecError(str(bundle_path), "kind", f"a {bundle.kind!r} bundle has no dynamics model, so it reports no "
                         "prediction error and there is no threshold to calibrate; calibrate-safety takes bundles "
                         "of a kind with a dynamics model (the node's other safety checks need no calibration)")
-    errors, tasks = record_prediction_errors(bundle, split, episodes, seed, progress)
+    errors, tasks, entry_errors = record_prediction_errors(bundle, split, episodes, seed, progress)
     threshold = calibrate_prediction_threshold(list(errors), steps=steps, quantile=quantile, margin=margin)
-    check, check_tasks = record_prediction_errors(bundle, check_split, check_episodes, seed + 1, progress)
+    check, check_tasks, _ = record_prediction_errors(bundle, check_split, check_episodes, seed + 1, progress)
     check_levels = persistent_error_levels(list(check), steps)
     report = {
         "bundle": str(bundle_path), "bundle_sha256": bundle.sha256, "threshold": threshold,
@@ -83,6 +121,7 @@ def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int
                         "trips": count_prediction_trips(list(errors), threshold, steps),
                         "max_persistent_level": float(persistent_error_levels(list(errors), steps).max()),
                         "tasks": tasks},
+        "levels": in_distribution_levels(bundle, errors, entry_errors),
         "check": {"split": check_split, "episodes": check_episodes,
                   "trips": count_prediction_trips(list(check), threshold, steps),
                   "max_persistent_level": float(check_levels.max()) if check_levels.size else None,
@@ -101,4 +140,4 @@ def calibrate_safety(bundle_path: str | Path, out_dir: str | Path, episodes: int
     return report
 
 
-__all__ = ["PARAMS_FILE", "REPORT_FILE", "calibrate_safety", "record_prediction_errors"]
+__all__ = ["PARAMS_FILE", "REPORT_FILE", "calibrate_safety", "in_distribution_levels", "record_prediction_errors"]

@@ -330,3 +330,37 @@ def test_an_imported_log_is_replayed_as_a_counterfactual(tmp_path):
     assert result.counterfactual.reproduced is None  # nothing of ours ran: no reproduction to check
     assert np.isfinite(result.logged.actions).all()  # but the bundle acted on every frame
     assert np.isfinite(result.errors.on[:, 0][:-1]).all()
+
+
+def test_the_verdict_compares_the_logs_own_errors_with_the_calibrated_level(logged: Path, bundle) -> None:
+    from metarl_robot.replay.shadow import distribution_verdict, link_health
+
+    ep = read_episode(logged)
+    link = link_health(ep)
+    untested = distribution_verdict(ep, bundle, link, None)
+    assert untested.within is None and "no calibrated level" in untested.line and untested.error_median > 0
+    fields = [f.name for f in ep.robot.measured_fields]
+    high = {"after_steps": 9, "prediction_error_median_max": 10 * untested.error_median,
+            "field_error_median_max": dict.fromkeys(fields, 1.0)}
+    within = distribution_verdict(ep, bundle, link, high)
+    assert within.within is True and within.error_ratio == pytest.approx(0.1) and within.fields == []
+    assert within.line.startswith("within the training distribution")
+    low = {"after_steps": 9, "prediction_error_median_max": 0.5 * untested.error_median,
+           "field_error_median_max": {**dict.fromkeys(fields, 1.0), "pole_angvel": 1e-9}}
+    outside = distribution_verdict(ep, bundle, link, low)
+    assert outside.within is False and outside.error_ratio == pytest.approx(2.0) and outside.fields == ["pole_angvel"]
+    assert "OUTSIDE the training distribution" in outside.line and "pole_angvel" in outside.line
+
+
+def test_a_calibration_of_another_bundle_is_refused(tmp_path: Path, bundle) -> None:
+    from metarl_robot.replay.report import calibrated_levels
+
+    path = tmp_path / "safety_calibration.json"
+    path.write_text(json.dumps({"bundle_sha256": "0" * 64, "levels": {"prediction_error_median_max": 0.01}}))
+    with pytest.raises(ReplayError, match="was calibrated for bundle sha256 000000000000"):
+        calibrated_levels(path, bundle)
+    path.write_text(json.dumps({"bundle_sha256": bundle.sha256}))
+    with pytest.raises(ReplayError, match="holds no 'levels'"):
+        calibrated_levels(path, bundle)
+    path.write_text(json.dumps({"bundle_sha256": bundle.sha256, "levels": {"prediction_error_median_max": 0.01}}))
+    assert calibrated_levels(path, bundle) == {"prediction_error_median_max": 0.01}

@@ -29,6 +29,11 @@ def test_calibrate_safety_writes_node_parameters_and_an_honest_check(tmp_path):
     # margin 2 x the median of the calibration levels: their maximum is at least that median.
     assert report["calibration"]["max_persistent_level"] >= threshold / 2 > 0
     assert report["check"]["split"] == "test" and isinstance(report["check"]["trips"], int)
+    # What metarl replay --calibration compares a robot's log with: in-distribution levels, overall and per field.
+    levels = report["levels"]
+    assert levels["episodes"] == 1 and levels["after_steps"] == 9  # the context window (8) has filled
+    assert levels["prediction_error_median_max"] > 0
+    assert set(levels["field_error_median_max"]) == {"cart_pos", "pole_angle", "cart_vel", "pole_angvel"}
     params = yaml.safe_load((tmp_path / PARAMS_FILE).read_text())["/**"]["ros__parameters"]["safety"]
     assert params == {"prediction_error_threshold": threshold, "prediction_error_steps": 3}
     SafetyConfig.from_mapping(params)  # the node's safety section accepts it as is
