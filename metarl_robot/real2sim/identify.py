@@ -356,6 +356,11 @@ class _ShootingProblem:
 
         controls, valid = _transitions(episode)
         self.transitions = int(valid.sum())
+        if valid.any() and np.all(controls[valid] == controls[valid][0]):
+            raise ValueError(f"{episode.path}: every usable period ran the same command "
+                             f"({controls[valid][0].tolist()}): the actuators' parameters leave no trace in such a "
+                             "log; record an episode in which the robot is driven (the node swinging up, or a chirp "
+                             "of commands)")
         # Every delay tried is fitted to the same segments: each starts `lead` usable periods into its run, so the
         # commands sent up to `lead` periods before it are known.
         lead = config.max_delay if config.delay is None else config.delay

@@ -91,6 +91,9 @@ def test_identified_parameters_are_within_the_stated_tolerance(result):
     # The answer explains the log far better than the family's nominal physics, and better than CEM's own.
     assert result.cost < result.nominal_cost / 100 and result.cost <= result.search_cost
     assert result.transitions == 149 and result.segments == 14
+    for p in result.params:  # one criterion for every searched parameter (with the box-face flag)
+        if p.box_fraction is not None:
+            assert p.identified == (p.box_fraction < IDENTIFIED_MAX_BOX_FRACTION and p.box_face is None), p
 
 
 def test_lost_frames_and_safe_commands_are_handled_not_mistaken_for_physics(tmp_path):
@@ -227,8 +230,8 @@ def test_the_chi_square_tail_matches_the_tables():
     assert chi2_survival(0.0, 10) == 1.0
 
 
-def test_a_parameter_the_log_does_not_excite_is_flagged_flat(tmp_path):
-    # The cart never moves (zero force, at rest on the rail): friction and motor gain leave no trace in it.
+def test_a_log_whose_commands_never_change_is_refused_naming_what_to_record(tmp_path):
+    # The cart never driven (zero force, at rest on the rail): friction and motor gain leave no trace in it.
     env = MetaMujocoEnv(FAMILY)
     obs, info = env.reset(seed=0, options={"task": TRUE_TASK})
     path = tmp_path / "still.mcap"
@@ -237,16 +240,22 @@ def test_a_parameter_the_log_does_not_excite_is_flagged_flat(tmp_path):
             log.write_step(obs=obs, state_seq=k + 1, robot_stamp_ns=k + 1, receive_time_ns=k + 1,
                            applied_command_seq=k, command=np.zeros(1), command_seq=k + 1, time_ns=k + 1)
             obs, *_ = env.step(np.zeros(1))
-    res = identify(path, FAMILY, IdentifyConfig(population=16, iterations=3, restarts=1))
-    flat = {p.name for p in res.params if not p.identified}
-    assert "motor_gain_scale" in flat  # no force was ever commanded
-    gain = next(p for p in res.params if p.name == "motor_gain_scale")
-    # Its column of the Jacobian is zero: the curvature is singular in its direction, its interval unbounded.
-    assert gain.std_error == np.inf and gain.box_fraction == np.inf and "singular curvature" in gain.note
-    for p in res.params:  # one criterion for every searched parameter
-        if p.box_fraction is not None:
-            assert p.identified == (p.box_fraction < IDENTIFIED_MAX_BOX_FRACTION), p
-    assert "unconstrained" in res.summary()
+    with pytest.raises(ValueError, match=r"every usable period ran the same command \(\[0.0\]\).*record an episode "
+                       "in which the robot is driven"):
+        identify(path, FAMILY, IdentifyConfig(population=16, iterations=3, restarts=1))
+
+
+def test_a_direction_the_data_does_not_constrain_gets_an_unbounded_interval():
+    # A residual Jacobian whose second column is zero (a parameter with no effect on this log): that parameter's
+    # variance is infinite, the other's is the textbook sigma^2 / |J_1|^2.
+    from metarl_robot.real2sim.identify import _covariance
+
+    rng = np.random.default_rng(0)
+    jac = np.stack([rng.standard_normal(200), np.zeros(200)], axis=1)
+    resid = 0.01 * rng.standard_normal(200)
+    reported, independent, noise_var = _covariance(jac, resid, segments=1)
+    assert np.isinf(reported[1, 1]) and np.isinf(independent[1, 1])
+    assert independent[0, 0] == pytest.approx(noise_var / (jac[:, 0] @ jac[:, 0]))
 
 
 def test_the_task_file_is_accepted_by_sim_robot_and_reproduces_the_log(result, sim_log, tmp_path):
