@@ -39,6 +39,7 @@ from metarl_robot.real2sim.twin import resolve_task
 from metarl_robot.replay.shadow import command_lag
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.spec.family import load_family
+from tests.conftest import edit_yaml
 from tests.ros.conftest import colcon_install  # noqa: F401 -- the session fixture of the slow test
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,6 +184,18 @@ def test_a_delay_the_robot_does_not_report_is_estimated_exactly(tmp_path, delay)
     for name, tol in TOLERANCE.items():
         assert abs(res.task[name] - TRUE_TASK[name]) <= tol, res.summary()
     assert f"command-to-effect delay: {delay} period(s)" in res.summary()
+
+
+def test_a_family_with_an_action_delay_parameter_gets_the_delay_found(tmp_path, sim_copy):
+    # The same late motors, identified with a family that models the delay: its action_delay parameter takes the
+    # delay found, as an identified value (a whole number of periods, chosen by comparing fits: no interval).
+    path = record(tmp_path / "late.mcap", TRUE_TASK, steps=150, seed=3, effects=OutOfFamily(delay_periods=1))
+    edit_yaml(sim_copy / "tasks" / "cartpole_swingup.yaml", lambda d: d["params"].update(command_delay={
+        "kind": "dynamics", "effect": {"action_delay": True}, "sampling": "integer", "nominal": 0, "train": [0, 2],
+        "test": [0, 3], "units": "control steps"}))
+    res = identify(path, FAMILY, IdentifyConfig(window=5, population=32, iterations=6, restarts=1, seed=0))
+    delay = next(p for p in res.params if p.name == "command_delay")
+    assert res.delay == 1 and res.task["command_delay"] == 1.0 and delay.identified and delay.interval is None
 
 
 def test_without_a_sensor_noise_the_fit_is_untested_and_robot_yaml_can_give_it(tmp_path, sim_copy):
