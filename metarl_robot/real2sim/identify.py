@@ -222,6 +222,8 @@ class FitTest:
         if self.verdict == "untested":
             return ("fit: UNTESTED: no sensor noise for every field (robot.yaml observation noise_std, or "
                     "--noise-std); the intervals below assume the model is exact")
+        if self.chi2 is None:
+            return "fit: NOT EXPLAINED by this family: the simulation of the answer diverged (non-finite residuals)"
         ratios = ", ".join(f"{k} {v:.3g}" for k, v in self.field_ratio.items())
         head = (f"fit: {self.verdict.upper()} by this family (chi-square {self.chi2:.4g} on {self.dof} degrees of "
                 f"freedom, p = {self.p_value:.3g}, level {self.alpha:g}; noise from {self.noise_source})")

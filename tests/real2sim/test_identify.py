@@ -234,6 +234,13 @@ def test_the_bad_noise_of_a_field_is_refused(sim_log):
         identify(sim_log, FAMILY, budget, noise_std=-0.01)
 
 
+def test_a_fit_whose_simulation_diverged_is_not_explained_and_says_why():
+    from metarl_robot.real2sim.identify import FitTest
+
+    fit = FitTest("not explained", 0.0, None, 100, FIT_ALPHA, {"cart_pos": 0.01}, "--noise-std")
+    assert "diverged" in fit.line()
+
+
 def test_the_chi_square_tail_matches_the_tables():
     # Upper 5 % and 1 % points of chi-square (standard tables): 124.342 and 135.807 for 100 degrees of freedom,
     # 1074.679 for 1000.
