@@ -11,8 +11,8 @@ EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
   2. ros2 launch on robot  (export, calibrate-safety, sim-robot, keys; the node: ros2_ws/src/metarl_robot_ros)
-  3. replay logged runs    (replay, identify, calibrate-noise, import-log; logs: docs/episode_log.md,
-                           docs/replay.md)
+  3. replay logged runs    (replay, identify, calibrate-noise, retrain, import-log; logs:
+                           docs/episode_log.md, docs/replay.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
 """
@@ -236,6 +236,22 @@ def _cmd_sim_robot(args: argparse.Namespace) -> int:
     from metarl_robot.real2sim.twin import run_cli
 
     return run_cli(args)
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from metarl_robot.real2sim.identify import parse_noise_std
+    from metarl_robot.real2sim.retrain import retrain
+
+    summary = retrain(args.episodes, args.run, args.bundle, args.out, iterations=args.iterations,
+                      random_episodes=args.random_episodes, widen=args.widen,
+                      noise_std=parse_noise_std(args.noise_std), progress=True)
+    for row in summary["per_log"]:
+        print(f"{row['log']}: fit {row['verdict']}, delay {row['delay']}; return on its identified task: old "
+              f"{row['return_old']:.1f}, new {row['return_new']:.1f}")
+    print(f"mean return old {summary['mean_return_old']:.1f}, new {summary['mean_return_new']:.1f}; improved on "
+          f"{summary['improved']} of {len(summary['per_log'])} log(s). Family {summary['family']}, bundle "
+          f"{summary['bundle_new']}, report {Path(args.out) / 'retrain.json'}")
+    return 0
 
 
 def _cmd_calibrate_noise(args: argparse.Namespace) -> int:
@@ -514,6 +530,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=2.0, help="multiplier in [1, 100] (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate_safety)
+
+    p = sub.add_parser("retrain", help="from hardware logs back to training: identify, re-centre the family, "
+                       "fine-tune, re-export, compare", description="Identify every log (metarl identify, with the "
+                       "sensor noise from robot.yaml or --noise-std), write a task family centred on what was found "
+                       "(each train range the estimates +- WIDEN x their 95 %% half-intervals, the delay found as an "
+                       "action delay), fine-tune the bundle's run on it for ITERATIONS iterations from its latest "
+                       "weights and data, export the new bundle, and evaluate the old and the new bundle in sim on "
+                       "the identified tasks. Writes OUT/<family>_identified.yaml, OUT/run, OUT/bundle, OUT/eval_old, "
+                       "OUT/eval_new and OUT/retrain.json. See docs/retrain.md.")
+    p.add_argument("episodes", nargs="+", help="episode log(s) (.mcap) of the robot running the bundle")
+    p.add_argument("--run", required=True, help="the run folder the bundle was exported from (metarl train's)")
+    p.add_argument("--bundle", required=True, help="the bundle the logs ran, e.g. policies/cartpole_online")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--iterations", type=int, default=5, help="fine-tuning iterations (default: 5)")
+    p.add_argument("--random-episodes", type=int, default=4,
+                   help="random-action episodes of the first fine-tuning iteration (default: 4)")
+    p.add_argument("--widen", type=float, default=2.0,
+                   help="train range = estimate +- WIDEN x its 95%% half-interval (default: 2)")
+    p.add_argument("--noise-std", action="append", metavar="STD|FIELD=STD", help="as metarl identify --noise-std")
+    p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("calibrate-noise", help="each sensor's noise from a log of the robot at rest (robot.yaml "
                        "noise_std)", description="Read an episode log of the robot standing still (motors at their "

@@ -161,6 +161,15 @@ class Algorithm(ABC):
     def load_store(self, run_dir: Path) -> None:
         """Read the data store back from ``run_dir / store_file`` (resume)."""
 
+    def adopt_store(self, run_dir: Path, source_names: list[str]) -> bool:
+        """Fine-tuning (``metarl retrain``): take another run's data store, whose tasks have the parameters
+        ``source_names``. By default only when they are this family's (True); otherwise the data is not kept
+        (False) and the run starts with an empty store."""
+        if list(source_names) != list(self.family.names):
+            return False
+        self.load_store(run_dir)
+        return True
+
     # ---- export -----------------------------------------------------------------------------------
     @classmethod
     def export_step(cls, kind: str) -> Callable[..., Any]:

@@ -288,3 +288,13 @@ class ContextMBRL(Algorithm):
 
     def load_store(self, run_dir: Path) -> None:
         self.buffer = EpisodeBuffer.load(run_dir / self.store_file)
+
+    def adopt_store(self, run_dir: Path, source_names: list[str]) -> bool:
+        """Every episode is kept (dynamics data is data whatever the family): its task vector is rewritten in this
+        family's parameters, those it lacks at their nominal value."""
+        self.load_store(run_dir)
+        nominal = self.family.nominal()
+        old = [dict(zip(source_names, row, strict=True)) for row in self.buffer.tasks]
+        self.buffer.tasks = np.array([[task.get(n, nominal[n]) for n in self.family.names] for task in old],
+                                     dtype=np.float64).reshape(len(old), len(self.family.names))
+        return True

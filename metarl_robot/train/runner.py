@@ -102,7 +102,8 @@ class Runner:
     logging and checkpoints; the algorithm (:class:`~metarl_robot.algos.base.Algorithm`) owns the math, its data
     store and how it collects on a task."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+                 init_from: Path | None = None) -> None:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
         self.family = load_family(cfg.family)
@@ -138,8 +139,25 @@ class Runner:
             raise FileExistsError(f"run folder {self.run_dir} exists; resume it with --resume or choose --name")
         else:
             self._start()
+            if init_from is not None:
+                self._init_from(Path(init_from))
 
     # ---- run folder ---------------------------------------------------------------------------
+    def _init_from(self, run_dir: Path) -> None:
+        """Fine-tuning (``metarl retrain``): start from another run's latest weights and keep its data; the loop,
+        the sampler and the history start afresh. Recorded in run.json."""
+        state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+        if state["algo_kind"] != self.cfg.algo:
+            raise SpecError(str(run_dir), "algo", f"the run to start from is a {state['algo_kind']} one; this run "
+                            f"is {self.cfg.algo!r}")
+        self.algo.load_state_dict(state["algo"])
+        source = load_family(build_config(yaml.safe_load(state["config"]), f"{run_dir}: config").family)
+        kept = self.algo.adopt_store(run_dir, source.names)
+        run_json = self.run_dir / "run.json"
+        info = json.loads(run_json.read_text())
+        info["init_from"] = {"run": str(run_dir), "iteration": state["iteration"], "family": source.name,
+                             "data_kept": kept}
+        run_json.write_text(json.dumps(info, indent=1))
     def _start(self) -> None:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
