@@ -1,0 +1,84 @@
+"""Does the loop from hardware logs back to training help? ``metarl retrain`` on logs of an out-of-family twin, then
+the old and the new bundle on that twin itself.
+
+Prints one JSON document (progress on stderr). Run from the repository root::
+
+    .venv/bin/python bench/retrain_loop.py --run runs/online_mbrl_cartpole_swingup_s0 \\
+        --bundle policies/cartpole_online --out runs/bench/retrain_loop
+
+Per out-of-family effect (``--effect``, docs/out_of_family.md): a twin task drawn from the family's train box,
+``--logs`` sim recordings of the bundle driving the twin (``record_sim_episode`` with the effect and ``--noise``
+sensor noise, as the node would log them), ``metarl retrain`` on them (``--iterations`` fine-tuning iterations from
+the run's weights and data), then ``metarl eval`` of the old and the new bundle on the twin's task *with the
+effect* (and the oracle, which plans through the delay, damping, friction and integrator). The target of issue 16:
+the new bundle's return beats the old one's in at least 4 of 5 effects, over 3 seeds (run once per ``--seed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EFFECTS = ["delay=1", "damping=hinge:0.02", "friction=hinge:0.01", "integrator=RK4", "bias=pole_angle:0.03"]
+TARGET_IMPROVED = 4
+"""Effects (of 5) in which the retrained bundle must beat the old one on the twin (issue 16)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="the run folder the bundle was exported from")
+    parser.add_argument("--bundle", required=True, help="the bundle the twin's logs run")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the logs, retrain runs and evaluations")
+    parser.add_argument("--effect", action="append", metavar="KIND=VALUE", help=f"default: {' '.join(EFFECTS)}")
+    parser.add_argument("--logs", type=int, default=3, help="logs per effect (default 3)")
+    parser.add_argument("--steps", type=int, default=250, help="control steps per log (default 250: the node's 10 s)")
+    parser.add_argument("--noise", type=float, default=0.002, help="sensor noise std, scale units (default 0.002)")
+    parser.add_argument("--iterations", type=int, default=5, help="fine-tuning iterations (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the twin tasks, logs and evaluations")
+    args = parser.parse_args()
+
+    from metarl_robot.envs.out_of_family import OutOfFamily
+    from metarl_robot.real2sim.retrain import retrain
+    from metarl_robot.real2sim.sim_record import record_sim_episode
+    from metarl_robot.runtime.bundle import load_bundle
+    from metarl_robot.train.evaluate import evaluate
+
+    bundle = load_bundle(args.bundle)
+    family = bundle.family
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    rows = {}
+    for label in args.effect or EFFECTS:
+        effects = OutOfFamily.parse([label])
+        folder = args.out / label.replace("=", "_").replace(":", "_")
+        folder.mkdir(parents=True, exist_ok=False)
+        task = family.sample(rng, "train", 1)[0]
+        logs = [record_sim_episode(bundle, task, folder / f"log{i}.mcap", args.steps, seed=args.seed * 100 + i,
+                                   obs_noise=args.noise, effects=effects) for i in range(args.logs)]
+        summary = retrain(logs, args.run, args.bundle, folder / "retrain", iterations=args.iterations,
+                          noise_std=args.noise, eval_seed=args.seed, progress=False)
+        twin = {name: evaluate(source, folder / f"twin_{name}", family=family.name, tasks=[task], seed=args.seed,
+                               effects=effects, progress=False)["tasks"][0]
+                for name, source in (("old", args.bundle), ("new", summary["bundle_new"]))}
+        old, new = twin["old"]["return_adapted"], twin["new"]["return_adapted"]
+        rows[label] = {"task": task, "verdicts": [r["verdict"] for r in summary["per_log"]],
+                       "delays": [r["delay"] for r in summary["per_log"]],
+                       "twin_return_old": old, "twin_return_new": new,
+                       "twin_return_oracle": twin["old"].get("return_oracle"), "improved": bool(new > old),
+                       "identified_task_returns": [summary["mean_return_old"], summary["mean_return_new"]]}
+        print(f"{label}: twin return old {old:.1f}, new {new:.1f}", file=sys.stderr, flush=True)
+    improved = sum(r["improved"] for r in rows.values())
+    print(json.dumps({"benchmark": "retrain_loop", "bundle": args.bundle, "run": args.run, "seed": args.seed,
+                      "logs_per_effect": args.logs, "steps": args.steps, "noise": args.noise,
+                      "iterations": args.iterations, "effects": rows, "improved": improved,
+                      "target_improved": TARGET_IMPROVED if len(rows) == 5 else None,
+                      "seconds": round(time.perf_counter() - started, 1)}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
