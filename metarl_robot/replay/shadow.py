@@ -105,6 +105,9 @@ class ShadowPass:
     """The bundle's kind."""
     context_var: np.ndarray | None = None
     """(N, d) the belief's variance per step (``context_policy`` bundles; None for a model-based one)."""
+    model_states: dict[int, Any] | None = None
+    """Step → what the adapter predicted with beyond its context at that step (an online model's fitted last
+    layer, :meth:`LoadedBundle.model_state`); None for a kind whose model is the meta-trained one."""
 
 
 @dataclass
@@ -328,6 +331,7 @@ def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
     context = np.full((n, z_empty.size), np.nan)
     context_var = np.full((n, z_empty.size), np.nan) if "context_var" in bundle.belief_diagnostics else None
     observed = np.zeros(n, dtype=bool)
+    model_states: dict[int, Any] = {}
     prev: int | None = None
     for k in np.flatnonzero(usable_frames(episode)):
         if prev is not None and episode.state_seq[k] == episode.state_seq[prev] + 1:
@@ -335,12 +339,15 @@ def shadow_pass(episode: Episode, bundle: LoadedBundle, adapt: bool, seed: int,
             observed[k] = True
         prev = k
         action, diagnostics = adapter.act(episode.obs[k][None], _task_params(episode, k, bundle))
+        state = bundle.model_state(adapter)
+        if state is not None:
+            model_states[int(k)] = state
         actions[k] = np.asarray(action, dtype=np.float64)[0]
         context[k] = z_empty if context_key is None else np.asarray(diagnostics[context_key], dtype=np.float64)[0]
         if context_var is not None:
             context_var[k] = np.asarray(diagnostics["context_var"], dtype=np.float64)[0]
     return ShadowPass(bundle.name, bundle.sha256, adapt, seed, actions, context, z_empty, observed, bundle.kind,
-                      context_var)
+                      context_var, model_states or None)
 
 
 def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass, horizon: int,
@@ -360,8 +367,13 @@ def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass
     consecutive[:-1] &= np.isfinite(episode.obs[usable[1:]]).all(axis=1)
     errors = {}
     ensemble = bundle.ensemble_size
+    if shadow.model_states is not None:  # each start predicts with the model the adapter had there
+        on = _errors_with_states(episode, bundle, shadow, usable, consecutive, horizon, applied)
+        errors["on"] = on
     for label, z_all in (("on", shadow.context[usable]), ("off", np.broadcast_to(shadow.context_empty,
                                                                                 (u, shadow.context_empty.size)))):
+        if label in errors:
+            continue
         err = np.full((u, horizon), np.nan)
         state = episode.obs[usable].copy()
         alive = np.isfinite(state).all(axis=1) & np.isfinite(z_all).all(axis=1)
@@ -381,6 +393,27 @@ def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass
             err[idx, h - 1] = np.sqrt(np.mean(((state[idx] - episode.obs[frames]) / scale) ** 2, axis=1))
         errors[label] = err
     return PredictionErrors(errors["on"], errors["off"], np.arange(u))
+
+
+def _errors_with_states(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass, usable: np.ndarray,
+                        consecutive: np.ndarray, horizon: int, applied: np.ndarray) -> np.ndarray:
+    """(U, H) the *on* errors of a kind whose model changes online: from each usable frame, the context and the
+    model (:attr:`ShadowPass.model_states`) the adapter had there, chained through the applied actions."""
+    u, scale, e = usable.size, episode.robot.obs_scale, bundle.ensemble_size
+    err = np.full((u, horizon), np.nan)
+    tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (e, 1, x.size)), dtype=np.float32)  # noqa: E731
+    for i, k in enumerate(usable):
+        state, z = shadow.model_states.get(int(k)), shadow.context[k]
+        x = episode.obs[k]
+        if not (np.isfinite(x).all() and np.isfinite(z).all()):
+            continue
+        for h in range(1, horizon + 1):
+            if i + h >= u or not consecutive[i + h - 1]:
+                break
+            frame = usable[i + h]
+            x = bundle.step(tile(x), tile(applied[frame]), tile(z), state).mean(axis=0)[0].astype(np.float64)
+            err[i, h - 1] = np.sqrt(np.mean(((x - episode.obs[frame]) / scale) ** 2))
+    return err
 
 
 def settling(shadow: ShadowPass, usable: np.ndarray, fraction: float) -> tuple[int | None, np.ndarray]:

@@ -252,10 +252,17 @@ class LoadedBundle(ABC):
         unadapted adapter keeps. ``(0,)`` for a kind that infers no context."""
         return np.zeros(0)
 
-    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray, state: Any = None) -> np.ndarray:
         """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)``, raw robot units (kinds that
-        :attr:`has_dynamics_model`; ``context`` as :meth:`empty_context`'s width)."""
+        :attr:`has_dynamics_model`; ``context`` as :meth:`empty_context`'s width); ``state``: what
+        :meth:`model_state` returned (None: the meta-trained model)."""
         raise TypeError(f"a {self.kind} bundle has no dynamics model to step")
+
+    def model_state(self, adapter: Any) -> Any:
+        """What ``adapter`` (of this bundle, batch 1) predicts with beyond its context, now — e.g. an online model's
+        fitted last layer — for :meth:`step` (None: nothing: the meta-trained model)."""
+        del adapter
+        return None
 
     @property
     def name(self) -> str:

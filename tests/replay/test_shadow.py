@@ -364,3 +364,20 @@ def test_a_calibration_of_another_bundle_is_refused(tmp_path: Path, bundle) -> N
         calibrated_levels(path, bundle)
     path.write_text(json.dumps({"bundle_sha256": bundle.sha256, "levels": {"prediction_error_median_max": 0.01}}))
     assert calibrated_levels(path, bundle) == {"prediction_error_median_max": 0.01}
+
+
+def test_an_online_bundle_is_graded_with_the_last_layer_it_had_fitted(tmp_path: Path) -> None:
+    """The shipped online bundle on an out-of-distribution task: the replay's *on* column predicts from each frame
+    with the context and the last layer the adapter had there, so its one-step error is the adapter's own logged
+    prediction_error one step later, and far below the meta-trained model's (*off*)."""
+    online = load_bundle(REPO_ROOT / "policies" / "cartpole_online")
+    task = online.family.sample(np.random.default_rng(3), "test", 1)[0]
+    path = record_sim_episode(online, task, tmp_path / "online.mcap", 120, seed=2)
+    ep = read_episode(path)
+    result = replay_episode(path, online, config=ReplayConfig(horizon=5))
+    assert result.counterfactual.reproduced and result.logged.model_states is not None
+    np.testing.assert_allclose(result.errors.on[:-1, 0], ep.adaptation["prediction_error"][1:, 0], rtol=1e-4,
+                               atol=1e-6)
+    late = slice(60, None)  # after the last layer has rested on 60 transitions
+    on, off = np.nanmean(result.errors.on[late, 0]), np.nanmean(result.errors.off[late, 0])
+    assert on < 0.7 * off, (on, off)

@@ -171,8 +171,10 @@ class EnsembleGraphs:
 
     graphs: dict[str, OnnxGraph]
 
-    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units."""
+    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray, state: Any = None) -> np.ndarray:
+        """``(E, M, o), (E, M, a), (E, M, d)`` → next-observation mean ``(E, M, o)`` float32, raw robot units (no
+        ``state``: the model is the meta-trained one)."""
+        del state
         return self.graphs["dynamics"](obs, act, context)[0]
 
     def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:

@@ -154,11 +154,16 @@ class OnlineModelBundle(EncodedContext, LoadedBundle):
         smoke_rollout(_with_head(graphs["dynamics"], prior), _with_head(graphs["rollout"], prior), robot, e,
                       ad.rollout_horizon, ctx, where)
 
-    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray, head: np.ndarray | None = None
+    def step(self, obs: np.ndarray, act: np.ndarray, context: np.ndarray, state: np.ndarray | None = None
              ) -> np.ndarray:
         """``(E, M, o), (E, M, a), (E, M, d)`` and a last layer ``(E, F, o)`` (default: the prior) → next-observation
         mean ``(E, M, o)`` float32, raw robot units."""
-        return self.graphs["dynamics"](obs, act, context, self.prior_head if head is None else head)[0]
+        head = self.prior_head if state is None else np.ascontiguousarray(state, dtype=np.float32)
+        return self.graphs["dynamics"](obs, act, context, head)[0]
+
+    def model_state(self, adapter: Any) -> np.ndarray:
+        """The last layer ``(E, F, o)`` the adapter plans with now (its posterior under the latency it plans for)."""
+        return np.asarray(adapter.weights[0], dtype=np.float32).copy()
 
     def rollout(self, obs: np.ndarray, actions: np.ndarray, context: np.ndarray, head: np.ndarray) -> np.ndarray:
         """``(E, M, o), (E, M, H, a), (E, M, d), (E, F, o)`` → ``(E, M, H, o)``."""
