@@ -38,7 +38,8 @@ DEMO_EFFECTS = ("friction=hinge:0.01",)
 """The twin's default out-of-family effect (``--effect``; ``--no-effects``: none): dry friction in the hinge, which
 a real cart-pole's bearing has and no family parameter models (docs/out_of_family.md). Under it the shipped online
 bundle swings up 4 of 4 test tasks and the model-based one 2 (docs/BENCHMARKS.md, where the effects it does not yet
-handle are measured too; an actuator delay is handled in simulation but not yet through the node, docs/online.md)."""
+handle are measured too; ``--effect delay=1`` shows the online bundle's latency estimate through the node,
+docs/online.md)."""
 TINY_TRAINING = {"loop.iterations": 2, "loop.tasks_per_iteration": 1, "loop.random_episodes": 8,
                  "training.grad_steps": 100}
 """The ``--set`` overrides of the demo's training run: a pipeline check (minutes on a laptop), not a policy
