@@ -352,9 +352,7 @@ class _ShootingProblem:
         self._obs_of_state = _obs_of_state(obs_map.measured, base.nq + base.nv)
         self._ctrl_ids = np.array([base.actuator(a).id for a in robot.actuators])
         self.nq, self.nv, self.nu = base.nq, base.nv, base.nu
-        self.scale = np.concatenate([np.full(f.size, f.scale) for f in robot.measured_fields])
-        self.field_names = [f.name for f in robot.measured_fields]
-        self.field_sizes = [f.size for f in robot.measured_fields]
+        self.scale = robot.obs_scale
 
         controls, valid = _transitions(episode)
         self.transitions = int(valid.sum())
@@ -379,7 +377,6 @@ class _ShootingProblem:
         self.start_obs = np.stack([episode.obs[s] for s in starts])  # (S, obs): the logged states segments start at
         self.initial = self._states(self.start_obs)  # (S, nstate)
         self._controls = controls
-        self.delay = 0
         self.use_delay(0)
         self.measured = obs_map.measured
 
@@ -457,11 +454,7 @@ class _ShootingProblem:
 
     def rms_per_field(self, task: dict[str, float]) -> dict[str, float]:
         err = (self.simulate([task])[0] - self.target) ** 2
-        out, at = {}, 0
-        for name, size in zip(self.field_names, self.field_sizes, strict=True):
-            out[name] = float(np.sqrt(err[..., at:at + size].mean()))
-            at += size
-        return out
+        return {name: float(np.sqrt(err[..., sl].mean())) for name, sl in self.robot.obs_slices.items()}
 
 
 
@@ -575,7 +568,7 @@ def identify(episode: str | Path | Episode, family: str | TaskFamily, config: Id
     finally:
         bar.close()
     delay_costs = {k: fit[0] for k, fit in fits.items()}
-    chosen = min(delays, key=lambda k: delay_costs[k] if np.isfinite(delay_costs[k]) else np.inf)
+    chosen = min(delays, key=delay_costs.get)  # a diverged fit costs +inf (never NaN)
     problem.use_delay(chosen)
     best_cost, best_u, jac, resid, search_cost, restart_best, best_elites = fits[chosen]
     elite_values = box.to_values(best_elites)
@@ -736,10 +729,11 @@ def _fit_test(problem: _ShootingProblem, answer: dict[str, float], resid: np.nda
         p_value = None if per_field is None else 0.0
         return FitTest(verdict, p_value, None, dof, FIT_ALPHA, per_field, source)
     # Per observation entry, the noise in scale units (floored: a noise-free log still leaves round-off).
-    sigma = np.concatenate([np.full(size, per_field[name] / problem.scale[at])
-                            for name, size, at in zip(problem.field_names, problem.field_sizes,
-                                                      np.cumsum([0, *problem.field_sizes[:-1]]), strict=True)])
-    sigma = np.maximum(sigma, NOISE_FLOOR)
+    slices = problem.robot.obs_slices
+    sigma = np.empty(problem.scale.size)
+    for name, sl in slices.items():
+        sigma[sl] = per_field[name]
+    sigma = np.maximum(sigma / problem.scale, NOISE_FLOOR)
     n_seg, window, obs_dim = problem.target.shape
     r = resid.reshape(n_seg, window * obs_dim)
     # A segment's residuals: its start's noise carried through the simulation, minus each logged sample's noise.
@@ -749,13 +743,12 @@ def _fit_test(problem: _ShootingProblem, answer: dict[str, float], resid: np.nda
     p_value = chi2_survival(chi2, dof)
     # Which fields carry the misfit: each entry against its own variance.
     z2 = (r ** 2 / np.diagonal(cov, axis1=1, axis2=2)).reshape(n_seg, window, obs_dim)
-    ratio, misfit, at = {}, [], 0
-    for name, size in zip(problem.field_names, problem.field_sizes, strict=True):
-        block = z2[..., at:at + size]
+    ratio, misfit = {}, []
+    for name, sl in slices.items():
+        block = z2[..., sl]
         ratio[name] = float(block.mean())
-        if chi2_survival(float(block.sum()), block.size) < FIT_ALPHA / len(problem.field_names):
+        if chi2_survival(float(block.sum()), block.size) < FIT_ALPHA / len(slices):
             misfit.append(name)
-        at += size
     verdict = "explained" if p_value >= FIT_ALPHA else "not explained"
     return FitTest(verdict, p_value, chi2, dof, FIT_ALPHA, per_field, source, ratio, misfit)
 

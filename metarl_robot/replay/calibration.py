@@ -128,16 +128,13 @@ def sensor_noise_at_rest(episode: Episode) -> dict[str, float]:
     median = np.median(diffs, axis=0)
     per_entry = 1.4826 * np.median(np.abs(diffs - median), axis=0) / math.sqrt(2.0)
     spread = obs.std(axis=0)
-    out, at = {}, 0
     for f in robot.measured_fields:
-        noise, moved = per_entry[at:at + f.size], spread[at:at + f.size]
+        noise, moved = per_entry[robot.obs_slices[f.name]], spread[robot.obs_slices[f.name]]
         if (moved > REST_DRIFT_RATIO * noise + 1e-12 * f.scale).any():
             raise ValueError(f"{episode.path}: observation field {f.name!r} is not at rest: it spreads by "
                              f"{float(moved.max()):.3g} {f.units} over the log against a frame-to-frame noise of "
                              f"{float(noise.max()):.3g} {f.units}; record the robot standing still")
-        out[f.name] = float(np.sqrt(np.mean(noise ** 2)))
-        at += f.size
-    return out
+    return {name: float(rms) for name, rms in robot.field_rms(per_entry).items()}
 
 
 __all__ = ["MIN_REST_FRAMES", "REST_DRIFT_RATIO", "calibrate_prediction_threshold", "count_prediction_trips",

@@ -366,14 +366,10 @@ def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass
         consecutive[:-1] = episode.state_seq[usable[1:]] == episode.state_seq[usable[:-1]] + 1
     consecutive[:-1] &= np.isfinite(episode.obs[usable[1:]]).all(axis=1)
     errors = {}
-    ensemble = bundle.ensemble_size
-    if shadow.model_states is not None:  # each start predicts with the model the adapter had there
-        on = _errors_with_states(episode, bundle, shadow, usable, consecutive, horizon, applied)
-        errors["on"] = on
-    for label, z_all in (("on", shadow.context[usable]), ("off", np.broadcast_to(shadow.context_empty,
-                                                                                (u, shadow.context_empty.size)))):
-        if label in errors:
-            continue
+    empty = np.broadcast_to(shadow.context_empty, (u, shadow.context_empty.size))
+    # on: the context, and for a kind whose model changes online the model, the adapter had at each start
+    on_states = None if shadow.model_states is None else [shadow.model_states.get(int(k)) for k in usable]
+    for label, z_all, states in (("on", shadow.context[usable], on_states), ("off", empty, None)):
         err = np.full((u, horizon), np.nan)
         state = episode.obs[usable].copy()
         alive = np.isfinite(state).all(axis=1) & np.isfinite(z_all).all(axis=1)
@@ -387,33 +383,23 @@ def prediction_errors(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass
                 break
             idx = np.flatnonzero(ok)
             frames = usable[target[idx]]
-            tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (ensemble, *x.shape)), dtype=np.float32)  # noqa: E731
-            pred = bundle.step(tile(state[idx]), tile(applied[frames]), tile(z_all[idx])).mean(axis=0)
-            state[idx] = pred.astype(np.float64)
+            state[idx] = _predict(bundle, state[idx], applied[frames], z_all[idx],
+                                  None if states is None else [states[i] for i in idx])
             err[idx, h - 1] = np.sqrt(np.mean(((state[idx] - episode.obs[frames]) / scale) ** 2, axis=1))
         errors[label] = err
     return PredictionErrors(errors["on"], errors["off"], np.arange(u))
 
 
-def _errors_with_states(episode: Episode, bundle: LoadedBundle, shadow: ShadowPass, usable: np.ndarray,
-                        consecutive: np.ndarray, horizon: int, applied: np.ndarray) -> np.ndarray:
-    """(U, H) the *on* errors of a kind whose model changes online: from each usable frame, the context and the
-    model (:attr:`ShadowPass.model_states`) the adapter had there, chained through the applied actions."""
-    u, scale, e = usable.size, episode.robot.obs_scale, bundle.ensemble_size
-    err = np.full((u, horizon), np.nan)
-    tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (e, 1, x.size)), dtype=np.float32)  # noqa: E731
-    for i, k in enumerate(usable):
-        state, z = shadow.model_states.get(int(k)), shadow.context[k]
-        x = episode.obs[k]
-        if not (np.isfinite(x).all() and np.isfinite(z).all()):
-            continue
-        for h in range(1, horizon + 1):
-            if i + h >= u or not consecutive[i + h - 1]:
-                break
-            frame = usable[i + h]
-            x = bundle.step(tile(x), tile(applied[frame]), tile(z), state).mean(axis=0)[0].astype(np.float64)
-            err[i, h - 1] = np.sqrt(np.mean(((x - episode.obs[frame]) / scale) ** 2))
-    return err
+def _predict(bundle: LoadedBundle, obs: np.ndarray, act: np.ndarray, z: np.ndarray, states: list[Any] | None
+             ) -> np.ndarray:
+    """``(M, o)`` ensemble-mean next observations of ``M`` rows; ``states``: each row's model
+    (:attr:`ShadowPass.model_states`), stepped one row at a time; None: the meta-trained model, all rows at once."""
+    tile = lambda x: np.ascontiguousarray(np.broadcast_to(x, (bundle.ensemble_size, *x.shape)),  # noqa: E731
+                                          dtype=np.float32)
+    if states is None:
+        return bundle.step(tile(obs), tile(act), tile(z)).mean(axis=0).astype(np.float64)
+    return np.concatenate([bundle.step(tile(obs[i:i + 1]), tile(act[i:i + 1]), tile(z[i:i + 1]), s).mean(axis=0)
+                           for i, s in enumerate(states)]).astype(np.float64)
 
 
 def settling(shadow: ShadowPass, usable: np.ndarray, fraction: float) -> tuple[int | None, np.ndarray]:
@@ -543,23 +529,18 @@ def distribution_verdict(episode: Episode, bundle: LoadedBundle, link: LinkHealt
 
 
 def _field_errors(episode: Episode, adapted: np.ndarray, after: int) -> dict[str, float]:
-    """Per field, the median over adapter steps (after ``after``) of the RMS error of the logged
-    ``predicted_next_obs`` against the next usable frame, in scale units (consecutive frames only)."""
+    """Per field, the median over the predictions the logged ``prediction_error[after:]`` grades of the RMS error
+    of the logged ``predicted_next_obs`` against the next usable frame, in scale units (consecutive frames only)."""
     predicted = episode.adaptation.get("predicted_next_obs")
     if predicted is None or adapted.size < 2:
         return {}
     seq = episode.state_seq[adapted]
     follows = np.flatnonzero(seq[1:] == seq[:-1] + 1)
-    follows = follows[follows >= after]
+    # Predictions made from adapter step after - 1 on: those the logged prediction_error[after:] grades.
+    follows = follows[follows >= after - 1]
     err = (np.asarray(predicted, dtype=np.float64)[adapted[follows]] - episode.obs[adapted[follows + 1]])
-    err = err / episode.robot.obs_scale
-    out, at = {}, 0
-    for f in episode.robot.measured_fields:
-        block = np.sqrt(np.mean(err[:, at:at + f.size] ** 2, axis=1))
-        if np.isfinite(block).any():
-            out[f.name] = float(np.nanmedian(block))
-        at += f.size
-    return out
+    rms = episode.robot.field_rms(err / episode.robot.obs_scale)
+    return {name: float(np.nanmedian(block)) for name, block in rms.items() if np.isfinite(block).any()}
 
 
 def command_lag(episode: Episode) -> dict[int, int]:

@@ -165,6 +165,12 @@ class RobotSpec:
         """Field name → slice of the (measured) observation vector."""
         return _slices(self.measured_fields)
 
+    def field_rms(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Per measured field, the RMS over its entries of ``values`` ``(..., obs_dim)`` (e.g. errors in scale
+        units): ``(...)`` each."""
+        values = np.asarray(values, dtype=np.float64)
+        return {name: np.sqrt(np.mean(values[..., sl] ** 2, axis=-1)) for name, sl in self.obs_slices.items()}
+
     @cached_property
     def privileged_slices(self) -> dict[str, slice]:
         return _slices(self.privileged_fields)

@@ -85,11 +85,8 @@ def in_distribution_levels(bundle: LoadedBundle, errors: np.ndarray, entry_error
     per observation field (RMS over its entries), after the context window has filled."""
     start = getattr(bundle, "context_window", 0) + 1
     overall = np.nanmedian(errors[:, start:], axis=1)
-    fields, at = {}, 0
-    for f in bundle.robot.measured_fields:
-        block = np.sqrt(np.mean(entry_errors[:, start - 1:, at:at + f.size] ** 2, axis=2))
-        fields[f.name] = float(np.nanmedian(block, axis=1).max())
-        at += f.size
+    fields = {name: float(np.nanmedian(rms, axis=1).max())
+              for name, rms in bundle.robot.field_rms(entry_errors[:, start - 1:]).items()}
     return {"after_steps": int(start), "prediction_error_median_max": float(overall.max()),
             "field_error_median_max": fields, "episodes": int(errors.shape[0])}
 
