@@ -63,7 +63,8 @@ def main() -> None:
         summary = retrain(logs, args.run, args.bundle, folder / "retrain", iterations=args.iterations,
                           noise_std=args.noise, eval_seed=args.seed, progress=False)
         twin = {name: evaluate(source, folder / f"twin_{name}", family=family.name, tasks=[task], seed=args.seed,
-                               effects=effects, progress=False)["tasks"][0]
+                               effects=effects, progress=False, modes=(),
+                               oracle_cache=folder / "twin_oracle_cache.json")["tasks"][0]
                 for name, source in (("old", args.bundle), ("new", summary["bundle_new"]))}
         old, new = twin["old"]["return_adapted"], twin["new"]["return_adapted"]
         rows[label] = {"task": task, "verdicts": [r["verdict"] for r in summary["per_log"]],

@@ -16,7 +16,8 @@
 3. **Fine-tune** the run on it: a new run folder ``DIR/run`` whose config is the run's with that family and
    ``--iterations``/``--random-episodes``, starting from the run's latest weights and keeping its data.
 4. **Re-export** ``DIR/bundle`` and **evaluate** the old and the new bundle in sim on the identified tasks (one per
-   log; ``metarl eval --task-file`` style, with the oracle), into ``DIR/eval_old`` and ``DIR/eval_new``;
+   log; ``metarl eval --task-file`` style, the adapted controller and the oracle, whose returns are computed once
+   into ``DIR/oracle_cache.json``), into ``DIR/eval_old`` and ``DIR/eval_new``;
    ``DIR/retrain.json`` holds everything and the comparison.
 """
 
@@ -139,9 +140,10 @@ def retrain(logs: Sequence[str | Path], run_dir: str | Path, bundle: str | Path,
     delay_name = next((n for n, p in spec["params"].items() if (p.get("effect") or {}).get("action_delay")), None)
     tasks = [load_family(family_path).validate({**{k: v for k, v in r.task.items() if k in spec["params"]},
                                                 **({delay_name: r.delay} if delay_name else {})}) for r in results]
-    # Both bundles on the identified tasks of the new family (its delay included: the robot has it).
+    # Both bundles on the identified tasks of the new family (its delay included: the robot has it), the adapted
+    # controller only (the comparison is of returns), the oracle computed once for both.
     reports = {label: evaluate(source, out / f"eval_{label}", family=str(family_path), tasks=tasks, seed=eval_seed,
-                               progress=progress)
+                               progress=progress, modes=(), oracle_cache=out / "oracle_cache.json")
                for label, source in (("old", bundle), ("new", new_bundle))}
     per_log = []
     for i, (log, result) in enumerate(zip(logs, results, strict=True)):

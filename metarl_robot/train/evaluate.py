@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -191,13 +191,16 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
              tasks: int | list[Task] = 8, grid: int | None = None, grid_params: list[str] | None = None, seed: int = 0,
              oracle: bool = True, oracle_threads: int = 2, oracle_cache: str | Path | None = None,
              unadapted: bool = True, planner_overrides: dict[str, Any] | None = None,
-             progress: bool = True, effects: OutOfFamily | None = None) -> dict[str, Any]:
+             progress: bool = True, effects: OutOfFamily | None = None,
+             modes: Collection[str] | None = None) -> dict[str, Any]:
     """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves).
 
     Every episode, of every task and mode, starts from the initial state a reset with ``seed`` gives,
     so tasks differ only by their parameters and the gap compares the same start. ``effects``: out-of-family
     effects every episode (adapted, unadapted, oracle) runs with; ``eval.json`` records them and what the
-    oracle sees of them under ``out_of_family``.
+    oracle sees of them under ``out_of_family``. ``modes``: which of the kind's adaptation modes to run besides
+    ``adapted`` (``None``: all of them, less ``unadapted`` when that is ``False``; ``()``: the adapted controller
+    only, a third to a fifth of the episodes when only its return is wanted).
     """
     started = time.perf_counter()
     src = _Source(Path(source_path))
@@ -207,7 +210,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     torch.set_num_threads(src.torch_threads)
     try:
         return _evaluate(src, source_path, out_dir, family, split, tasks, grid, grid_params, seed, oracle,
-                         oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started, effects or None)
+                         oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started, effects or None,
+                         modes)
     finally:
         torch.set_num_threads(threads)
 
@@ -216,7 +220,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
               tasks: int | list[Task], grid: int | None, grid_params: list[str] | None, seed: int, oracle: bool,
               oracle_threads: int, oracle_cache: str | Path | None, unadapted: bool,
               planner_overrides: dict[str, Any] | None, progress: bool, started: float,
-              effects: OutOfFamily | None) -> dict[str, Any]:
+              effects: OutOfFamily | None, only_modes: Collection[str] | None) -> dict[str, Any]:
     fam = load_family(family) if family else src.family
     if fam.spec.robot != src.robot.name:
         raise ValueError(f"family {fam.name!r} is for robot {fam.spec.robot!r}, the controller for {src.robot.name!r}")
@@ -240,10 +244,14 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
     starts = [seed] * n
 
     modes = src.bundle_class.adaptation_modes
+    if only_modes is not None and not set(only_modes) <= set(modes) - {"adapted"}:
+        raise ValueError(f"modes: {sorted(set(only_modes) - set(modes))} not among this {src.bundle_class.kind!r} "
+                         f"controller's other adaptation modes {sorted(set(modes) - {'adapted'})}")
     recorder = _PredictionErrorRecorder(src.adapter(n, modes["adapted"], planner_cfg), params)
     results = {"adapted": run_episodes(fam, robot, task_list, starts, recorder, progress, effects=effects)}
     for mode, switches in modes.items():  # the kind's other modes: e.g. context only, online only, unadapted
-        if mode == "adapted" or (mode == "unadapted" and not unadapted):
+        if mode == "adapted" or (mode == "unadapted" and not unadapted) or (only_modes is not None
+                                                                           and mode not in only_modes):
             continue
         controller = MPCController(src.adapter(n, switches, planner_cfg), params)
         results[mode] = run_episodes(fam, robot, task_list, starts, controller, progress, effects=effects)

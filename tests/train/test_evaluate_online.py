@@ -30,3 +30,11 @@ def test_every_adaptation_mode_is_graded_on_the_same_tasks(online_bundle: Path, 
     by_task = report["prediction_error_by_task"]
     assert not np.allclose(by_task["adapted"], by_task["unadapted"])
     assert json.loads((tmp_path / "eval.json").read_text())["summary"] == report["summary"]
+
+
+def test_modes_limits_the_episodes_to_the_modes_asked_for(online_bundle: Path, tmp_path: Path):
+    report = evaluate(online_bundle, tmp_path, tasks=1, oracle=False, planner_overrides={"samples": 16, "horizon": 5},
+                      progress=False, modes=("online_only",))
+    assert {k for k in report["tasks"][0] if k.startswith("return_")} == {"return_adapted", "return_online_only"}
+    with pytest.raises(ValueError, match=r"\['warp'\] not among .*\['context_only', 'online_only', 'unadapted'\]"):
+        evaluate(online_bundle, tmp_path / "bad", tasks=1, oracle=False, progress=False, modes=("warp",))
