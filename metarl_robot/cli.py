@@ -244,13 +244,15 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
     summary = retrain(args.episodes, args.run, args.bundle, args.out, iterations=args.iterations,
                       random_episodes=args.random_episodes, widen=args.widen,
-                      noise_std=parse_noise_std(args.noise_std), progress=True)
+                      noise_std=parse_noise_std(args.noise_std), progress=True, compare=args.compare)
     for row in summary["per_log"]:
-        print(f"{row['log']}: fit {row['verdict']}, delay {row['delay']}; return on its identified task: old "
-              f"{row['return_old']:.1f}, new {row['return_new']:.1f}")
-    print(f"mean return old {summary['mean_return_old']:.1f}, new {summary['mean_return_new']:.1f}; improved on "
-          f"{summary['improved']} of {len(summary['per_log'])} log(s). Family {summary['family']}, bundle "
-          f"{summary['bundle_new']}, report {Path(args.out) / 'retrain.json'}")
+        returns = (f"; return on its identified task: old {row['return_old']:.1f}, new {row['return_new']:.1f}"
+                   if args.compare else "")
+        print(f"{row['log']}: fit {row['verdict']}, delay {row['delay']}{returns}")
+    if args.compare:
+        print(f"mean return old {summary['mean_return_old']:.1f}, new {summary['mean_return_new']:.1f}; improved on "
+              f"{summary['improved']} of {len(summary['per_log'])} log(s).", end=" ")
+    print(f"Family {summary['family']}, bundle {summary['bundle_new']}, report {Path(args.out) / 'retrain.json'}")
     return 0
 
 
@@ -549,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widen", type=float, default=2.0,
                    help="train range = estimate +- WIDEN x its 95%% half-interval (default: 2)")
     p.add_argument("--noise-std", action="append", metavar="STD|FIELD=STD", help="as metarl identify --noise-std")
+    p.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="skip the sim comparison of the old and the new bundle (OUT/eval_*; grade it yourself)")
     p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("calibrate-noise", help="each sensor's noise from a log of the robot at rest (robot.yaml "

@@ -104,8 +104,9 @@ def write_family(spec: Mapping[str, Any], folder: str | Path) -> Path:
 def retrain(logs: Sequence[str | Path], run_dir: str | Path, bundle: str | Path, out_dir: str | Path,
             iterations: int = 5, random_episodes: int = 4, widen: float = 2.0,
             noise_std: float | Mapping[str, float] | None = None, identify_config: IdentifyConfig | None = None,
-            eval_seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """The whole loop (see the module docstring); returns what ``DIR/retrain.json`` holds."""
+            eval_seed: int = 0, progress: bool = True, compare: bool = True) -> dict[str, Any]:
+    """The whole loop (see the module docstring); returns what ``DIR/retrain.json`` holds. ``compare=False``
+    skips step 4's evaluation (for a caller that grades the new bundle itself): no returns in the summary."""
     from metarl_robot.export.bundle_writer import export_run
     from metarl_robot.runtime.bundle import load_bundle
     from metarl_robot.train.config import load_config
@@ -138,27 +139,27 @@ def retrain(logs: Sequence[str | Path], run_dir: str | Path, bundle: str | Path,
     runner.run()
     new_bundle = export_run(out / "run", out / "bundle")
     delay_name = next((n for n, p in spec["params"].items() if (p.get("effect") or {}).get("action_delay")), None)
+    summary = {"logs": [str(p) for p in logs], "run": str(run_dir), "bundle_old": str(bundle),
+               "bundle_new": str(new_bundle), "family": str(family_path), "widen": widen, "iterations": iterations}
     tasks = [load_family(family_path).validate({**{k: v for k, v in r.task.items() if k in spec["params"]},
                                                 **({delay_name: r.delay} if delay_name else {})}) for r in results]
-    # Both bundles on the identified tasks of the new family (its delay included: the robot has it), the adapted
-    # controller only (the comparison is of returns), the oracle computed once for both.
-    reports = {label: evaluate(source, out / f"eval_{label}", family=str(family_path), tasks=tasks, seed=eval_seed,
-                               progress=progress, modes=(), oracle_cache=out / "oracle_cache.json")
-               for label, source in (("old", bundle), ("new", new_bundle))}
-    per_log = []
-    for i, (log, result) in enumerate(zip(logs, results, strict=True)):
-        old_return = reports["old"]["tasks"][i]["return_adapted"]
-        new_return = reports["new"]["tasks"][i]["return_adapted"]
-        per_log.append({"log": str(log), "verdict": result.fit.verdict if result.fit else None, "delay": result.delay,
-                        "task": tasks[i], "return_old": old_return, "return_new": new_return,
-                        "improved": bool(new_return > old_return)})
-    summary = {
-        "logs": [str(p) for p in logs], "run": str(run_dir), "bundle_old": str(bundle), "bundle_new": str(new_bundle),
-        "family": str(family_path), "widen": widen, "iterations": iterations,
-        "mean_return_old": float(np.mean([r["return_old"] for r in per_log])),
-        "mean_return_new": float(np.mean([r["return_new"] for r in per_log])),
-        "improved": sum(r["improved"] for r in per_log), "per_log": per_log,
-        "seconds": round(time.perf_counter() - started, 1)}
+    per_log = [{"log": str(log), "verdict": result.fit.verdict if result.fit else None, "delay": result.delay,
+                "task": task} for log, result, task in zip(logs, results, tasks, strict=True)]
+    if compare:
+        # Both bundles on the identified tasks of the new family (its delay included: the robot has it), the
+        # adapted controller only (the comparison is of returns), the oracle computed once for both.
+        reports = {label: evaluate(source, out / f"eval_{label}", family=str(family_path), tasks=tasks,
+                                   seed=eval_seed, progress=progress, modes=(),
+                                   oracle_cache=out / "oracle_cache.json")
+                   for label, source in (("old", bundle), ("new", new_bundle))}
+        for i, row in enumerate(per_log):
+            row["return_old"] = reports["old"]["tasks"][i]["return_adapted"]
+            row["return_new"] = reports["new"]["tasks"][i]["return_adapted"]
+            row["improved"] = bool(row["return_new"] > row["return_old"])
+        summary.update({"mean_return_old": float(np.mean([r["return_old"] for r in per_log])),
+                        "mean_return_new": float(np.mean([r["return_new"] for r in per_log])),
+                        "improved": sum(r["improved"] for r in per_log)})
+    summary.update({"per_log": per_log, "seconds": round(time.perf_counter() - started, 1)})
     (out / "retrain.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
 

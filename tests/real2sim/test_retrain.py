@@ -98,3 +98,6 @@ def test_retrain_runs_the_whole_loop_on_a_tiny_run(online_run: Path, online_bund
         assert math.isfinite(row["return_old"]) and math.isfinite(row["return_new"])
         assert row["improved"] == (row["return_new"] > row["return_old"])
     assert "improved on" in result_.stdout
+    assert (out / "oracle_cache.json").is_file()  # one oracle for both bundles
+    graded = json.loads((out / "eval_new" / "eval.json").read_text())["tasks"][0]
+    assert {k for k in graded if k.startswith("return_")} == {"return_adapted", "return_oracle"}
