@@ -72,6 +72,7 @@ from metarl_robot.logs.format import Episode
 from metarl_robot.logs.reader import read_episode
 from metarl_robot.spec.family import ParamBox, TaskFamily, load_family
 from metarl_robot.spec.robot import RobotSpec, load_robot
+from metarl_robot.spec.schema import parse_yaml
 
 STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
 Z95 = 1.959963984540054
@@ -881,7 +882,7 @@ def write_task_file(result: IdentifyResult, path: str | Path) -> Path:
 
 def load_task_file(path: str | Path, family: TaskFamily) -> dict[str, float]:
     """The validated task of a file written by :func:`write_task_file` (or any ``{task: {...}}`` / mapping)."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = parse_yaml(Path(path).read_text(), str(path))
     if isinstance(data, Mapping) and isinstance(data.get("task"), Mapping):
         data = data["task"]
     if not isinstance(data, Mapping):

@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.envs.registry import make_env
 from metarl_robot.paths import family_names
 from metarl_robot.spec.family import SPLITS, TaskFamily, load_family
-from metarl_robot.spec.schema import SpecError
+from metarl_robot.spec.schema import SpecError, parse_yaml
 from metarl_robot.telemetry.protocol import HEADER_SIZE, MAX_FRAME_BYTES, STATE_FIXED, reseal
 from metarl_robot.telemetry.robot_client import RobotClient
 from metarl_robot.telemetry.transport import CurveServerKeys, Endpoints
@@ -225,7 +224,7 @@ def resolve_task(task: str | Mapping[str, Any], family: TaskFamily, seed: int) -
         path = Path(text)
         if not path.is_file():
             raise ValueError(f"--task {text!r}: no such file; {allowed}")
-        data = yaml.safe_load(path.read_text())  # JSON is YAML
+        data = parse_yaml(path.read_text(), f"--task {text}")  # JSON is YAML
     if isinstance(data, Mapping) and set(data) >= {"task"} and isinstance(data["task"], Mapping):
         data = data["task"]
     if not isinstance(data, Mapping):

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from metarl_robot.logs.format import Episode, EpisodeLogError
 from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.spec.robot import RobotSpec, load_robot
+from metarl_robot.spec.schema import SpecError, parse_yaml
 
 FORMATS = ("csv", "npz", "rosbag2")
 """Input formats :func:`import_log` reads."""
@@ -638,8 +638,8 @@ def import_log(source: str | Path, robot: RobotSpec | str, out: str | Path, *, m
     if isinstance(mapping, str | Path):
         map_where = str(mapping)
         try:
-            mapping = yaml.safe_load(Path(mapping).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            mapping = parse_yaml(Path(mapping).read_text(), map_where)
+        except (OSError, SpecError) as exc:
             raise LogImportError(map_where, "", f"cannot read the mapping: {exc}") from None
     report = ImportReport(str(source), fmt, _sha256(source), str(out), spec.name)
     where = str(source)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
-import yaml
 
 from metarl_robot.runtime.adapter import Adapter
 from metarl_robot.runtime.onnx_graph import (
@@ -39,7 +38,7 @@ from metarl_robot.runtime.onnx_graph import (
 from metarl_robot.spec.family import FAMILY_SCHEMA_VERSION, FamilySpec, TaskFamily
 from metarl_robot.spec.rewards import check_reward_inputs
 from metarl_robot.spec.robot import RobotSpec, robot_from_dict
-from metarl_robot.spec.schema import SpecError, build, check_schema_version
+from metarl_robot.spec.schema import SpecError, build, check_schema_version, parse_yaml
 
 BUNDLE_SCHEMA_VERSION = 2
 """The bundle.yaml schema this runtime reads; bump on any incompatible change (2: the fused rollout graph)."""
@@ -300,9 +299,11 @@ def read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     if not manifest_path.is_file():
         raise BundleError(where, MANIFEST_FILE, "missing: a bundle folder must hold bundle.yaml")
     try:
-        data = yaml.safe_load(manifest_path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        data = parse_yaml(manifest_path.read_text(), str(manifest_path))
+    except UnicodeDecodeError as exc:
         raise BundleError(where, MANIFEST_FILE, f"not valid YAML: {exc}") from exc
+    except SpecError as exc:
+        raise BundleError(where, MANIFEST_FILE, exc.problem) from None
     if not isinstance(data, dict):
         raise BundleError(where, MANIFEST_FILE, f"expected a mapping at top level, got {type(data).__name__}")
     try:

@@ -34,6 +34,46 @@ class SpecError(ValueError):
         super().__init__(f"{location}: {problem}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error: plain YAML keeps the last
+    value silently, so a doubled ``mass:`` line in a config would change the robot without a word."""
+
+
+def _construct_unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:  # the mapping's own keys, before merge keys (<<) bring others in
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = key in first_line
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first_line[key] + 1}); write each key once",
+                key_node.start_mark)
+        first_line[key] = key_node.start_mark.line
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML ``text`` (from ``where``, for the message) with duplicate keys refused; a
+    :class:`SpecError` naming the line for anything that does not parse."""
+    loader = _StrictLoader(text)
+    loader.name = where  # the marks in the message name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise SpecError(where, "", f"not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], str]:
     """Read a YAML mapping; returns ``(data, where)`` with ``where`` the path for error messages."""
     path = Path(path)
@@ -41,9 +81,10 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         raise SpecError(where, "", "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(where, "", f"not valid YAML: {exc}") from exc
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(where, "", f"cannot read: {exc}") from None
+    data = parse_yaml(text, where)
     if not isinstance(data, dict):
         raise SpecError(where, "", f"expected a mapping at top level, got {type(data).__name__}")
     return data, where

@@ -64,7 +64,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint, refusing an unknown schema version; ``state["algo_kind"]`` names its algorithm."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only: tensors, numbers, strings and containers, never code; a checkpoint is data
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises a different type per way a file can be broken
+        raise SpecError(str(path), "", "not a readable metarl checkpoint (truncated, corrupt, or written by something "
+                        f"else; each run keeps every iteration's ckpt_NNNN.pt: try an earlier one): {exc}") from None
+    if not isinstance(state, dict):
+        raise SpecError(str(path), "", f"not a metarl checkpoint: holds a {type(state).__name__}, not a mapping")
     version = state.get("schema_version")
     if version == MODEL_BASED_ONLY_SCHEMA:
         state.setdefault("algo_kind", SCHEMA_1_ALGORITHM)

@@ -347,3 +347,12 @@ def test_cli_help_explains_every_effect_and_bad_effects_exit_2():
                                 text=True, timeout=120, cwd=REPO_ROOT)
         assert result.returncode == 2 and "metarl sim-robot: error:" in result.stderr, result.stderr
         assert message in " ".join(result.stderr.split()), result.stderr
+
+
+def test_a_broken_task_file_is_a_spec_error_naming_the_file_and_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("pole_length: [1.2\n")
+    (tmp_path / "twice.yaml").write_text("pole_length: 1.2\npole_length: 1.3\n")
+    with pytest.raises(SpecError, match=r"broken.yaml: not valid YAML"):
+        resolve_task(str(tmp_path / "broken.yaml"), FAMILY, 0)
+    with pytest.raises(SpecError, match=r"duplicate key 'pole_length' \(first on line 1\)"):
+        resolve_task(str(tmp_path / "twice.yaml"), FAMILY, 0)

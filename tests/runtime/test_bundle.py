@@ -168,6 +168,13 @@ def test_refuses_a_folder_without_bundle_yaml(copy: Path):
 
 
 @pytest.mark.slow
+def test_refuses_a_manifest_with_a_key_written_twice(copy: Path):
+    text = (copy / "bundle.yaml").read_text()
+    (copy / "bundle.yaml").write_text(text + "schema_version: 1\n")  # a second schema_version at the end
+    refused(copy, "bundle.yaml", "duplicate key 'schema_version'", "write each key once")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["encoder.onnx", "dynamics.onnx", "rollout.onnx"])
 def test_refuses_a_missing_listed_file(copy: Path, name: str):
     (copy / name).unlink()

@@ -71,3 +71,12 @@ def test_load_yaml_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(SpecError, match="expected a mapping at top level"):
         load_yaml(tmp_path / "list.yaml")
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    (tmp_path / "twice.yaml").write_text("name: a\ninner:\n  gain: 1.0\n  gain: 2.0\n")
+    with pytest.raises(SpecError, match=r"(?s)duplicate key 'gain' \(first on line 3\).*twice.yaml\", line 4"):
+        load_yaml(tmp_path / "twice.yaml")
+    # merge keys are not duplicates: an explicit key overrides what <<: brings in, as YAML says
+    (tmp_path / "merge.yaml").write_text("base: &b {gain: 1.0, mode: a}\ninner:\n  <<: *b\n  gain: 2.0\n")
+    assert load_yaml(tmp_path / "merge.yaml")[0]["inner"] == {"gain": 2.0, "mode": "a"}

@@ -50,6 +50,10 @@ def test_run_folder_resume_and_checkpoint_versions(tmp_path):
         load_checkpoint(run / "checkpoints" / "latest.pt")
     with pytest.raises(FileExistsError, match="resume it with --resume"):
         Runner(load_config(CONFIG, {**TINY, "name": "r"}), run)
+    data = (run / "checkpoints" / "ckpt_0001.pt").read_bytes()
+    (run / "checkpoints" / "cut.pt").write_bytes(data[: len(data) // 2])  # a copy cut off half-way
+    with pytest.raises(SpecError, match=r"cut.pt: not a readable metarl checkpoint \(truncated"):
+        load_checkpoint(run / "checkpoints" / "cut.pt")
 
 
 @pytest.mark.parametrize(
