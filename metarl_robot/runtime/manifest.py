@@ -28,6 +28,7 @@ import numpy as np
 from metarl_robot.runtime.adapter import Adapter
 from metarl_robot.runtime.onnx_graph import (
     Dim,
+    ExternalDataError,
     OnnxGraph,
     fmt_shape,
     make_session,
@@ -406,7 +407,9 @@ def open_graphs(path: Path, m: ManifestCommon, needed: dict[str, dict[str, dict[
     graphs = {}
     for gname, entry in m.graphs.items():
         try:
-            session = make_session(path / entry.file, threads)
+            session = make_session(path / entry.file, threads, sha256=m.files[entry.file])
+        except ExternalDataError as exc:
+            raise BundleError(where, f"graphs.{gname}.file", str(exc)) from None
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleError(where, f"graphs.{gname}.file", f"onnxruntime cannot load {entry.file}: {exc}") from None
         check_session_io(session, entry, where, f"graphs.{gname}")

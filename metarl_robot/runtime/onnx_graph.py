@@ -7,6 +7,8 @@ so all of them run with the same onnxruntime settings and are checked the same w
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,31 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
-def make_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU onnxruntime session with :func:`session_options` (the exporter's parity check uses the same)."""
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+class ExternalDataError(ValueError):
+    """A graph keeps weights in a sidecar file (ONNX external data), which no manifest hash covers."""
+
+
+def make_session(path: Path, threads: int = 1, sha256: str | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session with :func:`session_options` (the exporter's parity check uses the same).
+
+    The graph is read once and the session built from those bytes (checked against ``sha256`` when given, so
+    what runs is what was hashed), and onnxruntime is pointed at an empty folder for external data: a graph
+    whose weights live in a sidecar file is refused (:class:`ExternalDataError`) instead of loading weights
+    nothing has checked (from bytes, onnxruntime would look for them in the working directory)."""
+    data = Path(path).read_bytes()
+    if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256.lower():
+        raise ValueError(f"{path}: sha256 {actual} differs from {sha256} (the file changed after its check)")
+    opts = session_options(threads)
+    with tempfile.TemporaryDirectory(prefix="metarl-no-external-data-") as empty:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+        try:
+            return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own Fail type
+            if "external data" in str(exc).lower():
+                raise ExternalDataError(f"{Path(path).name} keeps its weights in an external data file (a sidecar "
+                                        "no bundle hash covers); bundles hold self-contained graphs: re-export with "
+                                        "metarl export") from None
+            raise
 
 
 class OnnxGraph:
@@ -128,5 +152,5 @@ def weights_problem(file: Path) -> str | None:
     return None
 
 
-__all__ = ["BATCH_AXIS", "ONNX_FLOAT", "Dim", "Interface", "OnnxGraph", "fmt_shape", "make_session",
-           "session_interface_mismatch", "session_options", "shape_matches", "weights_problem"]
+__all__ = ["BATCH_AXIS", "ONNX_FLOAT", "Dim", "ExternalDataError", "Interface", "OnnxGraph", "fmt_shape",
+           "make_session", "session_interface_mismatch", "session_options", "shape_matches", "weights_problem"]

@@ -168,6 +168,19 @@ def test_refuses_a_folder_without_bundle_yaml(copy: Path):
 
 
 @pytest.mark.slow
+def test_refuses_a_graph_whose_weights_live_in_an_unhashed_sidecar(copy: Path, monkeypatch: pytest.MonkeyPatch):
+    # The graph file itself is listed with its right sha256; its weights moved to encoder.onnx.data, which no
+    # hash covers. Run from the bundle folder too: from bytes, onnxruntime would look there.
+    model = onnx.load(str(copy / "encoder.onnx"))
+    onnx.save_model(model, str(copy / "encoder.onnx"), save_as_external_data=True, location="encoder.onnx.data",
+                    size_threshold=0)
+    assert (copy / "encoder.onnx.data").is_file()
+    edit_yaml(copy / "bundle.yaml", lambda d: d["files"].__setitem__("encoder.onnx", sha256_file(copy / "encoder.onnx")))
+    monkeypatch.chdir(copy)
+    refused(copy, "graphs.encoder.file", "external data file", "re-export")
+
+
+@pytest.mark.slow
 def test_refuses_a_manifest_with_a_key_written_twice(copy: Path):
     text = (copy / "bundle.yaml").read_text()
     (copy / "bundle.yaml").write_text(text + "schema_version: 1\n")  # a second schema_version at the end
