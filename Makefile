@@ -5,7 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS := train,ros,bench,dev
+EXTRAS := train,replay,ros,bench,dev
+# pyproject's [train] asks for a torch range; this exact version's CPU build lies on the dev image and CI, where
+# pip takes it from disk (with no torch installed, a range would download a CUDA build of several GB).
+TORCH  := torch==2.13.0
 
 .PHONY: demo test test-fast lint bench clean-venv help
 
@@ -16,9 +19,10 @@ help:
 	@echo "make bench  - run the benchmarks in bench/ (JSON into runs/bench/); bench/adversarial_tasks.py (~1.5 h) runs on its own, see docs/BENCHMARKS.md"
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "metarl-robot needs Python >= 3.11; set PYTHON=python3.11")'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "the development setup (training, tests) needs Python >= 3.11; set PYTHON=python3.11 (the robot side alone installs on 3.10: pip install metarl-robot)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 

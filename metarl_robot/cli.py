@@ -28,6 +28,27 @@ EFFECTS_FILE_HELP = ("YAML mapping of out-of-family effects (delay_periods, join
                      "integrator, sensor_bias); --effect items apply on top")
 
 
+EXTRA_OF_MODULE = {"torch": "train", "tensorboard": "train", "onnxscript": "train", "mujoco": "sim",
+                   "gymnasium": "sim", "tqdm": "sim", "matplotlib": "replay", "rosbags": "replay", "rclpy": "ros"}
+"""Optional third-party modules → the pyproject extra that installs them (``pip install metarl-robot`` alone is the
+robot side: :func:`main` turns a missing one into a one-line hint instead of a traceback)."""
+EXTRA_OF_COMMAND = {"robot": "sim", "rollout": "sim", "sim-robot": "sim", "identify": "sim", "calibrate-safety": "sim",
+                    "train": "train", "eval": "train", "export": "train", "retrain": "train",
+                    "demo": "train,ros,dev", "replay": "replay", "import-log": "replay"}
+"""The extras a command needs in full, named instead of the missing module's own so one install is enough (a
+command not listed runs on the robot side alone)."""
+
+
+def _missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
+    """The one-line error for an optional module this install lacks, or None (a real bug: let it raise)."""
+    module = (exc.name or "").partition(".")[0]
+    if module not in EXTRA_OF_MODULE:
+        return None
+    extra = EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[module])
+    return (f"metarl {command}: error: needs {module}, which is not installed: "
+            f'pip install "metarl-robot[{extra}]"')
+
+
 def _effects(args: argparse.Namespace):
     """The ``--effects`` file and ``--effect`` items as an OutOfFamily, or None."""
     from metarl_robot.envs.out_of_family import OutOfFamily
@@ -639,6 +660,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (message := _missing_extra(args.command, exc)) is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except (SpecError, FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"metarl {args.command}: error: {message}", file=sys.stderr)

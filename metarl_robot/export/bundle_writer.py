@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ def _manifest(run: _Run, name: str, graphs: _ExportedGraphs) -> dict[str, Any]:
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "name": name,
         "kind": graphs.kind,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # not datetime.UTC: Python 3.10
         "software_version": software_version(),
         "robot": robot.to_dict(),
         "robot_interface_sha256": robot.interface_hash,

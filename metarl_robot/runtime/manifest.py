@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -211,7 +211,7 @@ class LoadedBundle(ABC):
         """The kind's validated graphs by name, as numpy callables."""
 
     @classmethod
-    def load(cls, path: Path, data: dict[str, Any], threads: int) -> Self:
+    def load(cls: type[LoadedKind], path: Path, data: dict[str, Any], threads: int) -> LoadedKind:
         """Steps 3-12 on a manifest of this kind (read by :func:`read_manifest`): the common checks, the kind's
         own sections (:meth:`check_sections`), its graphs declared and opened (``threads`` intra-op threads per
         session), its smoke run (:meth:`smoke_test`). Raises :class:`BundleError` at the first failure."""
@@ -315,6 +315,8 @@ def read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 Manifest = TypeVar("Manifest", bound=ManifestCommon)
+LoadedKind = TypeVar("LoadedKind", bound=LoadedBundle)
+"""The kind :meth:`LoadedBundle.load` is called on (``typing.Self``, which Humble's Python 3.10 lacks)."""
 
 
 def check_common(path: Path, data: dict[str, Any], manifest_cls: type[Manifest]

@@ -28,13 +28,26 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 import numpy as np
 
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError, build, to_plain
+
+
+class StrEnum(str, Enum):
+    """``enum.StrEnum`` of Python 3.11, here because ROS 2 Humble runs Python 3.10, which lacks it: ``str()`` and
+    ``format()`` of a member give its value (``str(SafetyState.OK) == "OK"``), as the episode log and the node's
+    messages expect; a plain ``(str, Enum)`` would give ``"SafetyState.OK"``."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
+
 
 FallbackController = Callable[[np.ndarray], np.ndarray]
 """``obs (o,) → action (a,)``: a controller that does not depend on the adapter (e.g. a PD law)."""
