@@ -20,8 +20,8 @@ Everything runs on this machine, in one run, over loopback TCP, and every time i
   at the same rate; a bare controller, the same adapter behind the same ZeroMQ link in a minimal Python
   process (``ControllerLink``, observe/act, send: no ROS, no safety layer, no log) against the same robot
   loop; and a raw pyzmq echo process that answers each state-sized frame with a command-sized one over
-  sockets with the link's options (``transport.robot_sockets`` / ``controller_sockets``: CONFLATE,
-  LINGER 0), paced at the same rate.
+  sockets with the link's options (``transport.robot_sockets`` / ``controller_sockets``: a bounded receive
+  queue drained to the newest valid frame, CONFLATE on the publishers, LINGER 0), paced at the same rate.
 
 Rows (``runs``):
 

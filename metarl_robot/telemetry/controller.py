@@ -1,9 +1,11 @@
 """The controller side of a telemetry link (used by the ROS 2 node, the bench and the tests).
 
 :class:`ControllerLink` connects to a robot (or its digital twin), checks in a handshake that both
-ends load the same robot.yaml, then receives the newest STATE frame and sends COMMAND frames that
+ends load the same robot.yaml, then receives the newest valid STATE frame and sends COMMAND frames that
 answer it. It never blocks longer than the timeout it is given, counts every frame it rejects,
-and refuses to send a command before a successful handshake or for a state from before it::
+refuses to send a command before a successful handshake or for a state from before it, and heals
+its state connection when libzmq drops it for good (an oversized frame; see
+:class:`~metarl_robot.telemetry.transport.HealingSub`)::
 
     link = ControllerLink(Endpoints.from_port_base("127.0.0.1"))
     link.connect()
@@ -20,8 +22,6 @@ numpy + pyzmq only.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import zmq
@@ -41,7 +41,14 @@ from metarl_robot.telemetry.protocol import (
     encode_command,
     encode_hello,
 )
-from metarl_robot.telemetry.transport import CurveClientKeys, Endpoints, controller_sockets, handshake_socket
+from metarl_robot.telemetry.transport import (
+    RESET_OVERSIZED,
+    CurveClientKeys,
+    Endpoints,
+    HealingSub,
+    command_pub,
+    handshake_socket,
+)
 
 DEFAULT_VALIDITY_PERIODS = 3
 """Default command validity, in robot control periods counted from the answered state's stamp."""
@@ -70,7 +77,12 @@ class ControllerLink:
         self.command_validity_s = command_validity_s
         """Default lifetime of a command after the stamp of the state it answers (None: 3 control periods)."""
         self.stats = DecodeStats()
-        """STATE frames: accepted, and rejected per reason (decode faults, foreign session)."""
+        """STATE frames: accepted (returned by :meth:`receive_state`), and rejected per reason (decode faults,
+        foreign session, ``oversized``: a frame over ZMQ_MAXMSGSIZE that made libzmq drop the connection)."""
+        self.link_resets = 0
+        """Times the state socket was rebuilt because the link broke or backed up: libzmq gave up on the connection
+        (an oversized frame, a failed CURVE handshake) or this reader fell a full queue behind. The rebuild that
+        every handshake does is not counted. Survives :meth:`close`."""
         self.welcome: Welcome | None = None
         """The robot's reply to the last successful handshake."""
         self.robot: RobotSpec | None = None
@@ -84,7 +96,8 @@ class ControllerLink:
         """The newest accepted STATE frame."""
         self._decoder = FrameDecoder(MsgType.STATE, stats=self.stats)
         self._context: zmq.Context | None = None
-        self._state_sock = self._command_sock = None
+        self._state_rx: HealingSub | None = None
+        self._command_sock: zmq.Socket | None = None
         self._command_seq = 0
         self._seen_own_session = False
 
@@ -95,17 +108,20 @@ class ControllerLink:
             raise RuntimeError("ControllerLink already connected (close() or reconnect() first)")
         self._context = zmq.Context()
         try:
-            self._state_sock, self._command_sock = controller_sockets(self._context, self.endpoints, self.curve)
+            self._state_rx = HealingSub(self._context, self.endpoints.state, curve=self.curve,
+                                        on_reset=self._link_reset)
+            self._command_sock = command_pub(self._context, self.endpoints, self.curve)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         """Close the sockets and disarm; safe to call twice. Counters survive."""
-        for sock in (self._state_sock, self._command_sock):
-            if sock is not None:
-                sock.close(linger=0)
-        self._state_sock = self._command_sock = None
+        if self._state_rx is not None:
+            self._state_rx.close()
+        if self._command_sock is not None:
+            self._command_sock.close(linger=0)
+        self._state_rx = self._command_sock = None
         if self._context is not None:
             self._context.term()
             self._context = None
@@ -138,6 +154,9 @@ class ControllerLink:
         naming both interface hashes on a mismatch, or what to check when the robot does not answer."""
         self._require_connected()
         self.welcome = None
+        # A new state socket for every handshake: whatever the old one queued or suffered (a connection libzmq
+        # dropped for good) stays behind, and the new one connects while HELLO/WELCOME go back and forth.
+        self._state_rx.reset()
         hello = Hello(robot.name, robot.interface_hash, robot.obs_dim, robot.action_dim, robot.ctrl_dt)
         sock = handshake_socket(self._context, self.endpoints, self.curve)
         try:
@@ -179,25 +198,19 @@ class ControllerLink:
     def receive_state(self, timeout_s: float = 0.0) -> StateFrame | None:
         """Wait up to ``timeout_s`` for a valid STATE frame; returns the newest one, or None.
 
-        Bad frames are counted in :attr:`stats` and skipped. After a handshake only frames of this
-        link's session are returned; frames of another session are counted as ``foreign_session``
-        (and set :attr:`session_lost` once they must come from a restarted or re-armed robot). A
-        frame is returned as sent: judging freshness (seq/stamp advancing) is the caller's job.
+        Every queued frame is validated, oldest first, and only then is the newest valid one kept: a
+        bad frame never displaces a good one. Bad frames are counted in :attr:`stats` and skipped. After
+        a handshake only frames of this link's session are returned; frames of another session are
+        counted as ``foreign_session`` (and set :attr:`session_lost` once they must come from a restarted
+        or re-armed robot). A frame is returned as sent: judging freshness (seq/stamp advancing) is the
+        caller's job. The state connection heals on the way (:attr:`link_resets`).
         """
         self._require_connected()
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        newest: StateFrame | None = None
-        while True:
-            while self._state_sock.poll(0):
-                frame = self._decoder.decode(self._state_sock.recv(), check=self._check_state)
-                if frame is not None:
-                    newest = frame
-            if newest is not None:
-                self.last_state = newest
-                return newest
-            remaining_ms = (deadline - time.monotonic()) * 1000
-            if remaining_ms <= 0 or not self._state_sock.poll(max(1, int(remaining_ms))):
-                return None
+        frame = self._state_rx.receive(self._validate_state, timeout_s)
+        if frame is not None:
+            self.stats.accepted += 1  # the frame used; older valid ones drained with it were superseded
+            self.last_state = frame
+        return frame
 
     def send_command(self, action, answers: StateFrame, *, valid_for_s: float | None = None) -> CommandFrame:
         """Send ``action`` as the answer to the state ``answers``; it expires on the robot's clock at
@@ -240,6 +253,14 @@ class ControllerLink:
     def _require_connected(self) -> None:
         if self._context is None:
             raise RuntimeError("ControllerLink is not connected (call connect() first)")
+
+    def _validate_state(self, data: bytes) -> StateFrame | None:
+        return self._decoder.validate(data, check=self._check_state)
+
+    def _link_reset(self, cause: str) -> None:
+        self.link_resets += 1
+        if cause == RESET_OVERSIZED:
+            self.stats.reject("oversized")  # libzmq dropped the frame and the connection; the decoder never saw it
 
     def _check_state(self, frame: StateFrame) -> FrameError | None:
         welcome = self.welcome

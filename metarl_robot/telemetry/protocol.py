@@ -81,7 +81,10 @@ FRAME_REASONS: tuple[str, ...] = (
 LINK_REASONS: tuple[str, ...] = ("foreign_session", "old_seq", "expired", "out_of_range")
 """Why a well-formed frame is still not used: another link session, a sequence number that does not
 advance, a command past its expiry, an action outside robot.yaml's limits."""
-REJECT_REASONS: tuple[str, ...] = FRAME_REASONS + LINK_REASONS
+TRANSPORT_REASONS: tuple[str, ...] = ("oversized",)
+"""Frames the decoder never saw: ``oversized``, a message over the receiving socket's ZMQ_MAXMSGSIZE, on which
+libzmq drops the connection (counted once per dropped connection by the side that notices, the controller)."""
+REJECT_REASONS: tuple[str, ...] = FRAME_REASONS + LINK_REASONS + TRANSPORT_REASONS
 """Every reason a :class:`DecodeStats` counts."""
 
 
@@ -531,6 +534,14 @@ class FrameDecoder:
         ``check`` sees each well-formed message and returns None to use it, or a :class:`FrameError`
         whose reason is one of :data:`LINK_REASONS` to reject it (counted like a decode failure).
         """
+        message = self.validate(data, check)
+        if message is not None:
+            self.stats.accepted += 1
+        return message
+
+    def validate(self, data: bytes, check: Callable[[Message], FrameError | None] | None = None) -> Message | None:
+        """:meth:`decode` without counting the message as accepted, for a reader that validates several frames and
+        uses only the newest (it counts ``stats.accepted`` for the one it uses). Rejections are counted."""
         try:
             message = decode(data, expect=self.expect, obs_dim=self.obs_dim, action_dim=self.action_dim)
         except FrameError as exc:
@@ -542,5 +553,4 @@ class FrameDecoder:
             self.stats.reject(refusal.reason)
             self.last_error = refusal
             return None
-        self.stats.accepted += 1
         return message

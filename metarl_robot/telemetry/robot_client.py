@@ -45,7 +45,7 @@ from metarl_robot.telemetry.protocol import (
     encode_state,
     encode_welcome,
 )
-from metarl_robot.telemetry.transport import CurveServerKeys, Endpoints, robot_sockets, start_authenticator
+from metarl_robot.telemetry.transport import CurveServerKeys, Endpoints, drain, robot_sockets, start_authenticator
 
 DEFAULT_WATCHDOG_PERIODS = 5
 """Default command watchdog, in control periods of the robot (200 ms for the 25 Hz cart-pole)."""
@@ -212,12 +212,16 @@ class RobotClient:
 
     # ---- the control period --------------------------------------------------------------------
     def service(self) -> None:
-        """Answer pending handshakes and take in pending commands, without blocking."""
+        """Answer pending handshakes and take in pending commands, without blocking.
+
+        Every queued command is checked, oldest first, and each valid one replaces the held command, so the
+        newest valid command wins and a bad frame never displaces a good one. (A controller whose command was
+        over ZMQ_MAXMSGSIZE has its connection dropped by libzmq; its PUB reconnects by itself.)
+        """
         self._require_started()
         while self._handshake_sock.poll(0):
             self._answer(self._handshake_sock.recv())
-        while self._command_sock.poll(0):
-            self._decoder.decode(self._command_sock.recv(), check=self._check_command)
+        drain(self._command_sock, self._take_command)
 
     def current_action(self) -> CommandDecision:
         """Service the sockets, then decide what the motors get now (the watchdog lives here)."""
@@ -326,6 +330,9 @@ class RobotClient:
 
     def _safe_decision(self, reason: str, now: int) -> CommandDecision:
         return CommandDecision(self._safe.copy(), True, reason, 0, 0, now)
+
+    def _take_command(self, data: bytes) -> CommandFrame | None:
+        return self._decoder.decode(data, check=self._check_command)
 
     def _check_command(self, command: CommandFrame) -> FrameError | None:
         if self.session == 0 or command.session != self.session:

@@ -1,4 +1,4 @@
-"""ZeroMQ sockets of a telemetry link: endpoints, socket options, optional CURVE security.
+"""ZeroMQ sockets of a telemetry link: endpoints, socket options, optional CURVE security, link healing.
 
 Three sockets per link, all bound by the robot (it is the fixed address) and connected by the
 controller:
@@ -6,30 +6,42 @@ controller:
 ============  ================  =====================  ==========================================
  endpoint      robot side        controller side        options (why)
 ============  ================  =====================  ==========================================
- state         PUB  (bind)       SUB (connect)          CONFLATE=1 on both: only the newest state is
-                                                        ever queued (no stale backlog)
- command       SUB  (bind)       PUB (connect)          CONFLATE=1 on both: only the newest command;
-                                                        never blocks the controller; dropped, never
-                                                        queued, while the robot is away
+ state         PUB  (bind)       SUB (connect)          PUB: CONFLATE=1, only its newest state is
+                                                        queued. SUB: a bounded queue (RCVHWM), every
+                                                        frame validated, the newest valid one kept
+ command       SUB  (bind)       PUB (connect)          the same, the other way round; the PUB never
+                                                        blocks the controller and drops, never
+                                                        queues, while the robot is away
  handshake     REP  (bind)       REQ (connect)          request/reply; the controller drops and
                                                         rebuilds its REQ after a timeout
 ============  ================  =====================  ==========================================
 
 Every socket has LINGER=0 (nothing is sent late after close) and receiving sockets a
 MAXMSGSIZE of :data:`RECV_MAX_BYTES`, so a runaway peer cannot make us buffer huge messages.
+The receiving SUBs do not CONFLATE: libzmq would keep the newest frame before anything validated it,
+so one garbage frame could displace a valid one. They queue at most :data:`RECV_QUEUE_FRAMES` frames
+instead, and :func:`drain` hands every queued frame to the decoder so the newest *valid* one is kept.
+:class:`HealingSub` is the controller's state SUB: a socket monitor notices the connection that libzmq
+drops for good on a protocol error (a message over MAXMSGSIZE) and the socket is rebuilt.
 With CURVE, the robot is the CURVE server on all three sockets and authorises controllers by
 their public keys (``zmq.auth.thread.ThreadAuthenticator``); see :mod:`metarl_robot.telemetry.keys`.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from metarl_robot.telemetry.protocol import MAX_FRAME_BYTES
 
@@ -38,8 +50,21 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT_BASE = 47100
 """state = base, command = base + 1, handshake = base + 2."""
 RECV_MAX_BYTES = 4 * MAX_FRAME_BYTES
-"""ZMQ_MAXMSGSIZE of receiving sockets: larger messages drop the connection; frames between
-MAX_FRAME_BYTES and this are received and rejected (and counted) as ``too_long``."""
+"""ZMQ_MAXMSGSIZE of receiving sockets: larger messages drop the connection (the controller counts it as
+``oversized`` and rebuilds its state socket); frames between MAX_FRAME_BYTES and this are received and
+rejected (and counted) as ``too_long``."""
+RECV_QUEUE_FRAMES = 64
+"""ZMQ_RCVHWM of the receiving SUBs: frames libzmq queues for a reader that has not read them yet. Up to this
+many, every frame is validated and the newest valid one is kept, so garbage never displaces a valid frame. When
+the queue is full, libzmq holds newer frames back in TCP buffers behind it; the controller then drops the
+backlog (rebuilds its SUB) rather than hand out old states (:class:`HealingSub`)."""
+HEAL_GRACE_S = 0.02
+"""A dropped connection that libzmq does not start reconnecting within this time is taken for one it gave up on
+(a protocol error: in practice a message over MAXMSGSIZE) and the SUB is rebuilt. libzmq reports its own reconnect
+attempt within microseconds of the drop; the margin is for a busy machine."""
+HANDSHAKE_RETRY_S = 1.0
+"""After a failed ZeroMQ/CURVE handshake (libzmq does not retry those either), rebuild the SUB this much later:
+often enough that a robot whose keys were fixed is found again, seldom enough not to hammer it."""
 
 ROBOT_SECRET_FILE = "robot.key_secret"
 ROBOT_PUBLIC_FILE = "robot.key"
@@ -185,11 +210,12 @@ def _socket(context: zmq.Context, kind: int, *, receives: bool) -> zmq.Socket:
     return sock
 
 
-def latest_only_sub(context: zmq.Context) -> zmq.Socket:
-    """A SUB that keeps only the newest message (CONFLATE) and subscribes to everything, so bad frames
-    reach the decoder and are counted instead of being filtered out unseen."""
+def bounded_sub(context: zmq.Context) -> zmq.Socket:
+    """A SUB that queues at most :data:`RECV_QUEUE_FRAMES` frames and subscribes to everything, so bad frames
+    reach the decoder and are counted instead of being filtered out unseen. No CONFLATE: libzmq would keep the
+    newest frame before anything validated it (read it with :func:`drain`, which keeps the newest valid one)."""
     sock = _socket(context, zmq.SUB, receives=True)
-    sock.setsockopt(zmq.CONFLATE, 1)
+    sock.setsockopt(zmq.RCVHWM, RECV_QUEUE_FRAMES)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     return sock
 
@@ -203,11 +229,43 @@ def latest_only_pub(context: zmq.Context) -> zmq.Socket:
     return sock
 
 
+T = TypeVar("T")
+
+
+def drain(sock: zmq.Socket, take: Callable[[bytes], T | None], limit: int | None = None) -> tuple[T | None, int]:
+    """Hand every frame waiting on ``sock`` to ``take`` (which validates and counts it, and returns the message
+    or None), oldest first, without blocking; stop after ``limit`` frames if given. Returns the newest message
+    ``take`` returned and how many frames were read: validate first, then keep the newest."""
+    newest: T | None = None
+    count = 0
+    while limit is None or count < limit:
+        try:
+            data = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        count += 1
+        message = take(data)
+        if message is not None:
+            newest = message
+    return newest, count
+
+
+def _connected(sock: zmq.Socket, address: str, curve: CurveClientKeys | None) -> zmq.Socket:
+    try:
+        if curve is not None:
+            make_curve_client(sock, curve)
+        sock.connect(address)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
 def robot_sockets(context: zmq.Context, endpoints: Endpoints,
                   curve: CurveServerKeys | None = None) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, Endpoints]:
     """Bind the robot's state PUB, command SUB and handshake REP; returns them and the bound endpoints."""
     state = latest_only_pub(context)
-    command = latest_only_sub(context)
+    command = bounded_sub(context)
     handshake = _socket(context, zmq.REP, receives=True)
     socks = (state, command, handshake)
     try:
@@ -227,22 +285,172 @@ def robot_sockets(context: zmq.Context, endpoints: Endpoints,
     return state, command, handshake, bound
 
 
+def command_pub(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None) -> zmq.Socket:
+    """The controller's command PUB, connected. (A robot's SUB that drops it on a protocol error leaves this
+    connecting side with a closed connection, which libzmq reconnects by itself.)"""
+    return _connected(latest_only_pub(context), endpoints.command, curve)
+
+
 def controller_sockets(context: zmq.Context, endpoints: Endpoints,
                        curve: CurveClientKeys | None = None) -> tuple[zmq.Socket, zmq.Socket]:
-    """Connect the controller's state SUB and command PUB (the REQ is made per handshake)."""
-    state = latest_only_sub(context)
-    command = latest_only_pub(context)
-    for sock, address in ((state, endpoints.state), (command, endpoints.command)):
-        if curve is not None:
-            make_curve_client(sock, curve)
-        sock.connect(address)
-    return state, command
+    """A plain connected state SUB and command PUB with the link's options (for tools that read frames raw;
+    :class:`~metarl_robot.telemetry.controller.ControllerLink` reads its state through a :class:`HealingSub`)."""
+    return _connected(bounded_sub(context), endpoints.state, curve), command_pub(context, endpoints, curve)
 
 
 def handshake_socket(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None) -> zmq.Socket:
     """A fresh REQ connected to the robot's handshake endpoint."""
-    sock = _socket(context, zmq.REQ, receives=True)
-    if curve is not None:
-        make_curve_client(sock, curve)
-    sock.connect(endpoints.handshake)
-    return sock
+    return _connected(_socket(context, zmq.REQ, receives=True), endpoints.handshake, curve)
+
+
+# ---- link healing ------------------------------------------------------------------------------
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_RECONNECTING = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
+_MONITORED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED | _RECONNECTING
+_MONITOR_IDS = itertools.count(1)
+"""Unique inproc names for monitors (pyzmq's default names them by file descriptor, which a rebuilt socket reuses
+while the closed one's monitor may still hold the name)."""
+
+RESET_OVERSIZED = "oversized"
+"""libzmq dropped the connection after the handshake and gave up on it: a protocol error, in practice a message
+over MAXMSGSIZE (the only one a libzmq peer produces)."""
+RESET_HANDSHAKE_FAILED = "handshake_failed"
+"""The ZeroMQ (CURVE) handshake failed and libzmq gave up (wrong keys, or CURVE on one side only)."""
+RESET_BACKLOG = "backlog"
+"""The reader fell :data:`RECV_QUEUE_FRAMES` frames behind; the queued and TCP-buffered frames are dropped."""
+
+
+class HealingSub:
+    """The controller's state SUB: a bounded queue read with :func:`drain` (validate, then keep the newest), on a
+    connection that heals.
+
+    libzmq drops a connection for good on a protocol error (a message over MAXMSGSIZE): a connecting SUB then
+    never reconnects, and the link stays silent however often the robot publishes. A socket monitor sees the drop
+    (``DISCONNECTED``); when libzmq does not follow it with its own reconnect attempt within :data:`HEAL_GRACE_S`,
+    the socket is closed (linger 0) and a new one connects. A reader that fell :data:`RECV_QUEUE_FRAMES` frames
+    behind gets a new socket too, instead of the backlog. :meth:`reset` rebuilds on demand (the controller does
+    it on every handshake). ``on_reset(cause)`` hears of every rebuild the link decided itself (``RESET_*``).
+    """
+
+    def __init__(self, context: zmq.Context, endpoint: str, *, curve: CurveClientKeys | None = None,
+                 on_reset: Callable[[str], None] | None = None) -> None:
+        self.endpoint = endpoint
+        """The robot's state address."""
+        self.curve = curve
+        """CURVE client keys, or None for a plain link."""
+        self.on_reset = on_reset
+        """Called with the cause of each rebuild the link decided itself (not for :meth:`reset`)."""
+        self._context = context
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._dropped_at: float | None = None
+        self._drop_cause = RESET_OVERSIZED
+        self._handshake_failed = False
+        self._build()
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The current SUB (it changes when the link heals)."""
+        if self._sock is None:
+            raise RuntimeError("HealingSub is closed")
+        return self._sock
+
+    def receive(self, take: Callable[[bytes], T | None], timeout_s: float = 0.0) -> T | None:
+        """Wait up to ``timeout_s`` for frames; every one goes through ``take`` (oldest first) and the newest one
+        ``take`` accepted is returned, or None. Heals the connection on the way (see the class)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            self._watch()
+            newest, count = drain(self.socket, take, limit=RECV_QUEUE_FRAMES - 1)
+            if count >= RECV_QUEUE_FRAMES - 1:
+                # The queue was full, so libzmq holds newer frames back in TCP buffers behind it: what was read is
+                # old, and so would be the next frames. A new connection drops the backlog; the robot's next frame
+                # is fresh.
+                self._rebuild(RESET_BACKLOG)
+                newest = None
+            if newest is not None:
+                return newest
+            now = time.monotonic()
+            wait = deadline - now
+            if wait <= 0:
+                return None
+            if self._dropped_at is not None:
+                wait = min(wait, max(0.0, self._heal_at() - now))
+            self._poller.poll(math.ceil(wait * 1000))
+
+    def reset(self) -> None:
+        """Rebuild the socket now (nothing queued survives). A drop still being judged is judged first (waiting
+        at most :data:`HEAL_GRACE_S`) so that it is counted."""
+        if self._watch():
+            return
+        while self._dropped_at is not None and self._drop_cause == RESET_OVERSIZED:
+            self._monitor.poll(max(0, math.ceil((self._heal_at() - time.monotonic()) * 1000)))
+            if self._watch():
+                return
+        self._rebuild(self._drop_cause if self._dropped_at is not None else None)
+
+    def close(self) -> None:
+        """Close the socket and its monitor; safe to call twice."""
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._poller.unregister(self._monitor)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sock.close(linger=0)
+        self._sock = self._monitor = None
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        sock = bounded_sub(self._context)
+        try:
+            # Watch before connecting, so no event of the new connection is missed.
+            monitor = sock.get_monitor_socket(_MONITORED, addr=f"inproc://metarl-telemetry-monitor-"
+                                                                f"{os.getpid()}-{next(_MONITOR_IDS)}")
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        try:
+            _connected(sock, self.endpoint, self.curve)
+        except BaseException:
+            monitor.close(linger=0)
+            raise
+        self._sock, self._monitor = sock, monitor
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(monitor, zmq.POLLIN)
+        self._dropped_at, self._handshake_failed = None, False
+
+    def _rebuild(self, cause: str | None) -> None:
+        self.close()
+        self._build()
+        if cause is not None and self.on_reset is not None:
+            self.on_reset(cause)
+
+    def _heal_at(self) -> float:
+        delay = HANDSHAKE_RETRY_S if self._drop_cause == RESET_HANDSHAKE_FAILED else HEAL_GRACE_S
+        return self._dropped_at + delay
+
+    def _watch(self) -> bool:
+        """Read the monitor's events; rebuild (and return True) when a drop has gone without libzmq's own
+        reconnect for too long."""
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_DISCONNECTED:
+                self._dropped_at = time.monotonic()
+                self._drop_cause = RESET_HANDSHAKE_FAILED if self._handshake_failed else RESET_OVERSIZED
+            elif event & _RECONNECTING:
+                self._dropped_at = None  # libzmq reconnects by itself (e.g. the robot restarted): nothing to heal
+                if event == zmq.EVENT_CONNECTED:
+                    self._handshake_failed = False  # a new connection; its handshake is still to come
+            elif event & _HANDSHAKE_FAILED:
+                self._handshake_failed = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failed = False
+        if self._dropped_at is not None and time.monotonic() >= self._heal_at():
+            self._rebuild(self._drop_cause)
+            return True
+        return False

@@ -175,7 +175,8 @@ def test_refuses_a_graph_whose_weights_live_in_an_unhashed_sidecar(copy: Path, m
     onnx.save_model(model, str(copy / "encoder.onnx"), save_as_external_data=True, location="encoder.onnx.data",
                     size_threshold=0)
     assert (copy / "encoder.onnx.data").is_file()
-    edit_yaml(copy / "bundle.yaml", lambda d: d["files"].__setitem__("encoder.onnx", sha256_file(copy / "encoder.onnx")))
+    digest = sha256_file(copy / "encoder.onnx")
+    edit_yaml(copy / "bundle.yaml", lambda d: d["files"].__setitem__("encoder.onnx", digest))
     monkeypatch.chdir(copy)
     refused(copy, "graphs.encoder.file", "external data file", "re-export")
 
