@@ -669,6 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"metarl {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # ours (a run folder that exists) or the system's: a read-only, full or missing folder
+        message = exc if exc.errno is None else (f"{exc.filename}: {exc.strerror} (the output must go to a folder "
+                                                 "that can be made, is writable and has space)")
+        print(f"metarl {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

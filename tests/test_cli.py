@@ -148,3 +148,16 @@ def test_train_help_names_every_registered_algorithm():
     text = " ".join(metarl("train", "--help").stdout.split())  # argparse wraps lines
     for name in ALGORITHMS:
         assert f"algo {name}" in text, name
+
+
+def test_an_existing_run_folder_or_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("schema_version: 1\n")
+    result = metarl("train", "configs/mb_cartpole_swingup.yaml", "--out", str(tmp_path), "--name", "r")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"metarl train: error: run folder {tmp_path / 'r'} exists; resume it with --resume" in result.stderr
+    (tmp_path / "a_file").write_text("")  # an output path under a file: no folder can be made there
+    result = metarl("rollout", "cartpole_swingup", "--tasks", "1", "--episodes", "1", "--out",
+                    str(tmp_path / "a_file" / "out.npz"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "metarl rollout: error: " in result.stderr and "a_file" in result.stderr
