@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject telemetry faults (repeatable): drop=P, burst=START:DUR, freeze=START:DUR, "
                    "delay=MS, corrupt=P, nan=P, oversize=P, stop=S (times in robot seconds)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind with --port-base (default: 127.0.0.1; "
-                   "0.0.0.0 for all interfaces, then use --curve-keys)")
+                   "0.0.0.0 for all interfaces, which needs --curve-keys or --insecure)")
     p.add_argument("--port-base", type=int, help="state=N, command=N+1, handshake=N+2; 0 = free ports "
                    "(default: 47100)")
     p.add_argument("--endpoints", help="explicit 'state=URL,command=URL,handshake=URL' (tcp:// or ipc://)")
@@ -518,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "soon as it answers the newest state")
     p.add_argument("--curve-keys", metavar="DIR", help="enable CURVE: DIR/robot.key_secret and "
                    "DIR/authorized_clients/ (python -m metarl_robot.telemetry.keys DIR)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain (no CURVE) endpoints that other machines can reach, e.g. --host 0.0.0.0: "
+                   "unencrypted, and anyone who reaches them can command the twin. Without it such endpoints are "
+                   "refused unless --curve-keys is given; loopback (127.0.0.1, ::1, localhost) and ipc:// never need "
+                   "it (docs/telemetry.md, CURVE)")
     p.add_argument("--summary", help="write the run summary JSON here on exit")
     p.add_argument("--trace", help="write the per-period trace (.npz) here on exit")
     p.add_argument("--effect", action="append", default=[], metavar="KIND=VALUE", help=EFFECT_HELP + "; the summary "

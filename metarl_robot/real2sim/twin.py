@@ -77,7 +77,8 @@ class FaultConfig:
     corrupt: float = 0.0
     """Probability that one byte of a frame is flipped (its CRC no longer matches)."""
     nan: float = 0.0
-    """Probability that a frame carries NaN in its observation, correctly framed (only the finite check catches it)."""
+    """Probability that a frame carries NaN in its observation, correctly framed: a failed sensor. The frame passes the
+    decoder (observations may be NaN on the wire) and the controller's safety layer stops on it (``OBS_NONFINITE``)."""
     oversize: float = 0.0
     """Probability that a frame is replaced by MAX_FRAME_BYTES + 64 bytes of noise."""
     stop_after_s: float | None = None
@@ -259,6 +260,9 @@ class TwinConfig:
     """Apply a command answering the newest state as soon as it arrives (see the module docstring)."""
     curve: CurveServerKeys | None = None
     """CURVE server keys, or None for a plain link."""
+    insecure: bool = False
+    """Allow a plain link on endpoints other machines can reach (without it, and without ``curve``, binding such an
+    endpoint raises :class:`~metarl_robot.telemetry.transport.InsecureEndpointError`)."""
     summary_path: Path | None = None
     """Write the summary JSON here when the twin stops."""
     trace_path: Path | None = None
@@ -286,7 +290,7 @@ class DigitalTwin:
         self.robot = self.env.robot
         """The robot's interface."""
         self.client = RobotClient(self.robot, config.endpoints, watchdog_ms=config.watchdog_ms, curve=config.curve,
-                                  clock=self._clock, clock_rate=config.speed)
+                                  clock=self._clock, clock_rate=config.speed, insecure=config.insecure)
         """The robot side of the link (its counters are part of the summary)."""
         self.endpoints: Endpoints | None = None
         """The bound addresses, once started."""
@@ -513,7 +517,7 @@ def config_from_args(args) -> TwinConfig:
         robot=args.robot, task=args.task, family=args.family, seed=args.seed, speed=args.speed,
         watchdog_ms=args.watchdog_ms, endpoints=endpoints, faults=FaultConfig.parse(args.fault),
         duration_s=args.duration, apply_on_arrival=not args.apply_at_boundary,
-        curve=CurveServerKeys.from_dir(args.curve_keys) if args.curve_keys else None,
+        curve=CurveServerKeys.from_dir(args.curve_keys) if args.curve_keys else None, insecure=args.insecure,
         summary_path=Path(args.summary) if args.summary else None, trace_path=Path(args.trace) if args.trace else None,
         effects=OutOfFamily.from_cli(args.effect, args.effects))  # argparse defaults: [] and None
 
@@ -526,6 +530,10 @@ def run_cli(args) -> int:
     line with the outcome at the end. The task stays out of stdout (it is in the summary file).
     """
     twin = DigitalTwin(config_from_args(args))
+    if twin.client.unprotected_endpoints:
+        print(f"sim-robot: WARNING: --insecure: {', '.join(twin.client.unprotected_endpoints)} can be reached from "
+              "other machines without CURVE (unencrypted, and anyone who reaches them can command this robot); use "
+              "--curve-keys on a network you do not control", file=sys.stderr, flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: twin.request_stop())
 

@@ -26,10 +26,10 @@ from metarl_robot.telemetry.protocol import (
     encode,
 )
 from metarl_robot.telemetry.robot_client import CommandDecision, RobotClient, RobotCounters
-from metarl_robot.telemetry.transport import CurveClientKeys, CurveServerKeys, Endpoints
+from metarl_robot.telemetry.transport import CurveClientKeys, CurveServerKeys, Endpoints, InsecureEndpointError
 
 __all__ = [
     "PROTOCOL_VERSION", "CommandDecision", "CommandFrame", "ControllerLink", "CurveClientKeys", "CurveServerKeys",
-    "DecodeStats", "Endpoints", "FrameDecoder", "FrameError", "HandshakeError", "Hello", "MsgType", "RobotClient",
-    "RobotCounters", "StateFrame", "Welcome", "decode", "encode",
+    "DecodeStats", "Endpoints", "FrameDecoder", "FrameError", "HandshakeError", "Hello", "InsecureEndpointError",
+    "MsgType", "RobotClient", "RobotCounters", "StateFrame", "Welcome", "decode", "encode",
 ]

@@ -48,6 +48,7 @@ from metarl_robot.telemetry.transport import (
     HealingSub,
     command_pub,
     handshake_socket,
+    unprotected_endpoints,
 )
 
 DEFAULT_VALIDITY_PERIODS = 3
@@ -67,11 +68,18 @@ class ControllerLink:
     """Controller end of a telemetry link: handshake client, latest-state receiver, command sender."""
 
     def __init__(self, endpoints: Endpoints, *, curve: CurveClientKeys | None = None,
-                 command_validity_s: float | None = None) -> None:
+                 command_validity_s: float | None = None, insecure: bool = False) -> None:
         self.endpoints = endpoints
         """The robot's addresses."""
         self.curve = curve
         """CURVE client keys, or None for a plain link."""
+        self.insecure = insecure
+        """Allow a plain (no CURVE) link to a robot that is not on this machine. Without it, an endpoint off
+        loopback and without ``curve`` raises :class:`~metarl_robot.telemetry.transport.InsecureEndpointError`
+        here, before anything connects."""
+        self.unprotected_endpoints = unprotected_endpoints(endpoints, curve=curve is not None, insecure=insecure)
+        """The endpoints that leave this machine without CURVE (only ever non-empty with ``insecure=True``): what a
+        diagnostics report should warn about."""
         if command_validity_s is not None and not (np.isfinite(command_validity_s) and command_validity_s > 0):
             raise ValueError(f"command_validity_s must be > 0 seconds, got {command_validity_s}")
         self.command_validity_s = command_validity_s
@@ -109,8 +117,8 @@ class ControllerLink:
         self._context = zmq.Context()
         try:
             self._state_rx = HealingSub(self._context, self.endpoints.state, curve=self.curve,
-                                        on_reset=self._link_reset)
-            self._command_sock = command_pub(self._context, self.endpoints, self.curve)
+                                        on_reset=self._link_reset, insecure=self.insecure)
+            self._command_sock = command_pub(self._context, self.endpoints, self.curve, insecure=self.insecure)
         except BaseException:
             self.close()
             raise
@@ -158,7 +166,7 @@ class ControllerLink:
         # dropped for good) stays behind, and the new one connects while HELLO/WELCOME go back and forth.
         self._state_rx.reset()
         hello = Hello(robot.name, robot.interface_hash, robot.obs_dim, robot.action_dim, robot.ctrl_dt)
-        sock = handshake_socket(self._context, self.endpoints, self.curve)
+        sock = handshake_socket(self._context, self.endpoints, self.curve, insecure=self.insecure)
         try:
             sock.send(encode_hello(hello))
             if not sock.poll(int(timeout_s * 1000)):

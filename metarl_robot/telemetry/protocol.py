@@ -14,10 +14,15 @@ robot driver can implement it from ``docs/telemetry.md`` with ``memcpy`` and ``c
   on the robot's own clock, and the action in robot.yaml action order.
 
 Decoding is strict: size, magic, version, type, payload length, CRC-32, flags, reserved bytes,
-dimensions, field ranges, finite floats and UTF-8 text are all checked, and any failure raises
+dimensions, field ranges, finite floats and printable-ASCII text are all checked, and any failure raises
 :class:`FrameError` with a machine-readable ``reason`` (one of :data:`REJECT_REASONS`). Decoding
 never raises anything else, whatever the bytes. :class:`DecodeStats` counts accepted frames and
 rejections per reason; :class:`FrameDecoder` ties a decoder configuration to its counters.
+
+One exception to "finite floats": a STATE's *observation* may hold NaN or Inf. A robot whose sensor fails
+says so in that very period, and the controller's safety layer stops (``OBS_NONFINITE``, naming the
+fields) instead of waiting for its stale-telemetry deadline; everything else in the frame (its applied
+action, every COMMAND action, ``ctrl_dt``) must be finite.
 
 This module needs only numpy and the standard library (it runs on a robot computer).
 """
@@ -44,9 +49,12 @@ MAX_FRAME_BYTES = 65536
 MAX_DIM = 1024
 """Largest observation or action dimension a frame may declare."""
 MAX_NAME_BYTES = 64
-"""Longest robot name (UTF-8 bytes) in HELLO/WELCOME."""
+"""Longest robot name (bytes) in HELLO/WELCOME."""
 MAX_MESSAGE_BYTES = 1024
-"""Longest refusal message (UTF-8 bytes) in WELCOME."""
+"""Longest refusal message (bytes) in WELCOME."""
+TEXT_BYTES = (0x20, 0x7E)
+"""Names and messages are printable ASCII: every byte from space (0x20) to tilde (0x7E). Exactly this, so that a
+C++ robot checks the same rule as Python without Unicode tables (robot names are folder names, plain ASCII)."""
 
 STATE_FIXED = struct.Struct("<QqQIHH")
 """seq, stamp_ns, applied_command_seq, session, obs_dim, action_dim: 32 bytes, then the float64s."""
@@ -215,15 +223,33 @@ def _frame(msg_type: MsgType, flags: int, payload: bytes) -> bytes:
     return head + struct.pack("<I", crc) + payload
 
 
-def _check_vector(name: str, values, dim: int | None = None) -> np.ndarray:
+def _check_vector(name: str, values, *, finite: bool = True) -> np.ndarray:
     vec = np.ascontiguousarray(values, dtype="<f8")
     if vec.ndim != 1 or not 1 <= vec.size <= MAX_DIM:
         raise ValueError(f"{name} must be a 1-D vector of 1..{MAX_DIM} values, got shape {vec.shape}")
-    if dim is not None and vec.size != dim:
-        raise ValueError(f"{name} must have {dim} values, got {vec.size}")
-    if not np.isfinite(vec).all():
-        raise ValueError(f"{name} contains NaN or Inf: {vec}; the protocol carries finite values only")
+    if finite and not np.isfinite(vec).all():
+        raise ValueError(f"{name} contains NaN or Inf: {vec}; the protocol carries finite values here")
     return vec
+
+
+def is_protocol_text(text: str) -> bool:
+    """True when ``text`` may be sent as a robot name or message: printable ASCII only (:data:`TEXT_BYTES`)."""
+    # For ASCII, str.isprintable() is exactly 0x20..0x7E (it refuses the C0 controls and DEL).
+    return text.isascii() and text.isprintable()
+
+
+def printable_ascii(text: str) -> str:
+    """``text`` with every character outside printable ASCII written as its Python escape (``\\n``, ``\\xe9``,
+    ``\\u2713``): for messages assembled from content a peer sent, which must still encode."""
+    return "".join(c if is_protocol_text(c) else ascii(c)[1:-1] for c in text)
+
+
+def _check_text(name: str, text: str, lo: int, hi: int) -> bytes:
+    if not isinstance(text, str) or not is_protocol_text(text):
+        raise ValueError(f"{name} must be printable ASCII (bytes 0x20..0x7e), got {text!r}")
+    if not lo <= len(text) <= hi:
+        raise ValueError(f"{name} must be {lo}..{hi} bytes, got {len(text)}: {text!r}")
+    return text.encode("ascii")
 
 
 def _check_int(name: str, value: int, lo: int, hi: int) -> int:
@@ -237,8 +263,12 @@ U32, U64, I64 = 2**32 - 1, 2**64 - 1, 2**63 - 1
 
 def encode_state(frame: StateFrame) -> bytes:
     """A STATE frame; raises ValueError on values the decoder would reject (never emits a bad frame)."""
-    obs = _check_vector("obs", frame.obs)
+    obs = _check_vector("obs", frame.obs, finite=False)  # a failed sensor is reported, not hidden (module doc)
     act = None if frame.applied_action is None else _check_vector("applied_action", frame.applied_action)
+    if frame.safe and (frame.applied_command_seq != 0 or act is None):
+        raise ValueError(f"a SAFE state (the safe command was applied) needs applied_command_seq 0 and the applied "
+                         f"action, got applied_command_seq {frame.applied_command_seq!r} and "
+                         f"{'no' if act is None else 'an'} applied action")
     fixed = STATE_FIXED.pack(
         _check_int("seq", frame.seq, 1, U64), _check_int("stamp_ns", frame.stamp_ns, 0, I64),
         _check_int("applied_command_seq", frame.applied_command_seq, 0, U64),
@@ -258,9 +288,7 @@ def encode_command(frame: CommandFrame) -> bytes:
 
 
 def _ident(name: str, interface_hash: str, obs_dim: int, action_dim: int, ctrl_dt: float) -> bytes:
-    name_bytes = name.encode("utf-8")
-    if not 1 <= len(name_bytes) <= MAX_NAME_BYTES:
-        raise ValueError(f"robot name must be 1..{MAX_NAME_BYTES} UTF-8 bytes, got {name!r}")
+    name_bytes = _check_text("robot name", name, 1, MAX_NAME_BYTES)
     try:
         digest = bytes.fromhex(interface_hash)
     except ValueError:
@@ -282,9 +310,7 @@ def encode_hello(hello: Hello) -> bytes:
 
 def encode_welcome(welcome: Welcome) -> bytes:
     """A WELCOME frame; an accepted one needs a nonzero session, a refused one session 0."""
-    message = welcome.message.encode("utf-8")
-    if len(message) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"WELCOME message must be at most {MAX_MESSAGE_BYTES} UTF-8 bytes, got {len(message)}")
+    message = _check_text("WELCOME message", welcome.message, 0, MAX_MESSAGE_BYTES)
     lo, hi = (1, U32) if welcome.accepted else (0, 0)
     fixed = WELCOME_FIXED.pack(
         _check_int("session", welcome.session, lo, hi), _check_int("watchdog_ms", welcome.watchdog_ms, 0, U32),
@@ -328,9 +354,12 @@ def peek_type(data: bytes) -> MsgType | None:
         return None
 
 
-def decode(data: bytes, *, expect: MsgType | None = None, obs_dim: int | None = None,
+def decode(data: bytes | list[bytes], *, expect: MsgType | None = None, obs_dim: int | None = None,
            action_dim: int | None = None) -> Message:
     """Decode one frame, checking everything; raises :class:`FrameError` (and nothing else) on any fault.
+
+    ``data`` is a frame, or the parts of one ZeroMQ message as ``recv_multipart`` returns them: a frame is one
+    single-part message, so more than one part is rejected (``length``) before anything else is looked at.
 
     ``expect`` rejects other message types (``unexpected_type``). ``obs_dim``/``action_dim``, when
     given, are the robot's dimensions: a STATE must carry exactly ``obs_dim`` observations and either
@@ -344,7 +373,12 @@ def decode(data: bytes, *, expect: MsgType | None = None, obs_dim: int | None = 
         raise FrameError("field", f"undecodable ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode(data: bytes, expect: MsgType | None, obs_dim: int | None, action_dim: int | None) -> Message:
+def _decode(data: bytes | list[bytes], expect: MsgType | None, obs_dim: int | None,
+            action_dim: int | None) -> Message:
+    if isinstance(data, list | tuple):
+        if len(data) != 1:
+            raise FrameError("length", f"a multi-part message ({len(data)} parts); a frame is one single-part message")
+        data = data[0]
     if not isinstance(data, bytes | bytearray | memoryview):
         raise FrameError("field", f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -389,9 +423,9 @@ def _need(payload: bytes, size: int, what: str) -> None:
         raise FrameError("length", f"{what} payload needs at least {size} bytes, got {len(payload)}")
 
 
-def _floats(payload: bytes, offset: int, count: int, what: str) -> np.ndarray:
+def _floats(payload: bytes, offset: int, count: int, what: str, *, finite: bool = True) -> np.ndarray:
     values = np.frombuffer(payload, dtype="<f8", count=count, offset=offset).astype(np.float64)
-    if not np.isfinite(values).all():
+    if finite and not np.isfinite(values).all():
         bad = np.flatnonzero(~np.isfinite(values)).tolist()
         raise FrameError("non_finite", f"{what} has NaN/Inf at index {bad}")
     return values
@@ -425,7 +459,7 @@ def _decode_state(payload: bytes, flags: int, obs_dim: int | None, action_dim: i
         raise FrameError("field", f"STATE flags say the safe command was applied but applied_command_seq={applied_seq}")
     if safe and n_act == 0:
         raise FrameError("field", "STATE flags say the safe command was applied but carry no applied action")
-    obs = _floats(payload, STATE_FIXED.size, n_obs, "obs")
+    obs = _floats(payload, STATE_FIXED.size, n_obs, "obs", finite=False)  # the safety layer's to judge
     act = _floats(payload, STATE_FIXED.size + 8 * n_obs, n_act, "applied_action") if n_act else None
     return StateFrame(seq=seq, stamp_ns=stamp, obs=obs, applied_action=act, applied_command_seq=applied_seq,
                       session=session, safe=safe)
@@ -452,13 +486,12 @@ def _decode_command(payload: bytes, action_dim: int | None) -> CommandFrame:
 
 
 def _text(raw: bytes, what: str) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FrameError("text", f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not text.isprintable():
-        raise FrameError("text", f"{what} {text!r} has control characters")
-    return text
+    lo, hi = TEXT_BYTES
+    bad = next((i for i, b in enumerate(raw) if not lo <= b <= hi), None)
+    if bad is not None:
+        raise FrameError("text", f"{what} has byte {raw[bad]:#04x} at offset {bad}; names and messages are printable "
+                         f"ASCII ({lo:#04x}..{hi:#04x})")
+    return raw.decode("ascii")
 
 
 def _decode_ident(payload: bytes, offset: int, what: str) -> tuple[dict, int]:
@@ -528,7 +561,8 @@ class FrameDecoder:
         self.last_error: FrameError | None = None
         """The most recent rejection, for diagnostics."""
 
-    def decode(self, data: bytes, check: Callable[[Message], FrameError | None] | None = None) -> Message | None:
+    def decode(self, data: bytes | list[bytes],
+               check: Callable[[Message], FrameError | None] | None = None) -> Message | None:
         """The decoded message, or None after counting the rejection (never raises on bad bytes).
 
         ``check`` sees each well-formed message and returns None to use it, or a :class:`FrameError`
@@ -539,7 +573,8 @@ class FrameDecoder:
             self.stats.accepted += 1
         return message
 
-    def validate(self, data: bytes, check: Callable[[Message], FrameError | None] | None = None) -> Message | None:
+    def validate(self, data: bytes | list[bytes],
+                 check: Callable[[Message], FrameError | None] | None = None) -> Message | None:
         """:meth:`decode` without counting the message as accepted, for a reader that validates several frames and
         uses only the newest (it counts ``stats.accepted`` for the one it uses). Rejections are counted."""
         try:

@@ -7,7 +7,8 @@ command arrived for ``watchdog_ms`` (the robot-side command watchdog). Everythin
 caller's thread (no background threads): call :meth:`RobotClient.current_action` (or
 :meth:`RobotClient.service`) at least once per control period. A typical driver loop::
 
-    client = RobotClient(load_robot("cartpole"), Endpoints.from_port_base("0.0.0.0"), watchdog_ms=200)
+    client = RobotClient(load_robot("cartpole"), Endpoints.from_port_base("0.0.0.0"), watchdog_ms=200,
+                         curve=CurveServerKeys.from_dir("keys/"))   # off loopback: CURVE, or insecure=True
     client.start()
     while running:
         decision = client.current_action()        # newest valid command, or the safe command
@@ -32,6 +33,7 @@ import zmq
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.telemetry.protocol import (
     MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
     PROTOCOL_VERSION,
     CommandFrame,
     DecodeStats,
@@ -44,8 +46,17 @@ from metarl_robot.telemetry.protocol import (
     decode,
     encode_state,
     encode_welcome,
+    is_protocol_text,
+    printable_ascii,
 )
-from metarl_robot.telemetry.transport import CurveServerKeys, Endpoints, drain, robot_sockets, start_authenticator
+from metarl_robot.telemetry.transport import (
+    CurveServerKeys,
+    Endpoints,
+    drain,
+    robot_sockets,
+    start_authenticator,
+    unprotected_endpoints,
+)
 
 DEFAULT_WATCHDOG_PERIODS = 5
 """Default command watchdog, in control periods of the robot (200 ms for the 25 Hz cart-pole)."""
@@ -113,11 +124,21 @@ class RobotClient:
 
     def __init__(self, robot: RobotSpec, endpoints: Endpoints | None = None, *, watchdog_ms: float | None = None,
                  curve: CurveServerKeys | None = None, clock: Callable[[], int] = time.monotonic_ns,
-                 clock_rate: float = 1.0) -> None:
+                 clock_rate: float = 1.0, insecure: bool = False) -> None:
+        if not (is_protocol_text(robot.name) and 1 <= len(robot.name) <= MAX_NAME_BYTES):
+            # Every WELCOME carries the name: refuse it now rather than fail on the first handshake.
+            raise ValueError(f"robot name {robot.name!r} cannot be sent: the protocol takes 1..{MAX_NAME_BYTES} "
+                             "printable ASCII characters")
         self.robot = robot
         """The robot's interface (robot.yaml)."""
         self.requested_endpoints = endpoints or Endpoints.from_port_base()
         """Addresses to bind (``tcp://host:*`` picks a free port)."""
+        self.insecure = insecure
+        """Allow binding a plain (no CURVE) endpoint that is not loopback; without it that raises
+        :class:`~metarl_robot.telemetry.transport.InsecureEndpointError` here, before anything binds."""
+        self.unprotected_endpoints = unprotected_endpoints(self.requested_endpoints, curve=curve is not None,
+                                                           insecure=insecure)
+        """The endpoints reachable from other machines without CURVE (only ever non-empty with ``insecure=True``)."""
         self.watchdog_ms = default_watchdog_ms(robot) if watchdog_ms is None else float(watchdog_ms)
         """No fresh valid command for this long (robot clock) → safe command."""
         if not (np.isfinite(self.watchdog_ms) and 0 < self.watchdog_ms < 2**32):
@@ -161,7 +182,7 @@ class RobotClient:
             if self.curve is not None:
                 self._auth = start_authenticator(self._context, self.curve)
             self._state_sock, self._command_sock, self._handshake_sock, self.endpoints = robot_sockets(
-                self._context, self.requested_endpoints, self.curve)
+                self._context, self.requested_endpoints, self.curve, insecure=self.insecure)
         except BaseException:
             self.close()
             raise
@@ -220,7 +241,9 @@ class RobotClient:
         """
         self._require_started()
         while self._handshake_sock.poll(0):
-            self._answer(self._handshake_sock.recv())
+            # Every part of a request must be read before REP may reply (libzmq refuses with EFSM otherwise); a
+            # multi-part request is not a frame and gets a refusal.
+            self._answer(self._handshake_sock.recv_multipart())
         drain(self._command_sock, self._take_command)
 
     def current_action(self) -> CommandDecision:
@@ -272,7 +295,9 @@ class RobotClient:
 
         ``applied_action`` defaults to the last decision's action (pass what the motors really got if the
         driver changed it); the frame also says whether that was the safe command and which command it
-        was. Raises ValueError for a wrong-size or non-finite observation (no sequence number is used up).
+        was. Raises ValueError for a wrong-size observation or a non-finite applied action (no sequence number is
+        used up). NaN or Inf in ``obs`` is sent as it is: a failed sensor, which the controller's safety layer
+        answers with the safe command in that period (``OBS_NONFINITE``, naming the fields).
         """
         self._require_started()
         decision = self._last_decision
@@ -331,7 +356,7 @@ class RobotClient:
     def _safe_decision(self, reason: str, now: int) -> CommandDecision:
         return CommandDecision(self._safe.copy(), True, reason, 0, 0, now)
 
-    def _take_command(self, data: bytes) -> CommandFrame | None:
+    def _take_command(self, data: bytes | list[bytes]) -> CommandFrame | None:
         return self._decoder.decode(data, check=self._check_command)
 
     def _check_command(self, command: CommandFrame) -> FrameError | None:
@@ -355,9 +380,9 @@ class RobotClient:
         self._accepted_total += 1
         return None
 
-    def _answer(self, data: bytes) -> None:
+    def _answer(self, parts: list[bytes]) -> None:
         try:
-            reply = self._welcome_for(decode(data, expect=MsgType.HELLO))
+            reply = self._welcome_for(decode(parts, expect=MsgType.HELLO))
         except FrameError as exc:
             if exc.reason == "version":
                 message = (f"protocol version mismatch: the controller speaks v{exc.version}, this robot "
@@ -406,8 +431,9 @@ class RobotClient:
 
 
 def _fit(message: str) -> str:
-    """A refusal message within the protocol's limit (they are short; this guards odd robot names)."""
-    raw = message.encode("utf-8")
-    if len(raw) <= MAX_MESSAGE_BYTES:
+    """A refusal message the protocol can carry: printable ASCII (a decode error may quote what the peer sent) within
+    the length limit (they are short; this guards odd input)."""
+    message = printable_ascii(message)
+    if len(message) <= MAX_MESSAGE_BYTES:
         return message
-    return raw[:MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "..."
+    return message[:MAX_MESSAGE_BYTES - 3] + "..."

@@ -25,11 +25,17 @@ instead, and :func:`drain` hands every queued frame to the decoder so the newest
 drops for good on a protocol error (a message over MAXMSGSIZE) and the socket is rebuilt.
 With CURVE, the robot is the CURVE server on all three sockets and authorises controllers by
 their public keys (``zmq.auth.thread.ThreadAuthenticator``); see :mod:`metarl_robot.telemetry.keys`.
+
+Secure by default: binding or connecting a ``tcp://`` endpoint whose host is not loopback (127.0.0.0/8, ::1,
+``localhost``) without CURVE keys raises :class:`InsecureEndpointError`, unless the caller passes
+``insecure=True`` (then a warning is logged once per endpoint). ``ipc://`` and ``inproc://`` never leave the machine.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import logging
 import math
 import os
 import time
@@ -72,6 +78,13 @@ CONTROLLER_SECRET_FILE = "controller.key_secret"
 CONTROLLER_PUBLIC_FILE = "controller.key"
 AUTHORIZED_DIR = "authorized_clients"
 KEYGEN_HINT = "generate keys with `python -m metarl_robot.telemetry.keys <dir>` (see docs/telemetry.md)"
+LOCAL_TRANSPORTS = ("ipc", "inproc")
+"""ZeroMQ transports that never leave the machine."""
+LOOPBACK_NAMES = ("localhost",)
+"""Host names taken for loopback without resolving them (besides the addresses in 127.0.0.0/8 and ::1)."""
+
+_log = logging.getLogger(__name__)
+_warned_insecure: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,65 @@ class Endpoints:
 
     def as_dict(self) -> dict[str, str]:
         return {"state": self.state, "command": self.command, "handshake": self.handshake}
+
+
+# ---- secure by default ----------------------------------------------------------------------------
+class InsecureEndpointError(ValueError):
+    """A telemetry endpoint that leaves the machine, without CURVE keys and without an explicit ``insecure=True``."""
+
+
+def _tcp_host(address: str) -> str:
+    rest = address.split("://", 1)[1]
+    rest = rest.rsplit(";", 1)[-1]  # a connect address may name a source first: tcp://SOURCE;DESTINATION
+    host = rest.rpartition(":")[0] if ":" in rest else rest
+    return host.strip("[]")
+
+
+def leaves_machine(address: str) -> bool:
+    """True unless ``address`` is ``ipc://``, ``inproc://`` or ``tcp://`` to a loopback host (127.0.0.0/8, ::1,
+    ``localhost``). Anything unrecognised (a wildcard ``*``, an interface name, another transport) counts as
+    leaving: the check errs on the side of asking for CURVE."""
+    transport = address.split("://", 1)[0].lower() if "://" in address else ""
+    if transport in LOCAL_TRANSPORTS:
+        return False
+    if transport != "tcp":
+        return True
+    host = _tcp_host(address)
+    if host.lower() in LOOPBACK_NAMES:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a host name, an interface name or '*': may face a network
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is loopback too
+    return not ip.is_loopback
+
+
+def check_endpoint_security(address: str, *, curve: bool, insecure: bool, action: str = "use") -> bool:
+    """Refuse (:class:`InsecureEndpointError`) a plain link that leaves the machine unless ``insecure``; returns True
+    when ``address`` is used unprotected off the machine (``insecure`` given), which is then logged once as a
+    warning. ``action`` ("bind", "connect") is for the message."""
+    if curve or not leaves_machine(address):
+        return False
+    if not insecure:
+        raise InsecureEndpointError(
+            f"refusing to {action} telemetry endpoint {address} without CURVE: it is not loopback (127.0.0.0/8, ::1, "
+            "localhost) or ipc://, so commands and states would cross the network unencrypted and anyone who can "
+            "reach it could command the robot. Either give CURVE keys (robot: --curve-keys DIR / CurveServerKeys; "
+            "controller: CurveClientKeys; docs/telemetry.md, section 'CURVE: authentication and encryption'; "
+            f"{KEYGEN_HINT}), or, on a network you trust, say so explicitly: insecure=True "
+            "(`metarl sim-robot --insecure`)")
+    if address not in _warned_insecure:
+        _warned_insecure.add(address)
+        _log.warning("telemetry endpoint %s leaves this machine without CURVE (insecure=True): unencrypted and "
+                     "unauthenticated", address)
+    return True
+
+
+def unprotected_endpoints(endpoints: Endpoints, *, curve: bool, insecure: bool) -> list[str]:
+    """The endpoints of ``endpoints`` that leave the machine without CURVE (for a warning in diagnostics); raises
+    :class:`InsecureEndpointError` for the first one unless ``insecure``."""
+    return [a for a in endpoints.as_dict().values() if check_endpoint_security(a, curve=curve, insecure=insecure)]
 
 
 # ---- CURVE -------------------------------------------------------------------------------------
@@ -232,26 +304,32 @@ def latest_only_pub(context: zmq.Context) -> zmq.Socket:
 T = TypeVar("T")
 
 
-def drain(sock: zmq.Socket, take: Callable[[bytes], T | None], limit: int | None = None) -> tuple[T | None, int]:
-    """Hand every frame waiting on ``sock`` to ``take`` (which validates and counts it, and returns the message
-    or None), oldest first, without blocking; stop after ``limit`` frames if given. Returns the newest message
-    ``take`` returned and how many frames were read: validate first, then keep the newest."""
+def drain(sock: zmq.Socket, take: Callable[[bytes | list[bytes]], T | None],
+          limit: int | None = None) -> tuple[T | None, int]:
+    """Hand every message waiting on ``sock`` to ``take`` (which validates and counts it, and returns the message
+    or None), oldest first, without blocking; stop after ``limit`` messages if given. Returns the newest message
+    ``take`` returned and how many messages were read: validate first, then keep the newest.
+
+    A single-part message is handed over as its bytes, a multi-part one as the list of its parts, whole: a frame is
+    one single-part message, and reading parts one by one would take the first part of a multi-part message for a
+    frame (the decoder rejects the list as ``length``)."""
     newest: T | None = None
     count = 0
     while limit is None or count < limit:
         try:
-            data = sock.recv(zmq.NOBLOCK)
+            parts = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             break
         count += 1
-        message = take(data)
+        message = take(parts[0] if len(parts) == 1 else parts)
         if message is not None:
             newest = message
     return newest, count
 
 
-def _connected(sock: zmq.Socket, address: str, curve: CurveClientKeys | None) -> zmq.Socket:
+def _connected(sock: zmq.Socket, address: str, curve: CurveClientKeys | None, insecure: bool) -> zmq.Socket:
     try:
+        check_endpoint_security(address, curve=curve is not None, insecure=insecure, action="connect")
         if curve is not None:
             make_curve_client(sock, curve)
         sock.connect(address)
@@ -261,9 +339,12 @@ def _connected(sock: zmq.Socket, address: str, curve: CurveClientKeys | None) ->
     return sock
 
 
-def robot_sockets(context: zmq.Context, endpoints: Endpoints,
-                  curve: CurveServerKeys | None = None) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, Endpoints]:
-    """Bind the robot's state PUB, command SUB and handshake REP; returns them and the bound endpoints."""
+def robot_sockets(context: zmq.Context, endpoints: Endpoints, curve: CurveServerKeys | None = None, *,
+                  insecure: bool = False) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, Endpoints]:
+    """Bind the robot's state PUB, command SUB and handshake REP; returns them and the bound endpoints. An endpoint
+    that leaves the machine needs ``curve`` or ``insecure=True`` (:class:`InsecureEndpointError`, nothing bound)."""
+    for address in endpoints.as_dict().values():
+        check_endpoint_security(address, curve=curve is not None, insecure=insecure, action="bind")
     state = latest_only_pub(context)
     command = bounded_sub(context)
     handshake = _socket(context, zmq.REP, receives=True)
@@ -285,22 +366,25 @@ def robot_sockets(context: zmq.Context, endpoints: Endpoints,
     return state, command, handshake, bound
 
 
-def command_pub(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None) -> zmq.Socket:
+def command_pub(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None, *,
+                insecure: bool = False) -> zmq.Socket:
     """The controller's command PUB, connected. (A robot's SUB that drops it on a protocol error leaves this
     connecting side with a closed connection, which libzmq reconnects by itself.)"""
-    return _connected(latest_only_pub(context), endpoints.command, curve)
+    return _connected(latest_only_pub(context), endpoints.command, curve, insecure)
 
 
-def controller_sockets(context: zmq.Context, endpoints: Endpoints,
-                       curve: CurveClientKeys | None = None) -> tuple[zmq.Socket, zmq.Socket]:
+def controller_sockets(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None, *,
+                       insecure: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
     """A plain connected state SUB and command PUB with the link's options (for tools that read frames raw;
     :class:`~metarl_robot.telemetry.controller.ControllerLink` reads its state through a :class:`HealingSub`)."""
-    return _connected(bounded_sub(context), endpoints.state, curve), command_pub(context, endpoints, curve)
+    return (_connected(bounded_sub(context), endpoints.state, curve, insecure),
+            command_pub(context, endpoints, curve, insecure=insecure))
 
 
-def handshake_socket(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None) -> zmq.Socket:
+def handshake_socket(context: zmq.Context, endpoints: Endpoints, curve: CurveClientKeys | None = None, *,
+                     insecure: bool = False) -> zmq.Socket:
     """A fresh REQ connected to the robot's handshake endpoint."""
-    return _connected(_socket(context, zmq.REQ, receives=True), endpoints.handshake, curve)
+    return _connected(_socket(context, zmq.REQ, receives=True), endpoints.handshake, curve, insecure)
 
 
 # ---- link healing ------------------------------------------------------------------------------
@@ -334,11 +418,13 @@ class HealingSub:
     """
 
     def __init__(self, context: zmq.Context, endpoint: str, *, curve: CurveClientKeys | None = None,
-                 on_reset: Callable[[str], None] | None = None) -> None:
+                 on_reset: Callable[[str], None] | None = None, insecure: bool = False) -> None:
         self.endpoint = endpoint
         """The robot's state address."""
         self.curve = curve
         """CURVE client keys, or None for a plain link."""
+        self.insecure = insecure
+        """Allow a plain link off this machine (see :func:`check_endpoint_security`)."""
         self.on_reset = on_reset
         """Called with the cause of each rebuild the link decided itself (not for :meth:`reset`)."""
         self._context = context
@@ -357,7 +443,7 @@ class HealingSub:
             raise RuntimeError("HealingSub is closed")
         return self._sock
 
-    def receive(self, take: Callable[[bytes], T | None], timeout_s: float = 0.0) -> T | None:
+    def receive(self, take: Callable[[bytes | list[bytes]], T | None], timeout_s: float = 0.0) -> T | None:
         """Wait up to ``timeout_s`` for frames; every one goes through ``take`` (oldest first) and the newest one
         ``take`` accepted is returned, or None. Heals the connection on the way (see the class)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
@@ -412,7 +498,7 @@ class HealingSub:
             sock.close(linger=0)
             raise
         try:
-            _connected(sock, self.endpoint, self.curve)
+            _connected(sock, self.endpoint, self.curve, self.insecure)
         except BaseException:
             monitor.close(linger=0)
             raise

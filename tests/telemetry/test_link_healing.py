@@ -51,7 +51,9 @@ def _spoil(rng: np.random.Generator, good: bytes, wrong_type: bytes, wrong_dims:
         return bytes(MAX_FRAME_BYTES + 64)  # over the frame limit, under MAXMSGSIZE: delivered and rejected
     if kind == 4:
         spoiled = bytearray(good)
-        spoiled[48:56] = struct.pack("<d", float("nan"))  # NaN in the first float, with a valid CRC
+        # NaN in the last float (a command's action, a state's applied action; a state's *observation* may be NaN),
+        # with a valid CRC.
+        spoiled[-8:] = struct.pack("<d", float("nan"))
         return reseal(bytes(spoiled))
     if kind == 5:
         return wrong_type

@@ -9,22 +9,25 @@ import numpy as np
 import pytest
 import zmq
 
+from metarl_robot.runtime.safety import CommandSource, EventCode, SafetyConfig, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import load_robot
 from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
 from metarl_robot.telemetry.protocol import (
     CommandFrame,
     Hello,
     MsgType,
+    StateFrame,
     Welcome,
     decode,
     encode,
     encode_command,
+    encode_state,
     reseal,
 )
 from metarl_robot.telemetry.robot_client import RobotClient
 from metarl_robot.telemetry.transport import Endpoints
 from tests.conftest import edit_yaml
-from tests.telemetry.conftest import ANY_PORT, first_state, handshake_with, serve_while
+from tests.telemetry.conftest import ANY_PORT, DEADLINE_S, first_state, handshake_with, serve_while
 
 pytestmark = pytest.mark.integration
 
@@ -339,9 +342,106 @@ def test_publish_state_checks_its_input_and_keeps_the_sequence(robot_client):
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         robot_client.publish_state(np.zeros(3))
     with pytest.raises(ValueError, match="NaN"):
-        robot_client.publish_state(np.array([0.0, np.nan, 0.0, 0.0]))
+        robot_client.publish_state(OBS, applied_action=[np.nan])
     assert robot_client.publish_state(OBS).seq == 1
     assert robot_client.publish_state(OBS, applied_action=[0.2]).seq == 2
+    # A failed sensor is not an input error: the frame goes out, for the controller's safety layer.
+    assert robot_client.publish_state(np.array([0.0, np.nan, 0.0, 0.0])).seq == 3
+
+
+def _receive_seq(link: ControllerLink, seq: int):
+    end = time.monotonic() + DEADLINE_S
+    while time.monotonic() < end:
+        frame = link.receive_state(0.5)
+        if frame is not None and frame.seq == seq:
+            return frame
+    raise AssertionError(f"state {seq} never arrived")
+
+
+def test_a_nan_observation_reaches_the_safety_layer_which_stops_in_that_period_naming_the_field(
+        robot_client, link, cartpole):
+    handshake_with(robot_client, link, cartpole)
+    layer = SafetyLayer(cartpole, SafetyConfig(stale_after_periods=50))  # a busy test machine must not go stale
+    layer.on_handshake(True, time.monotonic())
+    robot_client.current_action()
+    good = first_state(robot_client, link, OBS)
+    assert layer.on_frame(good.seq, good.stamp_ns, time.monotonic(), good.obs)
+    decision = layer.filter(np.array([0.2]), None, time.monotonic())
+    assert decision.source is CommandSource.ADAPTER
+    link.send_command(decision.command, answers=good)
+
+    # The pole encoder fails: the robot sends what it read, and the controller gets it in that period.
+    sent = robot_client.publish_state(np.array([0.1, np.nan, 0.0, 0.0]))
+    frame = _receive_seq(link, sent.seq)
+    assert np.isnan(frame.obs[1]) and link.stats.rejected["non_finite"] == 0
+    now = time.monotonic()
+    assert not layer.on_frame(frame.seq, frame.stamp_ns, now, frame.obs)
+    decision = layer.tick(now)
+    assert decision.state is SafetyState.SAFE_STOP and decision.source is CommandSource.SAFE_COMMAND
+    np.testing.assert_array_equal(decision.command, cartpole.safe_action)
+    events = [e for e in decision.events if e.code is EventCode.OBS_NONFINITE]
+    assert len(events) == 1 and "['pole_angle']" in events[0].message, decision.events
+
+    # A NaN in what the robot says it applied is a malformed frame: dropped and counted, never handed on.
+    spoiled = bytearray(encode_state(StateFrame(seq=sent.seq + 1, stamp_ns=sent.stamp_ns + 1, obs=OBS,
+                                                applied_action=np.array([0.0]), session=sent.session)))
+    spoiled[-8:] = np.array([np.nan]).tobytes()
+    robot_client.publish_raw(reseal(bytes(spoiled)))
+    end = time.monotonic() + DEADLINE_S
+    while link.stats.rejected["non_finite"] == 0 and time.monotonic() < end:
+        assert link.receive_state(0.05) is None
+    assert link.stats.rejected["non_finite"] == 1
+
+
+def test_multi_part_messages_are_refused_whole_and_the_loops_survive(robot_client, link, cartpole):
+    hello = encode(Hello("cartpole", cartpole.interface_hash, 4, 1, 0.04))
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(robot_client.endpoints.handshake)
+    try:
+        req.send_multipart([hello, b"a second part"])  # a valid HELLO first: still not a frame
+        serve_while(robot_client, lambda: req.poll(0))  # service() answered instead of raising
+        reply = decode(req.recv(), expect=MsgType.WELCOME)
+    finally:
+        req.close()
+    assert not reply.accepted and reply.message == ("malformed HELLO: a multi-part message (2 parts); a frame is "
+                                                    "one single-part message")
+    assert robot_client.counters.handshakes_refused == 1 and robot_client.session == 0
+
+    welcome = handshake_with(robot_client, link, cartpole)
+    robot_client.current_action()
+    state = first_state(robot_client, link, OBS)
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(robot_client.endpoints.command)
+    try:
+        command = encode_command(CommandFrame(10**6, state.seq, state.stamp_ns + 10**10, welcome.session,
+                                              np.array([0.3])))
+        serve_while(robot_client, lambda: robot_client.counters.commands.rejected["length"] > 0,
+                    publish=lambda: pub.send_multipart([command, b""]))
+    finally:
+        pub.close()
+    assert robot_client.counters.commands.accepted == 0 and robot_client.current_action().reason == "no_command"
+
+    # And on the controller's state socket: the first part is a valid state, yet the message is not a frame.
+    valid = encode_state(StateFrame(seq=1, stamp_ns=1, obs=OBS))
+    rogue = zmq.Context.instance().socket(zmq.PUB)
+    rogue.setsockopt(zmq.LINGER, 0)
+    port = rogue.bind_to_random_port("tcp://127.0.0.1")
+    endpoints = robot_client.endpoints
+    rx = ControllerLink(Endpoints(f"tcp://127.0.0.1:{port}", endpoints.command, endpoints.handshake))
+    rx.connect()
+    try:
+        end = time.monotonic() + DEADLINE_S
+        while rx.stats.rejected["length"] == 0 and time.monotonic() < end:
+            rogue.send_multipart([valid, b"x"])
+            assert rx.receive_state(0.02) is None
+        assert rx.stats.rejected["length"] > 0 and rx.stats.accepted == 0
+        rogue.send(valid)  # the same bytes as one part: a frame
+        assert rx.receive_state(DEADLINE_S).seq == 1
+    finally:
+        rx.close()
+        rogue.close()
 
 
 def test_clients_refuse_use_before_start():

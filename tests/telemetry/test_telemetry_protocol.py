@@ -29,6 +29,7 @@ from metarl_robot.telemetry.protocol import (
     encode_command,
     encode_state,
     peek_type,
+    printable_ascii,
     reseal,
 )
 
@@ -62,8 +63,9 @@ def welcome(**overrides) -> Welcome:
 
 VALID_MESSAGES = [
     state(), state(applied_action=None, applied_command_seq=0), state(safe=True, applied_command_seq=0, session=0),
+    state(obs=np.array([np.nan, 3.1, np.inf, -np.inf])),  # a failed sensor travels, for the safety layer to judge
     command(), hello(), welcome(),
-    welcome(accepted=False, session=0, message="robot.yaml interface mismatch: ä ✓"),
+    welcome(accepted=False, session=0, message="robot.yaml interface mismatch: ~ all printable ASCII {} |\\"),
 ]
 
 
@@ -96,7 +98,21 @@ def test_header_layout_and_checksum():
 
 def test_encoders_refuse_what_the_decoder_would_reject():
     with pytest.raises(ValueError, match="NaN or Inf"):
-        encode_state(state(obs=np.array([0.0, np.nan, 0.0, 0.0])))
+        encode_state(state(applied_action=np.array([np.nan])))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        encode_command(command(action=np.array([np.inf])))
+    with pytest.raises(ValueError, match="SAFE state"):
+        encode_state(state(safe=True, applied_command_seq=6))  # the decoder's "SAFE flag with a command seq"
+    with pytest.raises(ValueError, match="SAFE state"):
+        encode_state(state(safe=True, applied_command_seq=0, applied_action=None))
+    for name in ("cart\npole", "caf\u00e9", "tab\there", "del\x7f", ""):
+        with pytest.raises(ValueError, match="robot name"):
+            encode(Hello(name, HASH, 4, 1, 0.04))
+        with pytest.raises(ValueError, match="robot name"):
+            encode(welcome(robot_name=name))
+    for message in ("line\nbreak", "unicode \u2713", "nul\x00"):
+        with pytest.raises(ValueError, match="WELCOME message must be printable ASCII"):
+            encode(welcome(accepted=False, session=0, message=message))
     with pytest.raises(ValueError, match="seq"):
         encode_state(state(seq=0))
     with pytest.raises(ValueError, match="session"):
@@ -131,7 +147,7 @@ REJECTIONS = {
     "reserved": (_patch(COMMAND_BYTES, 16 + 30, "<H", 1), {}),
     "dims": (STATE_BYTES, {"obs_dim": 5}),
     "field": (_patch(STATE_BYTES, 16, "<Q", 0), {}),
-    "non_finite": (_patch(STATE_BYTES, 48 + 8, "<d", float("inf")), {}),
+    "non_finite": (_patch(STATE_BYTES, 48 + 8 * 4, "<d", float("inf")), {}),  # the applied action
     "text": (_patch(WELCOME_BYTES, 16 + 24 + 48, "<B", 0xFF), {}),
 }
 
@@ -167,6 +183,38 @@ def test_more_semantic_rejections():
         with pytest.raises(FrameError) as info:
             decode(data, **(kwargs[0] if kwargs else {}))
         assert info.value.reason == reason, info.value
+
+
+def test_text_is_printable_ascii_exactly():
+    name_at = 16 + 48  # HELLO: the name follows the 48-byte identity block
+    for byte in (0x00, 0x1F, 0x7F, 0x80, 0xC3, 0xFF):
+        with pytest.raises(FrameError) as info:
+            decode(_patch(encode(hello()), name_at, "<B", byte))
+        assert info.value.reason == "text" and f"{byte:#04x}" in str(info.value)
+    for byte in (0x20, 0x7E):
+        assert decode(_patch(encode(hello()), name_at, "<B", byte)).robot_name == chr(byte) + "artpole"
+    assert printable_ascii("caf\u00e9\n\u2713 ok") == "caf\\xe9\\n\\u2713 ok"
+
+
+def test_observations_may_be_non_finite_but_nothing_else_may():
+    frame = decode(encode_state(state(obs=np.array([0.1, np.nan, np.inf, -np.inf]))), obs_dim=4, action_dim=1)
+    assert frame.obs[0] == 0.1 and np.isnan(frame.obs[1]) and np.isposinf(frame.obs[2]) and np.isneginf(frame.obs[3])
+    for data, what in ((_patch(STATE_BYTES, 48 + 8 * 4, "<d", float("nan")), "applied_action"),
+                       (_patch(COMMAND_BYTES, 48, "<d", float("-inf")), "action"),
+                       (_patch(encode(hello()), 16 + 32, "<d", float("inf")), "ctrl_dt")):
+        with pytest.raises(FrameError, match=what) as info:
+            decode(data)
+        assert info.value.reason == "non_finite"
+
+
+def test_a_multi_part_message_is_not_a_frame():
+    assert decode([STATE_BYTES]).seq == 7  # one part: the frame
+    for parts in ([STATE_BYTES, b"x"], [STATE_BYTES, STATE_BYTES], []):
+        with pytest.raises(FrameError, match="multi-part") as info:
+            decode(parts)
+        assert info.value.reason == "length"
+    decoder = FrameDecoder(MsgType.STATE)
+    assert decoder.decode([STATE_BYTES, b""]) is None and decoder.stats.rejected["length"] == 1
 
 
 def test_version_error_carries_the_version():

@@ -49,65 +49,16 @@ void put_f64(Bytes& out, double v) {
   put_le(out, bits, 8);
 }
 
-// ---- UTF-8 text rules -------------------------------------------------------------------------------------
-// Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF), as Python's bytes.decode("utf-8").
-bool decode_utf8(const std::uint8_t* p, std::size_t n, std::vector<std::uint32_t>& out, std::size_t& bad_at) {
-  std::size_t i = 0;
-  while (i < n) {
-    const std::uint8_t b = p[i];
-    std::uint32_t cp;
-    std::size_t len;
-    if (b < 0x80) { cp = b; len = 1; }
-    else if (b >= 0xC2 && b <= 0xDF) { cp = b & 0x1F; len = 2; }
-    else if (b >= 0xE0 && b <= 0xEF) { cp = b & 0x0F; len = 3; }
-    else if (b >= 0xF0 && b <= 0xF4) { cp = b & 0x07; len = 4; }
-    else { bad_at = i; return false; }
-    if (i + len > n) { bad_at = i; return false; }
-    for (std::size_t k = 1; k < len; ++k) {
-      if ((p[i + k] & 0xC0) != 0x80) { bad_at = i; return false; }
-      cp = (cp << 6) | (p[i + k] & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-        (cp >= 0xD800 && cp <= 0xDFFF)) {
-      bad_at = i;
-      return false;
-    }
-    out.push_back(cp);
-    i += len;
-  }
-  return true;
-}
-
-// "Printable" as the Python reference (str.isprintable) judges names and messages: no control characters
-// (Cc), no line/paragraph separators, no spaces other than U+0020, no invisible format characters, no
-// private-use code points or noncharacters. Python also refuses code points unassigned in its Unicode
-// version; that needs the Unicode tables, so a robot name should stay ASCII (see README, "Known gaps").
-bool printable(std::uint32_t c) {
-  if (c < 0x20 || (c >= 0x7F && c <= 0xA0) || c == 0xAD) return false;
-  struct Range { std::uint32_t lo, hi; };
-  static constexpr Range kNot[] = {
-      {0x0600, 0x0605}, {0x061C, 0x061C}, {0x06DD, 0x06DD}, {0x070F, 0x070F}, {0x0890, 0x0891},
-      {0x08E2, 0x08E2}, {0x1680, 0x1680}, {0x180E, 0x180E}, {0x2000, 0x200F}, {0x2028, 0x202F},
-      {0x205F, 0x2064}, {0x2066, 0x206F}, {0x3000, 0x3000}, {0xE000, 0xF8FF}, {0xFDD0, 0xFDEF},
-      {0xFEFF, 0xFEFF}, {0xFFF0, 0xFFFB}, {0x110BD, 0x110BD}, {0x110CD, 0x110CD}, {0x13430, 0x1343F},
-      {0x1BCA0, 0x1BCA3}, {0x1D173, 0x1D17A}, {0xE0000, 0xE00FF}, {0xE01F0, 0x10FFFF},
-  };
-  for (const Range& r : kNot) {
-    if (c >= r.lo && c <= r.hi) return false;
-  }
-  return (c & 0xFFFE) != 0xFFFE;  // U+xxFFFE / U+xxFFFF are noncharacters in every plane
-}
-
-// Empty string when `text` is valid, else why not.
+// ---- text rule --------------------------------------------------------------------------------------------
+// Names and messages are printable ASCII, bytes 0x20..0x7E (docs/telemetry.md): exactly what the Python reference
+// checks, with no Unicode tables on either side. Empty string when `text` is valid, else why not.
 std::string text_problem(const std::uint8_t* p, std::size_t n) {
-  std::vector<std::uint32_t> cps;
-  std::size_t bad_at = 0;
-  if (!decode_utf8(p, n, cps, bad_at)) return "is not valid UTF-8 (at byte " + std::to_string(bad_at) + ")";
-  for (std::uint32_t c : cps) {
-    if (!printable(c)) {
-      char buf[32];
-      std::snprintf(buf, sizeof buf, "U+%04X", static_cast<unsigned>(c));
-      return std::string("has a control or invisible character (") + buf + ")";
+  for (std::size_t i = 0; i < n; ++i) {
+    if (p[i] < 0x20 || p[i] > 0x7E) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "0x%02x", static_cast<unsigned>(p[i]));
+      return std::string("has byte ") + hex + " at offset " + std::to_string(i) +
+             "; names and messages are printable ASCII (0x20..0x7e)";
     }
   }
   return {};
@@ -116,13 +67,15 @@ std::string text_problem(const std::uint8_t* p, std::size_t n) {
 // ---- encoding ---------------------------------------------------------------------------------------------
 [[noreturn]] void bad_value(const std::string& what) { throw std::invalid_argument("telemetry encode: " + what); }
 
-void check_vector(const char* name, const std::vector<double>& v) {
+void check_vector(const char* name, const std::vector<double>& v, bool finite = true) {
   if (v.empty() || v.size() > kMaxDim) {
     bad_value(std::string(name) + " must have 1.." + std::to_string(kMaxDim) + " values, got " +
               std::to_string(v.size()));
   }
   for (double x : v) {
-    if (!std::isfinite(x)) bad_value(std::string(name) + " contains NaN or Inf; the protocol carries finite values");
+    if (finite && !std::isfinite(x)) {
+      bad_value(std::string(name) + " contains NaN or Inf; the protocol carries finite values here");
+    }
   }
 }
 
@@ -145,7 +98,7 @@ Bytes finish_frame(MsgType type, std::uint16_t flags, const Bytes& payload) {
 void put_identity(Bytes& out, const Identity& id) {
   const std::size_t name_len = id.robot_name.size();
   if (name_len < 1 || name_len > kMaxNameBytes) {
-    bad_value("robot name must be 1.." + std::to_string(kMaxNameBytes) + " UTF-8 bytes");
+    bad_value("robot name must be 1.." + std::to_string(kMaxNameBytes) + " bytes");
   }
   const std::string problem =
       text_problem(reinterpret_cast<const std::uint8_t*>(id.robot_name.data()), name_len);
@@ -191,11 +144,13 @@ void check_dim(const char* name, std::uint16_t got, std::optional<std::uint16_t>
   }
 }
 
-std::vector<double> floats(const std::uint8_t* p, std::size_t count, const char* what) {
+std::vector<double> floats(const std::uint8_t* p, std::size_t count, const char* what, bool finite = true) {
   std::vector<double> v(count);
   for (std::size_t i = 0; i < count; ++i) {
     v[i] = f64_at(p + 8 * i);
-    if (!std::isfinite(v[i])) fail(Reason::NonFinite, std::string(what) + " has NaN/Inf at index " + std::to_string(i));
+    if (finite && !std::isfinite(v[i])) {
+      fail(Reason::NonFinite, std::string(what) + " has NaN/Inf at index " + std::to_string(i));
+    }
   }
   return v;
 }
@@ -227,7 +182,8 @@ StateFrame decode_state(const std::uint8_t* pl, std::size_t n, std::uint16_t fla
   f.safe = (flags & kStateFlagSafe) != 0;
   if (f.safe && f.applied_command_seq != 0) fail(Reason::Field, "STATE SAFE flag with an applied_command_seq");
   if (f.safe && n_act == 0) fail(Reason::Field, "STATE SAFE flag without an applied action");
-  f.obs = floats(pl + kStateFixed, n_obs, "obs");
+  // A NaN/Inf observation passes: a failed sensor, which the controller's safety layer answers (OBS_NONFINITE).
+  f.obs = floats(pl + kStateFixed, n_obs, "obs", /*finite=*/false);
   if (n_act) f.applied_action = floats(pl + kStateFixed + 8 * n_obs, n_act, "applied_action");
   return f;
 }
@@ -401,8 +357,12 @@ std::uint32_t crc32(const std::uint8_t* data, std::size_t size, std::uint32_t pr
   return c ^ 0xFFFFFFFFu;
 }
 
+bool is_protocol_text(std::string_view text) {
+  return text_problem(reinterpret_cast<const std::uint8_t*>(text.data()), text.size()).empty();
+}
+
 Bytes encode_state(const StateFrame& f) {
-  check_vector("obs", f.obs);
+  check_vector("obs", f.obs, /*finite=*/false);  // a failed sensor is reported, not hidden
   if (!f.applied_action.empty()) check_vector("applied_action", f.applied_action);
   if (f.seq == 0) bad_value("STATE seq must be >= 1");
   if (f.stamp_ns < 0) bad_value("STATE stamp_ns must be >= 0");

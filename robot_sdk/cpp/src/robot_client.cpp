@@ -45,12 +45,22 @@ std::string fmt_g(double x) {
   return buf;
 }
 
-// A refusal message within the protocol's 1024 bytes, cut on a UTF-8 character boundary.
-std::string fit_message(std::string message) {
-  if (message.size() <= kMaxMessageBytes) return message;
-  std::size_t cut = kMaxMessageBytes - 3;
-  while (cut > 0 && (static_cast<unsigned char>(message[cut]) & 0xC0) == 0x80) --cut;
-  return message.substr(0, cut) + "...";
+// A refusal message the protocol can carry: printable ASCII (any other byte written as \xNN, as a guard: the
+// messages are built from checked names and decoder details) within its 1024 bytes.
+std::string fit_message(const std::string& message) {
+  std::string out;
+  for (const char ch : message) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c <= 0x7E) {
+      out += ch;
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
+      out += buf;
+    }
+  }
+  if (out.size() <= kMaxMessageBytes) return out;
+  return out.substr(0, kMaxMessageBytes - 3) + "...";
 }
 
 void set_int(void* sock, int option, int value) { zmq_setsockopt(sock, option, &value, sizeof value); }
@@ -77,7 +87,9 @@ const char* decision_reason_name(DecisionReason reason) {
 
 void RobotInterface::validate() const {
   auto bad = [](const std::string& what) { throw std::invalid_argument("RobotInterface: " + what); };
-  if (name.empty() || name.size() > kMaxNameBytes) bad("name must be 1..64 bytes");
+  if (name.empty() || name.size() > kMaxNameBytes || !is_protocol_text(name)) {
+    bad("name must be 1..64 printable ASCII characters (every WELCOME carries it)");
+  }
   if (!(std::isfinite(ctrl_dt) && ctrl_dt > 0)) bad("ctrl_dt must be finite and > 0");
   if (obs_dim < 1 || obs_dim > kMaxDim || action_dim < 1 || action_dim > kMaxDim) bad("dims must be 1..1024");
   if (action_low.size() != action_dim || action_high.size() != action_dim || safe_command.size() != action_dim) {
@@ -238,48 +250,56 @@ struct RobotClient::Impl {
     return true;
   }
 
+  // One whole message from `sock` without blocking: its first part into `first`, the other parts read and dropped
+  // (a REP may reply only after every part; a frame is one single-part message). Returns the number of parts, 0
+  // when nothing is waiting.
+  static std::size_t read_message(void* sock, Bytes& first) {
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    if (zmq_msg_recv(&msg, sock, ZMQ_DONTWAIT) < 0) {
+      zmq_msg_close(&msg);
+      return 0;
+    }
+    const auto* data = static_cast<const std::uint8_t*>(zmq_msg_data(&msg));
+    first.assign(data, data + zmq_msg_size(&msg));
+    std::size_t parts = 1;
+    bool more = zmq_msg_more(&msg);
+    zmq_msg_close(&msg);
+    while (more) {  // the other parts of a message arrive with the first: no wait
+      zmq_msg_init(&msg);
+      if (zmq_msg_recv(&msg, sock, 0) < 0) more = false;
+      else more = zmq_msg_more(&msg);
+      zmq_msg_close(&msg);
+      ++parts;
+    }
+    return parts;
+  }
+
+  static std::string multipart_detail(std::size_t parts) {
+    return "a multi-part message (" + std::to_string(parts) + " parts); a frame is one single-part message";
+  }
+
   void service() {
     require_started();
-    zmq_msg_t msg;
+    Bytes data;
     // Handshakes: answer every request, exactly once. The caps on both loops bound the time one call can take
     // under a flood (a real-time loop must get back to its motors); what is left waits for the next call.
     for (int taken = 0; taken < kMaxHandshakesPerService; ++taken) {
-      zmq_msg_init(&msg);
-      if (zmq_msg_recv(&msg, handshake_sock, ZMQ_DONTWAIT) < 0) {
-        zmq_msg_close(&msg);
-        break;
-      }
-      Bytes request(static_cast<const std::uint8_t*>(zmq_msg_data(&msg)),
-                    static_cast<const std::uint8_t*>(zmq_msg_data(&msg)) + zmq_msg_size(&msg));
-      bool multipart = zmq_msg_more(&msg);
-      zmq_msg_close(&msg);
-      // A REP must take in every part of a request before it may reply; a multi-part request is not a frame.
-      while (handshake_more_pending()) {
-        multipart = true;
-        zmq_msg_init(&msg);
-        zmq_msg_recv(&msg, handshake_sock, 0);
-        zmq_msg_close(&msg);
-      }
-      answer(request, multipart);
+      const std::size_t parts = read_message(handshake_sock, data);
+      if (parts == 0) break;
+      answer(data, parts);
     }
     // Commands: every queued one, oldest first (normally one; at most kRecvQueueFrames). Each valid one replaces
     // the held command, so the newest valid command wins and a bad frame never displaces a good one.
     for (int taken = 0; taken < kMaxCommandsPerService; ++taken) {
-      zmq_msg_init(&msg);
-      if (zmq_msg_recv(&msg, command_sock, ZMQ_DONTWAIT) < 0) {
-        zmq_msg_close(&msg);
-        break;
+      const std::size_t parts = read_message(command_sock, data);
+      if (parts == 0) break;
+      if (parts > 1) {
+        reject(Reason::Length, multipart_detail(parts));  // its first part is not taken for a frame
+        continue;
       }
-      take_command(static_cast<const std::uint8_t*>(zmq_msg_data(&msg)), zmq_msg_size(&msg));
-      zmq_msg_close(&msg);
+      take_command(data.data(), data.size());
     }
-  }
-
-  bool handshake_more_pending() {
-    int more = 0;
-    std::size_t len = sizeof more;
-    zmq_getsockopt(handshake_sock, ZMQ_RCVMORE, &more, &len);
-    return more != 0;
   }
 
   void reject(Reason reason, std::string detail) {
@@ -323,14 +343,14 @@ struct RobotClient::Impl {
     ++counters.commands.accepted;
   }
 
-  Welcome own_identity(bool accepted, std::uint32_t new_session, std::string message) {
+  Welcome own_identity(bool accepted, std::uint32_t new_session, const std::string& message) {
     Welcome w;
     w.accepted = accepted;
     w.session = new_session;
     w.watchdog_ms = static_cast<std::uint32_t>(std::nearbyint(watchdog_ms));  // ties to even, as Python's round
     w.robot_stamp_ns = std::max<std::int64_t>(0, clock());
     w.identity = {robot.name, robot.interface_hash, robot.ctrl_dt, robot.obs_dim, robot.action_dim};
-    w.message = fit_message(std::move(message));
+    w.message = fit_message(message);
     return w;
   }
 
@@ -368,10 +388,10 @@ struct RobotClient::Impl {
     return own_identity(true, fresh, "");
   }
 
-  void answer(const Bytes& request, bool multipart) {
+  void answer(const Bytes& request, std::size_t parts) {
     Welcome reply;
-    if (multipart) {
-      reply = own_identity(false, 0, "malformed HELLO: a multi-part message (a frame is one single-part message)");
+    if (parts > 1) {
+      reply = own_identity(false, 0, "malformed HELLO: " + multipart_detail(parts));
     } else {
       Decoded d = decode(request.data(), request.size(), DecodeExpect{MsgType::Hello, {}, {}});
       if (d.ok()) {

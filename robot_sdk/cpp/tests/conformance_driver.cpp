@@ -19,6 +19,7 @@
 //   quit
 // Errors in a command (bad numbers, a wrong-size observation) answer {"error": "..."} and the driver goes on.
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -59,6 +60,9 @@ std::vector<double> doubles(const std::string& csv) {
 }
 
 std::string num(double x) {
+  // Python's json reads these three tokens for the non-finite values a STATE observation may carry.
+  if (std::isnan(x)) return "NaN";
+  if (std::isinf(x)) return x > 0 ? "Infinity" : "-Infinity";
   char buf[40];
   std::snprintf(buf, sizeof buf, "%.17g", x);
   return buf;

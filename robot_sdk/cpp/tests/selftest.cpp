@@ -8,6 +8,8 @@
 #include <optional>
 #include <cstdio>
 #include <cstring>
+#include <limits>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,6 +54,20 @@ const char* const kDocState =
 const char* const kDocCommand =
     "4d 52 4c 54 01 04 00 00 28 00 00 00 58 ae b7 22 2b 00 00 00 00 00 00 00 2a 00 00 00 00 00 00 00"
     "00 d8 c1 42 00 00 00 00 78 56 34 12 01 00 00 00 00 00 00 00 00 00 e8 3f";
+const char* const kDocHash = "bf5857a81adeb57abdd9797d665c8a2bd2d7b8dea2652f9e4a3a5ea9c3653f25";
+const char* const kDocHello =
+    "4d 52 4c 54 01 01 00 00 38 00 00 00 87 54 8d 93 bf 58 57 a8 1a de b5 7a bd d9 79 7d 66 5c 8a 2b"
+    "d2 d7 b8 de a2 65 2f 9e 4a 3a 5e a9 c3 65 3f 25 7b 14 ae 47 e1 7a a4 3f 04 00 01 00 08 00 00 00"
+    "63 61 72 74 70 6f 6c 65";
+const char* const kDocWelcome =
+    "4d 52 4c 54 01 02 00 00 50 00 00 00 f6 75 2f 35 78 56 34 12 c8 00 00 00 80 d9 9f 38 00 00 00 00"
+    "01 00 00 00 00 00 00 00 bf 58 57 a8 1a de b5 7a bd d9 79 7d 66 5c 8a 2b d2 d7 b8 de a2 65 2f 9e"
+    "4a 3a 5e a9 c3 65 3f 25 7b 14 ae 47 e1 7a a4 3f 04 00 01 00 08 00 00 00 63 61 72 74 70 6f 6c 65";
+const char* const kDocRefusal =
+    "4d 52 4c 54 01 02 00 00 6d 00 00 00 e7 7b 8e 0b 00 00 00 00 c8 00 00 00 80 d9 9f 38 00 00 00 00"
+    "00 00 1d 00 00 00 00 00 bf 58 57 a8 1a de b5 7a bd d9 79 7d 66 5c 8a 2b d2 d7 b8 de a2 65 2f 9e"
+    "4a 3a 5e a9 c3 65 3f 25 7b 14 ae 47 e1 7a a4 3f 04 00 01 00 08 00 00 00 63 61 72 74 70 6f 6c 65"
+    "72 6f 62 6f 74 2e 79 61 6d 6c 20 69 6e 74 65 72 66 61 63 65 20 6d 69 73 6d 61 74 63 68";
 
 // The rejection reason, or nullopt when the frame decodes.
 std::optional<Reason> reason_of(const Bytes& frame, const DecodeExpect& expect = {}) {
@@ -108,6 +124,40 @@ void codec_tests() {
   bad[6] = 1;  // a flag on a COMMAND
   check(reason_of(reseal(bad), as_command) == Reason::Flags, "flags");
 
+  // A NaN/Inf observation is carried (a failed sensor, for the controller's safety layer); an applied action is not.
+  StateFrame failed = s;
+  failed.obs = {std::nan(""), 3.0, -std::numeric_limits<double>::infinity(), 1.5};
+  Bytes nan_state = encode_state(failed);
+  d = decode(nan_state.data(), nan_state.size(), DecodeExpect{MsgType::State, 4, 1});
+  check(d.ok() && std::isnan(std::get<StateFrame>(*d.message).obs[0]) &&
+            std::isinf(std::get<StateFrame>(*d.message).obs[2]),
+        "a STATE with a NaN/Inf observation decodes");
+  std::memcpy(nan_state.data() + 16 + 32 + 8 * 4, &not_a_number, 8);
+  check(reason_of(reseal(nan_state)) == Reason::NonFinite, "a NaN applied action is non_finite");
+  failed.safe = true;  // SAFE needs applied_command_seq 0: the encoder refuses what the decoder refuses
+  bool refused = false;
+  try {
+    encode_state(failed);
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  check(refused, "encode_state refuses SAFE with a command seq");
+
+  Hello doc_hello;
+  doc_hello.identity = {"cartpole", parse_interface_hash(kDocHash), 0.04, 4, 1};
+  check(encode_hello(doc_hello) == from_hex(kDocHello), "HELLO example frame of docs/telemetry.md");
+  Welcome doc_welcome;
+  doc_welcome.accepted = true;
+  doc_welcome.session = 0x12345678;
+  doc_welcome.watchdog_ms = 200;
+  doc_welcome.robot_stamp_ns = 950000000;
+  doc_welcome.identity = doc_hello.identity;
+  check(encode_welcome(doc_welcome) == from_hex(kDocWelcome), "WELCOME example frame of docs/telemetry.md");
+  doc_welcome.accepted = false;
+  doc_welcome.session = 0;
+  doc_welcome.message = "robot.yaml interface mismatch";
+  check(encode_welcome(doc_welcome) == from_hex(kDocRefusal), "refusing WELCOME example frame of docs/telemetry.md");
+
   Hello h;
   h.identity = {"cartpole", parse_interface_hash(std::string(64, 'a')), 0.04, 4, 1};
   Bytes hello = encode_hello(h);
@@ -115,6 +165,10 @@ void codec_tests() {
   check(d.ok() && std::get<Hello>(*d.message).identity.robot_name == "cartpole", "HELLO round trip");
   hello[64] = '\n';  // a control character in the name
   check(reason_of(reseal(hello)) == Reason::Text, "text");
+  hello[64] = static_cast<std::uint8_t>(0xC3);  // not ASCII (the first byte of a UTF-8 e-acute)
+  check(reason_of(reseal(hello)) == Reason::Text, "text: names are ASCII");
+  check(is_protocol_text("cart pole ~") && !is_protocol_text("caf\xc3\xa9") && !is_protocol_text("a\x7f"),
+        "is_protocol_text is printable ASCII");
 
   Welcome w;
   w.accepted = true;

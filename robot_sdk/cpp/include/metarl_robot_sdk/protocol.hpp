@@ -68,7 +68,7 @@ struct StateFrame {
   std::uint64_t applied_command_seq = 0;  ///< COMMAND applied in the period that ended; 0 for the safe command
   std::uint32_t session = 0;              ///< session of the armed controller, 0 when none
   bool safe = false;                      ///< the applied action was the safe command (flag bit 0)
-  std::vector<double> obs;                ///< robot.yaml observation order
+  std::vector<double> obs;                ///< robot.yaml observation order; NaN/Inf allowed (a failed sensor)
   std::vector<double> applied_action;     ///< empty: not sent (action_dim 0)
 };
 
@@ -82,7 +82,7 @@ struct CommandFrame {
 
 /// The 48 + L byte block HELLO and WELCOME share: one side's view of robot.yaml.
 struct Identity {
-  std::string robot_name;          ///< robot.yaml `name`, 1..64 UTF-8 bytes
+  std::string robot_name;          ///< robot.yaml `name`, 1..64 printable ASCII bytes (0x20..0x7E)
   InterfaceHash interface_hash{};  ///< raw sha256
   double ctrl_dt = 0.0;            ///< control period, seconds
   std::uint16_t obs_dim = 0;
@@ -99,7 +99,7 @@ struct Welcome {
   std::uint32_t watchdog_ms = 0;   ///< informational
   std::int64_t robot_stamp_ns = 0; ///< robot clock when it answered
   Identity identity;               ///< the robot's own view
-  std::string message;             ///< why it refused; empty when accepted
+  std::string message;             ///< why it refused; empty when accepted; printable ASCII
 };
 
 using Message = std::variant<Hello, Welcome, StateFrame, CommandFrame>;
@@ -152,6 +152,9 @@ struct DecodeStats {
   /// shape as the Python DecodeStats.as_dict().
   std::string to_json() const;
 };
+
+/// True when `text` may be sent as a robot name or WELCOME message: printable ASCII, every byte 0x20..0x7E.
+bool is_protocol_text(std::string_view text);
 
 /// `text` as a JSON string literal (quotes included).
 std::string json_string(std::string_view text);
