@@ -2,7 +2,7 @@
 
 The launch files of this repository are declarative: ``generate_launch_description()`` returns a
 ``LaunchDescription([...])`` of ``DeclareLaunchArgument``, ``Node`` and ``ExecuteProcess`` actions
-whose fields are literals, module constants and the substitutions ``LaunchConfiguration``,
+whose fields (``remappings`` included) are literals, module constants and the substitutions ``LaunchConfiguration``,
 ``PathJoinSubstitution``, ``FindPackageShare`` and ``ParameterValue``. This module parses the file
 with :mod:`ast` and evaluates exactly those constructs the way ``launch``/``launch_ros`` do
 (``ParameterValue(..., value_type=T)`` coerces to T; a bare substitution in a parameter dict is
@@ -40,6 +40,11 @@ class ResolvedNode:
     name: str | None
     parameter_files: list[Path] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    remappings: list[tuple[str, str]] = field(default_factory=list)
+    """(from, to) topic remappings, as ``ros2 launch`` passes them: ``--ros-args -r from:=to``."""
+
+    def remap_args(self) -> list[str]:
+        return [arg for source, target in self.remappings for arg in ("-r", f"{source}:={target}")]
 
 
 @dataclass
@@ -120,6 +125,8 @@ class LaunchFile:
                             node.parameters[ast.literal_eval(key)] = self._parameter(value, values, shares)
                     else:
                         node.parameter_files.append(Path(self._eval(entry, values, shares)))
+                if "remappings" in kw:
+                    node.remappings = [(str(a), str(b)) for a, b in self._eval(kw["remappings"], values, shares)]
                 nodes.append(node)
             elif self._is_call(action, "ExecuteProcess"):
                 cmd = [str(self._eval(part, values, shares)) for part in kw["cmd"].elts]
@@ -156,6 +163,8 @@ class LaunchFile:
             return self.constants[node.id]
         if isinstance(node, ast.List):
             return [self._eval(e, values, shares) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(self._eval(e, values, shares) for e in node.elts)
         if self._is_call(node, "LaunchConfiguration"):
             name = self._eval(node.args[0], values, shares)
             if name not in values:

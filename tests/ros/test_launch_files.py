@@ -152,6 +152,16 @@ def test_launch_files_name_only_what_the_install_provides_and_parameters_the_nod
     assert sim.processes[0].cmd[sim.processes[0].cmd.index("--port-base") + 1] == "47500"
     config = parse_parameters(node_parameters(sim.nodes[0])).with_bundle(bundle)
     assert config.task == {"target_x": 0.25} and config.endpoints.state == "tcp://127.0.0.1:47500"
+    # The ros2_control link: the link parameter, and its topics as remappings of the node's names.
+    (node,) = resolve(colcon_install, "adapt.launch.py", bundle=str(BUNDLE), link="ros2_control",
+                      state_topic="/cartpole/joint_states", command_topic="/cartpole/effort_controller/commands").nodes
+    assert parse_parameters(node_parameters(node)).link == "ros2_control"
+    assert node.remappings == [("joint_states", "/cartpole/joint_states"),
+                               ("/forward_command_controller/commands", "/cartpole/effort_controller/commands")]
+    (default,) = resolve(colcon_install, "adapt.launch.py", bundle=str(BUNDLE)).nodes
+    assert parse_parameters(node_parameters(default)).link == "zmq"
+    assert default.remappings == [("joint_states", "joint_states"),  # the node's names, unchanged
+                                  ("/forward_command_controller/commands", "/forward_command_controller/commands")]
 
 
 def test_installed_node_runs_with_the_parameters_adapt_launch_passes(colcon_install, tmp_path, domain_id):
@@ -163,7 +173,7 @@ def test_installed_node_runs_with_the_parameters_adapt_launch_passes(colcon_inst
         launch_node = resolved.nodes[0]
         overrides = params_file(tmp_path / "launch_overrides.yaml", launch_node.parameters)
         node = Proc(colcon_install.command(*node_args([*launch_node.parameter_files, overrides],
-                                                      "-r", f"__node:={launch_node.name}")),
+                                                      "-r", f"__node:={launch_node.name}", *launch_node.remap_args())),
                     tmp_path / "node.log", ros_env(domain_id))
         node.wait_for(lambda t: "episode 1 started" in t, "node active")
         time.sleep(2.0)
@@ -193,7 +203,7 @@ def test_sim_robot_launch_runs_the_twin_and_the_node_together(colcon_install, tm
     try:
         overrides = params_file(tmp_path / "launch_overrides.yaml", launch_node.parameters)
         node = Proc(colcon_install.command(*node_args([*launch_node.parameter_files, overrides],
-                                                      "-r", f"__node:={launch_node.name}")),
+                                                      "-r", f"__node:={launch_node.name}", *launch_node.remap_args())),
                     tmp_path / "node.log", env)
         node.wait_for(lambda t: "episode 1 started" in t, "node active (it waits for the twin's handshake)")
         time.sleep(2.0)

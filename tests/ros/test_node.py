@@ -118,9 +118,12 @@ def test_ood_twin_is_swung_up_and_balanced_through_the_whole_stack(colcon_instal
         return False
 
     client.wait_for(stale_reported, "TELEMETRY_STALE reported in /diagnostics")
-    loops = [find_status(a, ": control loop") for a in client.messages("/diagnostics")]
-    rates = [float(diagnostic_values(s)["loop_rate_hz"]) for s in loops if s is not None and level_of(s) == 0]
+    loops = [s for a in client.messages("/diagnostics") if (s := find_status(a, ": control loop")) is not None
+             and diagnostic_values(s)["lifecycle_state"] == "active" and int(diagnostic_values(s)["periods"]) >= 10]
+    rates = [float(diagnostic_values(s)["loop_rate_hz"]) for s in loops]
     assert rates and 0.8 * 25 * SPEED < rates[-1] < 1.2 * 25 * SPEED  # the robot's rate, in wall time
+    # ... which is half the bundle's 25 Hz: the loop's periodicity check says so, as an ERROR.
+    assert level_of(loops[-1]) == 2 and "expected 25 Hz (" in loops[-1].message, loops[-1].message
     assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
 
     # ---- the episode log: complete, read back, telling the same story ---------------------------------

@@ -7,11 +7,13 @@ import re
 
 import pytest
 import yaml
+from metarl_robot_ros.control_loop import LoopThresholds
 from metarl_robot_ros.params import (
     DEFAULT_LOG_DIR,
     PARAMETERS,
     PARAMETERS_BY_NAME,
     SAFETY_PREFIX,
+    THRESHOLD_PREFIX,
     ParameterError,
     parse_parameters,
 )
@@ -48,6 +50,20 @@ def shipped_yaml() -> dict:
 def test_safety_parameters_are_exactly_the_safety_config_fields():
     names = {p.name[len(SAFETY_PREFIX):] for p in PARAMETERS if p.name.startswith(SAFETY_PREFIX)}
     assert names == {f.name for f in dataclasses.fields(SafetyConfig)}
+
+
+def test_threshold_parameters_are_exactly_the_loop_thresholds_fields():
+    config = parse_parameters({"bundle": "b"})
+    assert config.loop_thresholds == LoopThresholds() and config.link == "zmq"
+    fields = {"periodicity.mean_error": "rate_error", "periodicity.standard_deviation": "jitter",
+              "execution_time.mean": "compute"}  # ros2_control's names → what they grade
+    names = {f"{THRESHOLD_PREFIX}{key}.{level}": f"{field}_{level}" for key, field in fields.items()
+             for level in ("warn", "error")}
+    assert names.keys() == {p.name for p in PARAMETERS if p.name.startswith(THRESHOLD_PREFIX)}
+    assert sorted(names.values()) == sorted(f.name for f in dataclasses.fields(LoopThresholds))
+    values = {name: 0.01 * (i + 1) for i, name in enumerate(names)}  # each its own value, warn < error
+    thresholds = parse_parameters({"bundle": "b", **values}).loop_thresholds
+    assert {names[name]: value for name, value in values.items()} == dataclasses.asdict(thresholds)
 
 
 def test_shipped_yaml_holds_every_parameter_with_its_default():
@@ -99,6 +115,12 @@ def test_docs_table_lists_every_parameter_with_type_and_default():
     ({"bundle": "b", "diagnostics_rate_hz": 100.0}, "diagnostics_rate_hz", "[0.1, 50]"),
     ({"bundle": "b", "control_rate_hz": float("nan")}, "control_rate_hz", "finite"),
     ({"bundle": "b", "task.target_x": "left"}, "task.target_x", "must be a number"),
+    ({"bundle": "b", "link": "ros2"}, "link", "must be zmq or ros2_control, got 'ros2'"),
+    ({"bundle": "b", "diagnostics.threshold.periodicity.mean_error.warn": 0.0},
+     "diagnostics.threshold.periodicity.mean_error.warn", "must be in [0.001, 10]"),
+    ({"bundle": "b", "diagnostics.threshold.execution_time.mean.error": 0.5},
+     "diagnostics.threshold.execution_time.mean.error", "must be >= diagnostics.threshold.execution_time.mean.warn "
+                                                        "(0.6), got 0.5"),
 ])
 def test_bad_parameters_are_refused_naming_the_parameter_and_what_is_allowed(values, name, fragment):
     with pytest.raises(ParameterError) as info:

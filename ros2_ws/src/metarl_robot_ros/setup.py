@@ -43,7 +43,8 @@ setup(
     zip_safe=True,
     maintainer="metarl-robot maintainers",
     maintainer_email="maintainers@metarl-robot.invalid",
-    description="ROS 2 lifecycle node running a metarl-robot bundle over ZeroMQ telemetry, with a safety layer.",
+    description="ROS 2 lifecycle node running a metarl-robot bundle over ZeroMQ telemetry or ros2_control topics, "
+                "with a safety layer.",
     license="Apache-2.0",
     entry_points={"console_scripts": [f"adapt_node = {PACKAGE}.adapt_node:main"]},
 )

@@ -4,8 +4,10 @@ Lifecycle:
 
 - **configure**: read and check the parameters, load and fully validate the bundle (any registered kind: its
   ``kind`` picks the adapter, e.g. ``model_based`` planning or ``context_policy`` acting), build the safety
-  layer and the adapter, connect to the robot over ZeroMQ and handshake (a robot.yaml mismatch is
-  refused with both interface hashes in the message), create the publishers and services.
+  layer and the adapter, connect to the robot through the ``link`` parameter's robot link (ZeroMQ telemetry, or
+  ros2_control's topics: :mod:`metarl_robot_ros.robot_link`) and handshake (a robot.yaml mismatch is refused with
+  both interface hashes in the message; for ros2_control, a robot whose observation a JointState cannot carry,
+  naming the field), create the publishers and services.
 - **activate**: start an episode: a new MCAP episode log, the adapter reset, the control loop thread.
 - **deactivate**: the safe command for ``safety.shutdown_periods`` periods, then the loop stops and the
   log is closed.
@@ -16,7 +18,9 @@ With ``autostart`` (the default) the node configures and activates itself, so ``
 commands and the log close; so does an exception in the control loop (exit code 1).
 
 The control loop runs in its own thread (:mod:`metarl_robot_ros.control_loop`); the executor only
-serves the services, the lifecycle transitions and the diagnostics timer.
+serves the services, the lifecycle transitions, the diagnostics timer and the ros2_control link's joint_states
+subscription. It is multi-threaded and spun in a thread of its own from the start, so that subscription is
+served while a lifecycle transition waits in a handshake (its callback group is the link's own).
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from rclpy.signals import SignalHandlerOptions
@@ -46,12 +50,15 @@ from metarl_robot.logs.writer import joint_state_map
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.manifest import NO_DYNAMICS_MODEL
 from metarl_robot.runtime.safety import SafetyLayer
+from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
-from metarl_robot.telemetry.controller import ControllerLink, HandshakeError
+from metarl_robot.telemetry.controller import HandshakeError
 from metarl_robot.telemetry.transport import CurveClientKeys
-from metarl_robot_ros.control_loop import ControlLoop, LoopOutcome, LoopStats
+from metarl_robot_ros.control_loop import ControlLoop, LoopOutcome, LoopStats, judge_loop
 from metarl_robot_ros.params import PARAMETERS, NodeConfig, ParameterError, parse_parameters
 from metarl_robot_ros.recorder import RecordWorker, StepRecord
+from metarl_robot_ros.robot_link import LINK_ROS2_CONTROL, LINK_ZMQ, NodeLink, ZmqLink
+from metarl_robot_ros.ros2_control_link import Ros2ControlLink
 
 NODE_NAME = "metarl_adapt"
 """Default node name (``__node:=`` remaps it)."""
@@ -61,6 +68,22 @@ EXIT_LOOP_FAILED = 1
 """Exit code when the control loop ended with an exception (after its safe commands)."""
 CONTEXT_QOS = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 """``~/context``: the last 10 beliefs are kept for late subscribers (which must ask for transient local too)."""
+EXECUTOR_THREADS = 2
+"""One for the node's callbacks (one group: lifecycle, services, timer), one for the ros2_control link's."""
+
+
+def _zmq_link(node: LifecycleNode, cfg: NodeConfig, robot: RobotSpec) -> NodeLink:
+    curve = CurveClientKeys.from_dir(cfg.curve_keys) if cfg.curve_keys is not None else None
+    return ZmqLink(cfg.endpoints, curve=curve, insecure=cfg.insecure)
+
+
+def _ros2_control_link(node: LifecycleNode, cfg: NodeConfig, robot: RobotSpec) -> NodeLink:
+    return Ros2ControlLink(node, robot)  # refuses (SpecError) a robot whose observation a JointState cannot carry
+
+
+LINK_FACTORIES: dict[str, Callable[[LifecycleNode, NodeConfig, RobotSpec], NodeLink]] = {
+    LINK_ZMQ: _zmq_link, LINK_ROS2_CONTROL: _ros2_control_link}
+"""``link`` parameter → the robot link (:mod:`metarl_robot_ros.robot_link`); the rest of the node is the same."""
 _LEVEL_BYTES = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR,
                 3: DiagnosticStatus.STALE}
 
@@ -93,7 +116,7 @@ class AdaptNode(LifecycleNode):
         """The validated configuration (after configure)."""
         self.bundle = None
         self.robot = None
-        self.link: ControllerLink | None = None
+        self.link: NodeLink | None = None
         self.safety: SafetyLayer | None = None
         self.adapter = None
         self.recorder: RecordWorker | None = None
@@ -111,12 +134,14 @@ class AdaptNode(LifecycleNode):
         self._operator_enabled = True
         self._last_outcome: LoopOutcome | None = None
         self._last_bad_frames = 0
+        self._last_overruns = 0
         self._ros_entities: list[Any] = []
         self._diag_pub = self._joint_pub = self._command_pub = self._context_pub = None
         self._error_pub = self._events_pub = self._diag_timer = None
         self._joint_names: list[str] = []
         self._joint_pos_index: list[int] = []
         self._joint_vel_index: list[int] = []
+        self._teardown_lock = threading.Lock()
         self._finished_gc = self.create_guard_condition(self._on_loop_finished)
         self._lifecycle_label = "unconfigured"
 
@@ -157,22 +182,23 @@ class AdaptNode(LifecycleNode):
         robot = bundle.robot
         self.config, self.bundle, self.robot = cfg, bundle, robot
         self.safety = SafetyLayer(robot, cfg.safety)
+        self.stats.period_s = cfg.control_period_s
         self.adapter = bundle.make_adapter(batch=1, seed=cfg.seed, **bundle.adapter_switches(cfg.adapt))
-        curve = CurveClientKeys.from_dir(cfg.curve_keys) if cfg.curve_keys is not None else None
-        self.link = ControllerLink(cfg.endpoints, curve=curve)
+        self.link = LINK_FACTORIES[cfg.link](self, cfg, robot)
         self.link.connect()
         self.get_logger().info(f"{bundle.kind} bundle {bundle.name!r} ({bundle.sha256[:12]}) for robot "
                                f"{robot.name!r} at {cfg.control_rate_hz:g} Hz, adapt={cfg.adapt}, task={cfg.task}; "
-                               f"handshaking with {cfg.endpoints.handshake}")
+                               f"handshaking with {self.link.target()}")
         self._handshake()
-        self._create_ros_entities()
+        # The recorder before the entities: the diagnostics timer (another executor thread) reads it.
         self.recorder = RecordWorker(robot, publish_step=self._publish_step,
                                      on_error=lambda msg: self.get_logger().error(msg))
+        self._create_ros_entities()
 
     def _handshake(self) -> None:
         """Handshake with the robot; tell the safety layer either way. Raises HandshakeError on a refusal."""
         try:
-            welcome = self.link.handshake(self.robot, timeout_s=self.config.handshake_timeout_s)
+            self.link.handshake(self.robot, timeout_s=self.config.handshake_timeout_s)
         except HandshakeError as exc:
             with self.lock:
                 self.safety.on_handshake(False, time.monotonic(), str(exc))
@@ -180,8 +206,7 @@ class AdaptNode(LifecycleNode):
         with self.lock:
             self.safety.on_handshake(True, time.monotonic())
             self.stats.break_period()
-        self.get_logger().info(f"handshake ok: robot {welcome.robot_name!r}, session {welcome.session}, robot "
-                               f"watchdog {welcome.watchdog_ms} ms; no command before a fresh frame")
+        self.get_logger().info(f"handshake ok: {self.link.session_summary()}; no command before a fresh frame")
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
@@ -203,7 +228,7 @@ class AdaptNode(LifecycleNode):
             path = cfg.log_dir / f"{robot.name}_{self.bundle.name}_{stamp}_ep{self.episode:04d}.mcap"
         self.recorder.open_episode(path, bundle=self.bundle, adapter_state=carried, extra_metadata={
             "node": self.get_fully_qualified_name(), "episode": self.episode, "adapt": cfg.adapt, "seed": cfg.seed,
-            "control_rate_hz": cfg.control_rate_hz, "task_params": cfg.task, "endpoints": cfg.endpoints.as_dict(),
+            "control_rate_hz": cfg.control_rate_hz, "task_params": cfg.task, "link": self.link.describe(),
             "safety": cfg.safety.to_dict(), "parameters": _jsonable(self.parameter_values())})
         self.loop = ControlLoop(robot=robot, link=self.link, safety=self.safety, adapter=self.adapter,
                                 task_params=cfg.task, recorder=self.recorder, lock=self.lock, stats=self.stats,
@@ -250,21 +275,23 @@ class AdaptNode(LifecycleNode):
         self.loop = None
 
     def _teardown(self) -> None:
-        if self.recorder is not None:  # first: it publishes through the entities destroyed below
-            self.recorder.stop()
-            self.recorder = None
-        for entity in self._ros_entities:
-            if entity is self._diag_timer:
-                self.destroy_timer(entity)
-            elif hasattr(entity, "srv_type"):
-                self.destroy_service(entity)
-            else:
-                self.destroy_publisher(entity)
-        self._ros_entities = []
-        self._diag_timer = None
-        if self.link is not None:
-            self.link.close()
-            self.link = None
+        # The diagnostics timer may be running in another executor thread (shutdown runs in the main thread).
+        with self._teardown_lock:
+            if self.recorder is not None:  # first: it publishes through the entities destroyed below
+                self.recorder.stop()
+                self.recorder = None
+            for entity in self._ros_entities:
+                if entity is self._diag_timer:
+                    self.destroy_timer(entity)
+                elif hasattr(entity, "srv_type"):
+                    self.destroy_service(entity)
+                else:
+                    self.destroy_publisher(entity)
+            self._ros_entities = []
+            self._diag_timer = None
+            if self.link is not None:
+                self.link.close()
+                self.link = None
 
     # ---- the loop ending by itself ------------------------------------------------------------------
     def _loop_finished_threadsafe(self, outcome: LoopOutcome) -> None:
@@ -288,7 +315,8 @@ class AdaptNode(LifecycleNode):
     def _create_ros_entities(self) -> None:
         self._joint_names, self._joint_pos_index, self._joint_vel_index = joint_state_map(self.robot)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._joint_pub = self.create_publisher(JointState, "joint_states", 10)
+        # Private: a global joint_states would mix with joint_state_broadcaster's (the ros2_control link reads it).
+        self._joint_pub = self.create_publisher(JointState, "~/joint_states", 10)
         self._command_pub = self.create_publisher(Float64MultiArray, "~/command", 10)
         # Latched (transient local): a monitor that connects late, or after the episode, still gets the latest
         # beliefs; the belief is state, not an event stream.
@@ -366,31 +394,33 @@ class AdaptNode(LifecycleNode):
     def diagnostics(self) -> list[DiagnosticStatus]:
         """The statuses of one /diagnostics message (also written to the episode log)."""
         now_ns = time.monotonic_ns()
-        name, hw = self.get_name(), self.robot.name
+        name, hw, cfg = self.get_name(), self.robot.name, self.config
         with self.lock:
             status = self.safety.status()
             loop = self.stats.snapshot(now_ns)
             link_stats = self.link.stats.as_dict()
             commands_sent = self.link.commands_sent
             session = self.link.session
+            link_values = self.link.diagnostic_values()
             faults = list(self.safety.active_faults)
         outcome = self._last_outcome
         running = self.loop is not None and self.loop.running
 
-        loop_level = 0
-        loop_message = (f"{loop['loop_rate_hz']:.1f} Hz, latency p99 {loop['latency_ms_p99']:.2f} ms, jitter p99 "
-                        f"{loop['jitter_ms_p99']:.2f} ms" if running else f"not running ({self._lifecycle_label})")
-        if not running:
-            loop_level = 1
+        # Overruns and bad frames are graded per report (the window's statistics would repeat an old one for 20 s).
+        overruns = int(loop["overruns"])
+        new_overruns, self._last_overruns = overruns - self._last_overruns, overruns
         if outcome is not None and outcome.error is not None:
             loop_level, loop_message = 2, f"control loop failed: {outcome.reason}"
+        elif not running:
+            loop_level, loop_message = 1, f"not running ({self._lifecycle_label})"
+        else:
+            loop_level, problems = judge_loop(loop, cfg.control_rate_hz, cfg.loop_thresholds, new_overruns)
+            loop_message = (f"{loop['loop_rate_hz']:.1f} Hz, latency p99 {loop['latency_ms_p99']:.2f} ms, jitter p99 "
+                            f"{loop['jitter_ms_p99']:.2f} ms" + (": " + "; ".join(problems) if problems else ""))
         loop_values = {k: f"{v:.6g}" for k, v in loop.items()}
         loop_values.update(lifecycle_state=self._lifecycle_label, episode=str(self.episode),
                            episode_steps=str(self.loop.steps if self.loop is not None else 0),
-                           expected_rate_hz=f"{self.config.control_rate_hz:.6g}",
-                           log_file=str(self.recorder.log_path or "") if self.recorder else "",
-                           log_error=self.recorder.log_error if self.recorder else "",
-                           recorder_backlog=str(self.recorder.backlog if self.recorder else 0))
+                           expected_rate_hz=f"{cfg.control_rate_hz:.6g}", new_overruns=str(new_overruns))
 
         link_faults = [f for f in faults if f in ("TELEMETRY_STALE", "TELEMETRY_FROZEN", "LOSS_BURST",
                                                   "SEQUENCE_REGRESSED", "OBS_NONFINITE")]
@@ -401,42 +431,47 @@ class AdaptNode(LifecycleNode):
             tel_level, tel_message = 2, f"{', '.join(link_faults)}: last frame {loop['last_frame_age_s']:.3f} s ago"
         elif new_bad > 0:
             tel_level, tel_message = 1, f"{new_bad} bad frame(s) rejected since the last report"
+        elif link_values.get("unprotected_endpoints"):  # the operator allowed it (insecure); say so every report
+            tel_level, tel_message = 1, (f"plain link off this machine (insecure: true, no CURVE): "
+                                         f"{link_values['unprotected_endpoints']}")
         else:
             tel_level, tel_message = 0, f"ok, last frame {loop['last_frame_age_s'] * 1e3:.1f} ms ago"
-        tel_values = {"frames_accepted": str(link_stats["accepted"]), "frames_rejected": str(bad),
+        tel_values = {"link": cfg.link, "frames_accepted": str(link_stats["accepted"]), "frames_rejected": str(bad),
                       "commands_sent": str(commands_sent), "session": str(session),
                       "last_frame_age_s": f"{loop['last_frame_age_s']:.6g}",
                       "stale": str("TELEMETRY_STALE" in faults), "frozen": str("TELEMETRY_FROZEN" in faults),
                       "stale_trips": status.values.get("stale_trips", "0"),
                       "frozen_trips": status.values.get("frozen_trips", "0"),
-                      "frames_lost": status.values.get("frames_lost", "0"),
-                      "endpoints": json.dumps(self.config.endpoints.as_dict())}
+                      "frames_lost": status.values.get("frames_lost", "0"), **link_values}
         tel_values.update({f"rejected_{k}": str(v) for k, v in link_stats["rejected"].items()})
 
+        log_level, log_message, log_values = self.recorder.status(running, logging=cfg.log_dir is not None)
         statuses = [
             _status(loop_level, f"{name}: control loop", loop_message, hw, loop_values),
             _status(tel_level, f"{name}: telemetry", tel_message, hw, tel_values),
             _status(int(status.level), f"{name}: safety", status.message, hw, status.values),
-            _status(0, f"{name}: adaptation", f"{self.bundle.kind}, adapt={self.config.adapt}, prediction error "
+            _status(0, f"{name}: adaptation", f"{self.bundle.kind}, adapt={cfg.adapt}, prediction error "
                     + (status.values.get("prediction_error_last", "nan") if self.bundle.has_dynamics_model
                        else NO_DYNAMICS_MODEL), hw,
-                    {"adapt": str(self.config.adapt), "bundle": self.bundle.name, "bundle_sha256": self.bundle.sha256,
+                    {"adapt": str(cfg.adapt), "bundle": self.bundle.name, "bundle_sha256": self.bundle.sha256,
                      "bundle_kind": self.bundle.kind,
-                     "task_params": json.dumps(self.config.task), "seed": str(self.config.seed),
+                     "task_params": json.dumps(cfg.task), "seed": str(cfg.seed),
                      "prediction_error_last": status.values.get("prediction_error_last", "nan")}),
+            _status(log_level, f"{name}: episode log", log_message, hw, log_values),
         ]
         return statuses
 
     def _publish_diagnostics(self) -> None:
-        if self.safety is None or self.link is None:
-            return
-        statuses = self.diagnostics()
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        array.status = statuses
-        self._diag_pub.publish(array)
-        if self.recorder is not None and self.loop is not None and self.loop.running:
-            self.recorder.diagnostics(statuses, time.monotonic_ns())
+        with self._teardown_lock:
+            if self.safety is None or self.link is None or self.recorder is None:
+                return
+            statuses = self.diagnostics()
+            array = DiagnosticArray()
+            array.header.stamp = self.get_clock().now().to_msg()
+            array.status = statuses
+            self._diag_pub.publish(array)
+            if self.loop is not None and self.loop.running:
+                self.recorder.diagnostics(statuses, time.monotonic_ns())
 
 
 def _status(level: int, name: str, message: str, hardware_id: str, values: Mapping[str, str]) -> DiagnosticStatus:
@@ -463,20 +498,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     node = AdaptNode()
-    executor = SingleThreadedExecutor()
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
+    spinner = _Spinner(executor)
     exit_code = 0
     try:
         autostart = node.get_parameter("autostart").value
         if autostart is True:
-            node.trigger_configure()
+            node.trigger_configure()  # in this thread, while the spinner serves the ros2_control link's topics
             if node.config is None or node.link is None:
                 print(f"adapt_node: configure failed: {node.configure_error}", file=sys.stderr, flush=True)
                 return EXIT_CONFIGURE_FAILED
             if not stop.is_set():
                 node.trigger_activate()
-        while not stop.is_set() and not node.exit_requested.is_set():
-            executor.spin_once(timeout_sec=0.05)
+        while not stop.is_set() and not node.exit_requested.is_set() and spinner.failure is None:
+            stop.wait(0.05)
+        if spinner.failure is not None:
+            raise spinner.failure
         exit_code = node.exit_code or 0
     except (KeyboardInterrupt, ExternalShutdownException):
         stop_reason[0] = "interrupted"
@@ -485,12 +523,40 @@ def main(argv: list[str] | None = None) -> int:
         stop_reason[0] = f"exception: {exc!r}"
         exit_code = EXIT_LOOP_FAILED
     finally:
+        # Still spinning: the ros2_control link's end sequence reads joint_states through the executor.
         node.shutdown_safely(stop_reason[0] if stop.is_set() else "exit")
+        spinner.stop()
         executor.remove_node(node)
+        executor.shutdown(timeout_sec=5.0)
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
     return exit_code
+
+
+class _Spinner:
+    """Spins the executor in a thread of its own until :meth:`stop`; an exception from a callback ends it and is kept
+    in :attr:`failure` for the main thread (which then sends the safe command and exits with code 1)."""
+
+    def __init__(self, executor: MultiThreadedExecutor) -> None:
+        self.executor = executor
+        self.failure: BaseException | None = None
+        """What ended the spinning, if anything did."""
+        self._running = threading.Event()
+        self._running.set()
+        self._thread = threading.Thread(target=self._spin, name="metarl-executor", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        try:
+            while self._running.is_set():
+                self.executor.spin_once(timeout_sec=0.05)
+        except BaseException as exc:
+            self.failure = exc
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._running.clear()
+        self._thread.join(timeout_s)
 
 
 def _entry() -> None:

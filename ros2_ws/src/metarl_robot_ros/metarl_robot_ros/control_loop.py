@@ -1,16 +1,17 @@
 """The control loop of the node, in its own thread; it hands each step to the recorder (:mod:`.recorder`).
 
 Why a thread of its own: the loop's timing must not depend on the ROS executor. It blocks on the
-ZeroMQ state socket (latest-state semantics) with the safety deadline as its timeout, so it wakes
-when a frame arrives or when the safety layer must act (stale telemetry, or the next safe command
-of a SAFE_STOP), never on a timer callback. Per decision it does only what the command needs
-(safety bookkeeping, the adapter, the command frame) and hands a :class:`StepRecord` to a
-:class:`~metarl_robot_ros.recorder.RecordWorker` thread, which writes the MCAP episode log and publishes the ROS
-messages, so neither disk I/O nor ROS publishing can delay a command.
+robot link's newest state (latest-state semantics: the ZeroMQ state socket, or ros2_control's joint_states;
+:mod:`.robot_link`) with the safety deadline as its timeout, so it wakes when a frame arrives or when the
+safety layer must act (stale telemetry, or the next safe command of a SAFE_STOP), never on a timer callback.
+Per decision it does only what the command needs (safety bookkeeping, the adapter, the command frame) and
+hands a :class:`StepRecord` to a :class:`~metarl_robot_ros.recorder.RecordWorker` thread, which writes the MCAP
+episode log and publishes the ROS messages, so neither disk I/O nor ROS publishing can delay a command.
 
 One lock (owned by the node) guards the safety layer, the adapter and the loop statistics: the
 loop holds it while deciding, the services (enable, reset) and the diagnostics timer take it for
-microseconds. Nothing here imports rclpy.
+microseconds. :class:`LoopStats` measures the loop and :func:`judge_loop` grades it for ``/diagnostics``
+against :class:`LoopThresholds`. Nothing here imports rclpy.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import numpy as np
 
 from metarl_robot.runtime.safety import CommandSource, SafetyDecision, SafetyLayer, SafetyState
 from metarl_robot.spec.robot import RobotSpec
-from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, ControllerLink, HandshakeError
+from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, HandshakeError
 from metarl_robot.telemetry.protocol import CommandFrame, StateFrame
 from metarl_robot_ros.recorder import RecordWorker, StepRecord
+from metarl_robot_ros.robot_link import RobotLink
 
 POLL_S = 0.05
 """Longest the loop blocks on the state socket before it looks at its stop flag (a frame wakes it at once)."""
@@ -41,12 +43,16 @@ REHANDSHAKE_BACKOFF_S = 0.5
 """Pause between handshake attempts after the robot's session was lost and a new handshake failed."""
 STATS_WINDOW = 500
 """Control steps kept for the loop statistics (20 s at 25 Hz)."""
+MIN_JUDGED_SAMPLES = 10
+"""Periods (or compute times) the loop statistics need before :func:`judge_loop` grades them."""
 
 
 class LoopStats:
     """Loop period, jitter, latency and compute time over the last :data:`STATS_WINDOW` control steps."""
 
-    def __init__(self, window: int = STATS_WINDOW) -> None:
+    def __init__(self, window: int = STATS_WINDOW, period_s: float | None = None) -> None:
+        self.period_s = period_s
+        """The expected control period (the node sets it at configure); a compute time longer is an overrun."""
         self.periods_s: deque[float] = deque(maxlen=window)
         """Time between consecutive commands that answered a new frame."""
         self.latency_s: deque[float] = deque(maxlen=window)
@@ -59,6 +65,8 @@ class LoopStats:
         """All decisions (including ticks without a frame)."""
         self.commands_sent = 0
         """COMMAND frames sent (adapter, fallback and safe commands)."""
+        self.overruns = 0
+        """Control steps whose compute time exceeded :attr:`period_s` (cumulative)."""
         self.last_frame_received_ns: int | None = None
         """When the newest frame (any, good or not) arrived."""
         self._last_command_ns: int | None = None
@@ -72,6 +80,8 @@ class LoopStats:
         self.control_steps += 1
         if compute_ns is not None:
             self.compute_s.append(compute_ns / 1e9)
+            if self.period_s is not None and compute_ns / 1e9 > self.period_s:
+                self.overruns += 1
         if sent_ns is None:
             return
         if latency_ns is not None:
@@ -88,7 +98,8 @@ class LoopStats:
         """Rates and percentiles (NaN where there is no data yet); times in milliseconds."""
         periods = np.asarray(self.periods_s)
         out: dict[str, float] = {"control_steps": float(self.control_steps), "decisions": float(self.decisions),
-                                 "commands_sent": float(self.commands_sent)}
+                                 "commands_sent": float(self.commands_sent), "overruns": float(self.overruns),
+                                 "periods": float(periods.size), "compute_samples": float(len(self.compute_s))}
         if periods.size:
             median = float(np.median(periods))
             deviation = np.abs(periods - median)
@@ -101,14 +112,68 @@ class LoopStats:
         for name, values in (("latency", self.latency_s), ("compute", self.compute_s)):
             arr = np.asarray(values)
             if arr.size:
+                out[f"{name}_ms_mean"] = float(arr.mean()) * 1e3
                 out[f"{name}_ms_p50"] = float(np.percentile(arr, 50)) * 1e3
                 out[f"{name}_ms_p99"] = float(np.percentile(arr, 99)) * 1e3
                 out[f"{name}_ms_max"] = float(arr.max()) * 1e3
             else:
-                out[f"{name}_ms_p50"] = out[f"{name}_ms_p99"] = out[f"{name}_ms_max"] = math.nan
+                for stat in ("mean", "p50", "p99", "max"):
+                    out[f"{name}_ms_{stat}"] = math.nan
         age = math.nan if self.last_frame_received_ns is None else (now_ns - self.last_frame_received_ns) / 1e9
         out["last_frame_age_s"] = age
         return out
+
+
+@dataclass(frozen=True)
+class LoopThresholds:
+    """WARN and ERROR limits of the ``<node>: control loop`` status, as ros2_control's controller_manager has them
+    (``diagnostics.threshold.*.periodicity.mean_error``, ``.standard_deviation``, ``execution_time``), but relative
+    to the expected control period, so that one set fits a bundle of any rate. A value above ``warn`` is WARN,
+    above ``error`` ERROR; a single compute time longer than the period (an overrun) is ERROR."""
+
+    rate_error_warn: float = 0.05
+    """WARN above this ``|loop_rate_hz - expected| / expected`` (ros2_control: periodicity mean error, whose
+    defaults, 5 and 10 Hz at 100 Hz, are these 5 % and 10 %)."""
+    rate_error_error: float = 0.10
+    """ERROR above this rate error."""
+    jitter_warn: float = 0.10
+    """WARN above this standard deviation of the period / the expected period (periodicity standard deviation)."""
+    jitter_error: float = 0.25
+    """ERROR above this jitter."""
+    compute_warn: float = 0.6
+    """WARN above this mean compute time (``adapter.observe`` + ``act``) / the expected period (execution time)."""
+    compute_error: float = 0.9
+    """ERROR above this compute fraction."""
+
+
+def judge_loop(snapshot: Mapping[str, float], expected_rate_hz: float, thresholds: LoopThresholds,
+               new_overruns: int) -> tuple[int, list[str]]:
+    """The level (0 OK, 1 WARN, 2 ERROR) of a :meth:`LoopStats.snapshot` and what is wrong, worst first.
+    ``new_overruns``: overruns since the previous report (a past overrun stays in the window's statistics)."""
+    period_ms = 1e3 / expected_rate_hz
+    t = thresholds
+    graded: list[tuple[int, str]] = []
+
+    def grade(value: float, warn: float, error: float, text: str) -> None:
+        level = 2 if value > error else 1 if value > warn else 0
+        if level:
+            limit = error if level == 2 else warn
+            graded.append((level, f"{text} ({value:.0%} > {limit:.0%})"))
+
+    if snapshot["periods"] >= MIN_JUDGED_SAMPLES:
+        rate = snapshot["loop_rate_hz"]
+        grade(abs(rate - expected_rate_hz) / expected_rate_hz, t.rate_error_warn, t.rate_error_error,
+              f"loop rate {rate:.2f} Hz, expected {expected_rate_hz:g} Hz")
+        grade(snapshot["jitter_ms_std"] / period_ms, t.jitter_warn, t.jitter_error,
+              f"period jitter {snapshot['jitter_ms_std']:.2f} ms std of {period_ms:g} ms")
+    if snapshot["compute_samples"] >= MIN_JUDGED_SAMPLES:
+        grade(snapshot["compute_ms_mean"] / period_ms, t.compute_warn, t.compute_error,
+              f"compute {snapshot['compute_ms_mean']:.2f} ms mean of the {period_ms:g} ms period")
+    if new_overruns > 0:
+        graded.append((2, f"{new_overruns} overrun(s) since the last report (compute longer than the "
+                          f"{period_ms:g} ms period; worst {snapshot['compute_ms_max']:.2f} ms)"))
+    graded.sort(key=lambda item: -item[0])
+    return (graded[0][0] if graded else 0), [text for _, text in graded]
 
 
 @dataclass
@@ -153,12 +218,12 @@ class ControlLoop:
     Per wake-up: the newest state frame (or none by the deadline) → ``safety.on_frame`` → the adapter
     (observe the transition that frame completes, with the command its ``observes_sent_commands`` asks for, then
     act) → ``safety.filter``/``tick`` → the command
-    over ZeroMQ → a :class:`StepRecord` to the recorder. At the end, the safe command for
+    over the robot link → a :class:`StepRecord` to the recorder. At the end, the safe command for
     ``shutdown_periods`` control periods (deactivate: operator-disabled SAFE_STOP; process exit:
     ``safety.shutdown``), then the episode log is closed.
     """
 
-    def __init__(self, *, robot: RobotSpec, link: ControllerLink, safety: SafetyLayer, adapter: Any,
+    def __init__(self, *, robot: RobotSpec, link: RobotLink, safety: SafetyLayer, adapter: Any,
                  task_params: Mapping[str, float], recorder: RecordWorker, lock: threading.Lock,
                  stats: LoopStats, episode_steps: int = 0, handshake_timeout_s: float = 1.0,
                  on_finished: Callable[[LoopOutcome], None] | None = None,

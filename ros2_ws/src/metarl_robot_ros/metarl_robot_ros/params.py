@@ -23,9 +23,14 @@ from typing import Any
 from metarl_robot.runtime.safety import SafetyConfig
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.transport import DEFAULT_HOST, DEFAULT_PORT_BASE, Endpoints
+from metarl_robot_ros.control_loop import LoopThresholds
+from metarl_robot_ros.robot_link import LINK_ZMQ, LINKS
 
 SAFETY_PREFIX = "safety."
 """``safety.<key>``: a :class:`~metarl_robot.runtime.safety.SafetyConfig` field."""
+THRESHOLD_PREFIX = "diagnostics.threshold."
+"""``diagnostics.threshold.<check>.<statistic>.{warn,error}``: a :class:`~metarl_robot_ros.control_loop.LoopThresholds`
+field, named as ros2_control's controller_manager names its diagnostics thresholds."""
 TASK_PREFIX = "task."
 """``task.<name>``: a reward parameter of the bundle's task family (e.g. ``task.target_x``)."""
 IGNORED_PREFIXES = ("qos_overrides.",)
@@ -74,6 +79,32 @@ _SAFETY_DOCS = {
 """Type, allowed values and meaning of every SafetyConfig key as a node parameter (docs/safety.md)."""
 
 
+_THRESHOLDS = {
+    "periodicity.mean_error": ("rate_error", "[0.001, 10], a fraction of the expected rate",
+                               "relative error of the loop rate, abs(rate - expected) / expected, above which the "
+                               "control loop status is"),
+    "periodicity.standard_deviation": ("jitter", "[0.001, 10], a fraction of the control period",
+                                       "standard deviation of the loop period over the control period, above which "
+                                       "the control loop status is"),
+    "execution_time.mean": ("compute", "[0.001, 10], a fraction of the control period",
+                            "mean compute time (adapter observe + act) over the control period, above which the "
+                            "control loop status is"),
+}
+"""``diagnostics.threshold.<key>.{warn,error}`` → (LoopThresholds field prefix, allowed values, meaning)."""
+THRESHOLD_LEVELS = ("warn", "error")
+
+
+def _threshold_specs() -> tuple[ParamSpec, ...]:
+    defaults = LoopThresholds()
+    specs = []
+    for key, (prefix, allowed, doc) in _THRESHOLDS.items():
+        name = THRESHOLD_PREFIX + key
+        specs.append(ParamSpec(f"{name}.warn", "double", getattr(defaults, f"{prefix}_warn"), allowed, f"{doc} WARN"))
+        specs.append(ParamSpec(f"{name}.error", "double", getattr(defaults, f"{prefix}_error"), f"{allowed}, >= warn",
+                               f"{doc} ERROR"))
+    return tuple(specs)
+
+
 def _safety_specs() -> tuple[ParamSpec, ...]:
     defaults = SafetyConfig()
     specs = []
@@ -89,6 +120,9 @@ def _safety_specs() -> tuple[ParamSpec, ...]:
 PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("bundle", "string", "", "path to a bundle folder (or its bundle.yaml)",
               "the policy bundle to run (required); loaded and fully validated at configure"),
+    ParamSpec("link", "string", LINK_ZMQ, " or ".join(LINKS),
+              "how the node talks to the robot: zmq (the telemetry protocol: endpoints, host, port_base, curve_keys) "
+              "or ros2_control (joint_states in, forward_command_controller commands out; remappable topics)"),
     ParamSpec("endpoints", "string", "", "'' or 'state=URL,command=URL,handshake=URL' (tcp:// or ipc://)",
               "the robot's telemetry addresses; empty: tcp://<host>:<port_base>, +1, +2"),
     ParamSpec("host", "string", DEFAULT_HOST, "a host name or IP address",
@@ -97,6 +131,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "state port when endpoints is empty (command = +1, handshake = +2)"),
     ParamSpec("curve_keys", "string", "", "'' or a folder with controller.key_secret and robot.key",
               "CURVE keys for an encrypted, authenticated link (docs/telemetry.md); empty: plain link"),
+    ParamSpec("insecure", "bool", False, "true or false",
+              "allow a plain (unencrypted, unauthenticated) tcp link to a robot off this machine; without it such a "
+              "link is refused at configure (loopback and ipc:// are always allowed); /diagnostics warns while on"),
     ParamSpec("handshake_timeout_s", "double", 3.0, "(0, 60] seconds",
               "how long configure waits for the robot's WELCOME"),
     ParamSpec("control_rate_hz", "double", 0.0, "0 (the bundle's rate) or the bundle's rate",
@@ -114,6 +151,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("episode_steps", "integer", 0, "0 (until deactivated) or [1, 10^9] control steps",
               "end the episode after this many control steps: safe command, log closed, node deactivates"),
     ParamSpec("diagnostics_rate_hz", "double", 1.0, "[0.1, 50] Hz", "how often /diagnostics is published"),
+    *_threshold_specs(),
     ParamSpec("autostart", "bool", True, "true or false",
               "configure and activate at startup (no lifecycle manager needed); a failed configure then ends "
               "the process with exit code 2"),
@@ -133,6 +171,8 @@ class NodeConfig:
     """The robot's telemetry addresses."""
     curve_keys: Path | None
     """CURVE key folder, or None for a plain link."""
+    insecure: bool
+    """A plain tcp link off loopback is allowed (the operator said so)."""
     handshake_timeout_s: float
     """Seconds to wait for WELCOME."""
     control_rate_hz: float
@@ -155,6 +195,10 @@ class NodeConfig:
     """``task.<name>`` values as given (checked against the family by :meth:`with_bundle`)."""
     task: dict[str, float] = field(default_factory=dict)
     """Every reward parameter of the bundle's family, given or nominal (after :meth:`with_bundle`)."""
+    link: str = LINK_ZMQ
+    """How the node talks to the robot: one of :data:`~metarl_robot_ros.robot_link.LINKS`."""
+    loop_thresholds: LoopThresholds = field(default_factory=LoopThresholds)
+    """WARN/ERROR limits of the control loop's ``/diagnostics`` status."""
 
     @property
     def control_period_s(self) -> float:
@@ -239,6 +283,9 @@ def parse_parameters(values: Mapping[str, Any]) -> NodeConfig:
             spec = ParamSpec(name, "double", None, "a number in the family's range", "")
             task_overrides[name[len(TASK_PREFIX):]] = _check_type(spec, value)
 
+    link = v["link"].strip()
+    if link not in LINKS:
+        raise ParameterError("link", f"must be {' or '.join(LINKS)}, got {v['link']!r}")
     bundle = v["bundle"].strip()
     if not bundle:
         raise ParameterError("bundle", "is required: the path to a bundle folder (e.g. policies/cartpole_mb), "
@@ -275,6 +322,7 @@ def parse_parameters(values: Mapping[str, Any]) -> NodeConfig:
     if not 0.1 <= v["diagnostics_rate_hz"] <= 50:
         raise ParameterError("diagnostics_rate_hz", f"must be in [0.1, 50] Hz, got {v['diagnostics_rate_hz']:g}")
 
+    loop_thresholds = _parse_thresholds(v)
     safety_values = {p.name[len(SAFETY_PREFIX):]: v[p.name] for p in PARAMETERS if p.name.startswith(SAFETY_PREFIX)}
     if safety_values["prediction_error_threshold"] == 0.0:
         safety_values["prediction_error_threshold"] = None
@@ -288,7 +336,22 @@ def parse_parameters(values: Mapping[str, Any]) -> NodeConfig:
     log_dir = v["log_dir"].strip()
     return NodeConfig(
         bundle=Path(bundle).expanduser(), endpoints=endpoints, curve_keys=Path(curve).expanduser() if curve else None,
+        insecure=v["insecure"],
         handshake_timeout_s=v["handshake_timeout_s"], control_rate_hz=v["control_rate_hz"], adapt=v["adapt"],
         seed=v["seed"], safety=safety, log_dir=Path(log_dir).expanduser() if log_dir else None,
         episode_steps=v["episode_steps"], diagnostics_rate_hz=v["diagnostics_rate_hz"], autostart=v["autostart"],
-        task_overrides=task_overrides)
+        task_overrides=task_overrides, link=link, loop_thresholds=loop_thresholds)
+
+
+def _parse_thresholds(v: Mapping[str, Any]) -> LoopThresholds:
+    values = {}
+    for key, (prefix, _, _) in _THRESHOLDS.items():
+        for level in THRESHOLD_LEVELS:
+            name = f"{THRESHOLD_PREFIX}{key}.{level}"
+            if not 0.001 <= v[name] <= 10:
+                raise ParameterError(name, f"must be in [0.001, 10] (a fraction), got {v[name]:g}")
+            values[f"{prefix}_{level}"] = v[name]
+        warn, error = (f"{THRESHOLD_PREFIX}{key}.{level}" for level in THRESHOLD_LEVELS)
+        if v[error] < v[warn]:
+            raise ParameterError(error, f"must be >= {warn} ({v[warn]:g}), got {v[error]:g}")
+    return LoopThresholds(**values)

@@ -112,6 +112,21 @@ class RecordWorker:
     def backlog(self) -> int:
         return self._queue.qsize()
 
+    def status(self, running: bool, logging: bool) -> tuple[int, str, dict[str, str]]:
+        """The ``<node>: episode log`` diagnostics status as (level, message, values): WARN (1) once logging failed
+        (the episode goes on without its log, so it must not pass unnoticed) until the next episode's log opens,
+        else OK (0). ``running``: an episode is under way; ``logging``: the node has a log folder."""
+        values = {"log_file": str(self.log_path or ""), "log_error": self.log_error,
+                  "recorder_backlog": str(self.backlog), "episodes_closed": str(self.episodes_closed),
+                  "publish_errors": str(self.publish_errors)}
+        if self.log_error:
+            return 1, self.log_error, values
+        if not logging:
+            return 0, "no episode logs (log_dir is '')", values
+        if self.log_path is None:
+            return 0, "no episode yet", values
+        return 0, f"{'writing' if running else 'closed'} {self.log_path}", values
+
     # ---- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
