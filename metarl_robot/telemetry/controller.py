@@ -23,6 +23,8 @@ numpy + pyzmq only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import zmq
 
@@ -235,17 +237,7 @@ class ControllerLink:
         if answers.session != self.session:
             raise ValueError(f"the state answered (seq {answers.seq}) is from session {answers.session}, not this "
                              f"link's {self.session}: answer only states received after the handshake")
-        act = np.asarray(action, dtype=np.float64)
-        if act.shape != (robot.action_dim,):
-            raise ValueError(f"action must have shape ({robot.action_dim},) for {[a.name for a in robot.action]}, "
-                             f"got {act.shape}")
-        if not np.isfinite(act).all():
-            raise ValueError(f"action contains NaN or Inf: {act}")
-        outside = np.flatnonzero((act < robot.action_low) | (act > robot.action_high))
-        if outside.size:
-            a = robot.action[int(outside[0])]
-            raise ValueError(f"action {a.name} = {act[outside[0]]:g} is outside [{a.low:g}, {a.high:g}] "
-                             "(clamp it in the safety layer first; the robot rejects it)")
+        act = check_action(robot, action)
         if valid_for_s is None:
             valid_for_s = self.command_validity_s or DEFAULT_VALIDITY_PERIODS * self.welcome.ctrl_dt
         if not (np.isfinite(valid_for_s) and valid_for_s > 0):
@@ -282,3 +274,20 @@ class ControllerLink:
         if self._seen_own_session or frame.stamp_ns > welcome.robot_stamp_ns:
             self.session_lost = True
         return FrameError("foreign_session", f"STATE session {frame.session}, this link's is {welcome.session}")
+
+
+def check_action(robot: RobotSpec, action: Any) -> np.ndarray:
+    """``action`` as float64 ``(a,)``; ValueError when its size is wrong, it is not finite or outside robot.yaml's
+    limits (the safety layer clamps it first: such a command is a bug, never sent, whatever the link)."""
+    act = np.asarray(action, dtype=np.float64)
+    if act.shape != (robot.action_dim,):
+        raise ValueError(f"action must have shape ({robot.action_dim},) for {[a.name for a in robot.action]}, "
+                         f"got {act.shape}")
+    if not np.isfinite(act).all():
+        raise ValueError(f"action contains NaN or Inf: {act}")
+    outside = np.flatnonzero((act < robot.action_low) | (act > robot.action_high))
+    if outside.size:
+        a = robot.action[int(outside[0])]
+        raise ValueError(f"action {a.name} = {act[outside[0]]:g} is outside [{a.low:g}, {a.high:g}] "
+                         "(clamp it in the safety layer first; the robot rejects it)")
+    return act

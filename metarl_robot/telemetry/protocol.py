@@ -194,16 +194,22 @@ Message = StateFrame | CommandFrame | Hello | Welcome
 # ---- counters ----------------------------------------------------------------------------------
 @dataclass
 class DecodeStats:
-    """Accepted frames and rejections per reason (every reason in :data:`REJECT_REASONS` starts at 0)."""
+    """Accepted frames and rejections per reason (every reason of ``reasons``, by default the protocol's
+    :data:`REJECT_REASONS`, starts at 0; another link, e.g. the node's ros2_control one, gives its own)."""
 
     accepted: int = 0
     """Frames decoded and used."""
-    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    reasons: tuple[str, ...] = REJECT_REASONS
+    """Every reason a frame can be rejected for."""
+    rejected: dict[str, int] = field(default_factory=dict)
     """Reason → count."""
+
+    def __post_init__(self) -> None:
+        self.rejected = dict.fromkeys(self.reasons, 0) | self.rejected
 
     def reject(self, reason: str) -> None:
         if reason not in self.rejected:
-            raise ValueError(f"unknown reject reason {reason!r}; known: {', '.join(REJECT_REASONS)}")
+            raise ValueError(f"unknown reject reason {reason!r}; known: {', '.join(self.reasons)}")
         self.rejected[reason] += 1
 
     @property

@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from metarl_robot_ros.robot_link import JointStateReader, LinkStats, StampSequencer
+from metarl_robot_ros.robot_link import JointStateReader, StampSequencer
 
 from metarl_robot.spec.robot import load_robot
 from metarl_robot.spec.schema import SpecError
+from metarl_robot.telemetry.protocol import DecodeStats
 
 PERIOD_NS = 40_000_000
 
@@ -58,8 +59,8 @@ def test_sequence_numbers_follow_the_stamps(cartpole):
     assert [n for _, n in taken] == list(range(1, 11))
 
 
-def test_link_stats_have_the_zmq_decode_stats_shape():
-    stats = LinkStats(("a", "b"))
+def test_a_link_with_its_own_reject_reasons_counts_them_in_the_zmq_decode_stats_shape():
+    stats = DecodeStats(reasons=("a", "b"))
     stats.accepted += 3
     stats.reject("b")
     assert stats.as_dict() == {"accepted": 3, "total_rejected": 1, "rejected": {"b": 1}}

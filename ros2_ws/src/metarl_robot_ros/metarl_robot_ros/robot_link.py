@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -117,34 +117,6 @@ class ZmqLink(ControllerLink):
 
 
 # ---- the ros2_control link's pure parts ----------------------------------------------------------------------
-@dataclass
-class LinkStats:
-    """Accepted state messages and rejections per reason, in the shape of the ZeroMQ link's ``DecodeStats``."""
-
-    reasons: tuple[str, ...]
-    """Every reason a message can be rejected for."""
-    accepted: int = 0
-    """Frames handed to the control loop."""
-    rejected: dict[str, int] = field(default_factory=dict)
-    """Reason → count (every reason present, from 0)."""
-
-    def __post_init__(self) -> None:
-        self.rejected = dict.fromkeys(self.reasons, 0) | self.rejected
-
-    def reject(self, reason: str) -> None:
-        if reason not in self.rejected:
-            raise ValueError(f"unknown reject reason {reason!r}; known: {', '.join(self.reasons)}")
-        self.rejected[reason] += 1
-
-    @property
-    def total_rejected(self) -> int:
-        return sum(self.rejected.values())
-
-    def as_dict(self) -> dict:
-        return {"accepted": self.accepted, "total_rejected": self.total_rejected,
-                "rejected": {k: v for k, v in self.rejected.items() if v}}
-
-
 @dataclass(frozen=True)
 class JointStateReader:
     """robot.yaml's measured observation read from a ``sensor_msgs/JointState``: each field is the position or the
@@ -236,20 +208,4 @@ class StampSequencer:
         self.seq += max(1, math.floor(delta / self.period_ns + 0.5))
         self.stamp_ns = stamp_ns
         return self.NEW, self.seq
-
-
-def check_action(robot: RobotSpec, action: Any) -> np.ndarray:
-    """``action`` as float64 ``(a,)``; ValueError when its size is wrong, it is not finite or outside robot.yaml's
-    limits (the safety layer clamps it first: such a command is a bug, never sent)."""
-    act = np.asarray(action, dtype=np.float64)
-    if act.shape != (robot.action_dim,):
-        raise ValueError(f"action must have shape ({robot.action_dim},) for {[a.name for a in robot.action]}, "
-                         f"got {act.shape}")
-    if not np.isfinite(act).all():
-        raise ValueError(f"action contains NaN or Inf: {act}")
-    outside = np.flatnonzero((act < robot.action_low) | (act > robot.action_high))
-    if outside.size:
-        a = robot.action[int(outside[0])]
-        raise ValueError(f"action {a.name} = {act[outside[0]]:g} is outside [{a.low:g}, {a.high:g}]")
-    return act
 

@@ -36,15 +36,13 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
 from metarl_robot.spec.robot import RobotSpec
-from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, HandshakeError
-from metarl_robot.telemetry.protocol import CommandFrame, StateFrame
+from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, HandshakeError, check_action
+from metarl_robot.telemetry.protocol import CommandFrame, DecodeStats, StateFrame
 from metarl_robot_ros.robot_link import (
     LINK_ROS2_CONTROL,
     NOT_REPORTED,
     JointStateReader,
-    LinkStats,
     StampSequencer,
-    check_action,
 )
 
 STATE_TOPIC = "joint_states"
@@ -74,7 +72,7 @@ class Ros2ControlLink:
         self.robot = robot
         self.reader = JointStateReader.for_robot(robot)
         """robot.yaml's observation from a JointState (raises SpecError at construction if it cannot)."""
-        self.stats = LinkStats(REJECT_REASONS)
+        self.stats = DecodeStats(reasons=REJECT_REASONS)
         """State messages handed to the loop, and rejected per reason."""
         self.received = 0
         """JointState messages received."""
