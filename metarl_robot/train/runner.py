@@ -60,13 +60,23 @@ INITIAL_TASKS_STREAM = 1
 a stream of their own, so the sampler (seeded with ``seed``) does not redraw them at iteration 1."""
 
 
+def _numpy_data_globals() -> list[Any]:
+    """What pickling a numpy array or scalar names besides data (an algorithm's state may hold arrays): the array
+    and scalar constructors and the dtypes. Allowed under ``weights_only``; nothing here runs code of the file's."""
+    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8,
+                                          np.uint64, np.uint32, np.uint16, np.uint8, np.bool_)]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint, refusing an unknown schema version; ``state["algo_kind"]`` names its algorithm."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # weights_only: tensors, numbers, strings and containers, never code; a checkpoint is data
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: tensors, numpy arrays, numbers, strings and containers, never code; a checkpoint is data
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises a different type per way a file can be broken
         raise SpecError(str(path), "", "not a readable metarl checkpoint (truncated, corrupt, or written by something "
                         f"else; each run keeps every iteration's ckpt_NNNN.pt: try an earlier one): {exc}") from None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -54,6 +56,14 @@ def test_run_folder_resume_and_checkpoint_versions(tmp_path):
     (run / "checkpoints" / "cut.pt").write_bytes(data[: len(data) // 2])  # a copy cut off half-way
     with pytest.raises(SpecError, match=r"cut.pt: not a readable metarl checkpoint \(truncated"):
         load_checkpoint(run / "checkpoints" / "cut.pt")
+    # weights_only: numpy arrays load (an algorithm's state may hold them), a pickled object of any other class
+    # (which could run code on load) does not
+    state["schema_version"] = CHECKPOINT_SCHEMA_VERSION
+    torch.save({**state, "extra": np.arange(3.0)}, run / "checkpoints" / "arrays.pt")
+    assert load_checkpoint(run / "checkpoints" / "arrays.pt")["extra"].tolist() == [0.0, 1.0, 2.0]
+    torch.save({**state, "extra": argparse.Namespace(x=1)}, run / "checkpoints" / "object.pt")
+    with pytest.raises(SpecError, match=r"(?s)not a readable metarl checkpoint .*Unsupported global"):
+        load_checkpoint(run / "checkpoints" / "object.pt")
 
 
 @pytest.mark.parametrize(
