@@ -101,17 +101,32 @@ def write_family(spec: Mapping[str, Any], folder: str | Path) -> Path:
     return path
 
 
+def fine_tune(run_dir: str | Path, out_dir: str | Path, family: str | Path | None = None, iterations: int = 5,
+              random_episodes: int = 4, progress: bool = True) -> Path:
+    """Steps 3 and 4's export: ``out_dir/run``, the run fine-tuned from its latest weights and data for ``iterations``
+    iterations on ``family`` (``None``: its own, the control that separates what a new family gives from what
+    more training gives), exported to ``out_dir/bundle``; returns the bundle folder."""
+    from metarl_robot.export.bundle_writer import export_run
+    from metarl_robot.train.config import load_config
+    from metarl_robot.train.runner import Runner
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    overrides = {"loop.iterations": iterations, "loop.random_episodes": random_episodes, "name": "run",
+                 **({"family": str(family)} if family is not None else {})}
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    Runner(cfg, out / "run", progress=progress, init_from=run_dir).run()
+    return export_run(out / "run", out / "bundle")
+
+
 def retrain(logs: Sequence[str | Path], run_dir: str | Path, bundle: str | Path, out_dir: str | Path,
             iterations: int = 5, random_episodes: int = 4, widen: float = 2.0,
             noise_std: float | Mapping[str, float] | None = None, identify_config: IdentifyConfig | None = None,
             eval_seed: int = 0, progress: bool = True, compare: bool = True) -> dict[str, Any]:
     """The whole loop (see the module docstring); returns what ``DIR/retrain.json`` holds. ``compare=False``
     skips step 4's evaluation (for a caller that grades the new bundle itself): no returns in the summary."""
-    from metarl_robot.export.bundle_writer import export_run
     from metarl_robot.runtime.bundle import load_bundle
     from metarl_robot.train.config import load_config
     from metarl_robot.train.evaluate import evaluate
-    from metarl_robot.train.runner import Runner
 
     started = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -132,12 +147,7 @@ def retrain(logs: Sequence[str | Path], run_dir: str | Path, bundle: str | Path,
     results = [identify(log, family, identify_config, progress=progress, noise_std=noise_std) for log in logs]
     spec = identified_family(family, results, widen)
     family_path = write_family(spec, out)
-    overrides = {"family": str(family_path), "loop.iterations": iterations,
-                 "loop.random_episodes": random_episodes, "name": "run"}
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    runner = Runner(cfg, out / "run", progress=progress, init_from=run_dir)
-    runner.run()
-    new_bundle = export_run(out / "run", out / "bundle")
+    new_bundle = fine_tune(run_dir, out, family_path, iterations, random_episodes, progress)
     delay_name = next((n for n, p in spec["params"].items() if (p.get("effect") or {}).get("action_delay")), None)
     summary = {"logs": [str(p) for p in logs], "run": str(run_dir), "bundle_old": str(bundle),
                "bundle_new": str(new_bundle), "family": str(family_path), "widen": widen, "iterations": iterations}
@@ -164,4 +174,4 @@ def retrain(logs: Sequence[str | Path], run_dir: str | Path, bundle: str | Path,
     return summary
 
 
-__all__ = ["DELAY_PARAM", "identified_family", "retrain", "write_family"]
+__all__ = ["DELAY_PARAM", "fine_tune", "identified_family", "retrain", "write_family"]

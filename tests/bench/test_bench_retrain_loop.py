@@ -16,7 +16,7 @@ def test_retrain_loop_grades_old_and_new_on_the_twin(online_run: Path, online_bu
     result = subprocess.run([sys.executable, "bench/retrain_loop.py", "--run", str(online_run), "--bundle",
                              str(online_bundle), "--out", str(tmp_path / "loop"), "--effect", "delay=1", "--logs", "1",
                              "--steps", "60", "--iterations", "1",
-                             "--twin-starts", "2"], capture_output=True, text=True, timeout=1800)
+                             "--twin-starts", "2", "--control"], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     row = doc["effects"]["delay=1"]
@@ -24,6 +24,7 @@ def test_retrain_loop_grades_old_and_new_on_the_twin(online_run: Path, online_bu
     assert len(row["twin_returns_old"]) == len(row["twin_returns_new"]) == 2
     assert row["twin_return_old"] == pytest.approx(sum(row["twin_returns_old"]) / 2)
     assert row["improved"] == (row["twin_return_new"] > row["twin_return_old"])
+    assert len(row["twin_returns_control"]) == 2 and math.isfinite(row["twin_return_control"])  # same twin, no logs
     assert doc["improved"] == int(row["improved"])
     assert row["delays"] == [1] and doc["target_improved"] is None  # one effect: no verdict against the target
     assert (tmp_path / "loop" / "delay_1" / "retrain" / "retrain.json").is_file()
