@@ -250,7 +250,8 @@ def printable_ascii(text: str) -> str:
     return "".join(c if is_protocol_text(c) else ascii(c)[1:-1] for c in text)
 
 
-def _check_text(name: str, text: str, lo: int, hi: int) -> bytes:
+def check_text(name: str, text: str, lo: int, hi: int) -> bytes:
+    """``text`` as the bytes a frame carries; ValueError unless it is ``lo``..``hi`` printable ASCII characters."""
     if not isinstance(text, str) or not is_protocol_text(text):
         raise ValueError(f"{name} must be printable ASCII (bytes 0x20..0x7e), got {text!r}")
     if not lo <= len(text) <= hi:
@@ -294,7 +295,7 @@ def encode_command(frame: CommandFrame) -> bytes:
 
 
 def _ident(name: str, interface_hash: str, obs_dim: int, action_dim: int, ctrl_dt: float) -> bytes:
-    name_bytes = _check_text("robot name", name, 1, MAX_NAME_BYTES)
+    name_bytes = check_text("robot name", name, 1, MAX_NAME_BYTES)
     try:
         digest = bytes.fromhex(interface_hash)
     except ValueError:
@@ -316,7 +317,7 @@ def encode_hello(hello: Hello) -> bytes:
 
 def encode_welcome(welcome: Welcome) -> bytes:
     """A WELCOME frame; an accepted one needs a nonzero session, a refused one session 0."""
-    message = _check_text("WELCOME message", welcome.message, 0, MAX_MESSAGE_BYTES)
+    message = check_text("WELCOME message", welcome.message, 0, MAX_MESSAGE_BYTES)
     lo, hi = (1, U32) if welcome.accepted else (0, 0)
     fixed = WELCOME_FIXED.pack(
         _check_int("session", welcome.session, lo, hi), _check_int("watchdog_ms", welcome.watchdog_ms, 0, U32),

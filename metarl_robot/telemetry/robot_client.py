@@ -43,10 +43,10 @@ from metarl_robot.telemetry.protocol import (
     MsgType,
     StateFrame,
     Welcome,
+    check_text,
     decode,
     encode_state,
     encode_welcome,
-    is_protocol_text,
     printable_ascii,
 )
 from metarl_robot.telemetry.transport import (
@@ -125,10 +125,8 @@ class RobotClient:
     def __init__(self, robot: RobotSpec, endpoints: Endpoints | None = None, *, watchdog_ms: float | None = None,
                  curve: CurveServerKeys | None = None, clock: Callable[[], int] = time.monotonic_ns,
                  clock_rate: float = 1.0, insecure: bool = False) -> None:
-        if not (is_protocol_text(robot.name) and 1 <= len(robot.name) <= MAX_NAME_BYTES):
-            # Every WELCOME carries the name: refuse it now rather than fail on the first handshake.
-            raise ValueError(f"robot name {robot.name!r} cannot be sent: the protocol takes 1..{MAX_NAME_BYTES} "
-                             "printable ASCII characters")
+        # Every WELCOME carries the name: refuse it now, by the encoder's own rule, not on the first handshake.
+        check_text("robot name", robot.name, 1, MAX_NAME_BYTES)
         self.robot = robot
         """The robot's interface (robot.yaml)."""
         self.requested_endpoints = endpoints or Endpoints.from_port_base()

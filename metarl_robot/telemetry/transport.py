@@ -188,10 +188,12 @@ def check_endpoint_security(address: str, *, curve: bool, insecure: bool, action
     return True
 
 
-def unprotected_endpoints(endpoints: Endpoints, *, curve: bool, insecure: bool) -> list[str]:
+def unprotected_endpoints(endpoints: Endpoints, *, curve: bool, insecure: bool, action: str = "use") -> list[str]:
     """The endpoints of ``endpoints`` that leave the machine without CURVE (for a warning in diagnostics); raises
-    :class:`InsecureEndpointError` for the first one unless ``insecure``."""
-    return [a for a in endpoints.as_dict().values() if check_endpoint_security(a, curve=curve, insecure=insecure)]
+    :class:`InsecureEndpointError` for the first one unless ``insecure`` (``action`` as for
+    :func:`check_endpoint_security`)."""
+    return [a for a in endpoints.as_dict().values()
+            if check_endpoint_security(a, curve=curve, insecure=insecure, action=action)]
 
 
 # ---- CURVE -------------------------------------------------------------------------------------
@@ -343,8 +345,7 @@ def robot_sockets(context: zmq.Context, endpoints: Endpoints, curve: CurveServer
                   insecure: bool = False) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, Endpoints]:
     """Bind the robot's state PUB, command SUB and handshake REP; returns them and the bound endpoints. An endpoint
     that leaves the machine needs ``curve`` or ``insecure=True`` (:class:`InsecureEndpointError`, nothing bound)."""
-    for address in endpoints.as_dict().values():
-        check_endpoint_security(address, curve=curve is not None, insecure=insecure, action="bind")
+    unprotected_endpoints(endpoints, curve=curve is not None, insecure=insecure, action="bind")
     state = latest_only_pub(context)
     command = bounded_sub(context)
     handshake = _socket(context, zmq.REP, receives=True)
