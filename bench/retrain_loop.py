@@ -14,7 +14,9 @@ bundle's adapted controller on the twin's task *with the effect*, from ``--twin-
 seeds; the mean return is compared: one episode's return is chaotic in the swing-up), beside the oracle, which
 plans through the delay, damping, friction and integrator. ``--control`` also fine-tunes the run the same number of
 iterations on its *own* family (no logs) once and grades that bundle on every twin: what the identified family
-gives beyond what more training gives (``--control-only``: that alone, on the same twins). The target of issue 16:
+gives beyond what more training gives (``--control-only``: that alone, on the same twins, with the old bundle's
+unadapted controller). The old bundle is graded unadapted too (empty context, prior last layer): the reference of
+no adaptation at all. The target of issue 16:
 the new bundle's return beats the old one's in at least 4 of 5 effects, over 3 seeds (run once per ``--seed``).
 """
 
@@ -34,12 +36,13 @@ TARGET_IMPROVED = 4
 
 
 def twin_returns(source: str | Path, folder: Path, name: str, family: str, task: dict, starts: list[int], effects,
-                 oracle: bool) -> list[dict]:
-    """``source``'s adapted controller on the twin (``task`` with ``effects``) from each reset seed in ``starts``."""
+                 oracle: bool, unadapted: bool = False) -> list[dict]:
+    """``source``'s adapted controller (and with ``unadapted`` its unadapted one) on the twin (``task`` with
+    ``effects``) from each reset seed in ``starts``."""
     from metarl_robot.train.evaluate import evaluate
 
     return [evaluate(source, folder / f"twin_{name}_{start}", family=family, tasks=[task], seed=start,
-                     effects=effects, progress=False, modes=(), oracle=oracle,
+                     effects=effects, progress=False, modes=("unadapted",) if unadapted else (), oracle=oracle,
                      oracle_cache=folder / "twin_oracle_cache.json")["tasks"][0] for start in starts]
 
 
@@ -87,12 +90,14 @@ def main() -> None:
                                        obs_noise=args.noise, effects=effects) for i in range(args.logs)]
             summary = retrain(logs, args.run, args.bundle, folder / "retrain", iterations=args.iterations,
                               noise_std=args.noise, progress=False, compare=False)
-            old = twin_returns(args.bundle, folder, "old", family.name, task, starts, effects, oracle=True)
+            old = twin_returns(args.bundle, folder, "old", family.name, task, starts, effects, oracle=True,
+                               unadapted=True)
             new = twin_returns(summary["bundle_new"], folder, "new", family.name, task, starts, effects, oracle=False)
             row.update({"verdicts": [r["verdict"] for r in summary["per_log"]],
                         "delays": [r["delay"] for r in summary["per_log"]],
                         "twin_returns_old": [r["return_adapted"] for r in old],
                         "twin_returns_new": [r["return_adapted"] for r in new],
+                        "twin_returns_unadapted": [r["return_unadapted"] for r in old],
                         "twin_return_oracle": float(np.mean([r["return_oracle"] for r in old])),
                         "retrain_seconds": summary["seconds"]})
             row["twin_return_old"] = float(np.mean(row["twin_returns_old"]))
@@ -101,9 +106,16 @@ def main() -> None:
         if control is not None:
             graded = twin_returns(control, folder, "control", family.name, task, starts, effects, oracle=False)
             row["twin_returns_control"] = [r["return_adapted"] for r in graded]
-            row["twin_return_control"] = float(np.mean(row["twin_returns_control"]))
+        if args.control_only:  # the no-adaptation reference the full run takes from its old-bundle episodes
+            old = twin_returns(args.bundle, folder, "old", family.name, task, starts, effects, oracle=True,
+                               unadapted=True)
+            row["twin_returns_unadapted"] = [r["return_unadapted"] for r in old]
+            row["twin_return_oracle"] = float(np.mean([r["return_oracle"] for r in old]))
+        for key in ("control", "unadapted"):
+            if f"twin_returns_{key}" in row:
+                row[f"twin_return_{key}"] = float(np.mean(row[f"twin_returns_{key}"]))
         rows[label] = row
-        graded = ", ".join(f"{k} {row[f'twin_return_{k}']:.1f}" for k in ("old", "new", "control")
+        graded = ", ".join(f"{k} {row[f'twin_return_{k}']:.1f}" for k in ("old", "new", "control", "unadapted")
                            if f"twin_return_{k}" in row)
         print(f"{label}: twin return {graded} (mean of {len(starts)} starts), {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)

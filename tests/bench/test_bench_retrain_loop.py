@@ -25,6 +25,7 @@ def test_retrain_loop_grades_old_and_new_on_the_twin(online_run: Path, online_bu
     assert row["twin_return_old"] == pytest.approx(sum(row["twin_returns_old"]) / 2)
     assert row["improved"] == (row["twin_return_new"] > row["twin_return_old"])
     assert len(row["twin_returns_control"]) == 2 and math.isfinite(row["twin_return_control"])  # same twin, no logs
+    assert len(row["twin_returns_unadapted"]) == 2 and math.isfinite(row["twin_return_unadapted"])  # the old bundle
     assert doc["improved"] == int(row["improved"])
     assert row["delays"] == [1] and doc["target_improved"] is None  # one effect: no verdict against the target
     assert (tmp_path / "loop" / "delay_1" / "retrain" / "retrain.json").is_file()
