@@ -1,58 +1,98 @@
 """Planning latency on one core: our runtime adapter vs pytorch-mppi vs the onnxruntime floor.
 
-Prints one JSON document (progress on stderr). Run from the repository root::
+Prints one JSON document (progress on stderr). Runs from a fresh clone, from the repository root::
 
     .venv/bin/python bench/planner_latency.py --bundle policies/cartpole_mb
 
 Rows, all pinned to one CPU core with one thread each, on observations from real MuJoCo episodes
-driven by the adapter itself (the env step is not timed):
+driven by the adapter itself (the env step is not timed). At the bundle's own sample count N:
 
 - ``ours_adapter``: one full control step of the runtime adapter (context encoding, planning with
   the bundle's defaults, next-state prediction): what the robot pays every period.
-- ``ours_planner_1iter``: our planner alone with one MPPI iteration through the fused rollout graph
-  (one onnxruntime call per iteration, what the adapter uses), to compare like for like with
-- ``pytorch_mppi``: pytorch-mppi's MPPI.command on the *same* model (the bundle's run, in torch,
-  members assigned round-robin like ours), same samples and horizon, one iteration per command, and
-  the same reward written in torch.
-- ``ours_planner_1iter_stepped``: the same planner through H calls of the one-step dynamics graph
-  (what any horizon other than the bundle's ``rollout_horizon`` uses).
-- ``ort_floor``: one call of the rollout graph on the same batch, nothing else: no sampling, no
-  reward, no weighting. A sampling planner over this model cannot beat it.
+- ``ours_planner_1iter_stepped``: our planner with one MPPI iteration through H calls of the
+  one-step dynamics graph (what any horizon other than the bundle's ``rollout_horizon`` uses).
 - ``ort_floor_stepped``: the horizon's sequential calls of the dynamics graph, the floor of the
   stepped path.
+
+And at each sample count of ``--samples`` (``by_samples`` in the JSON; default 128, 256 and 1024):
+
+- ``ours_planner_1iter``: our planner alone with one MPPI iteration through the fused rollout graph
+  (one onnxruntime call per iteration, what the adapter uses), to compare like for like with
+- ``pytorch_mppi``: pytorch-mppi's MPPI.command on the *same* model, same samples and horizon, one
+  iteration per command, members assigned round-robin like ours, and the same reward written in torch.
+- ``ort_floor``: one call of the rollout graph on the same batch, nothing else: no sampling, no
+  reward, no weighting. A sampling planner over this model cannot beat it.
+
+The peer's torch model is rebuilt from the bundle itself: the weights of ``dynamics.onnx`` loaded into a
+:class:`~metarl_robot.models.context_dynamics.ContextDynamics` without its encoder (the peer plans with
+the fixed context our planner rows use, so the encoder is never run). Before anything is timed, that
+model and onnxruntime's dynamics graph must agree on random inputs at the robot's scale; if they do not,
+the script refuses to run (exit status 1) rather than compare against other weights. ``--run`` takes the
+weights from the bundle's training checkpoint instead (same check).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from metarl_robot.machine import pin_one_core
 from metarl_robot.models.rewards import TORCH_REWARDS
 
+WARMUP = 10
+"""Timed calls dropped at the start of every row (allocator, caches, onnxruntime's first-call work)."""
+MIN_TIMED = 20
+"""Fewest timed calls of a row at a large N (``--steps`` scales down with N, but not below this)."""
+DEFAULT_SAMPLES = (128, 256, 1024)
+TARGET_RATIO = 0.33
+"""Issue 18: ours / pytorch-mppi, same weights, samples, horizon and iterations, at N = 128, 256 and 1024."""
+PEER_PARITY_TOLERANCE = 1e-4
+"""Largest |torch peer - onnxruntime| on the dynamics graph's outputs: the mean in observation-scale units, the
+log-variance in its own. Both are float32 evaluations of one model (differences ~1e-6); a wrong or misplaced
+weight is orders of magnitude larger."""
+PARITY_ROWS = 97
+"""Rows per member of the parity check's random inputs (odd, so nothing lines up with a kernel's blocking)."""
+
+
+class PeerWeightsError(RuntimeError):
+    """The peer's torch model is not the bundle's dynamics model: timing it would compare different models."""
+
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = np.array(samples_s) * 1e3
+    """Summary in milliseconds of the timed calls after the warm-up."""
+    ms = np.array(samples_s[WARMUP:]) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "p999_ms": float(np.percentile(ms, 99.9)), "max_ms": float(ms.max()), "mean_ms": float(ms.mean()),
             "n": len(ms)}
 
 
-def timed(fn, *args):
+def timed(fn: Callable, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and its wall time in seconds."""
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
 
 
-def trajectories(bundle, steps: int, seed: int) -> tuple[list, list[np.ndarray], dict]:
+def steps_at(samples: int, default_samples: int, steps: int) -> int:
+    """Calls of a row at ``samples``: ``steps`` at the bundle's N, proportionally fewer above it (the cost of a
+    call grows with N), never fewer than the warm-up plus :data:`MIN_TIMED` unless ``steps`` itself is."""
+    return min(steps, max(WARMUP + MIN_TIMED, steps * default_samples // samples))
+
+
+def trajectories(bundle, steps: int, seed: int) -> tuple[list[float], list[np.ndarray], dict]:
     """Drive the env with the adapter, timing each adapter step; returns timings and the visited obs."""
     from metarl_robot.envs.meta_env import MetaMujocoEnv
 
@@ -72,10 +112,94 @@ def trajectories(bundle, steps: int, seed: int) -> tuple[list, list[np.ndarray],
     return times, visited, params
 
 
+# ---- the peer's weights ---------------------------------------------------------------------------------------
+
+def onnx_state_dict(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
+    """The weights of a model_based bundle's ``dynamics.onnx`` by :class:`ContextDynamics` state-dict key.
+
+    The exporter names every parameter and buffer ``model.<key>`` except the ensemble layers' biases:
+    ``torch.baddbmm(bias, x, weight)`` exports as ``MatMul(x, weight)``, a ``Mul`` by a constant (baddbmm's
+    alpha) and ``Add(·, bias)``, and the bias becomes an anonymous ``onnx::Add_NNN`` initializer. Each bias is
+    therefore found by following its layer's MatMul through the graph, never by name or order (both are the
+    exporter's business); a graph of another shape is refused. ``sha256``: the manifest's hash of the file,
+    checked on the bytes that are parsed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise PeerWeightsError(f"{path}: sha256 differs from the bundle manifest's (the file changed)")
+    graph = onnx.load_from_string(data).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+              if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"}
+    consumers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    state = {name.removeprefix("model."): arr for name, arr in inits.items() if name.startswith("model.")}
+    for key in [k for k in state if k.endswith(".weight") and state[k].ndim == 3]:
+        matmuls = [n for n in consumers[f"model.{key}"] if n.op_type == "MatMul"]
+        if len(matmuls) != 1:
+            raise PeerWeightsError(f"{path}: {key} feeds {len(matmuls)} MatMul nodes, expected one")
+        out, scale = matmuls[0].output[0], 1.0
+        while True:
+            nxt = consumers[out]
+            if len(nxt) != 1:
+                raise PeerWeightsError(f"{path}: the output of {key}'s MatMul has {len(nxt)} consumers before its "
+                                       "bias Add, expected one")
+            node = nxt[0]
+            (other,) = [x for x in node.input if x != out] or [None]
+            if node.op_type == "Mul" and other in consts and consts[other].size == 1:
+                scale *= float(consts[other])  # baddbmm's alpha (1 as exported); folded into the weight
+                out = node.output[0]
+            elif node.op_type == "Add" and other in inits:
+                state[key.removesuffix("weight") + "bias"] = inits[other]
+                break
+            else:
+                raise PeerWeightsError(f"{path}: {key}'s MatMul is followed by {node.op_type}({', '.join(node.input)})"
+                                       ", not the bias Add of an exported EnsembleLinear")
+        if scale != 1.0:
+            state[key] = state[key] * np.float32(scale)
+    return state
+
+
+def bundle_peer_model(bundle):
+    """The bundle's dynamics ensemble as a torch :class:`ContextDynamics`, from ``dynamics.onnx``.
+
+    Sizes: E, d and K from the manifest's ``adaptation`` section, the observation layout (which components
+    are angles) from the robot spec, the hidden width and depth from the weights themselves (the manifest
+    does not record them). The encoder is not in ``dynamics.onnx``, and the peer never encodes (it plans with
+    a fixed context), so it is removed: ``load_state_dict(strict=True)`` then checks every key that remains.
+    """
+    import torch
+
+    from metarl_robot.models.context_dynamics import ContextDynamics, ContextDynamicsConfig
+
+    graph = bundle.manifest["graphs"]["dynamics"]["file"]
+    state = onnx_state_dict(bundle.path / graph, bundle.manifest["files"].get(graph))
+    ad = bundle.manifest["adaptation"]
+    layers = sum(1 for k in state if k.startswith("hidden_layers.") and k.endswith(".weight"))
+    if layers == 0 or "head.weight" not in state:
+        raise PeerWeightsError(f"{bundle.path / graph}: no hidden_layers.*.weight or head.weight initializers: not "
+                               "an exported ContextDynamics")
+    cfg = ContextDynamicsConfig(ensemble_size=ad["ensemble_size"], hidden=state["hidden_layers.0.weight"].shape[-1],
+                                layers=layers, context_dim=ad["context_dim"], context_window=ad["context_window"])
+    robot = bundle.robot
+    model = ContextDynamics(robot.obs_dim, robot.action_dim, robot.obs_periodic, cfg)
+    model.encoder = None  # not in the graph, never run by the peer: gone from the state dict, so strict works
+    try:
+        model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise PeerWeightsError(f"{bundle.path / graph}: its weights do not fit a ContextDynamics with {cfg}: "
+                               f"{exc}") from None
+    return model.eval().requires_grad_(False)
+
+
 def find_checkpoint(run_dir: Path, prov: dict) -> Path | None:
     """The checkpoint the bundle was exported from, identified by its sha256 (file names can move)."""
-    import hashlib
-
     want = prov["checkpoint"]["sha256"]
     named = run_dir / "checkpoints" / prov["checkpoint"]["file"]
     candidates = [named, *sorted((run_dir / "checkpoints").glob("*.pt"))] if (run_dir / "checkpoints").is_dir() else []
@@ -83,6 +207,31 @@ def find_checkpoint(run_dir: Path, prov: dict) -> Path | None:
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == want:
             return path
     return None
+
+
+def peer_parity(model, bundle, z: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Largest differences between the torch ``model`` and the bundle's onnxruntime dynamics graph on random
+    inputs at the robot's scale (observations ~ N(0, obs_scale), actions uniform in the box, contexts: half
+    the rows ``z``, the rest N(0, 1)); raises :class:`PeerWeightsError` beyond :data:`PEER_PARITY_TOLERANCE`."""
+    import torch
+
+    robot, e, d = bundle.robot, bundle.ensemble_size, bundle.context_dim
+    rng = np.random.default_rng(seed)
+    obs = (rng.standard_normal((e, PARITY_ROWS, robot.obs_dim)) * robot.obs_scale).astype(np.float32)
+    act = rng.uniform(robot.action_low, robot.action_high, (e, PARITY_ROWS, robot.action_dim)).astype(np.float32)
+    ctx = rng.standard_normal((e, PARITY_ROWS, d)).astype(np.float32)
+    ctx[:, : PARITY_ROWS // 2] = np.asarray(z, np.float32).reshape(-1)
+    mean, logvar = bundle.graphs["dynamics"](obs, act, ctx)
+    with torch.no_grad():
+        t_mean, t_logvar = (x.numpy() for x in model(*(torch.as_tensor(x) for x in (obs, act, ctx))))
+    parity = {"next_obs_mean_max_abs_diff_over_obs_scale": float(np.max(np.abs(t_mean - mean) / robot.obs_scale)),
+              "next_obs_logvar_max_abs_diff": float(np.max(np.abs(t_logvar - logvar))),
+              "tolerance": PEER_PARITY_TOLERANCE, "rows": e * PARITY_ROWS}
+    worst = max(parity["next_obs_mean_max_abs_diff_over_obs_scale"], parity["next_obs_logvar_max_abs_diff"])
+    if not worst <= PEER_PARITY_TOLERANCE:  # `not <=`: a NaN fails too
+        raise PeerWeightsError(f"the peer's torch model and the bundle's dynamics graph differ by {worst:.3g} (allowed "
+                               f"{PEER_PARITY_TOLERANCE:g}): they are not the same model, so pytorch-mppi is not run")
+    return parity
 
 
 def torch_cost(robot, reward_name: str, params: dict[str, float]):
@@ -100,15 +249,45 @@ def torch_cost(robot, reward_name: str, params: dict[str, float]):
     return cost
 
 
+def peer_dynamics(model, e: int, z: np.ndarray):
+    """pytorch-mppi's ``dynamics(state (K, o), action (K, a))`` over the torch ensemble: row r on member r mod E,
+    like ours (K not a multiple of E: the first rows padded on, their predictions dropped), at the fixed ``z``."""
+    import torch
+
+    zt = torch.as_tensor(np.asarray(z, np.float32).reshape(-1))
+
+    def dynamics(state, action):
+        k = state.shape[0]
+        m = -(-k // e)
+        pad = m * e - k
+        if pad:
+            state, action = torch.cat([state, state[:pad]]), torch.cat([action, action[:pad]])
+        s = state.reshape(m, e, -1).transpose(0, 1)
+        a = action.reshape(m, e, -1).transpose(0, 1)
+        with torch.no_grad():
+            nxt, _ = model(s.float(), a.float(), zt.expand(e, m, -1))
+        return nxt.transpose(0, 1).reshape(m * e, -1)[:k]
+    return dynamics
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="policies/cartpole_mb", help="bundle folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=300, help="timed control steps per row (default: 300)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help=f"calls per row at the bundle's N, the first {WARMUP} untimed; proportionally fewer at a "
+                             f"larger N, at least {WARMUP + MIN_TIMED} (default: %(default)s)")
+    parser.add_argument("--samples", type=int, nargs="+", default=list(DEFAULT_SAMPLES),
+                        help="sample counts N of the like-for-like rows (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-peer", action="store_true", help="skip pytorch-mppi (needs the bundle's run folder)")
-    parser.add_argument("--run", help="the bundle's training run folder, if it moved (default: from its provenance)")
+    parser.add_argument("--skip-peer", action="store_true", help="skip pytorch-mppi (its rows and ratios are null)")
+    parser.add_argument("--run", help="take the peer's torch weights from the bundle's training checkpoint (found in "
+                                      "this run folder by its sha256) instead of from the bundle's dynamics.onnx")
     args = parser.parse_args(argv)
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be > {WARMUP} (the first {WARMUP} calls of a row are warm-up)")
+    if min(args.samples) < 2:
+        parser.error("--samples must be >= 2")
 
     core = pin_one_core()
     import torch
@@ -120,99 +299,132 @@ def main(argv: list[str] | None = None) -> int:
     from metarl_robot.spec.rewards import get_reward
 
     bundle = load_bundle(args.bundle, threads=1)
+    if bundle.kind != "model_based":  # the rows below use its context encoder and its fused rollout graph
+        parser.error(f"{args.bundle} is a {bundle.kind} bundle: this benchmark times model_based bundles")
     cfg = bundle.planner
-    adaptation = bundle.manifest["adaptation"]
-    e, window = adaptation["ensemble_size"], adaptation["context_window"]
-    print(f"bundle {args.bundle}: planner {cfg.method} H={cfg.horizon} N={cfg.samples} iterations={cfg.iterations}",
-          file=sys.stderr)
+    e, window = bundle.ensemble_size, bundle.context_window
+    reward_name = bundle.family.spec.reward
+    print(f"bundle {args.bundle}: planner {cfg.method} H={cfg.horizon} N={cfg.samples} iterations={cfg.iterations}; "
+          f"like-for-like rows at N={args.samples}", file=sys.stderr)
+    # The fixed context of every planner row (the empty window's, what the peer is conditioned on too).
+    z = bundle.make_adapter(batch=1, seed=args.seed).context()
 
-    results = {}
+    notes = []
+    peer_model, peer = None, {"ran": False}
+    if args.skip_peer:
+        notes.append("pytorch_mppi skipped: --skip-peer")
+    elif reward_name not in TORCH_REWARDS:
+        notes.append(f"pytorch_mppi skipped: no torch twin of reward {reward_name!r} (has: {', '.join(TORCH_REWARDS)})")
+    else:
+        # Before anything is timed: the peer's model must be the bundle's, or the comparison means nothing.
+        try:
+            if args.run:
+                checkpoint = find_checkpoint(Path(args.run), bundle.manifest["provenance"])
+                if checkpoint is None:
+                    raise PeerWeightsError(f"no checkpoint with the bundle's sha256 in {args.run}/checkpoints")
+                from metarl_robot.train.runner import load_trained
+
+                peer_model = load_trained(checkpoint)[2].model.eval().requires_grad_(False)
+                peer["weights"] = f"{checkpoint} (sha256 matches the bundle's provenance)"
+            else:
+                peer_model = bundle_peer_model(bundle)
+                peer["weights"] = (f"{bundle.path / 'dynamics.onnx'}: its initializers loaded into a torch "
+                                   "ContextDynamics without the encoder (the peer plans with a fixed context)")
+            peer["parity"] = peer_parity(peer_model, bundle, z, args.seed)
+        except PeerWeightsError as exc:
+            print(f"planner_latency: refusing to run pytorch-mppi: {exc}", file=sys.stderr)
+            return 1
+        peer["ran"] = True
+        print(f"peer weights agree with onnxruntime: {peer['parity']}", file=sys.stderr)
+
+    results: dict[str, Any] = {}
     adapter_times, visited, params = trajectories(bundle, args.steps, args.seed)
-    results["ours_adapter"] = percentiles(adapter_times[10:])
-
-    # Our planner alone, one iteration, on the visited observations with a fixed context: through the
-    # fused rollout graph (what the adapter uses) and through H dynamics calls (any other horizon).
-    one = replace(cfg, iterations=1)
-    adapter = bundle.make_adapter(batch=1, seed=args.seed)
-    z = adapter.context()
+    results["ours_adapter"] = percentiles(adapter_times)
     last = bundle.robot.safe_action[None]
-    fused = (bundle.rollout, bundle.rollout_horizon)
-    for row, model in (("ours_planner_1iter", EnsembleRollout(bundle.step, e, fused)),
-                       ("ours_planner_1iter_stepped", EnsembleRollout(bundle.step, e))):
-        planner = Planner(one, bundle.robot, get_reward(bundle.family.spec.reward), model, 1)
-        t = [timed(planner.plan, o[None], (o[None], z), params, last)[1] for o in visited]
-        results[row] = percentiles(t[10:])
+    one = replace(cfg, iterations=1)
 
-    # The floors: the model calls alone on the planner's batch, one fused call or H sequential ones.
-    rows = -(-cfg.samples * cfg.particles // e)
-    obs_b = np.zeros((e, rows, bundle.robot.obs_dim), np.float32)
-    act_b = np.zeros((e, rows, bundle.robot.action_dim), np.float32)
-    acts_b = np.zeros((e, rows, bundle.rollout_horizon, bundle.robot.action_dim), np.float32)
-    z_b = np.zeros((e, rows, z.shape[-1]), np.float32)
+    def planner_row(samples: int, fused: bool) -> dict[str, float]:
+        """Our planner, one iteration at ``samples``, on the visited observations with the fixed context."""
+        model = EnsembleRollout(bundle.step, e, (bundle.rollout, bundle.rollout_horizon) if fused else None)
+        planner = Planner(replace(one, samples=samples), bundle.robot, get_reward(reward_name), model, 1)
+        n = steps_at(samples, cfg.samples, args.steps)
+        return percentiles([timed(planner.plan, o[None], (o[None], z), params, last)[1] for o in visited[:n]])
+
+    def batch(samples: int) -> tuple[np.ndarray, ...]:
+        """The model's inputs for one planning iteration at ``samples`` (zeros: the floors time the calls only)."""
+        rows = -(-samples * cfg.particles // e)
+        return (np.zeros((e, rows, bundle.robot.obs_dim), np.float32),
+                np.zeros((e, rows, bundle.robot.action_dim), np.float32),
+                np.zeros((e, rows, bundle.rollout_horizon, bundle.robot.action_dim), np.float32),
+                np.zeros((e, rows, z.shape[-1]), np.float32))
+
+    # The stepped path, at the bundle's N only: H calls of the one-step graph instead of one fused call.
+    results["ours_planner_1iter_stepped"] = planner_row(cfg.samples, fused=False)
+    obs_b, act_b, _, z_b = batch(cfg.samples)
 
     def floor_stepped():
         s = obs_b
         for _ in range(cfg.horizon):
             s = bundle.step(s, act_b, z_b)
-    for row, call in (("ort_floor", lambda: bundle.rollout(obs_b, acts_b, z_b)), ("ort_floor_stepped", floor_stepped)):
-        t = [timed(call)[1] for _ in range(args.steps)]
-        results[row] = percentiles(t[10:])
+    results["ort_floor_stepped"] = percentiles([timed(floor_stepped)[1] for _ in range(args.steps)])
 
-    notes = []
-    prov = bundle.manifest["provenance"]
-    run_dir = Path(args.run or prov["run_dir"])
-    reward_name = bundle.family.spec.reward
-    if not args.skip_peer and reward_name not in TORCH_REWARDS:
-        notes.append(f"pytorch_mppi skipped: no torch twin of reward {reward_name!r} "
-                     f"(has: {', '.join(TORCH_REWARDS)})")
-        args.skip_peer = True
-    checkpoint = None if args.skip_peer else find_checkpoint(run_dir, prov)
-    if not args.skip_peer and checkpoint is None:
-        notes.append(f"pytorch_mppi skipped: no checkpoint with the bundle's sha256 in {run_dir}/checkpoints "
-                     "(its torch weights are needed for the same-model comparison)")
-        args.skip_peer = True
-    if not args.skip_peer:
-        from pytorch_mppi import MPPI
+    task_params = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in params.items()}
+    by_samples: dict[str, dict[str, Any]] = {}
+    for n in args.samples:
+        print(f"N={n}: {steps_at(n, cfg.samples, args.steps)} calls per row", file=sys.stderr)
+        rows: dict[str, Any] = {"ours_planner_1iter": planner_row(n, fused=True), "pytorch_mppi": None}
+        if peer_model is not None:
+            from pytorch_mppi import MPPI
 
-        from metarl_robot.train.runner import load_trained
+            half = torch.as_tensor((bundle.robot.action_high - bundle.robot.action_low) / 2, dtype=torch.float32)
+            mppi = MPPI(peer_dynamics(peer_model, e, z), torch_cost(bundle.robot, reward_name, task_params),
+                        bundle.robot.obs_dim, torch.diag((cfg.noise_std * half) ** 2), num_samples=n,
+                        horizon=cfg.horizon, lambda_=cfg.temperature,
+                        u_min=torch.as_tensor(bundle.robot.action_low, dtype=torch.float32),
+                        u_max=torch.as_tensor(bundle.robot.action_high, dtype=torch.float32))
+            t = [timed(mppi.command, torch.as_tensor(o, dtype=torch.float32))[1]
+                 for o in visited[:steps_at(n, cfg.samples, args.steps)]]
+            rows["pytorch_mppi"] = percentiles(t)
+        obs_b, _, acts_b, z_b = batch(n)
+        rows["ort_floor"] = percentiles([timed(bundle.rollout, obs_b, acts_b, z_b)[1]
+                                         for _ in range(steps_at(n, cfg.samples, args.steps))])
+        by_samples[str(n)] = rows
 
-        algo = load_trained(checkpoint)[2]  # the checkpoint whose sha256 the bundle records
-        notes.append(f"pytorch_mppi weights: {checkpoint} (sha256 matches the bundle's provenance)")
-        zt = torch.as_tensor(z, dtype=torch.float32)
-        half = torch.as_tensor((bundle.robot.action_high - bundle.robot.action_low) / 2, dtype=torch.float32)
+    ratios: dict[str, Any] = {"by_samples": {}, "fused_over_stepped_planner_p50": (
+        by_samples[str(cfg.samples)]["ours_planner_1iter"]["p50_ms"] / results["ours_planner_1iter_stepped"]["p50_ms"]
+        if str(cfg.samples) in by_samples else None)}
+    met: dict[str, bool | None] = {}
+    for n, rows in by_samples.items():
+        ours, theirs = rows["ours_planner_1iter"], rows["pytorch_mppi"]
+        r = {f"ours_planner_1iter_over_pytorch_mppi_{p}": ours[f"{p}_ms"] / theirs[f"{p}_ms"] if theirs else None
+             for p in ("p50", "p99")}
+        r["ours_planner_1iter_over_ort_floor_p50"] = ours["p50_ms"] / rows["ort_floor"]["p50_ms"]
+        ratios["by_samples"][n] = r
+        met[n] = None if theirs is None else all(r[f"ours_planner_1iter_over_pytorch_mppi_{p}"] <= TARGET_RATIO
+                                                 for p in ("p50", "p99"))
 
-        def dynamics(state, action):  # (K, o), (K, a): rows on members round-robin, like ours
-            k = state.shape[0]
-            m = k // e
-            s = state[: m * e].reshape(m, e, -1).transpose(0, 1)
-            a = action[: m * e].reshape(m, e, -1).transpose(0, 1)
-            with torch.no_grad():
-                nxt, _ = algo.model(s.float(), a.float(), zt.expand(e, m, -1))
-            return nxt.transpose(0, 1).reshape(m * e, -1)
-
-        task_params = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in params.items()}
-        mppi = MPPI(dynamics, torch_cost(bundle.robot, reward_name, task_params), bundle.robot.obs_dim,
-                    torch.diag((cfg.noise_std * half) ** 2), num_samples=cfg.samples, horizon=cfg.horizon,
-                    lambda_=cfg.temperature, u_min=torch.as_tensor(bundle.robot.action_low, dtype=torch.float32),
-                    u_max=torch.as_tensor(bundle.robot.action_high, dtype=torch.float32))
-        t = [timed(mppi.command, torch.as_tensor(o, dtype=torch.float32))[1] for o in visited]
-        results["pytorch_mppi"] = percentiles(t[10:])
-
-    ratios = {"ours_planner_1iter_over_pytorch_mppi_p50": None, "ours_planner_1iter_over_ort_floor_p50":
-              results["ours_planner_1iter"]["p50_ms"] / results["ort_floor"]["p50_ms"],
-              "fused_over_stepped_planner_p50": (results["ours_planner_1iter"]["p50_ms"]
-                                                 / results["ours_planner_1iter_stepped"]["p50_ms"])}
-    if "pytorch_mppi" in results:
-        ratios["ours_planner_1iter_over_pytorch_mppi_p50"] = (results["ours_planner_1iter"]["p50_ms"]
-                                                              / results["pytorch_mppi"]["p50_ms"])
+    try:
+        peer_version = importlib.metadata.version("pytorch-mppi")
+    except importlib.metadata.PackageNotFoundError:  # --skip-peer without the bench extra
+        peer_version = None
     doc = {"benchmark": "planner_latency", "bundle": args.bundle, "family": bundle.family.name,
-           "planner": cfg.__dict__, "ensemble_size": e, "context_window": window,
+           "planner": cfg.__dict__, "samples": args.samples, "ensemble_size": e, "context_window": window,
            "machine": {"pinned_core": core, "cpus": os.cpu_count(), "platform": platform.platform(),
                        "python": platform.python_version(), "onnxruntime": __import__("onnxruntime").__version__,
-                       "torch": torch.__version__},
-           "results": results, "ratios": ratios,
-           "notes": ["one pinned core, one thread per library; first 10 steps of each row dropped as warm-up",
-                     "pytorch_mppi evaluates the same torch weights the ONNX graphs were exported from", *notes]}
+                       "torch": torch.__version__, "pytorch_mppi": peer_version},
+           "peer": peer, "results": results, "by_samples": by_samples, "ratios": ratios,
+           "target": {"what": f"ours_planner_1iter / pytorch_mppi <= {TARGET_RATIO:g} (p50 and p99) at every N, same "
+                              "weights, samples, horizon and iterations", "ratio_max": TARGET_RATIO, "met": met},
+           "notes": [f"one pinned core, one thread per library; the first {WARMUP} calls of each row dropped as "
+                     "warm-up",
+                     f"results: rows at the bundle's N = {cfg.samples}; by_samples: the like-for-like rows per N",
+                     f"calls per row: --steps {args.steps} at N = {cfg.samples}, proportionally fewer at larger N "
+                     f"but at least {WARMUP + MIN_TIMED} or --steps if smaller (so p99 of a large N is close to its "
+                     "max): "
+                     + ", ".join(f"N = {n}: {steps_at(n, cfg.samples, args.steps)}" for n in args.samples),
+                     "pytorch_mppi plans over the torch model of the same weights the ONNX graphs hold (checked "
+                     "against onnxruntime before timing: peer.parity), at the same fixed context as our planner rows",
+                     *notes]}
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

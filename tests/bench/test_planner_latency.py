@@ -1,33 +1,110 @@
-"""Smoke run of bench/planner_latency.py on the shipped bundle (no timing asserts)."""
+"""bench/planner_latency.py on the shipped bundle: the script runs its pytorch-mppi peer from a fresh clone, on
+weights rebuilt from the bundle and checked against onnxruntime; wrong weights are refused (no timing asserts)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+BUNDLE = "policies/cartpole_mb"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_module() -> ModuleType:
+    """The script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("planner_latency", ROOT / "bench" / "planner_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
 
 @pytest.mark.slow
-def test_planner_latency_prints_every_row():
-    result = subprocess.run([sys.executable, "bench/planner_latency.py", "--bundle", "policies/cartpole_mb",
-                             "--steps", "15", "--run", "/nonexistent"], capture_output=True, text=True, timeout=600)
+def test_planner_latency_runs_the_peer_at_every_sample_count():
+    # Only shipped files: no training run exists in a fresh clone, and the peer must run anyway.
+    result = subprocess.run([sys.executable, "bench/planner_latency.py", "--bundle", BUNDLE, "--steps", "12"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     doc = json.loads(result.stdout)
-    assert set(doc["results"]) == {"ours_adapter", "ours_planner_1iter", "ours_planner_1iter_stepped", "ort_floor",
-                                   "ort_floor_stepped"}
-    assert any("pytorch_mppi skipped" in note for note in doc["notes"])  # no training run here: said, not hidden
-    for row in doc["results"].values():
-        assert row["n"] == 5 and all(math.isfinite(row[k]) and row[k] > 0 for k in ("p50_ms", "p99_ms"))
+    assert set(doc["results"]) == {"ours_adapter", "ours_planner_1iter_stepped", "ort_floor_stepped"}
+    assert set(doc["by_samples"]) == {"128", "256", "1024"} and doc["samples"] == [128, 256, 1024]
+    assert doc["peer"]["ran"] and not any("skipped" in note for note in doc["notes"])
+    parity = doc["peer"]["parity"]
+    assert parity["next_obs_mean_max_abs_diff_over_obs_scale"] <= 1e-5
+    assert parity["next_obs_logvar_max_abs_diff"] <= 1e-5
+    rows = [*doc["results"].values()]
+    for n, by_n in doc["by_samples"].items():
+        assert set(by_n) == {"ours_planner_1iter", "pytorch_mppi", "ort_floor"}
+        rows += by_n.values()
+        ratios = doc["ratios"]["by_samples"][n]
+        assert all(math.isfinite(ratios[f"ours_planner_1iter_over_pytorch_mppi_{p}"]) for p in ("p50", "p99"))
+        assert isinstance(doc["target"]["met"][n], bool)
+    for row in rows:  # 12 calls, 10 of warm-up
+        assert row["n"] == 2 and all(math.isfinite(row[k]) and row[k] > 0 for k in ("p50_ms", "p99_ms"))
+
+
+def test_peer_weights_from_the_bundle_match_onnxruntime_and_wrong_ones_are_refused():
+    import torch
+
+    from metarl_robot.runtime.bundle import load_bundle
+
+    bench = bench_module()
+    bundle = load_bundle(BUNDLE)
+    z = bundle.make_adapter(batch=1).context()
+    model = bench.bundle_peer_model(bundle)
+    assert model.encoder is None  # not in dynamics.onnx; the peer plans with a fixed context
+    parity = bench.peer_parity(model, bundle, z)
+    assert parity["next_obs_mean_max_abs_diff_over_obs_scale"] <= 1e-5
+
+    # One weight off: refused.
+    with torch.no_grad():
+        model.hidden_layers[1].weight[2, 5, 7] += 0.5
+    with pytest.raises(bench.PeerWeightsError, match="not the same model"):
+        bench.peer_parity(model, bundle, z)
+
+    # The anonymous biases put on the wrong layers (same shapes, so only the numbers can tell): refused.
+    model = bench.bundle_peer_model(bundle)
+    with torch.no_grad():
+        b1, b2 = model.hidden_layers[1].bias.clone(), model.hidden_layers[2].bias.clone()
+        model.hidden_layers[1].bias.copy_(b2)
+        model.hidden_layers[2].bias.copy_(b1)
+    with pytest.raises(bench.PeerWeightsError, match="not the same model"):
+        bench.peer_parity(model, bundle, z)
+
+
+def test_a_changed_dynamics_graph_is_refused_before_its_weights_are_read(tmp_path):
+    import shutil
+
+    from metarl_robot.runtime.manifest import read_manifest
+
+    bench = bench_module()
+    _, manifest = read_manifest(ROOT / BUNDLE)
+    copy = tmp_path / "dynamics.onnx"
+    shutil.copyfile(ROOT / BUNDLE / "dynamics.onnx", copy)
+    assert set(bench.onnx_state_dict(copy, manifest["files"]["dynamics.onnx"])) >= {"head.weight", "head.bias"}
+    with copy.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(bench.PeerWeightsError, match="sha256"):
+        bench.onnx_state_dict(copy, manifest["files"]["dynamics.onnx"])
+
+
+@pytest.mark.slow
+def test_an_explicit_run_folder_without_the_checkpoint_is_refused():
+    result = subprocess.run([sys.executable, "bench/planner_latency.py", "--bundle", BUNDLE, "--steps", "12",
+                             "--run", "/nonexistent"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "refusing to run pytorch-mppi" in result.stderr and "/nonexistent" in result.stderr
 
 
 @pytest.mark.parametrize("family", ["cartpole_swingup", "half_cheetah_vel"])
 def test_peer_costs_are_the_negative_of_our_rewards(family):
     # pytorch-mppi plans with a torch copy of the reward: it must be the same function, or the comparison is not.
-    import importlib.util
-
     import numpy as np
     import torch
 
@@ -35,9 +112,7 @@ def test_peer_costs_are_the_negative_of_our_rewards(family):
     from metarl_robot.spec.rewards import get_reward
     from metarl_robot.spec.robot import load_robot
 
-    spec = importlib.util.spec_from_file_location("planner_latency", "bench/planner_latency.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module()
     fam = load_family(family)
     robot = load_robot(fam.spec.robot)
     param = fam.reward_names[0]
