@@ -39,16 +39,22 @@ class EnsembleRollout:
         e = self.ensemble_size
         rows = b * n * particles
         m = -(-rows // e)  # rows per member; the last few rows are padding when E does not divide them
-        pad = m * e - rows
+        full, rest = divmod(rows, e)
 
-        def to_members(x: np.ndarray) -> np.ndarray:  # (rows, ·) → (E, M, ·) with row r on member r mod E
-            if pad:
-                x = np.concatenate([x, x[:pad]])
-            return np.ascontiguousarray(x.reshape(m, e, -1).transpose(1, 0, 2), dtype=np.float32)
+        def to_members(x: np.ndarray) -> np.ndarray:  # (rows, ·) → (E, M, ·) float32 with row r on member r mod E
+            out = np.empty((e, m, x.shape[-1]), dtype=np.float32)
+            by_row = out.transpose(1, 0, 2)  # (M, E, ·) view: row r at [r // E, r mod E]
+            # Written straight from x, converting on the way: no padded or transposed float64 copy first.
+            by_row[:full] = x[:full * e].reshape(full, e, x.shape[-1])
+            if rest:
+                by_row[full, :rest] = x[full * e:]
+                by_row[full, rest:] = x[0]  # padding: any real row will do, its predictions are dropped
+            return out
 
         state = to_members(np.repeat(obs, n * particles, axis=0))
         ctx = to_members(np.repeat(z, n * particles, axis=0))
-        act = np.repeat(actions, particles, axis=1).reshape(rows, h, a)  # (B*N*P, H, a), particles adjacent
+        # (B*N*P, H, a), particles adjacent; a view of the planner's contiguous samples when P = 1.
+        act = (actions if particles == 1 else np.repeat(actions, particles, axis=1)).reshape(rows, h, a)
         if self.fused is not None and self.fused[1] == h:
             out = self.fused[0](state, to_members(act.reshape(rows, h * a)).reshape(e, m, h, a), ctx)
         else:
@@ -56,6 +62,7 @@ class EnsembleRollout:
             for t in range(h):
                 state = self.step(state, to_members(act[:, t]), ctx)
                 out[:, :, t] = state
-        # (E, M, H, o) → rows in the original (B, N, P) order, padding dropped.
-        flat = out.transpose(1, 0, 2, 3).reshape(m * e, h, -1)[:rows]
-        return flat.reshape(b, n, particles, h, -1).astype(np.float64)
+        # (E, M, H, o) → rows in the original (B, N, P) order, padding dropped: one float64 copy in that order.
+        flat = np.empty((m, e, h, out.shape[-1]))
+        np.copyto(flat, np.asarray(out).transpose(1, 0, 2, 3))
+        return flat.reshape(m * e, h, -1)[:rows].reshape(b, n, particles, h, -1)

@@ -90,22 +90,38 @@ class PlanResult:
 
 def limit_sequences(actions: np.ndarray, last: np.ndarray, low: np.ndarray, high: np.ndarray,
                     max_step: np.ndarray) -> np.ndarray:
-    """Clip ``(..., H, a)`` sequences to the box and to ``|a_t - a_{t-1}| <= max_step`` from ``last (..., a)``.
+    """Map ``(..., H, a)`` sequences into the box and to ``|a_t - a_{t-1}| <= max_step`` from ``last (..., a)``.
 
-    Both constraints are convex, so any average of limited sequences is limited too. The recursion
-    runs over H; each step is in-place ufuncs in ``np.clip``'s order (its dispatch cost was most of
-    the planner's own time, docs/BENCHMARKS.md).
+    Vectorised over H (no recursion): each increment ``x_t - x_{t-1}`` (``x_{-1} = last``) is clipped to
+    ``±max_step``, the clipped increments are summed from ``last``, and the sums are clipped to the box. Box
+    clipping moves no two values further apart, so the rate limit survives it, the first step included when
+    ``last`` is in the box (the last command sent is; from outside it, the sequence still comes back into the box,
+    within ``max_step`` of ``last`` clipped to it). Unlike the sequential projection (each step clipped to within
+    ``max_step`` of the previous *limited* one), an increment cut short is never caught up: the rest of the
+    sequence keeps its shape, shifted. Sequences already within both limits (as the safety layer and the sim env
+    check them) come back unchanged bit for bit, so the planner's current mean, its sample 0, is not moved. Both
+    constraints are convex, so averages of limited sequences are limited too, up to round-off. ``last`` broadcasts
+    against the leading axes; the result is a new float64 array.
     """
-    out = np.array(np.moveaxis(actions, -2, 0), dtype=np.float64)  # H-major: each step one contiguous block
-    prev = np.broadcast_to(np.asarray(last, dtype=np.float64), out.shape[1:])
-    bound = np.empty(out.shape[1:])
-    for cur in out:
-        np.maximum(cur, np.subtract(prev, max_step, out=bound), out=cur)
-        np.minimum(cur, np.add(prev, max_step, out=bound), out=cur)
-        np.maximum(cur, low, out=cur)
-        np.minimum(cur, high, out=cur)
-        prev = cur
-    return np.moveaxis(out, 0, -2)
+    x = np.asarray(actions, dtype=np.float64)
+    last = np.asarray(last, dtype=np.float64)[..., None, :]
+    shape = np.broadcast_shapes(x.shape[:-2], last.shape[:-2]) + x.shape[-2:]
+    lo, hi = np.empty(shape), np.empty(shape)  # the rate window of each step around its predecessor
+    np.subtract(last, max_step, out=lo[..., :1, :])
+    np.subtract(x[..., :-1, :], max_step, out=lo[..., 1:, :])
+    np.add(last, max_step, out=hi[..., :1, :])
+    np.add(x[..., :-1, :], max_step, out=hi[..., 1:, :])
+    # Accumulate corrections (each step clipped into its window, minus the step), not clipped increments: they are
+    # exact zeros wherever the step was within the window as the safety layer computes it (``prev ± max_step``), so
+    # x + their sum is x itself there rather than x rebuilt by a rounding cumulative sum.
+    out = np.maximum(x, lo, out=lo)
+    np.minimum(out, hi, out=out)
+    np.subtract(out, x, out=out)
+    np.add.accumulate(out, axis=-2, out=out)  # np.cumsum's wrapper costs more than the sum at this size
+    np.add(x, out, out=out)
+    np.maximum(out, low, out=out)
+    np.minimum(out, high, out=out)
+    return out
 
 
 def after(pending: list[np.ndarray], samples: np.ndarray) -> np.ndarray:
@@ -152,7 +168,9 @@ class Planner:
         white = self.rng.standard_normal((b, self.cfg.samples, h, a))
         if self.cfg.noise_correlation == 0.0:
             return white
-        return np.einsum("ts,bnsa->bnta", self._ar, white, optimize=True)
+        # (H, H) @ (H, a) for every sample in one batched matmul: np.einsum(optimize=True) took 1.6x as long for one
+        # env and a = 1, 15x for 16 envs and ~100x for a = 6 (its path search and the loop it chose).
+        return np.matmul(self._ar, white)
 
     def returns(self, obs: np.ndarray, start: Any, actions: np.ndarray, reward_params: Mapping[str, Any]
                 ) -> np.ndarray:
@@ -178,16 +196,19 @@ class Planner:
         b, h, a = self.mean.shape
         if obs.shape[0] != b:
             raise ValueError(f"planner was built for batch {b}, got observations for {obs.shape[0]}")
-        mean = limit_sequences(self.mean, last_action, self.low, self.high, self.max_step)
-        std = self.std.copy()
+        last = np.asarray(last_action, dtype=np.float64)
+        # The warm start is not limited here: sample 0 of every iteration is the mean limited (noise 0), and each
+        # later mean averages limited samples (CEM's momentum term takes sample 0, not the unlimited mean).
+        mean, std = self.mean, self.std
         n_elite = max(1, round(cfg.elite_fraction * cfg.samples))
         best_return = np.full(b, -np.inf)
         spread = np.zeros(b)
         for _ in range(cfg.iterations):
             noise = self._noise(b, h, a)
             noise[:, 0] = 0.0  # sample 0 is the current mean: a warm start is never lost
-            samples = limit_sequences(mean[:, None] + std[:, None] * noise, last_action[:, None], self.low,
-                                      self.high, self.max_step)
+            noise *= std[:, None]
+            noise += mean[:, None]
+            samples = limit_sequences(noise, last[:, None], self.low, self.high, self.max_step)
             returns = self.returns(obs, start, samples if pending is None else after(pending, samples),
                                    reward_params)
             finite = np.isfinite(returns)
@@ -199,15 +220,27 @@ class Planner:
                 scaled = np.where(finite, scaled, -np.inf)
                 weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
                 weights = np.where(np.isfinite(weights), weights, 0.0)
-                weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
+                # No finite return at all: keep the current mean (sample 0) rather than the all-zero average, which
+                # is no average of limited samples and so could break the limits.
+                weights[:, 0] += weights.sum(axis=1) == 0
+                weights /= weights.sum(axis=1, keepdims=True)
                 mean = np.einsum("bn,bnha->bha", weights, samples)
             else:
                 elite_idx = np.argsort(-returns, axis=1)[:, :n_elite]
                 elites = np.take_along_axis(samples, elite_idx[:, :, None, None], axis=1)
-                mean = cfg.momentum * mean + (1 - cfg.momentum) * elites.mean(axis=1)
+                mean = cfg.momentum * samples[:, 0] + (1 - cfg.momentum) * elites.mean(axis=1)
                 std = cfg.momentum * std + (1 - cfg.momentum) * elites.std(axis=1)
                 std = np.maximum(std, cfg.min_std * self.half_range)
-        plan = limit_sequences(mean, last_action, self.low, self.high, self.max_step)
+        plan = mean  # a fresh array: every iteration replaced it
+        # The average of limited samples is within the limits only up to round-off (~1e-16), but the safety layer
+        # (safety.py `_limit`) and the sim env compare the command with exact (in)equalities and would count and
+        # report it as rate limited. Clipping the first action their way (rate then box: the same for a last command
+        # in the box) moves it by that round-off at most; the rest of the plan is only the next warm start.
+        first = plan[:, 0]
+        np.maximum(first, last - self.max_step, out=first)
+        np.minimum(first, last + self.max_step, out=first)
+        np.maximum(first, self.low, out=first)
+        np.minimum(first, self.high, out=first)
         # Warm start for the next control step: shift by one, repeat the last action.
         self.mean = np.concatenate([plan[:, 1:], plan[:, -1:]], axis=1)
         if cfg.method == "cem":
