@@ -41,6 +41,11 @@ controller's command came from the adapter:
   hops: the target);
 - ``internal``: frame received by the controller → command sent (the node's from its MCAP log; includes the
   adapter), and ``link``: ``e2e - internal`` (both ZeroMQ hops, to compare with the echo);
+- node only, paired per step from its MCAP log without a replay (the log's compute times, docs/episode_log.md):
+  ``compute_in_node``: the adapter's ``observe`` + ``act`` as the node timed it; ``node_compute_logged``: the
+  node's whole decision (frame received → command sent); ``internal_over_adapter_in_node``: their difference, the
+  node's own overhead; ``overhead_over_adapter_in_node``: ``e2e`` minus the node-timed adapter time (the node
+  plus both link hops, free of the replay's noise; a slower adapter inside the node is not counted here);
 - ``jitter``: the robot's publish period, the controller's command send period and the command arrival
   period at the robot, as deviations from the nominal period; ``deadline``: commands that arrived after
   their period ended, and states that never got one.
@@ -513,6 +518,7 @@ def analyse_node(name: str, bundle, record: RobotRecord, log_path: Path, warmup:
     received = {s: int(episode.receive_time_ns[row_of[s]]) for s in seqs}
     sent = {s: int(episode.time_ns[row_of[s]]) for s in seqs}
     block = controller_timing(record, measured, seqs, received, sent, compute)
+    block.update(logged_compute(episode, record, {s: row_of[s] for s in seqs}))
     alone = percentiles([compute[s] for s in seqs])
     reported = {}
     if episode.diagnostics:
@@ -529,6 +535,20 @@ def analyse_node(name: str, bundle, record: RobotRecord, log_path: Path, warmup:
         "safety_events": sorted({e.kind for e in episode.safety_events}),
     })
     return block, alone
+
+
+def logged_compute(episode, record: RobotRecord, rows: dict[int, int]) -> dict[str, Any]:
+    """The node's own per-step compute times from its log (seq → log row), paired without a replay; steps the log
+    did not time (an older node's version-1 log) are left out, so ``n`` says how many were."""
+    timed = {s: (int(episode.adapter_compute_ns[i]), int(episode.node_compute_ns[i])) for s, i in rows.items()}
+    timed = {s: (a, n) for s, (a, n) in timed.items() if a >= 0 and n >= 0}
+    return {
+        "compute_in_node": percentiles([a / 1e9 for a, _ in timed.values()]),
+        "node_compute_logged": percentiles([n / 1e9 for _, n in timed.values()]),
+        "internal_over_adapter_in_node": percentiles([(n - a) / 1e9 for a, n in timed.values()]),
+        "overhead_over_adapter_in_node": percentiles([(record.arrival_ns[s] - record.stamp_ns[s] - a) / 1e9
+                                                      for s, (a, _) in timed.items()]),
+    }
 
 
 def analyse_bare(record: RobotRecord, steps: dict[int, tuple[int, int, int]], warmup: int,
@@ -653,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         "met": all(v <= TARGET_OVERHEAD_P99_MS for v in overhead_p99.values()),
         "bare_controller_overhead_over_adapter_p99_ms": {
             name: r["bare_controller"]["overhead_over_adapter"]["p99_ms"] for name, r in runs.items()},
+        "node_overhead_over_adapter_in_node_p99_ms": {
+            name: r["node"]["overhead_over_adapter_in_node"]["p99_ms"] for name, r in runs.items()},
+        "node_internal_over_adapter_in_node_p99_ms": {
+            name: r["node"]["internal_over_adapter_in_node"]["p99_ms"] for name, r in runs.items()},
         "echo_rtt_p50_ms": echo_p["p50_ms"], "echo_rtt_p99_ms": echo_p["p99_ms"],
     }
     import onnxruntime
@@ -680,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
             "depend on the state)",
             "node.adapter_replay.repeat_abs_diff: |first - second| replay time of the same step, the noise floor "
             "of any per-step pairing on this machine",
+            "node.*_in_node and node.node_compute_logged pair each step with the compute times the node logged for "
+            "that step (no replay): internal_over_adapter_in_node is the node's own overhead (safety layer, "
+            "command frame, bookkeeping), overhead_over_adapter_in_node adds both link hops",
             "node.self_reported_last_500_steps: the node's own /diagnostics (last message in its MCAP log)",
             "late_commands arrived after their period ended (the robot applied the previous command that period)",
             f"cheap_* rows: derived bundle with the shipped graphs, robot period 1/rate, planner {CHEAP_PLANNER}: the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from metarl_robot.logs.format import (
     EPISODE_LOG_SCHEMA_VERSION,
+    NOT_TIMED,
     DiagnosticEntry,
     Episode,
     EpisodeLogError,
@@ -20,5 +21,5 @@ from metarl_robot.logs.format import (
 from metarl_robot.logs.reader import read_episode
 from metarl_robot.logs.writer import EpisodeLogWriter
 
-__all__ = ["EPISODE_LOG_SCHEMA_VERSION", "DiagnosticEntry", "Episode", "EpisodeLogError", "EpisodeLogWarning",
-           "EpisodeLogWriter", "SafetyEventRecord", "read_episode"]
+__all__ = ["EPISODE_LOG_SCHEMA_VERSION", "NOT_TIMED", "DiagnosticEntry", "Episode", "EpisodeLogError",
+           "EpisodeLogWarning", "EpisodeLogWriter", "SafetyEventRecord", "read_episode"]

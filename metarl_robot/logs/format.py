@@ -5,8 +5,9 @@ One MCAP file per episode, written by :class:`~metarl_robot.logs.writer.EpisodeL
 plain ROS 2 MCAP recording (``ros2msg`` schemas, CDR messages, standard message types only), so Foxglove,
 PlotJuggler and rosbag2 open it without our code, and every value the node decided on is stored as float64 or
 int64, so a replay can reproduce the node's decisions exactly. The layout (topics, fields, metadata, clocks) is
-documented in ``docs/episode_log.md``; :data:`EPISODE_LOG_SCHEMA_VERSION` versions it and the reader refuses any
-other version. Writer and reader share only what is here: a change to this file is a change of the layout.
+documented in ``docs/episode_log.md``; :data:`EPISODE_LOG_SCHEMA_VERSION` versions it, and the reader reads that
+version and every earlier one (:data:`READABLE_SCHEMA_VERSIONS`) and refuses any other. Writer and reader share only
+what is here: a change to this file is a change of the layout.
 
 Robot-side module: numpy only (no torch, no MuJoCo, no ROS install).
 """
@@ -23,8 +24,11 @@ import numpy as np
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
 
-EPISODE_LOG_SCHEMA_VERSION = 1
-"""Version of the log layout (topics, fields, metadata) this code writes and reads; bump on any change."""
+EPISODE_LOG_SCHEMA_VERSION = 2
+"""Version of the log layout (topics, fields, metadata) this code writes; bump on any change.
+1: the first layout; 2: ``/metarl/step`` gained the compute times (:data:`COMPUTE_FIELDS`)."""
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Versions the reader reads: users keep logs of every earlier version, so a bump adds one, never drops one."""
 
 # ---- topics ------------------------------------------------------------------------------------------------
 TOPIC_STEP = "/metarl/step"
@@ -58,9 +62,19 @@ TOPIC_TYPES: dict[str, str] = {
 STEP_TOPICS = (TOPIC_STEP, TOPIC_OBSERVATION, TOPIC_JOINT_STATES, TOPIC_TASK, TOPIC_ADAPTATION, TOPIC_COMMAND)
 """Topics written by :meth:`EpisodeLogWriter.write_step`: MCAP ``sequence`` = step index, same log_time."""
 
+COMPUTE_FIELDS = ("adapter_compute_ns", "node_compute_ns")
+"""The compute times of a step (version 2), last in ``/metarl/step``: the adapter's ``observe`` + ``act``, and the
+node's whole decision from its wake-up (the frame received, or the safety deadline) to the command sent (the adapter
+included, so ``node - adapter`` is the node's overhead); :data:`NOT_TIMED` where unknown."""
 STEP_FIELDS = ("step", "time_ns", "state_seq", "robot_stamp_ns", "receive_time_ns", "applied_command_seq",
-               "command_seq", "command_answers_seq", "command_expires_ns", "command_source", "safety_state")
+               "command_seq", "command_answers_seq", "command_expires_ns", "command_source", "safety_state",
+               *COMPUTE_FIELDS)
 """Labels (in order) of the ``/metarl/step`` Int64MultiArray."""
+STEP_FIELDS_BY_VERSION = {1: STEP_FIELDS[:-len(COMPUTE_FIELDS)], 2: STEP_FIELDS}
+"""The ``/metarl/step`` labels of each readable version (a later version only appends)."""
+NOT_TIMED = -1
+"""A compute time that was not measured: the adapter did not run on the step, the writer does not time (``metarl
+import-log``, sim recordings, the node's end-of-episode safe commands), or a version-1 log (no such field)."""
 COMMAND_SOURCES = ("adapter", "safe_command", "fallback_controller", "none")
 """What produced the command (``runtime.safety.CommandSource``); the index is its code in ``/metarl/step``.
 ``none``: nothing was sent this period (no ``/metarl/command`` message)."""
@@ -215,7 +229,7 @@ class Episode:
     path: Path
     """The file read."""
     schema_version: int
-    """Log layout version (always :data:`EPISODE_LOG_SCHEMA_VERSION`: other versions are refused)."""
+    """Log layout version of the file, one of :data:`READABLE_SCHEMA_VERSIONS` (others are refused)."""
     robot: RobotSpec
     """The robot spec the node ran with (from the log, validated, interface hash checked)."""
     robot_interface_sha256: str
@@ -264,6 +278,12 @@ class Episode:
     """(N,) str: one of :data:`COMMAND_SOURCES` (``none``: nothing sent; ``command`` is NaN there)."""
     safety_state: np.ndarray
     """(N,) str: the safety layer's state that period, one of :data:`SAFETY_STATES` (``""``: not logged)."""
+    adapter_compute_ns: np.ndarray
+    """(N,) int64 time in the adapter's ``observe`` + ``act`` on this step (:data:`NOT_TIMED`, -1: it did not run, or
+    not measured; always -1 in a version-1 log)."""
+    node_compute_ns: np.ndarray
+    """(N,) int64 the node's decision: its wake-up (frame received, or the safety deadline) → command sent, the
+    adapter included (:data:`NOT_TIMED`, -1: not measured; always -1 in a version-1 log)."""
     task_params: dict[str, np.ndarray]
     """Task/reward parameter name → (N,) float64 values given to ``act()`` (empty if none were given)."""
     adapted: np.ndarray
@@ -285,6 +305,13 @@ class Episode:
     @property
     def num_steps(self) -> int:
         return len(self.step)
+
+    @property
+    def node_overhead_ns(self) -> np.ndarray:
+        """(N,) int64 ``node_compute_ns - adapter_compute_ns``: what the node added to the adapter's time on a step
+        (safety layer, command frame, bookkeeping); :data:`NOT_TIMED` where either is."""
+        timed = (self.adapter_compute_ns != NOT_TIMED) & (self.node_compute_ns != NOT_TIMED)
+        return np.where(timed, self.node_compute_ns - self.adapter_compute_ns, NOT_TIMED).astype(np.int64)
 
     def applied_commands(self, sent: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Per step ``k``: ``(N, a)`` the command the motors applied during the period that ended at frame ``k``
@@ -316,11 +343,12 @@ class Episode:
 
 
 __all__ = [
-    "ADAPTER_ACTION_LABEL", "COMMAND_SOURCES", "DIAGNOSTIC_ARRAY", "DIAGNOSTIC_LEVELS", "EPISODE_LOG_SCHEMA_VERSION",
-    "FLOAT64_MULTI_ARRAY", "INT64_MULTI_ARRAY", "JOINT_STATE", "MESSAGE_DEFINITIONS", "META_BUNDLE", "META_END",
-    "META_EPISODE", "META_EXTRA", "META_ROBOT", "META_TASK", "SAFETY_KEYS", "SAFETY_NAME_PREFIX", "SAFETY_STATES",
-    "STEP_FIELDS", "STEP_TOPICS", "TOPIC_ADAPTATION", "TOPIC_COMMAND", "TOPIC_DIAGNOSTICS", "TOPIC_JOINT_STATES",
-    "TOPIC_OBSERVATION", "TOPIC_SAFETY", "TOPIC_STEP", "TOPIC_TASK", "TOPIC_TYPES", "DiagnosticEntry",
-    "DiagnosticsRecord", "Episode", "EpisodeLogError", "EpisodeLogWarning", "SafetyEventRecord",
+    "ADAPTER_ACTION_LABEL", "COMMAND_SOURCES", "COMPUTE_FIELDS", "DIAGNOSTIC_ARRAY", "DIAGNOSTIC_LEVELS",
+    "EPISODE_LOG_SCHEMA_VERSION", "FLOAT64_MULTI_ARRAY", "INT64_MULTI_ARRAY", "JOINT_STATE", "MESSAGE_DEFINITIONS",
+    "META_BUNDLE", "META_END", "META_EPISODE", "META_EXTRA", "META_ROBOT", "META_TASK", "NOT_TIMED",
+    "READABLE_SCHEMA_VERSIONS", "SAFETY_KEYS", "SAFETY_NAME_PREFIX", "SAFETY_STATES", "STEP_FIELDS",
+    "STEP_FIELDS_BY_VERSION", "STEP_TOPICS", "TOPIC_ADAPTATION", "TOPIC_COMMAND", "TOPIC_DIAGNOSTICS",
+    "TOPIC_JOINT_STATES", "TOPIC_OBSERVATION", "TOPIC_SAFETY", "TOPIC_STEP", "TOPIC_TASK", "TOPIC_TYPES",
+    "DiagnosticEntry", "DiagnosticsRecord", "Episode", "EpisodeLogError", "EpisodeLogWarning", "SafetyEventRecord",
     "concatenated_definition",
 ]

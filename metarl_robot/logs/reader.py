@@ -28,17 +28,20 @@ from metarl_robot.logs.format import (
     ADAPTER_ACTION_LABEL,
     ADAPTER_STATE_ATTACHMENT,
     COMMAND_SOURCES,
+    COMPUTE_FIELDS,
     DIAGNOSTIC_LEVELS,
-    EPISODE_LOG_SCHEMA_VERSION,
     META_BUNDLE,
     META_END,
     META_EPISODE,
     META_EXTRA,
     META_ROBOT,
     META_TASK,
+    NOT_TIMED,
+    READABLE_SCHEMA_VERSIONS,
     SAFETY_KEYS,
     SAFETY_STATES,
     STEP_FIELDS,
+    STEP_FIELDS_BY_VERSION,
     STEP_TOPICS,
     TOPIC_ADAPTATION,
     TOPIC_COMMAND,
@@ -170,8 +173,10 @@ def _labels(msg: Any) -> list[tuple[str, int]]:
 def read_episode(path: str | Path) -> Episode:
     """Read an episode log written by :class:`EpisodeLogWriter` (also one cut short by a crash).
 
+    Reads every layout version in :data:`READABLE_SCHEMA_VERSIONS`; the fields an older version lacks read as their
+    "not logged" value (the compute times of a version-1 log: :data:`NOT_TIMED`).
     Raises :class:`EpisodeLogError` naming the file and what is wrong for a file that is not MCAP,
-    not a metarl episode log, of another layout version, corrupt, or inconsistent with its robot
+    not a metarl episode log, of a version this reader does not know, corrupt, or inconsistent with its robot
     spec. Recoverable problems (a truncated tail, a last step cut in half, topics we do not know)
     are listed in ``Episode.warnings`` and issued as :class:`EpisodeLogWarning`.
     """
@@ -192,10 +197,12 @@ def read_episode(path: str | Path) -> Episode:
         raise EpisodeLogError(where, META_EPISODE, f"metadata record missing: not a metarl episode log (metadata "
                               f"records: {sorted(metadata)}, topics: {topics})")
     version = episode_meta.get("schema_version")
-    if version != str(EPISODE_LOG_SCHEMA_VERSION):
-        raise EpisodeLogError(where, f"{META_EPISODE}.schema_version", f"is {version!r}; this reader reads version "
-                              f"{EPISODE_LOG_SCHEMA_VERSION} only (written by metarl-robot "
-                              f"{episode_meta.get('software_version', '?')}; read it with that version)")
+    readable = {str(v): v for v in READABLE_SCHEMA_VERSIONS}
+    if version not in readable:
+        raise EpisodeLogError(where, f"{META_EPISODE}.schema_version", f"is {version!r}; this reader reads versions "
+                              f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))} (written by metarl-robot "
+                              f"{episode_meta.get('software_version', '?')}; read it with that version or later)")
+    schema_version = readable[version]
     robot, robot_hash = _robot_from_metadata(metadata.get(META_ROBOT), where)
     anchors = {}
     for key in ("wall_anchor_ns", "monotonic_anchor_ns"):
@@ -226,7 +233,8 @@ def read_episode(path: str | Path) -> Episode:
     for topic, count in sorted(unknown.items()):
         notes.append(f"ignored {count} message(s) on topic {topic!r}, which is not part of the episode log layout")
 
-    arrays = _assemble_steps(by_topic, robot, where, notes, truncated=not finished)
+    arrays = _assemble_steps(by_topic, robot, where, notes, truncated=not finished,
+                             fields=STEP_FIELDS_BY_VERSION[schema_version])
     end = metadata.get(META_END)
     if finished and end is None:
         notes.append(f"the file was finished but has no {META_END!r} record")
@@ -241,7 +249,7 @@ def read_episode(path: str | Path) -> Episode:
     attachments = {r.name: r.data for r in records if isinstance(r, Attachment)}
     adapter_state = _adapter_state(attachments.get(ADAPTER_STATE_ATTACHMENT), where)
     return Episode(
-        path=path, schema_version=EPISODE_LOG_SCHEMA_VERSION, robot=robot, robot_interface_sha256=robot_hash,
+        path=path, schema_version=schema_version, robot=robot, robot_interface_sha256=robot_hash,
         bundle=metadata.get(META_BUNDLE), task=task, extra=extra, metadata=metadata,
         software={k: episode_meta.get(k, "unknown") for k in ("software_version", "git_commit", "created")},
         complete=finished and end is not None, end_reason="" if end is None else end.get("end_reason", ""),
@@ -309,17 +317,21 @@ def _safety_events(msg: Any, time_ns: int, where: str) -> list[SafetyEventRecord
 
 
 def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: RobotSpec, where: str,
-                    notes: list[str], truncated: bool) -> dict[str, Any]:
-    """Per-step arrays from the step topics, checking layouts against the robot and cross-topic consistency."""
+                    notes: list[str], truncated: bool, fields: tuple[str, ...] = STEP_FIELDS) -> dict[str, Any]:
+    """Per-step arrays from the step topics, checking layouts against the robot and cross-topic consistency.
+    ``fields``: the ``/metarl/step`` labels of the file's version; the columns of later versions it lacks read as
+    their "not logged" value."""
     steps = by_topic[TOPIC_STEP]
     indices = sorted(steps)
     if indices != list(range(len(indices))):
         gaps = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
         raise EpisodeLogError(where, TOPIC_STEP, f"steps are not consecutive from 0: missing {gaps[:10]}")
+    # An older version's fields are a prefix of today's (versions only append): fill the rest as not logged.
     all_ints = np.zeros((len(indices), len(STEP_FIELDS)), dtype=np.int64)
+    all_ints[:, [STEP_FIELDS.index(f) for f in COMPUTE_FIELDS]] = NOT_TIMED
     for k in indices:
-        _expect_layout(steps[k][1], [(f, 1) for f in STEP_FIELDS], where, TOPIC_STEP, k)
-        all_ints[k] = steps[k][1].data
+        _expect_layout(steps[k][1], [(f, 1) for f in fields], where, TOPIC_STEP, k)
+        all_ints[k, :len(fields)] = steps[k][1].data
         if all_ints[k, 0] != k:
             raise EpisodeLogError(where, TOPIC_STEP, f"message with MCAP sequence {k} says step {all_ints[k, 0]}")
     codes = {}
@@ -327,6 +339,9 @@ def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: Robo
         codes[name] = all_ints[:, STEP_FIELDS.index(name)]
         if np.any((codes[name] < 0) | (codes[name] >= len(table))):
             raise EpisodeLogError(where, f"{TOPIC_STEP}.{name}", f"codes must be 0..{len(table) - 1}")
+    for name in COMPUTE_FIELDS:
+        if np.any(all_ints[:, STEP_FIELDS.index(name)] < NOT_TIMED):
+            raise EpisodeLogError(where, f"{TOPIC_STEP}.{name}", f"must be >= 0 ns, or {NOT_TIMED} (not timed)")
     nothing_sent = COMMAND_SOURCES.index("none")
 
     def whole(k: int) -> bool:
@@ -394,6 +409,7 @@ def _assemble_steps(by_topic: dict[str, dict[int, tuple[int, Any]]], robot: Robo
         "command_expires_ns": column["command_expires_ns"],
         "command_source": np.array([COMMAND_SOURCES[c] for c in codes["command_source"]], dtype=str).reshape(n),
         "safety_state": np.array([SAFETY_STATES[c] for c in codes["safety_state"]], dtype=str).reshape(n),
+        "adapter_compute_ns": column["adapter_compute_ns"], "node_compute_ns": column["node_compute_ns"],
         "task_params": {name: values[:, 0] for name, values in task_params.items()},
         "adapted": adapted, "adapter_action": adapter_action, "adaptation": adaptation,
     }

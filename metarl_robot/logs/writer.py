@@ -40,6 +40,7 @@ from metarl_robot.logs.format import (
     META_EXTRA,
     META_ROBOT,
     META_TASK,
+    NOT_TIMED,
     SAFETY_KEYS,
     SAFETY_NAME_PREFIX,
     SAFETY_STATES,
@@ -188,7 +189,8 @@ class EpisodeLogWriter:
                    command_seq: int | None, command_source: str = "adapter", command_answers_seq: int | None = None,
                    command_expires_ns: int = 0, applied_command_seq: int = -1, safety_state: str = "",
                    task_params: Mapping[str, Any] | None = None, adapter_action: Any = None,
-                   adaptation: Mapping[str, Any] | None = None, time_ns: int | None = None) -> int:
+                   adaptation: Mapping[str, Any] | None = None, time_ns: int | None = None,
+                   adapter_compute_ns: int = NOT_TIMED, node_compute_ns: int = NOT_TIMED) -> int:
         """Log one control step; returns its index. Everything is checked before anything is written.
 
         ``obs``: the observation vector given to the adapter, shape (obs_dim,) or (1, obs_dim), NaN/Inf
@@ -204,6 +206,9 @@ class EpisodeLogWriter:
         adapter's raw action and diagnostics (arrays of shape (1, ·), (·) or scalars; same names and
         sizes every step) — both or neither (a step on which the adapter did not run).
         ``time_ns``: controller monotonic time the command was sent (default: now); strictly increasing.
+        ``adapter_compute_ns``: ns spent in the adapter's ``observe`` + ``act`` this step (only on a step it ran on);
+        ``node_compute_ns``: ns from the node's wake-up (frame received, or the safety deadline) to the command sent,
+        the adapter included; each :data:`NOT_TIMED` (-1, the default) where not measured.
         """
         self._check_open()
         where = str(self.path)
@@ -238,6 +243,12 @@ class EpisodeLogWriter:
                 _as_int(command_seq, where, "command_seq") if sent else -1, answers if sent else -1,
                 _as_int(command_expires_ns, where, "command_expires_ns") if sent else 0,
                 COMMAND_SOURCES.index(command_source), SAFETY_STATES.index(safety_state)]
+        compute = [_duration(adapter_compute_ns, where, "adapter_compute_ns"),
+                   _duration(node_compute_ns, where, "node_compute_ns")]
+        if compute[0] != NOT_TIMED and adapter_action is None:
+            raise EpisodeLogError(where, "adapter_compute_ns", f"is {compute[0]} on a step without adapter_action: "
+                                  f"the adapter did not run, so its time is {NOT_TIMED} (not timed)")
+        ints += compute
         task_msg, task_layout = self._task_message(task_params)
         adaptation_msg, adaptation_layout = self._adaptation_message(adapter_action, adaptation)
 
@@ -510,6 +521,14 @@ def _as_int(value: Any, where: str, name: str) -> int:
     value = int(value)
     if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
         raise EpisodeLogError(where, name, f"{value} does not fit in int64")
+    return value
+
+
+def _duration(value: Any, where: str, name: str) -> int:
+    """A compute time in ns: >= 0, or NOT_TIMED."""
+    value = _as_int(value, where, name)
+    if value < NOT_TIMED:
+        raise EpisodeLogError(where, name, f"must be a duration >= 0 ns, or {NOT_TIMED} (not timed), got {value}")
     return value
 
 

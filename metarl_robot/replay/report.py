@@ -23,8 +23,10 @@ from metarl_robot.replay.shadow import (
     NO_DYNAMICS_MODEL,
     REPRODUCTION_TOLERANCE,
     EpisodeReplay,
+    LinkHealth,
     ReplayConfig,
     ReplayError,
+    compute_times,
     replay_episodes,
 )
 from metarl_robot.runtime.bundle import load_bundle
@@ -53,6 +55,17 @@ def _errors_cell(summary: dict[str, Any], digits: int = 3, ratio: bool = False) 
         return "n/a"
     text = f"{_fmt(summary['on'], digits)} / {_fmt(summary['off'], digits)}"
     return text + (f" (ratio {_fmt(summary['on_over_off'], 3)})" if ratio else "")
+
+
+def _compute_cell(times: LinkHealth | dict[str, Any]) -> str:
+    """The per-step compute times (adapter, node, and node - adapter) p50 / p99, or why the log has none."""
+    get = times.get if isinstance(times, dict) else lambda key: getattr(times, key)
+    if not get("compute_timed_steps"):
+        return "not timed (a version-1 log, an import or a sim recording)"
+    return (f"adapter {_fmt(get('adapter_compute_ms_p50'), 3)} / {_fmt(get('adapter_compute_ms_p99'), 3)} ms, "
+            f"node {_fmt(get('node_compute_ms_p50'), 3)} / {_fmt(get('node_compute_ms_p99'), 3)} ms, "
+            f"overhead {_fmt(get('node_overhead_ms_p50'), 3)} / {_fmt(get('node_overhead_ms_p99'), 3)} ms "
+            f"({get('compute_timed_steps')} steps)")
 
 
 def _with_errors(replays: list[EpisodeReplay]) -> list[EpisodeReplay]:
@@ -87,6 +100,7 @@ def aggregate(replays: list[EpisodeReplay]) -> dict[str, Any]:
     out["fallbacks"] = int(sum(r.link.fallbacks for r in replays))
     settle = [r.settle_step for r in replays if r.settle_step is not None]
     out["settle_step_median"] = float(np.median(settle)) if settle else None
+    out["compute_ms"] = compute_times([r.episode for r in replays])  # pooled steps, not a mean of percentiles
     return out
 
 
@@ -245,6 +259,7 @@ def _episode_section(index: int, r: EpisodeReplay) -> list[str]:
         ("steps by safety state", ", ".join(f"{k}: {v}" for k, v in link.steps_by_state.items())),
         ("degraded periods / safety events / fallback steps",
          f"{len(link.degraded_periods)} / {len(link.safety_events)} / {link.fallbacks}"),
+        ("compute per adapter step p50 / p99 (node: frame received -> command sent)", _compute_cell(link)),
     ]
     lines += [f"| {a} | {b} |" for a, b in rows]
     lines.append("")
@@ -285,7 +300,8 @@ def write_report(replays: list[EpisodeReplay], out: str | Path) -> dict[str, Pat
         h = replays[0].config.horizon
         lines += ["## All episodes", "", "| metric | value |", "|---|---|"]
         for key, value in agg.items():
-            shown = (", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) if isinstance(value, dict)
+            shown = (_compute_cell(value) if key == "compute_ms"
+                     else ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) if isinstance(value, dict)
                      else _fmt(value))
             lines.append(f"| {key} | {shown} |")
         lines += ["", "| episode | steps | 1-step on/off | " + f"{h}-step on/off | reproduced | dropped | degraded "
@@ -342,6 +358,8 @@ def terminal_summary(replays: list[EpisodeReplay], paths: dict[str, Path]) -> st
               f"error on/off 1-step {_fmt(one['on_over_off'], 3)}x, {h}-step {_fmt(multi['on_over_off'], 3)}x")
     lines.append(f"all {agg['episodes']} episode(s): {errors}; reproduced {agg['reproduced']}; "
                  f"{agg['safety_events']} safety event(s), {agg['frames_dropped']} dropped frame(s)")
+    if agg["compute_ms"]["compute_timed_steps"]:
+        lines.append(f"compute per adapter step p50 / p99: {_compute_cell(agg['compute_ms'])}")
     for r in replays:
         if r.candidate_counterfactual is not None:
             cc = r.candidate_counterfactual

@@ -192,6 +192,17 @@ class LinkHealth:
     """Periods between a command's frame and the period the robot ran it → frames (from each frame's
     ``applied_command_seq``; 0: the period right after the frame it answered, as in training; 1: a robot that
     applies commands at its next period boundary). Frames that ran the safe command or do not say are left out."""
+    compute_timed_steps: int = 0
+    """Adapter steps on which the log holds both compute times (0: a version-1 log, an import, a sim recording)."""
+    adapter_compute_ms_p50: float = math.nan
+    """Median over those steps of the adapter's ``observe`` + ``act`` (the log's ``adapter_compute_ns``)."""
+    adapter_compute_ms_p99: float = math.nan
+    node_compute_ms_p50: float = math.nan
+    """Median over those steps of the node's whole decision, frame received → command sent (``node_compute_ns``)."""
+    node_compute_ms_p99: float = math.nan
+    node_overhead_ms_p50: float = math.nan
+    """Median over those steps of node - adapter, paired per step: what the node added to the adapter."""
+    node_overhead_ms_p99: float = math.nan
 
 
 @dataclass
@@ -479,7 +490,7 @@ def link_health(episode: Episode) -> LinkHealth:
     sources, counts = np.unique(episode.command_source, return_counts=True)
     states, state_counts = np.unique(episode.safety_state, return_counts=True)
     return LinkHealth(
-        command_lag=command_lag(episode),
+        command_lag=command_lag(episode), **compute_times(episode),
         **period, nominal_period_ms=dt * 1e3, frames_seen=int(np.unique(seq).size),
         frames_dropped=int(sum(g for _, g in gaps)), seq_gaps=gaps, stale_steps=int((~new_frame).sum()),
         unusable_frames=int((new_frame & ~frames).sum()),
@@ -487,6 +498,25 @@ def link_health(episode: Episode) -> LinkHealth:
         steps_by_state={(str(s) or "unknown"): int(c) for s, c in zip(states, state_counts, strict=True)},
         degraded_periods=runs, safety_events=events,
         fallbacks=int((episode.command_source == "fallback_controller").sum()))
+
+
+def compute_times(episodes: Episode | list[Episode]) -> dict[str, Any]:
+    """:class:`LinkHealth`'s compute-time fields over the adapter steps (of all ``episodes``) whose log holds both
+    compute times; NaN percentiles where none does."""
+    episodes = [episodes] if isinstance(episodes, Episode) else episodes
+    columns: dict[str, list[np.ndarray]] = {"adapter_compute": [], "node_compute": [], "node_overhead": []}
+    for ep in episodes:
+        # A tick without a frame is timed too, but is no adapter step: pairing needs both times.
+        timed = (ep.adapter_compute_ns >= 0) & (ep.node_compute_ns >= 0)
+        for name, values in (("adapter_compute", ep.adapter_compute_ns), ("node_compute", ep.node_compute_ns),
+                             ("node_overhead", ep.node_overhead_ns)):
+            columns[name].append(values[timed] / 1e6)
+    out: dict[str, Any] = {"compute_timed_steps": int(sum(c.size for c in columns["adapter_compute"]))}
+    for name, parts in columns.items():
+        ms = np.concatenate(parts) if parts else np.zeros(0)
+        for q in (50, 99):
+            out[f"{name}_ms_p{q}"] = float(np.percentile(ms, q)) if ms.size else math.nan
+    return out
 
 
 def distribution_verdict(episode: Episode, bundle: LoadedBundle, link: LinkHealth,
@@ -649,5 +679,5 @@ def replay_episodes(paths: list[str | Path], bundle: LoadedBundle | str | Path, 
 
 __all__ = ["DEFAULT_HORIZON", "DEFAULT_SETTLE_FRACTION", "NO_DYNAMICS_MODEL", "REPRODUCTION_TOLERANCE",
            "Counterfactual", "EpisodeReplay", "LinkHealth", "PredictionErrors", "ReplayConfig", "ReplayError",
-           "ShadowPass", "applied_actions", "belief_summary", "compare", "error_summary", "link_health",
-           "prediction_errors", "replay_episode", "replay_episodes", "settling", "shadow_pass"]
+           "ShadowPass", "applied_actions", "belief_summary", "compare", "compute_times", "error_summary",
+           "link_health", "prediction_errors", "replay_episode", "replay_episodes", "settling", "shadow_pass"]

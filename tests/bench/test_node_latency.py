@@ -36,8 +36,16 @@ def test_node_latency_quick_run_prints_every_row(tmp_path):
             # controller received it.
             assert block["e2e"]["p50_ms"] > block["internal"]["p50_ms"] > 0
         assert run["adapter_alone"]["n"] == node["steps"] and bare["compute_in_process"]["n"] == bare["steps"]
+        # The node's log times every adapter step itself: node time and adapter time paired without a replay.
+        for key in ("compute_in_node", "node_compute_logged", "internal_over_adapter_in_node",
+                    "overhead_over_adapter_in_node"):
+            assert node[key]["n"] == node["steps"] and math.isfinite(node[key]["p99_ms"]), (name, key)
+        assert node["compute_in_node"]["p50_ms"] > 0 and node["internal_over_adapter_in_node"]["p50_ms"] >= 0
+        assert node["node_compute_logged"]["p50_ms"] >= node["compute_in_node"]["p50_ms"]
+        assert node["e2e"]["p50_ms"] > node["overhead_over_adapter_in_node"]["p50_ms"] > 0
     assert doc["runs"]["cheap_100hz"]["rate_hz"] == 100 and doc["echo"]["rtt"]["n"] > 0
     assert isinstance(doc["summary"]["met"], bool)
+    assert set(doc["summary"]["node_overhead_over_adapter_in_node_p99_ms"]) == set(doc["runs"])
 
     saved = tmp_path / "node_latency.json"
     saved.write_text(result.stdout)

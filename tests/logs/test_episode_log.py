@@ -32,6 +32,7 @@ from metarl_robot.logs import format as el
 from metarl_robot.logs import writer as log_writer
 from metarl_robot.logs.format import (
     COMMAND_SOURCES,
+    NOT_TIMED,
     SAFETY_STATES,
     STEP_FIELDS,
     DiagnosticEntry,
@@ -110,9 +111,14 @@ def record_cartpole_episode(path: Path) -> Recorded:
             next_obs, _, terminated, truncated, step_info = env.step(action[0])
             command = step_info["sent_action"]
             source, state = ("adapter", "OK") if adapted else ("safe_command", "SAFE_STOP")
+            # Compute times as the node measures them: the adapter's only where it ran, the node's every step
+            # (one left untimed, as the end-of-episode commands are).
+            adapter_ns = 2_000_000 + 1000 * k if adapted else NOT_TIMED
+            node_ns = NOT_TIMED if k == STEPS - 1 else max(adapter_ns, 0) + 150_000 + k
             ints = [k, time_ns, 1000 + k, ROBOT_EPOCH_NS + k * PERIOD_NS + 17, time_ns - 3_000_000,
                     0 if k == 0 or k - 1 in SAFE_STEPS else 5000 + k - 1, 5000 + k, 1000 + k,
-                    ROBOT_EPOCH_NS + (k + 3) * PERIOD_NS, COMMAND_SOURCES.index(source), SAFETY_STATES.index(state)]
+                    ROBOT_EPOCH_NS + (k + 3) * PERIOD_NS, COMMAND_SOURCES.index(source), SAFETY_STATES.index(state),
+                    adapter_ns, node_ns]
             log.write_step(
                 obs=obs[None], state_seq=ints[2], robot_stamp_ns=ints[3], receive_time_ns=ints[4],
                 applied_command_seq=ints[5], command=command, command_seq=ints[6], command_expires_ns=ints[8],
@@ -122,7 +128,7 @@ def record_cartpole_episode(path: Path) -> Recorded:
                 adaptation={"context": context, "context_size": np.array([min(k, 16)]), "prediction_error": error,
                             "predicted_next_obs": next_obs[None] + 0.01, "plan_return": np.array([k * 0.5])}
                 if adapted else None,
-                time_ns=time_ns)
+                time_ns=time_ns, adapter_compute_ns=adapter_ns, node_compute_ns=node_ns)
             if k % 25 == 0:
                 log.write_diagnostics([DiagnosticEntry("metarl/loop", "OK", "25.0 Hz", robot.name,
                                                        {"rate_hz": 25.0, "late_steps": 0})], time_ns=time_ns + 1)
@@ -159,8 +165,16 @@ def test_our_reader_returns_exactly_what_was_written(recorded: Recorded) -> None
     assert list(ep.adaptation) == ["context", "context_size", "prediction_error", "predicted_next_obs", "plan_return"]
     assert same_bits(ep.task_params["target_x"], recorded.target_x)
     ints = recorded.ints
-    for i, name in enumerate(STEP_FIELDS[:-2]):
-        assert getattr(ep, name).dtype == np.int64 and np.array_equal(getattr(ep, name), ints[:, i]), name
+    for i, name in enumerate(STEP_FIELDS):
+        if name not in ("command_source", "safety_state"):  # codes, read back as names below
+            assert getattr(ep, name).dtype == np.int64 and np.array_equal(getattr(ep, name), ints[:, i]), name
+    assert ep.schema_version == 2 and STEP_FIELDS[-2:] == ("adapter_compute_ns", "node_compute_ns")
+    assert (ep.adapter_compute_ns[list(SAFE_STEPS)] == NOT_TIMED).all() and ep.node_compute_ns[-1] == NOT_TIMED
+    overhead = ep.node_overhead_ns
+    assert overhead.dtype == np.int64 and overhead[-1] == NOT_TIMED and (overhead[list(SAFE_STEPS)] == NOT_TIMED).all()
+    timed = (ep.adapter_compute_ns >= 0) & (ep.node_compute_ns >= 0)
+    assert timed.sum() == STEPS - len(SAFE_STEPS) - 1
+    assert np.array_equal(overhead[timed], 150_000 + np.flatnonzero(timed))
     assert int(ep.robot_stamp_ns[-1]) == ROBOT_EPOCH_NS + (STEPS - 1) * PERIOD_NS + 17  # > 2**53, exact
     assert ep.command_source.tolist() == recorded.source
     assert ep.safety_state.tolist() == ["SAFE_STOP" if k in SAFE_STEPS else "OK" for k in range(STEPS)]
@@ -390,8 +404,56 @@ def test_unknown_layout_version_is_refused(tmp_path: Path, monkeypatch: pytest.M
         log.write_step(obs=np.zeros(4), state_seq=0, robot_stamp_ns=0, receive_time_ns=0, command=[0.0],
                        command_seq=0)
     monkeypatch.undo()
-    with pytest.raises(EpisodeLogError, match=r"schema_version: is '99'; this reader reads version 1 only"):
+    with pytest.raises(EpisodeLogError, match=r"schema_version: is '99'; this reader reads versions 1, 2 \(written"):
         read_episode(path)
+
+
+V1_LOG = Path(__file__).parent / "episode_log_v1.mcap"
+"""A log written by the version-1 writer itself (commit 57a3c37, just before the compute times): 4 cart-pole steps
+(adapter, adapter, safe command after a TELEMETRY_STALE event, nothing sent), task params, adaptation diagnostics,
+one /diagnostics message, clock anchor (1.7e18, 5e9)."""
+
+
+def test_a_version_1_log_still_reads_with_its_compute_times_not_timed() -> None:
+    ep = read_episode(V1_LOG)
+    assert ep.schema_version == 1 and ep.metadata[el.META_EPISODE]["schema_version"] == "1"
+    assert ep.software["git_commit"].startswith("57a3c37") and ep.extra == {"fixture": "version-1 log"}
+    assert ep.complete and ep.end_reason == "closed" and ep.warnings == [] and ep.num_steps == 4
+    t0 = 5_000_000_000
+    assert ep.time_ns.tolist() == [t0 + (k + 1) * 40_000_000 for k in range(4)]
+    assert ep.receive_time_ns.tolist() == [t - 2_000_000 for t in ep.time_ns.tolist()]
+    assert ep.state_seq.tolist() == [1, 2, 3, 4] and ep.robot_stamp_ns[3] == 2**60 + 3 * 40_000_000
+    assert ep.command_source.tolist() == ["adapter", "adapter", "safe_command", "none"]
+    assert ep.safety_state.tolist() == ["OK", "OK", "SAFE_STOP", "OK"]
+    assert ep.command_seq.tolist() == [1, 2, 3, -1] and math.isnan(ep.command[3, 0]) and ep.command[2, 0] == 0.5
+    assert ep.adapted.tolist() == [True, True, False, True] and ep.adapter_action[:, 0].tolist()[:2] == [0.5, 1.5]
+    assert ep.adaptation["context"][3].tolist() == [3.0, 3.0] and ep.task_params["target_x"].tolist() == [0.0] * 4
+    assert [e.kind for e in ep.safety_events] == ["TELEMETRY_STALE"] and len(ep.diagnostics) == 1
+    # The fields version 1 lacks read as "not timed", with the types of a version-2 log.
+    for column in (ep.adapter_compute_ns, ep.node_compute_ns, ep.node_overhead_ns):
+        assert column.dtype == np.int64 and column.tolist() == [NOT_TIMED] * 4
+    with AnyReader([V1_LOG]) as reader:  # and the file is what the version-1 writer wrote: 11 fields, no more
+        conn = next(c for c in reader.connections if c.topic == el.TOPIC_STEP)
+        first = reader.deserialize(next(reader.messages(connections=[conn]))[2], conn.msgtype)
+    assert [d.label for d in first.layout.dim] == list(el.STEP_FIELDS_BY_VERSION[1]) == list(STEP_FIELDS[:11])
+
+
+def test_each_version_is_read_with_its_own_step_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that says version 1 but holds version-2 steps (or the reverse) is refused, not misread."""
+    path = tmp_path / "mislabelled.mcap"
+    monkeypatch.setattr(log_writer, "EPISODE_LOG_SCHEMA_VERSION", 1)
+    with EpisodeLogWriter(path, load_robot("cartpole")) as log:
+        log.write_step(obs=np.zeros(4), state_seq=0, robot_stamp_ns=0, receive_time_ns=0, command=[0.0],
+                       command_seq=0)
+    monkeypatch.undo()
+    with pytest.raises(EpisodeLogError, match=r"/metarl/step: step 0: fields .*'node_compute_ns'.* differ"):
+        read_episode(path)
+    data = V1_LOG.read_bytes()
+    relabelled = tmp_path / "v1_says_2.mcap"  # a version-1 file claiming version 2 (same length: the CRCs hold)
+    assert data.count(b"schema_version\x01\x00\x00\x001") == 1
+    relabelled.write_bytes(data.replace(b"schema_version\x01\x00\x00\x001", b"schema_version\x01\x00\x00\x002"))
+    with pytest.raises(EpisodeLogError, match=r"/metarl/step: step 0: fields .* differ"):
+        read_episode(relabelled)
 
 
 def test_files_that_are_not_episode_logs_are_refused(tmp_path: Path) -> None:
@@ -447,6 +509,9 @@ def test_bad_writer_input_names_the_field_and_writes_nothing(tmp_path: Path) -> 
             ({"state_seq": 2**64}, "state_seq: .* does not fit in int64"),
             ({"adapter_action": [0.1]}, "give adapter_action and adaptation together"),
             ({"adapter_action": [0.1], "adaptation": {"context": np.zeros((2, 8))}}, "one robot only"),
+            ({"node_compute_ns": -2}, r"node_compute_ns: must be a duration >= 0 ns, or -1 \(not timed\), got -2"),
+            ({"node_compute_ns": 1.5e6}, "node_compute_ns: must be an integer"),
+            ({"adapter_compute_ns": 1000}, "adapter_compute_ns: is 1000 on a step without adapter_action"),
         ]
         for change, message in bad_inputs:
             with pytest.raises(EpisodeLogError, match=message):

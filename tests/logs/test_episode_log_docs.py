@@ -41,6 +41,21 @@ def test_step_field_table_is_the_layout_with_its_code_tables() -> None:
     assert [int(code) for code, _ in states] == list(range(1, len(el.SAFETY_STATES)))
 
 
+def test_the_documented_version_is_the_code_s_and_every_readable_version_is_listed() -> None:
+    assert f"The layout described here is version\n**{el.EPISODE_LOG_SCHEMA_VERSION}** " in DOC
+    assert f"version of this layout (`{el.EPISODE_LOG_SCHEMA_VERSION}`;" in DOC
+    history = re.search(r"\| version \| what changed \|\n\|---\|---\|\n((?:\|.*\n)+)", DOC)
+    assert history, "docs/episode_log.md has no version table"
+    assert [int(row.split("|")[1]) for row in history[1].splitlines()] == list(el.READABLE_SCHEMA_VERSIONS)
+    assert el.READABLE_SCHEMA_VERSIONS[-1] == el.EPISODE_LOG_SCHEMA_VERSION
+    # Versions only append fields: an older version's /metarl/step labels are a prefix of the newer one's.
+    assert sorted(el.STEP_FIELDS_BY_VERSION) == list(el.READABLE_SCHEMA_VERSIONS)
+    for old, new in zip(el.READABLE_SCHEMA_VERSIONS, el.READABLE_SCHEMA_VERSIONS[1:], strict=False):
+        older, newer = el.STEP_FIELDS_BY_VERSION[old], el.STEP_FIELDS_BY_VERSION[new]
+        assert newer[:len(older)] == older
+    assert el.STEP_FIELDS_BY_VERSION[el.EPISODE_LOG_SCHEMA_VERSION] == el.STEP_FIELDS
+
+
 def test_metadata_table_lists_every_key_the_writer_writes(tmp_path: Path) -> None:
     bundle = load_bundle(REPO_ROOT / "policies" / "cartpole_mb")
     path = tmp_path / "ep.mcap"

@@ -168,8 +168,10 @@ def write_faulty_log(path: Path, bundle: ModelBasedBundle) -> Path:
             prev = k
             action, diagnostics = adapter.act(ep.obs[k][None], params)
             last_command = action[0]
+            # Compute times as the node logs them (made up, to check the report's arithmetic): 0.3 ms of overhead.
             log.write_step(**common, command=last_command, command_source="adapter", safety_state="OK",
-                           adapter_action=action, adaptation=diagnostics)
+                           adapter_action=action, adaptation=diagnostics, adapter_compute_ns=2_000_000 + 1000 * k,
+                           node_compute_ns=2_300_000 + 1000 * k)
     return path
 
 
@@ -193,6 +195,12 @@ def test_link_faults_show_in_the_report(bundle: ModelBasedBundle, tmp_path: Path
     assert "| 21-23 | 0.120 | safe_command | SAFE_STOP |" in report
     assert "| 21 | TELEMETRY_STALE | ERROR | safe_command | no fresh frame |" in report
     assert "frames seen / dropped (seq gaps) | 37 / 3 (1)" in report
+    # The node's compute times, paired per step from the log (the safe-command steps did not run the adapter).
+    assert link.compute_timed_steps == 37 and link.node_overhead_ms_p50 == link.node_overhead_ms_p99 == 0.3
+    assert link.adapter_compute_ms_p50 == pytest.approx(2.0 + 0.001 * np.median([k for k in range(40)
+                                                                                 if not 21 <= k <= 23]))
+    assert ("| compute per adapter step p50 / p99 (node: frame received -> command sent) | adapter 2.02 / 2.04 ms, "
+            "node 2.32 / 2.34 ms, overhead 0.3 / 0.3 ms (37 steps) |") in report
 
 
 @pytest.mark.slow
@@ -212,6 +220,10 @@ def test_several_episodes_make_one_report_with_aggregates(logged: Path, replay, 
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     summary = terminal_summary([replay, faulty], paths)
     assert len(summary.splitlines()) <= 24 and "reproduced 2/2" in summary and str(paths["report"]) in summary
+    # Only the faulty log is timed (a sim recording is not): the aggregate pools its steps alone.
+    assert agg["compute_ms"]["compute_timed_steps"] == 37 and agg["compute_ms"]["node_overhead_ms_p99"] == 0.3
+    assert "compute per adapter step p50 / p99: adapter 2.02 / 2.04 ms" in summary
+    assert "not timed (a version-1 log, an import or a sim recording)" in report
 
 
 def test_link_health_counts_every_kind_of_fault(bundle: ModelBasedBundle, tmp_path: Path) -> None:
@@ -246,6 +258,18 @@ def test_link_health_counts_every_kind_of_fault(bundle: ModelBasedBundle, tmp_pa
     assert any("the adapter never ran" in n for n in result.notes)
     report = write_report([result], tmp_path / "report")["report"].read_text()
     assert "nothing to reproduce" in report and "| 0-6 |" in report and "PREDICTION_ERROR" in report
+    assert link.compute_timed_steps == 0 and np.isnan(link.node_overhead_ms_p99)
+    assert "| compute per adapter step p50 / p99 (node: frame received -> command sent) | not timed" in report
+
+
+def test_a_version_1_log_has_link_health_without_compute_times() -> None:
+    """Logs from before the compute times (tests/logs/episode_log_v1.mcap) still get their link health."""
+    from metarl_robot.replay.shadow import link_health
+
+    link = link_health(read_episode(REPO_ROOT / "tests" / "logs" / "episode_log_v1.mcap"))
+    assert link.frames_seen == 4 and link.steps_by_source == {"adapter": 2, "none": 1, "safe_command": 1}
+    assert link.compute_timed_steps == 0
+    assert np.isnan(link.adapter_compute_ms_p50) and np.isnan(link.node_overhead_ms_p99)
 
 
 def test_bad_inputs_get_clear_errors(tmp_path: Path, bundle: ModelBasedBundle) -> None:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from metarl_robot.demo import ood_task_the_bundle_swings_up
-from metarl_robot.logs import read_episode
+from metarl_robot.logs import EPISODE_LOG_SCHEMA_VERSION, NOT_TIMED, read_episode
 from metarl_robot.paths import REPO_ROOT
 from metarl_robot.replay.shadow import replay_episode
 from metarl_robot.runtime.bundle import load_bundle
@@ -329,6 +329,17 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
     assert episode.complete and episode.end_reason == "episode_steps reached (30)"
     assert episode.adapted.sum() == 30 and episode.bundle["sha256"] == bundle.sha256
     assert (episode.command_source[-5:] == "safe_command").all()
+    # The node timed every decision it took (not the 5 end-of-episode safe commands) and the adapter inside each:
+    # node - adapter, its overhead, is in the log, paired per step.
+    adapted, adapter_ns, node_ns = episode.adapted, episode.adapter_compute_ns, episode.node_compute_ns
+    assert episode.schema_version == EPISODE_LOG_SCHEMA_VERSION == 2
+    assert (adapter_ns[adapted] > 0).all() and (adapter_ns[~adapted] == NOT_TIMED).all()
+    assert (node_ns[:-5] > 0).all() and (node_ns[-5:] == NOT_TIMED).all()
+    assert (node_ns[adapted] >= adapter_ns[adapted]).all(), (node_ns[adapted], adapter_ns[adapted])
+    assert (episode.node_overhead_ns[adapted] >= 0).all() and (node_ns[adapted] < 10**9).all()
+    # On a step that decided on a new frame, the decision is the frame's receive → the command sent.
+    fresh = adapted & (episode.command_source != "none")
+    assert (np.abs(episode.time_ns - episode.receive_time_ns - node_ns)[fresh] <= 1).all()
     # ~/context carries the kind's belief, one labelled block per diagnostic, as the log records it.
     client.wait_for(lambda: client.messages(f"/{NODE}/context"), "~/context was published")
     context = client.messages(f"/{NODE}/context")

@@ -352,7 +352,7 @@ class ControlLoop:
             time_ns=sent_ns, frame=p.last_frame, receive_time_ns=p.last_frame_received_ns, decision=decision,
             command=command, task_params=self.task_params, adapter_action=action if usable else None,
             adaptation={k: np.asarray(v).copy() for k, v in adaptation.items()} if usable else None,
-            latency_ns=latency, compute_ns=compute_ns))
+            latency_ns=latency, compute_ns=compute_ns, decide_ns=sent_ns - received_ns))
 
     def _record(self, record: StepRecord) -> None:
         """Hand a step to the recorder; before the first frame there is no step to log, so its events wait."""

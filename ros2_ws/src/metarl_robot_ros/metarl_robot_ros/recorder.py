@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from metarl_robot.logs.format import NOT_TIMED
 from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.runtime.safety import CommandSource, SafetyDecision, SafetyEvent
 from metarl_robot.spec.robot import RobotSpec
@@ -55,6 +56,9 @@ class StepRecord:
     """Frame received → command sent, for periods on which the adapter ran and a command went out."""
     compute_ns: int | None = None
     """Time spent in ``adapter.observe`` + ``adapter.act``."""
+    decide_ns: int | None = None
+    """The whole decision: the loop's wake-up (frame received, or the safety deadline) → command sent (or the
+    decision taken, if nothing was sent), the adapter included; None where not timed (the end-of-episode sequence)."""
     ending: bool = False
     """True for the safe commands of the end-of-episode sequence."""
 
@@ -192,7 +196,11 @@ class RecordWorker:
             command_expires_ns=r.command.expires_ns if sent else 0, safety_state=decision.state.value,
             task_params=dict(r.task_params) or None,
             adapter_action=r.adapter_action if adapted else None, adaptation=dict(r.adaptation) if adapted else None,
-            time_ns=time_ns)
+            time_ns=time_ns,
+            # The writer refuses a negative duration, which would end this episode's log: clamp what an injected
+            # (test) clock could produce rather than lose the log.
+            adapter_compute_ns=r.compute_ns if adapted and r.compute_ns is not None else NOT_TIMED,
+            node_compute_ns=NOT_TIMED if r.decide_ns is None else max(r.decide_ns, 0))
 
     def _log(self, write: Callable[[EpisodeLogWriter], None]) -> None:
         try:
