@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import Any
 
 import gymnasium as gym
@@ -26,6 +27,8 @@ from metarl_robot.spec.schema import SpecError
 _RESET_WARNINGS = [int(w) for w in (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
                                     mujoco.mjtWarning.mjWARN_BADQACC)]
 """MuJoCo warnings after which it has reset the state to qpos0 on its own."""
+_reset_warning_counts = itemgetter(*_RESET_WARNINGS)
+"""The counts of :data:`_RESET_WARNINGS` out of the list of every warning's count."""
 
 
 class MetaMujocoEnv(gym.Env):
@@ -74,6 +77,9 @@ class MetaMujocoEnv(gym.Env):
             self.effects, self.robot, self.model, self._dynamics.owners, self.family.where)
         self._obs_rng: np.random.Generator | None = None  # observation noise: a stream of its own
         self._ctrl_ids = np.array([self.model.actuator(a).id for a in self.robot.actuators])
+        self._action_shape = (self.robot.action_dim,)
+        self._substeps = self.robot.control.substeps
+        self._episode_steps = self.family.spec.episode_steps
         self._action_low, self._action_high = self.robot.action_low, self.robot.action_high
         self._max_step = self.robot.action_max_rate * self.robot.ctrl_dt  # largest change per control period
         self._last_sent = self.robot.safe_action.copy()
@@ -103,6 +109,7 @@ class MetaMujocoEnv(gym.Env):
         if self._effects is not None:
             self._effects.apply_physics(self.model)  # after the restore from nominal, on top of the task
         self._task = task
+        self._reward_params = {name: task[name] for name in self._reward_names}  # what step() passes the reward
         if self._dynamics.delay_param is not None or self._effects is not None:
             family_delay = 0 if self._dynamics.delay_param is None else int(task[self._dynamics.delay_param])
             self._set_delay(family_delay + (0 if self._effects is None else self._effects.delay_periods))
@@ -169,10 +176,10 @@ class MetaMujocoEnv(gym.Env):
 
     def step(self, action):
         command = np.asarray(action, dtype=np.float64)
-        if command.shape != (self.robot.action_dim,):
+        if command.shape != self._action_shape:
             raise ValueError(f"action must have shape ({self.robot.action_dim},) for fields "
                              f"{[a.name for a in self.robot.action]}, got {command.shape}")
-        if not np.isfinite(command).all():
+        if np.count_nonzero(np.isfinite(command)) != command.size:
             raise ValueError(f"action contains NaN or Inf: {command}")
         clipped = np.minimum(np.maximum(command, self._action_low), self._action_high)
         sent = np.minimum(np.maximum(clipped, self._last_sent - self._max_step), self._last_sent + self._max_step)
@@ -183,24 +190,29 @@ class MetaMujocoEnv(gym.Env):
 
         # MuJoCo resets the state by itself on a bad position, velocity or acceleration; count those
         # warnings so such a teleport ends the episode instead of passing as physics.
-        resets_before = self._warnings.number[_RESET_WARNINGS].sum()
+        # (Summed as Python ints: the list of counts is cheaper than numpy's fancy index and reduction.)
+        resets_before = sum(_reset_warning_counts(self._warnings.number.tolist()))
         self._physics_step()
         obs, privileged = self._obs_map.gather(self.data)
-        diverged = bool(self._warnings.number[_RESET_WARNINGS].sum() > resets_before) or not np.isfinite(obs).all()
-        reward, components = self.reward_fn(self.robot, self._last_obs, sent, obs, self.reward_params)
+        diverged = (sum(_reset_warning_counts(self._warnings.number.tolist())) > resets_before
+                    or bool(np.count_nonzero(np.isfinite(obs)) != obs.size))
+        reward, components = self.reward_fn(self.robot, self._last_obs, sent, obs, self._reward_params)
         self._last_obs = obs
         self._steps += 1
+        # The flags compare the (finite) commands as lists: for a few numbers cheaper than numpy, and a Python bool,
+        # which a vector env merges into a bool array (a numpy bool would make an object array).
+        clipped_values = clipped.tolist()
         info = {
-            "task": self.get_task(),
+            "task": dict(self._task),
             "reward_components": {k: float(v) for k, v in components.items()},
             "privileged": privileged,
-            "action_clipped": bool((clipped != command).any()),
-            "action_rate_limited": bool((sent != clipped).any()),
+            "action_clipped": command.tolist() != clipped_values,
+            "action_rate_limited": sent.tolist() != clipped_values,
             "sent_action": sent,
             "applied_action": applied,
             "physics_diverged": diverged,
         }
-        truncated = self._steps >= self.family.spec.episode_steps
+        truncated = self._steps >= self._episode_steps
         if self._effects is not None:
             obs = self._observe(obs, info)
         return obs, float(reward), diverged, truncated, info
@@ -212,7 +224,7 @@ class MetaMujocoEnv(gym.Env):
 
     # ---- internals -----------------------------------------------------------------------------
     def _physics_step(self) -> None:
-        m, d, n = self.model, self.data, self.robot.control.substeps
+        m, d, n = self.model, self.data, self._substeps
         if self._split_step:
             # dm_control's scheme: finish the pending step (step2), take n-1 full steps, then run
             # step1 so position/velocity sensors describe the state we return, at no extra cost.

@@ -16,11 +16,14 @@ Graphs (written by :mod:`metarl_robot.export.pearl_graphs`, raw robot units in a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from metarl_robot.runtime.adapter import CarriesNothing
 from metarl_robot.runtime.onnx_graph import BATCH_AXIS, OnnxGraph, make_session, session_interface_mismatch
@@ -106,6 +109,11 @@ class ContextPolicyAdapter(CarriesNothing):
 
     ``adapt=False``: :meth:`observe` still checks its inputs but never updates the belief, so ``z`` stays the
     prior mean and ``context_size`` 0 (the unadapted policy, for comparisons).
+
+    Graphs given as :class:`~metarl_robot.runtime.onnx_graph.OnnxGraph` of exactly this robot's interface (what
+    :meth:`from_onnx` and the bundle kind pass) are run through their sessions with inputs and outputs bound once
+    to float32 buffers this adapter owns (onnxruntime's IOBinding), which it fills with inputs it has already
+    checked; any other callables are called with the checked float64 arrays. Both give the same numbers.
     """
 
     observes_sent_commands = False
@@ -121,13 +129,47 @@ class ContextPolicyAdapter(CarriesNothing):
         self.latent_dim, self.batch = latent_dim, batch
         self.adapt = adapt
         """False: the belief never updates (z stays the prior mean)."""
-        self.precision_sum = np.zeros((batch, latent_dim))
-        """Per env: sum over observed transitions of the factors' precisions ``exp(-factor_logvar)`` (float64)."""
-        self.weighted_mean_sum = np.zeros((batch, latent_dim))
-        """Per env: sum over observed transitions of ``factor_mean * precision`` (float64)."""
+        o, a, d = robot.obs_dim, robot.action_dim, latent_dim
+        self._obs_shape, self._action_shape, self._batch_shape = (batch, o), (batch, a), (batch,)
+        # Both running sums (precision_sum, weighted_mean_sum) in one array: one in-place add updates the belief.
+        self._sums = np.zeros((2, batch, d))
         self.steps_observed = np.zeros(batch, dtype=np.int64)
         """Per env: transitions added since its last reset."""
+        self._one = np.ones(batch, dtype=np.int64)
         self._params: dict[str, np.ndarray] | None = None
+        # One transition as float32, laid out [obs | action | next_obs | reward], each part contiguous: the factor
+        # graph's feed, and the inputs' finiteness is one check over its first three parts.
+        block = np.zeros(batch * (2 * o + a + 1), dtype=np.float32)
+        self._inputs32 = block[: batch * (2 * o + a)]
+        self._obs32 = block[: batch * o].reshape(batch, o)
+        self._action32 = block[batch * o: batch * (o + a)].reshape(batch, a)
+        self._next_obs32 = block[batch * (o + a): batch * (2 * o + a)].reshape(batch, o)
+        self._reward32 = block[batch * (2 * o + a):]
+        self._policy_obs32, self._z32 = np.zeros((batch, o), dtype=np.float32), np.zeros((batch, d), dtype=np.float32)
+        self._mean32, self._logvar32 = np.zeros((batch, d), dtype=np.float32), np.zeros((batch, d), dtype=np.float32)
+        self._action_out32 = np.zeros((batch, a), dtype=np.float32)
+        # One factor per env in float64: [mean, precision, precision * mean]; the last two are added to the sums.
+        self._factor = np.zeros((3, batch, d))
+        self._factor_mean, self._factor_precision, self._factor_weighted = self._factor
+        self._factor_checked, self._factor_added = self._factor[:2], self._factor[1:]
+        interfaces = pearl_graph_interfaces(o, a, d)
+        self._run_factors = _bound_run(factors, interfaces["factors"], {
+            "obs": self._obs32, "action": self._action32, "reward": self._reward32, "next_obs": self._next_obs32},
+            {"factor_mean": self._mean32, "factor_logvar": self._logvar32})
+        self._run_policy = _bound_run(policy, interfaces["policy"], {"obs": self._policy_obs32, "z": self._z32},
+                                      {"action": self._action_out32})
+
+    @property
+    def precision_sum(self) -> np.ndarray:
+        """Per env ``(B, d)``: sum over observed transitions of the factors' precisions ``exp(-factor_logvar)``
+        (float64; a view of the belief's state)."""
+        return self._sums[0]
+
+    @property
+    def weighted_mean_sum(self) -> np.ndarray:
+        """Per env ``(B, d)``: sum over observed transitions of ``factor_mean * precision`` (float64; a view of the
+        belief's state)."""
+        return self._sums[1]
 
     @classmethod
     def from_onnx(cls, robot: RobotSpec, reward: RewardFunction, factors_path: str | Path, policy_path: str | Path,
@@ -142,15 +184,18 @@ class ContextPolicyAdapter(CarriesNothing):
     # ---- belief -------------------------------------------------------------------------------------
     def posterior(self) -> tuple[np.ndarray, np.ndarray]:
         """The current belief: mean and variance ``(B, d)`` (float32, the graphs' precision)."""
-        var = 1.0 / (1.0 + self.precision_sum)
-        return (var * self.weighted_mean_sum).astype(np.float32), var.astype(np.float32)
+        var = 1.0 / (1.0 + self._sums[0])
+        return (var * self._sums[1]).astype(np.float32), var.astype(np.float32)
 
     def reset(self, which: np.ndarray | None = None) -> None:
-        which = np.ones(self.batch, dtype=bool) if which is None else np.asarray(which, dtype=bool)
+        if which is None:
+            self._sums[...] = 0.0
+            self.steps_observed[...] = 0
+            return
+        which = np.asarray(which, dtype=bool)
         if which.shape != (self.batch,):
             raise ValueError(f"which must be a bool mask of shape ({self.batch},), got {which.shape}")
-        self.precision_sum[which] = 0.0
-        self.weighted_mean_sum[which] = 0.0
+        self._sums[:, which] = 0.0
         self.steps_observed[which] = 0
 
     def forget(self, which: np.ndarray | None = None) -> None:
@@ -158,6 +203,8 @@ class ContextPolicyAdapter(CarriesNothing):
         self.reset(which)
 
     def _rows(self, name: str, x: Any, width: int | None) -> np.ndarray:
+        """``x`` as float64 rows of the batch, or ``ValueError`` naming ``name``: wrong shape, or the env rows
+        holding NaN or Inf."""
         x = np.asarray(x, dtype=np.float64)
         want = (self.batch,) if width is None else (self.batch, width)
         if x.shape != want:
@@ -169,9 +216,16 @@ class ContextPolicyAdapter(CarriesNothing):
 
     def observe(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
                 reward: np.ndarray | None = None) -> None:
-        o, a = self.robot.obs_dim, self.robot.action_dim
-        obs, action, next_obs = self._rows("obs", obs, o), self._rows("action", action, a), \
-            self._rows("next_obs", next_obs, o)
+        obs, action = np.asarray(obs, dtype=np.float64), np.asarray(action, dtype=np.float64)
+        next_obs = np.asarray(next_obs, dtype=np.float64)
+        if obs.shape != self._obs_shape or action.shape != self._action_shape or next_obs.shape != self._obs_shape:
+            self._refuse_transition(obs, action, next_obs)
+        self._obs32[...], self._action32[...], self._next_obs32[...] = obs, action, next_obs
+        # One check for the three: a NaN or Inf stays one in float32, so all-finite here means all-finite inputs.
+        # The converse fails only for values past float32's range, which the float64 checks of _refuse_transition
+        # let through (into the graph, as an OnnxGraph's own cast would).
+        if not _all_finite(self._inputs32):
+            self._refuse_transition(obs, action, next_obs)
         if not self.adapt:
             return
         if reward is None:
@@ -179,33 +233,103 @@ class ContextPolicyAdapter(CarriesNothing):
                 raise ValueError("observe() needs the task's reward parameters: call act(obs, task_params) first, "
                                  "or pass reward=")
             reward = self.reward(self.robot, obs, action, next_obs, self._params)[0]
-        reward = self._rows("reward", np.broadcast_to(np.asarray(reward, dtype=np.float64), (self.batch,)), None)
-        mean, logvar = self.factors_fn(obs, action, reward, next_obs)
-        precision = np.exp(-logvar.astype(np.float64))
-        if not (np.isfinite(mean).all() and np.isfinite(precision).all()):
+        reward = np.asarray(reward, dtype=np.float64)
+        if reward.shape != self._batch_shape or not _all_finite(reward):
+            reward = self._rows("reward", np.broadcast_to(reward, self._batch_shape), None)
+        self._reward32[...] = reward
+        if self._run_factors is not None:
+            self._run_factors()
+            mean, logvar = self._mean32, self._logvar32
+        else:
+            mean, logvar = self.factors_fn(obs, action, reward, next_obs)
+        # Cast into float64 first, then work in place (outputs passed positionally: at these sizes parsing out= and
+        # casting inside a ufunc cost more than the arithmetic). Negation is exact, so this is exp(-logvar) in float64.
+        precision = self._factor_precision
+        self._factor_mean[...], precision[...] = mean, logvar
+        np.negative(precision, precision)
+        np.exp(precision, precision)
+        # The mean and the precision are checked before their product, as one array.
+        if not _all_finite(self._factor_checked):
             raise ValueError("the factors graph returned a non-finite mean or log-variance (or one whose precision "
                              "overflows); the belief was left unchanged")
-        self.precision_sum += precision
-        self.weighted_mean_sum += precision * mean.astype(np.float64)
-        self.steps_observed += 1
+        np.multiply(precision, self._factor_mean, self._factor_weighted)
+        self._sums += self._factor_added
+        np.add(self.steps_observed, self._one, self.steps_observed)
+
+    def _refuse_transition(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
+        """The first of the transition's arrays with the wrong shape or a NaN/Inf, as ``ValueError``; nothing when
+        all are finite float64 (a value past float32's range)."""
+        self._rows("obs", obs, self.robot.obs_dim)
+        self._rows("action", action, self.robot.action_dim)
+        self._rows("next_obs", next_obs, self.robot.obs_dim)
 
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        obs = self._rows("obs", obs, self.robot.obs_dim)
-        missing = [p for p in self.reward.params if p not in task_params]
-        if missing:
-            raise ValueError(f"task_params lacks reward parameter(s) {missing}; the reward needs "
-                             f"{list(self.reward.params)}, got {sorted(task_params)}")
-        self._params = {k: self._rows(f"task_params[{k!r}]",
-                                      np.broadcast_to(np.asarray(v, dtype=np.float64), (self.batch,)), None)
-                        for k, v in task_params.items()}
+        obs = np.asarray(obs, dtype=np.float64)
+        if obs.shape != self._obs_shape or not _all_finite(obs):
+            obs = self._rows("obs", obs, self.robot.obs_dim)
+        for p in self.reward.params:
+            if p not in task_params:
+                missing = [p for p in self.reward.params if p not in task_params]
+                raise ValueError(f"task_params lacks reward parameter(s) {missing}; the reward needs "
+                                 f"{list(self.reward.params)}, got {sorted(task_params)}")
+        self._params = {k: self._batch_param(k, v) for k, v in task_params.items()}
         mean, var = self.posterior()
-        (action,) = self.policy_fn(obs.astype(np.float32), mean)
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (self.batch, self.robot.action_dim) or not np.isfinite(action).all():
+        if self._run_policy is not None:
+            self._policy_obs32[...], self._z32[...] = obs, mean
+            self._run_policy()
+            action = self._action_out32.astype(np.float64)  # a copy: the bound buffer is overwritten next step
+        else:
+            (action,) = self.policy_fn(obs.astype(np.float32), mean)
+            action = np.asarray(action, dtype=np.float64)
+        if action.shape != self._action_shape or not _all_finite(action):
             raise ValueError(f"the policy graph returned {action.shape} actions with non-finite values or the wrong "
                              f"shape (expected ({self.batch}, {self.robot.action_dim}), finite)")
-        diagnostics = {"context_mean": mean, "context_var": var, "context_size": self.steps_observed.copy()}
-        return action, diagnostics
+        return action, {"context_mean": mean, "context_var": var, "context_size": self.steps_observed.copy()}
+
+    def _batch_param(self, name: str, value: Any) -> np.ndarray:
+        """One task parameter as a finite float64 ``(B,)`` (a scalar is repeated), or ``ValueError``."""
+        if type(value) is float and math.isfinite(value):  # the node's case: a plain number needs no numpy check
+            return np.array((value,) * self.batch)
+        x = np.asarray(value, dtype=np.float64)
+        if x.shape != self._batch_shape:
+            x = x.reshape(1) if x.ndim == 0 and self.batch == 1 else np.broadcast_to(x, self._batch_shape)
+        if not _all_finite(x):
+            self._rows(f"task_params[{name!r}]", x, None)
+        return x
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN or Inf in ``x`` (``count_nonzero`` skips the reduction machinery of ``.all()``: cheaper at these
+    sizes)."""
+    return np.count_nonzero(np.isfinite(x)) == x.size
+
+
+def _bound_run(graph: Any, interface: dict[str, dict[str, list]], inputs: dict[str, np.ndarray],
+               outputs: dict[str, np.ndarray]) -> Callable[[], None] | None:
+    """Where ``graph`` is an :class:`OnnxGraph` (not a subclass) of exactly ``interface`` (names, order, fixed
+    sizes: what its own per-call checks would enforce), a call that runs its session on ``inputs`` and writes
+    ``outputs`` (this adapter's float32 buffers, by name), bound once with onnxruntime's IOBinding: no feed dict, no
+    input checks or copies, no output allocation per call (a graph call costs less than ``session.run`` on the
+    same arrays). None for anything else, which the adapter calls as given.
+
+    The inputs are bound as OrtValues over the buffers' own memory (onnxruntime's documented behaviour on the CPU,
+    and checked here: a build that copied would leave the graph reading stale inputs, so it gets None instead),
+    so what the adapter writes into them before a call is what the graph reads."""
+    # Exactly an OnnxGraph: a subclass may do more per call than run its session.
+    if not (type(graph) is OnnxGraph and graph.inputs == tuple(inputs) and graph.outputs == tuple(outputs)):
+        return None
+    session = graph.session
+    if session_interface_mismatch(session, interface["inputs"], interface["outputs"]) is not None:
+        return None
+    binding = session.io_binding()
+    for name, x in inputs.items():
+        value = ort.OrtValue.ortvalue_from_numpy(x)
+        if value.data_ptr() != x.ctypes.data:
+            return None
+        binding.bind_ortvalue_input(name, value)
+    for name, y in outputs.items():
+        binding.bind_output(name, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+    return partial(session.run_with_iobinding, binding)
 
 
 __all__ = ["BATCH_AXIS", "FACTORS_FILE", "FACTORS_INPUTS", "FACTORS_OUTPUTS", "POLICY_FILE", "POLICY_INPUTS",

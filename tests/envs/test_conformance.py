@@ -190,3 +190,13 @@ def test_registration_skips_a_broken_family_with_a_warning_and_refuses_duplicate
     (sim_copy / "tasks" / "twin.yaml").write_text(dup)
     with pytest.raises(SpecError, match="'metarl/CartpoleSwingup-v0' is already the id of family 'cartpole_swingup'"):
         register_families()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_step_flags_are_python_bools(name):
+    # a vector env merges Python bools into bool arrays, numpy bools into object arrays
+    env = _make(name)
+    env.reset(seed=0)
+    _, _, terminated, truncated, info = env.step(np.full(env.robot.action_dim, 5.0))
+    for flag in (terminated, truncated, info["action_clipped"], info["action_rate_limited"], info["physics_diverged"]):
+        assert type(flag) is bool

@@ -82,3 +82,43 @@ def test_bad_vector_arguments():
         make_vector_env(FAMILY, 0)
     with pytest.raises(ValueError, match="mode must be 'sync' or 'async'"):
         make_vector_env(FAMILY, 1, "threads")
+
+
+def _merged_by(vector_env, infos):
+    merged = {}
+    for i, info in enumerate(infos):
+        merged = vector_env._add_info(merged, info, i)
+    return merged
+
+
+def _assert_same_infos(ours, gymnasium_s):
+    assert list(ours) == list(gymnasium_s)  # same keys, masks included, in the same order
+    for key, expected in gymnasium_s.items():
+        if isinstance(expected, dict):
+            _assert_same_infos(ours[key], expected)
+        else:
+            assert type(ours[key]) is type(expected) and ours[key].dtype == expected.dtype, key
+            assert ours[key].shape == expected.shape and ours[key].tolist() == expected.tolist(), key
+
+
+def test_vector_infos_are_merged_exactly_as_gymnasium_merges_them():
+    import gymnasium as gym
+
+    ours = make_vector_env(FAMILY, 3, "sync")
+    reference = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 3)
+    try:
+        ours.reset(seed=0)
+        _, _, _, _, info = ours.step(np.full((3, 1), 0.7))
+        real = [{k: (v[i] if not isinstance(v, dict) else {n: x[i] for n, x in v.items() if not n.startswith("_")})
+                 for k, v in info.items() if not k.startswith("_")} for i in range(3)]
+        assert info["action_clipped"].dtype == bool and info["physics_diverged"].dtype == bool  # not object arrays
+        odd = [  # what any env may put in an info: keys some sub-envs lack, numpy scalars, objects, final_obs
+            {"a": 1, "b": {"c": np.float32(2.0), "d": [1]}, "final_obs": np.zeros(2), "e": "text"},
+            {"b": {"d": None}, "f": np.arange(3), "a": 2},
+            {"f": np.arange(3) * 2, "g": True, "final_info": {"a": 1.5}},
+        ]
+        for infos in ([{k: v for k, v in r.items()} for r in real], odd):
+            _assert_same_infos(_merged_by(ours, infos), _merged_by(reference, infos))
+    finally:
+        ours.close()
+        reference.close()

@@ -182,3 +182,116 @@ def test_wrong_sizes_and_corrupt_graphs_are_refused(exported, tmp_path):
         ContextPolicyAdapter.from_onnx(ROBOT, REWARD, corrupt, graphs.policy)
     with pytest.raises(ContextPolicyError, match="not found"):
         ContextPolicyAdapter.from_onnx(ROBOT, REWARD, tmp_path / "missing.onnx", graphs.policy)
+
+
+def _called_as_given(adapter: ContextPolicyAdapter) -> ContextPolicyAdapter:
+    """The same graphs behind plain callables, which the adapter calls as given (its path for any functions)."""
+    factors, policy = adapter.factors_fn, adapter.policy_fn
+    return ContextPolicyAdapter(ROBOT, REWARD, lambda *x: factors(*x), lambda *x: policy(*x), adapter.latent_dim,
+                                batch=adapter.batch)
+
+
+def test_bound_graphs_give_exactly_the_numbers_of_the_graphs_called_as_given(exported):
+    _, graphs = exported
+    bound = _adapter(graphs, batch=2)
+    called = _called_as_given(bound)
+    assert bound._run_factors is not None and bound._run_policy is not None  # the IOBinding path is what's compared
+    assert called._run_factors is None and called._run_policy is None
+    rng = np.random.default_rng(7)
+    params = {"target_x": np.array([0.3, -0.2])}
+    precision_sum, weighted_sum = np.zeros((2, 5)), np.zeros((2, 5))  # the belief's arithmetic, written out
+    obs, returned = rng.normal(size=(2, 4)), []
+    for step in range(40):
+        if step == 20:
+            for adapter in (bound, called):
+                adapter.reset(np.array([True, False]))
+            precision_sum[0] = weighted_sum[0] = 0.0
+        action, diag = bound.act(obs, params)
+        action_called, diag_called = called.act(obs, params)
+        np.testing.assert_array_equal(action, action_called)
+        assert diag.keys() == diag_called.keys()
+        for key in diag:
+            np.testing.assert_array_equal(diag[key], diag_called[key], err_msg=f"{key} at step {step}")
+        var = 1.0 / (1.0 + precision_sum)
+        np.testing.assert_array_equal(diag["context_mean"], (var * weighted_sum).astype(np.float32))
+        np.testing.assert_array_equal(diag["context_var"], var.astype(np.float32))
+        returned.append((action, diag, action.copy(), {k: v.copy() for k, v in diag.items()}))
+        sent, next_obs = rng.uniform(-1, 1, (2, 1)), obs + rng.normal(0, 0.3, (2, 4))
+        bound.observe(obs, sent, next_obs)
+        called.observe(obs, sent, next_obs)
+        reward = REWARD(ROBOT, obs, sent, next_obs, params)[0]
+        mean, logvar = bound.factors_fn(obs, sent, reward, next_obs)
+        precision = np.exp(-logvar.astype(np.float64))
+        precision_sum += precision
+        weighted_sum += precision * mean.astype(np.float64)
+        obs = next_obs
+    np.testing.assert_array_equal(bound.precision_sum, precision_sum)
+    np.testing.assert_array_equal(bound.weighted_mean_sum, weighted_sum)
+    np.testing.assert_array_equal(called.precision_sum, precision_sum)
+    # what act returned stays the caller's: the adapter's buffers are not handed out
+    for action, diag, action_then, diag_then in returned:
+        np.testing.assert_array_equal(action, action_then)
+        for key in diag:
+            np.testing.assert_array_equal(diag[key], diag_then[key])
+
+
+def test_numbers_past_float32_range_reach_the_graphs_as_an_onnx_graph_call_would(exported):
+    # finite float64, infinite once cast to the graphs' float32: not an input error (as before); whatever the graphs
+    # make of it, both paths give the same outcome
+    _, graphs = exported
+    outcomes = []
+    for adapter in (_adapter(graphs), _called_as_given(_adapter(graphs))):
+        huge = np.array([[1e39, 0.0, 0.0, 0.0]])
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                action, diag = adapter.act(huge, {"target_x": 0.0})
+                adapter.observe(huge, np.zeros((1, 1)), huge)
+                outcomes.append((action.tolist(), diag["context_mean"].tolist(), adapter.posterior()[0].tolist()))
+            except ValueError as exc:
+                outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_plain_number_task_parameter_acts_as_its_array(exported):
+    # the node passes floats; replays and simulations pass (B,) arrays
+    _, graphs = exported
+    plain, array = _adapter(graphs), _adapter(graphs)
+    rng = np.random.default_rng(2)
+    obs = rng.normal(size=(1, 4))
+    for _ in range(5):
+        action, diag = plain.act(obs, {"target_x": 0.4})
+        action_array, diag_array = array.act(obs, {"target_x": np.array([0.4])})
+        np.testing.assert_array_equal(action, action_array)
+        np.testing.assert_array_equal(diag["context_mean"], diag_array["context_mean"])
+        next_obs = obs + rng.normal(0, 0.3, (1, 4))
+        plain.observe(obs, action, next_obs)
+        array.observe(obs, action, next_obs)
+        obs = next_obs
+    with pytest.raises(ValueError, match=r"task_params\['target_x'\] contains NaN"):
+        plain.act(obs, {"target_x": float("nan")})
+
+
+def test_non_finite_graph_outputs_are_refused_and_leave_the_belief_alone(exported):
+    _, graphs = exported
+    good = _adapter(graphs)
+    factors, policy = good.factors_fn, good.policy_fn
+
+    def nan_mean(*x):
+        mean, logvar = factors(*x)
+        return [np.full_like(mean, np.nan), logvar]
+
+    def overflowing_precision(*x):
+        mean, _ = factors(*x)
+        return [mean, np.full_like(mean, -np.inf)]
+
+    rng = np.random.default_rng(4)
+    transition = (rng.normal(size=(1, 4)), np.zeros((1, 1)), rng.normal(size=(1, 4)))
+    for bad in (nan_mean, overflowing_precision):
+        adapter = ContextPolicyAdapter(ROBOT, REWARD, bad, policy, good.latent_dim)
+        with pytest.raises(ValueError, match="factors graph returned a non-finite mean or log-variance"):
+            adapter.observe(*transition, reward=np.zeros(1))
+        assert adapter.steps_observed.tolist() == [0]
+        np.testing.assert_array_equal(adapter.posterior()[1], 1.0)
+    adapter = ContextPolicyAdapter(ROBOT, REWARD, factors, lambda *x: [np.full((1, 1), np.nan)], good.latent_dim)
+    with pytest.raises(ValueError, match=r"policy graph returned \(1, 1\) actions with non-finite values"):
+        adapter.act(transition[0], {"target_x": 0.0})

@@ -127,8 +127,10 @@ class ContextPolicyBundle(LoadedBundle):
         does not plan.
         """
         refuse_planner_overrides(self, planner_overrides)
-        return ContextPolicyAdapter(self.robot, get_reward(self.family.spec.reward), self.transition_factors,
-                                    self.policy, self.latent_dim, batch=batch, adapt=adapt)
+        # The graphs themselves, not the bound methods above: the adapter runs a checked OnnxGraph's session on its
+        # own float32 buffers (the same numbers, without re-checking and re-copying its inputs every step).
+        return ContextPolicyAdapter(self.robot, get_reward(self.family.spec.reward), self.graphs["factors"],
+                                    self.graphs["policy"], self.latent_dim, batch=batch, adapt=adapt)
 
     def empty_context(self, adapter: ContextPolicyAdapter) -> np.ndarray:
         """The prior mean of the belief."""
