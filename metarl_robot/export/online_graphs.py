@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from metarl_robot.algos.buffer import EpisodeBuffer
 from metarl_robot.algos.online_mbrl import head_per_row
+from metarl_robot.export.lean_rollout import EnsembleWeights, rollout_graph
 from metarl_robot.export.onnx_graphs import (
     PARITY_CRITERION,
     PARITY_TOLERANCE,
@@ -26,6 +28,7 @@ from metarl_robot.export.onnx_graphs import (
     _example_inputs,
     check_parity,
     export_modules,
+    finish_graph,
     parity_report,
     random_inputs,
     real_inputs,
@@ -52,23 +55,6 @@ class HeadDynamicsGraph(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor, head: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.forward_with_head(obs, action, context, head_per_row(head, obs.shape[1]))
-
-
-class HeadRolloutGraph(nn.Module):
-    """The dynamics graph's mean chained over the horizon of ``actions (E, M, H, a)`` (traced: unrolled H times)."""
-
-    def __init__(self, model: OnlineContextDynamics) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, context: torch.Tensor, head: torch.Tensor
-                ) -> torch.Tensor:
-        rows = head_per_row(head, obs.shape[1])
-        states = []
-        for t in range(actions.shape[2]):
-            obs = self.model.forward_with_head(obs, actions[:, :, t], context, rows)[0]
-            states.append(obs)
-        return torch.stack(states, dim=2)
 
 
 class FeaturesGraph(nn.Module):
@@ -147,15 +133,19 @@ def export_online_model(run: _Run, staging: Path, name: str, exporter: Exporter,
     horizon, c = cfg.planner.horizon, cfg.model
     interfaces = online_graph_interfaces(robot.obs_dim, robot.action_dim, c.context_window, c.context_dim,
                                          c.ensemble_size, horizon, model.feature_dim)
-    enc_args, dyn_args, roll_args = _example_inputs(model, horizon)
+    enc_args, dyn_args, _ = _example_inputs(model, horizon)
     head = model.prior_head().detach()
     jobs = {"encoder": (EncoderGraph(model).eval(), enc_args),
             "dynamics": (HeadDynamicsGraph(model).eval(), (*dyn_args, head)),
-            "rollout": (HeadRolloutGraph(model).eval(), (*roll_args, head)),
             "features": (FeaturesGraph(model).eval(), (dyn_args[0], dyn_args[1], dyn_args[0] + 0.1, dyn_args[2]))}
-    paths = {g: staging / f"{g}.onnx" for g in jobs}
-    which, opset = export_modules(jobs, paths, interfaces, exporter, "online context dynamics", {
-        "bundle": name, "robot": robot.name, "robot_interface_sha256": robot.interface_hash})
+    paths = {g: staging / f"{g}.onnx" for g in (*jobs, "rollout")}
+    metadata = {"bundle": name, "robot": robot.name, "robot_interface_sha256": robot.interface_hash}
+    which, opset = export_modules(jobs, {g: paths[g] for g in jobs}, interfaces, exporter, "online context dynamics",
+                                  metadata)
+    # The rollout is built from the weights (lean_rollout), its last layer the graph's ``head`` input.
+    onnx.save(rollout_graph(EnsembleWeights.from_model(model), horizon, model.act_dim, c.context_dim, opset,
+                            head_input="head"), str(paths["rollout"]))
+    finish_graph(paths["rollout"], "rollout", interfaces["rollout"], "online context dynamics", metadata)
     prior_file = staging / PRIOR_HEAD_FILE
     np.save(prior_file, head.numpy().astype(np.float32), allow_pickle=False)
 
@@ -186,4 +176,4 @@ def _next_states(buffer: EpisodeBuffer, rng: np.random.Generator, shape: tuple[i
     return batch.next_obs.reshape(shape).astype(np.float32)
 
 
-__all__ = ["FeaturesGraph", "HeadDynamicsGraph", "HeadRolloutGraph", "export_online_model", "measure_online_parity"]
+__all__ = ["FeaturesGraph", "HeadDynamicsGraph", "export_online_model", "measure_online_parity"]

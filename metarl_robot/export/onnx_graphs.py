@@ -1,5 +1,6 @@
 """Torch → ONNX for a :class:`ContextDynamics`: the encoder, the ensemble, and the ensemble chained over
-the planner's horizon (one call per planning iteration on the robot), as float32 graphs.
+the planner's horizon (one call per planning iteration on the robot), as float32 graphs. The encoder and the
+ensemble are exported from torch; the chained rollout is built from the weights (:mod:`.lean_rollout`).
 
 The graphs take and return raw robot units: the normalisers are buffers of the model and are
 baked in as constants. Input/output names and shapes are the runtime's
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from metarl_robot.algos.buffer import EpisodeBuffer
+from metarl_robot.export.lean_rollout import EnsembleWeights, rollout_graph
 from metarl_robot.models.context_dynamics import ContextDynamics
 from metarl_robot.runtime.kinds.model_based import (
     DYNAMICS_INPUTS,
@@ -79,24 +81,6 @@ class DynamicsGraph(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(obs, action, context)
-
-
-class RolloutGraph(nn.Module):
-    """``model.forward``'s mean chained over the horizon of ``actions (E, M, H, a)``: the planner's rollout.
-
-    Traced, so the loop is unrolled into H copies of the step that share one set of weights.
-    """
-
-    def __init__(self, model: ContextDynamics) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        states = []
-        for t in range(actions.shape[2]):
-            obs = self.model(obs, actions[:, :, t], context)[0]
-            states.append(obs)
-        return torch.stack(states, dim=2)
 
 
 @dataclass
@@ -201,12 +185,16 @@ def export_graphs(model: ContextDynamics, out_dir: Path, horizon: int, exporter:
     model = model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    enc_args, dyn_args, roll_args = _example_inputs(model, horizon)
+    enc_args, dyn_args, _ = _example_inputs(model, horizon)
     interfaces = interfaces_of(model, horizon)
     paths = {"encoder": out_dir / ENCODER_FILE, "dynamics": out_dir / DYNAMICS_FILE, "rollout": out_dir / ROLLOUT_FILE}
-    jobs = {"encoder": (EncoderGraph(model).eval(), enc_args), "dynamics": (DynamicsGraph(model).eval(), dyn_args),
-            "rollout": (RolloutGraph(model).eval(), roll_args)}
-    which, opset = export_modules(jobs, paths, interfaces, exporter, "context dynamics", metadata)
+    jobs = {"encoder": (EncoderGraph(model).eval(), enc_args), "dynamics": (DynamicsGraph(model).eval(), dyn_args)}
+    which, opset = export_modules(jobs, {k: paths[k] for k in jobs}, interfaces, exporter, "context dynamics",
+                                  metadata)
+    # The rollout is not traced: it is built from the weights with the per-step glue hoisted (lean_rollout).
+    lean = rollout_graph(EnsembleWeights.from_model(model), horizon, model.act_dim, model.cfg.context_dim, opset)
+    onnx.save(lean, str(paths["rollout"]))
+    finish_graph(paths["rollout"], "rollout", interfaces["rollout"], "context dynamics", metadata)
     return ExportedGraphs(paths["encoder"], paths["dynamics"], paths["rollout"], which, opset, interfaces)
 
 
