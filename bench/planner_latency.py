@@ -22,6 +22,9 @@ And at each sample count of ``--samples`` (``by_samples`` in the JSON; default 1
   iteration per command, members assigned round-robin like ours, and the same reward written in torch.
 - ``ort_floor``: one call of the rollout graph on the same batch, nothing else: no sampling, no
   reward, no weighting. A sampling planner over this model cannot beat it.
+- ``ort_floor_lean`` and ``ours_planner_1iter_lean``: the same two rows through the rollout graph that
+  ``metarl export`` builds today (``metarl_robot/export/lean_rollout.py``) from the same weights, for
+  bundles exported with the traced graph before it (the shipped ones).
 
 The peer's torch model is rebuilt from the bundle itself: the weights of ``dynamics.onnx`` loaded into a
 :class:`~metarl_robot.models.context_dynamics.ContextDynamics` without its encoder (the peer plans with
@@ -343,9 +346,26 @@ def main(argv: list[str] | None = None) -> int:
     last = bundle.robot.safe_action[None]
     one = replace(cfg, iterations=1)
 
-    def planner_row(samples: int, fused: bool) -> dict[str, float]:
+    lean_rollout = None
+    if peer_model is not None:
+        # The rollout as export builds it now (export/lean_rollout.py) from the same weights: a shipped bundle
+        # exported before it carries the traced graph, so both are timed.
+        import onnxruntime as ort
+
+        from metarl_robot.export.lean_rollout import EnsembleWeights, rollout_graph
+        from metarl_robot.runtime.onnx_graph import session_options
+
+        lean = ort.InferenceSession(rollout_graph(
+            EnsembleWeights.from_model(peer_model), bundle.rollout_horizon, bundle.robot.action_dim, z.shape[-1],
+            17).SerializeToString(), sess_options=session_options(1), providers=["CPUExecutionProvider"])
+
+        def lean_rollout(obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
+            return lean.run(None, {"obs": obs, "actions": actions, "context": context})[0]
+
+    def planner_row(samples: int, fused: bool, rollout=None) -> dict[str, float]:
         """Our planner, one iteration at ``samples``, on the visited observations with the fixed context."""
-        model = EnsembleRollout(bundle.step, e, (bundle.rollout, bundle.rollout_horizon) if fused else None)
+        rollout = rollout or bundle.rollout
+        model = EnsembleRollout(bundle.step, e, (rollout, bundle.rollout_horizon) if fused else None)
         planner = Planner(replace(one, samples=samples), bundle.robot, get_reward(reward_name), model, 1)
         n = steps_at(samples, cfg.samples, args.steps)
         return percentiles([timed(planner.plan, o[None], (o[None], z), params, last)[1] for o in visited[:n]])
@@ -388,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         obs_b, _, acts_b, z_b = batch(n)
         rows["ort_floor"] = percentiles([timed(bundle.rollout, obs_b, acts_b, z_b)[1]
                                          for _ in range(steps_at(n, cfg.samples, args.steps))])
+        if lean_rollout is not None:
+            rows["ours_planner_1iter_lean"] = planner_row(n, fused=True, rollout=lean_rollout)
+            rows["ort_floor_lean"] = percentiles([timed(lean_rollout, obs_b, acts_b, z_b)[1]
+                                                  for _ in range(steps_at(n, cfg.samples, args.steps))])
         by_samples[str(n)] = rows
 
     ratios: dict[str, Any] = {"by_samples": {}, "fused_over_stepped_planner_p50": (
@@ -399,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         r = {f"ours_planner_1iter_over_pytorch_mppi_{p}": ours[f"{p}_ms"] / theirs[f"{p}_ms"] if theirs else None
              for p in ("p50", "p99")}
         r["ours_planner_1iter_over_ort_floor_p50"] = ours["p50_ms"] / rows["ort_floor"]["p50_ms"]
+        if "ort_floor_lean" in rows:
+            r["lean_over_bundle_rollout_p50"] = rows["ort_floor_lean"]["p50_ms"] / rows["ort_floor"]["p50_ms"]
+            r["ours_planner_1iter_lean_over_pytorch_mppi_p50"] = (
+                rows["ours_planner_1iter_lean"]["p50_ms"] / theirs["p50_ms"] if theirs else None)
         ratios["by_samples"][n] = r
         met[n] = None if theirs is None else all(r[f"ours_planner_1iter_over_pytorch_mppi_{p}"] <= TARGET_RATIO
                                                  for p in ("p50", "p99"))

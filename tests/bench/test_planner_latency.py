@@ -40,10 +40,12 @@ def test_planner_latency_runs_the_peer_at_every_sample_count():
     assert parity["next_obs_logvar_max_abs_diff"] <= 1e-5
     rows = [*doc["results"].values()]
     for n, by_n in doc["by_samples"].items():
-        assert set(by_n) == {"ours_planner_1iter", "pytorch_mppi", "ort_floor"}
+        assert set(by_n) == {"ours_planner_1iter", "pytorch_mppi", "ort_floor", "ours_planner_1iter_lean",
+                             "ort_floor_lean"}
         rows += by_n.values()
         ratios = doc["ratios"]["by_samples"][n]
         assert all(math.isfinite(ratios[f"ours_planner_1iter_over_pytorch_mppi_{p}"]) for p in ("p50", "p99"))
+        assert math.isfinite(ratios["lean_over_bundle_rollout_p50"])
         assert isinstance(doc["target"]["met"][n], bool)
     for row in rows:  # 12 calls, 10 of warm-up
         assert row["n"] == 2 and all(math.isfinite(row[k]) and row[k] > 0 for k in ("p50_ms", "p99_ms"))
