@@ -191,10 +191,15 @@ class MetaMujocoEnv(gym.Env):
         # MuJoCo resets the state by itself on a bad position, velocity or acceleration; count those
         # warnings so such a teleport ends the episode instead of passing as physics.
         # (Summed as Python ints: the list of counts is cheaper than numpy's fancy index and reduction.)
+        # The count alone misses a second reset in one episode (mj_resetData zeroes the counters before counting the
+        # new warning, so 1 stays 1): a reset also sends the clock back, where a step advances it by substeps
+        # whole timesteps.
         resets_before = sum(_reset_warning_counts(self._warnings.number.tolist()))
+        time_before = self.data.time
         self._physics_step()
         obs, privileged = self._obs_map.gather(self.data)
         diverged = (sum(_reset_warning_counts(self._warnings.number.tolist())) > resets_before
+                    or self.data.time < time_before + (self._substeps - 0.5) * self.model.opt.timestep
                     or bool(np.count_nonzero(np.isfinite(obs)) != obs.size))
         reward, components = self.reward_fn(self.robot, self._last_obs, sent, obs, self._reward_params)
         self._last_obs = obs

@@ -176,6 +176,9 @@ def test_diverged_physics_terminates_instead_of_teleporting(blowup):
     assert terminated and info["physics_diverged"]
     _, _, terminated, _, info = env.step(env.robot.safe_action)
     assert not info["physics_diverged"]  # counted once, not for every later step
+    env.data.qvel[:] = 1e11  # a second blow-up in the same episode (MuJoCo's counter stays at 1)
+    _, _, terminated, _, info = env.step(env.robot.safe_action)
+    assert terminated and info["physics_diverged"]
 
 
 def test_registration_skips_a_broken_family_with_a_warning_and_refuses_duplicate_ids(sim_copy):
