@@ -58,7 +58,7 @@ from metarl_robot.logs.format import (
     concatenated_definition,
 )
 from metarl_robot.provenance import git_commit, software_version
-from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.spec.robot import ObsField, RobotSpec
 
 DEFAULT_CHUNK_SIZE = 32 * 1024
 """Bytes of uncompressed messages per chunk (~28 cart-pole steps, ~1.1 s at 25 Hz): bounds what a crash loses."""
@@ -483,21 +483,31 @@ class EpisodeLogWriter:
             raise EpisodeLogError(str(self.path), "", "the log is closed")
 
 
-def joint_state_map(robot: RobotSpec) -> tuple[list[str], list[int], list[int]]:
-    """Joints whose position or velocity is an observation component: names, and obs indices (-1: not observed).
+def joint_state_kind(field: ObsField) -> str | None:
+    """``"position"`` or ``"velocity"`` when a ``sensor_msgs/JointState`` carries the observation ``field``: one value
+    per joint it names, in its order; else None.
 
     Only single-value joints (hinge, slide) named whole by a field map; free/ball joints and indexed
     sources do not (their components are not one value per joint).
     """
+    src = field.source
+    if src.kind not in ("joint_pos", "joint_vel") or src.index is not None or field.size != len(src.names):
+        return None
+    return "position" if src.kind == "joint_pos" else "velocity"
+
+
+def joint_state_map(robot: RobotSpec) -> tuple[list[str], list[int], list[int]]:
+    """Joints whose position or velocity is an observation component: names, and obs indices (-1: not observed).
+    Fields :func:`joint_state_kind` refuses are left out."""
     pos: dict[str, int] = {}
     vel: dict[str, int] = {}
     for f in robot.measured_fields:
-        src = f.source
-        if src.kind not in ("joint_pos", "joint_vel") or src.index is not None or f.size != len(src.names):
+        kind = joint_state_kind(f)
+        if kind is None:
             continue
         start = robot.obs_slices[f.name].start
-        target = pos if src.kind == "joint_pos" else vel
-        for i, joint in enumerate(src.names):
+        target = pos if kind == "position" else vel
+        for i, joint in enumerate(f.source.names):
             target.setdefault(joint, start + i)
     names = [j for j in robot.joints if j in pos or j in vel]
     pos_index = [pos.get(j, -1) for j in names] if pos else []
@@ -586,4 +596,5 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_AGE_S", "EpisodeLogWriter", "joint_state_map"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_AGE_S", "EpisodeLogWriter", "joint_state_kind",
+           "joint_state_map"]

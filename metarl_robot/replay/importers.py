@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from metarl_robot.logs.format import Episode, EpisodeLogError
-from metarl_robot.logs.writer import EpisodeLogWriter
+from metarl_robot.logs.writer import EpisodeLogWriter, joint_state_kind
 from metarl_robot.spec.robot import RobotSpec, load_robot
 from metarl_robot.spec.schema import SpecError, parse_yaml
 
@@ -450,14 +450,13 @@ def _obs_from_joints(robot: RobotSpec, where: str) -> list[tuple[str, str, int]]
     """Per observation value: (``position``|``velocity``, robot joint, obs index); errors for other sources."""
     out = []
     for f in robot.measured_fields:
-        src = f.source
-        if src.kind not in ("joint_pos", "joint_vel") or src.index is not None or f.size != len(src.names):
-            raise LogImportError(where, f"observation.{f.name}", f"source {src.kind} {src.names} is not one value "
-                                 "per hinge/slide joint, so sensor_msgs/JointState cannot give it; import this robot "
-                                 "from CSV/NPZ instead")
+        kind = joint_state_kind(f)
+        if kind is None:
+            raise LogImportError(where, f"observation.{f.name}", f"source {f.source.kind} {f.source.names} is not one "
+                                 "value per hinge/slide joint, so sensor_msgs/JointState cannot give it; import this "
+                                 "robot from CSV/NPZ instead")
         start = robot.obs_slices[f.name].start
-        kind = "position" if src.kind == "joint_pos" else "velocity"
-        out.extend((kind, joint, start + i) for i, joint in enumerate(src.names))
+        out.extend((kind, joint, start + i) for i, joint in enumerate(f.source.names))
     return out
 
 

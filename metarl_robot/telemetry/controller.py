@@ -230,21 +230,11 @@ class ControllerLink:
         action of the wrong size, non-finite or outside robot.yaml's limits (the robot would reject it).
         """
         self._require_connected()
-        if not self.armed:
-            raise HandshakeError("not armed: no command may be sent before a successful handshake"
-                                 + (" (the robot's session changed: handshake again)" if self.session_lost else ""))
-        robot = self.robot
-        if answers.session != self.session:
-            raise ValueError(f"the state answered (seq {answers.seq}) is from session {answers.session}, not this "
-                             f"link's {self.session}: answer only states received after the handshake")
-        act = check_action(robot, action)
-        if valid_for_s is None:
-            valid_for_s = self.command_validity_s or DEFAULT_VALIDITY_PERIODS * self.welcome.ctrl_dt
-        if not (np.isfinite(valid_for_s) and valid_for_s > 0):
-            raise ValueError(f"valid_for_s must be > 0 seconds, got {valid_for_s}")
-        self._command_seq += 1
-        frame = CommandFrame(seq=self._command_seq, answers_seq=answers.seq,
-                             expires_ns=answers.stamp_ns + int(valid_for_s * 1e9), session=self.session, action=act)
+        frame = build_command(self.robot, action, answers, armed=self.armed, session=self.session,
+                              seq=self._command_seq + 1,
+                              valid_for_s=self.command_validity_s if valid_for_s is None else valid_for_s,
+                              session_ended="the robot's session changed" if self.session_lost else "")
+        self._command_seq = frame.seq
         self._command_sock.send(encode_command(frame), zmq.NOBLOCK)
         self.commands_sent += 1
         return frame
@@ -274,6 +264,33 @@ class ControllerLink:
         if self._seen_own_session or frame.stamp_ns > welcome.robot_stamp_ns:
             self.session_lost = True
         return FrameError("foreign_session", f"STATE session {frame.session}, this link's is {welcome.session}")
+
+
+def build_command(robot: RobotSpec | None, action: Any, answers: StateFrame, *, armed: bool, session: int, seq: int,
+                  valid_for_s: float | None = None, session_ended: str = "") -> CommandFrame:
+    """COMMAND number ``seq`` of a link armed for ``robot`` in ``session``: ``action`` answering the state ``answers``,
+    expiring on the robot's clock at ``answers.stamp_ns + valid_for_s`` (default 3 control periods). Every link builds
+    its commands here, so that what may be sent is decided in one place, whatever carries it (``robot`` may be None
+    only while not armed).
+
+    Raises HandshakeError when not ``armed`` (``session_ended`` says why the session ended, when it did), ValueError
+    for a state of another session (from before the handshake), an action :func:`check_action` refuses or a
+    validity that is not > 0 seconds.
+    """
+    if not armed:
+        raise HandshakeError("not armed: no command may be sent before a successful handshake"
+                             + (f" ({session_ended}: handshake again)" if session_ended else ""))
+    if answers.session != session:
+        raise ValueError(f"the state answered (seq {answers.seq}) is from session {answers.session}, not this "
+                         f"link's {session}: answer only states received after the handshake")
+    act = check_action(robot, action)
+    if valid_for_s is None:
+        # The handshake matched interface hashes, which cover the control period: the robot's period is this one.
+        valid_for_s = DEFAULT_VALIDITY_PERIODS * robot.ctrl_dt
+    if not (np.isfinite(valid_for_s) and valid_for_s > 0):
+        raise ValueError(f"valid_for_s must be > 0 seconds, got {valid_for_s}")
+    return CommandFrame(seq=seq, answers_seq=answers.seq, expires_ns=answers.stamp_ns + int(valid_for_s * 1e9),
+                        session=session, action=act)
 
 
 def check_action(robot: RobotSpec, action: Any) -> np.ndarray:

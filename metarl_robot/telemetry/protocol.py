@@ -238,10 +238,16 @@ def _check_vector(name: str, values, *, finite: bool = True) -> np.ndarray:
     return vec
 
 
+def _first_non_text(text: str | bytes) -> int | None:
+    """Index of the first character (or byte) of ``text`` outside :data:`TEXT_BYTES`, or None when there is none."""
+    lo, hi = TEXT_BYTES
+    codes = text if isinstance(text, bytes) else map(ord, text)
+    return next((i for i, code in enumerate(codes) if not lo <= code <= hi), None)
+
+
 def is_protocol_text(text: str) -> bool:
     """True when ``text`` may be sent as a robot name or message: printable ASCII only (:data:`TEXT_BYTES`)."""
-    # For ASCII, str.isprintable() is exactly 0x20..0x7E (it refuses the C0 controls and DEL).
-    return text.isascii() and text.isprintable()
+    return _first_non_text(text) is None
 
 
 def printable_ascii(text: str) -> str:
@@ -493,9 +499,9 @@ def _decode_command(payload: bytes, action_dim: int | None) -> CommandFrame:
 
 
 def _text(raw: bytes, what: str) -> str:
-    lo, hi = TEXT_BYTES
-    bad = next((i for i, b in enumerate(raw) if not lo <= b <= hi), None)
+    bad = _first_non_text(raw)
     if bad is not None:
+        lo, hi = TEXT_BYTES
         raise FrameError("text", f"{what} has byte {raw[bad]:#04x} at offset {bad}; names and messages are printable "
                          f"ASCII ({lo:#04x}..{hi:#04x})")
     return raw.decode("ascii")

@@ -402,6 +402,7 @@ class AdaptNode(LifecycleNode):
             commands_sent = self.link.commands_sent
             session = self.link.session
             link_values = self.link.diagnostic_values()
+            security_warnings = self.link.security_warnings()
             faults = list(self.safety.active_faults)
         outcome = self._last_outcome
         running = self.loop is not None and self.loop.running
@@ -431,9 +432,8 @@ class AdaptNode(LifecycleNode):
             tel_level, tel_message = 2, f"{', '.join(link_faults)}: last frame {loop['last_frame_age_s']:.3f} s ago"
         elif new_bad > 0:
             tel_level, tel_message = 1, f"{new_bad} bad frame(s) rejected since the last report"
-        elif link_values.get("unprotected_endpoints"):  # the operator allowed it (insecure); say so every report
-            tel_level, tel_message = 1, (f"plain link off this machine (insecure: true, no CURVE): "
-                                         f"{link_values['unprotected_endpoints']}")
+        elif security_warnings:  # the operator allowed it (insecure); say so every report
+            tel_level, tel_message = 1, "; ".join(security_warnings)
         else:
             tel_level, tel_message = 0, f"ok, last frame {loop['last_frame_age_s'] * 1e3:.1f} ms ago"
         tel_values = {"link": cfg.link, "frames_accepted": str(link_stats["accepted"]), "frames_rejected": str(bad),

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from metarl_robot.logs.writer import joint_state_kind
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.telemetry.controller import ControllerLink
@@ -95,6 +96,10 @@ class NodeLink(RobotLink, Protocol):
     def session_summary(self) -> str:
         """One line on the session just armed, for the node's log."""
 
+    def security_warnings(self) -> list[str]:
+        """What the operator allowed that weakens the link's security, one line each (empty: nothing); the
+        diagnostics warn about it in every report."""
+
 
 class ZmqLink(ControllerLink):
     """The telemetry protocol over ZeroMQ (docs/telemetry.md), with what the node reports about it."""
@@ -115,6 +120,11 @@ class ZmqLink(ControllerLink):
         w = self.welcome
         return f"robot {w.robot_name!r}, session {w.session}, robot watchdog {w.watchdog_ms} ms"
 
+    def security_warnings(self) -> list[str]:
+        if not self.unprotected_endpoints:
+            return []
+        return [f"plain link off this machine (insecure: true, no CURVE): {','.join(self.unprotected_endpoints)}"]
+
 
 # ---- the ros2_control link's pure parts ----------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -134,18 +144,18 @@ class JointStateReader:
         sources: list[tuple[str, str]] = []
         for f in robot.measured_fields:
             src = f.source
-            where = f"robot {robot.name!r}'s observation field {f.name!r}"
-            # Named as a parameter error: the robot is fine, the link chosen for it is not.
-            if src.kind not in ("joint_pos", "joint_vel"):
-                raise SpecError("parameters", "link", f"ros2_control cannot carry {where}: it reads MJCF "
-                                f"{src.kind} {src.names}, and a sensor_msgs/JointState holds only joint positions, "
-                                "velocities and efforts; use link: zmq for this robot")
-            if src.index is not None or f.size != len(src.names):
+            kind = joint_state_kind(f)
+            if kind is None:
+                where = f"robot {robot.name!r}'s observation field {f.name!r}"
+                # Named as a parameter error: the robot is fine, the link chosen for it is not.
+                if src.kind == "sensor":
+                    raise SpecError("parameters", "link", f"ros2_control cannot carry {where}: it reads MJCF "
+                                    f"{src.kind} {src.names}, and a sensor_msgs/JointState holds only joint positions, "
+                                    "velocities and efforts; use link: zmq for this robot")
                 raise SpecError("parameters", "link", f"ros2_control cannot carry {where}: it reads components "
                                 f"{src.index} of joint(s) {src.names} ({f.size} values), and a sensor_msgs/JointState "
                                 "holds one position and one velocity per joint (hinge and slide joints only); use "
                                 "link: zmq for this robot")
-            kind = "position" if src.kind == "joint_pos" else "velocity"
             sources.extend((kind, joint) for joint in src.names)
         joints = tuple(dict.fromkeys(joint for _, joint in sources))
         return cls(joints=joints, sources=tuple(sources))

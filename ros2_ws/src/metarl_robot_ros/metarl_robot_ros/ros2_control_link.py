@@ -36,7 +36,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
 from metarl_robot.spec.robot import RobotSpec
-from metarl_robot.telemetry.controller import DEFAULT_VALIDITY_PERIODS, HandshakeError, check_action
+from metarl_robot.telemetry.controller import HandshakeError, build_command
 from metarl_robot.telemetry.protocol import CommandFrame, DecodeStats, StateFrame
 from metarl_robot_ros.robot_link import (
     LINK_ROS2_CONTROL,
@@ -143,6 +143,9 @@ class Ros2ControlLink:
                 f"({self._pub.get_subscription_count()} subscriber(s)); the controller holds the last command "
                 "(no robot-side watchdog)")
 
+    def security_warnings(self) -> list[str]:
+        return []  # its topics have no security setting of their own to warn about
+
     # ---- the link ---------------------------------------------------------------------------------------------
     def _on_joint_state(self, msg: JointState) -> None:
         """Executor thread: keep only the newest message (latest-state semantics, as the ZeroMQ link's)."""
@@ -237,20 +240,13 @@ class Ros2ControlLink:
     def send_command(self, action: Any, answers: StateFrame, *, valid_for_s: float | None = None) -> CommandFrame:
         """Publish ``action`` (robot.yaml order and units) answering ``answers``. The returned frame's expiry is what
         the ZeroMQ link would have given (for the episode log); a forward_command_controller does not enforce it."""
-        if not self.armed:
-            raise HandshakeError("not armed: no command may be sent before a successful handshake"
-                                 + (" (the publisher restarted: handshake again)" if self.session_lost else ""))
-        if answers.session != self._session:
-            raise ValueError(f"the state answered (seq {answers.seq}) is from session {answers.session}, not this "
-                             f"link's {self._session}")
-        act = check_action(self.robot, action)
-        if valid_for_s is None:
-            valid_for_s = DEFAULT_VALIDITY_PERIODS * self.robot.ctrl_dt
-        self._publish(act)
-        self._command_seq += 1
+        frame = build_command(self.robot, action, answers, armed=self.armed, session=self._session,
+                              seq=self._command_seq + 1, valid_for_s=valid_for_s,
+                              session_ended="the publisher restarted" if self.session_lost else "")
+        self._publish(frame.action)
+        self._command_seq = frame.seq
         self.commands_sent += 1
-        return CommandFrame(seq=self._command_seq, answers_seq=answers.seq,
-                            expires_ns=answers.stamp_ns + int(valid_for_s * 1e9), session=self._session, action=act)
+        return frame
 
     def _publish(self, action: np.ndarray) -> None:
         if self._pub is not None:
