@@ -128,7 +128,9 @@ def test_the_reported_uncertainty_holds_the_truth_on_a_noisy_log(tmp_path):
     (docs/identify.md, "Calibration": the 95 % intervals held 122 of 128 true values over 32 noisy logs, and
     this log is one where friction lies 2.7 standard errors off). 3 standard errors (99.7 % each) fails a
     calibrated estimate on ~1 % of logs. Ignoring the correlation inside a segment (the independent-residual
-    standard errors alone) fails the same criterion on this very log: the test tells them apart."""
+    standard errors alone) understates every standard error here by 30-50 %; over many logs that is what makes
+    independent intervals miss (docs/identify.md, "Calibration"). Which single log shows it depends on the
+    trajectory the planner drove, so the test checks the size of the correction, not a miss on this log."""
     path = record(tmp_path / "noisy.mcap", TRUE_TASK, steps=150, obs_noise=SENSOR_NOISE)
     res = identify(path, FAMILY, NOISY_BUDGET, noise_std=SENSOR_NOISE)
     assert res.noise_std == pytest.approx(SENSOR_NOISE, rel=0.6)  # the logged noise plus its spread over a segment
@@ -151,17 +153,22 @@ def test_the_reported_uncertainty_holds_the_truth_on_a_noisy_log(tmp_path):
         assert p.std_error >= p.std_error_independent > 0
         z_reported[name], z_independent[name] = z(p, p.std_error), z(p, p.std_error_independent)
     assert max(z_reported.values()) <= 3.0, f"{z_reported}\n{res.summary()}"
-    assert max(z_independent.values()) > 3.0, z_independent  # optimistic: the segments' correlation matters
+    ratios = {name: next(q for q in res.params if q.name == name).std_error / next(
+        q for q in res.params if q.name == name).std_error_independent for name in TOLERANCE}
+    assert min(ratios.values()) > 1.3, (ratios, z_independent)  # the segments' correlation matters, everywhere
 
 
 def test_physics_outside_the_family_is_not_explained_and_gets_no_interval(tmp_path):
     # Hinge damping no family parameter models, under the same sensor noise: the best task of the family leaves a
-    # misfit the noise cannot account for, in the pole's angular velocity, which the damping acts on.
+    # misfit the noise cannot account for, largest in the pole's angular velocity, which the damping acts on (the
+    # angle it integrates into may be flagged too, depending on the trajectory).
     damping = OutOfFamily.parse(["damping=hinge:0.02"])
     path = record(tmp_path / "damped.mcap", TRUE_TASK, steps=150, obs_noise=SENSOR_NOISE, effects=damping)
     res = identify(path, FAMILY, NOISY_BUDGET, noise_std=SENSOR_NOISE)
     assert res.fit.verdict == "not explained" and res.fit.p_value < 1e-6, res.fit.line()
-    assert res.fit.misfit_fields == ["pole_angvel"] and res.fit.field_ratio["pole_angvel"] > 3.0
+    assert "pole_angvel" in res.fit.misfit_fields and set(res.fit.misfit_fields) <= {"pole_angle", "pole_angvel"}
+    assert max(res.fit.field_ratio, key=res.fit.field_ratio.get) == "pole_angvel"
+    assert res.fit.field_ratio["pole_angvel"] > 3.0
     for p in res.params:  # never an interval from a fit that failed
         assert not p.identified and p.interval is None and p.std_error is None
     assert "NOT EXPLAINED" in res.summary() and "no intervals" in res.summary()
