@@ -397,13 +397,18 @@ def test_a_corrupt_chunk_is_an_error_naming_its_offset(recorded: Recorded, tmp_p
         read_episode(bad)
 
 
-def test_unknown_layout_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "future.mcap"
-    monkeypatch.setattr(log_writer, "EPISODE_LOG_SCHEMA_VERSION", 99)  # the writer writes it
+def one_step_log_labelled(path: Path, version: int, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A one-step log whose metadata says layout ``version`` (its steps are this writer's)."""
+    monkeypatch.setattr(log_writer, "EPISODE_LOG_SCHEMA_VERSION", version)  # the writer writes it
     with EpisodeLogWriter(path, load_robot("cartpole")) as log:
         log.write_step(obs=np.zeros(4), state_seq=0, robot_stamp_ns=0, receive_time_ns=0, command=[0.0],
                        command_seq=0)
     monkeypatch.undo()
+    return path
+
+
+def test_unknown_layout_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = one_step_log_labelled(tmp_path / "future.mcap", 99, monkeypatch)
     with pytest.raises(EpisodeLogError, match=r"schema_version: is '99'; this reader reads versions 1, 2 \(written"):
         read_episode(path)
 
@@ -440,12 +445,7 @@ def test_a_version_1_log_still_reads_with_its_compute_times_not_timed() -> None:
 
 def test_each_version_is_read_with_its_own_step_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file that says version 1 but holds version-2 steps (or the reverse) is refused, not misread."""
-    path = tmp_path / "mislabelled.mcap"
-    monkeypatch.setattr(log_writer, "EPISODE_LOG_SCHEMA_VERSION", 1)
-    with EpisodeLogWriter(path, load_robot("cartpole")) as log:
-        log.write_step(obs=np.zeros(4), state_seq=0, robot_stamp_ns=0, receive_time_ns=0, command=[0.0],
-                       command_seq=0)
-    monkeypatch.undo()
+    path = one_step_log_labelled(tmp_path / "mislabelled.mcap", 1, monkeypatch)
     with pytest.raises(EpisodeLogError, match=r"/metarl/step: step 0: fields .*'node_compute_ns'.* differ"):
         read_episode(path)
     data = V1_LOG.read_bytes()
