@@ -213,9 +213,11 @@ class Planner:
                                    reward_params)
             finite = np.isfinite(returns)
             best_return = np.maximum(best_return, returns.max(axis=1))
-            spread = np.array([r[f].std() if f.any() else 0.0 for r, f in zip(returns, finite, strict=True)])
+            # Mean and spread of each env's finite returns (0 where none is), for all envs at once.
+            count = np.maximum(finite.sum(axis=1), 1)
+            mu = np.where(finite, returns, 0.0).sum(axis=1) / count
+            spread = np.sqrt(np.square(np.where(finite, returns - mu[:, None], 0.0)).sum(axis=1) / count)
             if cfg.method == "mppi":
-                mu = np.array([r[f].mean() if f.any() else 0.0 for r, f in zip(returns, finite, strict=True)])
                 scaled = (returns - mu[:, None]) / (spread[:, None] + 1e-8) / cfg.temperature
                 scaled = np.where(finite, scaled, -np.inf)
                 weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
