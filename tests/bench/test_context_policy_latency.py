@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "context_policy_latency.py"
-SIDES = {"onnx", "torch", "ort_floor"}
+SIDES = {"onnx", "torch", "ort_floor", "ort_floor_bound"}
 PARTS = {"step", "observe", "act"}
 
 
@@ -45,6 +45,7 @@ def test_smoke_run_prints_every_field_with_finite_figures(tmp_path):
     # equal work: the robot-side graphs and the torch controller chose the same actions from the same beliefs
     assert doc["agreement"]["max_abs_action_diff_onnx_torch"] <= 1e-5
     assert doc["agreement"]["max_abs_belief_mean_diff_onnx_torch"] <= 1e-5
+    assert doc["agreement"]["max_abs_action_diff_bound_floor_onnx"] == 0.0  # the floors run the adapter's inputs
     machine = doc["machine"]
     assert machine["cpu_model"] and machine["python"] and machine["torch"] and machine["onnxruntime"]
     assert any("does not depend on the weight values" in note for note in doc["notes"])
@@ -53,7 +54,7 @@ def test_smoke_run_prints_every_field_with_finite_figures(tmp_path):
     saved.write_text(proc.stdout)
     table = run_bench("--table", str(saved))
     assert table.returncode == 0, table.stderr[-2000:]
-    assert table.stdout.count("\n| ") == 9  # a row per side (3) and part (3) under the header
+    assert table.stdout.count("\n| ") == 12  # a row per side (4) and part (3) under the header
 
 
 @pytest.mark.integration
