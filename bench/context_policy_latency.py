@@ -319,18 +319,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bound_call(session, inputs: dict[str, np.ndarray], output_shapes: dict[str, tuple[int, ...]]):
-    """A call of ``session`` through IOBinding: ``inputs`` (float32 buffers, refilled by the caller) bound once,
-    outputs written into buffers allocated here and returned by the call."""
-    binding = session.io_binding()
-    for name, x in inputs.items():
-        binding.bind_cpu_input(name, x)
-    outputs = [np.zeros(shape, np.float32) for shape in output_shapes.values()]
-    for name, y in zip(output_shapes, outputs, strict=True):
-        binding.bind_output(name, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+    """The adapter's way of calling a graph (:func:`~metarl_robot.runtime.onnx_graph.bound_run`): ``inputs``
+    (float32 buffers, refilled by the caller) bound once, outputs written into buffers allocated here and returned
+    by the call."""
+    from metarl_robot.runtime.onnx_graph import bound_run
+
+    outputs = {name: np.zeros(shape, np.float32) for name, shape in output_shapes.items()}
+    run = bound_run(session, inputs, outputs)
+    if run is None:
+        raise RuntimeError("this onnxruntime copies bound inputs: the IOBinding floor cannot be timed")
 
     def call() -> list[np.ndarray]:
-        session.run_with_iobinding(binding)
-        return outputs
+        run()
+        return list(outputs.values())
     return call
 
 

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from metarl_robot.runtime.adapter import CarriesNothing
-from metarl_robot.runtime.onnx_graph import BATCH_AXIS, OnnxGraph, make_session, session_interface_mismatch
+from metarl_robot.runtime.onnx_graph import (
+    BATCH_AXIS,
+    OnnxGraph,
+    bound_run,
+    make_session,
+    session_interface_mismatch,
+)
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
 
@@ -135,7 +139,6 @@ class ContextPolicyAdapter(CarriesNothing):
         self._sums = np.zeros((2, batch, d))
         self.steps_observed = np.zeros(batch, dtype=np.int64)
         """Per env: transitions added since its last reset."""
-        self._one = np.ones(batch, dtype=np.int64)
         self._params: dict[str, np.ndarray] | None = None
         # One transition as float32, laid out [obs | action | next_obs | reward], each part contiguous: the factor
         # graph's feed, and the inputs' finiteness is one check over its first three parts.
@@ -254,7 +257,7 @@ class ContextPolicyAdapter(CarriesNothing):
                              "overflows); the belief was left unchanged")
         np.multiply(precision, self._factor_mean, self._factor_weighted)
         self._sums += self._factor_added
-        np.add(self.steps_observed, self._one, self.steps_observed)
+        self.steps_observed += 1
 
     def _refuse_transition(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
         """The first of the transition's arrays with the wrong shape or a NaN/Inf, as ``ValueError``; nothing when
@@ -267,11 +270,10 @@ class ContextPolicyAdapter(CarriesNothing):
         obs = np.asarray(obs, dtype=np.float64)
         if obs.shape != self._obs_shape or not _all_finite(obs):
             obs = self._rows("obs", obs, self.robot.obs_dim)
-        for p in self.reward.params:
-            if p not in task_params:
-                missing = [p for p in self.reward.params if p not in task_params]
-                raise ValueError(f"task_params lacks reward parameter(s) {missing}; the reward needs "
-                                 f"{list(self.reward.params)}, got {sorted(task_params)}")
+        missing = [p for p in self.reward.params if p not in task_params]
+        if missing:
+            raise ValueError(f"task_params lacks reward parameter(s) {missing}; the reward needs "
+                             f"{list(self.reward.params)}, got {sorted(task_params)}")
         self._params = {k: self._batch_param(k, v) for k, v in task_params.items()}
         mean, var = self.posterior()
         if self._run_policy is not None:
@@ -307,29 +309,14 @@ def _all_finite(x: np.ndarray) -> bool:
 def _bound_run(graph: Any, interface: dict[str, dict[str, list]], inputs: dict[str, np.ndarray],
                outputs: dict[str, np.ndarray]) -> Callable[[], None] | None:
     """Where ``graph`` is an :class:`OnnxGraph` (not a subclass) of exactly ``interface`` (names, order, fixed
-    sizes: what its own per-call checks would enforce), a call that runs its session on ``inputs`` and writes
-    ``outputs`` (this adapter's float32 buffers, by name), bound once with onnxruntime's IOBinding: no feed dict, no
-    input checks or copies, no output allocation per call (a graph call costs less than ``session.run`` on the
-    same arrays). None for anything else, which the adapter calls as given.
-
-    The inputs are bound as OrtValues over the buffers' own memory (onnxruntime's documented behaviour on the CPU,
-    and checked here: a build that copied would leave the graph reading stale inputs, so it gets None instead),
-    so what the adapter writes into them before a call is what the graph reads."""
+    sizes: what its own per-call checks would enforce), its session bound to this adapter's float32 buffers
+    (:func:`~metarl_robot.runtime.onnx_graph.bound_run`). None for anything else, which the adapter calls as given."""
     # Exactly an OnnxGraph: a subclass may do more per call than run its session.
     if not (type(graph) is OnnxGraph and graph.inputs == tuple(inputs) and graph.outputs == tuple(outputs)):
         return None
-    session = graph.session
-    if session_interface_mismatch(session, interface["inputs"], interface["outputs"]) is not None:
+    if session_interface_mismatch(graph.session, interface["inputs"], interface["outputs"]) is not None:
         return None
-    binding = session.io_binding()
-    for name, x in inputs.items():
-        value = ort.OrtValue.ortvalue_from_numpy(x)
-        if value.data_ptr() != x.ctypes.data:
-            return None
-        binding.bind_ortvalue_input(name, value)
-    for name, y in outputs.items():
-        binding.bind_output(name, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
-    return partial(session.run_with_iobinding, binding)
+    return bound_run(graph.session, inputs, outputs)
 
 
 __all__ = ["BATCH_AXIS", "FACTORS_FILE", "FACTORS_INPUTS", "FACTORS_OUTPUTS", "POLICY_FILE", "POLICY_INPUTS",

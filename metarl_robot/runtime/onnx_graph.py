@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,25 @@ def session_interface_mismatch(session: ort.InferenceSession, inputs: Mapping[st
     return None
 
 
+def bound_run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+              ) -> Callable[[], None] | None:
+    """A call of ``session`` that reads ``inputs`` and writes ``outputs`` (float32 buffers the caller owns, by name),
+    bound once with onnxruntime's IOBinding: no feed dict, no input checks or copies, no output allocation per call
+    (cheaper than ``session.run`` on the same arrays). The caller fills the input buffers before each call.
+
+    The inputs are bound as OrtValues over the buffers' own memory (onnxruntime's documented behaviour on the CPU,
+    and checked here: a build that copied would leave the graph reading stale inputs, so it gets None instead)."""
+    binding = session.io_binding()
+    for name, x in inputs.items():
+        value = ort.OrtValue.ortvalue_from_numpy(x)
+        if value.data_ptr() != x.ctypes.data:
+            return None
+        binding.bind_ortvalue_input(name, value)
+    for name, y in outputs.items():
+        binding.bind_output(name, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+    return partial(session.run_with_iobinding, binding)
+
+
 def weights_problem(file: Path) -> str | None:
     """Why a graph file's weights cannot be trusted (not a valid ONNX model; a NaN or infinite value in an
     initializer or Constant node, subgraphs included), or ``None`` when they are all finite."""
@@ -152,5 +172,5 @@ def weights_problem(file: Path) -> str | None:
     return None
 
 
-__all__ = ["BATCH_AXIS", "ONNX_FLOAT", "Dim", "ExternalDataError", "Interface", "OnnxGraph", "fmt_shape",
+__all__ = ["BATCH_AXIS", "ONNX_FLOAT", "Dim", "ExternalDataError", "Interface", "OnnxGraph", "bound_run", "fmt_shape",
            "make_session", "session_interface_mismatch", "session_options", "shape_matches", "weights_problem"]
