@@ -298,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from metarl_robot.runtime.bundle import load_bundle
     from metarl_robot.runtime.ensemble_rollout import EnsembleRollout
+    from metarl_robot.runtime.kinds.model_based import EncodedContext, EnsembleGraphs
     from metarl_robot.runtime.planner import Planner
     from metarl_robot.spec.rewards import get_reward
 
     bundle = load_bundle(args.bundle, threads=1)
-    if bundle.kind != "model_based":  # the rows below use its context encoder and its fused rollout graph
-        parser.error(f"{args.bundle} is a {bundle.kind} bundle: this benchmark times model_based bundles")
+    # The rows below use a context encoder and the (obs, actions, context) rollout graph: a capability, not a name.
+    if not (isinstance(bundle, EnsembleGraphs) and isinstance(bundle, EncodedContext)):
+        parser.error(f"{args.bundle} is a {bundle.kind} bundle: this benchmark times bundles with a context encoder "
+                     "and the model_based ensemble graphs (dynamics, rollout)")
     cfg = bundle.planner
     e, window = bundle.ensemble_size, bundle.context_window
     reward_name = bundle.family.spec.reward
