@@ -25,6 +25,10 @@ And at each sample count of ``--samples`` (``by_samples`` in the JSON; default 1
 - ``ort_floor_lean`` and ``ours_planner_1iter_lean``: the same two rows through the rollout graph that
   ``metarl export`` builds today (``metarl_robot/export/lean_rollout.py``) from the same weights, for
   bundles exported with the traced graph before it (the shipped ones).
+- ``torch_rollout_fused``: the lean graph's arithmetic written by hand in torch (normalisers folded, the
+  first layer's context and action shares once per call, one ``baddbmm`` per layer over all members, SiLU
+  in place), the same weights, checked against the lean graph before timing: the reference the issue's
+  "rollout graph <= 1.3x a hand-fused torch reference" target compares with.
 
 The peer's torch model is rebuilt from the bundle itself: the weights of ``dynamics.onnx`` loaded into a
 :class:`~metarl_robot.models.context_dynamics.ContextDynamics` without its encoder (the peer plans with
@@ -68,6 +72,10 @@ log-variance in its own. Both are float32 evaluations of one model (differences 
 weight is orders of magnitude larger."""
 PARITY_ROWS = 97
 """Rows per member of the parity check's random inputs (odd, so nothing lines up with a kernel's blocking)."""
+
+
+TORCH_REFERENCE_TARGET = 1.3
+"""Issue 18: our rollout graph's time <= 1.3x a hand-fused torch reference of the same arithmetic."""
 
 
 class PeerWeightsError(RuntimeError):
@@ -273,6 +281,66 @@ def peer_dynamics(model, e: int, z: np.ndarray):
     return dynamics
 
 
+ROLLOUT_PARITY_TOLERANCE = 1e-3
+"""Largest |torch reference - lean graph| over the horizon, in observation-scale units: two float32 orders of the
+same arithmetic drift apart over 40 steps of a chaotic system (~1e-5 in practice); other weights are ~1 off."""
+
+
+def rollout_parity(reference, lean, bundle, z: np.ndarray, seed: int = 0, rows: int = 33) -> dict[str, float]:
+    """Largest difference between two rollout functions over every step, on random states at the robot's scale,
+    actions in the box and the fixed context ``z``; raises :class:`PeerWeightsError` beyond
+    :data:`ROLLOUT_PARITY_TOLERANCE` (the same arithmetic or no comparison)."""
+    robot, e, h = bundle.robot, bundle.ensemble_size, bundle.rollout_horizon
+    rng = np.random.default_rng(seed)
+    obs = (rng.standard_normal((e, rows, robot.obs_dim)) * robot.obs_scale).astype(np.float32)
+    actions = rng.uniform(robot.action_low, robot.action_high, (e, rows, h, robot.action_dim)).astype(np.float32)
+    context = np.broadcast_to(np.asarray(z, np.float32).reshape(-1), (e, rows, np.size(z))).copy()
+    worst = float(np.max(np.abs(reference(obs, actions, context) - lean(obs, actions, context)) / robot.obs_scale))
+    if not worst <= ROLLOUT_PARITY_TOLERANCE:  # `not <=`: a NaN fails too
+        raise PeerWeightsError(f"the hand-fused torch rollout and the lean graph differ by {worst:.3g} over {h} steps "
+                               f"(allowed {ROLLOUT_PARITY_TOLERANCE:g}): not the same arithmetic")
+    return {"max_abs_diff_over_obs_scale": worst, "tolerance": ROLLOUT_PARITY_TOLERANCE, "steps": h,
+            "rows": e * rows}
+
+
+def torch_fused_rollout(weights, horizon: int):
+    """The lean rollout's arithmetic by hand in torch (float32, no autograd): ``(obs (E, M, o), actions (E, M, H,
+    a), context (E, M, d)) -> next_obs (E, M, H, o)`` like the graph, from :func:`fold_weights` of the same
+    weights."""
+    import torch
+
+    from metarl_robot.export.lean_rollout import fold_weights
+
+    fold = fold_weights(weights)
+    angles = len(weights.angle_idx) > 0
+
+    def f32(x: np.ndarray):
+        return torch.as_tensor(np.ascontiguousarray(x, np.float32))
+
+    w_state, w_action, w_context, bias = f32(fold.state), f32(fold.action), f32(fold.context), f32(fold.bias)
+    hidden = [(f32(w), f32(b)[:, None]) for w, b in fold.hidden]
+    head_w, head_b = f32(fold.head[0]), f32(fold.head[1])[:, None]
+    silu = torch.nn.functional.silu
+
+    @torch.inference_mode()
+    def rollout(obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
+        s, a = torch.from_numpy(obs), torch.from_numpy(actions)
+        e, m = s.shape[:2]
+        # Once per call: the first layer's share of the context (with its bias) and of every action.
+        first = (torch.baddbmm(bias[:, None], torch.from_numpy(context), w_context)[:, :, None]
+                 + torch.bmm(a.reshape(e, m * horizon, -1), w_action).reshape(e, m, horizon, -1))
+        out = torch.empty(e, m, horizon, s.shape[-1])
+        for t in range(horizon):
+            u = torch.cat([s, torch.sin(s), torch.cos(s)], -1) if angles else s
+            x = silu(torch.baddbmm(first[:, :, t], u, w_state), inplace=True)
+            for w, b in hidden:
+                x = silu(torch.baddbmm(b, x, w), inplace=True)
+            s = torch.baddbmm(head_b, x, head_w).add_(s)
+            out[:, :, t] = s
+        return out.numpy()
+    return rollout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         def lean_rollout(obs: np.ndarray, actions: np.ndarray, context: np.ndarray) -> np.ndarray:
             return lean.run(None, {"obs": obs, "actions": actions, "context": context})[0]
 
+        torch_rollout = torch_fused_rollout(EnsembleWeights.from_model(peer_model), bundle.rollout_horizon)
+        try:
+            peer["torch_reference_parity"] = rollout_parity(torch_rollout, lean_rollout, bundle, z, args.seed)
+        except PeerWeightsError as exc:
+            print(f"planner_latency: refusing to time the torch reference: {exc}", file=sys.stderr)
+            return 1
+
     def planner_row(samples: int, fused: bool, rollout=None) -> dict[str, float]:
         """Our planner, one iteration at ``samples``, on the visited observations with the fixed context."""
         rollout = rollout or bundle.rollout
@@ -415,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             rows["ours_planner_1iter_lean"] = planner_row(n, fused=True, rollout=lean_rollout)
             rows["ort_floor_lean"] = percentiles([timed(lean_rollout, obs_b, acts_b, z_b)[1]
                                                   for _ in range(steps_at(n, cfg.samples, args.steps))])
+            rows["torch_rollout_fused"] = percentiles([timed(torch_rollout, obs_b, acts_b, z_b)[1]
+                                                       for _ in range(steps_at(n, cfg.samples, args.steps))])
         by_samples[str(n)] = rows
 
     ratios: dict[str, Any] = {"by_samples": {}, "fused_over_stepped_planner_p50": (
@@ -428,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         r["ours_planner_1iter_over_ort_floor_p50"] = ours["p50_ms"] / rows["ort_floor"]["p50_ms"]
         if "ort_floor_lean" in rows:
             r["lean_over_bundle_rollout_p50"] = rows["ort_floor_lean"]["p50_ms"] / rows["ort_floor"]["p50_ms"]
+            r["lean_rollout_over_torch_fused_p50"] = (rows["ort_floor_lean"]["p50_ms"]
+                                                      / rows["torch_rollout_fused"]["p50_ms"])
+            r["bundle_rollout_over_torch_fused_p50"] = (rows["ort_floor"]["p50_ms"]
+                                                        / rows["torch_rollout_fused"]["p50_ms"])
             r["ours_planner_1iter_lean_over_pytorch_mppi_p50"] = (
                 rows["ours_planner_1iter_lean"]["p50_ms"] / theirs["p50_ms"] if theirs else None)
         ratios["by_samples"][n] = r
@@ -446,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
            "peer": peer, "results": results, "by_samples": by_samples, "ratios": ratios,
            "target": {"what": f"ours_planner_1iter / pytorch_mppi <= {TARGET_RATIO:g} (p50 and p99) at every N, same "
                               "weights, samples, horizon and iterations", "ratio_max": TARGET_RATIO, "met": met},
+           "target_torch_reference": {
+               "what": f"lean rollout graph / hand-fused torch rollout <= {TORCH_REFERENCE_TARGET:g} (p50) at every N",
+               "ratio_max": TORCH_REFERENCE_TARGET,
+               "met": {n: r["lean_rollout_over_torch_fused_p50"] <= TORCH_REFERENCE_TARGET
+                       for n, r in ratios["by_samples"].items() if "lean_rollout_over_torch_fused_p50" in r} or None},
            "notes": [f"one pinned core, one thread per library; the first {WARMUP} calls of each row dropped as "
                      "warm-up",
                      f"results: rows at the bundle's N = {cfg.samples}; by_samples: the like-for-like rows per N",

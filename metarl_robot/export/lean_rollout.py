@@ -78,7 +78,7 @@ class EnsembleWeights:
 
 
 @dataclass(frozen=True)
-class _Folded:
+class FoldedWeights:
     """The rollout's arithmetic after folding (float64)."""
 
     state: np.ndarray
@@ -95,7 +95,9 @@ class _Folded:
     """``(E, hidden, o), (E, o)``: the head's mean half giving the raw change of the observation."""
 
 
-def _fold(w: EnsembleWeights) -> _Folded:
+def fold_weights(w: EnsembleWeights) -> FoldedWeights:
+    """The normalisers folded into the first layer and the head, the first layer split by what it reads (the
+    arithmetic of the lean rollout, also what ``bench/planner_latency.py``'s hand-fused torch reference runs)."""
     weight, bias = w.layers[0]
     f, a, o = len(w.feat_mean), len(w.act_mean), w.obs_dim
     w_feat = weight[:, :f] / w.feat_std[None, :, None]
@@ -107,7 +109,7 @@ def _fold(w: EnsembleWeights) -> _Folded:
     state[:, o + w.angle_idx] = w_feat[:, keep:keep + angles]
     state[:, 2 * o + w.angle_idx] = w_feat[:, keep + angles:]
     head_w, head_b = w.head
-    return _Folded(state=state, action=w_act, context=weight[:, f + a:], bias=bias, hidden=w.layers[1:],
+    return FoldedWeights(state=state, action=w_act, context=weight[:, f + a:], bias=bias, hidden=w.layers[1:],
                    head=(head_w * w.delta_std, head_b * w.delta_std + w.delta_mean))
 
 
@@ -162,7 +164,7 @@ def rollout_graph(weights: EnsembleWeights, horizon: int, act_dim: int, context_
     normalised mean head with its bias as the last row) that replaces the weights' trained head."""
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    fold = _fold(weights)
+    fold = fold_weights(weights)
     e, o, hidden = weights.ensemble_size, weights.obs_dim, fold.bias.shape[1]
     g = _GraphBuilder()
     heads = (_heads_from_input(g, head_input, weights, opset) if head_input is not None else

@@ -41,12 +41,14 @@ def test_planner_latency_runs_the_peer_at_every_sample_count():
     rows = [*doc["results"].values()]
     for n, by_n in doc["by_samples"].items():
         assert set(by_n) == {"ours_planner_1iter", "pytorch_mppi", "ort_floor", "ours_planner_1iter_lean",
-                             "ort_floor_lean"}
+                             "ort_floor_lean", "torch_rollout_fused"}
         rows += by_n.values()
         ratios = doc["ratios"]["by_samples"][n]
         assert all(math.isfinite(ratios[f"ours_planner_1iter_over_pytorch_mppi_{p}"]) for p in ("p50", "p99"))
         assert math.isfinite(ratios["lean_over_bundle_rollout_p50"])
-        assert isinstance(doc["target"]["met"][n], bool)
+        assert math.isfinite(ratios["lean_rollout_over_torch_fused_p50"])
+        assert isinstance(doc["target"]["met"][n], bool) and isinstance(doc["target_torch_reference"]["met"][n], bool)
+    assert doc["peer"]["torch_reference_parity"]["max_abs_diff_over_obs_scale"] <= 1e-4
     for row in rows:  # 12 calls, 10 of warm-up
         assert row["n"] == 2 and all(math.isfinite(row[k]) and row[k] > 0 for k in ("p50_ms", "p99_ms"))
 
@@ -78,6 +80,35 @@ def test_peer_weights_from_the_bundle_match_onnxruntime_and_wrong_ones_are_refus
         model.hidden_layers[2].bias.copy_(b1)
     with pytest.raises(bench.PeerWeightsError, match="not the same model"):
         bench.peer_parity(model, bundle, z)
+
+
+def test_the_hand_fused_torch_rollout_is_the_lean_graphs_arithmetic_and_other_weights_are_refused():
+    import onnxruntime as ort
+    import torch
+
+    from metarl_robot.export.lean_rollout import EnsembleWeights, rollout_graph
+    from metarl_robot.runtime.bundle import load_bundle
+
+    bench = bench_module()
+    bundle = load_bundle(BUNDLE)
+    z = bundle.make_adapter(batch=1).context()
+    model = bench.bundle_peer_model(bundle)
+    weights = EnsembleWeights.from_model(model)
+    session = ort.InferenceSession(rollout_graph(weights, bundle.rollout_horizon, bundle.robot.action_dim,
+                                                 z.shape[-1], 17).SerializeToString())
+
+    def lean(obs, actions, context):
+        return session.run(None, {"obs": obs, "actions": actions, "context": context})[0]
+
+    reference = bench.torch_fused_rollout(weights, bundle.rollout_horizon)
+    parity = bench.rollout_parity(reference, lean, bundle, z)
+    assert parity["max_abs_diff_over_obs_scale"] <= 1e-4 and parity["steps"] == bundle.rollout_horizon
+    # The same arithmetic with one first-layer weight changed: refused, so the reference cannot time another model.
+    with torch.no_grad():
+        model.hidden_layers[0].weight[1, 2, 3] += 0.5
+    other = bench.torch_fused_rollout(EnsembleWeights.from_model(model), bundle.rollout_horizon)
+    with pytest.raises(bench.PeerWeightsError, match="not the same arithmetic"):
+        bench.rollout_parity(other, lean, bundle, z)
 
 
 def test_a_changed_dynamics_graph_is_refused_before_its_weights_are_read(tmp_path):
