@@ -235,10 +235,13 @@ class ContextPolicyAdapter(CarriesNothing):
             if self._params is None:
                 raise ValueError("observe() needs the task's reward parameters: call act(obs, task_params) first, "
                                  "or pass reward=")
-            reward = self.reward(self.robot, obs, action, next_obs, self._params)[0]
-        reward = np.asarray(reward, dtype=np.float64)
-        if reward.shape != self._batch_shape or not _all_finite(reward):
-            reward = self._rows("reward", np.broadcast_to(reward, self._batch_shape), None)
+            reward = self._computed_reward(obs, action, next_obs)
+        if type(reward) is float and self.batch == 1 and math.isfinite(reward):  # the float path's result
+            reward = np.array((reward,))
+        else:
+            reward = np.asarray(reward, dtype=np.float64)
+            if reward.shape != self._batch_shape or not _all_finite(reward):
+                reward = self._rows("reward", np.broadcast_to(reward, self._batch_shape), None)
         self._reward32[...] = reward
         if self._run_factors is not None:
             self._run_factors()
@@ -258,6 +261,18 @@ class ContextPolicyAdapter(CarriesNothing):
         np.multiply(precision, self._factor_mean, self._factor_weighted)
         self._sums += self._factor_added
         self.steps_observed += 1
+
+    def _computed_reward(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> np.ndarray | float:
+        """The family's reward of the (checked, finite) transition with the last task parameters. A batch of one
+        (the robot) goes through the reward's float path, :meth:`RewardFunction.one`: the same formula at a sixth
+        of numpy's per-call cost; a value that overflows a float there is left to numpy, which refuses it below."""
+        if self.batch == 1:
+            try:
+                return self.reward.one(self.robot, obs[0].tolist(), action[0].tolist(), next_obs[0].tolist(),
+                                       {k: float(self._params[k][0]) for k in self.reward.params})
+            except (OverflowError, ValueError):  # math.exp past float64's range: numpy gives inf, and refusal
+                pass
+        return self.reward(self.robot, obs, action, next_obs, self._params)[0]
 
     def _refuse_transition(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:
         """The first of the transition's arrays with the wrong shape or a NaN/Inf, as ``ValueError``; nothing when

@@ -120,6 +120,15 @@ def test_reward_argument_equals_the_reward_computed_from_task_params(exported):
     np.testing.assert_array_equal(computed.posterior()[0], given.posterior()[0])
     with pytest.raises(ValueError, match="lacks reward parameter"):
         computed.act(obs, {"pole_mass": 0.1})
+    # A batch of one (the robot) computes its reward through the float path: the same belief as numpy's reward.
+    computed, given = _adapter(graphs, 1), _adapter(graphs, 1)
+    one = {n: v[:1] for n, v in params.items()}
+    for _ in range(2):  # the second with a changed task parameter: the float path reads the latest act's values
+        computed.act(obs[:1], one)
+        computed.observe(obs[:1], act[:1], nxt[:1])
+        given.observe(obs[:1], act[:1], nxt[:1], reward=REWARD(ROBOT, obs[:1], act[:1], nxt[:1], one)[0])
+        np.testing.assert_array_equal(computed.posterior()[0], given.posterior()[0])
+        one = {n: v[1:] for n, v in params.items()}
 
 
 def test_reset_restores_the_prior_per_env(exported):

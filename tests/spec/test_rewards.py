@@ -77,3 +77,23 @@ def test_reward_inputs_are_checked_against_robot_and_family():
             check_reward_inputs("uses_contact", load_robot("ant"), [], "f.yaml")
         finally:
             del rewards.REWARDS["uses_contact"]
+
+
+@pytest.mark.parametrize("name", sorted(REWARDS))
+def test_the_float_path_is_the_numpy_reward_of_one_transition(name):
+    # RewardFunction.one runs the same formula on Python floats (the robot-side PEARL step): it must agree with the
+    # numpy reward to float64 rounding, on transitions across the state space (the Ant's band edges included).
+    robot = load_robot({"cartpole_swingup": "cartpole", "half_cheetah_velocity": "half_cheetah"}.get(name, "ant"))
+    reward = REWARDS[name]
+    rng = np.random.default_rng(1)
+    obs, nxt = rng.normal(0, 3, (2, 200, robot.obs_dim))
+    if "torso_height" in robot.obs_slices:
+        nxt[:, robot.obs_slices["torso_height"]] = rng.uniform(0.0, 1.2, (200, 1))
+        nxt[:2, robot.obs_slices["torso_height"]] = [[0.2], [1.0]]  # exactly on the edges: inside
+    act = rng.uniform(robot.action_low, robot.action_high, (200, robot.action_dim))
+    params = {p: rng.normal(size=200) for p in reward.params}
+    total = reward(robot, obs, act, nxt, params)[0]
+    one = [reward.one(robot, obs[i].tolist(), act[i].tolist(), nxt[i].tolist(), {p: float(v[i]) for p, v in
+                                                                                  params.items()}) for i in range(200)]
+    assert all(type(x) is float for x in one)
+    np.testing.assert_allclose(one, total, rtol=1e-14, atol=1e-14)
