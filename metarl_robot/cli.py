@@ -387,12 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "context_mbrl: random data, then iterations of MPC data collection on new tasks and model "
                        "refits (docs/model_based.md). algo online_mbrl: the same loop with a model whose last layer "
                        "is meta-trained to be fitted online, in closed form, to the robot's own transitions "
-                       "(docs/online.md). algo pearl: iterations of exploration rounds on new tasks "
-                       "and SAC updates of a context-conditioned policy (docs/pearl.md). Writes the run folder: "
+                       "(docs/online.md). algo mbmpo: context_mbrl's data and model, and a policy meta-learned in the "
+                       "model's imagination so that one policy-gradient step on an episode adapts it; real data is "
+                       "one episode of it and one after that step, per task (docs/mbmpo.md). algo pearl: iterations "
+                       "of exploration rounds on new tasks and SAC updates of a context-conditioned policy "
+                       "(docs/pearl.md). Writes the run folder: "
                        "resolved config, metrics.csv, tasks.jsonl, TensorBoard events, versioned checkpoints, the "
                        "data (buffer.npz or replay.npz). Resume an interrupted run with --resume <run folder>.")
     p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml, "
-                   "configs/online_cartpole_swingup.yaml or configs/pearl_cartpole_swingup.yaml")
+                   "configs/online_cartpole_swingup.yaml, configs/mbmpo_cartpole_swingup.yaml or "
+                   "configs/pearl_cartpole_swingup.yaml")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--name", help="run folder name (default: <algo>_<family>_s<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder from its latest checkpoint")

@@ -147,7 +147,7 @@ def _toy_config(tmp_path: Path, **extra: Any) -> Path:
 def test_unknown_algorithm_names_the_registered_ones():
     with pytest.raises(registry.UnknownAlgorithmError) as err:
         registry.get_algorithm("maml")
-    assert str(err.value) == "unknown algorithm 'maml'; registered: 'context_mbrl', 'pearl', 'online_mbrl'"
+    assert str(err.value) == "unknown algorithm 'maml'; registered: 'context_mbrl', 'pearl', 'online_mbrl', 'mbmpo'"
     with pytest.raises(SpecError, match="got 'maml'; allowed: 'context_mbrl', 'pearl'") as err:
         build_config({"schema_version": 1, "algo": "maml", "family": "cartpole_swingup"}, "x.yaml")
     assert err.value.field == "algo"
@@ -162,16 +162,18 @@ def test_each_algorithm_declares_its_name_config_and_bundle_kind():
         assert set(algorithm.sections) <= config_fields, name
     assert (ContextMBRL.bundle_kind, PEARL.bundle_kind) == ("model_based", "context_policy")
     for algorithm in registry.ALGORITHMS.values():  # kinds the robot-side runtime runs
-        assert algorithm.bundle_kind in algorithm.exporters
+        assert algorithm.bundle_kind in algorithm.exporters or (algorithm.bundle_kind is None
+                                                                and not algorithm.exporters)
         assert all(bundle_kind(kind).kind == kind for kind in algorithm.exporters)
     assert (ContextMBRL.store_file, PEARL.store_file) == ("buffer.npz", "replay.npz")
     assert registry.with_capability("differentiable_model") == ["context_mbrl"]
 
 
 def test_section_readers_are_derived_from_the_algorithms():
-    assert registry.section_readers() == {"model": ("context_mbrl", "online_mbrl"),
-                                          "training": ("context_mbrl", "online_mbrl"), "online": ("online_mbrl",),
-                                          "pearl_net": ("pearl",), "pearl": ("pearl",), "pearl_schedule": ("pearl",)}
+    assert registry.section_readers() == {"model": ("context_mbrl", "online_mbrl", "mbmpo"),
+                                          "training": ("context_mbrl", "online_mbrl", "mbmpo"),
+                                          "online": ("online_mbrl",), "pearl_net": ("pearl",), "pearl": ("pearl",),
+                                          "pearl_schedule": ("pearl",), "mbmpo": ("mbmpo",)}
 
 
 def test_algorithms_may_share_a_section(monkeypatch, tmp_path):
@@ -179,15 +181,15 @@ def test_algorithms_may_share_a_section(monkeypatch, tmp_path):
         sections = ("toy", "model")
 
     monkeypatch.setitem(registry.ALGORITHMS, "toy", Sharer)
-    assert registry.section_readers()["model"] == ("context_mbrl", "online_mbrl", "toy")
+    assert registry.section_readers()["model"] == ("context_mbrl", "online_mbrl", "mbmpo", "toy")
 
 
 def test_a_registered_algorithms_sections_are_refused_elsewhere(toy_registered, tmp_path):
     with pytest.raises(SpecError, match="is read by algo toy only, this config is for algo 'pearl'") as err:
         load_config("configs/pearl_cartpole_swingup.yaml", {"toy.action_scale": 0.3})
     assert err.value.field == "toy"
-    with pytest.raises(SpecError, match="is read by algo context_mbrl, online_mbrl only, this config is for algo "
-                       "'toy'"):
+    with pytest.raises(SpecError, match="is read by algo context_mbrl, online_mbrl, mbmpo only, this config is for "
+                       "algo 'toy'"):
         load_config(_toy_config(tmp_path, model={"hidden": 8}))
 
 
