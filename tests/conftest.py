@@ -1,6 +1,6 @@
 """Shared fixtures: the shipped robots and families, a scratch copy of ``sim/`` for broken inputs, tiny trained
-runs (PEARL, context_mbrl) and a bundle of every registered bundle kind (one per test session: every consumer of
-a kind shares it; :data:`KIND_BUNDLES`)."""
+runs (PEARL, context_mbrl, online_mbrl, mbmpo) and a bundle of every registered bundle kind (one per test session:
+every consumer of a kind shares it; :data:`KIND_BUNDLES`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ MB_TINY = {"loop.iterations": 2, "training.grad_steps": 30, "name": "tiny", "pla
            "model.context_window": 16, "model.context_dim": 8, "model.ensemble_size": 4}
 """``--set`` overrides of the tiny context_mbrl run: random data, then one MPC iteration (seconds)."""
 ONLINE_CONFIG = REPO_ROOT / "configs" / "online_cartpole_swingup.yaml"
+MBMPO_CONFIG = REPO_ROOT / "configs" / "mbmpo_cartpole_swingup.yaml"
+MBMPO_TINY = {"loop.iterations": 2, "loop.random_episodes": 4, "loop.tasks_per_iteration": 2, "training.grad_steps": 20,
+              "mbmpo.meta_steps": 2, "mbmpo.imagined_tasks": 4, "mbmpo.rollouts_per_task": 4,
+              "mbmpo.imagined_horizon": 12, "name": "tiny"}
+"""``--set`` overrides of the tiny mbmpo run: random data, then one iteration of the meta-policy (seconds)."""
 SHIPPED_MODEL_BASED = REPO_ROOT / "policies" / "cartpole_mb"
 
 
@@ -101,6 +106,20 @@ def online_bundle(online_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def mbmpo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny mbmpo run folder (:data:`MBMPO_TINY`; do not modify: copy it first)."""
+    return train_single_threaded(MBMPO_CONFIG, tmp_path_factory.mktemp("mbmpo_runs"), MBMPO_TINY)
+
+
+@pytest.fixture(scope="session")
+def meta_policy_bundle(mbmpo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny mbmpo run exported as a ``meta_policy`` bundle folder (do not modify: copy it first)."""
+    from metarl_robot.export.bundle_writer import export_run
+
+    return export_run(mbmpo_run, tmp_path_factory.mktemp("meta_policy_bundles") / "meta_policy_tiny")
+
+
+@pytest.fixture(scope="session")
 def model_based_bundle() -> Path:
     """The shipped ``model_based`` bundle (read-only: copy it first)."""
     return SHIPPED_MODEL_BASED
@@ -111,6 +130,7 @@ KIND_BUNDLES: dict[str, tuple[str, bool]] = {
     "context_policy": ("pearl_bundle", True),
     "unadapted": ("unadapted_bundle", True),
     "online_model": ("online_bundle", True),
+    "meta_policy": ("meta_policy_bundle", True),
 }
 """Registered bundle kind → (the session fixture giving a bundle of it, whether that fixture trains a run). A new
 kind adds its line here, and the conformance tests (tests/runtime/test_kind_conformance.py) and the node's test

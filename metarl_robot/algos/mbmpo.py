@@ -172,8 +172,8 @@ class MBMPO(ContextMBRL):
     name = "mbmpo"
     config_class = MBMPOTrainConfig
     sections = ("model", "training", "mbmpo")
-    bundle_kind = None
-    exporters: ClassVar[dict[str, str]] = {}
+    bundle_kind = "meta_policy"
+    exporters: ClassVar[dict[str, str]] = {"meta_policy": "metarl_robot.export.meta_policy_graphs:export_meta_policy"}
     differentiable_model = False  # the adversary's reward gradient differentiates a planner's return, not a policy's
 
     def __init__(self, robot: RobotSpec, model_cfg: ContextDynamicsConfig, cfg: ContextMBRLConfig,

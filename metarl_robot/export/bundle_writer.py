@@ -304,10 +304,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     ``kind``: the bundle kind, one of those the run's algorithm exports to (its ``exporters``); by default
     the one it declares as ``bundle_kind``: ``context_mbrl`` → ``model_based`` (encoder, dynamics, rollout
     graphs; parity on the run's buffer.npz), ``pearl`` → ``context_policy`` (factor and policy graphs; parity
-    on the run's replay.npz; TorchScript exporter only). ``checkpoint``: ``latest``, an iteration number or a
-    checkpoint path. ``name`` defaults to the folder name of ``out_dir``. ``parity_samples``: real
-    transitions the parity check uses (for PEARL, spread evenly over the replay's tasks, rounded up). A
-    non-empty ``out_dir`` is refused unless ``overwrite`` (and even then only if it holds a bundle.yaml).
+    on the run's replay.npz; TorchScript exporter only), ``mbmpo`` → ``meta_policy`` (the policy-mean graph and
+    the meta-parameters; parity on the run's buffer.npz; ``exporter="auto"`` only). ``checkpoint``: ``latest``,
+    an iteration number or a checkpoint path. ``name`` defaults to the folder name of ``out_dir``.
+    ``parity_samples``: real transitions the parity check uses (for PEARL, spread evenly over the replay's tasks,
+    rounded up). A non-empty ``out_dir`` is refused unless ``overwrite`` (and even then only if it holds a bundle.yaml).
     Raises :class:`ExportError` if the graphs do not match torch within 1e-5, and :class:`BundleError` if
     the result fails the runtime's own checks.
     """

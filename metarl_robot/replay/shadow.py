@@ -626,14 +626,14 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
     extra = episode.extra
     adapt = bool(extra.get("adapt", True))
     seed = config.seed if config.seed is not None else int(extra.get("seed", 0))
-    # Only a planner samples: a context policy acts deterministically, so its seed and its earlier episodes
-    # (the node resets the adapter at every activation) cannot change its commands.
-    planner_noise = bundle.plans
-    if planner_noise and config.seed is None and "seed" not in extra:
-        notes.append("the log does not record the planner seed; replayed with seed 0 (commands match only if the "
-                     "node used 0)")
-    if planner_noise and int(extra.get("episode", 1)) > 1:
-        notes.append(f"this is episode {extra['episode']} of its node process: the node's planner noise continued "
+    # Only a planner or a policy that samples its actions draws noise: a deterministic policy's seed and earlier
+    # episodes (the node resets the adapter at every activation) cannot change its commands.
+    noise = "planner noise" if bundle.plans else "action noise"
+    if bundle.draws_noise() and config.seed is None and "seed" not in extra:
+        notes.append(f"the log does not record the seed of the bundle's {noise}; replayed with seed 0 (commands "
+                     "match only if the node used 0)")
+    if bundle.draws_noise() and int(extra.get("episode", 1)) > 1:
+        notes.append(f"this is episode {extra['episode']} of its node process: the node's {noise} continued "
                      "from earlier episodes, so its commands are not expected to be reproduced exactly")
     if episode.bundle is None:
         notes.append("the log does not record which bundle ran: the reproduction check cannot tell a mismatch")

@@ -174,7 +174,12 @@ class LoadedBundle(ABC):
     fallback."""
     plans: ClassVar[bool] = False
     """True: the adapter samples action sequences with a seeded planner, so planner overrides apply and the seed
-    (and the planner noise of earlier episodes) changes its commands; False: it acts deterministically."""
+    (and the planner noise of earlier episodes) changes its commands; False: it does not plan (planner overrides are
+    refused) and acts deterministically unless it :attr:`samples_actions`."""
+    samples_actions: ClassVar[bool] = False
+    """True (a kind that does not plan): the adapter draws its actions from a distribution with a generator seeded by
+    :meth:`make_adapter`'s ``seed``, so, as a planner's noise, the seed and the draws of earlier episodes in the same
+    process change its commands. A kind that :attr:`plans` samples anyway; use :meth:`draws_noise` for either."""
     belief_diagnostics: ClassVar[tuple[str, ...]] = ()
     """The adapter diagnostics that say what it believes about the task (the node publishes them on
     ``~/context``); the first is the context the adapter acts with. Empty: it infers nothing."""
@@ -187,6 +192,12 @@ class LoadedBundle(ABC):
     the robot) first, ``unadapted`` (no adaptation at all) last; ``metarl eval`` runs every mode."""
     acts_by: ClassVar[str] = ""
     """How the bundle acts, for people ("plans through its dynamics model"), after the bundle's name."""
+
+    @classmethod
+    def draws_noise(cls) -> bool:
+        """Whether the adapter's commands depend on its seed and on its random draws so far (it :attr:`plans` or
+        :attr:`samples_actions`): a replay reproduces them only with the logged seed, from the episode's first draw."""
+        return cls.plans or cls.samples_actions
 
     @classmethod
     def adapter_switches(cls, adapt: bool) -> dict[str, bool]:

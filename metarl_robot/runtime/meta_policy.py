@@ -185,7 +185,12 @@ class MetaPolicyAdapter:
         return state | {"inner_steps": self.inner_steps.copy()}
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
-        """Take back a :meth:`carried_state` (every array, with its shape and finite values, or ``ValueError``)."""
+        """Take back a :meth:`carried_state` (every array, with its shape and finite values, or ``ValueError``); an
+        empty one (nothing carried: a log without adapter state, a candidate bundle's replay) is the meta-parameters."""
+        if not state:
+            self.params = [self._meta_copy() for _ in range(self.batch)]
+            self.inner_steps = np.zeros(self.batch, dtype=np.int64)
+            return
         want = {f"param_{i}": (self.batch, *p.shape) for i, p in enumerate(self.meta_params)}
         want["inner_steps"] = (self.batch,)
         if set(state) != set(want):

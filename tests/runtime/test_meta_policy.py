@@ -119,6 +119,19 @@ def test_carried_state_round_trips_and_bad_state_is_refused():
         fresh.restore(nan)
 
 
+def test_an_empty_carried_state_restores_the_meta_parameters():
+    # What the replay and the simulated recorder pass when nothing was carried (a candidate bundle, a log without
+    # adapter state): the adapter starts from its meta-parameters, as the Adapter protocol has it.
+    adapter = MetaPolicyAdapter(ROBOT, REWARD, meta_params(), INNER, batch=2, seed=3)
+    run_episode(adapter, 30)
+    adapter.reset()
+    assert adapter.inner_steps.tolist() == [1, 1]
+    adapter.restore({})
+    assert adapter.inner_steps.tolist() == [0, 0]
+    for b in range(2):
+        assert all(np.array_equal(x, y) for x, y in zip(adapter.params[b], adapter.meta_params, strict=True))
+
+
 def test_bad_input_is_refused_with_the_field_named():
     adapter = MetaPolicyAdapter(ROBOT, REWARD, meta_params(), INNER, seed=0)
     with pytest.raises(ValueError, match="obs contains NaN"):

@@ -17,6 +17,7 @@ BUNDLE_KINDS: dict[str, str] = {
     "context_policy": "metarl_robot.runtime.kinds.context_policy:ContextPolicyBundle",
     "unadapted": "metarl_robot.runtime.kinds.unadapted:UnadaptedBundle",
     "online_model": "metarl_robot.runtime.kinds.online_model:OnlineModelBundle",
+    "meta_policy": "metarl_robot.runtime.kinds.meta_policy:MetaPolicyBundle",
 }
 """Bundle kind → ``module:class`` of its loaded-bundle class."""
 

@@ -1,0 +1,231 @@
+"""The ``meta_policy`` bundle kind (made by ``mbmpo``): a Gaussian MLP meta-policy that adapts to the robot by one
+vanilla policy-gradient step per finished episode, taken on the robot in numpy (docs/mbmpo.md).
+
+Files (written by :mod:`metarl_robot.export.meta_policy_graphs`):
+
+- ``policy.onnx``: the MLP's mean with every weight and bias as a graph *input*, so the adapter feeds the weights it
+  acts with (adapted ones after a step): ``features`` (rows, F) and ``param_0`` ... ``param_{2L+1}`` (W0, b0, ...,
+  W_out, b_out) → ``mean`` (rows, a), in normalised action units
+- ``meta_params.npz``: the meta-trained parameters ``param_0`` ... ``param_{2L+2}`` (the weights and biases, then
+  the log standard deviation), float32 as trained (numpy's own format, loaded without pickle)
+
+Its adapter (:class:`~metarl_robot.runtime.meta_policy.MetaPolicyAdapter`) samples its actions (a seeded generator:
+the step needs the log-probability of what it did), takes one inner step at each episode start on the episode just
+ended, and carries the adapted weights across episodes until forgotten. It does not plan and has no dynamics model.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from metarl_robot.runtime.manifest import BundleError, LoadedBundle, ManifestCommon, refuse_planner_overrides
+from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter
+from metarl_robot.runtime.onnx_graph import Dim, OnnxGraph
+from metarl_robot.runtime.policy_gradient import FEATURE_CLIP, feature_dim, policy_features, policy_mean
+from metarl_robot.spec.rewards import get_reward
+from metarl_robot.spec.robot import RobotSpec
+
+POLICY_FILE = "policy.onnx"
+"""The policy-mean graph."""
+PARAMS_FILE = "meta_params.npz"
+"""The meta-trained parameters."""
+SMOKE_TOLERANCE = 1e-4
+"""Largest difference (normalised action units, relative to 1 + |mean|) the smoke run allows between the graph's mean
+and numpy's MLP over the bundle's meta-parameters: float32 rounding is ~1e-6; another network is orders larger."""
+
+
+@dataclass(frozen=True)
+class InnerStepSpec:
+    """The inner step meta-training took (every value stated: the robot must take the same step)."""
+
+    step_size: float
+    discount: float
+    baseline_reg: float
+    min_transitions: int
+
+
+@dataclass(frozen=True)
+class MetaPolicySpec:
+    """The policy's sizes, its parameter file and its inner step."""
+
+    hidden: list[int]
+    """Widths of the tanh hidden layers."""
+    feature_dim: int
+    """F: width of the policy's features of an observation (:func:`~metarl_robot.runtime.policy_gradient.
+    policy_features`: the observation size plus one per periodic component)."""
+    params_file: str
+    """The ``.npz`` file holding the meta-parameters, listed under ``files``."""
+    inner: InnerStepSpec
+    """The inner step (:class:`~metarl_robot.runtime.meta_policy.InnerStepConfig`)."""
+
+
+@dataclass(frozen=True)
+class MetaPolicyManifest(ManifestCommon):
+    """A ``meta_policy`` bundle.yaml: the common keys and the ``meta_policy`` section. No planner: the policy acts."""
+
+    meta_policy: MetaPolicySpec
+
+
+def param_shapes(feature_dim: int, action_dim: int, hidden: tuple[int, ...] | list[int]) -> list[tuple[int, ...]]:
+    """The shapes of ``param_0`` ... in the policy's order: ``(F, H0), (H0,), ..., (H, a), (a,)`` and the log standard
+    deviation ``(a,)`` last."""
+    widths = [feature_dim, *hidden, action_dim]
+    shapes: list[tuple[int, ...]] = []
+    for fan_in, fan_out in pairwise(widths):
+        shapes += [(fan_in, fan_out), (fan_out,)]
+    return [*shapes, (action_dim,)]
+
+
+def meta_policy_interfaces(feature_dim: int, action_dim: int, hidden: tuple[int, ...] | list[int]
+                           ) -> dict[str, dict[str, dict[str, list[Dim]]]]:
+    """The ``policy`` graph's interface: ``features`` then every weight and bias (not the log standard deviation)."""
+    inputs: dict[str, list[Dim]] = {"features": ["rows", feature_dim]}
+    for i, shape in enumerate(param_shapes(feature_dim, action_dim, hidden)[:-1]):
+        inputs[f"param_{i}"] = list(shape)
+    return {"policy": {"inputs": inputs, "outputs": {"mean": ["rows", action_dim]}}}
+
+
+def _role(i: int, count: int) -> str:
+    """What ``param_i`` of ``count`` parameters is, for messages."""
+    if i == count - 1:
+        return "the log standard deviation"
+    layer, bias = divmod(i, 2)
+    last = layer == (count - 1) // 2 - 1
+    return f"{'the output layer' if last else f'hidden layer {layer}'}'s {'bias' if bias else 'weight'}"
+
+
+class MetaPolicyBundle(LoadedBundle):
+    """A loaded, validated ``meta_policy`` bundle (MB-MPO): robot, family, the policy-mean graph, the meta-parameters
+    and the inner step."""
+
+    kind: ClassVar[str] = "meta_policy"
+    manifest_class = MetaPolicyManifest
+    samples_actions = True
+    meta_test_episodes = (0, 1, 2)
+    acts_by = ("is its Gaussian policy, sampling its actions and adapted by one policy-gradient step on each finished "
+               "episode, the adapted weights kept across episodes until forgotten")
+
+    def __init__(self, path: Path, manifest: dict[str, Any], robot: RobotSpec, family: Any,
+                 graphs: dict[str, OnnxGraph], meta_params: list[np.ndarray], inner: InnerStepConfig) -> None:
+        super().__init__(path, manifest, robot, family, graphs)
+        self.meta_params = meta_params
+        """``param_0`` ... (float32, the policy's order): what every adapter starts from."""
+        self.inner = inner
+        """The inner step, as meta-training took it."""
+        spec = manifest["meta_policy"]
+        self.hidden: tuple[int, ...] = tuple(spec["hidden"])
+        self.feature_dim: int = spec["feature_dim"]
+
+    @classmethod
+    def check_sections(cls, m: MetaPolicyManifest, robot: RobotSpec, where: str
+                       ) -> tuple[dict[str, dict[str, dict[str, list[Dim]]]], dict[str, Any]]:
+        """The sizes (the features the robot spec gives), the inner step, the parameter file (listed, numpy without
+        pickle, exactly the policy's arrays with their shapes, float32, finite); the ``policy`` graph."""
+        spec = m.meta_policy
+        if not spec.hidden or min(spec.hidden) < 1:
+            raise BundleError(where, "meta_policy.hidden",
+                              f"must be a non-empty list of widths >= 1, got {spec.hidden}")
+        want_f = feature_dim(robot)
+        if spec.feature_dim != want_f:
+            raise BundleError(where, "meta_policy.feature_dim", f"{spec.feature_dim} differs from the width of the "
+                              f"robot's policy features, {want_f} (the observation size {robot.obs_dim} plus one per "
+                              "periodic component)")
+        inner = InnerStepConfig(**vars(spec.inner))
+        try:
+            inner.validate()
+        except ValueError as exc:  # "InnerStepConfig.step_size must be > 0, got ..."
+            name = str(exc).split()[0].split(".")[-1]
+            raise BundleError(where, f"meta_policy.inner.{name}", str(exc).split(" ", 1)[1]) from None
+        params = _load_params(Path(where), m, param_shapes(want_f, robot.action_dim, spec.hidden))
+        return meta_policy_interfaces(want_f, robot.action_dim, spec.hidden), {"meta_params": params, "inner": inner}
+
+    @classmethod
+    def smoke_test(cls, m: MetaPolicyManifest, robot: RobotSpec, graphs: dict[str, OnnxGraph], parsed: dict[str, Any],
+                   where: str) -> None:
+        """The graph at the meta-parameters on zero features, on the features of observations at the robot's scale
+        and on clipped ones: finite means of shape (rows, a), equal to numpy's MLP over the meta-parameters (a graph
+        of another network with the same interface is refused)."""
+        params = parsed["meta_params"]
+        f, a = m.meta_policy.feature_dim, robot.action_dim
+        scale = np.asarray(robot.obs_scale, dtype=np.float64)
+        feats = np.concatenate([np.zeros((1, f)), policy_features(robot, np.stack([scale, -scale, 3 * scale])),
+                                np.full((1, f), FEATURE_CLIP), np.full((1, f), -FEATURE_CLIP)])
+        try:
+            (mean,) = graphs["policy"](feats, *params[:-1])
+        except Exception as exc:  # onnxruntime runtime failures
+            raise BundleError(where, "graphs", f"a test run of the policy graph failed: {exc}") from None
+        if mean.shape != (len(feats), a):
+            raise BundleError(where, "graphs.policy", f"mean: a test run on {len(feats)} rows returned shape "
+                              f"{mean.shape}, expected {(len(feats), a)}")
+        if not np.isfinite(mean).all():
+            raise BundleError(where, "graphs.policy", "mean: a test run at the meta-parameters returned non-finite "
+                              "values")
+        want = policy_mean([p.astype(np.float64) for p in params], feats)
+        diff = float(np.max(np.abs(mean - want) / (1.0 + np.abs(want))))
+        if diff > SMOKE_TOLERANCE:
+            raise BundleError(where, "graphs.policy", f"mean: differs from the MLP of {m.meta_policy.params_file} by "
+                              f"{diff:.3g} (relative to 1 + |mean|, allowed {SMOKE_TOLERANCE:g}): the graph is not "
+                              "this policy's mean")
+
+    def mean(self, params: list[np.ndarray], feats: np.ndarray) -> np.ndarray:
+        """``params`` (the policy's order, the log standard deviation last and unused) and features ``(N, F)`` →
+        the mean ``(N, a)`` in normalised action units, float64 (the adapter's ``mean_fn``)."""
+        return self.graphs["policy"](feats, *params[:-1])[0].astype(np.float64)
+
+    def make_adapter(self, batch: int = 1, adapt: bool = True, planner_overrides: dict | None = None,
+                     seed: int = 0, deterministic: bool = False) -> MetaPolicyAdapter:
+        """A :class:`~metarl_robot.runtime.meta_policy.MetaPolicyAdapter` over this bundle's graph and
+        meta-parameters: ``seed`` seeds its action noise; ``adapt=False`` the meta-policy throughout (no step);
+        ``deterministic`` acts with the mean (comparisons; the step needs sampled actions). ``planner_overrides``
+        must be empty: this kind does not plan."""
+        refuse_planner_overrides(self, planner_overrides)
+        return MetaPolicyAdapter(self.robot, get_reward(self.family.spec.reward),
+                                 [p.astype(np.float64) for p in self.meta_params], self.inner, batch=batch, seed=seed,
+                                 adapt=adapt, deterministic=deterministic, mean_fn=self.mean)
+
+
+def _load_params(path: Path, m: MetaPolicyManifest, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """The meta-parameters: a listed ``.npz`` file (its hash was checked with the others) holding exactly
+    ``param_0`` ... with ``shapes``, float32, finite (and a log standard deviation whose exponential is). Loaded
+    without pickle."""
+    where, name = str(path), m.meta_policy.params_file
+    if name not in m.files:
+        raise BundleError(where, "meta_policy.params_file", f"{name!r} is not listed under files (its sha256 is "
+                          "unknown)")
+    field = f"files.{name}"
+    try:
+        with np.load(path / name, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+        # AttributeError/TypeError: a plain .npy array (no archive); ValueError: an object array (needs pickle)
+        raise BundleError(where, field, f"not a numpy .npz archive of plain arrays: {exc}") from None
+    want = {f"param_{i}": shape for i, shape in enumerate(shapes)}
+    if missing := sorted(set(want) - set(arrays), key=lambda k: int(k.split("_")[1])):
+        raise BundleError(where, field, f"lacks {', '.join(missing)}; a policy of these sizes has exactly "
+                          f"param_0 ... param_{len(shapes) - 1}")
+    if extra := sorted(set(arrays) - set(want)):
+        raise BundleError(where, field, f"holds arrays that are no parameter of this policy: {extra} (expected "
+                          f"exactly param_0 ... param_{len(shapes) - 1})")
+    params = []
+    for i, (key, shape) in enumerate(want.items()):
+        value = arrays[key]
+        if value.dtype != np.float32 or value.shape != shape:
+            raise BundleError(where, field, f"{key} ({_role(i, len(shapes))}) is a {value.dtype} array of shape "
+                              f"{value.shape}, expected float32 {shape}")
+        if not np.isfinite(value).all():
+            raise BundleError(where, field, f"{key} ({_role(i, len(shapes))}) holds non-finite values (NaN or Inf)")
+        params.append(value)
+    if float(params[-1].max()) >= np.log(np.finfo(np.float64).max):
+        raise BundleError(where, field, f"param_{len(shapes) - 1} (the log standard deviation) reaches "
+                          f"{float(params[-1].max()):.3g}, whose exponential overflows")
+    return params
+
+
+__all__ = ["PARAMS_FILE", "POLICY_FILE", "InnerStepSpec", "MetaPolicyBundle", "MetaPolicyManifest", "MetaPolicySpec",
+           "meta_policy_interfaces", "param_shapes"]
