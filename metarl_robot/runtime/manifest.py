@@ -187,6 +187,10 @@ class LoadedBundle(ABC):
     """Non-empty: ``metarl eval`` grades the bundle by the meta-test (the return after each of these numbers of
     exploration episodes on a task, the belief kept across them); empty: one episode per task, adapted vs
     unadapted."""
+    meta_test_resets: ClassVar[bool] = False
+    """For kinds with :attr:`meta_test_episodes`: True, the meta-test passes each episode start to the adapter's
+    ``reset`` (it adapts there and keeps what it learned until ``forget``: MB-MPO's inner step); False, episode starts
+    are hidden from it so its belief carries over (PEARL)."""
     adaptation_modes: ClassVar[dict[str, dict[str, bool]]] = {}
     """For kinds graded adapted vs unadapted: mode → the :meth:`make_adapter` switches of it, ``adapted`` (as on
     the robot) first, ``unadapted`` (no adaptation at all) last; ``metarl eval`` runs every mode."""

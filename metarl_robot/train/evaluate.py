@@ -108,6 +108,13 @@ class _Source:
     def meta_test_controller(self, batch: int, family: TaskFamily, params: dict[str, np.ndarray], seed: int
                              ) -> tuple[Any, dict[str, Any]]:
         """The meta-test's controller for ``batch`` tasks and how it acts (recorded in ``eval.json``)."""
+        if self.bundle_class.meta_test_resets:  # it adapts at episode starts (MB-MPO): the robot's own adapter
+            adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed) if self.bundle is not None \
+                else self.algo.make_policy_adapter(batch, seed)
+            return _EpisodeAdaptingAdapter(adapter, params), {
+                "deterministic": False, "adapts": "one inner step at each episode start, kept across episodes",
+                "runtime": f"{type(adapter).__name__} ({'ONNX' if self.bundle is not None else 'the run'}'s policy, "
+                           "numpy inner step), as on the robot: actions sampled"}
         if self.bundle is not None:
             adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed)
             return _BeliefKeepingAdapter(adapter, params), {
@@ -166,6 +173,21 @@ class _BeliefKeepingAdapter:
 
     def posterior(self) -> Posterior:
         return Posterior(*self.adapter.posterior())
+
+
+class _EpisodeAdaptingAdapter(_BeliefKeepingAdapter):
+    """An adapter that adapts at episode starts (MB-MPO's inner step) as a rollout controller for the meta-test:
+    forgotten once (a new task for every sub-env), then every episode start reaches its ``reset``, where it takes its
+    step on the episode just ended and keeps the result. It holds no belief over the task: no posterior."""
+
+    def __init__(self, adapter: Any, reward_params: dict[str, np.ndarray]) -> None:
+        super().__init__(adapter, reward_params)
+        adapter.forget()
+
+    def reset(self) -> None:
+        self.adapter.reset()
+
+    posterior = None
 
 
 class _PredictionErrorRecorder(MPCController):
@@ -356,8 +378,8 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
     try:
         for column in columns:
-            # The belief z is drawn from at this episode's reset (the prior for after_0).
-            belief_var[column] = controller.posterior().var.mean(axis=1)
+            if controller.posterior is not None:  # the belief z is drawn from at this episode's reset
+                belief_var[column] = controller.posterior().var.mean(axis=1)
             ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
             ret[column], success[column] = ep.returns, episode_success(fam, ep.components)
     finally:
@@ -370,7 +392,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     for i, task in enumerate(task_list):
         row: dict[str, Any] = {"task": task, "ood": fam.is_ood(task),
                                **{f"return_{m}": float(v[i]) for m, v in ret.items()},
-                               **{f"belief_var_{c}": float(belief_var[c][i]) for c in columns}}
+                               **{f"belief_var_{c}": float(v[i]) for c, v in belief_var.items()}}
         if "oracle" in ret:
             for c in columns:
                 row[f"gap_{c}"] = float(ret["oracle"][i] - ret[c][i])

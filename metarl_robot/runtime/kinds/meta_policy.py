@@ -108,6 +108,7 @@ class MetaPolicyBundle(LoadedBundle):
     manifest_class = MetaPolicyManifest
     samples_actions = True
     meta_test_episodes = (0, 1, 2)
+    meta_test_resets = True
     acts_by = ("is its Gaussian policy, sampling its actions and adapted by one policy-gradient step on each finished "
                "episode, the adapted weights kept across episodes until forgotten")
 
