@@ -265,13 +265,10 @@ class ContextPolicyAdapter(CarriesNothing):
     def _computed_reward(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> np.ndarray | float:
         """The family's reward of the (checked, finite) transition with the last task parameters. A batch of one
         (the robot) goes through the reward's float path, :meth:`RewardFunction.one`: the same formula at a sixth
-        of numpy's per-call cost; a value that overflows a float there is left to numpy, which refuses it below."""
+        of numpy's per-call cost."""
         if self.batch == 1:
-            try:
-                return self.reward.one(self.robot, obs[0].tolist(), action[0].tolist(), next_obs[0].tolist(),
-                                       {k: float(self._params[k][0]) for k in self.reward.params})
-            except (OverflowError, ValueError):  # math.exp past float64's range: numpy gives inf, and refusal
-                pass
+            return self.reward.one(self.robot, obs[0].tolist(), action[0].tolist(), next_obs[0].tolist(),
+                                   {k: float(self._params[k][0]) for k in self.reward.params})
         return self.reward(self.robot, obs, action, next_obs, self._params)[0]
 
     def _refuse_transition(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray) -> None:

@@ -169,7 +169,11 @@ class MetaPolicyAdapter:
         next_obs = self._rows("next_obs", next_obs, self.robot.obs_dim)
         if self._sample is None or self._task_params is None:
             raise ValueError("observe() follows act(): the step needs the sample the policy drew for this transition")
-        reward = self.reward(self.robot, obs, action, next_obs, self._task_params)[0]
+        if self.batch == 1:  # the robot: the reward's float path (RewardFunction.one), a sixth of numpy's cost
+            reward = np.array((self.reward.one(self.robot, obs[0].tolist(), action[0].tolist(), next_obs[0].tolist(),
+                                               {k: float(self._task_params[k][0]) for k in self.reward.params}),))
+        else:
+            reward = self.reward(self.robot, obs, action, next_obs, self._task_params)[0]
         for b in range(self.batch):
             record = self._episode[b]
             record["obs"].append(obs[b])

@@ -86,8 +86,14 @@ class RewardFunction:
             params: Mapping[str, float]) -> float:
         """The total for one transition given as Python floats (``obs.tolist()``), computed with :mod:`math`: the
         same formula as :meth:`__call__` (equal to within float64 rounding of ``cos``/``exp``), at a fraction of
-        numpy's per-call cost on a batch of one (the robot-side PEARL step computes one per control period)."""
-        return self.fn(robot, obs, action, next_obs, params, FLOAT_OPS)[0]
+        numpy's per-call cost on a batch of one (the robot-side PEARL step computes one per control period). Where
+        :mod:`math` refuses a value numpy would carry (``exp`` past float64's range), numpy computes it: ``inf`` or
+        ``nan`` as :meth:`__call__` gives, for the caller's finiteness check to refuse."""
+        try:
+            return self.fn(robot, obs, action, next_obs, params, FLOAT_OPS)[0]
+        except (OverflowError, ValueError):
+            return float(self.fn(robot, np.asarray(obs), np.asarray(action), np.asarray(next_obs),
+                                 {k: np.asarray(v) for k, v in params.items()}, NUMPY_OPS)[0])
 
 
 def _column(robot: RobotSpec, ops: ArrayOps, obs, name: str, k: int = 0):

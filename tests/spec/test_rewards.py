@@ -97,3 +97,15 @@ def test_the_float_path_is_the_numpy_reward_of_one_transition(name):
                                                                                   params.items()}) for i in range(200)]
     assert all(type(x) is float for x in one)
     np.testing.assert_allclose(one, total, rtol=1e-14, atol=1e-14)
+
+
+def test_the_float_path_leaves_what_math_refuses_to_numpy():
+    # A reward whose exp overflows: math raises, numpy gives inf; the float path must give numpy's value, not raise.
+    from metarl_robot.spec.rewards import RewardFunction
+
+    reward = RewardFunction(lambda robot, obs, action, next_obs, params, ops: (ops.exp(ops.column(next_obs, 0)), {}),
+                            ("cart_pos",), ())
+    robot = load_robot("cartpole")
+    with np.errstate(over="ignore"):
+        assert reward.one(robot, [0.0] * 4, [0.0], [1000.0, 0, 0, 0], {}) == np.inf
+    assert reward.one(robot, [0.0] * 4, [0.0], [1.0, 0, 0, 0], {}) == pytest.approx(np.e)
