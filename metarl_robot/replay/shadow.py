@@ -632,7 +632,9 @@ def replay_episode(episode: Episode | str | Path, bundle: LoadedBundle | str | P
     if bundle.draws_noise() and config.seed is None and "seed" not in extra:
         notes.append(f"the log does not record the seed of the bundle's {noise}; replayed with seed 0 (commands "
                      "match only if the node used 0)")
-    if bundle.draws_noise() and int(extra.get("episode", 1)) > 1:
+    # A planner's noise runs on across a node's episodes; a sampling policy's is reseeded at every episode start
+    # from the count its carried state logs (MetaPolicyAdapter), so any episode of it replays from its log.
+    if bundle.plans and int(extra.get("episode", 1)) > 1:
         notes.append(f"this is episode {extra['episode']} of its node process: the node's {noise} continued "
                      "from earlier episodes, so its commands are not expected to be reproduced exactly")
     if episode.bundle is None:

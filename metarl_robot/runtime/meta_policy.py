@@ -90,7 +90,11 @@ class MetaPolicyAdapter:
         self.meta_params = [np.array(p, dtype=np.float64) for p in meta_params]
         """The meta-trained weights every env starts from (and :meth:`forget` returns to)."""
         self.adapt, self.deterministic, self.mean_fn = adapt, deterministic, mean_fn
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.episodes_started = 0
+        """Episode starts (:meth:`reset` calls) so far. Each reseeds the action noise from ``(seed, this count)``, and
+        the count is carried: a replay of any episode draws the node's noise from the logged state alone."""
+        self.rng = np.random.default_rng((seed, 0))
         self.params: list[PolicyParams] = [self._meta_copy() for _ in range(batch)]
         """Per env: the weights acting now."""
         self.inner_steps = np.zeros(batch, dtype=np.int64)
@@ -125,6 +129,8 @@ class MetaPolicyAdapter:
                                               np.array(record["reward"]))
                 self.inner_steps[b] += 1
             self._episode[b] = self._empty_record()
+        self.episodes_started += 1
+        self.rng = np.random.default_rng((self.seed, self.episodes_started))
 
     def forget(self, which: np.ndarray | None = None) -> None:
         """Back to the meta-parameters (and an empty record): what the operator's reset does."""
@@ -183,10 +189,12 @@ class MetaPolicyAdapter:
 
     # ---- what persists across episodes --------------------------------------------------------------
     def carried_state(self) -> dict[str, np.ndarray]:
-        """The weights acting now, per env (``param_<i>`` (B, ...), in the policy's parameter order) and the steps
-        taken (``inner_steps`` (B,))."""
+        """The weights acting now, per env (``param_<i>`` (B, ...), in the policy's parameter order), the steps
+        taken (``inner_steps`` (B,)) and the episode starts so far (``episodes_started`` (B,), one count: the action
+        noise's seed)."""
         state = {f"param_{i}": np.stack([p[i] for p in self.params]) for i in range(len(self.meta_params))}
-        return state | {"inner_steps": self.inner_steps.copy()}
+        return state | {"inner_steps": self.inner_steps.copy(),
+                        "episodes_started": np.full(self.batch, self.episodes_started, dtype=np.int64)}
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
         """Take back a :meth:`carried_state` (every array, with its shape and finite values, or ``ValueError``); an
@@ -194,9 +202,11 @@ class MetaPolicyAdapter:
         if not state:
             self.params = [self._meta_copy() for _ in range(self.batch)]
             self.inner_steps = np.zeros(self.batch, dtype=np.int64)
+            self.episodes_started = 0
+            self.rng = np.random.default_rng((self.seed, 0))
             return
         want = {f"param_{i}": (self.batch, *p.shape) for i, p in enumerate(self.meta_params)}
-        want["inner_steps"] = (self.batch,)
+        want["inner_steps"] = want["episodes_started"] = (self.batch,)
         if set(state) != set(want):
             raise ValueError(f"carried state: expected arrays {sorted(want)}, got {sorted(state)}")
         for name, shape in want.items():
@@ -207,6 +217,11 @@ class MetaPolicyAdapter:
         self.params = [[np.array(state[f"param_{i}"][b], dtype=np.float64) for i in range(len(self.meta_params))]
                        for b in range(self.batch)]
         self.inner_steps = np.array(state["inner_steps"], dtype=np.int64)
+        started = np.asarray(state["episodes_started"])
+        if (started != started[0]).any() or started[0] < 0:
+            raise ValueError(f"carried state 'episodes_started': one count >= 0 for every env, got {started.tolist()}")
+        self.episodes_started = int(started[0])
+        self.rng = np.random.default_rng((self.seed, self.episodes_started))
 
     def _rows(self, name: str, x: Any, width: int) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)

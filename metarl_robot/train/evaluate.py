@@ -176,13 +176,14 @@ class _BeliefKeepingAdapter:
 
 
 class _EpisodeAdaptingAdapter(_BeliefKeepingAdapter):
-    """An adapter that adapts at episode starts (MB-MPO's inner step) as a rollout controller for the meta-test:
-    forgotten once (a new task for every sub-env), then every episode start reaches its ``reset``, where it takes its
-    step on the episode just ended and keeps the result. It holds no belief over the task: no posterior."""
+    """An adapter that adapts at episode starts (MB-MPO's inner step) as a rollout controller for the meta-test: a
+    fresh one per meta-test (a new task for every sub-env), every episode start reaching its ``reset``, where it takes
+    its step on the episode just ended and keeps the result. It holds no belief over the task: no posterior."""
 
     def __init__(self, adapter: Any, reward_params: dict[str, np.ndarray]) -> None:
-        super().__init__(adapter, reward_params)
-        adapter.forget()
+        # A fresh adapter, not reset here: its first reset is the first episode's start, as on the robot (the count
+        # of episode starts seeds each episode's action noise).
+        self.adapter, self.params = adapter, reward_params
 
     def reset(self) -> None:
         self.adapter.reset()

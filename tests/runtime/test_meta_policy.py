@@ -109,6 +109,13 @@ def test_carried_state_round_trips_and_bad_state_is_refused():
     assert fresh.inner_steps.tolist() == [1, 1]
     for b in range(2):
         assert all(np.array_equal(x, y) for x, y in zip(fresh.params[b], adapter.params[b], strict=True))
+    # The action noise of an episode is seeded from the carried count: the restored adapter draws what the original
+    # draws next, so a replay of any episode reproduces its sampled actions.
+    obs = np.zeros((2, ROBOT.obs_dim))
+    np.testing.assert_array_equal(fresh.act(obs, {"target_x": 0.0})[0], adapter.act(obs, {"target_x": 0.0})[0])
+    assert state["episodes_started"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="one count"):
+        fresh.restore(dict(state, episodes_started=np.array([1, 2])))
     with pytest.raises(ValueError, match="expected arrays"):
         fresh.restore({k: v for k, v in state.items() if k != "inner_steps"})
     bad = dict(state, param_0=state["param_0"][:1])
