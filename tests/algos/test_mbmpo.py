@@ -18,11 +18,10 @@ from metarl_robot.spec.robot import load_robot
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.config import load_config
 from metarl_robot.train.runner import load_trained, train
+from tests.conftest import MBMPO_TINY
 
 CONFIG = REPO_ROOT / "configs" / "mbmpo_cartpole_swingup.yaml"
-TINY = {"loop.iterations": 2, "loop.random_episodes": 4, "loop.tasks_per_iteration": 2, "training.grad_steps": 20,
-        "mbmpo.meta_steps": 2, "mbmpo.imagined_tasks": 4, "mbmpo.rollouts_per_task": 4, "mbmpo.imagined_horizon": 12,
-        "name": "tiny"}
+TINY = MBMPO_TINY
 
 
 @pytest.mark.parametrize(("overrides", "field", "fragment"), [
