@@ -361,6 +361,37 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
         assert replay.logged.context_var[episode.adapted][-1].max() < 1.0
 
 
+def test_meta_policy_adapts_between_the_nodes_episodes_and_each_replays_exactly(colcon_install, tmp_path, domain_id,
+                                                                                cleanup, meta_policy_bundle):
+    # MB-MPO on the robot: episode 1 runs the meta-policy; the next activation's reset takes the inner step on it,
+    # and episode 2 acts with the adapted weights, logged at its start with the count that seeds its noise.
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    procs, clients = cleanup
+    bundle = load_bundle(meta_policy_bundle)
+    twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
+    procs.append(twin)
+    client = RosClient(domain_id)
+    clients.append(client)
+    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=30, bundle=str(meta_policy_bundle))
+    procs.append(node)
+    node.wait_for(lambda t: "finished: episode_steps reached (30); deactivating" in t, "episode 1 end")
+    change = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE))
+    client.wait_for(lambda: client.call(ChangeState, f"/{NODE}/change_state", change).success, "reactivation")
+    node.wait_for(lambda t: t.count("finished: episode_steps reached (30); deactivating") == 2, "episode 2 end")
+    assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+    first, second = the_log(tmp_path, 1), the_log(tmp_path, 2)
+    assert first.adapter_state["inner_steps"].tolist() == [0] and second.adapter_state["inner_steps"].tolist() == [1]
+    assert second.adapter_state["episodes_started"].tolist() == [2]
+    assert not np.allclose(first.adapter_state["param_0"], second.adapter_state["param_0"])  # the step was taken
+    assert (second.adaptation["inner_steps"][second.adapted] == 1).all()
+    for episode in (first, second):  # the second too: its noise was reseeded from what its log carries
+        replay = replay_episode(episode.path, bundle)
+        assert replay.counterfactual.reproduced, replay.counterfactual
+        assert not any("continued" in note for note in replay.notes)
+
+
 def test_online_bundle_tells_the_twins_actuator_delay_through_the_node(colcon_install, tmp_path, domain_id,
                                                                       cleanup):
     """A twin whose motors apply each command one period late (``--effect delay=1``) reports the applied (late)
