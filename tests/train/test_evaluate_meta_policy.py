@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metarl_robot.algos.mbmpo import PolicyController
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.train.evaluate import evaluate
 from metarl_robot.train.gap import run_episodes
@@ -34,21 +35,9 @@ def test_the_meta_test_is_the_adapter_stepping_between_episodes(meta_policy_bund
     task = bundle.family.sample(np.random.default_rng(5), "test", 1)[0]
     report = evaluate(meta_policy_bundle, tmp_path / "eval", tasks=[task], seed=4, oracle=False, progress=False)
 
-    class Direct:  # what a robot runs: the bundle's adapter, reset at every episode start
-        def __init__(self) -> None:
-            self.adapter = bundle.make_adapter(batch=1, seed=4)
-            self.params = {k: np.array([task[k]]) for k in bundle.family.reward_names}
-
-        def reset(self) -> None:
-            self.adapter.reset()
-
-        def act(self, obs):
-            return self.adapter.act(obs, self.params)[0]
-
-        def observe(self, obs, sent_action, next_obs):
-            self.adapter.observe(obs, sent_action, next_obs)
-
-    direct = Direct()
+    # What a robot runs: the bundle's adapter, reset at every episode start.
+    direct = PolicyController(bundle.make_adapter(batch=1, seed=4),
+                              {k: np.array([task[k]]) for k in bundle.family.reward_names})
     returns = [float(run_episodes(bundle.family, bundle.robot, [task], [4], direct, False).returns[0])
                for _ in range(3)]
     assert direct.adapter.inner_steps.tolist() == [2]
