@@ -155,7 +155,7 @@ def test_adversarial_sampler_grades_the_first_posterior_episode_from_the_oracles
       "posterior_episodes + extra_rl_episodes must be >= 1"),
      (CONFIG, {"loop.task_sampler": "adversarial", "loop.adversary.reward_gradient": True},
       "loop.adversary.reward_gradient", "algo context_mbrl only"),
-     (CONFIG, {"model.hidden": 64}, "model", "read by algo context_mbrl, online_mbrl only"),
+     (CONFIG, {"model.hidden": 64}, "model", "read by algo context_mbrl, online_mbrl, mbmpo only"),
      ("configs/mb_cartpole_swingup.yaml", {"pearl.meta_batch": 4}, "pearl", "read by algo pearl only"),
      (CONFIG, {"algo": "rma"}, "algo", "'context_mbrl', 'pearl'")],
 )
