@@ -44,8 +44,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/planner_latency.py --bundle policies/cartpole_mb > runs/bench/planner_latency.json
 	$(BIN)/python bench/node_latency.py > runs/bench/node_latency.json
 	$(BIN)/python bench/context_policy_latency.py > runs/bench/context_policy_latency.json
-	@echo "wrote runs/bench/env_steps.json, planner_latency.json, node_latency.json and context_policy_latency.json" \
-		"(see docs/BENCHMARKS.md)"
+	$(BIN)/python bench/meta_policy_latency.py --bundle policies/cartpole_mbmpo > runs/bench/meta_policy_latency.json
+	@echo "wrote runs/bench/env_steps.json, planner_latency.json, node_latency.json, context_policy_latency.json" \
+		"and meta_policy_latency.json (see docs/BENCHMARKS.md)"
 
 clean-venv:
 	rm -rf $(VENV)
