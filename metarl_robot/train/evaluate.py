@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metarl_robot.algos.mbmpo import PolicyController
 from metarl_robot.algos.mpc_controller import MPCController
 from metarl_robot.algos.pearl_controller import PEARLController, Posterior, family_reward_fn
 from metarl_robot.envs.out_of_family import OutOfFamily
@@ -111,7 +112,9 @@ class _Source:
         if self.bundle_class.meta_test_resets:  # it adapts at episode starts (MB-MPO): the robot's own adapter
             adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed) if self.bundle is not None \
                 else self.algo.make_policy_adapter(batch, seed)
-            return _EpisodeAdaptingAdapter(adapter, params), {
+            # A fresh adapter, reset at every episode start (the first included) as the node resets it: it steps
+            # there on the episode just ended and keeps the result.
+            return PolicyController(adapter, params), {
                 "deterministic": False, "adapts": "one inner step at each episode start, kept across episodes",
                 "runtime": f"{type(adapter).__name__} ({'ONNX' if self.bundle is not None else 'the run'}'s policy, "
                            "numpy inner step), as on the robot: actions sampled"}
@@ -173,22 +176,6 @@ class _BeliefKeepingAdapter:
 
     def posterior(self) -> Posterior:
         return Posterior(*self.adapter.posterior())
-
-
-class _EpisodeAdaptingAdapter(_BeliefKeepingAdapter):
-    """An adapter that adapts at episode starts (MB-MPO's inner step) as a rollout controller for the meta-test: a
-    fresh one per meta-test (a new task for every sub-env), every episode start reaching its ``reset``, where it takes
-    its step on the episode just ended and keeps the result. It holds no belief over the task: no posterior."""
-
-    def __init__(self, adapter: Any, reward_params: dict[str, np.ndarray]) -> None:
-        # A fresh adapter, not reset here: its first reset is the first episode's start, as on the robot (the count
-        # of episode starts seeds each episode's action noise).
-        self.adapter, self.params = adapter, reward_params
-
-    def reset(self) -> None:
-        self.adapter.reset()
-
-    posterior = None
 
 
 class _PredictionErrorRecorder(MPCController):
@@ -379,7 +366,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
     try:
         for column in columns:
-            if controller.posterior is not None:  # the belief z is drawn from at this episode's reset
+            if hasattr(controller, "posterior"):  # the belief z is drawn from at this episode's reset
                 belief_var[column] = controller.posterior().var.mean(axis=1)
             ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
             ret[column], success[column] = ep.returns, episode_success(fam, ep.components)
