@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from metarl_robot.runtime.policy_gradient import policy_features
 
     bundle = load_bundle(args.bundle, threads=1)
-    if bundle.kind != "meta_policy":
-        parser.error(f"{args.bundle} is a {bundle.kind} bundle; this benchmark times meta_policy bundles")
+    # A capability, not a name: a policy graph with weights as inputs and an adapter that steps between episodes.
+    if not (bundle.meta_test_resets and "policy" in bundle.graphs):
+        parser.error(f"{args.bundle} is a {bundle.kind} bundle; this benchmark times bundles whose policy adapts "
+                     "between episodes (meta_policy)")
     robot, family = bundle.robot, bundle.family
     session = bundle.graphs["policy"].session
     names = [i.name for i in session.get_inputs()]
