@@ -361,14 +361,16 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
         assert replay.logged.context_var[episode.adapted][-1].max() < 1.0
 
 
-def test_meta_policy_adapts_between_the_nodes_episodes_and_each_replays_exactly(colcon_install, tmp_path, domain_id,
-                                                                                cleanup, meta_policy_bundle):
-    # MB-MPO on the robot: episode 1 runs the meta-policy; the next activation's reset takes the inner step on it,
-    # and episode 2 acts with the adapted weights, logged at its start with the count that seeds its noise.
+def test_shipped_meta_policy_adapts_between_the_nodes_episodes_and_each_replays_exactly(colcon_install, tmp_path,
+                                                                                        domain_id, cleanup):
+    # MB-MPO on the robot, with the shipped bundle (policies/cartpole_mbmpo): episode 1 runs the meta-policy; the
+    # next activation's reset takes the inner step on it, and episode 2 acts with the adapted weights, logged at its
+    # start with the count that seeds its noise.
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
 
     procs, clients = cleanup
+    meta_policy_bundle = REPO_ROOT / "policies" / "cartpole_mbmpo"
     bundle = load_bundle(meta_policy_bundle)
     twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
     procs.append(twin)
