@@ -11,8 +11,8 @@ EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
   1. train in sim          (families, robot, tasks, rollout, train, eval, demo)
   2. ros2 launch on robot  (export, calibrate-safety, sim-robot, keys; the node: ros2_ws/src/metarl_robot_ros)
-  3. replay logged runs    (replay, identify, calibrate-noise, retrain, import-log; logs:
-                           docs/episode_log.md, docs/replay.md)
+  3. replay logged runs    (replay, identify, calibrate-noise, retrain, import-log, dataset; logs:
+                           docs/episode_log.md, docs/replay.md, docs/datasets.md)
 Robots live in sim/robots/<robot>/ (MJCF + robot.yaml); task families in sim/tasks/<family>.yaml.
 See docs/robot_spec.md and docs/task_families.md.
 """
@@ -29,12 +29,13 @@ EFFECTS_FILE_HELP = ("YAML mapping of out-of-family effects (delay_periods, join
 
 
 EXTRA_OF_MODULE = {"torch": "train", "tensorboard": "train", "onnxscript": "train", "mujoco": "sim",
-                   "gymnasium": "sim", "tqdm": "sim", "matplotlib": "replay", "rosbags": "replay", "rclpy": "ros"}
+                   "gymnasium": "sim", "tqdm": "sim", "matplotlib": "replay", "rosbags": "replay", "rclpy": "ros",
+                   "minari": "dataset", "h5py": "dataset"}
 """Optional third-party modules → the pyproject extra that installs them (``pip install metarl-robot`` alone is the
 robot side: :func:`main` turns a missing one into a one-line hint instead of a traceback)."""
 EXTRA_OF_COMMAND = {"robot": "sim", "rollout": "sim", "sim-robot": "sim", "identify": "sim", "calibrate-safety": "sim",
                     "train": "train", "eval": "train", "export": "train", "retrain": "train",
-                    "demo": "train,ros,dev", "replay": "replay", "import-log": "replay"}
+                    "demo": "train,ros,dev", "replay": "replay", "import-log": "replay", "dataset": "dataset"}
 """The extras a command needs in full, named instead of the missing module's own so one install is enough (a
 command not listed runs on the robot side alone)."""
 
@@ -333,6 +334,161 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _dataset_output(args: argparse.Namespace, dataset) -> int:
+    """Write a built dataset (Minari first, so a refused id leaves nothing half-written) and print what it holds."""
+    from metarl_robot.replay.dataset import META_FILE, default_minari_id, write_minari
+
+    out = Path(args.out)
+    if not args.no_minari:
+        dataset_id = args.minari_id or default_minari_id(dataset)
+        folder = write_minari(dataset, dataset_id, args.minari_dir, overwrite=args.overwrite)
+    dataset.save(out, overwrite=args.overwrite)
+    print(dataset.report.summary())
+    print(dataset.summary())
+    print(f"wrote {out / 'dataset.npz'} and {out / META_FILE}")
+    if not args.no_minari:
+        print(f"wrote Minari dataset {dataset_id!r} to {folder} (minari.load_dataset({dataset_id!r}) with "
+              f"MINARI_DATASETS_PATH={dataset.minari['root']})")
+    return 0
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    if args.dataset_command is None:
+        args.dataset_parser.print_help()
+        return 0
+    from metarl_robot.replay.dataset import check_output, load_dataset
+
+    if args.dataset_command == "info":
+        dataset = load_dataset(args.folder)
+        if args.json:
+            from dataclasses import asdict
+
+            print(json.dumps(asdict(dataset.report), indent=1))
+            return 0
+        print(dataset.summary())
+        print(dataset.report.summary())
+        if dataset.minari:
+            print(f"  Minari copy: {dataset.minari['dataset_id']!r} under {dataset.minari['root']}")
+        return 0
+    check_output(args.out, args.overwrite)  # before the work: a build may take minutes
+    if not args.no_minari:
+        import minari  # noqa: F401 -- a missing extra fails here, before any work
+
+        from metarl_robot.replay.dataset import check_minari_target
+
+        if args.minari_id:
+            check_minari_target(args.minari_id, args.minari_dir, args.overwrite)
+
+    progress = print if args.verbose else None
+    if args.dataset_command == "collect":
+        from metarl_robot.real2sim.sim_dataset import collect_dataset
+
+        logs = Path(args.logs) if args.logs else Path(args.out) / "logs"
+        dataset = collect_dataset(args.policy, args.family, logs, tasks=args.tasks, episodes=args.episodes,
+                                  steps=args.steps, split=args.split, seed=args.seed, adapt=not args.no_adapt,
+                                  progress=progress)
+        return _dataset_output(args, dataset)
+    from functools import partial
+
+    from metarl_robot.replay.dataset import build_dataset
+
+    identifier = None
+    if args.label in ("identify", "auto"):
+        from metarl_robot.real2sim.identify import IdentifyConfig, parse_noise_std
+        from metarl_robot.real2sim.sim_dataset import identify_label
+
+        config = IdentifyConfig(restarts=args.identify_restarts, iterations=args.identify_iterations,
+                                population=args.identify_population, seed=args.seed)
+        identifier = partial(identify_label, config=config, noise_std=parse_noise_std(args.noise_std))
+    dataset = build_dataset(args.logs, args.family, robot=args.robot, label=args.label, identifier=identifier,
+                            keep=args.keep, min_transitions=args.min_transitions, progress=progress)
+    return _dataset_output(args, dataset)
+
+
+def _add_dataset_parser(sub: argparse._SubParsersAction) -> None:
+    """``metarl dataset {build,collect,info}``. The label modes and flags are named in the help, not imported: --help
+    loads nothing (tests/replay/test_dataset.py checks the help names every one)."""
+    p = sub.add_parser("dataset", help="offline datasets from episode logs and sim rollouts (ours + Minari)",
+                       description="Build multi-task offline-RL datasets: flat transitions (observations, actions, "
+                       "rewards from the family's reward, next observations, terminations, truncations) with episode "
+                       "boundaries and each episode's task label and provenance, written as our format (OUT/"
+                       "dataset.npz + OUT/dataset.json) and as a Minari dataset, which offline-RL tools read. "
+                       "'build' reads episode logs (the node's, sim recordings; CSV, NPZ and rosbag2 recordings go "
+                       "through 'metarl import-log' first), 'collect' runs a policy on tasks of a family in sim and "
+                       "builds from its logs, 'info' prints a dataset's contents and report. Nothing is dropped "
+                       "silently: every log is kept (perhaps flagged) or excluded with its reason, and the report "
+                       "counts the transitions not kept by reason. See docs/datasets.md.")
+    p.set_defaults(func=_cmd_dataset, dataset_parser=p)
+    dsub = p.add_subparsers(dest="dataset_command", metavar="{build,collect,info}")
+
+    def outputs(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--out", required=True, help="dataset folder to write (dataset.npz, dataset.json)")
+        q.add_argument("--overwrite", action="store_true", help="replace a dataset in --out and the Minari dataset "
+                       "of the same id")
+        q.add_argument("--minari-id", metavar="ID", help="Minari dataset id, namespace/name-v<N> (default: "
+                       "metarl/<family>-<policy>-v0, e.g. metarl/cartpole_swingup-random-v0; 'mixed' for several "
+                       "policies)")
+        q.add_argument("--minari-dir", metavar="DIR", help="root folder of Minari datasets (default: "
+                       "$MINARI_DATASETS_PATH, else ~/.minari/datasets)")
+        q.add_argument("--no-minari", action="store_true", help="write our format only (no minari needed)")
+        q.add_argument("--verbose", action="store_true", help="a line per log")
+
+    q = dsub.add_parser("build", help="a dataset from episode logs",
+                        description="Read episode logs (MCAP, docs/episode_log.md; folders give their *.mcap) of one "
+                        "robot, keep the transitions that are what they claim (the adapter's command went out and "
+                        "ran, the next frame is the next one, one control period later, all finite), cut episodes at "
+                        "the others, label each log's task, compute rewards with the family's reward and write the "
+                        "dataset and its report. A log of another robot is an error naming both. Foreign recordings "
+                        "(CSV, NPZ, rosbag2): convert them with 'metarl import-log' first.")
+    q.add_argument("logs", nargs="+", help="episode logs (.mcap) or folders of them")
+    q.add_argument("--family", required=True, help="task family of the labels and rewards, e.g. cartpole_swingup")
+    q.add_argument("--robot", help="robot the logs must be of: a name or robot.yaml path (default: the first log's)")
+    q.add_argument("--label", default="sim", help="task labels: sim (the task the log recorded, known in sim and "
+                   "on the twin; logs without one are excluded, flag no_task), identify (identification from the "
+                   "log, metarl identify; a log the family does not explain is excluded, flag not_explained), "
+                   "unknown (NaN labels; rewards from the reward parameters the node logged), auto (sim where the "
+                   "log recorded a task, identify elsewhere) (default: sim)")
+    q.add_argument("--keep", action="append", default=[], metavar="FLAG", help="keep the logs with this flag "
+                   "(flagged) instead of excluding them, repeatable: no_task (as unknown), not_explained, "
+                   "no_reward_params (rewards NaN)")
+    q.add_argument("--min-transitions", type=int, default=1, metavar="N",
+                   help="shortest run of usable transitions kept as an episode (default: 1)")
+    q.add_argument("--noise-std", action="append", metavar="STD|FIELD=STD", help="identification: the sensor noise "
+                   "its fit is tested against, as metarl identify --noise-std (default: robot.yaml's)")
+    q.add_argument("--identify-restarts", type=int, metavar="N", default=3,
+                   help="identification: CEM restarts (default: 3)")
+    q.add_argument("--identify-iterations", type=int, metavar="N", default=20,
+                   help="identification: CEM iterations per restart (default: 20)")
+    q.add_argument("--identify-population", type=int, metavar="N", default=48,
+                   help="identification: candidates per iteration (default: 48)")
+    q.add_argument("--seed", type=int, default=0, help="identification's seed (default: 0)")
+    outputs(q)
+
+    q = dsub.add_parser("collect", help="a dataset of sim rollouts: a policy on tasks of a family",
+                        description="Draw TASKS tasks from a family's split with SEED, run the policy EPISODES "
+                        "episodes on each in MuJoCo (one adapter per task through its episodes, reset at each start "
+                        "as the ROS 2 node does), write every episode as an episode log with its true task "
+                        "(OUT/logs by default) and build the dataset from them (labels: sim). The same arguments "
+                        "give the same dataset.")
+    q.add_argument("--policy", required=True, help="'random' (uniform random commands within the robot's limits) "
+                   "or a bundle folder, e.g. policies/cartpole_mb")
+    q.add_argument("--family", help="task family (default: the bundle's; required with --policy random)")
+    q.add_argument("--split", choices=["train", "test"], default="train", help="task split (default: train)")
+    q.add_argument("--tasks", type=int, default=4, help="tasks drawn (default: 4)")
+    q.add_argument("--episodes", type=int, default=2, help="episodes per task (default: 2)")
+    q.add_argument("--steps", type=int, help="control steps per episode (default: the family's episode length)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the tasks, initial states and policies (default: 0)")
+    q.add_argument("--no-adapt", action="store_true", help="the bundle's adaptation off")
+    q.add_argument("--logs", metavar="DIR", help="where the episode logs go (default: OUT/logs; must hold none)")
+    outputs(q)
+
+    q = dsub.add_parser("info", help="what a dataset holds, and its report",
+                        description="Load a dataset folder (checking it) and print its episodes, tasks, labels, "
+                        "policies, returns and the build report (kept, flagged and excluded logs).")
+    q.add_argument("folder", help="dataset folder (dataset.npz + dataset.json)")
+    q.add_argument("--json", action="store_true", help="print the report's totals as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metarl",
@@ -627,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "npz", "rosbag2"], help="input format (default: from the extension)")
     p.add_argument("--out", required=True, help="episode log to write (.mcap; must not exist)")
     p.set_defaults(func=_cmd_import_log)
+
+    _add_dataset_parser(sub)
 
     p = sub.add_parser("identify", help="identify a family's dynamics parameters from a logged episode (real-to-sim)",
                        description="Replay the logged commands in MuJoCo from the logged states (multiple shooting: "

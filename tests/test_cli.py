@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 COMMANDS = ["families", "robot", "tasks", "rollout", "train", "export", "eval", "demo", "sim-robot", "keys",
-            "calibrate-safety", "calibrate-noise", "retrain", "import-log", "replay", "identify"]
+            "calibrate-safety", "calibrate-noise", "retrain", "import-log", "replay", "identify", "dataset"]
 
 
 def metarl(*args: str, cwd=None) -> subprocess.CompletedProcess:

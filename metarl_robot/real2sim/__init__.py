@@ -2,6 +2,8 @@
 
 - :mod:`~metarl_robot.real2sim.identify`: the task parameters that best explain a logged episode (``metarl identify``).
 - :mod:`~metarl_robot.real2sim.sim_record`: an episode log recorded from a MuJoCo rollout (demo, tests).
+- :mod:`~metarl_robot.real2sim.sim_dataset`: sim rollouts collected as logs for offline datasets, labels by
+  identification (``metarl dataset``).
 - :mod:`~metarl_robot.real2sim.twin`: the digital twin, a MuJoCo robot behind the telemetry protocol
   (``metarl sim-robot``).
 

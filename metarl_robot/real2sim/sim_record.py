@@ -22,6 +22,7 @@ import numpy as np
 
 from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.logs.writer import EpisodeLogWriter
+from metarl_robot.runtime.adapter import Adapter
 from metarl_robot.runtime.manifest import LoadedBundle
 
 ROBOT_EPOCH_NS = 1_000_000_000
@@ -35,7 +36,7 @@ COMPUTE_NS = 2_000_000
 def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str | Path, steps: int, seed: int = 0,
                        adapt: bool = True, obs_noise: float = 0.0, lost_steps: Collection[int] = (),
                        safe_steps: Collection[int] = (), carried: Mapping[str, np.ndarray] | None = None,
-                       effects: OutOfFamily | None = None) -> Path:
+                       effects: OutOfFamily | None = None, adapter: Adapter | None = None, episode: int = 1) -> Path:
     """Run ``bundle``'s adapter on its family's MuJoCo env with ``task`` for ``steps`` control steps; log it.
 
     ``task``: parameters of the bundle's task family (validated by the env; missing ones are refused).
@@ -55,6 +56,11 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
     carried_state`, e.g. an online model's fit), restored before the first step and logged as the node logs it.
     ``effects``: out-of-family effects of the simulated robot (docs/out_of_family.md), recorded in the log's
     metadata; the robot does not know them (a motor-side ``delay`` is not in ``applied_command_seq``).
+    ``adapter``: drive this adapter of ``bundle`` (batch 1) instead of a fresh one, as the node drives its one adapter
+    through every episode: it is reset at the start (what persists across episodes is kept, and logged), so a caller
+    that passes the same adapter to consecutive episodes gets the node's cross-episode adaptation; ``carried`` and
+    ``adapt`` are then the adapter's business (``carried`` is refused). ``episode``: the episode number the log records
+    (the node counts its episodes from 1).
     """
     from metarl_robot.envs.registry import make_env
 
@@ -66,6 +72,8 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
         outside = sorted(k for k in chosen if not (isinstance(k, int) and 0 <= k < steps))
         if outside:
             raise ValueError(f"{name} must be step indices in [0, {steps}), got {outside}")
+    if adapter is not None and carried is not None:
+        raise ValueError("carried: give it or an adapter to drive, not both (a driven adapter carries its own state)")
     if 0 in lost_steps:
         raise ValueError("lost_steps: step 0 cannot be lost (the log would start without a command to hold)")
     lost, safe = frozenset(lost_steps), frozenset(safe_steps)
@@ -77,15 +85,18 @@ def record_sim_episode(bundle: LoadedBundle, task: Mapping[str, Any], path: str 
     try:
         true_obs, info = env.reset(seed=seed, options={"task": dict(task)})
         task_params = env.unwrapped.reward_params
-        adapter = bundle.make_adapter(batch=1, seed=seed, **bundle.adapter_switches(adapt))
-        adapter.restore(carried or {})
+        if adapter is None:
+            adapter = bundle.make_adapter(batch=1, seed=seed, **bundle.adapter_switches(adapt))
+            adapter.restore(carried or {})
+        else:
+            adapter.reset()  # a new episode, as the node's activation does
         period_ns = round(robot.ctrl_dt * 1e9)
         t0 = time.monotonic_ns()
         prev_obs: np.ndarray | None = None
         applied: np.ndarray | None = None
         command = sent = np.asarray(robot.safe_action, dtype=np.float64)
         applied_seq = 0  # the command the robot ran during the period before this frame (0: the safe one)
-        extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": 1,
+        extra = {"source": "metarl_robot.real2sim.sim_record", "adapt": adapt, "seed": seed, "episode": episode,
                  "obs_noise": obs_noise, "lost_steps": sorted(lost), "safe_steps": sorted(safe),
                  "out_of_family": None if effects is None else effects.record()}
         with EpisodeLogWriter(path, robot, bundle=bundle, task=info["task"], extra_metadata=extra,
