@@ -12,14 +12,16 @@ the reset with ``--seed`` gives, as the eval's meta-test):
    return, and the data the steps are taken on.
 2. For each pooled size K (``--pooled``) and step size (``--step-sizes``; default: the bundle's own, x3, x10): the
    E episodes of a task are cut into E/K groups of K; one step from the meta-parameters on each group (the robot's
-   numpy step, the gradient averaged over the K episodes: K = 1 is exactly the step the robot takes between its
-   episodes) gives E/K adapted policies per task; each runs K episodes (E per task in all, as in 1.).
+   own step, ``MetaPolicyAdapter.step_on`` on the K episodes pooled: K = the bundle's ``episodes_per_step`` at its
+   step size is exactly the step the robot takes after its first K episodes) gives E/K adapted policies per task;
+   each runs K episodes (E per task in all, as in 1.).
 3. Per task and setting: the adapted policies' mean return minus the meta-policy's, with its standard error over
    the episodes; over tasks: the mean gain, its standard error across tasks and the tasks it raises.
 
 K = 1 at the bundle's step size is issue 19's "one inner step improves the return on average" measured on E
 adaptations per task instead of the eval's one. Larger K shows what a less noisy gradient would give at the same
-step: if it helps where K = 1 does not, the one-episode gradient's noise is the limit, not the meta-policy.
+step: if it helps where K = 1 does not, the one-episode gradient's noise is the limit, not the meta-policy (it was:
+the robot now pools ``episodes_per_step`` episodes per step, docs/mbmpo.md).
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from metarl_robot.envs.rollout import make_vector_env
     from metarl_robot.runtime.bundle import load_bundle
-    from metarl_robot.runtime.meta_policy import MetaPolicyAdapter
-    from metarl_robot.runtime.policy_gradient import advantages, inner_step, policy_features
+    from metarl_robot.runtime.meta_policy import MetaPolicyAdapter, PolicyEpisode
     from metarl_robot.train.gap import run_episodes
 
     started = time.perf_counter()
@@ -116,25 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         meta_returns = meta_rewards.sum(axis=1).reshape(n, e)
         print(f"meta-policy: mean return {meta_returns.mean():.1f} over {n} tasks x {e} episodes", file=sys.stderr)
         meta = [np.asarray(p, dtype=np.float64) for p in adapter.meta_params]
-        feats = policy_features(robot, meta_obs)  # (N, T, F)
+        recorded = [PolicyEpisode(*ep) for ep in zip(meta_obs, meta_samples, meta_rewards, strict=True)]
         settings: list[dict[str, Any]] = []
         for k in args.pooled:
             for alpha in step_sizes:
                 adapted = []
                 for j0 in range(0, n * e, k):  # one step per group of k consecutive episodes of one task
-                    rows = slice(j0, j0 + k)
-                    adv = advantages(meta_rewards[rows], feats[rows], inner.discount, inner.baseline_reg)
-                    new = inner_step(meta, feats[rows].reshape(-1, feats.shape[-1]),
-                                     meta_samples[rows].reshape(-1, meta_samples.shape[-1]), adv.reshape(-1), alpha)
-                    adapted.extend([new] * k)
-                if k == 1 and alpha == inner.step_size:  # the robot's own step, checked, not assumed
-                    robot_step = adapter.step_on(meta, meta_obs[0], meta_samples[0], meta_rewards[0])
-                    assert all(np.array_equal(a, b) for a, b in zip(robot_step, adapted[0], strict=True))
+                    adapted.extend([adapter.step_on(meta, recorded[j0:j0 + k], step_size=alpha)] * k)
                 returns = episodes(adapted)[0].sum(axis=1).reshape(n, e)
                 gain = returns.mean(axis=1) - meta_returns.mean(axis=1)
                 se = np.sqrt(returns.var(axis=1, ddof=1) / e + meta_returns.var(axis=1, ddof=1) / e)
                 settings.append({
-                    "pooled_episodes": k, "step_size": alpha, "robot_step": k == 1 and alpha == inner.step_size,
+                    "pooled_episodes": k, "step_size": alpha,
+                    "robot_step": k == inner.episodes_per_step and alpha == inner.step_size,
                     "mean_return": float(returns.mean()), "mean_gain": float(gain.mean()),
                     "gain_se_across_tasks": float(gain.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
                     "tasks_raised": int(np.count_nonzero(gain > 0)),
@@ -147,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "bench": "mbmpo_inner_step", "bundle": str(args.bundle), "family": fam.name, "split": args.split,
         "seed": args.seed, "episodes_per_task": e, "bundle_step_size": inner.step_size,
+        "bundle_episodes_per_step": inner.episodes_per_step,
         "tasks": [{k: float(v) for k, v in t.items()} for t in tasks],
         "meta_policy": {"mean_return": float(meta_returns.mean()),
                         "per_task": [float(r) for r in meta_returns.mean(axis=1)]},

@@ -180,9 +180,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"last iteration {final['iteration']}: mean return {final['episode_return']:.2f} exploring, "
               f"{final['posterior_return']:.2f} under the posterior; {int(final['episodes'])} episodes collected, "
               f"{int(final['transitions'])} transitions of {int(final['tasks'])} tasks in the replay")
-    elif final:
+    elif final and "episode_return" in final:
         print(f"last iteration {final['iteration']}: mean episode return {final['episode_return']:.2f}, "
               f"{int(final['episodes'])} episodes / {int(final['transitions'])} transitions in the buffer")
+    elif final:  # an offline algorithm (macaw): no episodes, its own summary line
+        print(f"last iteration {final['iteration']}: {summary.get('line', '')}")
     return 0
 
 
@@ -211,7 +213,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if report["out_of_family"]:
         print(f"out-of-family effects: {report['out_of_family']['label']}")
     meta_test = "exploration_episodes" in report
-    if meta_test:  # returns after 0, 1, 2 exploration episodes, and their gaps
+    if meta_test:  # returns after 0, 1, 2 exploration episodes (MB-MPO: 0, K, 2K), and their gaps
         after = [f"after_{k}" for k in report["exploration_episodes"]]
         columns = [f"return_{c}" for c in after] + ["return_oracle"] + [f"gap_{c}" for c in after]
         names = [*after, "oracle", *(f"gap_{k}" for k in report["exploration_episodes"])]
@@ -547,12 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "model's imagination so that one policy-gradient step on an episode adapts it; real data is "
                        "one episode of it and one after that step, per task (docs/mbmpo.md). algo pearl: iterations "
                        "of exploration rounds on new tasks and SAC updates of a context-conditioned policy "
-                       "(docs/pearl.md). Writes the run folder: "
-                       "resolved config, metrics.csv, tasks.jsonl, TensorBoard events, versioned checkpoints, the "
-                       "data (buffer.npz or replay.npz). Resume an interrupted run with --resume <run folder>.")
+                       "(docs/pearl.md). algo macaw: offline, no env: a value function and a policy meta-trained "
+                       "with MAML on the config's dataset (metarl dataset) so that a few advantage-weighted "
+                       "regression steps on a new task's trajectories adapt them (docs/macaw.md). Writes the run "
+                       "folder: resolved config, metrics.csv, tasks.jsonl, TensorBoard events, versioned checkpoints, "
+                       "the data (buffer.npz or replay.npz; macaw: dataset_ref.json). Resume an interrupted run with "
+                       "--resume <run folder>.")
     p.add_argument("config", nargs="?", help="run config YAML, e.g. configs/mb_cartpole_swingup.yaml, "
-                   "configs/online_cartpole_swingup.yaml, configs/mbmpo_cartpole_swingup.yaml or "
-                   "configs/pearl_cartpole_swingup.yaml")
+                   "configs/online_cartpole_swingup.yaml, configs/mbmpo_cartpole_swingup.yaml, "
+                   "configs/pearl_cartpole_swingup.yaml or configs/macaw_cartpole_swingup.yaml")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--name", help="run folder name (default: <algo>_<family>_s<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder from its latest checkpoint")
@@ -586,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-cache", metavar="FILE", help="JSON file of oracle returns reused across evaluations "
                    "with the same family, planner and seed (created if missing): the oracle runs once per task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a planner setting, e.g. --set samples=64 --set horizon=30 (for PEARL: the "
-                   "oracle's planner)")
+                   help="override a planner setting, e.g. --set samples=64 --set horizon=30 (for PEARL and MB-MPO: "
+                   "the oracle's planner); for MB-MPO also --set episodes_per_step=K (episodes pooled per inner step)")
     p.add_argument("--effect", action="append", default=[], metavar="KIND=VALUE", help=EFFECT_HELP + "; every "
                    "episode (adapted, unadapted, oracle) runs with them, and eval.json records them")
     p.add_argument("--effects", metavar="FILE", help=EFFECTS_FILE_HELP)

@@ -87,6 +87,15 @@ def test_twin_task_of_a_context_policy_evaluation_is_swung_up_from_the_prior_bel
         ood_task_the_bundle_swings_up(_eval_json(tmp_path, rows[2:]))
 
 
+def test_twin_task_of_a_pooling_meta_policy_evaluation_reads_its_own_columns(tmp_path: Path):
+    # MB-MPO evaluated with episodes_per_step 2: the columns are after 0, 2 and 4 episodes.
+    row = {"ood": True, "success_after_0": True, "success_after_2": True, "success_after_4": True,
+           "return_after_0": 150.0}
+    rows = [{**row, "task": {"i": 0}, "success_after_4": False, "return_after_0": 190.0},
+            {**row, "task": {"i": 1}}]
+    assert ood_task_the_bundle_swings_up(_eval_json(tmp_path, rows)) == {"i": 1}
+
+
 def test_shipped_pearl_bundle_gets_a_twin_task_from_its_own_evaluation():
     eval_json = REPO_ROOT / "policies" / "cartpole_pearl" / "eval" / "eval.json"
     rows = json.loads(eval_json.read_text())["tasks"]

@@ -3,9 +3,10 @@ vanilla policy-gradient step adapts it to any member, then adapted on the robot 
 
 Read top to bottom: the configs, the imagined tasks, then the algorithm. Each iteration:
 
-1. **Real data** (:meth:`MBMPO.collect`): random actions at iteration 0; afterwards, per task, one episode of the
-   meta-policy, one inner step on it (:class:`~metarl_robot.runtime.meta_policy.MetaPolicyAdapter`, the robot's own
-   numpy code), and one episode of the adapted policy (the graded one). Both go into ``context_mbrl``'s buffer.
+1. **Real data** (:meth:`MBMPO.collect`): random actions at iteration 0; afterwards, per task, ``inner.
+   episodes_per_step`` (K, default 1) episodes of the meta-policy, one inner step on them pooled
+   (:class:`~metarl_robot.runtime.meta_policy.MetaPolicyAdapter`, the robot's own numpy code), and one episode of the
+   adapted policy (the graded one). All go into ``context_mbrl``'s buffer.
 2. **Model** (:meth:`MBMPO.update`): ``context_mbrl``'s fit of the context-conditioned ensemble on all data.
 3. **Meta-policy** (:meth:`MBMPO.meta_update`): ``meta_steps`` TRPO steps, each on fresh imagined rollouts. An
    imagined task is one ensemble member with the context of one stored real episode (and that episode's reward
@@ -42,7 +43,7 @@ from metarl_robot.models.meta_policy import (
     functional_mean,
     kl_divergence,
 )
-from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter
+from metarl_robot.runtime.meta_policy import InnerStepConfig, InnerStepError, MetaPolicyAdapter
 from metarl_robot.runtime.policy_gradient import advantages, feature_dim, policy_features, policy_mean, to_env_action
 from metarl_robot.spec.family import Task
 from metarl_robot.spec.rewards import get_reward
@@ -59,7 +60,9 @@ class MBMPOConfig:
     init_std: float = 1.0
     """Initial standard deviation of the policy in normalised action units [1.0]."""
     inner: InnerStepConfig = field(default_factory=InnerStepConfig)
-    """The inner step (step size, discount, baseline), taken the same way in imagination and on the robot."""
+    """The inner step (step size, discount, baseline), taken the same way in imagination and on the robot; its
+    ``episodes_per_step`` is the real collection's (and the exported bundle's): meta-policy episodes per task pooled
+    for the step before the adapted episode (imagination pools ``rollouts_per_task`` rollouts anyway)."""
     meta_steps: int = 30
     """TRPO meta-steps per iteration, each on fresh imagined rollouts [30]."""
     imagined_tasks: int = 8
@@ -99,9 +102,8 @@ class MBMPOConfig:
                             f"must be in [0, 1], got {self.visited_start_fraction}")
         try:
             self.inner.validate()
-        except ValueError as exc:  # "InnerStepConfig.step_size must be > 0" -> mbmpo.inner.step_size
-            name = str(exc).split()[0].split(".")[-1]
-            raise SpecError(where, f"mbmpo.inner.{name}", str(exc)) from exc
+        except InnerStepError as exc:
+            raise SpecError(where, f"mbmpo.inner.{exc.field}", str(exc)) from exc
 
 
 @dataclass
@@ -156,10 +158,11 @@ class ImaginedRollouts:
 @dataclass
 class AdaptationEpisodes(Collected):
     """An iteration's real episodes after iteration 0: per task the meta-policy's (``pre``) and, after one inner step on
-    it, the adapted policy's (``rollout``, graded)."""
+    them, the adapted policy's (``rollout``, graded)."""
 
     pre: Rollout | None = None
-    """The meta-policy's episodes, one sub-env row per task."""
+    """The meta-policy's episodes (``inner.episodes_per_step`` of them, one after another along the time axis), one
+    sub-env row per task."""
 
     def take_rows(self, index: np.ndarray) -> dict[str, Any]:
         return {**super().take_rows(index), "pre": self.pre.take(index)}
@@ -189,20 +192,24 @@ class MBMPO(ContextMBRL):
     def create(cls, cfg: MBMPOTrainConfig, robot: RobotSpec) -> MBMPO:
         return cls(robot, cfg.model, cfg.training, cfg.mbmpo, cfg.seed)
 
-    def make_policy_adapter(self, batch: int, seed: int, adapt: bool = True, deterministic: bool = False
-                            ) -> MetaPolicyAdapter:
-        """The robot's adapter over the current meta-policy (collection, evaluation of a run)."""
+    def make_policy_adapter(self, batch: int, seed: int, adapt: bool = True, deterministic: bool = False,
+                            settings: dict[str, Any] | None = None) -> MetaPolicyAdapter:
+        """The robot's adapter over the current meta-policy (collection, evaluation of a run); ``settings``: the
+        inner step's :data:`~metarl_robot.runtime.meta_policy.RUNTIME_SETTINGS` changed, as a bundle's
+        ``planner_overrides`` change them."""
+        inner = self.mbmpo.inner.with_settings(settings, "an mbmpo run's meta-policy does not plan")
         return MetaPolicyAdapter(self.robot, get_reward(self.family.spec.reward), self.policy.numpy_params(),
-                                 self.mbmpo.inner, batch=batch, seed=seed, adapt=adapt, deterministic=deterministic)
+                                 inner, batch=batch, seed=seed, adapt=adapt, deterministic=deterministic)
 
     # ---- real data ---------------------------------------------------------------------------------
     def collect(self, tasks: list[Task], iteration: int, seed: int, starts: list[int] | None = None) -> Collected:
-        """Random actions at iteration 0 (``context_mbrl``'s); afterwards per task the meta-policy's episode, one inner
-        step on it and the adapted policy's episode (graded), ``tasks_per_iteration`` sub-envs at a time. With
-        ``starts``, a task's two episodes reset with ``s`` and ``s + 1``."""
+        """Random actions at iteration 0 (``context_mbrl``'s); afterwards per task K = ``inner.episodes_per_step``
+        episodes of the meta-policy, one inner step on them pooled and the adapted policy's episode (graded),
+        ``tasks_per_iteration`` sub-envs at a time. With ``starts``, a task's episodes reset with ``s``, ``s + 1``,
+        ..., ``s + K`` (the adapted one)."""
         if iteration == 0:
             return super().collect(tasks, iteration, seed, starts)
-        run, family = self.run_cfg, self.family
+        run, family, k = self.run_cfg, self.family, self.mbmpo.inner.episodes_per_step
         num = min(run.loop.tasks_per_iteration, len(tasks))
         envs = make_vector_env(family, num, run.loop.vector)
         pre: list[Rollout] = []
@@ -216,14 +223,16 @@ class MBMPO(ContextMBRL):
                 params = {n: np.array([t[n] for t in chunk]) for n in family.reward_names}
                 controller = PolicyController(self.make_policy_adapter(num, seed + start), params)
                 keep = np.arange(len(tasks[start:start + num]))
-                pre.append(collect(envs, family, controller, chunk, 1, seed=reset).take(keep))
-                # collect() resets the controller first: the adapter takes its inner step on the episode above.
-                post.append(collect(envs, family, controller, chunk, 1, seed=[s + 1 for s in reset]).take(keep))
+                # collect() resets the controller before each episode: the adapter pools the k episodes of the
+                # meta-policy, and takes its inner step on them at the adapted episode's start.
+                pre.append(_one_after_another([collect(envs, family, controller, chunk, 1, seed=[s + j for s in reset])
+                                               .take(keep) for j in range(k)]))
+                post.append(collect(envs, family, controller, chunk, 1, seed=[s + k for s in reset]).take(keep))
         finally:
             envs.close()
         rollout = Rollout.concatenate(post)
-        return AdaptationEpisodes(rollout.episode_returns()[:, 0], episodes_per_task=2, rollout=rollout, seed=seed,
-                                  graded_start_offset=1, grading_info={"graded_episode": "adapted"},
+        return AdaptationEpisodes(rollout.episode_returns()[:, 0], episodes_per_task=k + 1, rollout=rollout,
+                                  seed=seed, graded_start_offset=k, grading_info={"graded_episode": "adapted"},
                                   pre=Rollout.concatenate(pre))
 
     def store(self, tasks: list[Task], collection: Collected) -> dict[str, Any]:
@@ -237,8 +246,8 @@ class MBMPO(ContextMBRL):
                counters: dict[str, float]) -> IterationReport:
         report = super().report(iteration, collection, fit, graded_return, counters)
         post = float(np.mean(collection.rollout.episode_returns()[:, 0]))
-        pre = float(np.mean(collection.pre.episode_returns()[:, 0])) if isinstance(collection, AdaptationEpisodes) \
-            else float("nan")  # iteration 0: random actions, no policy
+        pre = float(np.mean(collection.pre.episode_returns())) if isinstance(collection, AdaptationEpisodes) \
+            else float("nan")  # iteration 0: random actions, no policy; else the mean over the pooled episodes
         report.metrics = {**report.metrics, "pre_adaptation_return": pre, "post_adaptation_return": post,
 }
         if isinstance(collection, AdaptationEpisodes):
@@ -405,8 +414,8 @@ class MBMPO(ContextMBRL):
 
 
 class PolicyController:
-    """Collection controller: the meta-policy adapter with each env's own reward parameters (one inner step at each
-    episode start after the first)."""
+    """Collection (and meta-test) controller: the meta-policy adapter with each env's own reward parameters, reset at
+    every episode start, where it pools the episode just ended and steps on every ``episodes_per_step``-th."""
 
     def __init__(self, adapter: MetaPolicyAdapter, reward_params: dict[str, np.ndarray]) -> None:
         self.adapter, self.params = adapter, reward_params
@@ -419,6 +428,15 @@ class PolicyController:
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
         self.adapter.observe(obs, sent_action, next_obs)
+
+
+def _one_after_another(parts: list[Rollout]) -> Rollout:
+    """Single-episode rollouts of the same sub-envs as one rollout of their episodes in order (time axis)."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts], axis=1)  # noqa: E731
+    return Rollout(cat("obs"), cat("actions"), cat("next_obs"), cat("rewards"), cat("valid"),
+                   np.concatenate([p.episode_start for p in parts]), parts[0].tasks)
 
 
 def _flat(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

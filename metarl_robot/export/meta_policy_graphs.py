@@ -34,7 +34,7 @@ from metarl_robot.export.onnx_graphs import (
 )
 from metarl_robot.models.meta_policy import GaussianMLPPolicy, functional_mean
 from metarl_robot.runtime.kinds.meta_policy import PARAMS_FILE, POLICY_FILE, MetaPolicyBundle, meta_policy_interfaces
-from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter
+from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter, PolicyEpisode
 from metarl_robot.runtime.onnx_graph import make_session
 from metarl_robot.runtime.policy_gradient import feature_dim, policy_features
 from metarl_robot.spec.rewards import get_reward
@@ -130,7 +130,7 @@ def adapted_params(robot: RobotSpec, run: _Run, buffer: EpisodeBuffer, params: l
     low, high = np.asarray(robot.action_low), np.asarray(robot.action_high)
     samples = 2.0 * (act - low) / (high - low) - 1.0
     adapter = MetaPolicyAdapter(robot, reward, [p.astype(np.float64) for p in params], inner)
-    step = adapter.step_on(adapter.meta_params, obs, samples, np.asarray(rewards, dtype=np.float64))
+    step = adapter.step_on(adapter.meta_params, [PolicyEpisode(obs, samples, np.asarray(rewards, dtype=np.float64))])
     return [p.astype(np.float32) for p in step]
 
 

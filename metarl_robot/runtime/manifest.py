@@ -185,12 +185,17 @@ class LoadedBundle(ABC):
     ``~/context``); the first is the context the adapter acts with. Empty: it infers nothing."""
     meta_test_episodes: ClassVar[tuple[int, ...]] = ()
     """Non-empty: ``metarl eval`` grades the bundle by the meta-test (the return after each of these numbers of
-    exploration episodes on a task, the belief kept across them); empty: one episode per task, adapted vs
-    unadapted."""
+    exploration episodes on a task, the belief kept across them; for a kind that :attr:`meta_test_resets`, after
+    these numbers of adaptation steps, each taken on ``episodes_per_step`` episodes, so the episodes graded are these
+    times that count: MB-MPO's 0, K, 2K); empty: one episode per task, adapted vs unadapted."""
     meta_test_resets: ClassVar[bool] = False
     """For kinds with :attr:`meta_test_episodes`: True, the meta-test passes each episode start to the adapter's
     ``reset`` (it adapts there and keeps what it learned until ``forget``: MB-MPO's inner step); False, episode starts
     are hidden from it so its belief carries over (PEARL)."""
+    adapter_settings: ClassVar[tuple[str, ...]] = ()
+    """For kinds that do not plan: the settings :meth:`make_adapter`'s ``planner_overrides`` takes all the same
+    (a deployment's choice, e.g. ``meta_policy``'s ``episodes_per_step``; ``metarl eval --set`` passes them to the
+    controller). Empty: any override is refused."""
     adaptation_modes: ClassVar[dict[str, dict[str, bool]]] = {}
     """For kinds graded adapted vs unadapted: mode → the :meth:`make_adapter` switches of it, ``adapted`` (as on
     the robot) first, ``unadapted`` (no adaptation at all) last; ``metarl eval`` runs every mode."""
@@ -260,7 +265,8 @@ class LoadedBundle(ABC):
         """The kind's adapter over this bundle's graphs for ``batch`` envs, deterministic given ``seed``.
         ``adapt=False``: the unadapted controller (for comparisons). ``planner_overrides`` replaces planner
         settings (checked, unknown keys refused) where the kind :attr:`plans`; a kind that does not plan refuses
-        any (an override silently ignored would be a setting the operator believes is in force)."""
+        any but its :attr:`adapter_settings` (an override silently ignored would be a setting the operator believes
+        is in force)."""
 
     def empty_context(self, adapter: Any) -> np.ndarray:
         """``(d,)`` what ``adapter`` (fresh, of this bundle) acts with before any transition: the context an

@@ -1,26 +1,33 @@
 """MB-MPO's meta-policy on the robot: a Gaussian MLP that adapts to the robot by one vanilla policy-gradient step per
-episode, computed here in numpy from the robot's own transitions (no torch).
+``episodes_per_step`` episodes, computed here in numpy from the robot's own transitions (no torch).
 
 The policy is meta-trained (:mod:`metarl_robot.algos.mbmpo`) so that this one step, taken from the meta-parameters on
 an episode of the meta-policy, turns it into a good policy for whichever dynamics produced the episode. On the robot:
 
-- episode 1 runs the meta-policy (sampling its actions: the step needs the log-probability of what it did);
-- at the next episode start (:meth:`MetaPolicyAdapter.reset`) the step is taken on the episode just ended, with the
-  family's reward of each transition, a linear-feature baseline and normalised advantages
-  (:func:`~metarl_robot.runtime.policy_gradient.advantages`), and the adapted weights act from then on;
-- every later episode start takes one more step, from the current weights, on the episode just ended (2 steps after
-  2 episodes, ...); :meth:`MetaPolicyAdapter.forget` (the node's ``~/reset_adaptation``) goes back to the
-  meta-parameters.
+- the first ``K = episodes_per_step`` episodes run the meta-policy (sampling its actions: the step needs the
+  log-probability of what it did);
+- at the episode start after the K-th (:meth:`MetaPolicyAdapter.reset`) the step is taken on those K episodes pooled,
+  with the family's reward of each transition, ONE linear-feature baseline fitted over all their rows and advantages
+  normalised over all of them (:func:`~metarl_robot.runtime.policy_gradient.advantages`), and the adapted weights act
+  from then on;
+- every further K episodes take one more step, from the current weights, on those K (K = 1, the default: a step at
+  every episode start on the episode just ended); :meth:`MetaPolicyAdapter.forget` (the node's
+  ``~/reset_adaptation``) goes back to the meta-parameters.
 
-The adapted weights persist across episodes, so they are the adapter's :meth:`carried_state` (logged by the node at
-every episode start, put back by the replay).
+Why pool: meta-training's step sees ``rollouts_per_task x imagined_horizon`` imagined transitions per task (1,600 in
+the cart-pole config), one robot episode a sixth of that, and the gradient of one episode is too noisy for the step
+to raise the return on average (docs/mbmpo.md, bench/mbmpo_inner_step.py).
+
+The adapted weights and the episodes pooled so far persist across episodes, so they are the adapter's
+:meth:`carried_state` (logged by the node at every episode start, put back by the replay).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from itertools import pairwise
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,14 +41,45 @@ from metarl_robot.runtime.policy_gradient import (
 )
 from metarl_robot.spec.rewards import RewardFunction
 from metarl_robot.spec.robot import RobotSpec
+from metarl_robot.spec.schema import SpecError
 
 MeanFn = Callable[[PolicyParams, np.ndarray], np.ndarray]
 """``(params, features (N, F)) -> (N, a)`` mean action in normalised units."""
 
 
+RUNTIME_SETTINGS: tuple[str, ...] = ("episodes_per_step",)
+"""The inner-step settings a deployment may choose differently from the bundle (``make_adapter``'s
+``planner_overrides``, ``metarl eval --set``): pooling more episodes per step lowers the gradient's noise and leaves
+what it estimates unchanged. The others define the step meta-training differentiated through."""
+
+PENDING_KEYS: tuple[str, ...] = ("pending_obs", "pending_sample", "pending_reward", "pending_lengths")
+"""The :meth:`MetaPolicyAdapter.carried_state` arrays of the episodes pooled for the next step (``episodes_per_step``
+> 1 only)."""
+
+
+class InnerStepError(ValueError):
+    """An invalid :class:`InnerStepConfig` value (``InnerStepConfig.<field> <problem>``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"InnerStepConfig.{field} {problem}")
+
+
+class PolicyEpisode(NamedTuple):
+    """One ended episode as the step sees it."""
+
+    obs: np.ndarray
+    """(T, o) the observation of each transition."""
+    sample: np.ndarray
+    """(T, a) the policy's sample ``u`` there (normalised units, before the box)."""
+    reward: np.ndarray
+    """(T,) the family's reward of each transition."""
+
+
 @dataclass(frozen=True)
 class InnerStepConfig:
-    """The adaptation step, as meta-training took it (the bundle records it; the robot must not change it)."""
+    """The adaptation step, as meta-training took it (the bundle records it; the robot must not change it, except the
+    :data:`RUNTIME_SETTINGS`)."""
 
     step_size: float = 0.01
     """Gradient-ascent step on ``mean(log pi(u|s) * advantage)`` (MB-MPO's ``fast_lr``; the paper's code sweeps 0.001
@@ -51,22 +89,49 @@ class InnerStepConfig:
     baseline_reg: float = 1e-5
     """Ridge regularisation of the linear-feature baseline."""
     min_transitions: int = 10
-    """An episode with fewer transitions takes no step (too few to estimate a gradient from)."""
+    """An episode with fewer transitions is not stepped on (too few to estimate a gradient from): it is not pooled."""
+    episodes_per_step: int = 1
+    """K: ended episodes of the weights acting that ONE step is taken on, pooled (one baseline fitted over all their
+    rows, advantages normalised over all, the gradient the mean over all rows). 1: a step at every episode start on
+    the episode just ended. Meta-training's step sees ``rollouts_per_task x imagined_horizon`` transitions per task, a
+    robot episode far fewer: K > 1 brings the robot's gradient nearer the one the meta-policy was trained to step on
+    (docs/mbmpo.md). A deployment may choose it (:data:`RUNTIME_SETTINGS`)."""
 
     def validate(self) -> None:
+        """``InnerStepError`` (a ``ValueError``) naming the first invalid field."""
         if not self.step_size > 0:
-            raise ValueError(f"InnerStepConfig.step_size must be > 0, got {self.step_size}")
+            raise InnerStepError("step_size", f"must be > 0, got {self.step_size}")
         if not 0 < self.discount <= 1:
-            raise ValueError(f"InnerStepConfig.discount must be in (0, 1], got {self.discount}")
+            raise InnerStepError("discount", f"must be in (0, 1], got {self.discount}")
         if not self.baseline_reg > 0:
-            raise ValueError(f"InnerStepConfig.baseline_reg must be > 0, got {self.baseline_reg}")
+            raise InnerStepError("baseline_reg", f"must be > 0, got {self.baseline_reg}")
         if self.min_transitions < 2:
-            raise ValueError(f"InnerStepConfig.min_transitions must be >= 2, got {self.min_transitions}")
+            raise InnerStepError("min_transitions", f"must be >= 2, got {self.min_transitions}")
+        k = self.episodes_per_step
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise InnerStepError("episodes_per_step", f"must be an integer >= 1, got {k!r}")
+
+    def with_settings(self, settings: Mapping[str, Any] | None, refusal: str) -> InnerStepConfig:
+        """This step with the :data:`RUNTIME_SETTINGS` in ``settings`` (a controller's ``planner_overrides``)
+        changed, validated. Any other key is refused: ``SpecError`` on ``planner_overrides`` saying ``refusal`` (what
+        the controller is) and the settings it takes."""
+        if not settings:
+            return self
+        if unknown := sorted(set(settings) - set(RUNTIME_SETTINGS)):
+            raise SpecError("planner_overrides", "", f"{refusal}; of planner_overrides it takes only "
+                            f"{', '.join(RUNTIME_SETTINGS)} (episodes pooled per inner step), got {unknown}")
+        changed = replace(self, **settings)
+        try:
+            changed.validate()
+        except InnerStepError as exc:
+            raise SpecError("planner_overrides", exc.field, exc.problem) from None
+        return changed
 
 
 class MetaPolicyAdapter:
-    """The meta-policy and its per-episode inner step behind the :class:`~metarl_robot.runtime.adapter.Adapter`
-    interface (see the module docstring). ``B`` envs, each with its own weights and its own episode record.
+    """The meta-policy and its inner step behind the :class:`~metarl_robot.runtime.adapter.Adapter` interface (see
+    the module docstring). ``B`` envs, each with its own weights, its own episode record and its own pool of ended
+    episodes (``inner.episodes_per_step`` of them make a step).
 
     ``act(obs, task_params)`` samples ``u ~ N(mean(s), exp(log_std))`` in normalised action units (the mean alone
     when ``deterministic``) and returns it mapped into the action box; ``observe`` records the transition with that
@@ -100,6 +165,9 @@ class MetaPolicyAdapter:
         self.inner_steps = np.zeros(batch, dtype=np.int64)
         """Per env: steps taken since the meta-parameters."""
         self._episode: list[dict[str, list]] = [self._empty_record() for _ in range(batch)]
+        self.pending: list[list[PolicyEpisode]] = [[] for _ in range(batch)]
+        """Per env: the ended episodes of the weights acting, in order, pooled for the next step (fewer than
+        ``inner.episodes_per_step``: the K-th takes the step and empties the pool)."""
         self._sample: np.ndarray | None = None
         self._task_params: dict[str, np.ndarray] | None = None
 
@@ -120,32 +188,42 @@ class MetaPolicyAdapter:
         return np.flatnonzero(which)
 
     def reset(self, which: np.ndarray | None = None) -> None:
-        """A new episode starts: each env in ``which`` takes one step on the episode it just ended (if it recorded
-        at least ``min_transitions`` and ``adapt``), then starts a new record."""
+        """A new episode starts: each env in ``which`` pools the episode it just ended (if it recorded at least
+        ``min_transitions`` and ``adapt``); with ``episodes_per_step`` pooled it takes one step on them all from the
+        weights acting and empties the pool; then it starts a new record."""
         for b in self._which(which):
             record = self._episode[b]
             if self.adapt and len(record["reward"]) >= self.inner.min_transitions:
-                self.params[b] = self.step_on(self.params[b], np.array(record["obs"]), np.array(record["sample"]),
-                                              np.array(record["reward"]))
-                self.inner_steps[b] += 1
+                self.pending[b].append(PolicyEpisode(np.array(record["obs"]), np.array(record["sample"]),
+                                                     np.array(record["reward"])))
+                if len(self.pending[b]) == self.inner.episodes_per_step:
+                    self.params[b] = self.step_on(self.params[b], self.pending[b])
+                    self.inner_steps[b] += 1
+                    self.pending[b] = []
             self._episode[b] = self._empty_record()
         self.episodes_started += 1
         self.rng = np.random.default_rng((self.seed, self.episodes_started))
 
     def forget(self, which: np.ndarray | None = None) -> None:
-        """Back to the meta-parameters (and an empty record): what the operator's reset does."""
+        """Back to the meta-parameters (and an empty record and pool): what the operator's reset does."""
         for b in self._which(which):
             self.params[b] = self._meta_copy()
             self.inner_steps[b] = 0
             self._episode[b] = self._empty_record()
+            self.pending[b] = []
 
-    def step_on(self, params: PolicyParams, obs: np.ndarray, samples: np.ndarray, rewards: np.ndarray
+    def step_on(self, params: PolicyParams, episodes: Sequence[PolicyEpisode], step_size: float | None = None
                 ) -> PolicyParams:
-        """One inner step from ``params`` on one episode: ``obs (T, o)``, the policy's samples ``(T, a)``, the
-        rewards ``(T,)``. The same step meta-training differentiates through."""
-        feats = policy_features(self.robot, obs)
-        adv = advantages(rewards[None], feats[None], self.inner.discount, self.inner.baseline_reg)[0]
-        return inner_step(params, feats, samples, adv, self.inner.step_size)
+        """One inner step from ``params`` on ``episodes`` pooled (any lengths): advantages from ONE linear-feature
+        baseline fitted over all their rows and normalised over all, the gradient the mean over all rows. The same
+        step meta-training differentiates through (on its imagined rollouts). ``step_size``: the inner step's own
+        unless given (the bench compares others)."""
+        if not episodes:
+            raise ValueError("step_on: no episodes to step on")
+        feats = [policy_features(self.robot, e.obs) for e in episodes]
+        adv = advantages([e.reward for e in episodes], feats, self.inner.discount, self.inner.baseline_reg)
+        return inner_step(params, np.concatenate(feats), np.concatenate([e.sample for e in episodes]),
+                          np.concatenate(adv), self.inner.step_size if step_size is None else step_size)
 
     # ---- control ----------------------------------------------------------------------------------
     def act(self, obs: np.ndarray, task_params: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -190,38 +268,102 @@ class MetaPolicyAdapter:
     # ---- what persists across episodes --------------------------------------------------------------
     def carried_state(self) -> dict[str, np.ndarray]:
         """The weights acting now, per env (``param_<i>`` (B, ...), in the policy's parameter order), the steps
-        taken (``inner_steps`` (B,)) and the episode starts so far (``episodes_started`` (B,), one count: the action
-        noise's seed)."""
+        taken (``inner_steps`` (B,)), the episode starts so far (``episodes_started`` (B,), one count: the action
+        noise's seed) and, with ``episodes_per_step`` K > 1, the episodes pooled for the next step: each env's, one
+        after another, in ``pending_obs`` (B, P, o), ``pending_sample`` (B, P, a), ``pending_reward`` (B, P) (P the
+        most rows any env pooled, zeros after an env's own) and their lengths ``pending_lengths`` (B, K - 1) (0: no
+        episode)."""
         state = {f"param_{i}": np.stack([p[i] for p in self.params]) for i in range(len(self.meta_params))}
-        return state | {"inner_steps": self.inner_steps.copy(),
-                        "episodes_started": np.full(self.batch, self.episodes_started, dtype=np.int64)}
+        state |= {"inner_steps": self.inner_steps.copy(),
+                  "episodes_started": np.full(self.batch, self.episodes_started, dtype=np.int64)}
+        if self.inner.episodes_per_step == 1:  # nothing is ever pooled: the state of every adapter before pooling
+            return state
+        lengths = np.zeros((self.batch, self.inner.episodes_per_step - 1), dtype=np.int64)
+        for b, pool in enumerate(self.pending):
+            lengths[b, :len(pool)] = [len(e.reward) for e in pool]
+        rows = int(lengths.sum(axis=1).max())
+        padded = {name: np.zeros((self.batch, rows, *width)) for name, width in self._pending_widths().items()}
+        for b, pool in enumerate(self.pending):
+            for name, array in padded.items():
+                if pool:
+                    joined = np.concatenate([getattr(e, name) for e in pool])
+                    array[b, :len(joined)] = joined
+        return state | {f"pending_{name}": array for name, array in padded.items()} | {"pending_lengths": lengths}
+
+    def _pending_widths(self) -> dict[str, tuple[int, ...]]:
+        """Per :class:`PolicyEpisode` field, the shape of one of its rows."""
+        return {"obs": (self.robot.obs_dim,), "sample": (self.robot.action_dim,), "reward": ()}
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
-        """Take back a :meth:`carried_state` (every array, with its shape and finite values, or ``ValueError``); an
-        empty one (nothing carried: a log without adapter state, a candidate bundle's replay) is the meta-parameters."""
+        """Take back a :meth:`carried_state` (every array, with its shape and finite values, or ``ValueError`` naming
+        it; nothing is changed then). An empty one (nothing carried: a log without adapter state, a candidate bundle's
+        replay) is the meta-parameters; one without the ``pending_*`` arrays (``episodes_per_step`` 1, every state
+        logged before pooling existed) has nothing pooled."""
         if not state:
             self.params = [self._meta_copy() for _ in range(self.batch)]
             self.inner_steps = np.zeros(self.batch, dtype=np.int64)
             self.episodes_started = 0
             self.rng = np.random.default_rng((self.seed, 0))
+            self.pending = [[] for _ in range(self.batch)]
             return
         want = {f"param_{i}": (self.batch, *p.shape) for i, p in enumerate(self.meta_params)}
         want["inner_steps"] = want["episodes_started"] = (self.batch,)
-        if set(state) != set(want):
-            raise ValueError(f"carried state: expected arrays {sorted(want)}, got {sorted(state)}")
+        pooled = any(k in state for k in PENDING_KEYS)
+        if set(state) != set(want) | (set(PENDING_KEYS) if pooled else set()):
+            raise ValueError(f"carried state: expected arrays {sorted(want)} (and, with episodes pooled, all of "
+                             f"{list(PENDING_KEYS)}), got {sorted(state)}")
         for name, shape in want.items():
             value = np.asarray(state[name])
             if value.shape != shape or not np.isfinite(value).all():
                 raise ValueError(f"carried state {name!r}: expected finite values of shape {shape}, got "
                                  f"{value.shape}")
-        self.params = [[np.array(state[f"param_{i}"][b], dtype=np.float64) for i in range(len(self.meta_params))]
-                       for b in range(self.batch)]
-        self.inner_steps = np.array(state["inner_steps"], dtype=np.int64)
         started = np.asarray(state["episodes_started"])
         if (started != started[0]).any() or started[0] < 0:
             raise ValueError(f"carried state 'episodes_started': one count >= 0 for every env, got {started.tolist()}")
+        pending = self._pending_from(state) if pooled else [[] for _ in range(self.batch)]
+        self.params = [[np.array(state[f"param_{i}"][b], dtype=np.float64) for i in range(len(self.meta_params))]
+                       for b in range(self.batch)]
+        self.inner_steps = np.array(state["inner_steps"], dtype=np.int64)
         self.episodes_started = int(started[0])
         self.rng = np.random.default_rng((self.seed, self.episodes_started))
+        self.pending = pending
+
+    def _pending_from(self, state: Mapping[str, np.ndarray]) -> list[list[PolicyEpisode]]:
+        """The pools a carried state's ``pending_*`` arrays hold (checked: shapes, finite values, lengths that
+        :meth:`carried_state` could have written for this ``episodes_per_step`` and ``min_transitions``)."""
+        k, min_t = self.inner.episodes_per_step, self.inner.min_transitions
+        lengths = np.asarray(state["pending_lengths"])
+        if lengths.shape != (self.batch, k - 1) or lengths.dtype.kind not in "iu":
+            raise ValueError(f"carried state 'pending_lengths': expected integers of shape {(self.batch, k - 1)} "
+                             f"(episodes_per_step {k}), got {lengths.dtype} {lengths.shape}")
+        counts = np.count_nonzero(lengths, axis=1)
+        # Each env's pooled episodes come first, in order; an episode shorter than min_transitions is never pooled.
+        if ((lengths != 0) & (lengths < min_t)).any() or (lengths[np.arange(k - 1) >= counts[:, None]] != 0).any():
+            raise ValueError(f"carried state 'pending_lengths': per env the pooled episodes' lengths (each >= "
+                             f"min_transitions {min_t}) then zeros, got {lengths.tolist()}")
+        reward = np.asarray(state["pending_reward"])
+        if reward.ndim != 2:
+            raise ValueError(f"carried state 'pending_reward': expected shape (B, P), got {reward.shape}")
+        rows = reward.shape[1]
+        arrays = {}
+        for name, width in self._pending_widths().items():
+            key, value = f"pending_{name}", np.asarray(state[f"pending_{name}"])
+            shape = (self.batch, rows, *width)
+            floats = value.dtype.kind == "f"
+            nonfinite = floats and not np.isfinite(value).all()
+            if value.shape != shape or not floats or nonfinite:
+                raise ValueError(f"carried state {key!r}: expected finite floats of shape {shape}, got {value.dtype} "
+                                 f"{value.shape}{' with NaN or Inf' if nonfinite else ''}")
+            arrays[name] = np.asarray(value, dtype=np.float64)
+        if (total := lengths.sum(axis=1)).max() > rows:
+            raise ValueError(f"carried state 'pending_lengths': envs pooled {total.tolist()} rows, more than the "
+                             f"{rows} of 'pending_reward'")
+        pools: list[list[PolicyEpisode]] = []
+        for b in range(self.batch):
+            bounds = np.cumsum([0, *lengths[b, :counts[b]]])
+            pools.append([PolicyEpisode(**{name: array[b, start:end].copy() for name, array in arrays.items()})
+                          for start, end in pairwise(bounds)])
+        return pools
 
     def _rows(self, name: str, x: Any, width: int) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -233,4 +375,5 @@ class MetaPolicyAdapter:
         return x
 
 
-__all__ = ["InnerStepConfig", "MetaPolicyAdapter"]
+__all__ = ["PENDING_KEYS", "RUNTIME_SETTINGS", "InnerStepConfig", "InnerStepError", "MetaPolicyAdapter",
+           "PolicyEpisode"]

@@ -7,8 +7,8 @@ gymnasium on a robot computer). The tests check it against torch's autograd to r
 
 The policy (:data:`PolicyParams`) maps features of the observation (:func:`policy_features`: scaled components,
 sine and cosine of the periodic angles) through tanh hidden layers to the mean of a diagonal Gaussian over the
-action in normalised units ``[-1, 1]`` (:func:`to_env_action` maps it to the robot's units), with a
-state-independent log standard deviation. The step is
+action in normalised units ``[-1, 1]`` (:func:`to_env_action` maps it to the robot's units, :func:`from_env_action`
+back), with a state-independent log standard deviation. The step is
 
     params' = params + step_size * grad mean_i(A_i * log pi(a_i | s_i))
 
@@ -19,6 +19,7 @@ fitted on the same paths, normalised.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,6 +64,16 @@ def to_env_action(robot: RobotSpec, u: np.ndarray) -> np.ndarray:
         raise ValueError(f"u: expected shape (..., {robot.action_dim}), got {u.shape}")
     low, high = robot.action_low, robot.action_high
     return np.clip(low + (u + 1.0) / 2.0 * (high - low), low, high)
+
+
+def from_env_action(robot: RobotSpec, action: np.ndarray) -> np.ndarray:
+    """Robot units (..., a) -> normalised units: ``2 * (action - low) / (high - low) - 1``, the inverse of
+    :func:`to_env_action` inside the box (a logged command outside it maps outside ``[-1, 1]``; not clipped)."""
+    action = np.asarray(action, dtype=np.float64)
+    if action.shape[-1:] != (robot.action_dim,):
+        raise ValueError(f"action: expected shape (..., {robot.action_dim}), got {action.shape}")
+    low, high = robot.action_low, robot.action_high
+    return 2.0 * (action - low) / (high - low) - 1.0
 
 
 # ---- the policy ---------------------------------------------------------------------------------------------------
@@ -155,39 +166,76 @@ def inner_step(params: PolicyParams, feats: np.ndarray, actions: np.ndarray, adv
 
 
 # ---- advantages ---------------------------------------------------------------------------------------------------
-def discounted_returns(rewards: np.ndarray, discount: float) -> np.ndarray:
-    """(N, T) rewards -> (N, T) reward-to-go ``sum_{k >= t} discount^(k - t) r_k`` of each path."""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    if rewards.ndim != 2:
-        raise ValueError(f"rewards: expected (N, T), got shape {rewards.shape}")
-    out = np.empty_like(rewards)
-    running = np.zeros(rewards.shape[0])
-    for t in range(rewards.shape[1] - 1, -1, -1):
-        running = rewards[:, t] + discount * running
+Episodes = np.ndarray | Sequence[np.ndarray]
+"""N episodes of one task: an ``(N, T, ...)`` array (equal lengths) or a sequence of N arrays ``(T_i, ...)`` (any
+lengths: the robot's episodes end where the operator or the safety layer ends them). The functions below take either
+and answer in the same form: an ``(N, T)`` array for an array, a list of ``(T_i,)`` arrays for a sequence."""
+
+
+def _episodes(name: str, x: Episodes, ndim: int) -> list[np.ndarray]:
+    """Each episode of ``x`` as a float64 array with ``ndim`` axes, time first."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != ndim + 1:
+            raise ValueError(f"{name}: expected an array of {ndim + 1} axes (N, T{', F' * (ndim - 1)}) or a list of "
+                             f"episodes, got shape {x.shape}")
+        episodes = list(x.astype(np.float64, copy=False))
+    else:
+        episodes = [np.asarray(e, dtype=np.float64) for e in x]
+        for i, e in enumerate(episodes):
+            if e.ndim != ndim:
+                raise ValueError(f"{name}[{i}]: expected an episode of {ndim} axes (T{', F' * (ndim - 1)}), got shape "
+                                 f"{e.shape}")
+    if not episodes:
+        raise ValueError(f"{name}: no episodes")
+    return episodes
+
+
+def _same_form(like: Episodes, episodes: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """``episodes`` stacked to ``(N, T)`` when ``like`` was an array, else as a list."""
+    return np.stack(episodes) if isinstance(like, np.ndarray) else episodes
+
+
+def discounted_returns(rewards: Episodes, discount: float) -> np.ndarray | list[np.ndarray]:
+    """Rewards (:data:`Episodes`: (N, T) or N episodes (T_i,)) -> each episode's reward-to-go
+    ``sum_{k >= t} discount^(k - t) r_k``, in the same form."""
+    episodes = _episodes("rewards", rewards, 1)
+    lengths = [len(e) for e in episodes]
+    # One backward pass over all episodes, the shorter ones padded with zero rewards after their end: the padding
+    # leaves ``running`` at exactly 0.0 until an episode's own last step, so each result is its own recursion's.
+    padded = np.zeros((len(episodes), max(lengths)))
+    for i, e in enumerate(episodes):
+        padded[i, :len(e)] = e
+    out = np.empty_like(padded)
+    running = np.zeros(len(episodes))
+    for t in range(padded.shape[1] - 1, -1, -1):
+        running = padded[:, t] + discount * running
         out[:, t] = running
-    return out
+    return _same_form(rewards, [out[i, :n] for i, n in enumerate(lengths)])
 
 
 def _baseline_features(feats: np.ndarray) -> np.ndarray:
-    """(N, T, F) -> (N, T, 2F + 4): rllab's ``[f, f**2, t/100, (t/100)**2, (t/100)**3, 1]``."""
-    n, t, _ = feats.shape
+    """One episode's (T, F) -> (T, 2F + 4): rllab's ``[f, f**2, t/100, (t/100)**2, (t/100)**3, 1]``."""
+    t = feats.shape[0]
     f = np.clip(feats, -FEATURE_CLIP, FEATURE_CLIP)
     # Time enters because the return left shrinks along a path of fixed length whatever the state.
-    step = np.broadcast_to((np.arange(t, dtype=np.float64) / 100.0)[None, :, None], (n, t, 1))
-    return np.concatenate([f, f**2, step, step**2, step**3, np.ones((n, t, 1))], axis=-1)
+    step = (np.arange(t, dtype=np.float64) / 100.0)[:, None]
+    return np.concatenate([f, f**2, step, step**2, step**3, np.ones((t, 1))], axis=-1)
 
 
-def linear_baseline(feats: np.ndarray, returns: np.ndarray, reg: float = 1e-5) -> np.ndarray:
-    """rllab's LinearFeatureBaseline, fitted on these paths and evaluated on them: per step features
-    [f, f**2, t/100, (t/100)**2, (t/100)**3, 1] (f = feats (N, T, F) clipped to [-10, 10], t the step index),
-    ridge least squares on all N*T rows (increase reg x10 up to 5 times if the solve is not finite) -> (N, T)."""
-    feats = np.asarray(feats, dtype=np.float64)
-    returns = np.asarray(returns, dtype=np.float64)
-    if feats.ndim != 3 or returns.shape != feats.shape[:2]:
-        raise ValueError(f"feats (N, T, F) and returns (N, T) expected, got {feats.shape} and {returns.shape}")
-    x = _baseline_features(feats)
-    rows = x.reshape(-1, x.shape[-1])
-    gram, moment = rows.T @ rows, rows.T @ returns.reshape(-1)
+def linear_baseline(feats: Episodes, returns: Episodes, reg: float = 1e-5) -> np.ndarray | list[np.ndarray]:
+    """rllab's LinearFeatureBaseline, ONE fitted on all these episodes and evaluated on each: per step features
+    [f, f**2, t/100, (t/100)**2, (t/100)**3, 1] (f = the episode's feats (T_i, F) clipped to [-10, 10], t the step
+    index within its episode), ridge least squares on all rows (increase reg x10 up to 5 times if the solve is not
+    finite). ``feats`` (N, T, F) and ``returns`` (N, T), or N episodes of each (:data:`Episodes`) -> the baseline in
+    ``returns``' form."""
+    feat_eps, return_eps = _episodes("feats", feats, 2), _episodes("returns", returns, 1)
+    if (len(feat_eps) != len(return_eps) or len({f.shape[1] for f in feat_eps}) != 1
+            or any(f.shape[0] != r.shape[0] for f, r in zip(feat_eps, return_eps, strict=True))):
+        raise ValueError(f"feats (N, T, F) and returns (N, T) expected, one (T_i, F) and (T_i,) per episode, got "
+                         f"{[f.shape for f in feat_eps]} and {[r.shape for r in return_eps]}")
+    x = [_baseline_features(f) for f in feat_eps]
+    rows = np.concatenate(x)
+    gram, moment = rows.T @ rows, rows.T @ np.concatenate(return_eps)
     eye = np.eye(gram.shape[0])
     for _ in range(6):  # the first try and up to 5 stronger regularisations
         try:
@@ -195,29 +243,33 @@ def linear_baseline(feats: np.ndarray, returns: np.ndarray, reg: float = 1e-5) -
         except np.linalg.LinAlgError:  # LAPACK's SVD refuses NaN input rather than returning NaN
             coeffs = np.full(gram.shape[0], np.nan)
         if np.isfinite(coeffs).all():
-            return x @ coeffs
+            return _same_form(returns, [e @ coeffs for e in x])
         reg *= 10.0
     # A finite input always gives a finite ridge solve, so this is a NaN or Inf in the paths themselves.
     raise ValueError("linear_baseline: the least squares stayed non-finite (NaN or Inf in the features or returns)")
 
 
-def advantages(rewards: np.ndarray, feats: np.ndarray, discount: float, reg: float = 1e-5,
-               normalize: bool = True) -> np.ndarray:
-    """(N, T) returns-to-go minus the linear baseline; normalised to mean 0, std 1 (std + 1e-8) over all N*T when
-    normalize. N paths of one task, equal length T."""
+def advantages(rewards: Episodes, feats: Episodes, discount: float, reg: float = 1e-5,
+               normalize: bool = True) -> np.ndarray | list[np.ndarray]:
+    """Returns-to-go minus ONE linear baseline fitted on all the episodes; normalised to mean 0, std 1 (std + 1e-8)
+    over all their rows when normalize. ``rewards`` (N, T) and ``feats`` (N, T, F) of N paths of one task, or N
+    episodes of any lengths (:data:`Episodes`) -> the advantages in ``rewards``' form."""
     returns = discounted_returns(rewards, discount)
-    adv = returns - linear_baseline(feats, returns, reg)
+    baseline = linear_baseline(feats, returns, reg)
+    adv = np.concatenate([r - b for r, b in zip(returns, baseline, strict=True)])
     if normalize:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    return adv
+    return _same_form(rewards, np.split(adv, np.cumsum([len(r) for r in returns])[:-1]))
 
 
 __all__ = [
     "FEATURE_CLIP",
+    "Episodes",
     "PolicyParams",
     "advantages",
     "discounted_returns",
     "feature_dim",
+    "from_env_action",
     "inner_step",
     "linear_baseline",
     "log_prob",

@@ -27,6 +27,12 @@ step (the adapter has no sampled-z mode), and the belief is kept across the thre
 ``return_after_0`` is here an episode that adapts online from the prior, not one on a fixed prior draw;
 ``eval.json`` records the protocol under ``controller``. The oracle plans with the ``planner`` of the run config
 recorded in the bundle's provenance (the defaults if it records none: ``oracle_planner`` in ``eval.json`` says which).
+
+An MB-MPO run or ``meta_policy`` bundle is graded by the same meta-test with the robot's adapter, reset at every
+episode start (where it takes its inner step), actions sampled: with ``episodes_per_step`` K (the bundle's, or
+``--set episodes_per_step=K``) it steps once per K episodes, so every episode from 0 to 2K runs and the columns are
+``after_0``, ``after_K`` and ``after_2K`` (the meta-policy's episode, after one pooled step, after two); K = 1 gives
+``after_0/1/2``. ``eval.json`` records K under ``controller``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Collection
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,29 +112,49 @@ class _Source:
             raise ValueError(f"{path}: a {self.bundle_class.kind} controller has neither a meta-test protocol nor a "
                              "dynamics model; metarl eval cannot grade it")
 
-    def meta_test_controller(self, batch: int, family: TaskFamily, params: dict[str, np.ndarray], seed: int
-                             ) -> tuple[Any, dict[str, Any]]:
-        """The meta-test's controller for ``batch`` tasks and how it acts (recorded in ``eval.json``)."""
+    def meta_test_controller(self, batch: int, family: TaskFamily, params: dict[str, np.ndarray], seed: int,
+                             settings: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], list[int]]:
+        """The meta-test's controller for ``batch`` tasks, how it acts (recorded in ``eval.json``) and the episodes
+        graded (the return after that many episodes on the task). ``settings``: the kind's ``adapter_settings``
+        given with ``--set``."""
+        graded = list(self.meta_test_episodes)
         if self.bundle_class.meta_test_resets:  # it adapts at episode starts (MB-MPO): the robot's own adapter
-            adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed) if self.bundle is not None \
-                else self.algo.make_policy_adapter(batch, seed)
-            # A fresh adapter, reset at every episode start (the first included) as the node resets it: it steps
-            # there on the episode just ended and keeps the result.
+            adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed, planner_overrides=settings) \
+                if self.bundle is not None else self.algo.make_policy_adapter(batch, seed, settings=settings)
+            # A fresh adapter, reset at every episode start (the first included) as the node resets it: it pools the
+            # episode just ended there, steps on every k-th and keeps the result. An adaptation is k episodes.
+            k = adapter.inner.episodes_per_step
+            adapts = "one inner step at each episode start, kept across episodes" if k == 1 else \
+                f"one inner step on every {k} episodes pooled, at the episode start after them, kept across episodes"
             return PolicyController(adapter, params), {
-                "deterministic": False, "adapts": "one inner step at each episode start, kept across episodes",
+                "deterministic": False, "adapts": adapts, "episodes_per_step": k,
                 "runtime": f"{type(adapter).__name__} ({'ONNX' if self.bundle is not None else 'the run'}'s policy, "
-                           "numpy inner step), as on the robot: actions sampled"}
+                           "numpy inner step), as on the robot: actions sampled"}, [k * e for e in graded]
         if self.bundle is not None:
-            adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed)
+            adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed, planner_overrides=settings)
             return _BeliefKeepingAdapter(adapter, params), {
                 "deterministic": True, "z_mode": "mean", "keep_context": True,
                 "runtime": f"{type(adapter).__name__} (ONNX), as on the robot: z is the posterior mean, updated every "
-                           "step"}
+                           "step"}, graded
         # The context must hold the rewards the env gives: the family's reward with each task's parameters.
         controller = PEARLController(self.algo, batch, deterministic=True, z_mode="sample", keep_context=True,
                                      reward_fn=family_reward_fn(get_reward(family.spec.reward), self.robot, params),
                                      seed=seed)
-        return controller, {"deterministic": True, "z_mode": "sample", "keep_context": True}
+        return controller, {"deterministic": True, "z_mode": "sample", "keep_context": True}, graded
+
+    def split_settings(self, overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``--set`` values as (the controller's own settings: its kind's ``adapter_settings``, the planner's);
+        ``ValueError`` naming what is allowed for any other key."""
+        planner = dict(overrides or {})
+        own = {k: planner.pop(k) for k in list(planner) if k in self.bundle_class.adapter_settings}
+        planner_keys = [f.name for f in fields(PlannerConfig) if f.name != "seed"]
+        if unknown := sorted(set(planner) - set(planner_keys)):
+            takes = (f"a {self.bundle_class.kind} controller takes {', '.join(self.bundle_class.adapter_settings)}; "
+                     if self.bundle_class.adapter_settings else "")
+            whose = "the planner" if self.bundle_class.plans else "the oracle's planner"
+            raise ValueError(f"--set {', '.join(unknown)}: not a setting of this evaluation: {takes}{whose} takes "
+                             f"{', '.join(planner_keys)} (the seed is --seed)")
+        return own, planner
 
     def adapter(self, batch: int, mode: dict[str, bool], planner: PlannerConfig) -> ModelBasedAdapter:
         """The controller that plans through the dynamics model in adaptation ``mode`` (the kind's switches)."""
@@ -240,7 +266,8 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
         task_list = fam.grid(grid, split, grid_params)
     else:
         task_list = fam.sample(np.random.default_rng(seed), split, tasks)
-    planner_cfg = replace(src.planner, **(planner_overrides or {}), seed=seed)
+    settings, planner_overrides = src.split_settings(planner_overrides)
+    planner_cfg = replace(src.planner, **planner_overrides, seed=seed)
     robot: RobotSpec = src.robot
     grid_info = {"k": grid, "params": grid_params or fam.names} if grid and not isinstance(tasks, list) else None
     if src.meta_test_episodes:
@@ -248,7 +275,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
             raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
                              "first episode on the prior (return_after_0, the unadapted return)")
         return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
-                          oracle_threads, oracle_cache, progress, started, effects)
+                          oracle_threads, oracle_cache, progress, started, effects, settings)
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     starts = [seed] * n
@@ -353,23 +380,27 @@ def _write_report(report: dict[str, Any], ret: dict[str, np.ndarray], out_dir: s
 def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
                task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
                oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float,
-               effects: OutOfFamily | None = None) -> dict[str, Any]:
+               effects: OutOfFamily | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the episodes and the oracle, write ``eval.json`` and the plots, return the report."""
     robot: RobotSpec = src.robot
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
-    controller, protocol = src.meta_test_controller(n, fam, params, seed)
-    columns = [f"after_{k}" for k in src.meta_test_episodes]
+    controller, protocol, graded = src.meta_test_controller(n, fam, params, seed, settings)
+    column_of = {episode: f"after_{episode}" for episode in graded}
+    columns = list(column_of.values())
     ret: dict[str, np.ndarray] = {}
     success: dict[str, np.ndarray | None] = {}
     belief_var: dict[str, np.ndarray] = {}
     envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
     try:
-        for column in columns:
-            if hasattr(controller, "posterior"):  # the belief z is drawn from at this episode's reset
+        # Every episode runs, those between the graded ones too: a pooling adapter steps on them.
+        for episode in range(graded[-1] + 1):
+            column = column_of.get(episode)
+            if column and hasattr(controller, "posterior"):  # the belief z is drawn from at this episode's reset
                 belief_var[column] = controller.posterior().var.mean(axis=1)
             ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
-            ret[column], success[column] = ep.returns, episode_success(fam, ep.components)
+            if column:
+                ret[column], success[column] = ep.returns, episode_success(fam, ep.components)
     finally:
         envs.close()
     if oracle:
@@ -400,11 +431,13 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
         "bundle_kind": src.bundle_class.kind,
         "family": fam.name, "split": split, "seed": seed, "grid": grid_info,
         "out_of_family": _effects_record(effects, oracle), "tasks": rows, "summary": summary,
-        "exploration_episodes": list(src.meta_test_episodes),
+        "exploration_episodes": graded,
         "controller": protocol, "planner": planner_cfg.__dict__, "oracle_planner": src.oracle_planner_source,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    colors = {"after_0": "#9ecae1", "after_1": "#4292c6", "after_2": "#08519c", "oracle": "tab:green"}
+    shades = ("#9ecae1", "#4292c6", "#08519c")  # lighter to darker: more adaptation
+    colors = {c: shades[round(i * (len(shades) - 1) / max(len(columns) - 1, 1))] for i, c in enumerate(columns)}
+    colors["oracle"] = "tab:green"
     return _write_report(report, ret, out_dir,
                          lambda out: _returns_plot(report, ret, out, colors, "return after k exploration episodes"))
 

@@ -11,7 +11,7 @@ from metarl_robot.algos.buffer import EpisodeBuffer
 from metarl_robot.algos.context_mbrl import ContextMBRL
 from metarl_robot.algos.mbmpo import MBMPO, AdaptationEpisodes, MBMPOConfig
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.runtime.meta_policy import InnerStepConfig
+from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter
 from metarl_robot.runtime.policy_gradient import policy_features
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.robot import load_robot
@@ -31,6 +31,8 @@ TINY = MBMPO_TINY
     ({"mbmpo.visited_start_fraction": 1.5}, "mbmpo.visited_start_fraction", "[0, 1]"),
     ({"mbmpo.inner.step_size": -1.0}, "mbmpo.inner.step_size", "must be > 0"),
     ({"mbmpo.inner.discount": 1.5}, "mbmpo.inner.discount", "(0, 1]"),
+    ({"mbmpo.inner.episodes_per_step": 0}, "mbmpo.inner.episodes_per_step", "must be an integer >= 1"),
+    ({"mbmpo.inner.episodes_per_step": 1.5}, "mbmpo.inner.episodes_per_step", "expected an integer"),
     ({"mbmpo.innr": 1}, "mbmpo.innr", "unknown key"),
 ])
 def test_bad_mbmpo_configs_name_the_field(overrides, field, fragment):
@@ -103,6 +105,40 @@ def test_collection_runs_the_meta_policy_then_the_adapted_one_and_stores_both():
     assert algo.store(tasks, collection) == {} and len(algo.buffer) == before + 4  # both episodes are model data
 
 
+def test_with_episodes_per_step_collection_pools_that_many_meta_policy_episodes(monkeypatch):
+    algo = _algo(**{"inner.episodes_per_step": 2})
+    _random_buffer(algo)
+    pooled: list[list[int]] = []
+    step_on = MetaPolicyAdapter.step_on
+
+    def recording(self, params, episodes, step_size=None):
+        pooled.append([len(e.reward) for e in episodes])
+        return step_on(self, params, episodes, step_size)
+
+    monkeypatch.setattr(MetaPolicyAdapter, "step_on", recording)
+    tasks = algo.family.sample(np.random.default_rng(1), "train", 2)
+    steps = algo.family.spec.episode_steps
+    collection = algo.collect(tasks, 1, seed=3, starts=[10, 20])
+    assert pooled == [[steps, steps]] * 2  # one step per task, on its two meta-policy episodes
+    assert (collection.episodes_per_task, collection.graded_start_offset) == (3, 2)
+    assert collection.pre.obs.shape == (2, 2 * steps, 4) and collection.pre.episode_returns().shape == (2, 2)
+    assert collection.rollout.obs.shape == (2, steps, 4)
+    # The task's episodes reset with s, s + 1 (the meta-policy's) and s + 2 (the adapted, graded one).
+    once = _algo()
+    once.policy.load_state_dict(algo.policy.state_dict())
+    monkeypatch.setattr(MetaPolicyAdapter, "step_on", step_on)
+    single = once.collect(tasks, 1, seed=3, starts=[11, 21])
+    np.testing.assert_array_equal(collection.pre.obs[:, steps], single.pre.obs[:, 0])
+    np.testing.assert_array_equal(collection.rollout.obs[:, 0], single.rollout.obs[:, 0])
+    kept = collection.take([1])
+    np.testing.assert_array_equal(kept.pre.obs[0], collection.pre.obs[1])
+    before = len(algo.buffer)
+    algo.store(tasks, collection)
+    assert len(algo.buffer) == before + 6  # every episode is model data
+    report = algo.report(1, collection, {}, None, {})
+    assert report.metrics["pre_adaptation_return"] == pytest.approx(float(collection.pre.episode_returns().mean()))
+
+
 def test_a_tiny_run_trains_resumes_and_logs_both_returns(tmp_path):
     torch.set_num_threads(1)
     train(CONFIG, tmp_path, overrides=TINY, progress=False)
@@ -117,3 +153,18 @@ def test_a_tiny_run_trains_resumes_and_logs_both_returns(tmp_path):
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 and rows[-1].startswith("2,")
     assert MBMPOConfig().inner == InnerStepConfig()  # the step meta-training takes is the robot adapter's
+
+
+@pytest.mark.slow
+def test_a_tiny_pooling_run_trains_and_its_bundle_records_episodes_per_step(tmp_path):
+    from metarl_robot.export.bundle_writer import export_run
+    from metarl_robot.runtime.bundle import load_bundle
+
+    torch.set_num_threads(1)
+    train(CONFIG, tmp_path, overrides={**TINY, "mbmpo.inner.episodes_per_step": 2, "name": "pooled"}, progress=False)
+    run = tmp_path / "pooled"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + TINY["loop.iterations"]
+    bundle = load_bundle(export_run(run, tmp_path / "bundle"))
+    assert bundle.manifest["meta_policy"]["inner"]["episodes_per_step"] == 2
+    assert bundle.inner.episodes_per_step == bundle.make_adapter().inner.episodes_per_step == 2

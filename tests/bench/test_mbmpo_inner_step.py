@@ -1,5 +1,6 @@
 """bench/mbmpo_inner_step.py: it runs on the shipped meta_policy bundle at a tiny budget, every setting has a gain
-per task, the robot's own step is the one checked against the adapter's; another kind and bad sizes are refused."""
+per task, the robot's own step (the bundle's pooled size and step size) is flagged; another kind and bad sizes are
+refused."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def test_every_setting_reports_a_gain_per_task():
     doc = json.loads(result.stdout)
     assert [(s["pooled_episodes"], s["step_size"]) for s in doc["settings"]] == [(1, 0.01), (1, 0.05), (2, 0.01),
                                                                                   (2, 0.05)]
-    assert [s["robot_step"] for s in doc["settings"]] == [True, False, False, False]  # the bundle's step is 0.01
+    # The shipped bundle steps on every episode (no episodes_per_step in its manifest) at 0.01.
+    assert (doc["bundle_step_size"], doc["bundle_episodes_per_step"]) == (0.01, 1)
+    assert [s["robot_step"] for s in doc["settings"]] == [True, False, False, False]
     for setting in doc["settings"]:
         assert len(setting["per_task"]) == 2 and setting["tasks_raised"] in (0, 1, 2)
         gains = [t["gain"] for t in setting["per_task"]]

@@ -11,13 +11,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from onnx import helper
 
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.models.meta_policy import functional_mean
+from metarl_robot.paths import REPO_ROOT
 from metarl_robot.runtime.bundle import load_bundle
 from metarl_robot.runtime.kinds.meta_policy import PARAMS_FILE, POLICY_FILE, MetaPolicyBundle
 from metarl_robot.runtime.manifest import sha256_file
+from metarl_robot.runtime.meta_policy import PENDING_KEYS
 from metarl_robot.runtime.policy_gradient import feature_dim, policy_features, policy_mean
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.schema import SpecError, to_plain
@@ -74,6 +77,7 @@ def test_export_writes_a_meta_policy_bundle_that_loads(bundle_dir: Path, mbmpo_r
     m = bundle.manifest
     assert m["meta_policy"] == {"hidden": HIDDEN, "feature_dim": feature_dim(bundle.robot), "params_file": PARAMS_FILE,
                                 "inner": to_plain(trained.mbmpo.inner)}
+    assert m["meta_policy"]["inner"]["episodes_per_step"] == trained.mbmpo.inner.episodes_per_step == 1
     assert "planner" not in m and set(m["graphs"]) == {"policy"}
     assert list(m["graphs"]["policy"]["inputs"]) == ["features", *(f"param_{i}" for i in range(PARAMS - 1))]
     assert m["graphs"]["policy"]["outputs"] == {"mean": ["rows", bundle.robot.action_dim]}
@@ -169,11 +173,33 @@ def test_adapt_false_is_the_meta_policy_throughout_and_forget_returns_to_it(bund
     assert adapting.inner_steps.tolist() == [2]
 
 
-def test_planner_overrides_are_refused(bundle_dir: Path):
+def test_planner_overrides_take_episodes_per_step_only(bundle_dir: Path):
     bundle = load_bundle(bundle_dir)
-    with pytest.raises(SpecError, match=r"planner_overrides: a meta_policy bundle does not plan.*\['samples'\]"):
+    with pytest.raises(SpecError, match=r"planner_overrides: a meta_policy bundle does not plan.*takes only "
+                                        r"episodes_per_step .*\['samples'\]"):
         bundle.make_adapter(planner_overrides={"samples": 16})
-    bundle.make_adapter(planner_overrides={})  # nothing to override: fine
+    with pytest.raises(SpecError, match=r"\['samples'\]"):
+        bundle.make_adapter(planner_overrides={"episodes_per_step": 2, "samples": 16})
+    with pytest.raises(SpecError, match=r"planner_overrides: episodes_per_step: must be an integer >= 1, got 0"):
+        bundle.make_adapter(planner_overrides={"episodes_per_step": 0})
+    assert bundle.make_adapter(planner_overrides={}).inner == bundle.inner  # nothing to override: fine
+    # A bundle trained stepping on every episode may pool at run time (a deployment's choice).
+    pooling = bundle.make_adapter(planner_overrides={"episodes_per_step": 4})
+    assert pooling.inner.episodes_per_step == 4 and bundle.inner.episodes_per_step == 1
+    assert {k: v for k, v in vars(pooling.inner).items() if k != "episodes_per_step"} == {
+        k: v for k, v in vars(bundle.inner).items() if k != "episodes_per_step"}
+
+
+def test_a_bundle_without_episodes_per_step_steps_on_every_episode(copy: Path):
+    # The shipped bundle was exported before pooling existed: no episodes_per_step in its manifest.
+    shipped = REPO_ROOT / "policies" / "cartpole_mbmpo"
+    assert "episodes_per_step" not in yaml.safe_load((shipped / "bundle.yaml").read_text())["meta_policy"]["inner"]
+    assert load_bundle(shipped).inner.episodes_per_step == 1
+    edit_section(copy, lambda s: s["inner"].pop("episodes_per_step"))
+    assert load_bundle(copy).inner.episodes_per_step == 1
+    edit_section(copy, lambda s: s["inner"].__setitem__("episodes_per_step", 3))
+    bundle = load_bundle(copy)
+    assert bundle.inner.episodes_per_step == bundle.make_adapter().inner.episodes_per_step == 3
 
 
 def test_loading_acting_and_adapting_pull_in_no_torch_mujoco_or_gymnasium(bundle_dir: Path):
@@ -260,6 +286,9 @@ def test_refuses_a_params_file_that_is_not_listed(copy: Path):
     ("discount", 1.5, ("(0, 1]",)),
     ("baseline_reg", 0.0, ("must be > 0",)),
     ("min_transitions", 1, ("must be >= 2",)),
+    ("episodes_per_step", 0, ("must be an integer >= 1", "got 0")),
+    ("episodes_per_step", 2.5, ("expected an integer", "2.5")),
+    ("episodes_per_step", True, ("expected an integer",)),
 ])
 def test_refuses_a_bad_inner_step(copy: Path, key, value, words):
     edit_section(copy, lambda s: s["inner"].__setitem__(key, value))
@@ -351,3 +380,42 @@ def test_a_logged_episode_after_adaptation_replays_from_the_carried_weights(bund
     episode.extra["episode"] = 3
     later = replay_episode(episode, bundle)
     assert later.counterfactual.reproduced and not any("continued" in n for n in later.notes)
+
+
+def test_a_half_full_pool_survives_the_log_and_the_restored_adapter_takes_the_same_step(copy: Path, tmp_path: Path):
+    from metarl_robot.logs.reader import read_episode
+    from metarl_robot.real2sim.sim_record import record_sim_episode
+    from metarl_robot.replay.shadow import replay_episode
+
+    edit_section(copy, lambda s: s["inner"].__setitem__("episodes_per_step", 2))
+    bundle = load_bundle(copy)
+
+    def episode(adapter, seed: int, steps: int = 15) -> None:
+        noise = np.random.default_rng(seed)
+        obs = noise.normal(0, 0.5, (1, 4))
+        for _ in range(steps):
+            action, _ = adapter.act(obs, {"target_x": 0.0})
+            adapter.observe(obs, action, obs + noise.normal(0, 0.05, obs.shape))
+            obs = obs + noise.normal(0, 0.05, obs.shape)
+
+    node = bundle.make_adapter(seed=4)  # what the node carries into its second episode: one episode pooled of two
+    episode(node, 3)
+    node.reset()
+    carried = node.carried_state()
+    assert carried["pending_lengths"].tolist() == [[15]] and node.inner_steps.tolist() == [0]
+    task = bundle.family.sample(np.random.default_rng(0), "test", 1)[0]
+    log = read_episode(record_sim_episode(bundle, task, tmp_path / "episode.mcap", steps=12, seed=2, carried=carried))
+    assert set(PENDING_KEYS) <= set(log.adapter_state)
+    replay = replay_episode(log, bundle)
+    assert replay.counterfactual.reproduced, replay.counterfactual
+    # The pool came back from the log: the same second episode fills it and takes the node's step, bit for bit.
+    restored = bundle.make_adapter(seed=4)
+    restored.restore(log.adapter_state)
+    for adapter in (node, restored):
+        episode(adapter, 7)
+        adapter.reset()
+    assert restored.inner_steps.tolist() == node.inner_steps.tolist() == [1]
+    for p, q, m in zip(restored.params[0], node.params[0], node.meta_params, strict=True):
+        np.testing.assert_array_equal(p, q)
+        assert p.shape == m.shape
+    assert any(not np.array_equal(p, m) for p, m in zip(node.params[0], node.meta_params, strict=True))

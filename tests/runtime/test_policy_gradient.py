@@ -284,6 +284,60 @@ def test_advantages_are_returns_minus_baseline_normalised():
     np.testing.assert_allclose(adv, (raw - raw.mean()) / (raw.std() + 1e-8), rtol=1e-12)
 
 
+# ---- episodes of different lengths (the robot pools its episodes) -------------------------------------------------
+def test_a_list_of_equal_length_episodes_gives_the_arrays_results_bitwise():
+    # One implementation: the (N, T) form and the list form are the same computation, to the last bit.
+    rng = np.random.default_rng(6)
+    for n, t, f in ((1, 250, 5), (4, 250, 5), (16, 100, 5), (3, 17, 2)):
+        rewards, feats = rng.normal(0.5, 3.0, (n, t)), rng.normal(0.0, 2.0, (n, t, f))
+        returns = discounted_returns(rewards, 0.99)
+        assert isinstance(returns, np.ndarray) and returns.shape == (n, t)
+        pairs = [(returns, discounted_returns(list(rewards), 0.99)),
+                 (linear_baseline(feats, returns), linear_baseline(list(feats), list(returns))),
+                 (advantages(rewards, feats, 0.99), advantages(list(rewards), list(feats), 0.99)),
+                 (advantages(rewards, feats, 0.9, normalize=False),
+                  advantages(list(rewards), list(feats), 0.9, normalize=False))]
+        for array_form, list_form in pairs:
+            assert isinstance(list_form, list) and len(list_form) == n
+            np.testing.assert_array_equal(np.stack(list_form), array_form)
+
+
+def test_episodes_of_different_lengths_share_one_baseline_and_one_normalisation():
+    rng = np.random.default_rng(7)
+    lengths = (40, 13, 27)
+    rewards = [rng.normal(1.0, 2.0, n) for n in lengths]
+    feats = [rng.normal(size=(n, 3)) for n in lengths]
+    returns = discounted_returns(rewards, 0.95)
+    for r, ret in zip(rewards, returns, strict=True):  # each episode's own reward-to-go, unaffected by the others
+        np.testing.assert_array_equal(ret, discounted_returns(r[None], 0.95)[0])
+    # ONE ridge fit on all rows, each episode's step index starting at 0 (rllab's features, written out)
+    x = np.concatenate([np.concatenate([np.clip(f, -10, 10), np.clip(f, -10, 10) ** 2, s, s**2, s**3, np.ones_like(s)],
+                                       axis=1) for f, s in ((f, np.arange(len(f))[:, None] / 100.0) for f in feats)])
+    coeffs = np.linalg.lstsq(x.T @ x + 1e-5 * np.eye(x.shape[1]), x.T @ np.concatenate(returns), rcond=None)[0]
+    baseline = linear_baseline(feats, returns)
+    assert [b.shape for b in baseline] == [(n,) for n in lengths]
+    np.testing.assert_allclose(np.concatenate(baseline), x @ coeffs, rtol=1e-9, atol=1e-12)
+    raw = np.concatenate(returns) - x @ coeffs
+    adv = advantages(rewards, feats, 0.95)
+    assert [a.shape for a in adv] == [(n,) for n in lengths]
+    flat = np.concatenate(adv)
+    assert abs(flat.mean()) < 1e-12 and flat.std() == pytest.approx(1.0, abs=1e-6)  # over all rows, not per episode
+    np.testing.assert_allclose(flat, (raw - raw.mean()) / (raw.std() + 1e-8), rtol=1e-8, atol=1e-10)
+
+
+def test_episodes_that_do_not_match_are_refused():
+    rng = np.random.default_rng(8)
+    feats, returns = [rng.normal(size=(10, 3)), rng.normal(size=(12, 3))], [rng.normal(size=10), rng.normal(size=11)]
+    with pytest.raises(ValueError, match=r"one \(T_i, F\) and \(T_i,\) per episode"):
+        linear_baseline(feats, returns)
+    with pytest.raises(ValueError, match=r"feats\[1\]: expected an episode of 2 axes"):
+        linear_baseline([feats[0], feats[1][0]], returns)
+    with pytest.raises(ValueError, match="rewards: no episodes"):
+        discounted_returns([], 0.99)
+    with pytest.raises(ValueError, match=r"rewards: expected an array of 2 axes"):
+        discounted_returns(np.zeros(5), 0.99)
+
+
 # ---- the robot boundary ------------------------------------------------------------------------------------------
 def test_policy_gradient_imports_no_torch():
     code = ("import sys, metarl_robot.runtime.policy_gradient; "

@@ -10,22 +10,24 @@ Files (written by :mod:`metarl_robot.export.meta_policy_graphs`):
   the log standard deviation), float32 as trained (numpy's own format, loaded without pickle)
 
 Its adapter (:class:`~metarl_robot.runtime.meta_policy.MetaPolicyAdapter`) samples its actions (a seeded generator:
-the step needs the log-probability of what it did), takes one inner step at each episode start on the episode just
-ended, and carries the adapted weights across episodes until forgotten. It does not plan and has no dynamics model.
+the step needs the log-probability of what it did), takes one inner step per ``episodes_per_step`` ended episodes
+(pooled; 1: at each episode start on the episode just ended), and carries the adapted weights and the episodes pooled
+so far across episodes until forgotten. It does not plan and has no dynamics model; of ``planner_overrides`` it takes
+only ``episodes_per_step`` (a deployment's choice, e.g. ``metarl eval --set episodes_per_step=4``).
 """
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from metarl_robot.runtime.manifest import BundleError, LoadedBundle, ManifestCommon, refuse_planner_overrides
-from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter
+from metarl_robot.runtime.manifest import BundleError, LoadedBundle, ManifestCommon
+from metarl_robot.runtime.meta_policy import RUNTIME_SETTINGS, InnerStepConfig, InnerStepError, MetaPolicyAdapter
 from metarl_robot.runtime.onnx_graph import Dim, OnnxGraph
 from metarl_robot.runtime.policy_gradient import FEATURE_CLIP, feature_dim, policy_features, policy_mean
 from metarl_robot.spec.rewards import get_reward
@@ -42,12 +44,15 @@ and numpy's MLP over the bundle's meta-parameters: float32 rounding is ~1e-6; an
 
 @dataclass(frozen=True)
 class InnerStepSpec:
-    """The inner step meta-training took (every value stated: the robot must take the same step)."""
+    """The inner step meta-training took (the step's own values stated: the robot must take the same step)."""
 
     step_size: float
     discount: float
     baseline_reg: float
     min_transitions: int
+    episodes_per_step: int = 1
+    """Episodes pooled per step (the run's ``mbmpo.inner.episodes_per_step``); absent in bundles exported before
+    pooling existed, which step on every episode."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class MetaPolicyBundle(LoadedBundle):
     samples_actions = True
     meta_test_episodes = (0, 1, 2)
     meta_test_resets = True
+    adapter_settings = RUNTIME_SETTINGS
     acts_by = ("is its Gaussian policy, sampling its actions and adapted by one policy-gradient step on each finished "
                "episode, the adapted weights kept across episodes until forgotten")
 
@@ -137,12 +143,11 @@ class MetaPolicyBundle(LoadedBundle):
             raise BundleError(where, "meta_policy.feature_dim", f"{spec.feature_dim} differs from the width of the "
                               f"robot's policy features, {want_f} (the observation size {robot.obs_dim} plus one per "
                               "periodic component)")
-        inner = InnerStepConfig(**vars(spec.inner))
+        inner = InnerStepConfig(**{f.name: getattr(spec.inner, f.name) for f in fields(InnerStepSpec)})
         try:
             inner.validate()
-        except ValueError as exc:  # "InnerStepConfig.step_size must be > 0, got ..."
-            name = str(exc).split()[0].split(".")[-1]
-            raise BundleError(where, f"meta_policy.inner.{name}", str(exc).split(" ", 1)[1]) from None
+        except InnerStepError as exc:
+            raise BundleError(where, f"meta_policy.inner.{exc.field}", exc.problem) from None
         params = _load_params(Path(where), m, param_shapes(want_f, robot.action_dim, spec.hidden))
         return meta_policy_interfaces(want_f, robot.action_dim, spec.hidden), {"meta_params": params, "inner": inner}
 
@@ -183,11 +188,12 @@ class MetaPolicyBundle(LoadedBundle):
                      seed: int = 0, deterministic: bool = False) -> MetaPolicyAdapter:
         """A :class:`~metarl_robot.runtime.meta_policy.MetaPolicyAdapter` over this bundle's graph and
         meta-parameters: ``seed`` seeds its action noise; ``adapt=False`` the meta-policy throughout (no step);
-        ``deterministic`` acts with the mean (comparisons; the step needs sampled actions). ``planner_overrides``
-        must be empty: this kind does not plan."""
-        refuse_planner_overrides(self, planner_overrides)
+        ``deterministic`` acts with the mean (comparisons; the step needs sampled actions). This kind does not plan:
+        ``planner_overrides`` may hold only the :data:`~metarl_robot.runtime.meta_policy.RUNTIME_SETTINGS`
+        (``episodes_per_step``: a bundle trained with 1 may pool), any other key is refused."""
+        inner = self.inner.with_settings(planner_overrides, f"a {self.kind} bundle does not plan ({self.acts_by})")
         return MetaPolicyAdapter(self.robot, get_reward(self.family.spec.reward),
-                                 [p.astype(np.float64) for p in self.meta_params], self.inner, batch=batch, seed=seed,
+                                 [p.astype(np.float64) for p in self.meta_params], inner, batch=batch, seed=seed,
                                  adapt=adapt, deterministic=deterministic, mean_fn=self.mean)
 
 
