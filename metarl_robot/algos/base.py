@@ -13,6 +13,9 @@ An iteration, as the runner drives it::
     fit = algo.update()                                         # gradient steps on the store
     report = algo.report(iteration, collection, fit, graded_return, counters)
 
+An :attr:`Algorithm.offline` algorithm (e.g. MACAW) learns from a fixed dataset: the runner skips the first three
+lines (no tasks, no env) and reports with ``collection`` None.
+
 Adding an algorithm: a module with its config dataclasses, its run config (a
 :class:`~metarl_robot.train.loop_config.RunConfig` subclass) and a subclass of :class:`Algorithm`,
 plus one line in :data:`metarl_robot.algos.registry.ALGORITHMS` (docs/algorithms.md).
@@ -95,6 +98,10 @@ class Algorithm(ABC):
     differentiable_model: ClassVar[bool] = False
     """Whether it learns a dynamics model the reward-gradient adversary can differentiate
     (``loop.adversary.reward_gradient``; docs/admrl.md)."""
+    offline: ClassVar[bool] = False
+    """Whether it learns from a fixed dataset alone (offline RL): the runner then draws no tasks, collects nothing
+    and makes no env; each iteration is :meth:`update` and :meth:`report` (with ``collection`` None), and it never
+    calls :meth:`collect` or :meth:`store`."""
 
     run_cfg: RunConfig | None = None
     """The run config it was built from (:meth:`build`); None for one constructed directly, which can
@@ -131,10 +138,11 @@ class Algorithm(ABC):
         """Gradient steps on the data store; returns the mean of each fit metric (logged as ``fit_<name>``)."""
 
     @abstractmethod
-    def report(self, iteration: int, collection: Collection, fit: dict[str, float], graded_return: float | None,
-               counters: dict[str, float]) -> IterationReport:
+    def report(self, iteration: int, collection: Collection | None, fit: dict[str, float],
+               graded_return: float | None, counters: dict[str, float]) -> IterationReport:
         """The iteration's metrics row: ``graded_return`` is the adversary's mean over every candidate it graded
-        (None when it did not grade); ``counters`` the runner's env-step counts, logged as they are."""
+        (None when it did not grade); ``counters`` the runner's env-step counts, logged as they are; ``collection``
+        is None for an :attr:`offline` algorithm."""
 
     # ---- persistence ------------------------------------------------------------------------------
     @abstractmethod

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from metarl_robot.algos.base import Algorithm
 from metarl_robot.algos.context_mbrl import ContextMBRL
+from metarl_robot.algos.macaw import MACAW
 from metarl_robot.algos.mbmpo import MBMPO
 from metarl_robot.algos.online_mbrl import OnlineMBRL
 from metarl_robot.algos.pearl import PEARL
 
 ALGORITHMS: dict[str, type[Algorithm]] = {"context_mbrl": ContextMBRL, "pearl": PEARL, "online_mbrl": OnlineMBRL,
-                                          "mbmpo": MBMPO}
+                                          "mbmpo": MBMPO, "macaw": MACAW}
 """``algo`` → the algorithm class (its ``name`` is the key)."""
 
 SCHEMA_1_ALGORITHM = "context_mbrl"

@@ -7,7 +7,9 @@ through it (second-order MAML); hence the policy is written functionally over a 
 :data:`metarl_robot.runtime.policy_gradient.PolicyParams`, which takes the same step without torch; the tests
 check the two agree to round-off.
 
-Everything works in the dtype of its inputs: the trainer uses float32, the parity tests float64.
+Its MLP pieces (:func:`mlp_params`, :func:`mlp_forward`: tanh hidden layers, linear output, the robot's numpy layout)
+are MACAW's too (:mod:`metarl_robot.models.macaw`). Everything works in the dtype of its inputs: the trainer uses
+float32, the parity tests float64.
 """
 
 from __future__ import annotations
@@ -36,11 +38,7 @@ class GaussianMLPPolicy(nn.Module):
         if not (math.isfinite(init_std) and init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got {init_std!r}")
         self.feature_dim, self.action_dim, self.hidden = feature_dim, action_dim, tuple(hidden)
-        widths = [feature_dim, *hidden, action_dim]
-        params: list[nn.Parameter] = []
-        for fan_in, fan_out in pairwise(widths):
-            params.append(nn.Parameter(nn.init.xavier_uniform_(torch.empty(fan_in, fan_out))))
-            params.append(nn.Parameter(torch.zeros(fan_out)))
+        params = mlp_params([feature_dim, *hidden, action_dim])
         params.append(nn.Parameter(torch.full((action_dim,), math.log(init_std))))
         self.params = nn.ParameterList(params)
         """[W0, b0, ..., W_out, b_out, log_std]: the layout of the robot's ``PolicyParams``."""
@@ -70,19 +68,40 @@ class GaussianMLPPolicy(nn.Module):
                 p.copy_(torch.as_tensor(np.asarray(value), dtype=p.dtype, device=p.device))
 
 
+def mlp_params(widths: list[int]) -> list[nn.Parameter]:
+    """``[W0, b0, ..., W_out, b_out]`` of an MLP over ``widths`` (input, hidden..., output): Xavier-uniform weights
+    ``(fan_in, fan_out)``, zero biases (the layout :func:`mlp_forward` and the robot's numpy MLP read)."""
+    params: list[nn.Parameter] = []
+    for fan_in, fan_out in pairwise(widths):
+        params.append(nn.Parameter(nn.init.xavier_uniform_(torch.empty(fan_in, fan_out))))
+        params.append(nn.Parameter(torch.zeros(fan_out)))
+    return params
+
+
+def mlp_forward(layers: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., in) -> (last hidden activation (..., H) (``x`` itself without hidden layers), output (..., out)) of the
+    MLP ``layers`` = [W0, b0, ..., W_out, b_out]: tanh hidden layers, a linear output layer."""
+    h = x
+    for i in range(0, len(layers) - 2, 2):
+        h = torch.tanh(h @ layers[i] + layers[i + 1])
+    return h, h @ layers[-2] + layers[-1]
+
+
 def functional_mean(params: list[torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
     """(..., F) -> (..., a): the mean of the policy given by ``params`` (PolicyParams layout)."""
-    h = feats
-    for i in range(0, len(params) - 3, 2):
-        h = torch.tanh(h @ params[i] + params[i + 1])
-    return h @ params[-3] + params[-2]
+    return mlp_forward(params[:-1], feats)[1]
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """(...,): the log density of ``actions`` (..., a) under the diagonal Gaussian ``mean`` (..., a), state-independent
+    ``log_std`` (a,), incl. the -0.5*a*log(2*pi) constant."""
+    z = (actions - mean) * torch.exp(-log_std)
+    return -0.5 * (z**2).sum(-1) - log_std.sum() - 0.5 * log_std.numel() * _LOG_2PI
 
 
 def functional_log_prob(params: list[torch.Tensor], feats: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """(...,): the diagonal Gaussian log density of ``actions`` (..., a), incl. the -0.5*a*log(2*pi) constant."""
-    log_std = params[-1]
-    z = (actions - functional_mean(params, feats)) * torch.exp(-log_std)
-    return -0.5 * (z**2).sum(-1) - log_std.sum() - 0.5 * log_std.numel() * _LOG_2PI
+    return gaussian_log_prob(functional_mean(params, feats), params[-1], actions)
 
 
 def adapt(params: list[torch.Tensor], feats: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor,
@@ -106,4 +125,5 @@ def kl_divergence(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean_new: t
     return (log_std_new - log_std_old + 0.5 * (var_ratio + shift**2) - 0.5).sum(-1)
 
 
-__all__ = ["GaussianMLPPolicy", "adapt", "functional_log_prob", "functional_mean", "kl_divergence"]
+__all__ = ["GaussianMLPPolicy", "adapt", "functional_log_prob", "functional_mean", "gaussian_log_prob", "kl_divergence",
+           "mlp_forward", "mlp_params"]

@@ -2,7 +2,8 @@
 
 ``algo`` picks the learner (:data:`metarl_robot.algos.registry.ALGORITHMS`) and with it its run config
 class and the sections it reads (``context_mbrl``: ``model`` and ``training``; ``online_mbrl``: those and
-``online``; ``pearl``: ``pearl_net``, ``pearl`` and ``pearl_schedule``), each declared by the algorithm. A
+``online``; ``pearl``: ``pearl_net``, ``pearl`` and ``pearl_schedule``; ``macaw``: ``dataset``, ``macaw_net`` and
+``macaw``), each declared by the algorithm. A
 section none of whose readers is the config's algorithm is refused rather than silently ignored. ``planner``,
 ``loop`` and the rest are shared (for
 PEARL the planner is only the oracle's, which grades the adversarial sampler and ``metarl eval``).
@@ -53,6 +54,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
 
 def _check_capabilities(cfg: RunConfig, where: str) -> None:
     """Refuse settings the config's algorithm cannot serve (it declares what it can)."""
+    if get_algorithm(cfg.algo).offline and cfg.loop.task_sampler != "uniform":
+        raise SpecError(where, "loop.task_sampler", f"algo {cfg.algo} learns from its dataset alone (offline): no "
+                        f"tasks are drawn, so {cfg.loop.task_sampler!r} has nothing to choose; remove it")
     if cfg.loop.task_sampler == "adversarial" and cfg.loop.adversary.reward_gradient \
             and not get_algorithm(cfg.algo).differentiable_model:
         raise SpecError(where, "loop.adversary.reward_gradient", "the implicit reward gradient differentiates the "

@@ -5,11 +5,12 @@ Run folder layout (``<out>/<run name>/``)::
     config.yaml        resolved config (every default filled in)
     run.json           provenance: git commit, versions, start time, family file hash
     metrics.csv        one row per iteration
-    tasks.jsonl        the tasks drawn at each iteration
+    tasks.jsonl        the tasks drawn at each iteration (none for an offline algorithm: it draws none)
     tb/                TensorBoard events
     checkpoints/       ckpt_<iteration>.pt and latest.pt (versioned, see CHECKPOINT_SCHEMA_VERSION)
     buffer.npz         all collected episodes (context_mbrl; needed to resume)
     replay.npz         every task's RL and encoder buffers (pearl; needed to resume)
+    dataset_ref.json   the offline dataset trained on: path, sha256, counts (macaw; a resume refuses other data)
 
 Every algorithm (``algo`` in the config, looked up in :data:`~metarl_robot.algos.registry.ALGORITHMS`)
 shares the loop, the samplers, the adversary's grading, the logging and the checkpoints; the
@@ -17,7 +18,9 @@ algorithm (:class:`~metarl_robot.algos.base.Algorithm`) collects on the tasks th
 keeps its data store and updates: ``context_mbrl`` collects one episode per task (random actions at
 iteration 0, MPC through the model after) and refits the model; ``pearl`` runs one exploration round
 per task (:func:`~metarl_robot.algos.pearl_exploration.explore_tasks`, as ``pearl_schedule`` says)
-and takes SAC gradient steps. docs/model_based.md, docs/pearl.md and docs/algorithms.md describe each.
+and takes SAC gradient steps. An offline algorithm (:attr:`~metarl_robot.algos.base.Algorithm.offline`: ``macaw``)
+learns from its dataset alone: no tasks are drawn and no env is made; each iteration is its update and its report.
+docs/model_based.md, docs/pearl.md, docs/macaw.md and docs/algorithms.md describe each.
 """
 
 from __future__ import annotations
@@ -149,6 +152,8 @@ class Runner:
         self.oracle_env_steps = 0
         """Env steps the oracle simulated for the adversary's gaps (planning rollouts not counted)."""
         self.history: list[dict[str, float]] = []
+        self.last_line = ""
+        """The last iteration's summary line (the run's summary.json)."""
         self.start_iteration = 0
         if resume:
             self._resume()
@@ -230,9 +235,11 @@ class Runner:
             if f.tell() == 0:
                 w.writeheader()
             w.writerow(row)
-        with (self.run_dir / "tasks.jsonl").open("a") as f:
-            sampler = self.cfg.loop.task_sampler if iteration else self.algo.initial_sampler
-            f.write(json.dumps({"iteration": iteration, "sampler": sampler, "tasks": tasks, **sampler_info}) + "\n")
+        if not self.algo.offline:  # an offline algorithm draws no tasks
+            with (self.run_dir / "tasks.jsonl").open("a") as f:
+                sampler = self.cfg.loop.task_sampler if iteration else self.algo.initial_sampler
+                f.write(json.dumps({"iteration": iteration, "sampler": sampler, "tasks": tasks, **sampler_info})
+                        + "\n")
         for k, v in metrics.items():
             writer.add_scalar(k, v, iteration)
         writer.flush()
@@ -295,10 +302,14 @@ class Runner:
         return [candidates[i] for i in chosen], collection.take(chosen), info
 
     def _iteration(self, iteration: int) -> tuple[list[Task], dict[str, Any], IterationReport]:
-        """Collect, store, update: the tasks trained on, their tasks.jsonl fields and the iteration's report."""
+        """Collect, store, update: the tasks trained on, their tasks.jsonl fields and the iteration's report. An
+        offline algorithm only updates (on its dataset): no tasks, no collection, no env."""
         started = time.perf_counter()
-        tasks, collection, info = self._choose_and_collect(iteration)
-        info = {**self.algo.store(tasks, collection), **info}
+        if self.algo.offline:
+            tasks, collection, info = [], None, {}
+        else:
+            tasks, collection, info = self._choose_and_collect(iteration)
+            info = {**self.algo.store(tasks, collection), **info}
         fit = self.algo.update()
         counters = {"adversary_env_steps": float(self.adversary_env_steps),
                     "oracle_env_steps": float(self.oracle_env_steps)}
@@ -319,7 +330,9 @@ class Runner:
                 tasks, info, it = self._iteration(iteration)
                 self._log(iteration, it.metrics, tasks, info, writer)
                 self._checkpoint(iteration)
-                bar.set_postfix(ret=f"{it.metrics['episode_return']:.1f}", **it.postfix)
+                self.last_line = it.line
+                ret = {"ret": f"{it.metrics['episode_return']:.1f}"} if "episode_return" in it.metrics else {}
+                bar.set_postfix(**ret, **it.postfix)
                 if self.progress and not sys.stderr.isatty():  # no bar in a log file: one line per iteration
                     print(f"iteration {iteration}/{cfg.loop.iterations - 1}: {it.line}, {it.metrics['seconds']:.0f} s",
                           file=sys.stderr, flush=True)
@@ -327,7 +340,7 @@ class Runner:
             bar.close()
             writer.close()
         summary = {"run_dir": str(self.run_dir), "iterations": cfg.loop.iterations,
-                   "final": self.history[-1] if self.history else {}}
+                   "final": self.history[-1] if self.history else {}, "line": self.last_line}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 

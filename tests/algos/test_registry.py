@@ -147,7 +147,8 @@ def _toy_config(tmp_path: Path, **extra: Any) -> Path:
 def test_unknown_algorithm_names_the_registered_ones():
     with pytest.raises(registry.UnknownAlgorithmError) as err:
         registry.get_algorithm("maml")
-    assert str(err.value) == "unknown algorithm 'maml'; registered: 'context_mbrl', 'pearl', 'online_mbrl', 'mbmpo'"
+    assert str(err.value) == ("unknown algorithm 'maml'; registered: 'context_mbrl', 'pearl', 'online_mbrl', 'mbmpo', "
+                              "'macaw'")
     with pytest.raises(SpecError, match="got 'maml'; allowed: 'context_mbrl', 'pearl'") as err:
         build_config({"schema_version": 1, "algo": "maml", "family": "cartpole_swingup"}, "x.yaml")
     assert err.value.field == "algo"
@@ -167,13 +168,15 @@ def test_each_algorithm_declares_its_name_config_and_bundle_kind():
         assert all(bundle_kind(kind).kind == kind for kind in algorithm.exporters)
     assert (ContextMBRL.store_file, PEARL.store_file) == ("buffer.npz", "replay.npz")
     assert registry.with_capability("differentiable_model") == ["context_mbrl"]
+    assert registry.with_capability("offline") == ["macaw"]  # the runner collects nothing for it
 
 
 def test_section_readers_are_derived_from_the_algorithms():
     assert registry.section_readers() == {"model": ("context_mbrl", "online_mbrl", "mbmpo"),
                                           "training": ("context_mbrl", "online_mbrl", "mbmpo"),
                                           "online": ("online_mbrl",), "pearl_net": ("pearl",), "pearl": ("pearl",),
-                                          "pearl_schedule": ("pearl",), "mbmpo": ("mbmpo",)}
+                                          "pearl_schedule": ("pearl",), "mbmpo": ("mbmpo",), "dataset": ("macaw",),
+                                          "macaw_net": ("macaw",), "macaw": ("macaw",)}
 
 
 def test_algorithms_may_share_a_section(monkeypatch, tmp_path):
