@@ -96,6 +96,9 @@ class _Source:
             cfg, self.robot, algo = load_trained(path if path.suffix == ".pt" else path / "checkpoints" / "latest.pt")
             self.family = load_family(cfg.family)
             self.kind, self.planner, self.bundle, self.algo_name = "run", cfg.planner, None, cfg.algo
+            if algo.bundle_kind is None:  # its controller is not built yet (macaw: docs/macaw.md)
+                raise ValueError(f"{path}: a run of algo {cfg.algo!r}, which metarl eval cannot grade yet (it has no "
+                                 "controller to run in MuJoCo)")
             self.bundle_class = bundle_kind(algo.bundle_kind)
             self.oracle_planner_source = "run config"
             self.torch_threads = cfg.loop.torch_threads

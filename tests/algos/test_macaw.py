@@ -161,7 +161,7 @@ def test_the_outer_step_lowers_the_meta_loss_on_two_tasks(two_tasks, first_order
     assert not torch.equal(lrs, algo.nets.inner_policy_lr().detach())  # the inner rates are meta-learned too
 
 
-def test_the_runner_trains_offline_and_never_makes_an_env(two_tasks, tmp_path, monkeypatch):
+def test_the_runner_trains_offline_and_never_makes_an_env(two_tasks, tmp_path, monkeypatch, capsys):
     import gymnasium
 
     from metarl_robot.envs import meta_env, rollout
@@ -181,6 +181,13 @@ def test_the_runner_trains_offline_and_never_makes_an_env(two_tasks, tmp_path, m
     assert "query value loss" in summary["line"]
     with pytest.raises(NotImplementedError, match="offline"):
         _build(two_tasks).collect([], 0, 0)
+    # No controller to grade yet: metarl eval says so (one line, exit 2), not "unknown bundle kind None".
+    from metarl_robot import cli
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--no-oracle", "--out", str(tmp_path / "eval")]) == 2
+    assert "algo 'macaw', which metarl eval cannot grade yet" in capsys.readouterr().err
 
 
 def test_a_dataset_of_another_robot_or_family_is_refused_naming_the_field(tmp_path):
