@@ -13,9 +13,10 @@ one thread:
   MetaPolicyAdapter` over the ONNX policy graph): what the robot pays every period. Issue 19's target: p99 <= 0.3 ms.
 - ``ort_floor``: the policy graph's ``session.run`` alone on the same features and weights: what onnxruntime itself
   costs, so the adapter's own overhead (features, sampling, recording, checks) is visible.
-- ``inner_step``: the adapter's ``reset`` after a full episode: the step on that episode (advantages with the
-  linear baseline, the numpy gradient, the update), paid once per episode between episodes, compared with the
-  control period it must not be mistaken for.
+- ``inner_step``: the adapter's ``reset`` that takes the step, after every K-th full episode (K the bundle's
+  ``episodes_per_step``): the step on those K episodes pooled (advantages with the linear baseline, the numpy
+  gradient, the update), paid between episodes, compared with the control period it must not be mistaken for.
+  ``pooling_reset`` (K > 1): the other episode starts, which only pool the episode just ended.
 """
 
 from __future__ import annotations
@@ -46,12 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="policies/cartpole_mbmpo", help="a meta_policy bundle (default: "
                                                                             "%(default)s)")
-    parser.add_argument("--episodes", type=int, default=4, help="episodes (each ends with an inner step; default 4)")
+    parser.add_argument("--episodes", type=int, default=None,
+                        help="episodes (default: enough for 3 inner steps: 3 K + 1, K the bundle's episodes per step)")
     parser.add_argument("--warmup", type=int, default=50, help="control steps left out of the statistics")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.episodes < 2:
-        parser.error("--episodes must be >= 2 (the inner step is taken between episodes)")
 
     core = pin_one_core()
     import onnxruntime
@@ -70,16 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     names = [i.name for i in session.get_inputs()]
     env = MetaMujocoEnv(family.name)
     adapter = bundle.make_adapter(batch=1, seed=args.seed)
+    k = adapter.inner.episodes_per_step  # episodes pooled per step: the resets between only pool
+    episodes = 3 * k + 1 if args.episodes is None else args.episodes
+    if episodes < k + 1:
+        parser.error(f"--episodes must be >= {k + 1}: the bundle's inner step is taken after {k} episode(s)")
     clock = time.perf_counter
-    step, floor, inner, returns = [], [], [], []
-    for episode in range(args.episodes):
+    step, floor, inner, pooling, returns = [], [], [], [], []
+    for episode in range(episodes):
         task = family.sample(np.random.default_rng(args.seed), "test", 1)[0]
         obs, _ = env.reset(seed=args.seed, options={"task": task})
         params = {k: np.array([v]) for k, v in env.reward_params.items()}
+        steps_before = int(adapter.inner_steps[0])
         t0 = clock()
-        adapter.reset()  # from the second episode on: the inner step on the episode just ended
+        adapter.reset()  # after every K-th episode: the inner step on the K just ended (else it pools the episode)
         if episode:
-            inner.append(clock() - t0)
+            (inner if adapter.inner_steps[0] > steps_before else pooling).append(clock() - t0)
         prev, total = None, 0.0
         for _ in range(family.spec.episode_steps):
             t0 = clock()
@@ -105,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     period_ms = robot.ctrl_dt * 1e3
     out = {
         "benchmark": "meta_policy_latency", "bundle": args.bundle, "family": family.name,
-        "policy_hidden": bundle.manifest["meta_policy"]["hidden"], "episodes": args.episodes,
+        "policy_hidden": bundle.manifest["meta_policy"]["hidden"], "episodes": episodes, "episodes_per_step": k,
         "episode_returns": returns,
-        "results": {"step": step_stats, "ort_floor": floor_stats, "inner_step": stats_ms(inner)},
+        "results": {"step": step_stats, "ort_floor": floor_stats, "inner_step": stats_ms(inner),
+                    **({"pooling_reset": stats_ms(pooling)} if pooling else {})},
         "ratios": {"step_over_ort_floor_p50": step_stats["p50_ms"] / floor_stats["p50_ms"],
                    "step_over_ort_floor_p99": step_stats["p99_ms"] / floor_stats["p99_ms"],
                    "inner_step_over_control_period": float(np.mean(inner)) * 1e3 / period_ms},
@@ -116,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                    step_stats["p99_ms"] <= TARGET_STEP_P99_MS},
         "machine": {"pinned_core": core, "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__},
-        "notes": [f"the first {args.warmup} control steps left out", "inner_step: one per episode after the first, "
-                  f"on {family.spec.episode_steps} transitions"],
+        "notes": [f"the first {args.warmup} control steps left out", f"inner_step: one after every {k} episode(s), "
+                  f"on {k} x {family.spec.episode_steps} transitions"]
+        + (["pooling_reset: an episode start that only pools the episode just ended"] if pooling else []),
     }
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -241,7 +241,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from metarl_robot.runtime.bundle import load_bundle
 
     out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, name=args.name, overwrite=args.overwrite,
-                     exporter=args.exporter, kind=args.kind)
+                     exporter=args.exporter, kind=args.kind, adapter_settings=_parse_overrides(args.set))
     bundle = load_bundle(out)
     print(f"wrote {out}: {bundle.kind} bundle, robot {bundle.robot.name}, family {bundle.family.name}; the runtime "
           "loads and validates it")
@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "TorchScript only)")
     p.add_argument("--kind", help="bundle kind to write, one the run's algorithm exports (context_mbrl: model_based, "
                    "unadapted; pearl: context_policy); default: the algorithm's own (model_based / context_policy)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a deployment setting the bundle records instead of the run's, where its kind has any: "
+                   "meta_policy (mbmpo runs) takes episodes_per_step=K (the robot's inner step pools K episodes)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the whole chain on the cart-pole family: train, ROS 2 node vs twin, replay, "

@@ -47,6 +47,7 @@ from metarl_robot.export.pearl_graphs import export_pearl_checked
 from metarl_robot.models.context_dynamics import ContextDynamics
 from metarl_robot.provenance import software_version
 from metarl_robot.runtime.bundle import load_bundle
+from metarl_robot.runtime.kinds import bundle_kind
 from metarl_robot.runtime.kinds.context_policy import ContextPolicyBundle
 from metarl_robot.runtime.kinds.model_based import ModelBasedBundle
 from metarl_robot.runtime.kinds.unadapted import UnadaptedBundle
@@ -130,6 +131,9 @@ class _Run:
     family: TaskFamily
     run_info: dict[str, Any]
     """``run.json`` (empty if the run has none)."""
+    adapter_settings: dict[str, Any] = field(default_factory=dict)
+    """Deployment settings the bundle records instead of the run's (``metarl export --set``; only its kind's
+    ``adapter_settings``, e.g. ``meta_policy``'s ``episodes_per_step``)."""
 
 
 def _open_run(run_dir: Path, config_path: Path, cfg: RunConfig, checkpoint: str | int | Path) -> _Run:
@@ -298,7 +302,8 @@ def _exportable() -> list[str]:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int | Path = "latest",
                name: str | None = None, overwrite: bool = False, exporter: Exporter = "auto",
-               parity_samples: int = 512, seed: int = 0, kind: str | None = None) -> Path:
+               parity_samples: int = 512, seed: int = 0, kind: str | None = None,
+               adapter_settings: dict[str, Any] | None = None) -> Path:
     """Export a training run's checkpoint as a bundle folder ``out_dir``; returns its path.
 
     ``kind``: the bundle kind, one of those the run's algorithm exports to (its ``exporters``); by default
@@ -309,6 +314,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
     an iteration number or a checkpoint path. ``name`` defaults to the folder name of ``out_dir``.
     ``parity_samples``: real transitions the parity check uses (for PEARL, spread evenly over the replay's tasks,
     rounded up). A non-empty ``out_dir`` is refused unless ``overwrite`` (and even then only if it holds a bundle.yaml).
+    ``adapter_settings``: deployment settings the bundle records instead of the run's (its kind's
+    ``adapter_settings`` only, others refused naming them: e.g. ``{"episodes_per_step": 4}`` for a ``meta_policy``).
     Raises :class:`ExportError` if the graphs do not match torch within 1e-5, and :class:`BundleError` if
     the result fails the runtime's own checks.
     """
@@ -326,8 +333,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | int |
         raise SpecError(str(config_path), "kind", f"a {cfg.algo} run exports to {', '.join(algorithm.exporters)}; "
                         f"got {kind!r}")
     export_graphs_of_kind = algorithm.export_step(kind)
+    allowed = bundle_kind(kind).adapter_settings
+    if unknown := sorted(set(adapter_settings or {}) - set(allowed)):
+        raise SpecError(str(config_path), "--set", f"a {kind} bundle takes "
+                        f"{', '.join(allowed) if allowed else 'no deployment settings'}; got {unknown}")
     _prepare_out_dir(out_dir, overwrite)
     run = _open_run(run_dir, config_path, cfg, checkpoint)
+    run.adapter_settings = dict(adapter_settings or {})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

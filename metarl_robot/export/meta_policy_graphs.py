@@ -172,8 +172,10 @@ def export_meta_policy(run: _Run, staging: Path, name: str, exporter: Exporter, 
     if max(worst.values()) > PARITY_TOLERANCE:
         raise ExportError(f"torch vs onnxruntime: the policy mean differs by more than {PARITY_TOLERANCE:g}: "
                           f"max abs diff {worst}")
+    # The step as trained, with the deployment's choices (metarl export --set episodes_per_step=K) in place.
+    inner = cfg.mbmpo.inner.with_settings(run.adapter_settings, "a meta_policy bundle")
     sections = {"meta_policy": {"hidden": hidden, "feature_dim": f, "params_file": PARAMS_FILE,
-                                "inner": to_plain(cfg.mbmpo.inner)}}
+                                "inner": to_plain(inner)}}
     return _ExportedGraphs(MetaPolicyBundle.kind, {"policy": graph_path}, interfaces, OPSET, EXPORTER_NAME, sections,
                            {"tolerance": PARITY_TOLERANCE, "criterion": PARITY_CRITERION, **parity,
                             "real_samples": parity_samples}, data_files=[params_path])

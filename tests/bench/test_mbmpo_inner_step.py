@@ -22,14 +22,14 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_every_setting_reports_a_gain_per_task():
-    result = bench("--tasks", "2", "--episodes", "2", "--pooled", "1", "2", "--step-sizes", "0.01", "0.05")
+    result = bench("--tasks", "2", "--episodes", "4", "--pooled", "1", "4", "--step-sizes", "0.01", "0.05")
     assert result.returncode == 0, result.stderr[-2000:]
     doc = json.loads(result.stdout)
-    assert [(s["pooled_episodes"], s["step_size"]) for s in doc["settings"]] == [(1, 0.01), (1, 0.05), (2, 0.01),
-                                                                                  (2, 0.05)]
-    # The shipped bundle steps on every episode (no episodes_per_step in its manifest) at 0.01.
-    assert (doc["bundle_step_size"], doc["bundle_episodes_per_step"]) == (0.01, 1)
-    assert [s["robot_step"] for s in doc["settings"]] == [True, False, False, False]
+    assert [(s["pooled_episodes"], s["step_size"]) for s in doc["settings"]] == [(1, 0.01), (1, 0.05), (4, 0.01),
+                                                                                  (4, 0.05)]
+    # The step the bundle's adapter takes (the shipped bundle pools 4 episodes at 0.01) is flagged, and only it.
+    assert (doc["bundle_episodes_per_step"], doc["bundle_step_size"]) == (4, 0.01)
+    assert [s["robot_step"] for s in doc["settings"]] == [False, False, True, False]
     for setting in doc["settings"]:
         assert len(setting["per_task"]) == 2 and setting["tasks_raised"] in (0, 1, 2)
         gains = [t["gain"] for t in setting["per_task"]]

@@ -31,3 +31,18 @@ def test_a_bundle_of_another_kind_is_refused():
     result = subprocess.run([sys.executable, "bench/meta_policy_latency.py", "--bundle", "policies/cartpole_mb"],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 2 and "model_based bundle" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_pooling_bundle_times_its_step_apart_from_the_resets_that_only_pool():
+    # The shipped bundle pools 4 episodes per step: 5 episodes give 1 step (after the 4th) and 3 pooling resets.
+    result = subprocess.run([sys.executable, "bench/meta_policy_latency.py", "--bundle", "policies/cartpole_mbmpo",
+                             "--episodes", "5", "--warmup", "10"], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(result.stdout)
+    assert doc["episodes_per_step"] == 4
+    assert doc["results"]["inner_step"]["n"] == 1 and doc["results"]["pooling_reset"]["n"] == 3
+    too_few = subprocess.run([sys.executable, "bench/meta_policy_latency.py", "--bundle", "policies/cartpole_mbmpo",
+                              "--episodes", "4"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert too_few.returncode == 2 and "--episodes must be >= 5" in too_few.stderr

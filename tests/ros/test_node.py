@@ -363,32 +363,42 @@ def test_episode_steps_ends_the_episode_safely_and_deactivates(colcon_install, t
 
 def test_shipped_meta_policy_adapts_between_the_nodes_episodes_and_each_replays_exactly(colcon_install, tmp_path,
                                                                                         domain_id, cleanup):
-    # MB-MPO on the robot, with the shipped bundle (policies/cartpole_mbmpo): episode 1 runs the meta-policy; the
-    # next activation's reset takes the inner step on it, and episode 2 acts with the adapted weights, logged at its
-    # start with the count that seeds its noise.
+    # MB-MPO on the robot, with the shipped bundle (policies/cartpole_mbmpo, which pools K episodes per inner step):
+    # episodes 1..K run the meta-policy, each activation's reset pools the episode just ended (carried, so logged);
+    # the activation after the K-th takes the step, and episode K + 1 acts with the adapted weights, logged at its
+    # start with the count that seeds its noise. Every episode's log replays exactly, the pool included.
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
 
     procs, clients = cleanup
     meta_policy_bundle = REPO_ROOT / "policies" / "cartpole_mbmpo"
     bundle = load_bundle(meta_policy_bundle)
+    k = bundle.inner.episodes_per_step
+    steps = 2 * bundle.inner.min_transitions
     twin = Twin(tmp_path, "--speed", str(SPEED), env=ros_env(domain_id))
     procs.append(twin)
     client = RosClient(domain_id)
     clients.append(client)
-    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=30, bundle=str(meta_policy_bundle))
+    node = start_node(colcon_install, tmp_path, domain_id, twin, episode_steps=steps, bundle=str(meta_policy_bundle))
     procs.append(node)
-    node.wait_for(lambda t: "finished: episode_steps reached (30); deactivating" in t, "episode 1 end")
+    finished = f"finished: episode_steps reached ({steps}); deactivating"
+    node.wait_for(lambda t: finished in t, "episode 1 end")
     change = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE))
-    client.wait_for(lambda: client.call(ChangeState, f"/{NODE}/change_state", change).success, "reactivation")
-    node.wait_for(lambda t: t.count("finished: episode_steps reached (30); deactivating") == 2, "episode 2 end")
+    for episode in range(2, k + 2):
+        client.wait_for(lambda: client.call(ChangeState, f"/{NODE}/change_state", change).success, "reactivation")
+        node.wait_for(lambda t, n=episode: t.count(finished) == n, f"episode {episode} end")
     assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
-    first, second = the_log(tmp_path, 1), the_log(tmp_path, 2)
-    assert first.adapter_state["inner_steps"].tolist() == [0] and second.adapter_state["inner_steps"].tolist() == [1]
-    assert second.adapter_state["episodes_started"].tolist() == [2]
-    assert not np.allclose(first.adapter_state["param_0"], second.adapter_state["param_0"])  # the step was taken
-    assert (second.adaptation["inner_steps"][second.adapted] == 1).all()
-    for episode in (first, second):  # the second too: its noise was reseeded from what its log carries
+    logs = [the_log(tmp_path, n) for n in range(1, k + 2)]
+    for n, episode in enumerate(logs[:k]):  # the meta-policy throughout, n episodes pooled at its start
+        assert episode.adapter_state["inner_steps"].tolist() == [0]
+        if k > 1:
+            assert np.count_nonzero(episode.adapter_state["pending_lengths"]) == n
+    last = logs[k]
+    assert last.adapter_state["inner_steps"].tolist() == [1] and last.adapter_state["episodes_started"].tolist() == [
+        k + 1]
+    assert not np.allclose(logs[0].adapter_state["param_0"], last.adapter_state["param_0"])  # the step was taken
+    assert (last.adaptation["inner_steps"][last.adapted] == 1).all()
+    for episode in logs:  # each from what its own log carries: weights, pool and noise count
         replay = replay_episode(episode.path, bundle)
         assert replay.counterfactual.reproduced, replay.counterfactual
         assert not any("continued" in note for note in replay.notes)
