@@ -137,10 +137,11 @@ def test_transitions_and_rewards_are_the_envs(random_logs):
 def test_a_bundle_keeps_its_adapter_through_a_tasks_episodes(tmp_path: Path):
     """As the node: one adapter per task, reset at each episode start, so MB-MPO's adapted policy carries over (its
     inner step after episode 1 is what episode 2 starts from) and the next task starts fresh."""
-    dataset = collect_dataset(MBMPO_BUNDLE, None, tmp_path / "logs", tasks=2, episodes=2, steps=12, seed=0)
-    inner = [int(read_episode(e.source).adapter_state["inner_steps"][0]) for e in dataset.episodes]
-    assert inner == [0, 1, 0, 1]
     bundle = load_bundle(MBMPO_BUNDLE)
+    k = bundle.inner.episodes_per_step  # the shipped bundle pools k episodes per inner step
+    dataset = collect_dataset(MBMPO_BUNDLE, None, tmp_path / "logs", tasks=2, episodes=k + 1, steps=12, seed=0)
+    inner = [int(read_episode(e.source).adapter_state["inner_steps"][0]) for e in dataset.episodes]
+    assert inner == ([0] * k + [1]) * 2
     assert {e.policy for e in dataset.episodes} == {bundle.name}
     assert dataset.collection["policy_path"] == MBMPO_BUNDLE
     assert dataset.episodes[0].policy_sha256 == bundle.sha256
