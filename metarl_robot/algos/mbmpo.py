@@ -225,8 +225,8 @@ class MBMPO(ContextMBRL):
                 keep = np.arange(len(tasks[start:start + num]))
                 # collect() resets the controller before each episode: the adapter pools the k episodes of the
                 # meta-policy, and takes its inner step on them at the adapted episode's start.
-                pre.append(_one_after_another([collect(envs, family, controller, chunk, 1, seed=[s + j for s in reset])
-                                               .take(keep) for j in range(k)]))
+                pre.append(Rollout.chain([collect(envs, family, controller, chunk, 1, seed=[s + j for s in reset])
+                                          .take(keep) for j in range(k)]))
                 post.append(collect(envs, family, controller, chunk, 1, seed=[s + k for s in reset]).take(keep))
         finally:
             envs.close()
@@ -428,15 +428,6 @@ class PolicyController:
 
     def observe(self, obs: np.ndarray, sent_action: np.ndarray, next_obs: np.ndarray) -> None:
         self.adapter.observe(obs, sent_action, next_obs)
-
-
-def _one_after_another(parts: list[Rollout]) -> Rollout:
-    """Single-episode rollouts of the same sub-envs as one rollout of their episodes in order (time axis)."""
-    if len(parts) == 1:
-        return parts[0]
-    cat = lambda name: np.concatenate([getattr(p, name) for p in parts], axis=1)  # noqa: E731
-    return Rollout(cat("obs"), cat("actions"), cat("next_obs"), cat("rewards"), cat("valid"),
-                   np.concatenate([p.episode_start for p in parts]), parts[0].tasks)
 
 
 def _flat(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

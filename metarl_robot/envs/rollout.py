@@ -190,6 +190,15 @@ class Rollout:
         return Rollout(cat("obs"), cat("actions"), cat("next_obs"), cat("rewards"), cat("valid"),
                        parts[0].episode_start, [t for p in parts for t in p.tasks])
 
+    @staticmethod
+    def chain(parts: Sequence[Rollout]) -> Rollout:
+        """Rollouts of the same sub-envs joined along the time axis, one after another (their episodes in order)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts], axis=1)  # noqa: E731
+        return Rollout(cat("obs"), cat("actions"), cat("next_obs"), cat("rewards"), cat("valid"),
+                       np.concatenate([p.episode_start for p in parts]), parts[0].tasks)
+
     def save(self, path: str) -> None:
         """Write to ``.npz`` (task parameters as a ``(E, dim)`` array with their names)."""
         names = list(self.tasks[0]) if self.tasks else []

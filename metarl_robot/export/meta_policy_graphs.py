@@ -36,7 +36,7 @@ from metarl_robot.models.meta_policy import GaussianMLPPolicy, functional_mean
 from metarl_robot.runtime.kinds.meta_policy import PARAMS_FILE, POLICY_FILE, MetaPolicyBundle, meta_policy_interfaces
 from metarl_robot.runtime.meta_policy import InnerStepConfig, MetaPolicyAdapter, PolicyEpisode
 from metarl_robot.runtime.onnx_graph import make_session
-from metarl_robot.runtime.policy_gradient import feature_dim, policy_features
+from metarl_robot.runtime.policy_gradient import feature_dim, from_env_action, policy_features
 from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError, to_plain
@@ -127,8 +127,7 @@ def adapted_params(robot: RobotSpec, run: _Run, buffer: EpisodeBuffer, params: l
     task = run.family.from_vector(buffer.tasks[ep])
     task_params = {k: np.full(len(obs), float(task[k])) for k in run.family.reward_names}
     rewards = reward(robot, obs, act, next_obs, task_params)[0]
-    low, high = np.asarray(robot.action_low), np.asarray(robot.action_high)
-    samples = 2.0 * (act - low) / (high - low) - 1.0
+    samples = from_env_action(robot, act)
     adapter = MetaPolicyAdapter(robot, reward, [p.astype(np.float64) for p in params], inner)
     step = adapter.step_on(adapter.meta_params, [PolicyEpisode(obs, samples, np.asarray(rewards, dtype=np.float64))])
     return [p.astype(np.float32) for p in step]
