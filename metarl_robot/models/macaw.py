@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarl_robot.models.meta_policy import gaussian_log_prob, mlp_forward, mlp_params
+from metarl_robot.runtime.awr_policy import AWRNetworks
 from metarl_robot.runtime.policy_gradient import PolicyParams
 from metarl_robot.spec.schema import SpecError
 
@@ -330,6 +331,18 @@ class MACAWNetworks(nn.Module):
         :data:`~metarl_robot.runtime.policy_gradient.PolicyParams` (``policy_mean`` acts with it)."""
         layers = [p.detach().cpu().to(torch.float64).numpy().copy() for p in self.policy_layout.layers(policy)]
         return [*layers, np.full(self.action_dim, self.log_std_value)]
+
+    def numpy_networks(self) -> AWRNetworks:
+        """The meta-parameters, learned rates and lambda as the robot's numpy step reads them (float64); plain layers
+        only (a weight-transform layer adapts ``z``, ``M`` and ``c``, which the robot's step does not)."""
+        if self.value_layout.transform_dim:
+            raise ValueError("weight-transform layers (macaw_net.weight_transform_dim > 0) have no robot-side "
+                             "adaptation; train with plain layers (weight_transform_dim: 0) to export")
+        as_np = lambda ps: [p.detach().cpu().to(torch.float64).numpy().copy() for p in ps]  # noqa: E731
+        return AWRNetworks(value=as_np(self.value), policy=self.numpy_policy(list(self.policy)), head=as_np(self.head),
+                           value_rates=as_np([self.inner_value_lr()])[0],
+                           policy_rates=as_np([self.inner_policy_lr()])[0],
+                           advantage_weight=float(self.advantage_weight().detach()))
 
 
 def _sgd_step(params: list[torch.Tensor], loss: torch.Tensor, rates: torch.Tensor, create_graph: bool

@@ -194,15 +194,18 @@ class MetaPolicyAdapter:
         for b in self._which(which):
             record = self._episode[b]
             if self.adapt and len(record["reward"]) >= self.inner.min_transitions:
-                self.pending[b].append(PolicyEpisode(np.array(record["obs"]), np.array(record["sample"]),
-                                                     np.array(record["reward"])))
-                if len(self.pending[b]) == self.inner.episodes_per_step:
-                    self.params[b] = self.step_on(self.params[b], self.pending[b])
-                    self.inner_steps[b] += 1
-                    self.pending[b] = []
+                self._episode_ended(b, {k: np.array(v) for k, v in record.items()})
             self._episode[b] = self._empty_record()
         self.episodes_started += 1
         self.rng = np.random.default_rng((self.seed, self.episodes_started))
+
+    def _episode_ended(self, b: int, record: dict[str, np.ndarray]) -> None:
+        """Env ``b`` ended an episode long enough to adapt on (its record's arrays): pool it; the K-th steps."""
+        self.pending[b].append(PolicyEpisode(record["obs"], record["sample"], record["reward"]))
+        if len(self.pending[b]) == self.inner.episodes_per_step:
+            self.params[b] = self.step_on(self.params[b], self.pending[b])
+            self.inner_steps[b] += 1
+            self.pending[b] = []
 
     def forget(self, which: np.ndarray | None = None) -> None:
         """Back to the meta-parameters (and an empty record and pool): what the operator's reset does."""
@@ -278,17 +281,8 @@ class MetaPolicyAdapter:
                   "episodes_started": np.full(self.batch, self.episodes_started, dtype=np.int64)}
         if self.inner.episodes_per_step == 1:  # nothing is ever pooled: the state of every adapter before pooling
             return state
-        lengths = np.zeros((self.batch, self.inner.episodes_per_step - 1), dtype=np.int64)
-        for b, pool in enumerate(self.pending):
-            lengths[b, :len(pool)] = [len(e.reward) for e in pool]
-        rows = int(lengths.sum(axis=1).max())
-        padded = {name: np.zeros((self.batch, rows, *width)) for name, width in self._pending_widths().items()}
-        for b, pool in enumerate(self.pending):
-            for name, array in padded.items():
-                if pool:
-                    joined = np.concatenate([getattr(e, name) for e in pool])
-                    array[b, :len(joined)] = joined
-        return state | {f"pending_{name}": array for name, array in padded.items()} | {"pending_lengths": lengths}
+        return state | pack_episodes(self.pending, self.inner.episodes_per_step - 1, "pending",
+                                     self._pending_widths())
 
     def _pending_widths(self) -> dict[str, tuple[int, ...]]:
         """Per :class:`PolicyEpisode` field, the shape of one of its rows."""
@@ -329,41 +323,10 @@ class MetaPolicyAdapter:
         self.pending = pending
 
     def _pending_from(self, state: Mapping[str, np.ndarray]) -> list[list[PolicyEpisode]]:
-        """The pools a carried state's ``pending_*`` arrays hold (checked: shapes, finite values, lengths that
-        :meth:`carried_state` could have written for this ``episodes_per_step`` and ``min_transitions``)."""
-        k, min_t = self.inner.episodes_per_step, self.inner.min_transitions
-        lengths = np.asarray(state["pending_lengths"])
-        if lengths.shape != (self.batch, k - 1) or lengths.dtype.kind not in "iu":
-            raise ValueError(f"carried state 'pending_lengths': expected integers of shape {(self.batch, k - 1)} "
-                             f"(episodes_per_step {k}), got {lengths.dtype} {lengths.shape}")
-        counts = np.count_nonzero(lengths, axis=1)
-        # Each env's pooled episodes come first, in order; an episode shorter than min_transitions is never pooled.
-        if ((lengths != 0) & (lengths < min_t)).any() or (lengths[np.arange(k - 1) >= counts[:, None]] != 0).any():
-            raise ValueError(f"carried state 'pending_lengths': per env the pooled episodes' lengths (each >= "
-                             f"min_transitions {min_t}) then zeros, got {lengths.tolist()}")
-        reward = np.asarray(state["pending_reward"])
-        if reward.ndim != 2:
-            raise ValueError(f"carried state 'pending_reward': expected shape (B, P), got {reward.shape}")
-        rows = reward.shape[1]
-        arrays = {}
-        for name, width in self._pending_widths().items():
-            key, value = f"pending_{name}", np.asarray(state[f"pending_{name}"])
-            shape = (self.batch, rows, *width)
-            floats = value.dtype.kind == "f"
-            nonfinite = floats and not np.isfinite(value).all()
-            if value.shape != shape or not floats or nonfinite:
-                raise ValueError(f"carried state {key!r}: expected finite floats of shape {shape}, got {value.dtype} "
-                                 f"{value.shape}{' with NaN or Inf' if nonfinite else ''}")
-            arrays[name] = np.asarray(value, dtype=np.float64)
-        if (total := lengths.sum(axis=1)).max() > rows:
-            raise ValueError(f"carried state 'pending_lengths': envs pooled {total.tolist()} rows, more than the "
-                             f"{rows} of 'pending_reward'")
-        pools: list[list[PolicyEpisode]] = []
-        for b in range(self.batch):
-            bounds = np.cumsum([0, *lengths[b, :counts[b]]])
-            pools.append([PolicyEpisode(**{name: array[b, start:end].copy() for name, array in arrays.items()})
-                          for start, end in pairwise(bounds)])
-        return pools
+        """The pools a carried state's ``pending_*`` arrays hold (:func:`unpack_episodes`)."""
+        return unpack_episodes(state, "pending", self.batch, self.inner.episodes_per_step - 1,
+                               self.inner.min_transitions, self._pending_widths(), PolicyEpisode,
+                               f"(episodes_per_step {self.inner.episodes_per_step})")
 
     def _rows(self, name: str, x: Any, width: int) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -374,6 +337,65 @@ class MetaPolicyAdapter:
             raise ValueError(f"{name} contains NaN or Inf (env rows {bad}): refusing to adapt or act on it")
         return x
 
+def pack_episodes(pools: Sequence[Sequence[NamedTuple]], slots: int, prefix: str,
+                  widths: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Per env a list of at most ``slots`` episodes (NamedTuples with the fields of ``widths``: per row shapes) as
+    arrays a carried state holds: each env's episodes one after another in ``<prefix>_<field>`` (B, P, ...) (P the
+    most rows any env holds, zeros after an env's own) and their lengths ``<prefix>_lengths`` (B, slots) (0: no
+    episode)."""
+    lengths = np.zeros((len(pools), slots), dtype=np.int64)
+    for b, pool in enumerate(pools):
+        lengths[b, :len(pool)] = [len(e.reward) for e in pool]
+    rows = int(lengths.sum(axis=1).max()) if len(pools) else 0
+    padded = {name: np.zeros((len(pools), rows, *width)) for name, width in widths.items()}
+    for b, pool in enumerate(pools):
+        for name, array in padded.items():
+            if pool:
+                joined = np.concatenate([getattr(e, name) for e in pool])
+                array[b, :len(joined)] = joined
+    return {f"{prefix}_{name}": array for name, array in padded.items()} | {f"{prefix}_lengths": lengths}
+
+
+def unpack_episodes(state: Mapping[str, np.ndarray], prefix: str, batch: int, slots: int, min_transitions: int,
+                    widths: Mapping[str, tuple[int, ...]], episode: Callable[..., Any], slots_are: str = ""
+                    ) -> list[list[Any]]:
+    """The episodes :func:`pack_episodes` packed, checked (shapes, finite values, lengths it could have written for
+    ``slots`` and ``min_transitions``); ``ValueError`` naming the array otherwise (``slots_are``: what sets the
+    number of slots, for that message)."""
+    lengths = np.asarray(state[f"{prefix}_lengths"])
+    if lengths.shape != (batch, slots) or lengths.dtype.kind not in "iu":
+        raise ValueError(f"carried state '{prefix}_lengths': expected integers of shape {(batch, slots)} "
+                         f"{slots_are}, got {lengths.dtype} {lengths.shape}")
+    counts = np.count_nonzero(lengths, axis=1)
+    # Each env's episodes come first, in order; an episode shorter than min_transitions is never kept.
+    if ((lengths != 0) & (lengths < min_transitions)).any() or (lengths[np.arange(slots) >= counts[:, None]] != 0
+                                                                 ).any():
+        raise ValueError(f"carried state '{prefix}_lengths': per env the episodes' lengths (each >= "
+                         f"min_transitions {min_transitions}) then zeros, got {lengths.tolist()}")
+    reward = np.asarray(state[f"{prefix}_reward"])
+    if reward.ndim != 2:
+        raise ValueError(f"carried state '{prefix}_reward': expected shape (B, P), got {reward.shape}")
+    rows = reward.shape[1]
+    arrays = {}
+    for name, width in widths.items():
+        key, value = f"{prefix}_{name}", np.asarray(state[f"{prefix}_{name}"])
+        shape = (batch, rows, *width)
+        floats = value.dtype.kind == "f"
+        nonfinite = floats and not np.isfinite(value).all()
+        if value.shape != shape or not floats or nonfinite:
+            raise ValueError(f"carried state {key!r}: expected finite floats of shape {shape}, got {value.dtype} "
+                             f"{value.shape}{' with NaN or Inf' if nonfinite else ''}")
+        arrays[name] = np.asarray(value, dtype=np.float64)
+    if (total := lengths.sum(axis=1)).max(initial=0) > rows:
+        raise ValueError(f"carried state '{prefix}_lengths': envs hold {total.tolist()} rows, more than the "
+                         f"{rows} of '{prefix}_reward'")
+    pools: list[list[Any]] = []
+    for b in range(batch):
+        bounds = np.cumsum([0, *lengths[b, :counts[b]]])
+        pools.append([episode(**{name: array[b, start:end].copy() for name, array in arrays.items()})
+                      for start, end in pairwise(bounds)])
+    return pools
+
 
 __all__ = ["PENDING_KEYS", "RUNTIME_SETTINGS", "InnerStepConfig", "InnerStepError", "MetaPolicyAdapter",
-           "PolicyEpisode"]
+           "PolicyEpisode", "pack_episodes", "unpack_episodes"]

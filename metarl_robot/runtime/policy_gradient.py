@@ -96,7 +96,8 @@ def _split(params: PolicyParams) -> tuple[list[tuple[np.ndarray, np.ndarray]], n
     return layers, log_std
 
 
-def _forward(layers: list[tuple[np.ndarray, np.ndarray]], feats: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def forward_layers(layers: list[tuple[np.ndarray, np.ndarray]], feats: np.ndarray
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
     """The hidden activations (the input first, kept for backprop) and the mean."""
     if feats.shape[-1:] != (layers[0][0].shape[0],):
         raise ValueError(f"feats: expected shape (..., {layers[0][0].shape[0]}), got {feats.shape}")
@@ -110,13 +111,13 @@ def _forward(layers: list[tuple[np.ndarray, np.ndarray]], feats: np.ndarray) -> 
 def policy_mean(params: PolicyParams, feats: np.ndarray) -> np.ndarray:
     """(..., F) -> (..., a): the mean action in normalised units (what the robot commands when not exploring)."""
     layers, _ = _split(params)
-    return _forward(layers, np.asarray(feats, dtype=np.float64))[1]
+    return forward_layers(layers, np.asarray(feats, dtype=np.float64))[1]
 
 
 def log_prob(params: PolicyParams, feats: np.ndarray, actions: np.ndarray) -> np.ndarray:
     """(...,): the diagonal Gaussian log density of ``actions`` (..., a), incl. the -0.5*a*log(2*pi) constant."""
     layers, log_std = _split(params)
-    mean = _forward(layers, np.asarray(feats, dtype=np.float64))[1]
+    mean = forward_layers(layers, np.asarray(feats, dtype=np.float64))[1]
     z = (np.asarray(actions, dtype=np.float64) - mean) * np.exp(-log_std)
     return -0.5 * np.sum(z**2, axis=-1) - np.sum(log_std) - 0.5 * log_std.size * _LOG_2PI
 
@@ -141,20 +142,32 @@ def log_prob_gradient(params: PolicyParams, feats: np.ndarray, actions: np.ndarr
     n = int(np.prod(lead))
     if n == 0:
         raise ValueError("no rows: the mean over an empty batch is undefined")
-    acts, mean = _forward(layers, feats.reshape(n, f))
+    acts, mean = forward_layers(layers, feats.reshape(n, f))
     w = weights.reshape(n, 1) / n  # the mean over rows, folded into each row's weight
     inv_std = np.exp(-log_std)
     z = (actions.reshape(n, a) - mean) * inv_std
     # d log N(a; m, s) / d m = (a - m) / s^2;  d / d log s = ((a - m) / s)^2 - 1
     grad_log_std = np.sum(w * (z**2 - 1.0), axis=0)
     delta = w * z * inv_std  # d objective / d (pre-activation) of the mean head
-    grads: PolicyParams = []
+    return [*backprop(layers, acts, delta)[0], grad_log_std]
+
+
+def backprop(layers: list[tuple[np.ndarray, np.ndarray]], acts: list[np.ndarray], delta: np.ndarray,
+             last_hidden_grad: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Backprop through a tanh MLP (``layers`` and the activations ``acts`` of :func:`forward_layers`, rows (N, ·))
+    from ``delta`` (N, out), the objective's gradient w.r.t. the output. ``last_hidden_grad`` (N, H): a gradient that
+    reaches the last hidden activation from elsewhere (MACAW's advantage head reads it). Returns the gradients
+    ``[W0, b0, ..., W_out, b_out]`` and the gradient w.r.t. the input (N, F)."""
+    grads: list[np.ndarray] = []
     for i in range(len(layers) - 1, -1, -1):
         weight, _ = layers[i]
         grads[:0] = [acts[i].T @ delta, delta.sum(axis=0)]
+        delta = delta @ weight.T
         if i > 0:
-            delta = (delta @ weight.T) * (1.0 - acts[i] ** 2)  # tanh' = 1 - tanh^2
-    return [*grads, grad_log_std]
+            if i == len(layers) - 1 and last_hidden_grad is not None:
+                delta = delta + last_hidden_grad
+            delta = delta * (1.0 - acts[i] ** 2)  # tanh' = 1 - tanh^2
+    return grads, delta
 
 
 def inner_step(params: PolicyParams, feats: np.ndarray, actions: np.ndarray, advantages: np.ndarray,
