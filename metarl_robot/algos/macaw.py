@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ import torch
 from metarl_robot.algos.base import Algorithm, Collection, IterationReport
 from metarl_robot.models.macaw import AdvantageWeighting, Batch, MACAWNetConfig, MACAWNetworks
 from metarl_robot.replay.dataset import DATA_FILE, DatasetError, OfflineDataset, load_dataset
+from metarl_robot.runtime.awr_policy import MAX_ADAPT_EPISODES, AWRPolicyAdapter, AWRStepConfig
 from metarl_robot.runtime.manifest import sha256_file
 from metarl_robot.runtime.planner import PlannerConfig
 from metarl_robot.runtime.policy_gradient import (
@@ -59,6 +60,7 @@ from metarl_robot.runtime.policy_gradient import (
     to_env_action,
 )
 from metarl_robot.spec.family import Task, TaskFamily
+from metarl_robot.spec.rewards import get_reward
 from metarl_robot.spec.robot import RobotSpec
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.loop_config import LoopConfig, RunConfig
@@ -272,7 +274,8 @@ class MACAW(Algorithm):
     name = "macaw"
     config_class = MACAWTrainConfig
     sections = ("dataset", "macaw_net", "macaw")
-    bundle_kind = None
+    bundle_kind = "awr_policy"
+    exporters: ClassVar[dict[str, str]] = {"awr_policy": "metarl_robot.export.awr_policy_graphs:export_awr_policy"}
     initial_sampler = "dataset"
     store_file = "dataset_ref.json"
     offline = True
@@ -434,6 +437,25 @@ class MACAW(Algorithm):
             adapted, _ = self.nets.adapt(self.nets.meta_params(), batch, self.weighting, self.cfg.bootstrap,
                                          steps or self.cfg.test_inner_steps, create_graph=False)
         return self.nets.numpy_policy(adapted.policy)
+
+    def robot_step(self) -> AWRStepConfig:
+        """The adaptation step the robot takes (:mod:`metarl_robot.runtime.awr_policy`): meta-test's inner steps,
+        this run's weighting, discount and return scale, adapting on the last ``adapt_episodes`` episodes (the
+        training K, at most 5)."""
+        cfg = self.cfg
+        return AWRStepConfig(steps=cfg.test_inner_steps, discount=cfg.discount, bootstrap=cfg.bootstrap,
+                             return_scale=self.return_scale, temperature=cfg.temperature, weight_clip=cfg.weight_clip,
+                             normalize_advantages=cfg.normalize_advantages,
+                             adapt_episodes=min(cfg.adapt_episodes, MAX_ADAPT_EPISODES))
+
+    def make_policy_adapter(self, batch: int, seed: int, settings: dict[str, Any] | None = None) -> AWRPolicyAdapter:
+        """The robot's adapter over this run's networks (numpy; ``metarl eval`` of a run): as the exported bundle's
+        with the torch weights in float64. ``settings``: ``adapt_episodes``."""
+        if self.family is None:
+            raise RuntimeError("make_policy_adapter needs the family (its reward): set algo.family first")
+        step = self.robot_step().with_settings(settings, "a macaw controller does not plan")
+        return AWRPolicyAdapter(self.robot, get_reward(self.family.spec.reward), self.nets.numpy_networks(), step,
+                                batch=batch, seed=seed)
 
     def act(self, obs: np.ndarray, policy: PolicyParams | None = None) -> np.ndarray:
         """Robot-unit actions ``(..., a)`` of the mean of ``policy`` (:meth:`adapt_to`'s; the meta-policy's when None)

@@ -72,11 +72,11 @@ def policy_graph(feature_dim: int, action_dim: int, hidden: tuple[int, ...] | li
 
 
 def write_policy_graph(path: Path, feature_dim: int, action_dim: int, hidden: tuple[int, ...] | list[int],
-                       metadata: dict[str, str] | None = None) -> dict:
+                       metadata: dict[str, str] | None = None, model: str = "MB-MPO meta-policy") -> dict:
     """Write :func:`policy_graph` to ``path``, pinned and checked (:func:`finish_graph`); returns the interfaces."""
     interfaces = meta_policy_interfaces(feature_dim, action_dim, hidden)
     onnx.save(policy_graph(feature_dim, action_dim, hidden), str(path))
-    finish_graph(path, "policy", interfaces["policy"], "MB-MPO meta-policy", metadata)
+    finish_graph(path, "policy", interfaces["policy"], model, metadata)
     return interfaces
 
 

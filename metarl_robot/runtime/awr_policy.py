@@ -292,6 +292,10 @@ class AWRPolicyAdapter(MetaPolicyAdapter):
         self.params[b] = awr_adapt(self.nets, AWRBatch.of(self.robot, self.window[b], self.step), self.step)
         self.inner_steps[b] += 1
 
+    def adapts_by(self) -> str:
+        return (f"advantage-weighted regression from the meta-parameters on the last {self.step.adapt_episodes} "
+                "episodes, at each episode start")
+
     def forget(self, which: np.ndarray | None = None) -> None:
         super().forget(which)
         for b in self._which(which):

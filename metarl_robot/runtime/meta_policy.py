@@ -207,6 +207,12 @@ class MetaPolicyAdapter:
             self.inner_steps[b] += 1
             self.pending[b] = []
 
+    def adapts_by(self) -> str:
+        """How it adapts, in words (``metarl eval`` records it)."""
+        k = self.inner.episodes_per_step
+        return "one inner step at each episode start, kept across episodes" if k == 1 else \
+            f"one inner step on every {k} episodes pooled, at the episode start after them, kept across episodes"
+
     def forget(self, which: np.ndarray | None = None) -> None:
         """Back to the meta-parameters (and an empty record and pool): what the operator's reset does."""
         for b in self._which(which):

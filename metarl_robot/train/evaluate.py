@@ -127,12 +127,13 @@ class _Source:
             # A fresh adapter, reset at every episode start (the first included) as the node resets it: it pools the
             # episode just ended there, steps on every k-th and keeps the result. An adaptation is k episodes.
             k = adapter.inner.episodes_per_step
-            adapts = "one inner step at each episode start, kept across episodes" if k == 1 else \
-                f"one inner step on every {k} episodes pooled, at the episode start after them, kept across episodes"
+            sampled = self.bundle_class.samples_actions
+            adapts = adapter.adapts_by()
             return PolicyController(adapter, params), {
-                "deterministic": False, "adapts": adapts, "episodes_per_step": k,
+                "deterministic": not sampled, "adapts": adapts, "episodes_per_step": k,
                 "runtime": f"{type(adapter).__name__} ({'ONNX' if self.bundle is not None else 'the run'}'s policy, "
-                           "numpy inner step), as on the robot: actions sampled"}, [k * e for e in graded]
+                           f"numpy adaptation), as on the robot: {'actions sampled' if sampled else 'the mean acts'}"
+            }, [k * e for e in graded]
         if self.bundle is not None:
             adapter = self.bundle.make_adapter(batch=batch, adapt=True, seed=seed, planner_overrides=settings)
             return _BeliefKeepingAdapter(adapter, params), {

@@ -18,6 +18,7 @@ BUNDLE_KINDS: dict[str, str] = {
     "unadapted": "metarl_robot.runtime.kinds.unadapted:UnadaptedBundle",
     "online_model": "metarl_robot.runtime.kinds.online_model:OnlineModelBundle",
     "meta_policy": "metarl_robot.runtime.kinds.meta_policy:MetaPolicyBundle",
+    "awr_policy": "metarl_robot.runtime.kinds.awr_policy:AWRPolicyBundle",
 }
 """Bundle kind → ``module:class`` of its loaded-bundle class."""
 

@@ -19,6 +19,7 @@ only ``episodes_per_step`` (a deployment's choice, e.g. ``metarl eval --set epis
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from itertools import pairwise
 from pathlib import Path
@@ -157,27 +158,8 @@ class MetaPolicyBundle(LoadedBundle):
         """The graph at the meta-parameters on zero features, on the features of observations at the robot's scale
         and on clipped ones: finite means of shape (rows, a), equal to numpy's MLP over the meta-parameters (a graph
         of another network with the same interface is refused)."""
-        params = parsed["meta_params"]
-        f, a = m.meta_policy.feature_dim, robot.action_dim
-        scale = np.asarray(robot.obs_scale, dtype=np.float64)
-        feats = np.concatenate([np.zeros((1, f)), policy_features(robot, np.stack([scale, -scale, 3 * scale])),
-                                np.full((1, f), FEATURE_CLIP), np.full((1, f), -FEATURE_CLIP)])
-        try:
-            (mean,) = graphs["policy"](feats, *params[:-1])
-        except Exception as exc:  # onnxruntime runtime failures
-            raise BundleError(where, "graphs", f"a test run of the policy graph failed: {exc}") from None
-        if mean.shape != (len(feats), a):
-            raise BundleError(where, "graphs.policy", f"mean: a test run on {len(feats)} rows returned shape "
-                              f"{mean.shape}, expected {(len(feats), a)}")
-        if not np.isfinite(mean).all():
-            raise BundleError(where, "graphs.policy", "mean: a test run at the meta-parameters returned non-finite "
-                              "values")
-        want = policy_mean([p.astype(np.float64) for p in params], feats)
-        diff = float(np.max(np.abs(mean - want) / (1.0 + np.abs(want))))
-        if diff > SMOKE_TOLERANCE:
-            raise BundleError(where, "graphs.policy", f"mean: differs from the MLP of {m.meta_policy.params_file} by "
-                              f"{diff:.3g} (relative to 1 + |mean|, allowed {SMOKE_TOLERANCE:g}): the graph is not "
-                              "this policy's mean")
+        check_policy_graph(graphs, parsed["meta_params"], robot, m.meta_policy.feature_dim,
+                           m.meta_policy.params_file, where)
 
     def mean(self, params: list[np.ndarray], feats: np.ndarray) -> np.ndarray:
         """``params`` (the policy's order, the log standard deviation last and unused) and features ``(N, F)`` →
@@ -197,14 +179,42 @@ class MetaPolicyBundle(LoadedBundle):
                                  adapt=adapt, deterministic=deterministic, mean_fn=self.mean)
 
 
-def _load_params(path: Path, m: MetaPolicyManifest, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """The meta-parameters: a listed ``.npz`` file (its hash was checked with the others) holding exactly
-    ``param_0`` ... with ``shapes``, float32, finite (and a log standard deviation whose exponential is). Loaded
-    without pickle."""
-    where, name = str(path), m.meta_policy.params_file
-    if name not in m.files:
-        raise BundleError(where, "meta_policy.params_file", f"{name!r} is not listed under files (its sha256 is "
-                          "unknown)")
+def check_policy_graph(graphs: dict[str, OnnxGraph], params: list[np.ndarray], robot: RobotSpec, feature_dim: int,
+                       params_file: str, where: str) -> None:
+    """The smoke run of a policy-mean graph whose weights are inputs: at ``params`` (the policy's order, the log std
+    last) on zero features, the features of observations at the robot's scale and clipped ones, finite means of
+    shape (rows, a) equal to numpy's MLP (a graph of another network with the same interface is refused)."""
+    f, a = feature_dim, robot.action_dim
+    scale = np.asarray(robot.obs_scale, dtype=np.float64)
+    feats = np.concatenate([np.zeros((1, f)), policy_features(robot, np.stack([scale, -scale, 3 * scale])),
+                            np.full((1, f), FEATURE_CLIP), np.full((1, f), -FEATURE_CLIP)])
+    try:
+        (mean,) = graphs["policy"](feats, *params[:-1])
+    except Exception as exc:  # onnxruntime runtime failures
+        raise BundleError(where, "graphs", f"a test run of the policy graph failed: {exc}") from None
+    if mean.shape != (len(feats), a):
+        raise BundleError(where, "graphs.policy", f"mean: a test run on {len(feats)} rows returned shape "
+                          f"{mean.shape}, expected {(len(feats), a)}")
+    if not np.isfinite(mean).all():
+        raise BundleError(where, "graphs.policy", "mean: a test run at the meta-parameters returned non-finite "
+                          "values")
+    want = policy_mean([p.astype(np.float64) for p in params], feats)
+    diff = float(np.max(np.abs(mean - want) / (1.0 + np.abs(want))))
+    if diff > SMOKE_TOLERANCE:
+        raise BundleError(where, "graphs.policy", f"mean: differs from the MLP of {params_file} by "
+                          f"{diff:.3g} (relative to 1 + |mean|, allowed {SMOKE_TOLERANCE:g}): the graph is not "
+                          "this policy's mean")
+
+
+def load_param_file(path: Path, files: Mapping[str, Any], name: str, name_field: str, want: dict[str, tuple[int, ...]],
+                    role: Callable[[str], str], expected: str) -> dict[str, np.ndarray]:
+    """The arrays of a bundle's parameter file ``name`` (named by the manifest's ``name_field``): listed under
+    ``files`` (its hash was checked with the others), a numpy ``.npz`` loaded without pickle, holding exactly the
+    arrays of ``want`` with their shapes, float32 and finite; ``BundleError`` on ``files.<name>`` naming the array
+    (``role``: what it is, ``expected``: the set in words) otherwise."""
+    where = str(path)
+    if name not in files:
+        raise BundleError(where, name_field, f"{name!r} is not listed under files (its sha256 is unknown)")
     field = f"files.{name}"
     try:
         with np.load(path / name, allow_pickle=False) as data:
@@ -212,27 +222,40 @@ def _load_params(path: Path, m: MetaPolicyManifest, shapes: list[tuple[int, ...]
     except (OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
         # AttributeError/TypeError: a plain .npy array (no archive); ValueError: an object array (needs pickle)
         raise BundleError(where, field, f"not a numpy .npz archive of plain arrays: {exc}") from None
-    want = {f"param_{i}": shape for i, shape in enumerate(shapes)}
-    if missing := sorted(set(want) - set(arrays), key=lambda k: int(k.split("_")[1])):
-        raise BundleError(where, field, f"lacks {', '.join(missing)}; a policy of these sizes has exactly "
-                          f"param_0 ... param_{len(shapes) - 1}")
+    if missing := [k for k in want if k not in arrays]:
+        raise BundleError(where, field, f"lacks {', '.join(missing)}; {expected}")
     if extra := sorted(set(arrays) - set(want)):
-        raise BundleError(where, field, f"holds arrays that are no parameter of this policy: {extra} (expected "
-                          f"exactly param_0 ... param_{len(shapes) - 1})")
-    params = []
-    for i, (key, shape) in enumerate(want.items()):
+        raise BundleError(where, field, f"holds arrays that are no parameter of this policy: {extra} ({expected})")
+    for key, shape in want.items():
         value = arrays[key]
         if value.dtype != np.float32 or value.shape != shape:
-            raise BundleError(where, field, f"{key} ({_role(i, len(shapes))}) is a {value.dtype} array of shape "
-                              f"{value.shape}, expected float32 {shape}")
+            raise BundleError(where, field, f"{key} ({role(key)}) is a {value.dtype} array of shape {value.shape}, "
+                              f"expected float32 {shape}")
         if not np.isfinite(value).all():
-            raise BundleError(where, field, f"{key} ({_role(i, len(shapes))}) holds non-finite values (NaN or Inf)")
-        params.append(value)
-    if float(params[-1].max()) >= np.log(np.finfo(np.float64).max):
-        raise BundleError(where, field, f"param_{len(shapes) - 1} (the log standard deviation) reaches "
-                          f"{float(params[-1].max()):.3g}, whose exponential overflows")
+            raise BundleError(where, field, f"{key} ({role(key)}) holds non-finite values (NaN or Inf)")
+    return {key: arrays[key] for key in want}
+
+
+def _load_params(path: Path, m: MetaPolicyManifest, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """The meta-parameters ``param_0`` ... with ``shapes`` (:func:`load_param_file`), and a log standard deviation
+    whose exponential is finite."""
+    n = len(shapes)
+    arrays = load_param_file(path, m.files, m.meta_policy.params_file, "meta_policy.params_file",
+                             {f"param_{i}": shape for i, shape in enumerate(shapes)},
+                             lambda key: _role(int(key.split("_")[1]), n),
+                             f"a policy of these sizes has exactly param_0 ... param_{n - 1}")
+    params = list(arrays.values())
+    check_log_std(params[-1], path, f"files.{m.meta_policy.params_file}", f"param_{n - 1}")
     return params
 
 
+def check_log_std(log_std: np.ndarray, path: Path, field: str, key: str) -> None:
+    """``BundleError`` if the exponential of a log standard deviation overflows."""
+    if float(log_std.max()) >= np.log(np.finfo(np.float64).max):
+        raise BundleError(str(path), field, f"{key} (the log standard deviation) reaches {float(log_std.max()):.3g}, "
+                          "whose exponential overflows")
+
+
 __all__ = ["PARAMS_FILE", "POLICY_FILE", "InnerStepSpec", "MetaPolicyBundle", "MetaPolicyManifest", "MetaPolicySpec",
+           "check_log_std", "check_policy_graph", "load_param_file",
            "meta_policy_interfaces", "param_shapes"]
