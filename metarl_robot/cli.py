@@ -207,7 +207,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.source, args.out, family=args.family, split=args.split, tasks=tasks, grid=args.grid,
                       grid_params=args.params.split(",") if args.params else None, seed=args.seed,
                       oracle=not args.no_oracle, oracle_cache=args.oracle_cache, unadapted=not args.no_unadapted,
-                      planner_overrides=_parse_overrides(args.set), effects=_effects(args))
+                      planner_overrides=_parse_overrides(args.set), effects=_effects(args),
+                      adapt_from=args.adapt_from)
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
     if report["out_of_family"]:
@@ -573,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "against time since reset; writes eval.json and PNG plots. A PEARL run or checkpoint, or a "
                        "context_policy bundle (run by its robot-side adapter), is graded by returns after 0, 1 and 2 "
                        "exploration episodes per task (belief kept across them), each with its gap to the oracle "
-                       "(docs/pearl.md).")
+                       "(docs/pearl.md); an MB-MPO meta_policy after 0, K and 2K episodes (docs/mbmpo.md), a MACAW "
+                       "awr_policy after 0, 1, 3 and 5 episodes or, with --adapt-from, after adapting on that many "
+                       "logged episodes of the task (docs/macaw.md).")
     p.add_argument("source", help="bundle folder (bundle.yaml), run folder (checkpoints/latest.pt) or a checkpoint "
                    "file (e.g. RUN/checkpoints/ckpt_0005.pt, for a learning curve)")
     p.add_argument("--family", help="family to evaluate on (default: the controller's own)")
@@ -591,11 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-cache", metavar="FILE", help="JSON file of oracle returns reused across evaluations "
                    "with the same family, planner and seed (created if missing): the oracle runs once per task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a planner setting, e.g. --set samples=64 --set horizon=30 (for PEARL and MB-MPO: "
-                   "the oracle's planner); for MB-MPO also --set episodes_per_step=K (episodes pooled per inner step)")
+                   help="override a planner setting, e.g. --set samples=64 --set horizon=30 (for PEARL, MB-MPO and "
+                   "MACAW: the oracle's planner); for MB-MPO also --set episodes_per_step=K (episodes pooled per "
+                   "inner step), for MACAW --set adapt_episodes=K (its last K episodes, 1 to 5, one adaptation reads)")
     p.add_argument("--effect", action="append", default=[], metavar="KIND=VALUE", help=EFFECT_HELP + "; every "
                    "episode (adapted, unadapted, oracle) runs with them, and eval.json records them")
     p.add_argument("--effects", metavar="FILE", help=EFFECTS_FILE_HELP)
+    p.add_argument("--adapt-from", metavar="DATASET", help="MACAW (awr_policy) only: adapt from logged episodes of "
+                   "each task in this dataset (metarl dataset collect/build; e.g. another controller's logs on the "
+                   "same tasks) instead of the controller's own: returns after adapting on the first 1, 3 and 5 "
+                   "logged episodes of the task (MACAW's meta-test, docs/macaw.md)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     p.set_defaults(func=_cmd_eval)
 

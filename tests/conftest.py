@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -35,6 +36,10 @@ MBMPO_TINY = {"loop.iterations": 2, "loop.random_episodes": 4, "loop.tasks_per_i
               "mbmpo.imagined_horizon": 12, "name": "tiny"}
 """``--set`` overrides of the tiny mbmpo run: random data, then one iteration of the meta-policy (seconds)."""
 SHIPPED_MODEL_BASED = REPO_ROOT / "policies" / "cartpole_mb"
+MACAW_CONFIG = REPO_ROOT / "configs" / "macaw_cartpole_swingup.yaml"
+MACAW_TINY = {"macaw.meta_steps": 2, "macaw.meta_batch": 2, "macaw.query_batch": 16, "macaw_net.hidden": [16],
+              "loop.iterations": 2, "name": "tiny"}
+"""Overrides of a tiny macaw run (add ``dataset``): two iterations of two meta-steps."""
 
 
 def train_single_threaded(config: Path, runs: Path, overrides: dict) -> Path:
@@ -119,6 +124,58 @@ def meta_policy_bundle(mbmpo_run: Path, tmp_path_factory: pytest.TempPathFactory
     return export_run(mbmpo_run, tmp_path_factory.mktemp("meta_policy_bundles") / "meta_policy_tiny")
 
 
+def synthetic_dataset(folder: Path, family_name: str = "cartpole_swingup", tasks: int = 2, episodes: int = 3,
+                      steps: int = 12, seed: int = 0, sign: tuple[float, ...] = (1.0, -1.0)) -> Path:
+    """A dataset folder of random states and uniform commands where task ``i`` rewards ``sign[i % len(sign)] * u``
+    (``u`` the first command in normalised units, uniform in the box): two tasks that want opposite actions."""
+    from metarl_robot.replay.dataset import DatasetReport, EpisodeProvenance, OfflineDataset
+    from metarl_robot.spec.family import load_family
+    from metarl_robot.spec.robot import load_robot
+
+    family = load_family(family_name)
+    robot = load_robot(family.spec.robot)
+    rng = np.random.default_rng(seed)
+    n_eps = tasks * episodes
+    offsets = np.arange(n_eps + 1, dtype=np.int64) * steps
+    t = n_eps * steps
+    states = rng.normal(size=(n_eps, steps + 1, robot.obs_dim)) * robot.obs_scale
+    obs, next_obs = states[:, :-1].reshape(t, -1), states[:, 1:].reshape(t, -1)
+    u = rng.uniform(-1.0, 1.0, size=(t, robot.action_dim))
+    actions = robot.action_low + (u + 1.0) / 2.0 * (robot.action_high - robot.action_low)
+    task_ids = np.repeat(np.arange(tasks, dtype=np.int64), episodes)
+    rewards = np.array([sign[task_ids[i // steps] % len(sign)] * u[i, 0] for i in range(t)])
+    truncations = np.isin(np.arange(t), offsets[1:] - 1)
+    values = np.stack([family.to_vector(task) for task in family.sample(rng, "train", tasks)])[task_ids]
+    provenance = [EpisodeProvenance(source="synthetic", source_sha256="", first_step=0, transitions=steps,
+                                    policy="random", policy_sha256="", robot_interface_sha256=robot.interface_hash,
+                                    family=family.name, label_source="sim", fit="",
+                                    task=dict(zip(family.names, map(float, values[e]), strict=True)), flags=[])
+                  for e in range(n_eps)]
+    data = OfflineDataset(observations=obs.astype(np.float32), actions=actions.astype(np.float32),
+                          rewards=rewards.astype(np.float32), next_observations=next_obs.astype(np.float32),
+                          terminations=np.zeros(t, bool), truncations=truncations, episode_offsets=offsets,
+                          task_values=values, task_ids=task_ids, label_sources=np.array(["sim"] * n_eps),
+                          task_names=family.names, robot=robot, family=family, episodes=provenance,
+                          report=DatasetReport())
+    return data.save(folder)
+
+
+@pytest.fixture(scope="session")
+def macaw_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny macaw run folder on a synthetic two-task dataset (:data:`MACAW_TINY`; do not modify: copy it)."""
+    root = tmp_path_factory.mktemp("macaw_runs")
+    dataset = synthetic_dataset(root / "dataset", steps=24)
+    return train_single_threaded(MACAW_CONFIG, root, {**MACAW_TINY, "dataset": str(dataset)})
+
+
+@pytest.fixture(scope="session")
+def awr_policy_bundle(macaw_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny macaw run exported as an ``awr_policy`` bundle folder (do not modify: copy it first)."""
+    from metarl_robot.export.bundle_writer import export_run
+
+    return export_run(macaw_run, tmp_path_factory.mktemp("awr_policy_bundles") / "awr_policy_tiny")
+
+
 @pytest.fixture(scope="session")
 def model_based_bundle() -> Path:
     """The shipped ``model_based`` bundle (read-only: copy it first)."""
@@ -131,6 +188,7 @@ KIND_BUNDLES: dict[str, tuple[str, bool]] = {
     "unadapted": ("unadapted_bundle", True),
     "online_model": ("online_bundle", True),
     "meta_policy": ("meta_policy_bundle", True),
+    "awr_policy": ("awr_policy_bundle", True),
 }
 """Registered bundle kind → (the session fixture giving a bundle of it, whether that fixture trains a run). A new
 kind adds its line here, and the conformance tests (tests/runtime/test_kind_conformance.py) and the node's test

@@ -232,7 +232,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
              oracle: bool = True, oracle_threads: int = 2, oracle_cache: str | Path | None = None,
              unadapted: bool = True, planner_overrides: dict[str, Any] | None = None,
              progress: bool = True, effects: OutOfFamily | None = None,
-             modes: Collection[str] | None = None) -> dict[str, Any]:
+             modes: Collection[str] | None = None, adapt_from: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves).
 
     Every episode, of every task and mode, starts from the initial state a reset with ``seed`` gives,
@@ -240,7 +240,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     effects every episode (adapted, unadapted, oracle) runs with; ``eval.json`` records them and what the
     oracle sees of them under ``out_of_family``. ``modes``: which of the kind's adaptation modes to run besides
     ``adapted`` (``None``: all of them, less ``unadapted`` when that is ``False``; ``()``: the adapted controller
-    only, a third to a fifth of the episodes when only its return is wanted).
+    only, a third to a fifth of the episodes when only its return is wanted). ``adapt_from``: a dataset folder of
+    logged episodes of the tasks (a controller that adapts from logs, MACAW's: :func:`_logged_episodes`).
     """
     started = time.perf_counter()
     src = _Source(Path(source_path))
@@ -251,7 +252,7 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     try:
         return _evaluate(src, source_path, out_dir, family, split, tasks, grid, grid_params, seed, oracle,
                          oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started, effects or None,
-                         modes)
+                         modes, adapt_from)
     finally:
         torch.set_num_threads(threads)
 
@@ -260,7 +261,8 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
               tasks: int | list[Task], grid: int | None, grid_params: list[str] | None, seed: int, oracle: bool,
               oracle_threads: int, oracle_cache: str | Path | None, unadapted: bool,
               planner_overrides: dict[str, Any] | None, progress: bool, started: float,
-              effects: OutOfFamily | None, only_modes: Collection[str] | None) -> dict[str, Any]:
+              effects: OutOfFamily | None, only_modes: Collection[str] | None,
+              adapt_from: str | Path | None = None) -> dict[str, Any]:
     fam = load_family(family) if family else src.family
     if fam.spec.robot != src.robot.name:
         raise ValueError(f"family {fam.name!r} is for robot {fam.spec.robot!r}, the controller for {src.robot.name!r}")
@@ -279,7 +281,9 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
             raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
                              "first episode on the prior (return_after_0, the unadapted return)")
         return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
-                          oracle_threads, oracle_cache, progress, started, effects, settings)
+                          oracle_threads, oracle_cache, progress, started, effects, settings, adapt_from)
+    if adapt_from is not None:
+        raise ValueError(f"--adapt-from: a {src.bundle_class.kind} controller does not adapt from logged episodes")
     n = len(task_list)
     params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
     starts = [seed] * n
@@ -384,7 +388,8 @@ def _write_report(report: dict[str, Any], ret: dict[str, np.ndarray], out_dir: s
 def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: TaskFamily, split: str,
                task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
                oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float,
-               effects: OutOfFamily | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+               effects: OutOfFamily | None = None, settings: dict[str, Any] | None = None,
+               adapt_from: str | Path | None = None) -> dict[str, Any]:
     """Run the episodes and the oracle, write ``eval.json`` and the plots, return the report."""
     robot: RobotSpec = src.robot
     n = len(task_list)
@@ -395,10 +400,19 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     ret: dict[str, np.ndarray] = {}
     success: dict[str, np.ndarray | None] = {}
     belief_var: dict[str, np.ndarray] = {}
+    logged = _logged_episodes(adapt_from, fam, robot, task_list, graded[-1], controller) if adapt_from else None
     envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
     try:
+        if logged is not None:  # one episode per graded count, each by a fresh adapter on that many logged episodes
+            protocol["adapts"] = f"from the first k logged episodes of each task in {adapt_from}, k = {graded}"
+            for episode in graded:
+                controller = src.meta_test_controller(n, fam, params, seed, settings)[0]
+                for b in range(n) if episode else ():
+                    controller.adapter.adapt_on(b, logged[b][:episode])
+                ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
+                ret[column_of[episode]], success[column_of[episode]] = ep.returns, episode_success(fam, ep.components)
         # Every episode runs, those between the graded ones too: a pooling adapter steps on them.
-        for episode in range(graded[-1] + 1):
+        for episode in range(graded[-1] + 1) if logged is None else ():
             column = column_of.get(episode)
             if column and hasattr(controller, "posterior"):  # the belief z is drawn from at this episode's reset
                 belief_var[column] = controller.posterior().var.mean(axis=1)
@@ -435,7 +449,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
         "bundle_kind": src.bundle_class.kind,
         "family": fam.name, "split": split, "seed": seed, "grid": grid_info,
         "out_of_family": _effects_record(effects, oracle), "tasks": rows, "summary": summary,
-        "exploration_episodes": graded,
+        "exploration_episodes": graded, "adapt_from": str(adapt_from) if adapt_from else None,
         "controller": protocol, "planner": planner_cfg.__dict__, "oracle_planner": src.oracle_planner_source,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -444,6 +458,44 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     colors["oracle"] = "tab:green"
     return _write_report(report, ret, out_dir,
                          lambda out: _returns_plot(report, ret, out, colors, "return after k exploration episodes"))
+
+
+def _logged_episodes(adapt_from: str | Path, fam: TaskFamily, robot: RobotSpec, tasks: list[Task], count: int,
+                     controller: Any) -> list[list[Any]]:
+    """Per task the first ``count`` episodes of the dataset ``adapt_from`` whose task is that task (its parameter
+    vector within 1e-6), as the adapter's episodes (commands in normalised units); ``ValueError`` naming what is
+    missing: a controller that cannot adapt from logs, another robot or family, a task with too few episodes or
+    unknown rewards."""
+    from metarl_robot.replay.dataset import load_dataset
+    from metarl_robot.runtime.awr_policy import AWREpisode
+    from metarl_robot.runtime.policy_gradient import from_env_action
+
+    if not hasattr(getattr(controller, "adapter", None), "adapt_on"):
+        raise ValueError("--adapt-from: this controller does not adapt from logged episodes (a MACAW awr_policy "
+                         "bundle or run does)")
+    data = load_dataset(adapt_from)
+    if data.robot.interface_hash != robot.interface_hash or data.family.name != fam.name:
+        raise ValueError(f"--adapt-from {adapt_from}: episodes of robot {data.robot.name!r}, family "
+                         f"{data.family.name!r}; this evaluation runs robot {robot.name!r}, family {fam.name!r}")
+    out = []
+    for i, task in enumerate(tasks):
+        want = fam.to_vector(task)
+        mine = [e for e in range(data.num_episodes) if np.allclose(data.task_values[e], want, rtol=0, atol=1e-6)]
+        if len(mine) < count:
+            raise ValueError(f"--adapt-from {adapt_from}: task {i} ({task}) has {len(mine)} logged episode(s), "
+                             f"{count} needed (metarl dataset collect with the eval's --split, --tasks and --seed "
+                             "logs them)")
+        episodes = []
+        for e in mine[:count]:
+            rows = data.episode_slice(e)
+            if not np.isfinite(data.rewards[rows]).all():
+                raise ValueError(f"--adapt-from {adapt_from}: episode {e} of task {i} has unknown rewards")
+            episodes.append(AWREpisode(np.asarray(data.observations[rows], np.float64),
+                                       from_env_action(robot, data.actions[rows]),
+                                       np.asarray(data.rewards[rows], np.float64),
+                                       np.asarray(data.next_observations[rows], np.float64)))
+        out.append(episodes)
+    return out
 
 
 def _returns_plot(report: dict, ret: dict[str, np.ndarray], out: Path, colors: dict[str, str], title: str) -> None:

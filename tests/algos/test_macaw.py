@@ -17,51 +17,18 @@ import torch
 
 from metarl_robot.algos.macaw import MACAW, OfflineTasks
 from metarl_robot.paths import REPO_ROOT
-from metarl_robot.replay.dataset import DATA_FILE, DatasetReport, EpisodeProvenance, OfflineDataset, load_dataset
+from metarl_robot.replay.dataset import DATA_FILE, load_dataset
 from metarl_robot.runtime.policy_gradient import policy_features, to_env_action
 from metarl_robot.spec.family import load_family
 from metarl_robot.spec.robot import load_robot
 from metarl_robot.spec.schema import SpecError
 from metarl_robot.train.config import load_config
 from metarl_robot.train.runner import Runner, load_trained, train
+from tests.conftest import MACAW_CONFIG, MACAW_TINY, synthetic_dataset
 
 torch.set_num_threads(1)
-CONFIG = REPO_ROOT / "configs" / "macaw_cartpole_swingup.yaml"
-TINY = {"macaw.meta_steps": 2, "macaw.meta_batch": 2, "macaw.query_batch": 16, "macaw_net.hidden": [16],
-        "loop.iterations": 2, "name": "tiny"}
-"""Overrides of a tiny run (add ``dataset``): two iterations of two meta-steps."""
-
-
-def synthetic_dataset(folder: Path, family_name: str = "cartpole_swingup", tasks: int = 2, episodes: int = 3,
-                      steps: int = 12, seed: int = 0, sign: tuple[float, ...] = (1.0, -1.0)) -> Path:
-    """A dataset folder of random states and uniform commands where task ``i`` rewards ``sign[i % len(sign)] * u``
-    (``u`` the first command in normalised units, uniform in the box): two tasks that want opposite actions."""
-    family = load_family(family_name)
-    robot = load_robot(family.spec.robot)
-    rng = np.random.default_rng(seed)
-    n_eps = tasks * episodes
-    offsets = np.arange(n_eps + 1, dtype=np.int64) * steps
-    t = n_eps * steps
-    states = rng.normal(size=(n_eps, steps + 1, robot.obs_dim)) * robot.obs_scale
-    obs, next_obs = states[:, :-1].reshape(t, -1), states[:, 1:].reshape(t, -1)
-    u = rng.uniform(-1.0, 1.0, size=(t, robot.action_dim))
-    actions = robot.action_low + (u + 1.0) / 2.0 * (robot.action_high - robot.action_low)
-    task_ids = np.repeat(np.arange(tasks, dtype=np.int64), episodes)
-    rewards = np.array([sign[task_ids[i // steps] % len(sign)] * u[i, 0] for i in range(t)])
-    truncations = np.isin(np.arange(t), offsets[1:] - 1)
-    values = np.stack([family.to_vector(task) for task in family.sample(rng, "train", tasks)])[task_ids]
-    provenance = [EpisodeProvenance(source="synthetic", source_sha256="", first_step=0, transitions=steps,
-                                    policy="random", policy_sha256="", robot_interface_sha256=robot.interface_hash,
-                                    family=family.name, label_source="sim", fit="",
-                                    task=dict(zip(family.names, map(float, values[e]), strict=True)), flags=[])
-                  for e in range(n_eps)]
-    data = OfflineDataset(observations=obs.astype(np.float32), actions=actions.astype(np.float32),
-                          rewards=rewards.astype(np.float32), next_observations=next_obs.astype(np.float32),
-                          terminations=np.zeros(t, bool), truncations=truncations, episode_offsets=offsets,
-                          task_values=values, task_ids=task_ids, label_sources=np.array(["sim"] * n_eps),
-                          task_names=family.names, robot=robot, family=family, episodes=provenance,
-                          report=DatasetReport())
-    return data.save(folder)
+CONFIG = MACAW_CONFIG
+TINY = MACAW_TINY
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +148,14 @@ def test_the_runner_trains_offline_and_never_makes_an_env(two_tasks, tmp_path, m
     assert "query value loss" in summary["line"]
     with pytest.raises(NotImplementedError, match="offline"):
         _build(two_tasks).collect([], 0, 0)
-    # No controller to grade yet: metarl eval says so (one line, exit 2), not "unknown bundle kind None".
+    # The run's controller is the robot's (numpy adaptation over the run's weights): metarl eval grades it in MuJoCo.
     from metarl_robot import cli
 
     monkeypatch.undo()
-    capsys.readouterr()
-    assert cli.main(["eval", str(run), "--no-oracle", "--out", str(tmp_path / "eval")]) == 2
-    assert "algo 'macaw', which metarl eval cannot grade yet" in capsys.readouterr().err
+    assert cli.main(["eval", str(run), "--no-oracle", "--tasks", "2", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["bundle_kind"] == "awr_policy" and report["exploration_episodes"] == [0, 1, 3, 5]
+    assert report["controller"]["runtime"].startswith("AWRPolicyAdapter (the run's policy")
 
 
 def test_a_dataset_of_another_robot_or_family_is_refused_naming_the_field(tmp_path):
@@ -253,3 +221,24 @@ def test_metarl_train_writes_checkpoints_and_resumes(tmp_path):
     with pytest.raises(SpecError, match="holds other data") as err:
         train(run, resume=True, overrides={"loop.iterations": 4}, progress=False)
     assert err.value.field == "dataset"
+
+
+def test_eval_adapts_from_logged_episodes_of_each_task_and_refuses_too_few(macaw_run, tmp_path):
+    from metarl_robot.replay.dataset import load_dataset
+    from metarl_robot.train.evaluate import evaluate
+
+    logs = synthetic_dataset(tmp_path / "logs", tasks=2, episodes=5, steps=24, seed=3)
+    data = load_dataset(logs)
+    family = load_family("cartpole_swingup")
+    tasks = [family.from_vector(data.task_values[e]) for e in (0, 5)]
+    report = evaluate(macaw_run, tmp_path / "eval", tasks=tasks, oracle=False, progress=False, adapt_from=logs)
+    assert report["adapt_from"] == str(logs) and "logged episodes" in report["controller"]["adapts"]
+    returns = [[row[f"return_after_{k}"] for k in (0, 1, 3, 5)] for row in report["tasks"]]
+    assert all(len(set(r)) > 1 for r in returns)  # adapting on the logs changed what the policy did
+    few = synthetic_dataset(tmp_path / "few", tasks=1, episodes=3, steps=24, seed=3)
+    with pytest.raises(ValueError, match=r"task 0 .* has 3 logged episode\(s\), 5 needed"):
+        evaluate(macaw_run, tmp_path / "eval2", tasks=[family.from_vector(load_dataset(few).task_values[0])],
+                 oracle=False, progress=False, adapt_from=few)
+    with pytest.raises(ValueError, match="does not adapt from logged episodes"):
+        evaluate(REPO_ROOT / "policies" / "cartpole_mbmpo", tmp_path / "eval3", tasks=tasks[:1], oracle=False,
+                 progress=False, adapt_from=logs)

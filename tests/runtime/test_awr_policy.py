@@ -95,7 +95,7 @@ def test_adapter_acts_with_the_mean_and_adapts_to_its_last_k_episodes():
     rng = np.random.default_rng(1)
     adapter = make_adapter(k=2)
     obs = rng.standard_normal((2, ROBOT.obs_dim))
-    action, diag = adapter.act(obs, {"target_x": np.zeros(2)})
+    _, diag = adapter.act(obs, {"target_x": np.zeros(2)})
     meta = adapter.nets.policy
     np.testing.assert_allclose(diag["policy_sample"], policy_mean(meta, policy_features(ROBOT, obs)))
     adapter.reset()  # no transition recorded: nothing to adapt on
@@ -151,9 +151,9 @@ def test_bad_window_arrays_are_refused_naming_the_array_and_change_nothing(chang
 def test_step_settings_validate_and_only_adapt_episodes_may_change():
     step = AWRStepConfig()
     assert step.with_settings({"adapt_episodes": 3}, "x").adapt_episodes == 3
-    with pytest.raises(SpecError, match="adapt_episodes.*at most 5|adapt_episodes.*\\[1, 5\\]"):
+    with pytest.raises(SpecError, match=r"adapt_episodes.*\[1, 5\]"):
         step.with_settings({"adapt_episodes": 6}, "x")
-    with pytest.raises(SpecError, match="takes only adapt_episodes.*horizon"):
+    with pytest.raises(SpecError, match=r"takes only adapt_episodes.*horizon"):
         step.with_settings({"horizon": 10}, "an awr_policy bundle does not plan")
     with pytest.raises(SpecError, match="return_scale"):
         AWRStepConfig(return_scale=0.0).validate()

@@ -121,7 +121,7 @@ def test_planner_overrides_apply_iff_the_kind_plans(bundle):
         with pytest.raises(SpecError, match="planner_overrides"):
             bundle.make_adapter(planner_overrides={"no_such_setting": 1})
     else:
-        with pytest.raises(SpecError, match=rf"planner_overrides: a {bundle.kind} bundle does not plan"):
+        with pytest.raises(SpecError, match=rf"planner_overrides: an? {bundle.kind} bundle does not plan"):
             bundle.make_adapter(planner_overrides={"samples": 8})
 
 

@@ -127,7 +127,7 @@ class AWRPolicyBundle(LoadedBundle):
         super().__init__(path, manifest, robot, family, graphs)
         self.nets = nets
         """The meta-parameters (float64 copies), rates and lambda: what every adaptation starts from."""
-        self.step = step
+        self.awr_step = step
         """The adaptation step, as meta-training took it."""
 
     @classmethod
@@ -187,7 +187,7 @@ class AWRPolicyBundle(LoadedBundle):
         """An :class:`~metarl_robot.runtime.awr_policy.AWRPolicyAdapter` over this bundle's graph and networks.
         ``adapt=False``: the meta-policy throughout. It acts with the mean, so ``seed`` changes nothing (the
         signature every kind shares). ``planner_overrides`` may hold only ``adapt_episodes``."""
-        step = self.step.with_settings(planner_overrides, f"an {self.kind} bundle does not plan ({self.acts_by})")
+        step = self.awr_step.with_settings(planner_overrides, f"an {self.kind} bundle does not plan ({self.acts_by})")
         return AWRPolicyAdapter(self.robot, get_reward(self.family.spec.reward), self.nets, step, batch=batch,
                                 seed=seed, adapt=adapt, mean_fn=self.mean)
 
