@@ -400,7 +400,10 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     ret: dict[str, np.ndarray] = {}
     success: dict[str, np.ndarray | None] = {}
     belief_var: dict[str, np.ndarray] = {}
-    logged = _logged_episodes(adapt_from, fam, robot, task_list, graded[-1], controller) if adapt_from else None
+    if adapt_from and not hasattr(getattr(controller, "adapter", None), "adapt_on"):
+        raise ValueError("--adapt-from: this controller does not adapt from logged episodes (a MACAW awr_policy "
+                         "bundle or run does)")
+    logged = logged_episodes(adapt_from, fam, robot, task_list, graded[-1]) if adapt_from else None
     envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
     try:
         if logged is not None:  # one episode per graded count, each by a fresh adapter on that many logged episodes
@@ -460,19 +463,16 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
                          lambda out: _returns_plot(report, ret, out, colors, "return after k exploration episodes"))
 
 
-def _logged_episodes(adapt_from: str | Path, fam: TaskFamily, robot: RobotSpec, tasks: list[Task], count: int,
-                     controller: Any) -> list[list[Any]]:
+def logged_episodes(adapt_from: str | Path, fam: TaskFamily, robot: RobotSpec, tasks: list[Task], count: int
+                    ) -> list[list[Any]]:
     """Per task the first ``count`` episodes of the dataset ``adapt_from`` whose task is that task (its parameter
-    vector within 1e-6), as the adapter's episodes (commands in normalised units); ``ValueError`` naming what is
-    missing: a controller that cannot adapt from logs, another robot or family, a task with too few episodes or
-    unknown rewards."""
+    vector within 1e-6), as :class:`~metarl_robot.runtime.awr_policy.AWREpisode` (commands in normalised units);
+    ``ValueError`` naming what is missing: another robot or family, a task with too few episodes or unknown
+    rewards."""
     from metarl_robot.replay.dataset import load_dataset
     from metarl_robot.runtime.awr_policy import AWREpisode
     from metarl_robot.runtime.policy_gradient import from_env_action
 
-    if not hasattr(getattr(controller, "adapter", None), "adapt_on"):
-        raise ValueError("--adapt-from: this controller does not adapt from logged episodes (a MACAW awr_policy "
-                         "bundle or run does)")
     data = load_dataset(adapt_from)
     if data.robot.interface_hash != robot.interface_hash or data.family.name != fam.name:
         raise ValueError(f"--adapt-from {adapt_from}: episodes of robot {data.robot.name!r}, family "
