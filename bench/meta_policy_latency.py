@@ -1,5 +1,6 @@
 """What MB-MPO costs the robot: a ``meta_policy`` bundle's control step and its between-episode inner step, on one
-core, against the onnxruntime floor of the same policy graph and the robot's control period.
+core, against the onnxruntime floor of the same policy graph and the robot's control period (an ``awr_policy``
+bundle, MACAW's, is timed the same way: its adaptation at every episode start).
 
 Prints one JSON document (progress on stderr). Runs from a fresh clone, from the repository root::
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # A capability, not a name: a policy graph with weights as inputs and an adapter that steps between episodes.
     if not (bundle.meta_test_resets and "policy" in bundle.graphs):
         parser.error(f"{args.bundle} is a {bundle.kind} bundle; this benchmark times bundles whose policy adapts "
-                     "between episodes (meta_policy)")
+                     "between episodes (meta_policy, awr_policy)")
     robot, family = bundle.robot, bundle.family
     session = bundle.graphs["policy"].session
     names = [i.name for i in session.get_inputs()]
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     period_ms = robot.ctrl_dt * 1e3
     out = {
         "benchmark": "meta_policy_latency", "bundle": args.bundle, "family": family.name,
-        "policy_hidden": bundle.manifest["meta_policy"]["hidden"], "episodes": episodes, "episodes_per_step": k,
+        "policy_hidden": bundle.manifest[bundle.kind]["hidden"], "episodes": episodes, "episodes_per_step": k,
         "episode_returns": returns,
         "results": {"step": step_stats, "ort_floor": floor_stats, "inner_step": stats_ms(inner),
                     **({"pooling_reset": stats_ms(pooling)} if pooling else {})},

@@ -184,7 +184,9 @@ class AWRBatch:
     tail_discount: np.ndarray
     """(N,) discount ** (steps to the episode's last next observation)."""
     tail_feats: np.ndarray
-    """(N, F) features of that last next observation."""
+    """(E, F) features of each episode's last next observation."""
+    tail_of: np.ndarray
+    """(N,) the episode of each row (its row of ``tail_feats``)."""
 
     @classmethod
     def of(cls, robot: RobotSpec, episodes: Sequence[AWREpisode], step: AWRStepConfig) -> AWRBatch:
@@ -192,15 +194,16 @@ class AWRBatch:
         if not episodes:
             raise ValueError("no episodes to adapt on")
         feats, actions, returns, tail_discount, tail_feats = [], [], [], [], []
+        lengths = [len(e.reward) for e in episodes]
         for e in episodes:
             t = len(e.reward)
             feats.append(policy_features(robot, e.obs))
             actions.append(np.clip(e.sample, -1.0, 1.0))
             returns.append(discounted_returns(np.asarray(e.reward, dtype=np.float64)[None], step.discount)[0])
             tail_discount.append(step.discount ** np.arange(t, 0, -1, dtype=np.float64))
-            tail_feats.append(np.repeat(policy_features(robot, e.next_obs[-1:]), t, axis=0))
+            tail_feats.append(policy_features(robot, e.next_obs[-1]))
         return cls(np.concatenate(feats), np.concatenate(actions), np.concatenate(returns) / step.return_scale,
-                   np.concatenate(tail_discount), np.concatenate(tail_feats))
+                   np.concatenate(tail_discount), np.stack(tail_feats), np.repeat(np.arange(len(episodes)), lengths))
 
 
 def awr_weights(advantages: np.ndarray, step: AWRStepConfig) -> np.ndarray:
@@ -221,13 +224,17 @@ def awr_adapt(nets: AWRNetworks, batch: AWRBatch, step: AWRStepConfig) -> Policy
     layout (the log std unchanged)."""
     n = len(batch.returns)
     value = list(nets.value)
+
+    def targets(value: list[np.ndarray]) -> np.ndarray:  # returns, plus each episode's discounted tail value
+        if not step.bootstrap:
+            return batch.returns
+        return batch.returns + batch.tail_discount * _values(value, batch.tail_feats)[1][batch.tail_of]
+
     for _ in range(step.steps):
         acts, v = _values(value, batch.feats)
-        target = batch.returns + (batch.tail_discount * _values(value, batch.tail_feats)[1] if step.bootstrap else 0)
-        grads, _ = backprop(_layers(value), acts, (2.0 / n * (v - target))[:, None])
+        grads, _ = backprop(_layers(value), acts, (2.0 / n * (v - targets(value)))[:, None])
         value = [p - rate * g for p, g, rate in zip(value, grads, nets.value_rates, strict=True)]
-    target = batch.returns + (batch.tail_discount * _values(value, batch.tail_feats)[1] if step.bootstrap else 0)
-    advantages = target - _values(value, batch.feats)[1]
+    advantages = targets(value) - _values(value, batch.feats)[1]
     weights = awr_weights(advantages, step)
     policy, head, log_std = list(nets.policy[:-1]), list(nets.head), nets.policy[-1]
     inv_var = np.exp(-2.0 * log_std)

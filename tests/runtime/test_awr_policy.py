@@ -34,7 +34,8 @@ def episode(rng: np.random.Generator, t: int = 40) -> AWREpisode:
 
 def torch_batch(batch: AWRBatch) -> Batch:
     t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
-    return Batch(t(batch.feats), t(batch.actions), t(batch.returns), t(batch.tail_discount), t(batch.tail_feats))
+    return Batch(t(batch.feats), t(batch.actions), t(batch.returns), t(batch.tail_discount),
+                 t(batch.tail_feats[batch.tail_of]))
 
 
 @pytest.mark.parametrize("head", [True, False])
@@ -67,7 +68,8 @@ def test_batch_rows_returns_and_tails():
     np.testing.assert_allclose(b.returns[-1], e.reward[-1] / 2.0)
     np.testing.assert_allclose(b.returns[-2], (e.reward[-2] + 0.9 * e.reward[-1]) / 2.0)
     np.testing.assert_allclose(b.tail_discount[[0, -1]], [0.9 ** 12, 0.9])
-    np.testing.assert_allclose(b.tail_feats, np.repeat(policy_features(ROBOT, e.next_obs[-1:]), 12, axis=0))
+    np.testing.assert_allclose(b.tail_feats, policy_features(ROBOT, e.next_obs[-1:]))
+    assert (b.tail_of == 0).all()
     assert b.actions.min() >= -1 and b.actions.max() <= 1  # what the robot ran: the box's edge
     with pytest.raises(ValueError, match="no episodes"):
         AWRBatch.of(ROBOT, [], step)
