@@ -96,6 +96,16 @@ def measure_meta_policy_parity(path: Path, params: list[np.ndarray], feats: np.n
     return parity_report({"mean": mean}, {"mean": torch_mean(torch.float32)}, {"mean": torch_mean(torch.float64)})
 
 
+def check_mean_parity(parity: dict[str, dict]) -> None:
+    """:func:`check_parity` on the policy-mean reports, and every set's largest difference within
+    :data:`PARITY_TOLERANCE` absolute (:class:`ExportError` naming the sets' figures otherwise)."""
+    check_parity(parity)
+    worst = {k: p["max_abs_diff"]["mean"] for k, p in parity.items()}
+    if max(worst.values()) > PARITY_TOLERANCE:
+        raise ExportError(f"torch vs onnxruntime: the policy mean differs by more than {PARITY_TOLERANCE:g}: "
+                          f"max abs diff {worst}")
+
+
 def random_features(robot: RobotSpec, rng: np.random.Generator, rows: int = 257) -> np.ndarray:
     """Features of random observations from a tenth of robot.yaml's scale to five times it (the wide end reaches
     the features' clip)."""
@@ -166,11 +176,7 @@ def export_meta_policy(run: _Run, staging: Path, name: str, exporter: Exporter, 
               "real": measure_meta_policy_parity(graph_path, params, real),
               "adapted": measure_meta_policy_parity(graph_path, adapted_params(robot, run, buffer, params,
                                                                                cfg.mbmpo.inner), real)}
-    check_parity(parity)
-    worst = {k: p["max_abs_diff"]["mean"] for k, p in parity.items()}
-    if max(worst.values()) > PARITY_TOLERANCE:
-        raise ExportError(f"torch vs onnxruntime: the policy mean differs by more than {PARITY_TOLERANCE:g}: "
-                          f"max abs diff {worst}")
+    check_mean_parity(parity)
     # The step as trained, with the deployment's choices (metarl export --set episodes_per_step=K) in place.
     inner = cfg.mbmpo.inner.with_settings(run.adapter_settings, "a meta_policy bundle")
     sections = {"meta_policy": {"hidden": hidden, "feature_dim": f, "params_file": PARAMS_FILE,
@@ -180,4 +186,5 @@ def export_meta_policy(run: _Run, staging: Path, name: str, exporter: Exporter, 
                             "real_samples": parity_samples}, data_files=[params_path])
 
 
-__all__ = ["EXPORTER_NAME", "export_meta_policy", "measure_meta_policy_parity", "policy_graph", "write_policy_graph"]
+__all__ = ["EXPORTER_NAME", "check_mean_parity", "export_meta_policy", "measure_meta_policy_parity", "policy_graph",
+           "write_policy_graph"]

@@ -28,7 +28,7 @@ meta-test).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,6 +39,7 @@ from metarl_robot.runtime.meta_policy import (
     MetaPolicyAdapter,
     pack_episodes,
     unpack_episodes,
+    with_runtime_settings,
 )
 from metarl_robot.runtime.policy_gradient import (
     PolicyParams,
@@ -118,17 +119,7 @@ class AWRStepConfig:
     def with_settings(self, settings: Mapping[str, Any] | None, refusal: str) -> AWRStepConfig:
         """This step with the :data:`AWR_SETTINGS` in ``settings`` changed, validated; ``SpecError`` on
         ``planner_overrides`` saying ``refusal`` for any other key."""
-        if not settings:
-            return self
-        if unknown := sorted(set(settings) - set(AWR_SETTINGS)):
-            raise SpecError("planner_overrides", "", f"{refusal}; of planner_overrides it takes only "
-                            f"{', '.join(AWR_SETTINGS)} (episodes one adaptation reads), got {unknown}")
-        changed = replace(self, **settings)
-        try:
-            changed.validate()
-        except SpecError as exc:
-            raise SpecError("planner_overrides", exc.field, exc.problem) from None
-        return changed
+        return with_runtime_settings(self, settings, AWR_SETTINGS, refusal, "episodes one adaptation reads")
 
 
 @dataclass(frozen=True)

@@ -115,17 +115,26 @@ class InnerStepConfig:
         """This step with the :data:`RUNTIME_SETTINGS` in ``settings`` (a controller's ``planner_overrides``)
         changed, validated. Any other key is refused: ``SpecError`` on ``planner_overrides`` saying ``refusal`` (what
         the controller is) and the settings it takes."""
-        if not settings:
-            return self
-        if unknown := sorted(set(settings) - set(RUNTIME_SETTINGS)):
-            raise SpecError("planner_overrides", "", f"{refusal}; of planner_overrides it takes only "
-                            f"{', '.join(RUNTIME_SETTINGS)} (episodes pooled per inner step), got {unknown}")
-        changed = replace(self, **settings)
-        try:
-            changed.validate()
-        except InnerStepError as exc:
-            raise SpecError("planner_overrides", exc.field, exc.problem) from None
-        return changed
+        return with_runtime_settings(self, settings, RUNTIME_SETTINGS, refusal, "episodes pooled per inner step")
+
+
+def with_runtime_settings(config: Any, settings: Mapping[str, Any] | None, allowed: tuple[str, ...], refusal: str,
+                          what: str) -> Any:
+    """``config`` (a frozen dataclass with ``validate()``) with the ``allowed`` keys of ``settings`` (a controller's
+    ``planner_overrides``) replaced, validated; any other key is refused: ``SpecError`` on ``planner_overrides``
+    saying ``refusal`` (what the controller is), the settings it takes and ``what`` they are; an invalid value:
+    ``SpecError`` on ``planner_overrides`` naming the field."""
+    if not settings:
+        return config
+    if unknown := sorted(set(settings) - set(allowed)):
+        raise SpecError("planner_overrides", "", f"{refusal}; of planner_overrides it takes only {', '.join(allowed)} "
+                        f"({what}), got {unknown}")
+    changed = replace(config, **settings)
+    try:
+        changed.validate()
+    except (InnerStepError, SpecError) as exc:
+        raise SpecError("planner_overrides", exc.field, exc.problem) from None
+    return changed
 
 
 class MetaPolicyAdapter:
@@ -404,4 +413,5 @@ def unpack_episodes(state: Mapping[str, np.ndarray], prefix: str, batch: int, sl
 
 
 __all__ = ["PENDING_KEYS", "RUNTIME_SETTINGS", "InnerStepConfig", "InnerStepError", "MetaPolicyAdapter",
-           "PolicyEpisode", "pack_episodes", "unpack_episodes"]
+           "PolicyEpisode", "pack_episodes", "unpack_episodes",
+           "with_runtime_settings"]

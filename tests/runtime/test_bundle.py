@@ -63,6 +63,16 @@ def resave_onnx(bundle: Path, name: str, change) -> None:
     edit_yaml(bundle / "bundle.yaml", lambda d: d["files"].__setitem__(name, sha256_file(bundle / name)))
 
 
+def rewrite_npz(bundle: Path, name: str, change) -> None:
+    """Let ``change(arrays)`` edit the arrays (a dict) of the bundle's ``.npz`` file ``name``, save it and fix its
+    sha256, so only the kind's own checks can object."""
+    with np.load(bundle / name) as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    np.savez(bundle / name, **arrays)
+    edit_yaml(bundle / "bundle.yaml", lambda d: d["files"].__setitem__(name, sha256_file(bundle / name)))
+
+
 def obs_batch(rng: np.random.Generator, b: int) -> np.ndarray:
     """Made-up cart-pole observations: position, angle, velocities at plausible magnitudes."""
     return rng.normal(0, 1, (b, 4)) * np.array([0.5, 3.0, 1.0, 3.0])
