@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    step_stats["p99_ms"] <= TARGET_STEP_P99_MS},
         "machine": {"pinned_core": core, "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__},
-        "notes": [f"the first {args.warmup} control steps left out", f"inner_step: one after every {k} episode(s), "
-                  f"on {k} x {family.spec.episode_steps} transitions"]
+        "notes": [f"the first {args.warmup} control steps left out", f"inner_step: {adapter.adapts_by()} "
+                  f"({family.spec.episode_steps} steps per episode)"]
         + (["pooling_reset: an episode start that only pools the episode just ended"] if pooling else []),
     }
     json.dump(out, sys.stdout, indent=2)
