@@ -241,7 +241,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     oracle sees of them under ``out_of_family``. ``modes``: which of the kind's adaptation modes to run besides
     ``adapted`` (``None``: all of them, less ``unadapted`` when that is ``False``; ``()``: the adapted controller
     only, a third to a fifth of the episodes when only its return is wanted). ``adapt_from``: a dataset folder of
-    logged episodes of the tasks (a controller that adapts from logs, MACAW's: :func:`_logged_episodes`).
+    logged episodes of the tasks (a controller that adapts from logs, MACAW's: :func:`logged_episodes`); the
+    adaptation after k of them reads all k (``adapt_episodes`` is the largest count graded unless ``--set``).
     """
     started = time.perf_counter()
     src = _Source(Path(source_path))
@@ -408,6 +409,8 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     try:
         if logged is not None:  # one episode per graded count, each by a fresh adapter on that many logged episodes
             protocol["adapts"] = f"from the first k logged episodes of each task in {adapt_from}, k = {graded}"
+            # "after k logs" reads all k: the window is the largest k unless the command line chose it.
+            settings = {"adapt_episodes": graded[-1], **(settings or {})}
             for episode in graded:
                 controller = src.meta_test_controller(n, fam, params, seed, settings)[0]
                 for b in range(n) if episode else ():

@@ -233,8 +233,23 @@ def test_eval_adapts_from_logged_episodes_of_each_task_and_refuses_too_few(macaw
     tasks = [family.from_vector(data.task_values[e]) for e in (0, 5)]
     report = evaluate(macaw_run, tmp_path / "eval", tasks=tasks, oracle=False, progress=False, adapt_from=logs)
     assert report["adapt_from"] == str(logs) and "logged episodes" in report["controller"]["adapts"]
+    assert report["controller"]["runtime"].startswith("AWRPolicyAdapter")
     returns = [[row[f"return_after_{k}"] for k in (0, 1, 3, 5)] for row in report["tasks"]]
     assert all(len(set(r)) > 1 for r in returns)  # adapting on the logs changed what the policy did
+    # "after 5" read all 5 logs (the run trained with K = 2): the same as an adapter told to keep 5, by hand
+    from metarl_robot.algos.mbmpo import PolicyController
+    from metarl_robot.train.evaluate import logged_episodes
+    from metarl_robot.train.gap import run_episodes
+
+    cfg, robot, algo = load_trained(macaw_run / "checkpoints" / "latest.pt")
+    algo.family = family
+    assert cfg.macaw.adapt_episodes == 2
+    adapter = algo.make_policy_adapter(2, 0, {"adapt_episodes": 5})
+    for b, episodes in enumerate(logged_episodes(logs, family, robot, tasks, 5)):
+        adapter.adapt_on(b, episodes)
+    params = {k: np.array([t[k] for t in tasks]) for k in family.reward_names}
+    by_hand = run_episodes(family, robot, tasks, [0, 0], PolicyController(adapter, params)).returns
+    np.testing.assert_allclose([row["return_after_5"] for row in report["tasks"]], by_hand)
     few = synthetic_dataset(tmp_path / "few", tasks=1, episodes=3, steps=24, seed=3)
     with pytest.raises(ValueError, match=r"task 0 .* has 3 logged episode\(s\), 5 needed"):
         evaluate(macaw_run, tmp_path / "eval2", tasks=[family.from_vector(load_dataset(few).task_values[0])],
