@@ -234,6 +234,6 @@ def test_a_new_algorithm_is_files_plus_one_registry_line(toy_registered, tmp_pat
     features = np.concatenate([algo.obs, np.ones((1500, 1))], axis=1)
     assert np.allclose(algo.weights, np.linalg.lstsq(features, algo.rewards, rcond=None)[0])
 
-    with pytest.raises(SpecError, match="cannot export 'toy' runs to a bundle; exportable: context_mbrl, mbmpo, "
-                       "online_mbrl, pearl"):
+    with pytest.raises(SpecError, match="cannot export 'toy' runs to a bundle; exportable: context_mbrl, macaw, "
+                       "mbmpo, online_mbrl, pearl"):
         export_run(run, tmp_path / "bundle")
