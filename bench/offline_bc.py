@@ -38,14 +38,45 @@ class Cloned:
     def observe(self, *_: object) -> None: ...
 
 
+def fit(params: list, x, y, steps: int, lr: float, batch: int | None = None) -> None:
+    """``steps`` Adam steps of the mean squared error of the MLP ``params`` (in place) from features ``x`` to
+    normalised commands ``y``: on ``batch`` random rows per step, or on all of them (``None``)."""
+    import torch
+
+    from metarl_robot.models.meta_policy import mlp_forward
+
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        rows = torch.randint(len(x), (batch,)) if batch else slice(None)
+        loss = ((mlp_forward(params, x[rows])[1] - y[rows]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def bc_data(robot, obs, actions):
+    """Features and normalised commands (clipped to [-1, 1]) as float32 tensors: what BC regresses."""
+    import numpy as np
+    import torch
+
+    from metarl_robot.runtime.policy_gradient import policy_features
+
+    return (torch.as_tensor(policy_features(robot, obs), dtype=torch.float32),
+            torch.as_tensor(np.clip(actions, -1.0, 1.0), dtype=torch.float32))
+
+
+def as_policy(params: list, action_dim: int) -> list:
+    """Torch MLP weights as the robot's numpy policy (a zero log std: the mean acts)."""
+    import numpy as np
+
+    return [p.detach().double().numpy() for p in params] + [np.zeros(action_dim)]
+
+
 def finetuned_returns(args: argparse.Namespace, params: list, tasks: list, family, robot) -> dict:
     """Per K in 1, 3, 5: each task's copy of the cloned policy fine-tuned on the task's first K logged episodes
     (``--finetune-steps`` full-batch Adam steps), graded on that task."""
     import numpy as np
-    import torch
 
-    from metarl_robot.models.meta_policy import mlp_forward
-    from metarl_robot.runtime.policy_gradient import policy_features
     from metarl_robot.train.evaluate import logged_episodes
     from metarl_robot.train.gap import run_episodes
 
@@ -54,19 +85,12 @@ def finetuned_returns(args: argparse.Namespace, params: list, tasks: list, famil
     for k in (1, 3, 5):
         returns = []
         for i, task in enumerate(tasks):
-            x = torch.as_tensor(np.concatenate([policy_features(robot, e.obs) for e in logged[i][:k]]),
-                                dtype=torch.float32)
-            y = torch.as_tensor(np.clip(np.concatenate([e.sample for e in logged[i][:k]]), -1.0, 1.0),
-                                dtype=torch.float32)
+            x, y = bc_data(robot, np.concatenate([e.obs for e in logged[i][:k]]),
+                           np.concatenate([e.sample for e in logged[i][:k]]))
             tuned = [p.detach().clone().requires_grad_(True) for p in params]
-            opt = torch.optim.Adam(tuned, lr=args.lr)
-            for _ in range(args.finetune_steps):
-                loss = ((mlp_forward(tuned, x)[1] - y) ** 2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            policy = [p.detach().double().numpy() for p in tuned] + [np.zeros(robot.action_dim)]
-            episode = run_episodes(family, robot, [task], [args.eval_seed], Cloned(robot, policy))
+            fit(tuned, x, y, args.finetune_steps, args.lr)
+            episode = run_episodes(family, robot, [task], [args.eval_seed], Cloned(robot, as_policy(tuned,
+                                                                                                   robot.action_dim)))
             returns.append(float(episode.returns[0]))
         out[str(k)] = {"mean_return": float(np.mean(returns)), "returns": np.round(returns, 2).tolist()}
     return out
@@ -94,14 +118,13 @@ def main() -> None:
 
     from metarl_robot.models.meta_policy import mlp_forward, mlp_params
     from metarl_robot.replay.dataset import load_dataset
-    from metarl_robot.runtime.policy_gradient import from_env_action, policy_features
+    from metarl_robot.runtime.policy_gradient import from_env_action
     from metarl_robot.train.gap import run_episodes
 
     torch.set_num_threads(1)
     data = load_dataset(args.dataset)
     robot, family = data.robot, data.family
-    x = torch.as_tensor(policy_features(robot, data.observations), dtype=torch.float32)
-    y = torch.as_tensor(np.clip(from_env_action(robot, data.actions), -1.0, 1.0), dtype=torch.float32)
+    x, y = bc_data(robot, data.observations, from_env_action(robot, data.actions))
     tasks = family.sample(np.random.default_rng(args.eval_seed), args.split, args.tasks)
     out = {"dataset": args.dataset, "transitions": len(x), "split": args.split, "tasks": len(tasks),
            "eval_seed": args.eval_seed, "steps": args.steps, "hidden": args.hidden, "seeds": {}}
@@ -109,18 +132,11 @@ def main() -> None:
         started = time.perf_counter()
         torch.manual_seed(seed)
         params = mlp_params([x.shape[1], *args.hidden, y.shape[1]])
-        opt = torch.optim.Adam(params, lr=args.lr)
-        for _ in range(args.steps):
-            rows = torch.randint(len(x), (args.batch,))
-            loss = ((mlp_forward(params, x[rows])[1] - y[rows]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit(params, x, y, args.steps, args.lr, args.batch)
         with torch.no_grad():
             mse = float(((mlp_forward(params, x)[1] - y) ** 2).mean())
-        policy = [p.detach().double().numpy() for p in params] + [np.zeros(robot.action_dim)]
-
-        returns = run_episodes(family, robot, tasks, [args.eval_seed] * len(tasks), Cloned(robot, policy)).returns
+        returns = run_episodes(family, robot, tasks, [args.eval_seed] * len(tasks),
+                               Cloned(robot, as_policy(params, robot.action_dim))).returns
         out["seeds"][seed] = {"mean_return": float(returns.mean()), "returns": returns.round(2).tolist(),
                               "fit_mse": mse}
         if args.finetune_from:

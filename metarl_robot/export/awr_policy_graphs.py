@@ -10,6 +10,7 @@ on the first ``adapt_episodes`` episodes of the dataset's first task.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,7 @@ from metarl_robot.replay.dataset import DatasetError, load_dataset
 from metarl_robot.runtime.awr_policy import AWRBatch, AWREpisode, awr_adapt
 from metarl_robot.runtime.kinds.awr_policy import PARAMS_FILE, AWRPolicyBundle
 from metarl_robot.runtime.kinds.meta_policy import POLICY_FILE
-from metarl_robot.runtime.policy_gradient import feature_dim, from_env_action, policy_features
+from metarl_robot.runtime.policy_gradient import feature_dim, policy_features
 from metarl_robot.spec.schema import SpecError, to_plain
 
 if TYPE_CHECKING:
@@ -81,13 +82,10 @@ def export_awr_policy(run: _Run, staging: Path, name: str, exporter: Exporter, p
     real = policy_features(robot, data.observations[rng.integers(0, data.num_transitions, parity_samples)])
     # The robot adapts from the float32 parameters it loads: the adapted parity input is that step's result.
     first = np.flatnonzero(data.task_ids == data.task_ids[0])[:step.adapt_episodes]
-    episodes = [AWREpisode(data.observations[s:e], from_env_action(robot, data.actions[s:e]),
-                           np.nan_to_num(data.rewards[s:e]), data.next_observations[s:e])
-                for s, e in ((data.episode_offsets[i], data.episode_offsets[i + 1]) for i in first)]
-    as64 = type(nets)(value=[v.astype(np.float64) for v in value], policy=[p.astype(np.float64) for p in policy],
-                      head=[h.astype(np.float64) for h in head], value_rates=nets.value_rates,
-                      policy_rates=nets.policy_rates, advantage_weight=nets.advantage_weight)
-    adapted = f32(awr_adapt(as64, AWRBatch.of(robot, episodes, step), step))
+    episodes = [(e := AWREpisode.logged(data, i))._replace(reward=np.nan_to_num(e.reward)) for i in first]
+    as64 = lambda arrays: [a.astype(np.float64) for a in arrays]  # noqa: E731
+    loaded = replace(nets, value=as64(value), policy=as64(policy), head=as64(head))
+    adapted = f32(awr_adapt(loaded, AWRBatch.of(robot, episodes, step), step))
     parity = {"random": measure_meta_policy_parity(graph_path, policy, random_features(robot, rng)),
               "real": measure_meta_policy_parity(graph_path, policy, real),
               "adapted": measure_meta_policy_parity(graph_path, adapted, real)}

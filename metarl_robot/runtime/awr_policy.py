@@ -46,6 +46,7 @@ from metarl_robot.runtime.policy_gradient import (
     backprop,
     discounted_returns,
     forward_layers,
+    from_env_action,
     policy_features,
     policy_mean,
 )
@@ -76,6 +77,16 @@ class AWREpisode(NamedTuple):
     """(T,) the family's reward of each transition."""
     next_obs: np.ndarray
     """(T, o) the observation after each transition (the last one's value bootstraps the cut return)."""
+
+    @classmethod
+    def logged(cls, data: Any, episode: int) -> AWREpisode:
+        """Episode ``episode`` of an offline dataset (:class:`~metarl_robot.replay.dataset.OfflineDataset`, another
+        controller's logs), its commands mapped back to normalised units (float64; rewards as logged, NaN where
+        unknown)."""
+        rows = data.episode_slice(episode)
+        as64 = lambda x: np.asarray(x[rows], dtype=np.float64)  # noqa: E731
+        return cls(as64(data.observations), from_env_action(data.robot, data.actions[rows]), as64(data.rewards),
+                   as64(data.next_observations))
 
 
 @dataclass(frozen=True)

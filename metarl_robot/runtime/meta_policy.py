@@ -352,6 +352,7 @@ class MetaPolicyAdapter:
             raise ValueError(f"{name} contains NaN or Inf (env rows {bad}): refusing to adapt or act on it")
         return x
 
+
 def pack_episodes(pools: Sequence[Sequence[NamedTuple]], slots: int, prefix: str,
                   widths: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Per env a list of at most ``slots`` episodes (NamedTuples with the fields of ``widths``: per row shapes) as

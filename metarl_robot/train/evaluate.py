@@ -474,7 +474,6 @@ def logged_episodes(adapt_from: str | Path, fam: TaskFamily, robot: RobotSpec, t
     rewards."""
     from metarl_robot.replay.dataset import load_dataset
     from metarl_robot.runtime.awr_policy import AWREpisode
-    from metarl_robot.runtime.policy_gradient import from_env_action
 
     data = load_dataset(adapt_from)
     if data.robot.interface_hash != robot.interface_hash or data.family.name != fam.name:
@@ -488,15 +487,10 @@ def logged_episodes(adapt_from: str | Path, fam: TaskFamily, robot: RobotSpec, t
             raise ValueError(f"--adapt-from {adapt_from}: task {i} ({task}) has {len(mine)} logged episode(s), "
                              f"{count} needed (metarl dataset collect with the eval's --split, --tasks and --seed "
                              "logs them)")
-        episodes = []
-        for e in mine[:count]:
-            rows = data.episode_slice(e)
-            if not np.isfinite(data.rewards[rows]).all():
+        episodes = [AWREpisode.logged(data, e) for e in mine[:count]]
+        for e, episode in zip(mine[:count], episodes, strict=True):
+            if not np.isfinite(episode.reward).all():
                 raise ValueError(f"--adapt-from {adapt_from}: episode {e} of task {i} has unknown rewards")
-            episodes.append(AWREpisode(np.asarray(data.observations[rows], np.float64),
-                                       from_env_action(robot, data.actions[rows]),
-                                       np.asarray(data.rewards[rows], np.float64),
-                                       np.asarray(data.next_observations[rows], np.float64)))
         out.append(episodes)
     return out
 
