@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS := train,replay,dataset,ros,bench,dev
+EXTRAS := train,replay,dataset,ros,cluster,bench,dev
 # pyproject's [train] asks for a torch range; this exact version's CPU build lies on the dev image and CI, where
 # pip takes it from disk (with no torch installed, a range would download a CUDA build of several GB).
 TORCH  := torch==2.13.0

@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from metarl_robot.backend import Backend
 
 EPILOG = """\
 The three jobs of metarl-robot, and where they stand:
@@ -38,11 +42,16 @@ EXTRA_OF_COMMAND = {"robot": "sim", "rollout": "sim", "sim-robot": "sim", "ident
                     "demo": "train,ros,dev", "replay": "replay", "import-log": "replay", "dataset": "dataset"}
 """The extras a command needs in full, named instead of the missing module's own so one install is enough (a
 command not listed runs on the robot side alone)."""
+EXTRA_OF_OPTION_MODULE = {"ray": "cluster"}
+"""Modules only an option needs (``--backend ray``): their own extra, whatever the command."""
 
 
 def _missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
     """The one-line error for an optional module this install lacks, or None (a real bug: let it raise)."""
     module = (exc.name or "").partition(".")[0]
+    if module in EXTRA_OF_OPTION_MODULE:
+        return f'metarl {command}: error: needs {module}, which is not installed: pip install "metarl-robot[' \
+               f'{EXTRA_OF_OPTION_MODULE[module]}]"'
     if module not in EXTRA_OF_MODULE:
         return None
     extra = EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[module])
@@ -165,15 +174,44 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _add_backend_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--backend``, ``--ray-address`` and ``--workers``: where ``what`` runs (metarl_robot/backend.py)."""
+    from metarl_robot.backend import BACKENDS, RAY_ADDRESS_ENV
+
+    g = p.add_argument_group("where the work runs (docs/scale_out.md)")
+    g.add_argument("--backend", choices=BACKENDS, default="local", help=f"local: in this process, one job after "
+                   f"another (default); ray: {what} as Ray tasks on a cluster, results identical to local")
+    g.add_argument("--ray-address", metavar="HOST:PORT", help="with --backend ray: the running cluster's head "
+                   f"(default: ${RAY_ADDRESS_ENV}; neither: a Ray started on this machine)")
+    g.add_argument("--workers", type=int, metavar="N", help="with --backend ray and no cluster address: CPU cores of "
+                   "the Ray started on this machine (default: all)")
+
+
+def _backend(args: argparse.Namespace) -> Backend:
+    from metarl_robot.backend import make_backend
+
+    return make_backend(args.backend, args.ray_address, args.workers)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from metarl_robot.train.runner import train
+    from metarl_robot.train.runner import train, train_seeds
 
     if bool(args.config) == bool(args.resume):
         raise ValueError("give a config file, or --resume <run folder>, not both")
     overrides = _parse_overrides(args.set)
     if args.name:
         overrides["name"] = args.name
-    summary = train(args.resume or args.config, args.out, resume=bool(args.resume), overrides=overrides)
+    if args.seeds:
+        if args.resume:
+            raise ValueError("--seeds starts new runs; resume each run folder with --resume")
+        if "seed" in overrides:
+            raise ValueError("--seeds and --set seed=... both choose the seed; give one")
+        summaries = train_seeds(args.config, args.seeds, args.out, overrides, _backend(args))
+        for seed, summary in zip(args.seeds, summaries, strict=True):
+            print(f"seed {seed}: run folder {summary['run_dir']}: {summary.get('line', '')}")
+        return 0
+    summary = train(args.resume or args.config, args.out, resume=bool(args.resume), overrides=overrides,
+                    backend=_backend(args))
     final = summary["final"]
     print(f"run folder: {summary['run_dir']}")
     if final and "posterior_return" in final:  # pearl
@@ -208,7 +246,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       grid_params=args.params.split(",") if args.params else None, seed=args.seed,
                       oracle=not args.no_oracle, oracle_cache=args.oracle_cache, unadapted=not args.no_unadapted,
                       planner_overrides=_parse_overrides(args.set), effects=_effects(args),
-                      adapt_from=args.adapt_from)
+                      adapt_from=args.adapt_from, backend=_backend(args), tasks_per_job=args.tasks_per_job)
     summ = report["summary"]
     print(f"{report['family']} ({report['split']}), {len(report['tasks'])} task(s), source: {report['source_kind']}")
     if report["out_of_family"]:
@@ -564,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder from its latest checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set loop.iterations=3 --set planner.samples=64")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="one run per seed (folders <name>_s<seed>), "
+                   "each a job: in parallel with --backend ray")
+    _add_backend_args(p, "the seeds' runs (--seeds), else the adversary's oracle episodes (one task per job)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="grade a bundle or run on test tasks against an oracle",
@@ -605,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "same tasks) instead of the controller's own: returns after adapting on the first 1, 3 and 5 "
                    "logged episodes of the task (MACAW's meta-test, docs/macaw.md)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    p.add_argument("--tasks-per-job", type=int, metavar="N", help="the controller's episodes in jobs of N tasks "
+                   "(default: all tasks in one job); the tasks of a job share the planner's noise draws, so N is part "
+                   "of what decides the returns (eval.json records it), the backend is not")
+    _add_backend_args(p, "the jobs of --tasks-per-job tasks and the oracle's episodes (one task per job)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export a training run as a robot bundle (bundle.yaml + ONNX graphs)",
@@ -839,6 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from metarl_robot.backend import JobFailed
     from metarl_robot.spec.schema import SpecError
 
     try:
@@ -848,9 +894,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(message, file=sys.stderr)
         return 2
-    except (SpecError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (SpecError, FileNotFoundError, KeyError, ValueError, JobFailed) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"metarl {args.command}: error: {message}", file=sys.stderr)
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))  # e.g. which backend job failed
+        print(f"metarl {args.command}: error: {message}{notes}", file=sys.stderr)
         return 2
     except OSError as exc:  # ours (a run folder that exists) or the system's: a read-only, full or missing folder
         message = exc if exc.errno is None else (f"{exc.filename}: {exc.strerror} (the output must go to a folder "

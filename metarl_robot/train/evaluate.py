@@ -37,10 +37,11 @@ episode start (where it takes its inner step), actions sampled: with ``episodes_
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ import torch
 from metarl_robot.algos.mbmpo import PolicyController
 from metarl_robot.algos.mpc_controller import MPCController
 from metarl_robot.algos.pearl_controller import PEARLController, Posterior, family_reward_fn
+from metarl_robot.backend import Backend, Job, LocalBackend, run_all
 from metarl_robot.envs.out_of_family import OutOfFamily
 from metarl_robot.envs.rollout import make_vector_env
 from metarl_robot.runtime.adapter import ModelBasedAdapter
@@ -232,7 +234,8 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
              oracle: bool = True, oracle_threads: int = 2, oracle_cache: str | Path | None = None,
              unadapted: bool = True, planner_overrides: dict[str, Any] | None = None,
              progress: bool = True, effects: OutOfFamily | None = None,
-             modes: Collection[str] | None = None, adapt_from: str | Path | None = None) -> dict[str, Any]:
+             modes: Collection[str] | None = None, adapt_from: str | Path | None = None,
+             backend: Backend | None = None, tasks_per_job: int | None = None) -> dict[str, Any]:
     """Evaluate a bundle or a run on ``tasks`` (a number to draw from ``split``, or the tasks themselves).
 
     Every episode, of every task and mode, starts from the initial state a reset with ``seed`` gives,
@@ -243,19 +246,59 @@ def evaluate(source_path: str | Path, out_dir: str | Path, family: str | None = 
     only, a third to a fifth of the episodes when only its return is wanted). ``adapt_from``: a dataset folder of
     logged episodes of the tasks (a controller that adapts from logs, MACAW's: :func:`logged_episodes`); the
     adaptation after k of them reads all k (``adapt_episodes`` is the largest count graded unless ``--set``).
+
+    ``backend``: where the episodes run (default: this process; :mod:`metarl_robot.backend`). The controller's
+    episodes run in jobs of ``tasks_per_job`` tasks (default: all in one), each job batched as one vector env; the
+    oracle's run one task per job. The tasks of a job share the planner's noise draws, so ``tasks_per_job`` is part
+    of what decides the returns (recorded in ``eval.json``); the backend is not.
     """
     started = time.perf_counter()
     src = _Source(Path(source_path))
-    threads = torch.get_num_threads()
-    # A run's controller makes many tiny torch calls per step: with torch's default pool a busy 2-core
-    # machine ran them 12x slower. Runs evaluate with their own loop.torch_threads (bundles: onnxruntime).
-    torch.set_num_threads(src.torch_threads)
-    try:
+    if tasks_per_job is not None and tasks_per_job < 1:
+        raise ValueError(f"--tasks-per-job must be >= 1, got {tasks_per_job}")
+    with _torch_threads(src.torch_threads):
         return _evaluate(src, source_path, out_dir, family, split, tasks, grid, grid_params, seed, oracle,
                          oracle_threads, oracle_cache, unadapted, planner_overrides, progress, started, effects or None,
-                         modes, adapt_from)
+                         modes, adapt_from, backend or LocalBackend(), tasks_per_job)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set for the block. A run's controller makes many tiny torch calls per step: with
+    torch's default pool a busy 2-core machine ran them 12x slower, so runs evaluate with their own
+    loop.torch_threads (bundles run on onnxruntime and leave it as it is)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def _chunks(tasks: list[Task], tasks_per_job: int | None) -> list[tuple[int, list[Task]]]:
+    """The tasks in jobs of ``tasks_per_job`` (all in one by default), in order: (index of the first, the tasks)."""
+    size = tasks_per_job or len(tasks)
+    return [(i, tasks[i:i + size]) for i in range(0, len(tasks), size)]
+
+
+def _in_job(source: _Source | str) -> _Source:
+    """A job's controller source: the driver's own (in process) or loaded again from its path (a Ray worker)."""
+    return source if isinstance(source, _Source) else _Source(Path(source))
+
+
+def _job_source(src: _Source, backend: Backend) -> _Source | str:
+    return src if backend.in_process else str(src.path.resolve())
+
+
+def _jobs_record(backend: Backend, tasks_per_job: int | None, tasks: int) -> dict[str, Any]:
+    """``eval.json``'s ``jobs``: how the episodes were split (part of what decides the returns) and where they ran
+    (not part of it)."""
+    return {"tasks_per_job": tasks_per_job or tasks, **backend.describe()}
+
+
+def _concat(parts: list[dict[str, np.ndarray | None]]) -> dict[str, np.ndarray | None]:
+    """Per-key arrays of the jobs, joined along the task axis (``None`` stays ``None``)."""
+    return {key: None if parts[0][key] is None else np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family: str | None, split: str,
@@ -263,7 +306,7 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
               oracle_threads: int, oracle_cache: str | Path | None, unadapted: bool,
               planner_overrides: dict[str, Any] | None, progress: bool, started: float,
               effects: OutOfFamily | None, only_modes: Collection[str] | None,
-              adapt_from: str | Path | None = None) -> dict[str, Any]:
+              adapt_from: str | Path | None, backend: Backend, tasks_per_job: int | None) -> dict[str, Any]:
     fam = load_family(family) if family else src.family
     if fam.spec.robot != src.robot.name:
         raise ValueError(f"family {fam.name!r} is for robot {fam.spec.robot!r}, the controller for {src.robot.name!r}")
@@ -282,35 +325,30 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
             raise ValueError("--no-unadapted is for model-based controllers; a PEARL evaluation always runs its "
                              "first episode on the prior (return_after_0, the unadapted return)")
         return _meta_test(src, source_path, out_dir, fam, split, task_list, grid_info, seed, planner_cfg, oracle,
-                          oracle_threads, oracle_cache, progress, started, effects, settings, adapt_from)
+                          oracle_threads, oracle_cache, progress, started, effects, settings, adapt_from, backend,
+                          tasks_per_job)
     if adapt_from is not None:
         raise ValueError(f"--adapt-from: a {src.bundle_class.kind} controller does not adapt from logged episodes")
-    n = len(task_list)
-    params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
-    starts = [seed] * n
-
     modes = src.bundle_class.adaptation_modes
     if only_modes is not None and not set(only_modes) <= set(modes) - {"adapted"}:
         raise ValueError(f"modes: {sorted(set(only_modes) - set(modes))} not among this {src.bundle_class.kind!r} "
                          f"controller's other adaptation modes {sorted(set(modes) - {'adapted'})}")
-    recorder = _PredictionErrorRecorder(src.adapter(n, modes["adapted"], planner_cfg), params)
-    results = {"adapted": run_episodes(fam, robot, task_list, starts, recorder, progress, effects=effects)}
-    for mode, switches in modes.items():  # the kind's other modes: e.g. context only, online only, unadapted
-        if mode == "adapted" or (mode == "unadapted" and not unadapted) or (only_modes is not None
-                                                                           and mode not in only_modes):
-            continue
-        controller = MPCController(src.adapter(n, switches, planner_cfg), params)
-        results[mode] = run_episodes(fam, robot, task_list, starts, controller, progress, effects=effects)
-    ret = {mode: ep.returns for mode, ep in results.items()}
-    success = {mode: episode_success(fam, ep.components) for mode, ep in results.items()}
+    run_modes = ["adapted", *(m for m in modes if m != "adapted" and (m != "unadapted" or unadapted)
+                              and (only_modes is None or m in only_modes))]
+    jobs = [Job(f"{fam.name} controller episodes of tasks {first}..{first + len(chunk) - 1}", (
+        _job_source(src, backend), fam, chunk, seed, planner_cfg, run_modes, effects, progress and backend.in_process))
+        for first, chunk in _chunks(task_list, tasks_per_job)]
+    parts = run_all(backend, _model_based_job, jobs, "controller episodes", progress)
+    k = parts[0].pop("context_window")
+    joined = _concat(parts)
+    ret = {mode: joined[f"return_{mode}"] for mode in run_modes}
+    success = {mode: joined[f"success_{mode}"] for mode in run_modes}
     if oracle:
-        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache, effects=effects)
+        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache, effects=effects,
+                                       backend=backend)
         ret["oracle"] = oracle_returns(task_list, seed, progress)
         success["oracle"] = oracle_returns.success(task_list, seed)
-    errors_on, errors_off = recorder.with_context, recorder.without_context
-
-    err_on, err_off = np.stack(errors_on, axis=1), np.stack(errors_off, axis=1)  # (tasks, steps)
-    k = recorder.adapter.window.window
+    err_on, err_off = joined["err_adapted"], joined["err_unadapted"]  # (tasks, steps)
     rows = []
     for i, task in enumerate(task_list):
         row = {"task": task, "ood": fam.is_ood(task), **{f"return_{m}": float(v[i]) for m, v in ret.items()},
@@ -343,12 +381,36 @@ def _evaluate(src: _Source, source_path: str | Path, out_dir: str | Path, family
         "family": fam.name, "split": split, "seed": seed,
         "grid": grid_info, "out_of_family": _effects_record(effects, oracle),
         "tasks": rows, "summary": summary, "context_window": k, "planner": planner_cfg.__dict__,
+        "jobs": _jobs_record(backend, tasks_per_job, len(task_list)),
         "prediction_error_by_step": {"adapted": err_on.mean(axis=0).tolist(),
                                      "unadapted": err_off.mean(axis=0).tolist()},
         "prediction_error_by_task": {"adapted": err_on.tolist(), "unadapted": err_off.tolist()},
         "seconds": round(time.perf_counter() - started, 1),
     }
     return _write_report(report, ret, out_dir, lambda out: _plots(report, ret, err_on, err_off, robot.ctrl_dt, out))
+
+
+def _model_based_job(source: _Source | str, fam: TaskFamily, tasks: list[Task], seed: int, planner_cfg: PlannerConfig,
+                     run_modes: list[str], effects: OutOfFamily | None, progress: bool) -> dict[str, Any]:
+    """One job of a model-based evaluation: every mode's episodes on ``tasks`` (one batch), from ``seed``'s start.
+
+    Returns per mode ``return_<mode>`` and ``success_<mode>``, the adapted episodes' one-step prediction errors with
+    and without adaptation (``err_adapted``, ``err_unadapted``: tasks x steps) and the ``context_window``."""
+    src = _in_job(source)
+    with _torch_threads(src.torch_threads):
+        n, modes, robot = len(tasks), src.bundle_class.adaptation_modes, src.robot
+        params = {k: np.array([t[k] for t in tasks]) for k in fam.reward_names}
+        recorder = _PredictionErrorRecorder(src.adapter(n, modes["adapted"], planner_cfg), params)
+        out: dict[str, Any] = {}
+        for mode in run_modes:  # the adapted controller first, then the kind's others (context only, unadapted, ..)
+            controller = recorder if mode == "adapted" else MPCController(src.adapter(n, modes[mode], planner_cfg),
+                                                                         params)
+            ep = run_episodes(fam, robot, tasks, [seed] * n, controller, progress, effects=effects)
+            out[f"return_{mode}"], out[f"success_{mode}"] = ep.returns, episode_success(fam, ep.components)
+        out["err_adapted"] = np.stack(recorder.with_context, axis=1)
+        out["err_unadapted"] = np.stack(recorder.without_context, axis=1)
+        out["context_window"] = recorder.adapter.window.window
+        return out
 
 
 def _effects_record(effects: OutOfFamily | None, oracle: bool) -> dict[str, Any] | None:
@@ -390,45 +452,27 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
                task_list: list[Task], grid_info: dict[str, Any] | None, seed: int, planner_cfg: PlannerConfig,
                oracle: bool, oracle_threads: int, oracle_cache: str | Path | None, progress: bool, started: float,
                effects: OutOfFamily | None = None, settings: dict[str, Any] | None = None,
-               adapt_from: str | Path | None = None) -> dict[str, Any]:
-    """Run the episodes and the oracle, write ``eval.json`` and the plots, return the report."""
+               adapt_from: str | Path | None = None, backend: Backend | None = None,
+               tasks_per_job: int | None = None) -> dict[str, Any]:
+    """Run the episodes (in jobs of ``tasks_per_job`` tasks on ``backend``) and the oracle, write ``eval.json`` and
+    the plots, return the report."""
     robot: RobotSpec = src.robot
-    n = len(task_list)
-    params = {k: np.array([t[k] for t in task_list]) for k in fam.reward_names}
-    controller, protocol, graded = src.meta_test_controller(n, fam, params, seed, settings)
-    column_of = {episode: f"after_{episode}" for episode in graded}
-    columns = list(column_of.values())
-    ret: dict[str, np.ndarray] = {}
-    success: dict[str, np.ndarray | None] = {}
-    belief_var: dict[str, np.ndarray] = {}
-    if adapt_from and not hasattr(getattr(controller, "adapter", None), "adapt_on"):
-        raise ValueError("--adapt-from: this controller does not adapt from logged episodes (a MACAW awr_policy "
-                         "bundle or run does)")
-    logged = logged_episodes(adapt_from, fam, robot, task_list, graded[-1]) if adapt_from else None
-    envs = make_vector_env(fam, n, "sync", tasks=task_list, effects=effects)
-    try:
-        if logged is not None:  # one episode per graded count, each by a fresh adapter on that many logged episodes
-            protocol["adapts"] = f"from the first k logged episodes of each task in {adapt_from}, k = {graded}"
-            # "after k logs" reads all k: the window is the largest k unless the command line chose it.
-            settings = {"adapt_episodes": graded[-1], **(settings or {})}
-            for episode in graded:
-                controller = src.meta_test_controller(n, fam, params, seed, settings)[0]
-                for b in range(n) if episode else ():
-                    controller.adapter.adapt_on(b, logged[b][:episode])
-                ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
-                ret[column_of[episode]], success[column_of[episode]] = ep.returns, episode_success(fam, ep.components)
-        # Every episode runs, those between the graded ones too: a pooling adapter steps on them.
-        for episode in range(graded[-1] + 1) if logged is None else ():
-            column = column_of.get(episode)
-            if column and hasattr(controller, "posterior"):  # the belief z is drawn from at this episode's reset
-                belief_var[column] = controller.posterior().var.mean(axis=1)
-            ep = run_episodes(fam, robot, task_list, [seed] * n, controller, progress, envs)
-            if column:
-                ret[column], success[column] = ep.returns, episode_success(fam, ep.components)
-    finally:
-        envs.close()
+    backend = backend or LocalBackend()
+    jobs = [Job(f"{fam.name} meta-test episodes of tasks {first}..{first + len(chunk) - 1}", (
+        _job_source(src, backend), fam, chunk, seed, settings, effects, adapt_from, progress and backend.in_process))
+        for first, chunk in _chunks(task_list, tasks_per_job)]
+    parts = run_all(backend, _meta_test_job, jobs, "meta-test episodes", progress)
+    protocol, graded = parts[0].pop("controller"), parts[0].pop("graded")
+    for part in parts[1:]:
+        del part["controller"], part["graded"]
+    columns = [f"after_{episode}" for episode in graded]
+    joined = _concat(parts)
+    ret: dict[str, np.ndarray] = {c: joined[f"return_{c}"] for c in columns}
+    success: dict[str, np.ndarray | None] = {c: joined[f"success_{c}"] for c in columns}
+    belief_var = {c: joined[f"belief_var_{c}"] for c in columns if f"belief_var_{c}" in joined}
     if oracle:
-        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache, effects=effects)
+        oracle_returns = OracleReturns(fam, robot, planner_cfg, oracle_threads, oracle_cache, effects=effects,
+                                       backend=backend)
         ret["oracle"] = oracle_returns(task_list, seed, progress)
         success["oracle"] = oracle_returns.success(task_list, seed)
     rows = []
@@ -457,6 +501,7 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
         "out_of_family": _effects_record(effects, oracle), "tasks": rows, "summary": summary,
         "exploration_episodes": graded, "adapt_from": str(adapt_from) if adapt_from else None,
         "controller": protocol, "planner": planner_cfg.__dict__, "oracle_planner": src.oracle_planner_source,
+        "jobs": _jobs_record(backend, tasks_per_job, len(task_list)),
         "seconds": round(time.perf_counter() - started, 1),
     }
     shades = ("#9ecae1", "#4292c6", "#08519c")  # lighter to darker: more adaptation
@@ -464,6 +509,50 @@ def _meta_test(src: _Source, source_path: str | Path, out_dir: str | Path, fam: 
     colors["oracle"] = "tab:green"
     return _write_report(report, ret, out_dir,
                          lambda out: _returns_plot(report, ret, out, colors, "return after k exploration episodes"))
+
+
+def _meta_test_job(source: _Source | str, fam: TaskFamily, tasks: list[Task], seed: int,
+                   settings: dict[str, Any] | None, effects: OutOfFamily | None, adapt_from: str | Path | None,
+                   progress: bool) -> dict[str, Any]:
+    """One job of a meta-test: its controller's episodes on ``tasks`` (one batch), every one from ``seed``'s start.
+
+    Returns per graded column ``return_<c>``, ``success_<c>`` (and ``belief_var_<c>`` for a belief-keeping
+    controller), the protocol (``controller``) and the ``graded`` episode counts."""
+    src = _in_job(source)
+    with _torch_threads(src.torch_threads):
+        robot, n = src.robot, len(tasks)
+        params = {k: np.array([t[k] for t in tasks]) for k in fam.reward_names}
+        controller, protocol, graded = src.meta_test_controller(n, fam, params, seed, settings)
+        column_of = {episode: f"after_{episode}" for episode in graded}
+        out: dict[str, Any] = {"controller": protocol, "graded": graded}
+        if adapt_from and not hasattr(getattr(controller, "adapter", None), "adapt_on"):
+            raise ValueError("--adapt-from: this controller does not adapt from logged episodes (a MACAW awr_policy "
+                             "bundle or run does)")
+        logged = logged_episodes(adapt_from, fam, robot, tasks, graded[-1]) if adapt_from else None
+        envs = make_vector_env(fam, n, "sync", tasks=tasks, effects=effects)
+        try:
+            if logged is not None:  # one episode per graded count, each by a fresh adapter on that many logged ones
+                protocol["adapts"] = f"from the first k logged episodes of each task in {adapt_from}, k = {graded}"
+                # "after k logs" reads all k: the window is the largest k unless the command line chose it.
+                settings = {"adapt_episodes": graded[-1], **(settings or {})}
+                for episode in graded:
+                    controller = src.meta_test_controller(n, fam, params, seed, settings)[0]
+                    for b in range(n) if episode else ():
+                        controller.adapter.adapt_on(b, logged[b][:episode])
+                    ep = run_episodes(fam, robot, tasks, [seed] * n, controller, progress, envs)
+                    column = column_of[episode]
+                    out[f"return_{column}"], out[f"success_{column}"] = ep.returns, episode_success(fam, ep.components)
+            # Every episode runs, those between the graded ones too: a pooling adapter steps on them.
+            for episode in range(graded[-1] + 1) if logged is None else ():
+                column = column_of.get(episode)
+                if column and hasattr(controller, "posterior"):  # the belief z is drawn from at this episode's reset
+                    out[f"belief_var_{column}"] = controller.posterior().var.mean(axis=1)
+                ep = run_episodes(fam, robot, tasks, [seed] * n, controller, progress, envs)
+                if column:
+                    out[f"return_{column}"], out[f"success_{column}"] = ep.returns, episode_success(fam, ep.components)
+        finally:
+            envs.close()
+        return out
 
 
 def logged_episodes(adapt_from: str | Path, fam: TaskFamily, robot: RobotSpec, tasks: list[Task], count: int

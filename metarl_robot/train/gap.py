@@ -20,6 +20,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from metarl_robot.backend import Backend, Job, LocalBackend
 from metarl_robot.envs.meta_env import MetaMujocoEnv
 from metarl_robot.envs.oracle import MujocoOracle
 from metarl_robot.envs.out_of_family import OutOfFamily
@@ -125,6 +126,12 @@ def oracle_episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], pla
         envs.close()
 
 
+def _oracle_episode(family: TaskFamily, robot: RobotSpec, task: Task, planner_cfg: PlannerConfig, start: int,
+                    threads: int, effects: OutOfFamily | None, progress: bool = False) -> Episodes:
+    """One task's oracle episode (a backend job; ``progress``: its step bar, in this process only)."""
+    return oracle_episodes(family, robot, [task], planner_cfg, start, threads, progress, effects)
+
+
 class OracleReturns:
     """The oracle's return per task, computed once (in batches of the missing tasks) and cached.
 
@@ -137,8 +144,10 @@ class OracleReturns:
 
     def __init__(self, family: TaskFamily, robot: RobotSpec, planner_cfg: PlannerConfig, threads: int = 1,
                  cache_file: str | Path | None = None, keep_trajectories: bool = False,
-                 effects: OutOfFamily | None = None) -> None:
+                 effects: OutOfFamily | None = None, backend: Backend | None = None) -> None:
         self.family, self.robot, self.threads = family, robot, threads
+        self.backend = backend or LocalBackend()
+        """Where the missing episodes run (one job per task; any backend gives the same returns)."""
         self.effects = effects or None
         """Out-of-family effects every oracle episode runs with (part of the cache identity)."""
         self.planner_cfg = replace(planner_cfg, seed=0)
@@ -171,19 +180,24 @@ class OracleReturns:
         keys = [self.key(t, s) for t, s in zip(tasks, seeds, strict=True)]
         missing = {k: (t, s) for k, t, s in zip(keys, tasks, seeds, strict=True)
                    if k not in self.records or (self.keep_trajectories and k not in self.trajectories)}
-        # One task per batch: the planner's sampling noise is drawn for the whole batch, so a task's
+        # One task per batch (and per job): the planner's sampling noise is drawn for the whole batch, so a task's
         # oracle episode would otherwise depend on what it was computed together with.
-        for key, (task, start) in missing.items():
-            ep = oracle_episodes(self.family, self.robot, [task], replace(self.planner_cfg, seed=start), start,
-                                 self.threads, progress, self.effects)
-            success = episode_success(self.family, ep.components)
-            self.records[key] = {"return": float(ep.returns[0]),
-                                 "success": None if success is None else bool(success[0])}
-            if self.keep_trajectories:
-                self.trajectories[key] = ep
-            self.episodes_run += 1
-        if missing and self.cache_file:
-            self._save()
+        jobs = [Job(f"oracle episode of {self.family.name} task {task} from reset seed {start}",
+                    (self.family, self.robot, task, replace(self.planner_cfg, seed=start), start, self.threads,
+                     self.effects, progress and self.backend.in_process), cpus=self.threads)
+                for task, start in missing.values()]
+        keys_missing = list(missing)
+        try:
+            for i, ep in self.backend.run(_oracle_episode, jobs, "oracle episodes", progress):
+                success = episode_success(self.family, ep.components)
+                self.records[keys_missing[i]] = {"return": float(ep.returns[0]),
+                                                 "success": None if success is None else bool(success[0])}
+                if self.keep_trajectories:
+                    self.trajectories[keys_missing[i]] = ep
+                self.episodes_run += 1
+        finally:  # what finished is kept, also when a job failed
+            if missing and self.cache_file:
+                self._save()
         return np.array([self.records[k]["return"] for k in keys])
 
     def episode(self, task: Task, seed: int = 0) -> Episodes:

@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 from metarl_robot.algos.base import Algorithm, Collection, IterationReport
 from metarl_robot.algos.mpc_controller import MPCController  # noqa: F401  (its old home: importable from here)
 from metarl_robot.algos.registry import SCHEMA_1_ALGORITHM, get_algorithm
+from metarl_robot.backend import Backend, Job, LocalBackend, run_all
 from metarl_robot.provenance import git_commit
 from metarl_robot.spec.family import Task, load_family
 from metarl_robot.spec.robot import RobotSpec, load_robot, robot_from_dict
-from metarl_robot.spec.schema import SpecError
+from metarl_robot.spec.schema import SpecError, to_plain
 from metarl_robot.train.config import RunConfig, build_config, load_config
 from metarl_robot.train.gap import OracleReturns
 from metarl_robot.train.task_sampler import make_sampler
@@ -123,7 +124,7 @@ class Runner:
     store and how it collects on a task."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-                 init_from: Path | None = None) -> None:
+                 init_from: Path | None = None, backend: Backend | None = None) -> None:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
         self.family = load_family(cfg.family)
@@ -139,9 +140,11 @@ class Runner:
         cache = self.run_dir / ORACLE_CACHE_FILE if self.sampler.needs_gap else None
         try:
             self.oracle = OracleReturns(self.family, self.robot, cfg.planner, cfg.loop.adversary.oracle_threads,
-                                        cache_file=cache, keep_trajectories=cfg.loop.adversary.reward_gradient)
+                                        cache_file=cache, keep_trajectories=cfg.loop.adversary.reward_gradient,
+                                        backend=backend)
             """The oracle's return per task and start, for the adversary's gap (kept in the run folder, so a
-            resumed run's replayed tasks stay cache hits)."""
+            resumed run's replayed tasks stay cache hits); its missing episodes run on ``backend``, one task per
+            job (the same returns on any backend)."""
         except ValueError as exc:  # the planner changed on resume: the cached returns belong to another oracle
             raise SpecError(f"run config {cfg.run_name}", "planner", f"{exc} (delete {cache} to recompute them "
                             "with this planner)") from exc
@@ -346,11 +349,43 @@ class Runner:
 
 
 def train(config_path: str | Path, out_dir: str | Path = "runs", resume: bool = False,
-          overrides: dict | None = None, progress: bool = True) -> dict[str, Any]:
-    """``metarl train``: build the runner from a config file (or resume its run folder) and run it."""
+          overrides: dict | None = None, progress: bool = True, backend: Backend | None = None) -> dict[str, Any]:
+    """``metarl train``: build the runner from a config file (or resume its run folder) and run it; the adversary's
+    oracle episodes run on ``backend`` (default: this process)."""
     if resume:
         run_dir = Path(config_path)
         cfg = load_config(run_dir / "config.yaml", overrides)
-        return Runner(cfg, run_dir, resume=True, progress=progress).run()
+        return Runner(cfg, run_dir, resume=True, progress=progress, backend=backend).run()
     cfg = load_config(config_path, overrides)
-    return Runner(cfg, Path(out_dir) / cfg.run_name, progress=progress).run()
+    return Runner(cfg, Path(out_dir) / cfg.run_name, progress=progress, backend=backend).run()
+
+
+def train_seeds(config_path: str | Path, seeds: list[int], out_dir: str | Path = "runs",
+                overrides: dict | None = None, backend: Backend | None = None) -> list[dict[str, Any]]:
+    """``metarl train --seeds``: one run per seed, each a job on ``backend`` (a run is the same on any backend). A
+    ``name`` in the config or ``overrides`` gets ``_s<seed>`` appended; the default name holds the seed already.
+
+    Every config is built and every run folder checked before any job starts, so a bad value or an existing folder
+    fails at once. On a cluster of several machines ``out_dir`` must be a folder every machine writes to (a shared
+    filesystem; docs/scale_out.md)."""
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {seeds}: each seed once")
+    backend = backend or LocalBackend()
+    jobs = []
+    for seed in seeds:
+        per_seed = {**(overrides or {}), "seed": seed}
+        cfg = load_config(config_path, per_seed)
+        if cfg.name:
+            cfg = load_config(config_path, {**per_seed, "name": f"{cfg.name}_s{seed}"})
+        run_dir = Path(out_dir).resolve() / cfg.run_name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"run folder {run_dir} exists; resume it with --resume or choose --name")
+        jobs.append(Job(f"training run {cfg.run_name} (seed {seed})", (to_plain(cfg), str(run_dir),
+                                                                       backend.in_process)))
+    return run_all(backend, _seed_run, jobs, "seeds", progress=True)
+
+
+def _seed_run(config: dict[str, Any], run_dir: str, progress: bool) -> dict[str, Any]:
+    """One seed's run (a backend job) from its resolved config."""
+    cfg = build_config(config, f"run config {Path(run_dir).name}")
+    return Runner(cfg, Path(run_dir), progress=progress).run()
