@@ -49,10 +49,14 @@ def _train(args: argparse.Namespace, sampler: str, seed: int) -> Path:
         return run  # already trained (the benchmark can be resumed)
     sets = [f"loop.task_sampler={sampler}", f"seed={seed}", f"loop.iterations={args.iterations}", f"name={name}",
             *args.set]
-    cmd = [*METARL, "train", args.config, "--out", str(args.out / "runs")]
-    for s in sets:
-        cmd += ["--set", s]
-    _run(cmd, args.out / "logs" / f"train_{name}.log")
+    if (run / "checkpoints" / "latest.pt").is_file():  # interrupted: go on from its last iteration
+        cmd = [*METARL, "train", "--resume", str(run), "--set", f"loop.iterations={args.iterations}"]
+    else:
+        cmd = [*METARL, "train", args.config, "--out", str(args.out / "runs")]
+        for s in sets:
+            cmd += ["--set", s]
+    log = args.out / "logs" / f"train_{name}.log"
+    _run(cmd, log.with_name(f"{log.stem}_resumed_{time.strftime('%Y%m%d%H%M%S')}.log") if "--resume" in cmd else log)
     return run
 
 
