@@ -15,6 +15,9 @@ health; and the comparison the issue sets (adversarial worst case ≥ 25% below 
 than 10% worse). Writes the learning-curve PNG next to the runs.
 
     python bench/adversarial_tasks.py --out runs/bench/adversarial --seeds 0 1 2 --jobs 2 > result.json
+
+With ``--ray-address`` (a cluster started with ``ray start``; docs/scale_out.md) the adversary's oracle episodes,
+most of an adversarial run's time, run on the cluster, and ``--jobs`` can grow with it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def _train(args: argparse.Namespace, sampler: str, seed: int) -> Path:
         cmd = [*METARL, "train", args.config, "--out", str(args.out / "runs")]
         for s in sets:
             cmd += ["--set", s]
+    if args.ray_address:  # the adversary's oracle episodes on the cluster (the same runs: docs/scale_out.md)
+        cmd += ["--backend", "ray", "--ray-address", args.ray_address]
     log = args.out / "logs" / f"train_{name}.log"
     _run(cmd, log.with_name(f"{log.stem}_resumed_{time.strftime('%Y%m%d%H%M%S')}.log") if "--resume" in cmd else log)
     return run
@@ -206,6 +211,9 @@ def main() -> None:
                    help="parameters varied on the grid (the others at nominal)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--jobs", type=int, default=2, help="runs trained / evaluated at once")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="a running Ray cluster: every run's adversary grades "
+                   "its candidates there (metarl train --backend ray), with the same results; raise --jobs to the "
+                   "runs the cluster should train at once")
     args = p.parse_args()
     eval_at = args.eval_at or sorted({args.iterations // 2, args.iterations - 1})
     started = time.time()

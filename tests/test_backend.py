@@ -152,8 +152,8 @@ def test_eval_on_the_cluster_equals_eval_in_this_process(cluster, tmp_path: Path
     """``metarl eval`` of a shipped bundle, controller jobs of 2 tasks and one oracle episode per job: every return,
     gap and prediction error the same on the two-node cluster as locally."""
     address, _, _ = cluster
-    common = ["eval", "policies/cartpole_mb", "--tasks", "3", "--tasks-per-job", "2", "--set", "samples=32",
-              "--set", "horizon=10", "--no-unadapted"]
+    common = ["eval", "policies/cartpole_mb", "--tasks", "3", "--tasks-per-job", "2", "--set", "samples=16",
+              "--set", "horizon=6", "--no-unadapted"]
     reports = {}
     for name, extra in (("local", []), ("ray", ["--backend", "ray", "--ray-address", address])):
         done = _cli(*common, "--out", str(tmp_path / name), *extra)

@@ -38,6 +38,7 @@ episode start (where it takes its inner step), actions sampled: with ``episodes_
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import time
@@ -281,9 +282,21 @@ def _chunks(tasks: list[Task], tasks_per_job: int | None) -> list[tuple[int, lis
     return [(i, tasks[i:i + size]) for i in range(0, len(tasks), size)]
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded_in_worker(path: str, modified: float) -> _Source:
+    """A worker's loaded source, kept for the next job of the same evaluation (keyed by its files' time stamp)."""
+    return _Source(Path(path))
+
+
 def _in_job(source: _Source | str) -> _Source:
-    """A job's controller source: the driver's own (in process) or loaded again from its path (a Ray worker)."""
-    return source if isinstance(source, _Source) else _Source(Path(source))
+    """A job's controller source: the driver's own (in process) or loaded from its path in a worker (once per worker
+    and version of the files: a bundle's ONNX sessions take a while to build)."""
+    if isinstance(source, _Source):
+        return source
+    path = Path(source)
+    stamp = max((f.stat().st_mtime for f in (path / "bundle.yaml", path / "checkpoints" / "latest.pt", path)
+                 if f.is_file()), default=0.0)
+    return _loaded_in_worker(str(path), stamp)
 
 
 def _job_source(src: _Source, backend: Backend) -> _Source | str:

@@ -37,6 +37,16 @@ def test_adversarial_benchmark_compares_every_sampler(tmp_path):
     cache = json.loads((tmp_path / "oracle_cache.json").read_text())
     assert len(cache["records"]) == 4
 
+    # Interrupted after its last checkpoint (no summary.json), a run goes on from there when asked for more.
+    (tmp_path / "runs" / "uniform_s0" / "summary.json").unlink()
+    more = [*cmd[:cmd.index("--iterations") + 1], "3", *cmd[cmd.index("--iterations") + 2:]]
+    more[more.index("--eval-at") + 1:more.index("--eval-at") + 3] = ["1", "2"]
+    result = subprocess.run([*more, "--samplers", "uniform"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "logs").glob("train_uniform_s0_resumed_*.log"))
+    metrics = (tmp_path / "runs" / "uniform_s0" / "metrics.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in metrics[1:]] == ["0", "1", "2"]
+
 
 def _bench_module():
     import importlib.util
