@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,11 +21,26 @@ from metarl_robot.backend import Job, JobFailed, LocalBackend, RayBackend, _job_
 pytestmark = pytest.mark.integration
 
 
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+"""Token authentication, as a cluster of machines should run (docs/scale_out.md): the nodes, this process and the
+commands the tests start all hold the cluster's token. Explicit, because Ray's default depends on whether
+~/.ray/auth_token exists (a local ray.init() writes one) and its ``ray status`` ignores that file."""
+_SAVED: dict[str, str | None] = {}
+
+
 def setup_module() -> None:
-    """The job functions below travel by value: the cluster's workers cannot import this test module."""
+    """Before Ray is imported here (it reads its authentication settings once): the token. And the job functions
+    below travel by value: the cluster's workers cannot import this test module."""
+    _SAVED.update({key: os.environ.get(key) for key in AUTH})
+    os.environ.update(AUTH)
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def teardown_module() -> None:
+    for key, value in _SAVED.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 RAY = str(Path(sys.executable).parent / "ray")
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +69,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    assert os.environ.get("RAY_AUTH_TOKEN") == AUTH["RAY_AUTH_TOKEN"], "setup_module sets the cluster's token"
     nodes = [_ray_node("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
                        f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
                        f"--temp-dir={tmp / 'session'}", tmp=tmp, name="head")]
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([RAY, "status", f"--address={address}"], capture_output=True).returncode != 0:
+        while subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, timeout=30).returncode:
             assert nodes[0].poll() is None, (tmp / "head.log").read_text()
             assert time.monotonic() < deadline, "the Ray head did not come up in 60 s"
             time.sleep(0.5)
