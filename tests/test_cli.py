@@ -120,6 +120,13 @@ def test_demo_runs_the_whole_chain_with_the_shipped_bundle(tmp_path):
         (["families", "walker"], "unknown task family 'walker'"),
         (["tasks", "cartpole_swingup", "--grid", "2", "--params", "pole_lenght"], "pole_lenght: unknown parameter"),
         (["tasks", "cartpole_swingup", "--split", "val"], "invalid choice: 'val'"),
+        (["train", "configs/mb_cartpole_swingup.yaml", "--seeds", "1", "1"], "--seeds [1, 1]: each seed once"),
+        (["train", "configs/mb_cartpole_swingup.yaml", "--seeds", "1", "--set", "seed=2"],
+         "--seeds and --set seed=... both choose the seed"),
+        (["train", "--resume", "runs/x", "--seeds", "1"], "--seeds starts new runs"),
+        (["eval", "policies/cartpole_mb", "--workers", "2"], "--ray-address and --workers are for --backend ray"),
+        (["eval", "policies/cartpole_mb", "--backend", "dask"], "invalid choice: 'dask'"),
+        (["eval", "policies/cartpole_mb", "--tasks-per-job", "0"], "--tasks-per-job must be >= 1, got 0"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, fragment):
