@@ -55,6 +55,10 @@ class JobFailed(RuntimeError):
         self.job, self.attempts = job, attempts
 
 
+class WorkerMismatch(RuntimeError):
+    """A worker runs other metarl-robot code or sim data than the driver: its results would not be the driver's."""
+
+
 class Backend(Protocol):
     """Runs jobs; :meth:`run` yields ``(index, result)`` as each finishes (in any order)."""
 
@@ -122,7 +126,7 @@ def _job_in_worker(fn: Callable[..., Any], args: tuple[Any, ...], driver_fingerp
     if mine != driver_fingerprint:
         import socket
 
-        raise RuntimeError(f"worker on {socket.gethostname()} runs other metarl-robot code or sim data "
+        raise WorkerMismatch(f"worker on {socket.gethostname()} runs other metarl-robot code or sim data "
                            f"(fingerprint {mine[:12]}) than the driver ({driver_fingerprint[:12]}); install the same "
                            "checkout on every machine of the cluster (docs/scale_out.md)")
     if os.path.isdir(driver_cwd):
@@ -152,8 +156,7 @@ class RayBackend:
         """Times Ray re-runs a job whose worker died (a job's own exception is never retried: it would recur)."""
         self._ray = ray
         started = time.perf_counter()
-        # Our sim data must be where the package finds it on the workers: passed on for a Ray of this process.
-        if not ray.is_initialized():
+        if not ray.is_initialized():  # a Ray of this process passes its workers our sim data folder
             ray.init(address=self.address, num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env=None if self.address else
                      {"env_vars": {"METARL_SIM_DIR": str(sim_dir())}})

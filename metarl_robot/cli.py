@@ -884,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from metarl_robot.backend import JobFailed
+    from metarl_robot.backend import JobFailed, WorkerMismatch
     from metarl_robot.spec.schema import SpecError
 
     try:
@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(message, file=sys.stderr)
         return 2
-    except (SpecError, FileNotFoundError, KeyError, ValueError, JobFailed) as exc:
+    except (SpecError, FileNotFoundError, KeyError, ValueError, JobFailed, WorkerMismatch) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))  # e.g. which backend job failed
         print(f"metarl {args.command}: error: {message}{notes}", file=sys.stderr)

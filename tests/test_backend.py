@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarl_robot.backend import Job, JobFailed, LocalBackend, RayBackend, _job_in_worker, make_backend, run_all
+from metarl_robot.backend import (
+    Job,
+    JobFailed,
+    LocalBackend,
+    RayBackend,
+    WorkerMismatch,
+    _job_in_worker,
+    make_backend,
+    run_all,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +156,7 @@ def test_a_dead_worker_is_retried_and_one_that_always_dies_is_reported(cluster, 
 
 
 def test_a_worker_with_other_code_is_refused() -> None:
-    with pytest.raises(RuntimeError, match="runs other metarl-robot code or sim data"):
+    with pytest.raises(WorkerMismatch, match="runs other metarl-robot code or sim data"):
         _job_in_worker(_square_with_pid, (2,), "0" * 64, os.getcwd())
 
 
