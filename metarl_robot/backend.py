@@ -157,7 +157,8 @@ class RayBackend:
         self._ray = ray
         started = time.perf_counter()
         if not ray.is_initialized():  # a Ray of this process passes its workers our sim data folder
-            ray.init(address=self.address, num_cpus=workers, include_dashboard=False, log_to_driver=False,
+            # "local": a new Ray of this process; without it ray.init joins the last cluster `ray start` began here
+            ray.init(address=self.address or "local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env=None if self.address else
                      {"env_vars": {"METARL_SIM_DIR": str(sim_dir())}})
         self.connect_seconds = time.perf_counter() - started

@@ -187,16 +187,20 @@ class OracleReturns:
                      self.effects, progress and self.backend.in_process), cpus=self.threads)
                 for task, start in missing.values()]
         keys_missing = list(missing)
+        finished: dict[int, Episodes] = {}
         try:
             for i, ep in self.backend.run(_oracle_episode, jobs, "oracle episodes", progress):
+                finished[i] = ep
+        finally:  # what finished is kept, also when a job failed; in the tasks' order, whatever order it finished in
+            for i in sorted(finished):
+                ep = finished[i]
                 success = episode_success(self.family, ep.components)
                 self.records[keys_missing[i]] = {"return": float(ep.returns[0]),
                                                  "success": None if success is None else bool(success[0])}
                 if self.keep_trajectories:
                     self.trajectories[keys_missing[i]] = ep
                 self.episodes_run += 1
-        finally:  # what finished is kept, also when a job failed
-            if missing and self.cache_file:
+            if finished and self.cache_file:
                 self._save()
         return np.array([self.records[k]["return"] for k in keys])
 
