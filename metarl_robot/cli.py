@@ -50,11 +50,11 @@ def _missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
     """The one-line error for an optional module this install lacks, or None (a real bug: let it raise)."""
     module = (exc.name or "").partition(".")[0]
     if module in EXTRA_OF_OPTION_MODULE:
-        return f'metarl {command}: error: needs {module}, which is not installed: pip install "metarl-robot[' \
-               f'{EXTRA_OF_OPTION_MODULE[module]}]"'
-    if module not in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_OPTION_MODULE[module]
+    elif module in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[module])
+    else:
         return None
-    extra = EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[module])
     return (f"metarl {command}: error: needs {module}, which is not installed: "
             f'pip install "metarl-robot[{extra}]"')
 

@@ -126,12 +126,6 @@ def oracle_episodes(family: TaskFamily, robot: RobotSpec, tasks: list[Task], pla
         envs.close()
 
 
-def _oracle_episode(family: TaskFamily, robot: RobotSpec, task: Task, planner_cfg: PlannerConfig, start: int,
-                    threads: int, effects: OutOfFamily | None, progress: bool = False) -> Episodes:
-    """One task's oracle episode (a backend job; ``progress``: its step bar, in this process only)."""
-    return oracle_episodes(family, robot, [task], planner_cfg, start, threads, progress, effects)
-
-
 class OracleReturns:
     """The oracle's return per task, computed once (in batches of the missing tasks) and cached.
 
@@ -182,14 +176,15 @@ class OracleReturns:
                    if k not in self.records or (self.keep_trajectories and k not in self.trajectories)}
         # One task per batch (and per job): the planner's sampling noise is drawn for the whole batch, so a task's
         # oracle episode would otherwise depend on what it was computed together with.
+        # Its step bar only in this process (a worker's output is not shown).
         jobs = [Job(f"oracle episode of {self.family.name} task {task} from reset seed {start}",
-                    (self.family, self.robot, task, replace(self.planner_cfg, seed=start), start, self.threads,
-                     self.effects, progress and self.backend.in_process), cpus=self.threads)
+                    (self.family, self.robot, [task], replace(self.planner_cfg, seed=start), start, self.threads,
+                     progress and self.backend.in_process, self.effects), cpus=self.threads)
                 for task, start in missing.values()]
         keys_missing = list(missing)
         finished: dict[int, Episodes] = {}
         try:
-            for i, ep in self.backend.run(_oracle_episode, jobs, "oracle episodes", progress):
+            for i, ep in self.backend.run(oracle_episodes, jobs, "oracle episodes", progress):
                 finished[i] = ep
         finally:  # what finished is kept, also when a job failed; in the tasks' order, whatever order it finished in
             for i in sorted(finished):
