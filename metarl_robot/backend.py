@@ -5,7 +5,8 @@ The sim-side tools fan work out through one interface, :meth:`Backend.run`: a fu
 planner seed), so results are the same on either backend and with any number of workers; tests/test_backend.py
 runs a real two-node Ray cluster on loopback against this process. What fans out (docs/scale_out.md): the oracle's
 episodes (one task per job: ``metarl eval`` and the adversary's grading), ``metarl eval``'s controller episodes
-(``--tasks-per-job``) and training seeds (``metarl train --seeds``).
+(``--tasks-per-job``), training seeds (``metarl train --seeds``), ``metarl dataset collect``'s tasks and ``metarl
+dataset build``'s identification of logs.
 
 Failures are never silent. An exception raised by a job (bad input, a bug) is raised again here with a note naming
 the job; a worker that dies (killed, out of memory, its machine gone) is retried ``max_retries`` times by Ray and

@@ -427,20 +427,21 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
         logs = Path(args.logs) if args.logs else Path(args.out) / "logs"
         dataset = collect_dataset(args.policy, args.family, logs, tasks=args.tasks, episodes=args.episodes,
                                   steps=args.steps, split=args.split, seed=args.seed, adapt=not args.no_adapt,
-                                  progress=progress)
+                                  progress=progress, backend=_backend(args))
         return _dataset_output(args, dataset)
-    from functools import partial
-
     from metarl_robot.replay.dataset import build_dataset
 
     identifier = None
     if args.label in ("identify", "auto"):
         from metarl_robot.real2sim.identify import IdentifyConfig, parse_noise_std
-        from metarl_robot.real2sim.sim_dataset import identify_label
+        from metarl_robot.real2sim.sim_dataset import identify_labels
+        from metarl_robot.spec.family import load_family
 
         config = IdentifyConfig(restarts=args.identify_restarts, iterations=args.identify_iterations,
                                 population=args.identify_population, seed=args.seed)
-        identifier = partial(identify_label, config=config, noise_std=parse_noise_std(args.noise_std))
+        identifier = identify_labels(args.logs, load_family(args.family), mode=args.label, config=config,
+                                     noise_std=parse_noise_std(args.noise_std), backend=_backend(args),
+                                     progress=True)
     dataset = build_dataset(args.logs, args.family, robot=args.robot, label=args.label, identifier=identifier,
                             keep=args.keep, min_transitions=args.min_transitions, progress=progress)
     return _dataset_output(args, dataset)
@@ -503,6 +504,7 @@ def _add_dataset_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--identify-population", type=int, metavar="N", default=48,
                    help="identification: candidates per iteration (default: 48)")
     q.add_argument("--seed", type=int, default=0, help="identification's seed (default: 0)")
+    _add_backend_args(q, "identification (labels identify and auto), one log per job,")
     outputs(q)
 
     q = dsub.add_parser("collect", help="a dataset of sim rollouts: a policy on tasks of a family",
@@ -521,6 +523,8 @@ def _add_dataset_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of the tasks, initial states and policies (default: 0)")
     q.add_argument("--no-adapt", action="store_true", help="the bundle's adaptation off")
     q.add_argument("--logs", metavar="DIR", help="where the episode logs go (default: OUT/logs; must hold none)")
+    _add_backend_args(q, "the tasks' episodes, one task per job (the cluster's workers write into --logs: a shared "
+                      "filesystem),")
     outputs(q)
 
     q = dsub.add_parser("info", help="what a dataset holds, and its report",

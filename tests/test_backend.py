@@ -217,6 +217,34 @@ def test_seeds_and_adversary_grading_on_the_cluster_train_like_this_process(clus
         assert "oracle_returns" in (tmp_path / "single" / f"tiny_s{seed}" / "tasks.jsonl").read_text()
 
 
+def test_dataset_collection_and_identification_on_the_cluster_equal_this_process(cluster, tmp_path: Path) -> None:
+    """``metarl dataset collect`` (one task per job, the workers writing the logs) and ``metarl dataset build
+    --label identify`` (one log per job) on the two-node cluster: the same transitions, labels and fits as here."""
+    from metarl_robot.replay.dataset import load_dataset
+
+    address, _, _ = cluster
+    ray = ["--backend", "ray", "--ray-address", address]
+    identify = ["--label", "identify", "--identify-restarts", "1", "--identify-iterations", "3",
+                "--identify-population", "16", "--noise-std", "0.05"]
+    datasets = {}
+    for name, where in (("local", []), ("ray", ray)):
+        done = _cli("dataset", "collect", "--policy", "random", "--family", "cartpole_swingup", "--tasks", "3",
+                    "--episodes", "2", "--steps", "20", "--seed", "4", "--no-minari", "--out",
+                    str(tmp_path / name / "collected"), *where)
+        assert done.returncode == 0, done.stderr
+        done = _cli("dataset", "build", str(tmp_path / name / "collected" / "logs"), "--family", "cartpole_swingup",
+                    *identify, "--no-minari", "--out", str(tmp_path / name / "identified"), *where)
+        assert done.returncode == 0, done.stderr
+        datasets[name] = [load_dataset(tmp_path / name / kind) for kind in ("collected", "identified")]
+    assert sorted(p.name for p in (tmp_path / "ray" / "collected" / "logs").iterdir()) == \
+        [f"task{i:03d}_ep{j:03d}.mcap" for i in range(3) for j in range(2)]
+    for mine, theirs in zip(datasets["local"], datasets["ray"], strict=True):
+        for array in ("observations", "actions", "rewards", "task_values", "episode_offsets"):
+            np.testing.assert_array_equal(getattr(mine, array), getattr(theirs, array), err_msg=array)
+        assert [(e.label_source, e.fit) for e in mine.episodes] == [(e.label_source, e.fit) for e in theirs.episodes]
+    assert {e.label_source for e in datasets["ray"][1].episodes} == {"identify"}
+
+
 def _without_seconds(csv_text: str) -> list[list[str]]:
     rows = [line.split(",") for line in csv_text.strip().splitlines()]
     keep = [i for i, name in enumerate(rows[0]) if "seconds" not in name]

@@ -22,19 +22,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metarl_robot.backend import Backend, Job, LocalBackend, run_all
 from metarl_robot.logs.format import Episode
 from metarl_robot.real2sim.identify import IdentifyConfig, identify
 from metarl_robot.real2sim.sim_record import record_sim_episode
-from metarl_robot.replay.dataset import DatasetError, OfflineDataset, TaskLabel, build_dataset
+from metarl_robot.replay.dataset import (
+    DatasetError,
+    Identifier,
+    OfflineDataset,
+    TaskLabel,
+    build_dataset,
+    expand_logs,
+    read_log,
+)
 from metarl_robot.runtime.adapter import CarriesNothing
 from metarl_robot.runtime.bundle import load_bundle
-from metarl_robot.spec.family import TaskFamily, load_family
+from metarl_robot.runtime.manifest import LoadedBundle
+from metarl_robot.spec.family import Task, TaskFamily, load_family
 from metarl_robot.spec.robot import RobotSpec, load_robot
 
 RANDOM_POLICY = "random"
@@ -109,11 +119,14 @@ def _sub_seed(*key: int) -> int:
 
 def collect_logs(policy: str | Path, family: str | TaskFamily | None, out_dir: str | Path, *, tasks: int,
                  episodes: int, steps: int | None = None, split: str = "train", seed: int = 0, adapt: bool = True,
-                 progress: Callable[[str], None] | None = None) -> tuple[list[Path], dict[str, Any]]:
+                 progress: Callable[[str], None] | None = None, backend: Backend | None = None
+                 ) -> tuple[list[Path], dict[str, Any]]:
     """Run ``policy`` (:data:`RANDOM_POLICY` or a bundle folder) on ``tasks`` tasks drawn from ``family``'s ``split``
     with ``seed``, ``episodes`` episodes of ``steps`` control steps each (default: the family's episode length), and
     write them to ``out_dir/task<i>_ep<j>.mcap`` (a folder without logs). ``family`` defaults to the bundle's.
-    ``adapt=False``: the bundle's adaptation off. Returns the logs and how they were collected."""
+    ``adapt=False``: the bundle's adaptation off. ``backend``: where the tasks run, one job per task (default: this
+    process; a Ray cluster's workers must see ``out_dir``, docs/scale_out.md); the logs are the same on any backend.
+    Returns the logs and how they were collected."""
     for name, value in (("tasks", tasks), ("episodes", episodes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DatasetError("<arguments>", name, f"must be an integer >= 1, got {value!r}")
@@ -132,16 +145,18 @@ def collect_logs(policy: str | Path, family: str | TaskFamily | None, out_dir: s
     if out.is_dir() and any(out.glob("*.mcap")):
         raise DatasetError(str(out), "logs", "already holds episode logs; collect into a new folder")
     drawn = fam.sample(np.random.default_rng(seed), split, tasks)
-    paths = []
-    for i, task in enumerate(drawn):
-        adapter = runner.make_adapter(batch=1, seed=_sub_seed(seed, i), **runner.adapter_switches(adapt))
-        for j in range(episodes):
-            path = out / f"task{i:03d}_ep{j:03d}.mcap"
-            record_sim_episode(runner, task, path, steps, seed=_sub_seed(seed, i, j), adapt=adapt, adapter=adapter,
-                               episode=j + 1)
-            paths.append(path)
+    backend = backend or LocalBackend()
+    # a worker elsewhere loads the bundle itself (by path, from the driver's folder); this process reuses its own
+    source = runner if backend.in_process else str(policy)
+    jobs = [Job(f"{fam.name} collection of task {i} ({episodes} episode(s))",
+                (source, fam, str(out), i, task, episodes, steps, seed, adapt)) for i, task in enumerate(drawn)]
+    per_task: list[list[str]] = [[] for _ in drawn]
+    for i, logged in backend.run(_collect_task, jobs, "collected tasks", progress is not None):
+        per_task[i] = logged
+        for j, path in enumerate(logged):
             if progress is not None:
                 progress(f"task {i + 1}/{tasks}, episode {j + 1}/{episodes}: {path}")
+    paths = [Path(p) for logged in per_task for p in logged]
     collection = {"policy": runner.name, "policy_path": str(policy), "policy_sha256": runner.sha256,
                   "family": fam.name, "split": split, "tasks": tasks, "episodes": episodes, "steps": steps,
                   "seed": seed, "adapt": adapt, "adapter": "one per task, reset at each episode start (as the node)",
@@ -149,12 +164,28 @@ def collect_logs(policy: str | Path, family: str | TaskFamily | None, out_dir: s
     return paths, collection
 
 
+def _collect_task(policy: LoadedBundle | RandomPolicy | str, family: TaskFamily, out: str, index: int, task: Task,
+                  episodes: int, steps: int, seed: int, adapt: bool) -> list[str]:
+    """One job of :func:`collect_logs`: task ``index``'s episodes, one adapter through them all (reset at each start,
+    as the node drives its one adapter); its seeds depend on ``seed`` and the task's index only."""
+    if isinstance(policy, str):
+        policy = RandomPolicy(family) if policy == RANDOM_POLICY else load_bundle(policy)
+    adapter = policy.make_adapter(batch=1, seed=_sub_seed(seed, index), **policy.adapter_switches(adapt))
+    paths = []
+    for j in range(episodes):
+        path = Path(out) / f"task{index:03d}_ep{j:03d}.mcap"
+        record_sim_episode(policy, task, path, steps, seed=_sub_seed(seed, index, j), adapt=adapt, adapter=adapter,
+                           episode=j + 1)
+        paths.append(str(path))
+    return paths
+
+
 def collect_dataset(policy: str | Path, family: str | TaskFamily | None, logs_dir: str | Path, *, tasks: int,
                     episodes: int, steps: int | None = None, split: str = "train", seed: int = 0, adapt: bool = True,
-                    progress: Callable[[str], None] | None = None) -> OfflineDataset:
+                    progress: Callable[[str], None] | None = None, backend: Backend | None = None) -> OfflineDataset:
     """:func:`collect_logs` into ``logs_dir``, then the dataset of those logs, labelled with their true tasks."""
     paths, collection = collect_logs(policy, family, logs_dir, tasks=tasks, episodes=episodes, steps=steps,
-                                     split=split, seed=seed, adapt=adapt, progress=progress)
+                                     split=split, seed=seed, adapt=adapt, progress=progress, backend=backend)
     return build_dataset(paths, collection["family"], label="sim", collection=collection)
 
 
@@ -171,4 +202,48 @@ def identify_label(episode: Episode, family: TaskFamily, config: IdentifyConfig 
     return TaskLabel(values, "identify", fit, note)
 
 
-__all__ = ["RANDOM_POLICY", "RandomAdapter", "RandomPolicy", "collect_dataset", "collect_logs", "identify_label"]
+def identify_labels(logs: Sequence[str | Path], family: TaskFamily, *, mode: str = "identify",
+                    config: IdentifyConfig | None = None, noise_std: float | Mapping[str, float] | None = None,
+                    backend: Backend | None = None, progress: bool = False) -> Identifier:
+    """The ``identifier`` for :func:`build_dataset` with ``label=mode`` (``identify`` or ``auto``), its labels
+    computed up front as jobs on ``backend``, one log per job: every log of ``logs`` (``auto``: those without a
+    recorded task) by :func:`identify_label`. The labels are those :func:`identify_label` gives one log at a time.
+    A log identification fails on raises its error when the build asks for its label, as it would there (a log the
+    build excludes first, e.g. without a usable transition, is never asked for)."""
+    if mode not in ("identify", "auto"):
+        raise DatasetError("<arguments>", "label", f"identification labels modes 'identify' and 'auto', not {mode!r}")
+    paths = expand_logs(logs)
+    jobs = [Job(f"identification of {path}", (str(path), family, mode, config, noise_std)) for path in paths]
+    labels = dict(zip((_log_key(p) for p in paths),
+                      run_all(backend or LocalBackend(), _identify_job, jobs, "identified logs", progress),
+                      strict=True))
+
+    def identifier(episode: Episode, family: TaskFamily) -> TaskLabel:
+        label = labels[_log_key(episode.path)]
+        if isinstance(label, Exception):
+            raise label
+        assert label is not None, f"{episode.path}: asked for the identified label of a log with a recorded task"
+        return label
+
+    return identifier
+
+
+def _log_key(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _identify_job(path: str, family: TaskFamily, mode: str, config: IdentifyConfig | None,
+                  noise_std: float | Mapping[str, float] | None) -> TaskLabel | Exception | None:
+    """One job of :func:`identify_labels`: the log's label, None where ``auto`` takes its recorded task, or the
+    error identification raised (returned, to be raised only if the build needs this log's label)."""
+    episode = read_log(path)
+    if mode == "auto" and episode.task is not None:
+        return None
+    try:
+        return identify_label(episode, family, config, noise_std)
+    except Exception as exc:  # deferred to the build, which raises it if it asks for this label
+        return exc
+
+
+__all__ = ["RANDOM_POLICY", "RandomAdapter", "RandomPolicy", "collect_dataset", "collect_logs", "identify_label",
+           "identify_labels"]

@@ -525,6 +525,14 @@ def _policy(episode: Episode) -> tuple[str, str]:
     return (f"imported:{imported.get('format', '?')}", "") if imported else ("unknown", "")
 
 
+def read_log(path: str | Path) -> Episode:
+    """An episode log, its reader's warnings kept in ``episode.warnings`` (a dataset reports them per log) instead
+    of printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EpisodeLogWarning)
+        return read_episode(path)
+
+
 def build_dataset(logs: Sequence[str | Path], family: str | TaskFamily, *, robot: str | Path | RobotSpec | None = None,
                   label: str = "sim", identifier: Identifier | None = None, keep: Collection[str] = (),
                   min_transitions: int = 1, collection: Mapping[str, Any] | None = None,
@@ -558,9 +566,7 @@ def build_dataset(logs: Sequence[str | Path], family: str | TaskFamily, *, robot
     provenance: list[EpisodeProvenance] = []
     report = DatasetReport()
     for path in expand_logs(logs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", EpisodeLogWarning)  # kept in episode.warnings, reported below
-            episode = read_episode(path)
+        episode = read_log(path)
         if reference is None:
             reference, reference_from = episode.robot, f"the first log ({path})"
         if episode.robot_interface_sha256 != reference.interface_hash:
@@ -895,5 +901,5 @@ __all__ = [
     "ARRAYS", "DATASET_SCHEMA_VERSION", "DATA_FILE", "FAULT_FLAGS", "FLAGS", "KEEPABLE", "LABEL_MODES",
     "LABEL_SOURCES", "META_FILE", "TRANSITION_FAULTS", "DatasetError", "DatasetReport", "EpisodeProvenance",
     "Identifier", "LogEntry", "OfflineDataset", "TaskLabel", "build_dataset", "check_minari_target", "check_output",
-    "default_minari_id", "expand_logs", "load_dataset", "transition_faults", "write_minari",
+    "default_minari_id", "expand_logs", "load_dataset", "read_log", "transition_faults", "write_minari",
 ]

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metarl_robot.backend import LocalBackend
 from metarl_robot.logs.reader import read_episode
 from metarl_robot.logs.writer import EpisodeLogWriter
 from metarl_robot.real2sim.identify import IdentifyConfig
-from metarl_robot.real2sim.sim_dataset import collect_dataset, collect_logs, identify_label
+from metarl_robot.real2sim.sim_dataset import collect_dataset, collect_logs, identify_label, identify_labels
 from metarl_robot.real2sim.sim_record import record_sim_episode
 from metarl_robot.replay.dataset import (
     ARRAYS,
@@ -339,6 +340,39 @@ def test_identified_labels_carry_the_fit_and_unexplained_logs_are_excluded(tmp_p
     assert kept.episodes[0].flags == ["not_explained"] and kept.episodes[0].fit == "not explained"
     with pytest.raises(DatasetError, match="label 'identify' needs an identifier"):
         build_dataset(random_logs[:1], "cartpole_swingup", label="identify")
+
+
+def test_labels_identified_up_front_as_jobs_are_those_of_one_log_at_a_time(tmp_path: Path, random_logs):
+    """identify_labels (what metarl dataset build --backend runs): the same labels, fits and notes as identifying
+    each log when the build asks; auto identifies only the logs without a recorded task; an error identification
+    raises on a log is raised when the build asks for that log's label, and never for a log the build excludes."""
+    config = IdentifyConfig(restarts=1, iterations=3, population=16, refine_iterations=1, max_delay=0)
+
+    def one_at_a_time(episode, family):
+        return identify_label(episode, family, config=config, noise_std=0.05)
+
+    no_task = rewrite(random_logs[1], tmp_path / "no_task.mcap", task=None)
+    for mode, logs in (("identify", random_logs[:2]), ("auto", [random_logs[2], no_task])):
+        ahead = identify_labels(logs, FAMILY, mode=mode, config=config, noise_std=0.05, backend=LocalBackend())
+        mine, theirs = (build_dataset(logs, "cartpole_swingup", label=mode, identifier=identifier)
+                        for identifier in (ahead, one_at_a_time))
+        np.testing.assert_array_equal(mine.task_values, theirs.task_values)
+        assert mine.label_sources.tolist() == theirs.label_sources.tolist()
+        assert [(e.fit, e.notes) for e in mine.report.logs] == [(e.fit, e.notes) for e in theirs.report.logs]
+    ep = read_episode(random_logs[0])
+    dead = rewrite(random_logs[0], tmp_path / "dead.mcap", command_source={k: "safe_command" for k in
+                                                                           range(ep.num_steps)},
+                   command={k: ROBOT.safe_action for k in range(ep.num_steps)})
+    with pytest.raises(ValueError, match="every usable period ran the same command"):
+        identify_label(read_episode(dead), FAMILY, config=config, noise_std=0.05)  # identification refuses it
+    ahead = identify_labels([random_logs[0], dead], FAMILY, config=config, noise_std=0.05)
+    excluded = build_dataset([random_logs[0], dead], "cartpole_swingup", label="identify", identifier=ahead)
+    assert [e.status for e in excluded.report.logs] == ["kept", "excluded"]  # dead: never asked, nothing raised
+    broken = identify_labels([random_logs[0]], FAMILY, config=config, noise_std={"no_such_field": 0.1})
+    with pytest.raises(ValueError, match="no_such_field"):
+        build_dataset([random_logs[0]], "cartpole_swingup", label="identify", identifier=broken)
+    with pytest.raises(DatasetError, match="label: identification labels modes 'identify' and 'auto'"):
+        identify_labels(random_logs[:1], FAMILY, mode="sim")
 
 
 def test_an_imported_csv_log_keeps_its_provenance(tmp_path: Path, random_logs):
