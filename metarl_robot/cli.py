@@ -429,19 +429,24 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
                                   steps=args.steps, split=args.split, seed=args.seed, adapt=not args.no_adapt,
                                   progress=progress, backend=_backend(args))
         return _dataset_output(args, dataset)
+    from functools import partial
+
     from metarl_robot.replay.dataset import build_dataset
 
     identifier = None
     if args.label in ("identify", "auto"):
         from metarl_robot.real2sim.identify import IdentifyConfig, parse_noise_std
-        from metarl_robot.real2sim.sim_dataset import identify_labels
+        from metarl_robot.real2sim.sim_dataset import identify_label, identify_labels
         from metarl_robot.spec.family import load_family
 
         config = IdentifyConfig(restarts=args.identify_restarts, iterations=args.identify_iterations,
                                 population=args.identify_population, seed=args.seed)
-        identifier = identify_labels(args.logs, load_family(args.family), mode=args.label, config=config,
-                                     noise_std=parse_noise_std(args.noise_std), backend=_backend(args),
-                                     progress=True)
+        noise_std, backend = parse_noise_std(args.noise_std), _backend(args)
+        if backend.in_process:  # one log at a time as the build reads it (--verbose reports each as it goes)
+            identifier = partial(identify_label, config=config, noise_std=noise_std)
+        else:  # every log's identification as a job, up front: the same labels
+            identifier = identify_labels(args.logs, load_family(args.family), mode=args.label, config=config,
+                                         noise_std=noise_std, backend=backend, progress=True)
     dataset = build_dataset(args.logs, args.family, robot=args.robot, label=args.label, identifier=identifier,
                             keep=args.keep, min_transitions=args.min_transitions, progress=progress)
     return _dataset_output(args, dataset)

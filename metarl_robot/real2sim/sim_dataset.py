@@ -219,6 +219,9 @@ def identify_labels(logs: Sequence[str | Path], family: TaskFamily, *, mode: str
                       strict=True))
 
     def identifier(episode: Episode, family: TaskFamily) -> TaskLabel:
+        if _log_key(episode.path) not in labels:
+            raise DatasetError(str(episode.path), "logs", "is not among the logs identified (identify_labels was "
+                               "given other logs than the build)")
         label = labels[_log_key(episode.path)]
         if isinstance(label, Exception):
             raise label
