@@ -8,11 +8,13 @@ adds the same number of training transitions per iteration; the adversary also g
 discards candidates, reported as ``adversary_env_steps``. The oracle's returns on the grid are
 computed once and shared by every evaluation (same planner, same start).
 
-Prints one JSON document: per sampler, per checkpoint, worst-case and mean gap as mean ± std over
-seeds; where each sampler trained (share of its chosen tasks per third of every grid parameter's range);
-with ``loop.adversary.reward_gradient``, how the gradient's proposals ranked when graded and the estimator's
-health; and the comparison the issue sets (adversarial worst case ≥ 25% below uniform's, mean gap not more
-than 10% worse). Writes the learning-curve PNG next to the runs.
+Prints one JSON document: per sampler, per checkpoint, worst-case and mean gap and the share of grid tasks
+that succeeded (where the family's reward defines success, e.g. the cart-pole swung up) as mean ± std over seeds,
+and whether each seed's worst task succeeded (a worst case that failed sits at "oracle minus a failed episode"
+whatever else improved); where each sampler trained (share of its chosen tasks per third of every grid
+parameter's range); with ``loop.adversary.reward_gradient``, how the gradient's proposals ranked when graded
+and the estimator's health; and the comparison the issue sets (adversarial worst case ≥ 25% below uniform's,
+mean gap not more than 10% worse). Writes the learning-curve PNG next to the runs.
 
     python bench/adversarial_tasks.py --out runs/bench/adversarial --seeds 0 1 2 --jobs 2 > result.json
 
@@ -74,10 +76,12 @@ def _evaluate(args: argparse.Namespace, run: Path, iteration: int) -> dict:
         _run(cmd, args.out / "logs" / f"eval_{run.name}_it{iteration:04d}.log")
     report = json.loads((out / "eval.json").read_text())
     metrics = {int(float(r["iteration"])): r for r in _csv(run / "metrics.csv")}[iteration]
+    worst = report["tasks"][report["summary"]["gap"]["worst_task"]]
     return {"iteration": iteration, "transitions": float(metrics["transitions"]),
             "adversary_env_steps": float(metrics.get("adversary_env_steps", 0.0)),
             "worst_gap": report["summary"]["gap"]["worst"], "mean_gap": report["summary"]["gap"]["mean"],
-            "worst_task": report["tasks"][report["summary"]["gap"]["worst_task"]]["task"]}
+            "success_rate": report["summary"].get("success_rate_adapted"), "worst_task": worst["task"],
+            "worst_task_succeeded": worst.get("success_adapted")}  # None: the family's reward defines no success
 
 
 def _task_log(run: Path) -> list[dict]:
@@ -241,8 +245,10 @@ def main() -> None:
                           "adversary_env_steps": float(np.mean([r["adversary_env_steps"] for r in rows])),
                           **{key: {"mean": float(np.mean([r[key] for r in rows])),
                                    "std": float(np.std([r[key] for r in rows])),
-                                   "per_seed": [r[key] for r in rows]} for key in ("worst_gap", "mean_gap")},
-                          "worst_tasks": [r["worst_task"] for r in rows]})
+                                   "per_seed": [r[key] for r in rows]}
+                             for key in ("worst_gap", "mean_gap", "success_rate") if rows[0][key] is not None},
+                          "worst_tasks": [r["worst_task"] for r in rows],
+                          "worst_tasks_succeeded": [r["worst_task_succeeded"] for r in rows]})
         result["samplers"][sampler] = {"curve": curve}
         spreads = [_training_spread(runs[(sampler, seed)], box) for seed in args.seeds]
         result["samplers"][sampler]["trained_in_thirds_of_range"] = {

@@ -28,6 +28,7 @@ def test_adversarial_benchmark_compares_every_sampler(tmp_path):
         assert [c["iteration"] for c in entry["curve"]] == [0, 1]
         last = entry["curve"][-1]
         assert last["worst_gap"]["mean"] >= last["mean_gap"]["mean"]
+        assert 0.0 <= last["success_rate"]["mean"] <= 1.0 and len(last["worst_tasks_succeeded"]) == 1
         # Equal training budgets: every sampler added the same number of transitions.
         assert last["transitions"] == doc["samplers"]["uniform"]["curve"][-1]["transitions"]
         assert (last["adversary_env_steps"] > 0) == (sampler == "adversarial")
