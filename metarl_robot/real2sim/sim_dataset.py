@@ -153,9 +153,8 @@ def collect_logs(policy: str | Path, family: str | TaskFamily | None, out_dir: s
     per_task: list[list[str]] = [[] for _ in drawn]
     for i, logged in backend.run(_collect_task, jobs, "collected tasks", progress is not None):
         per_task[i] = logged
-        for j, path in enumerate(logged):
-            if progress is not None:
-                progress(f"task {i + 1}/{tasks}, episode {j + 1}/{episodes}: {path}")
+        for j, path in enumerate(logged if progress is not None else ()):
+            progress(f"task {i + 1}/{tasks}, episode {j + 1}/{episodes}: {path}")
     paths = [Path(p) for logged in per_task for p in logged]
     collection = {"policy": runner.name, "policy_path": str(policy), "policy_sha256": runner.sha256,
                   "family": fam.name, "split": split, "tasks": tasks, "episodes": episodes, "steps": steps,
@@ -219,10 +218,11 @@ def identify_labels(logs: Sequence[str | Path], family: TaskFamily, *, mode: str
                       strict=True))
 
     def identifier(episode: Episode, family: TaskFamily) -> TaskLabel:
-        if _log_key(episode.path) not in labels:
+        key = _log_key(episode.path)
+        if key not in labels:
             raise DatasetError(str(episode.path), "logs", "is not among the logs identified (identify_labels was "
                                "given other logs than the build)")
-        label = labels[_log_key(episode.path)]
+        label = labels[key]
         if isinstance(label, Exception):
             raise label
         assert label is not None, f"{episode.path}: asked for the identified label of a log with a recorded task"
